@@ -1,0 +1,165 @@
+//! The command line: upstream's flags with upstream's defaults (so NVSentinel's Helm chart runs
+//! this binary unchanged), a few additions, and subcommands.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "event-exporter",
+    version,
+    about = "Streams NVSentinel health events from the datastore to an HTTP sink as CloudEvents, at least once",
+    long_about = "Streams NVSentinel health events from the PostgreSQL datastore (reached through \
+NVSentinel's DATASTORE_* environment variables) to an HTTP sink as CloudEvents 1.0, with OAuth2 \
+client-credentials authentication, concurrent publishing and an in-order resume token \
+(at-least-once delivery). A drop-in replacement for NVSentinel's Go event-exporter.\n\n\
+Go-style flags are accepted too: -config x, -config=x, --config=x.",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate a configuration file (and the datastore environment, when set) and print the
+    /// effective settings with secrets redacted; exits 2 when invalid.
+    CheckConfig(CheckConfigArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Path to the TOML configuration file.
+    #[arg(long, value_name = "PATH", default_value = "/etc/config/config.toml")]
+    pub config: PathBuf,
+
+    /// Port of the HTTP server for /metrics, /healthz and /readyz (all interfaces).
+    #[arg(long, value_name = "PORT", default_value = "2112")]
+    pub metrics_port: String,
+
+    /// File holding the OIDC client secret (the `oidc-client-secret` key of the Kubernetes
+    /// Secret); re-read on every token refresh.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/var/secrets/oidc-client-secret"
+    )]
+    pub oidc_secret_path: PathBuf,
+
+    /// Events published concurrently. Overrides `exporter.workers`; the default is
+    /// `exporter.workers` from the configuration, else 10. 0 is treated as 1.
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub workers: Option<i64>,
+
+    /// Log level: debug, info, warn or error.
+    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+
+    /// Log format: JSON lines (for log pipelines) or text (for people).
+    #[arg(long, value_enum, default_value = "json")]
+    pub log_format: LogFormat,
+
+    /// On SIGTERM/SIGINT, how long in-flight publishes may finish before the exporter saves
+    /// its resume token and exits (keep it below the pod's terminationGracePeriodSeconds).
+    #[arg(long, value_name = "DURATION", default_value = "20s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckConfigArgs {
+    /// Path to the TOML configuration file.
+    #[arg(long, value_name = "PATH", default_value = "/etc/config/config.toml")]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    crate::config::parse_go_duration(text)
+}
+
+/// Rewrites Go-style single-dash long flags (`-config=x`, `-workers 4`) to clap's `--` form, so
+/// command lines written for the Go binary keep working.
+pub fn normalize_go_flags(args: impl IntoIterator<Item = String>) -> Vec<String> {
+    const LONG_FLAGS: &[&str] = &[
+        "config",
+        "metrics-port",
+        "oidc-secret-path",
+        "workers",
+        "log-level",
+        "log-format",
+        "shutdown-grace",
+        "help",
+        "version",
+    ];
+    args.into_iter()
+        .enumerate()
+        .map(|(i, arg)| {
+            if i > 0 && !arg.starts_with("--") {
+                if let Some(rest) = arg.strip_prefix('-') {
+                    let name = rest.split('=').next().unwrap_or(rest);
+                    if LONG_FLAGS.contains(&name) {
+                        return format!("-{arg}");
+                    }
+                }
+            }
+            arg
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        let args = normalize_go_flags(args.iter().map(|s| s.to_string()));
+        Cli::try_parse_from(args).expect("valid command line")
+    }
+
+    #[test]
+    fn upstream_defaults() {
+        let cli = parse(&["event-exporter"]);
+        assert_eq!(cli.run.config, PathBuf::from("/etc/config/config.toml"));
+        assert_eq!(cli.run.metrics_port, "2112");
+        assert_eq!(
+            cli.run.oidc_secret_path,
+            PathBuf::from("/var/secrets/oidc-client-secret")
+        );
+        assert_eq!(cli.run.workers, None);
+        assert!(cli.command.is_none());
+    }
+
+    #[test]
+    fn helm_chart_arguments_and_go_style_flags() {
+        let cli = parse(&[
+            "event-exporter",
+            "--config=/etc/config/config.toml",
+            "--metrics-port=2113",
+            "-oidc-secret-path=/s",
+            "-workers",
+            "4",
+        ]);
+        assert_eq!(cli.run.metrics_port, "2113");
+        assert_eq!(cli.run.oidc_secret_path, PathBuf::from("/s"));
+        assert_eq!(cli.run.workers, Some(4));
+    }
+
+    #[test]
+    fn check_config_subcommand() {
+        let cli = parse(&["event-exporter", "check-config", "--config", "x.toml"]);
+        match cli.command {
+            Some(Command::CheckConfig(args)) => assert_eq!(args.config, PathBuf::from("x.toml")),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! The CloudEvent upstream sends (structured mode, CloudEvents 1.0 JSON), byte-for-byte in
+//! key order: `specversion`, `type`, `source`, `id`, `time`, `data`, with `data`'s keys sorted as
+//! Go's `encoding/json` sorts a map. One improvement: `id` is the health event's row id, so a
+//! redelivered event carries the same id and a sink can deduplicate on `source` + `id`.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::{json, Map, Value};
+
+use crate::model::HealthEvent;
+
+pub const SPEC_VERSION: &str = "1.0";
+pub const EVENT_TYPE: &str = "com.nvidia.nvsentinel.health.v1";
+pub const CONTENT_TYPE: &str = "application/cloudevents+json";
+
+#[derive(Debug, Serialize)]
+pub struct CloudEvent<'a> {
+    pub specversion: &'static str,
+    #[serde(rename = "type")]
+    pub event_type: &'static str,
+    pub source: String,
+    pub id: String,
+    pub time: String,
+    pub data: Data<'a>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Data<'a> {
+    #[serde(rename = "healthEvent")]
+    pub health_event: Map<String, Value>,
+    pub metadata: &'a BTreeMap<String, String>,
+}
+
+/// Builds CloudEvents for one cluster.
+pub struct Transformer {
+    source: String,
+    metadata: BTreeMap<String, String>,
+}
+
+impl Transformer {
+    /// `metadata` must hold `cluster` (config validation guarantees it).
+    pub fn new(metadata: BTreeMap<String, String>) -> Transformer {
+        let cluster = metadata.get("cluster").cloned().unwrap_or_default();
+        Transformer {
+            source: format!("nvsentinel://{cluster}/healthevents"),
+            metadata,
+        }
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// The event for `record_id`. `fallback_time` (the row's `created_at`) stands in for a
+    /// missing `generatedTimestamp`, so a redelivery is identical; upstream uses "now".
+    pub fn event<'a>(
+        &'a self,
+        record_id: &str,
+        event: &HealthEvent,
+        fallback_time: Option<DateTime<Utc>>,
+    ) -> CloudEvent<'a> {
+        let time = go_rfc3339_nano(
+            event
+                .generated_timestamp
+                .or(fallback_time)
+                .unwrap_or_else(Utc::now),
+        );
+        CloudEvent {
+            specversion: SPEC_VERSION,
+            event_type: EVENT_TYPE,
+            source: self.source.clone(),
+            id: record_id.to_string(),
+            time: time.clone(),
+            data: Data {
+                health_event: health_event_object(event, time),
+                metadata: &self.metadata,
+            },
+        }
+    }
+
+    /// The JSON body to POST.
+    pub fn encode(
+        &self,
+        record_id: &str,
+        event: &HealthEvent,
+        fallback_time: Option<DateTime<Utc>>,
+    ) -> Vec<u8> {
+        // Serializing plain strings, maps and numbers cannot fail.
+        serde_json::to_vec(&self.event(record_id, event, fallback_time)).unwrap_or_default()
+    }
+}
+
+fn health_event_object(event: &HealthEvent, time: String) -> Map<String, Value> {
+    let mut object = Map::new();
+    object.insert("agent".into(), json!(event.agent));
+    object.insert("checkName".into(), json!(event.check_name));
+    object.insert("componentClass".into(), json!(event.component_class));
+    if !event.custom_recommended_action.is_empty() {
+        object.insert(
+            "customRecommendedAction".into(),
+            json!(event.custom_recommended_action),
+        );
+    }
+    if let Some(overrides) = event.drain_overrides {
+        object.insert(
+            "drainOverrides".into(),
+            json!({"force": overrides.force, "skip": overrides.skip}),
+        );
+    }
+    let entities: Vec<Value> = event
+        .entities_impacted
+        .iter()
+        .map(|e| json!({"entityType": e.entity_type, "entityValue": e.entity_value}))
+        .collect();
+    object.insert("entitiesImpacted".into(), Value::Array(entities));
+    object.insert("errorCode".into(), json!(event.error_code));
+    object.insert("generatedTimestamp".into(), json!(time));
+    object.insert("isFatal".into(), json!(event.is_fatal));
+    object.insert("isHealthy".into(), json!(event.is_healthy));
+    object.insert("message".into(), json!(event.message));
+    if !event.metadata.is_empty() {
+        object.insert("metadata".into(), json!(event.metadata));
+    }
+    object.insert("nodeName".into(), json!(event.node_name));
+    object.insert(
+        "processingStrategy".into(),
+        json!(event.processing_strategy),
+    );
+    if let Some(overrides) = event.quarantine_overrides {
+        object.insert(
+            "quarantineOverrides".into(),
+            json!({"force": overrides.force, "skip": overrides.skip}),
+        );
+    }
+    object.insert("recommendedAction".into(), json!(event.recommended_action));
+    object.insert("version".into(), json!(event.version));
+    object
+}
+
+/// Go's `time.RFC3339Nano` in UTC: the fraction keeps only significant digits, and a whole
+/// second has none (`2025-01-15T10:30:00Z`, `…:00.5Z`).
+pub fn go_rfc3339_nano(time: DateTime<Utc>) -> String {
+    let base = time.format("%Y-%m-%dT%H:%M:%S").to_string();
+    let nanos = time.timestamp_subsec_nanos();
+    if nanos == 0 {
+        return format!("{base}Z");
+    }
+    let fraction = format!("{nanos:09}");
+    format!("{base}.{}Z", fraction.trim_end_matches('0'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Entity, Overrides};
+    use chrono::TimeZone;
+
+    fn sample() -> HealthEvent {
+        HealthEvent {
+            version: 1,
+            agent: "gpu-health-monitor".into(),
+            component_class: "GPU".into(),
+            check_name: "GpuXidError".into(),
+            is_fatal: true,
+            message: "XID 79".into(),
+            recommended_action: "RESTART_VM".into(),
+            error_code: vec!["79".into()],
+            entities_impacted: vec![
+                Entity {
+                    entity_type: "GPU".into(),
+                    entity_value: "0".into(),
+                },
+                Entity {
+                    entity_type: "PCI".into(),
+                    entity_value: "0000:3b:00".into(),
+                },
+            ],
+            generated_timestamp: Some(Utc.with_ymd_and_hms(2025, 1, 15, 10, 30, 0).unwrap()),
+            node_name: "node-1".into(),
+            quarantine_overrides: Some(Overrides {
+                force: true,
+                skip: false,
+            }),
+            drain_overrides: Some(Overrides {
+                force: false,
+                skip: true,
+            }),
+            processing_strategy: "STORE_ONLY".into(),
+            ..HealthEvent::default()
+        }
+    }
+
+    fn transformer() -> Transformer {
+        Transformer::new(BTreeMap::from([
+            ("cluster".to_string(), "prod-1".to_string()),
+            ("environment".to_string(), "production".to_string()),
+        ]))
+    }
+
+    #[test]
+    fn matches_upstream_shape_and_key_order() {
+        let body = transformer().encode("7f0c1a2e-0000-4000-8000-000000000001", &sample(), None);
+        let text = String::from_utf8(body).expect("utf-8");
+        let expected = concat!(
+            r#"{"specversion":"1.0","type":"com.nvidia.nvsentinel.health.v1","#,
+            r#""source":"nvsentinel://prod-1/healthevents","id":"7f0c1a2e-0000-4000-8000-000000000001","#,
+            r#""time":"2025-01-15T10:30:00Z","data":{"healthEvent":{"agent":"gpu-health-monitor","#,
+            r#""checkName":"GpuXidError","componentClass":"GPU","drainOverrides":{"force":false,"skip":true},"#,
+            r#""entitiesImpacted":[{"entityType":"GPU","entityValue":"0"},{"entityType":"PCI","entityValue":"0000:3b:00"}],"#,
+            r#""errorCode":["79"],"generatedTimestamp":"2025-01-15T10:30:00Z","isFatal":true,"isHealthy":false,"#,
+            r#""message":"XID 79","nodeName":"node-1","processingStrategy":"STORE_ONLY","#,
+            r#""quarantineOverrides":{"force":true,"skip":false},"recommendedAction":"RESTART_VM","version":1},"#,
+            r#""metadata":{"cluster":"prod-1","environment":"production"}}}"#
+        );
+        assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn empty_lists_are_arrays_and_optional_keys_absent() {
+        let event = HealthEvent {
+            recommended_action: "NONE".into(),
+            processing_strategy: "EXECUTE_REMEDIATION".into(),
+            ..HealthEvent::default()
+        };
+        let value: Value =
+            serde_json::from_slice(&transformer().encode("id-1", &event, None)).expect("json");
+        let health = &value["data"]["healthEvent"];
+        assert_eq!(health["errorCode"], json!([]));
+        assert_eq!(health["entitiesImpacted"], json!([]));
+        for absent in [
+            "metadata",
+            "customRecommendedAction",
+            "quarantineOverrides",
+            "drainOverrides",
+        ] {
+            assert!(health.get(absent).is_none(), "{absent} should be absent");
+        }
+        assert!(value.get("gpuUUID").is_none() && value["data"].get("csp").is_none());
+    }
+
+    #[test]
+    fn custom_action_is_exported_when_set() {
+        let event = HealthEvent {
+            recommended_action: "CUSTOM".into(),
+            custom_recommended_action: "REPLACE_DISK".into(),
+            ..sample()
+        };
+        let value: Value =
+            serde_json::from_slice(&transformer().encode("id", &event, None)).expect("json");
+        assert_eq!(
+            value["data"]["healthEvent"]["customRecommendedAction"],
+            "REPLACE_DISK"
+        );
+        assert_eq!(value["data"]["healthEvent"]["recommendedAction"], "CUSTOM");
+    }
+
+    #[test]
+    fn time_falls_back_to_the_row_creation_time() {
+        let event = HealthEvent {
+            generated_timestamp: None,
+            ..sample()
+        };
+        let created = Utc.with_ymd_and_hms(2026, 3, 1, 0, 0, 0).unwrap()
+            + chrono::Duration::microseconds(1500);
+        let value: Value =
+            serde_json::from_slice(&transformer().encode("id", &event, Some(created)))
+                .expect("json");
+        assert_eq!(value["time"], "2026-03-01T00:00:00.0015Z");
+        assert_eq!(
+            value["data"]["healthEvent"]["generatedTimestamp"],
+            value["time"]
+        );
+    }
+
+    #[test]
+    fn formats_like_go_rfc3339_nano() {
+        let t = Utc.with_ymd_and_hms(2026, 11, 25, 8, 1, 2).unwrap();
+        assert_eq!(go_rfc3339_nano(t), "2026-11-25T08:01:02Z");
+        assert_eq!(
+            go_rfc3339_nano(t + chrono::Duration::nanoseconds(120_000_000)),
+            "2026-11-25T08:01:02.12Z"
+        );
+        assert_eq!(
+            go_rfc3339_nano(t + chrono::Duration::nanoseconds(1)),
+            "2026-11-25T08:01:02.000000001Z"
+        );
+    }
+}

@@ -1,0 +1,492 @@
+//! The exporter's TOML configuration: upstream's layout (`[exporter.*]`, snake_case keys, Go
+//! durations) and upstream's defaults, validated once at start so that a bad value is reported
+//! with the key that holds it instead of failing on the first event.
+
+mod duration;
+
+pub use duration::{format_go_duration, parse_go_duration};
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// The resume-token client name the Go exporter hard-codes; using it lets this exporter take
+/// over a running Go exporter's position.
+pub const DEFAULT_CLIENT_NAME: &str = "event-exporter";
+
+/// A configuration problem, always naming the key (or file) at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    /// Copied whole into every CloudEvent's `data.metadata`; always holds a non-empty `cluster`.
+    pub metadata: BTreeMap<String, String>,
+    /// Row name in `resume_tokens` (`exporter.client_name`, default `event-exporter`).
+    pub client_name: String,
+    /// `exporter.workers`; the `--workers` flag wins over it.
+    pub workers: Option<usize>,
+    pub sink: SinkConfig,
+    /// `None` when `exporter.oidc.enabled = false`: no secret is read, no Authorization header.
+    pub oidc: Option<OidcConfig>,
+    pub backfill: BackfillConfig,
+    pub failure_handling: RetryPolicy,
+    /// Blank means "export everything".
+    pub filter_expression: Option<String>,
+    /// `[exporter.resume_token]` is accepted for compatibility; the token lives in the datastore.
+    pub resume_token: BTreeMap<String, String>,
+    /// Keys present in the file that this version does not know (logged as warnings).
+    #[serde(skip)]
+    pub unknown_keys: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SinkConfig {
+    pub endpoint: String,
+    #[serde(serialize_with = "serialize_duration")]
+    pub timeout: Duration,
+    pub insecure_skip_verify: bool,
+    /// Extra PEM CA bundle trusted for the sink (private PKI), besides the system roots.
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OidcConfig {
+    pub token_url: String,
+    pub client_id: String,
+    pub scope: String,
+    pub insecure_skip_verify: bool,
+    /// Extra PEM CA bundle trusted for the token endpoint.
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BackfillConfig {
+    pub enabled: bool,
+    #[serde(serialize_with = "serialize_duration")]
+    pub max_age: Duration,
+    pub max_events: u64,
+    pub batch_size: u64,
+    /// Events per second; 0 means unlimited.
+    pub rate_limit: u64,
+}
+
+/// Upstream's retry schedule: `max_retries + 1` attempts, sleeping
+/// `initial_backoff × backoff_multiplier^k` (capped at `max_backoff`) plus 0–10 % jitter.
+#[derive(Debug, Clone, Serialize)]
+pub struct RetryPolicy {
+    pub max_retries: u32,
+    #[serde(serialize_with = "serialize_duration")]
+    pub initial_backoff: Duration,
+    #[serde(serialize_with = "serialize_duration")]
+    pub max_backoff: Duration,
+    pub backoff_multiplier: f64,
+}
+
+fn serialize_duration<S: serde::Serializer>(value: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format_go_duration(*value))
+}
+
+impl Config {
+    /// Reads and validates the TOML file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text).map_err(|error| match error {
+            ConfigError::Syntax { message, .. } => ConfigError::Syntax {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Validates TOML text (the path in a syntax error is left empty).
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let root: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                path: PathBuf::new(),
+                message: e.to_string().trim().to_string(),
+            })?;
+        let mut unknown = Vec::new();
+        for key in root.keys().filter(|k| *k != "exporter") {
+            unknown.push(key.clone());
+        }
+        let empty = toml::Table::new();
+        let exporter = match root.get("exporter") {
+            None => Section::new("exporter", &empty),
+            Some(toml::Value::Table(table)) => Section::new("exporter", table),
+            Some(other) => return Err(invalid("exporter", wrong_type("a table", other))),
+        };
+        let mut config = Config::from_section(&exporter)?;
+        exporter.collect_unknown(&mut unknown);
+        unknown.append(&mut config.unknown_keys);
+        unknown.sort();
+        config.unknown_keys = unknown;
+        Ok(config)
+    }
+
+    fn from_section(exporter: &Section) -> Result<Config, ConfigError> {
+        let metadata_section = exporter.section("metadata")?;
+        let mut metadata = BTreeMap::new();
+        if let Some(section) = &metadata_section {
+            for (key, value) in section.table {
+                section.mark_used(key);
+                match value {
+                    toml::Value::String(text) => {
+                        metadata.insert(key.clone(), text.clone());
+                    }
+                    other => return Err(invalid(&section.key(key), wrong_type("a string", other))),
+                }
+            }
+        }
+        match metadata.get("cluster") {
+            Some(cluster) if !cluster.trim().is_empty() => {}
+            _ => {
+                return Err(invalid(
+                    "exporter.metadata.cluster",
+                    "is required: it names the cluster in every CloudEvent's source \
+                     (nvsentinel://<cluster>/healthevents)",
+                ))
+            }
+        }
+
+        let client_name = exporter
+            .string("client_name")?
+            .unwrap_or_else(|| DEFAULT_CLIENT_NAME.to_string());
+        if client_name.trim().is_empty() {
+            return Err(invalid("exporter.client_name", "must not be empty"));
+        }
+        let workers = match exporter.integer("workers")? {
+            None => None,
+            Some(n) if n >= 1 => Some(n as usize),
+            Some(n) => {
+                return Err(invalid(
+                    "exporter.workers",
+                    format!("must be at least 1, got {n}"),
+                ))
+            }
+        };
+
+        let sink_section = exporter.section("sink")?;
+        let sink = {
+            let s = sink_section.as_ref();
+            let endpoint = opt(s, |s| s.string("endpoint"))?.unwrap_or_default();
+            if endpoint.trim().is_empty() {
+                return Err(invalid("exporter.sink.endpoint", "is required"));
+            }
+            check_http_url("exporter.sink.endpoint", &endpoint)?;
+            SinkConfig {
+                endpoint,
+                timeout: opt(s, |s| s.duration("timeout"))?.unwrap_or(Duration::from_secs(30)),
+                insecure_skip_verify: opt(s, |s| s.boolean("insecure_skip_verify"))?
+                    .unwrap_or(false),
+                ca_file: opt(s, |s| s.string("ca_file"))?.map(PathBuf::from),
+            }
+        };
+        if sink.timeout.is_zero() {
+            return Err(invalid("exporter.sink.timeout", "must be greater than 0"));
+        }
+
+        let oidc_section = exporter.section("oidc")?;
+        let oidc = {
+            let s = oidc_section.as_ref();
+            let enabled = opt(s, |s| s.boolean("enabled"))?.unwrap_or(true);
+            let token_url = opt(s, |s| s.string("token_url"))?.unwrap_or_default();
+            let client_id = opt(s, |s| s.string("client_id"))?.unwrap_or_default();
+            let scope = opt(s, |s| s.string("scope"))?.unwrap_or_default();
+            let insecure_skip_verify =
+                opt(s, |s| s.boolean("insecure_skip_verify"))?.unwrap_or(false);
+            let ca_file = opt(s, |s| s.string("ca_file"))?.map(PathBuf::from);
+            if enabled {
+                for (key, value) in [
+                    ("token_url", &token_url),
+                    ("client_id", &client_id),
+                    ("scope", &scope),
+                ] {
+                    if value.trim().is_empty() {
+                        return Err(invalid(
+                            &format!("exporter.oidc.{key}"),
+                            "is required while exporter.oidc.enabled is true \
+                             (set enabled = false for a sink without authentication)",
+                        ));
+                    }
+                }
+                check_http_url("exporter.oidc.token_url", &token_url)?;
+                Some(OidcConfig {
+                    token_url,
+                    client_id,
+                    scope,
+                    insecure_skip_verify,
+                    ca_file,
+                })
+            } else {
+                None
+            }
+        };
+
+        let backfill_section = exporter.section("backfill")?;
+        let backfill = {
+            let s = backfill_section.as_ref();
+            let enabled = opt(s, |s| s.boolean("enabled"))?.unwrap_or(false);
+            let max_age =
+                opt(s, |s| s.duration("max_age"))?.unwrap_or(Duration::from_secs(720 * 3600));
+            let max_events = non_negative(s, "exporter.backfill.max_events", "max_events")?;
+            let batch_size = non_negative(s, "exporter.backfill.batch_size", "batch_size")?;
+            let rate_limit = non_negative(s, "exporter.backfill.rate_limit", "rate_limit")?;
+            let max_events = max_events.unwrap_or(0);
+            if enabled && max_events == 0 {
+                return Err(invalid(
+                    "exporter.backfill.max_events",
+                    "must be greater than 0 while exporter.backfill.enabled is true",
+                ));
+            }
+            BackfillConfig {
+                enabled,
+                max_age,
+                max_events,
+                batch_size: match batch_size {
+                    None | Some(0) => 500,
+                    Some(n) => n,
+                },
+                rate_limit: rate_limit.unwrap_or(0),
+            }
+        };
+
+        let retry_section = exporter.section("failure_handling")?;
+        let failure_handling = {
+            let s = retry_section.as_ref();
+            let max_retries =
+                non_negative(s, "exporter.failure_handling.max_retries", "max_retries")?
+                    .unwrap_or(0);
+            let max_retries = u32::try_from(max_retries).map_err(|_| {
+                invalid(
+                    "exporter.failure_handling.max_retries",
+                    format!("{max_retries} is too large"),
+                )
+            })?;
+            let multiplier = opt(s, |s| s.float("backoff_multiplier"))?.unwrap_or(0.0);
+            if !(multiplier >= 0.0 && multiplier.is_finite()) {
+                return Err(invalid(
+                    "exporter.failure_handling.backoff_multiplier",
+                    format!("must be a number >= 0, got {multiplier}"),
+                ));
+            }
+            RetryPolicy {
+                max_retries,
+                initial_backoff: opt(s, |s| s.duration("initial_backoff"))?
+                    .unwrap_or(Duration::from_secs(1)),
+                max_backoff: opt(s, |s| s.duration("max_backoff"))?
+                    .unwrap_or(Duration::from_secs(60)),
+                backoff_multiplier: multiplier,
+            }
+        };
+
+        let filter_section = exporter.section("filter")?;
+        let filter_expression = opt(filter_section.as_ref(), |s| s.string("expression"))?
+            .filter(|e| !e.trim().is_empty());
+
+        let token_section = exporter.section("resume_token")?;
+        let mut resume_token = BTreeMap::new();
+        if let Some(section) = &token_section {
+            for key in ["database", "collection"] {
+                if let Some(value) = section.string(key)? {
+                    resume_token.insert(key.to_string(), value);
+                }
+            }
+        }
+
+        // Nested sections record which of their keys were read; gather their leftovers.
+        let mut unknown = Vec::new();
+        for section in [
+            &sink_section,
+            &oidc_section,
+            &backfill_section,
+            &retry_section,
+            &filter_section,
+            &token_section,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            section.collect_unknown(&mut unknown);
+        }
+
+        Ok(Config {
+            metadata,
+            client_name,
+            workers,
+            sink,
+            oidc,
+            backfill,
+            failure_handling,
+            filter_expression,
+            resume_token,
+            unknown_keys: unknown,
+        })
+    }
+
+    /// The value of `metadata.cluster` (validated non-empty).
+    pub fn cluster(&self) -> &str {
+        self.metadata
+            .get("cluster")
+            .map(String::as_str)
+            .unwrap_or("")
+    }
+}
+
+fn opt<T>(
+    section: Option<&Section>,
+    read: impl FnOnce(&Section) -> Result<Option<T>, ConfigError>,
+) -> Result<Option<T>, ConfigError> {
+    match section {
+        Some(section) => read(section),
+        None => Ok(None),
+    }
+}
+
+fn non_negative(
+    section: Option<&Section>,
+    full_key: &str,
+    key: &str,
+) -> Result<Option<u64>, ConfigError> {
+    match opt(section, |s| s.integer(key))? {
+        None => Ok(None),
+        Some(n) if n >= 0 => Ok(Some(n as u64)),
+        Some(n) => Err(invalid(full_key, format!("must not be negative, got {n}"))),
+    }
+}
+
+fn check_http_url(key: &str, text: &str) -> Result<(), ConfigError> {
+    match reqwest::Url::parse(text) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => Ok(()),
+        Ok(_) => Err(invalid(
+            key,
+            format!("{text:?} is not an http:// or https:// URL"),
+        )),
+        Err(e) => Err(invalid(key, format!("{text:?} is not a valid URL: {e}"))),
+    }
+}
+
+fn wrong_type(expected: &str, found: &toml::Value) -> String {
+    format!("expected {expected}, got {} {found}", found.type_str())
+}
+
+/// One TOML table being read, remembering which keys were consumed so the rest can be
+/// reported as unknown.
+struct Section<'a> {
+    path: String,
+    table: &'a toml::Table,
+    used: std::cell::RefCell<BTreeSet<String>>,
+}
+
+impl<'a> Section<'a> {
+    fn new(path: &str, table: &'a toml::Table) -> Self {
+        Section {
+            path: path.to_string(),
+            table,
+            used: Default::default(),
+        }
+    }
+
+    fn key(&self, key: &str) -> String {
+        format!("{}.{key}", self.path)
+    }
+
+    fn mark_used(&self, key: &str) {
+        self.used.borrow_mut().insert(key.to_string());
+    }
+
+    fn get(&self, key: &str) -> Option<&'a toml::Value> {
+        self.mark_used(key);
+        self.table.get(key)
+    }
+
+    fn section(&self, key: &str) -> Result<Option<Section<'a>>, ConfigError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(toml::Value::Table(table)) => Ok(Some(Section::new(&self.key(key), table))),
+            Some(other) => Err(invalid(&self.key(key), wrong_type("a table", other))),
+        }
+    }
+
+    fn string(&self, key: &str) -> Result<Option<String>, ConfigError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(toml::Value::String(text)) => Ok(Some(text.clone())),
+            Some(other) => Err(invalid(&self.key(key), wrong_type("a string", other))),
+        }
+    }
+
+    fn boolean(&self, key: &str) -> Result<Option<bool>, ConfigError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(toml::Value::Boolean(value)) => Ok(Some(*value)),
+            Some(other) => Err(invalid(&self.key(key), wrong_type("true or false", other))),
+        }
+    }
+
+    fn integer(&self, key: &str) -> Result<Option<i64>, ConfigError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(toml::Value::Integer(value)) => Ok(Some(*value)),
+            Some(other) => Err(invalid(&self.key(key), wrong_type("an integer", other))),
+        }
+    }
+
+    fn float(&self, key: &str) -> Result<Option<f64>, ConfigError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(toml::Value::Float(value)) => Ok(Some(*value)),
+            Some(toml::Value::Integer(value)) => Ok(Some(*value as f64)),
+            Some(other) => Err(invalid(&self.key(key), wrong_type("a number", other))),
+        }
+    }
+
+    fn duration(&self, key: &str) -> Result<Option<Duration>, ConfigError> {
+        match self.string(key)? {
+            None => Ok(None),
+            Some(text) => parse_go_duration(&text).map(Some).map_err(|reason| {
+                invalid(
+                    &self.key(key),
+                    format!("invalid duration {text:?}: {reason} (examples: \"30s\", \"1h30m\")"),
+                )
+            }),
+        }
+    }
+
+    /// Keys of this table (not of child sections, which report their own) never read.
+    fn collect_unknown(&self, into: &mut Vec<String>) {
+        let used = self.used.borrow();
+        for key in self.table.keys() {
+            if !used.contains(key) {
+                into.push(self.key(key));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

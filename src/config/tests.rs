@@ -1,0 +1,260 @@
+use super::*;
+
+const FULL: &str = r#"
+[exporter]
+workers = 4
+
+[exporter.metadata]
+cluster = "prod-us-west-2"
+environment = "production"
+"topology.kubernetes.io/zone" = "us-west-2a"
+
+[exporter.sink]
+endpoint = "https://events.example.com/api/v1/events"
+timeout = "10s"
+insecure_skip_verify = true
+
+[exporter.oidc]
+token_url = "https://auth.example.com/oauth2/token"
+client_id = "nvsentinel-exporter"
+scope = "events:write"
+
+[exporter.backfill]
+enabled = true
+max_age = "168h"
+max_events = 10000
+batch_size = 100
+rate_limit = 100
+
+[exporter.resume_token]
+database = "nvsentinel"
+collection = "resumetokens"
+
+[exporter.failure_handling]
+max_retries = 17
+initial_backoff = "1s"
+max_backoff = "5m"
+backoff_multiplier = 2.0
+"#;
+
+fn error_of(text: &str) -> String {
+    Config::parse(text)
+        .expect_err("config should be rejected")
+        .to_string()
+}
+
+#[test]
+fn reads_every_section() {
+    let config = Config::parse(FULL).expect("valid config");
+    assert_eq!(config.cluster(), "prod-us-west-2");
+    assert_eq!(config.metadata["topology.kubernetes.io/zone"], "us-west-2a");
+    assert_eq!(config.workers, Some(4));
+    assert_eq!(config.client_name, "event-exporter");
+    assert_eq!(config.sink.timeout, Duration::from_secs(10));
+    assert!(config.sink.insecure_skip_verify);
+    let oidc = config.oidc.expect("oidc enabled by default");
+    assert_eq!(oidc.scope, "events:write");
+    assert!(config.backfill.enabled);
+    assert_eq!(config.backfill.max_age, Duration::from_secs(168 * 3600));
+    assert_eq!(config.backfill.max_events, 10000);
+    assert_eq!(config.backfill.batch_size, 100);
+    assert_eq!(config.backfill.rate_limit, 100);
+    assert_eq!(config.failure_handling.max_retries, 17);
+    assert_eq!(
+        config.failure_handling.max_backoff,
+        Duration::from_secs(300)
+    );
+    assert_eq!(config.failure_handling.backoff_multiplier, 2.0);
+    assert_eq!(config.resume_token["collection"], "resumetokens");
+    assert!(config.unknown_keys.is_empty(), "{:?}", config.unknown_keys);
+}
+
+#[test]
+fn upstream_defaults_apply() {
+    let config = Config::parse(
+        r#"
+[exporter.metadata]
+cluster = "c"
+[exporter.sink]
+endpoint = "http://127.0.0.1:9/x"
+[exporter.oidc]
+enabled = false
+"#,
+    )
+    .expect("valid config");
+    assert!(config.oidc.is_none());
+    assert_eq!(config.sink.timeout, Duration::from_secs(30));
+    assert!(!config.backfill.enabled);
+    assert_eq!(config.backfill.max_age, Duration::from_secs(720 * 3600));
+    assert_eq!(config.failure_handling.max_retries, 0);
+    assert_eq!(
+        config.failure_handling.initial_backoff,
+        Duration::from_secs(1)
+    );
+    assert_eq!(config.failure_handling.max_backoff, Duration::from_secs(60));
+    assert_eq!(config.failure_handling.backoff_multiplier, 0.0);
+    assert_eq!(config.workers, None);
+    assert!(config.filter_expression.is_none());
+}
+
+#[test]
+fn unknown_keys_are_reported_with_their_path() {
+    let text = FULL.replace("timeout = \"10s\"", "timeout = \"10s\"\nretries = 3")
+        + "\n[exporter.extra]\nx = 1\n[other]\ny = 2\n";
+    let config = Config::parse(&text).expect("unknown keys are not fatal");
+    assert_eq!(
+        config.unknown_keys,
+        vec!["exporter.extra", "exporter.sink.retries", "other"]
+    );
+}
+
+#[test]
+fn every_invalid_value_names_its_key() {
+    let cases = [
+        (
+            "cluster = \"prod-us-west-2\"",
+            "",
+            "exporter.metadata.cluster",
+        ),
+        (
+            "cluster = \"prod-us-west-2\"",
+            "cluster = \"  \"",
+            "exporter.metadata.cluster",
+        ),
+        (
+            "environment = \"production\"",
+            "environment = 3",
+            "exporter.metadata.environment",
+        ),
+        (
+            "endpoint = \"https://events.example.com/api/v1/events\"",
+            "",
+            "exporter.sink.endpoint",
+        ),
+        (
+            "endpoint = \"https://events.example.com/api/v1/events\"",
+            "endpoint = \"ftp://x/y\"",
+            "exporter.sink.endpoint",
+        ),
+        (
+            "endpoint = \"https://events.example.com/api/v1/events\"",
+            "endpoint = \"not a url\"",
+            "exporter.sink.endpoint",
+        ),
+        (
+            "timeout = \"10s\"",
+            "timeout = \"10\"",
+            "exporter.sink.timeout",
+        ),
+        (
+            "timeout = \"10s\"",
+            "timeout = \"-1s\"",
+            "exporter.sink.timeout",
+        ),
+        ("timeout = \"10s\"", "timeout = 10", "exporter.sink.timeout"),
+        (
+            "insecure_skip_verify = true",
+            "insecure_skip_verify = \"yes\"",
+            "exporter.sink.insecure_skip_verify",
+        ),
+        (
+            "token_url = \"https://auth.example.com/oauth2/token\"",
+            "",
+            "exporter.oidc.token_url",
+        ),
+        (
+            "client_id = \"nvsentinel-exporter\"",
+            "",
+            "exporter.oidc.client_id",
+        ),
+        ("scope = \"events:write\"", "", "exporter.oidc.scope"),
+        (
+            "max_age = \"168h\"",
+            "max_age = \"7d\"",
+            "exporter.backfill.max_age",
+        ),
+        (
+            "max_events = 10000",
+            "max_events = -5",
+            "exporter.backfill.max_events",
+        ),
+        (
+            "max_events = 10000",
+            "max_events = 0",
+            "exporter.backfill.max_events",
+        ),
+        (
+            "batch_size = 100",
+            "batch_size = \"many\"",
+            "exporter.backfill.batch_size",
+        ),
+        (
+            "rate_limit = 100",
+            "rate_limit = -1",
+            "exporter.backfill.rate_limit",
+        ),
+        (
+            "max_retries = 17",
+            "max_retries = -1",
+            "exporter.failure_handling.max_retries",
+        ),
+        (
+            "initial_backoff = \"1s\"",
+            "initial_backoff = \"soon\"",
+            "exporter.failure_handling.initial_backoff",
+        ),
+        (
+            "backoff_multiplier = 2.0",
+            "backoff_multiplier = -2.0",
+            "exporter.failure_handling.backoff_multiplier",
+        ),
+        ("workers = 4", "workers = 0", "exporter.workers"),
+        ("workers = 4", "workers = \"4\"", "exporter.workers"),
+    ];
+    for (from, to, key) in cases {
+        assert!(FULL.contains(from), "test case does not apply: {from}");
+        let message = error_of(&FULL.replace(from, to));
+        assert!(
+            message.starts_with(&format!("{key}:")),
+            "replacing {from:?} by {to:?}: message {message:?} should name {key}"
+        );
+    }
+}
+
+#[test]
+fn bad_value_is_quoted_in_the_message() {
+    let message = error_of(&FULL.replace("max_age = \"168h\"", "max_age = \"7d\""));
+    assert!(message.contains("\"7d\""), "{message}");
+    let message = error_of(&FULL.replace("max_events = 10000", "max_events = -5"));
+    assert!(message.contains("-5"), "{message}");
+}
+
+#[test]
+fn syntax_errors_are_reported() {
+    let message = error_of("[exporter\ncluster=");
+    assert!(message.contains("not valid TOML"), "{message}");
+}
+
+#[test]
+fn disabling_oidc_needs_no_oidc_keys() {
+    let text = FULL
+        .replace(
+            "token_url = \"https://auth.example.com/oauth2/token\"",
+            "enabled = false",
+        )
+        .replace("client_id = \"nvsentinel-exporter\"", "")
+        .replace("scope = \"events:write\"", "");
+    let config = Config::parse(&text).expect("valid");
+    assert!(config.oidc.is_none());
+}
+
+#[test]
+fn blank_filter_means_no_filter() {
+    for blank in ["\"\"", "\"   \"", "\"\\t\\n\""] {
+        let config = Config::parse(&format!(
+            "{FULL}\n[exporter.filter]\nexpression = {blank}\n"
+        ))
+        .expect("valid");
+        assert!(config.filter_expression.is_none(), "{blank}");
+    }
+}

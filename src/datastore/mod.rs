@@ -1,0 +1,97 @@
+//! Where health events come from. A datastore hands the pipeline a dense sequence of
+//! positions: every position is reported exactly once, either carrying an event to export or
+//! saying it needs nothing (another table, an update, a rolled-back id). Because the sequence
+//! is dense, the pipeline can advance the resume token over the contiguous prefix of finished
+//! positions and never past one it has not seen.
+
+pub mod postgres;
+
+use chrono::{DateTime, Utc};
+
+/// One resolved position of the change feed.
+#[derive(Debug, Clone)]
+pub struct Change {
+    /// Dense, increasing position (the PostgreSQL changelog id).
+    pub position: u64,
+    /// When the change was written (changelog `changed_at`), when known; goes into the token.
+    pub changed_at: Option<DateTime<Utc>>,
+    pub kind: ChangeKind,
+}
+
+#[derive(Debug, Clone)]
+pub enum ChangeKind {
+    /// A new health event to export.
+    Event(RawEvent),
+    /// Nothing to export at this position; it only has to be passed over.
+    Skip(SkipReason),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipReason {
+    /// A change to another table, or an UPDATE/DELETE.
+    NotAHealthEventInsert,
+    /// The id was never committed (rolled back, or a sequence value that was never used).
+    NeverCommitted,
+    /// Committed before this exporter's starting point.
+    BeforeStart,
+}
+
+/// A health event as stored, not yet decoded.
+#[derive(Debug, Clone)]
+pub struct RawEvent {
+    /// The `health_events.id` UUID: the CloudEvent id, stable across redeliveries.
+    pub record_id: String,
+    /// The stored document (`createdAt`, `healthevent`, `healtheventstatus`).
+    pub document: serde_json::Value,
+    /// The row's `created_at`, used for `time` when the event has no `generatedTimestamp`.
+    pub created_at: Option<DateTime<Utc>>,
+}
+
+/// How far the exporter has got: every position up to and including `position` is finished.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checkpoint {
+    pub position: u64,
+    pub changed_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatastoreError {
+    #[error("datastore settings: {0}")]
+    Settings(String),
+    #[error("{0}")]
+    Schema(String),
+    #[error("resume token for client {client:?} is unusable: {reason}")]
+    Token { client: String, reason: String },
+    #[error("PostgreSQL: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("PostgreSQL TLS setup: {0}")]
+    Tls(String),
+    #[error("changelog row {id}: {reason}")]
+    Row { id: i64, reason: String },
+}
+
+impl DatastoreError {
+    /// Whether retrying later can help (a lost connection), as opposed to a setup mistake.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, DatastoreError::Postgres(_))
+    }
+}
+
+/// A feed of changes with dense positions (see the module docs).
+pub trait ChangeSource: Send + 'static {
+    /// Every position at or below this one was finished before the source started.
+    fn start_position(&self) -> u64;
+    /// The next decided changes; waits while there are none. Connection failures are retried
+    /// inside; an error means retrying cannot help.
+    fn next_batch(
+        &mut self,
+    ) -> impl std::future::Future<Output = Result<Vec<Change>, DatastoreError>> + Send;
+}
+
+/// Where the checkpoint (resume token) is kept.
+pub trait CheckpointStore: Send + Sync + 'static {
+    fn save(
+        &self,
+        checkpoint: &Checkpoint,
+    ) -> impl std::future::Future<Output = Result<(), DatastoreError>> + Send;
+}

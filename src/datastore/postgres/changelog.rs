@@ -1,0 +1,352 @@
+//! Reads `datastore_changelog` without ever skipping a row.
+//!
+//! Changelog ids are taken when a row is inserted, not when its transaction commits, so they
+//! become visible out of order. The reader keeps `read_pos` (highest id seen) and a set of
+//! *holes*: ids below `read_pos` that were not visible when a larger id was. Each hole is tagged
+//! with the `xmax` of the snapshot that found it; once every transaction running then has ended
+//! (`xmin` of a later snapshot >= that tag) the hole is decided: re-read by id, it is either a
+//! committed row (delivered like any other) or gone for good. Visible rows go out at once;
+//! only the resume token waits for holes, because positions are reported exactly once each
+//! and the pipeline advances over the contiguous prefix.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::Notify;
+use tokio_postgres::{Client, Row};
+
+use super::{Connector, StartPoint};
+use crate::datastore::{Change, ChangeKind, ChangeSource, DatastoreError, RawEvent, SkipReason};
+
+/// On a fresh start, ids this far below the changelog's end are examined so that rows of
+/// transactions still open at start-up (which hold smaller ids) are not passed over.
+const START_WINDOW: u64 = 10_000;
+
+/// Columns every changelog query returns, in this order.
+const ROW_COLUMNS: &str = "c.id, c.table_name, c.operation, c.changed_at, c.record_id::text, \
+     CASE WHEN c.table_name = 'health_events' AND c.operation = 'INSERT' \
+          THEN c.new_values->'document' END, \
+     CASE WHEN c.table_name = 'health_events' AND c.operation = 'INSERT' \
+          THEN c.new_values->>'created_at' END";
+
+pub struct ChangelogReader {
+    connector: Connector,
+    client: Option<Client>,
+    /// Highest id seen.
+    read_pos: u64,
+    /// Ids below `read_pos` not yet visible, with the `xmax` of the snapshot that found them.
+    holes: BTreeMap<u64, u64>,
+    /// Taking over a Go token: health-event rows up to `(changed_at, id)` were exported by it.
+    exported_before: Option<(DateTime<Utc>, u64)>,
+    /// Changes decided but not yet handed out.
+    ready: VecDeque<Change>,
+    batch_size: i64,
+    poll_interval: Duration,
+    wake: Arc<Notify>,
+    /// Every position at or below this one was finished before this reader started.
+    start_position: u64,
+    /// Whether the last read reached PostgreSQL.
+    up: Arc<AtomicBool>,
+}
+
+impl ChangeSource for ChangelogReader {
+    fn start_position(&self) -> u64 {
+        self.start_position
+    }
+
+    async fn next_batch(&mut self) -> Result<Vec<Change>, DatastoreError> {
+        self.read_next().await
+    }
+}
+
+impl ChangelogReader {
+    /// Opens the reader at the position the token gives. Fails if PostgreSQL is unreachable or
+    /// the schema is missing.
+    pub async fn open(
+        connector: Connector,
+        start: StartPoint,
+        wake: Arc<Notify>,
+    ) -> Result<ChangelogReader, DatastoreError> {
+        let client = connector.connect().await?;
+        connector.check_schema(&client).await?;
+        let mut reader = ChangelogReader {
+            connector,
+            client: None,
+            read_pos: 0,
+            holes: BTreeMap::new(),
+            exported_before: None,
+            ready: VecDeque::new(),
+            batch_size: 500,
+            poll_interval: Duration::from_secs(1),
+            wake,
+            start_position: 0,
+            up: Arc::new(AtomicBool::new(true)),
+        };
+        match start {
+            StartPoint::Contiguous(id) => reader.read_pos = id,
+            StartPoint::End => reader.start_at_end(&client).await?,
+            StartPoint::Keyset { changed_at, id } => {
+                reader.start_after_keyset(&client, changed_at, id).await?
+            }
+            StartPoint::EventId(id) => {
+                // Upstream resolves an id-only token through the row's changed_at.
+                let row = client
+                    .query_opt(
+                        "SELECT changed_at FROM datastore_changelog WHERE id = $1",
+                        &[&(id as i64)],
+                    )
+                    .await?;
+                match row {
+                    Some(row) => reader.start_after_keyset(&client, row.get(0), id).await?,
+                    None => reader.read_pos = id,
+                }
+            }
+        }
+        if reader.ready.is_empty() && reader.holes.is_empty() {
+            reader.start_position = reader.read_pos;
+        }
+        reader.client = Some(client);
+        Ok(reader)
+    }
+
+    /// How many ids are waiting on open transactions (for logs and metrics).
+    pub fn open_holes(&self) -> usize {
+        self.holes.len()
+    }
+
+    /// Fresh start: everything visible now is "before", everything that becomes visible later
+    /// is new, including rows of transactions that are open right now and hold smaller ids.
+    async fn start_at_end(&mut self, client: &Client) -> Result<(), DatastoreError> {
+        let row = client
+            .query_one(
+                "SELECT pg_snapshot_xmax(pg_current_snapshot())::text, \
+                        (SELECT coalesce(max(id), 0) FROM datastore_changelog), \
+                        array(SELECT id FROM datastore_changelog \
+                              WHERE id > (SELECT coalesce(max(id), 0) FROM datastore_changelog) - $1 \
+                              ORDER BY id)",
+                &[&(START_WINDOW as i64)],
+            )
+            .await?;
+        let xmax = parse_xid(row.get(0))?;
+        let end = row.get::<_, i64>(1) as u64;
+        let visible: Vec<i64> = row.get(2);
+        let first = end.saturating_sub(START_WINDOW) + 1;
+        let mut visible = visible.into_iter().map(|id| id as u64).peekable();
+        for id in first..=end {
+            if visible.peek() == Some(&id) {
+                visible.next();
+                self.ready.push_back(Change {
+                    position: id,
+                    changed_at: None,
+                    kind: ChangeKind::Skip(SkipReason::BeforeStart),
+                });
+            } else {
+                self.holes.insert(id, xmax);
+            }
+        }
+        self.read_pos = end;
+        self.start_position = first - 1;
+        tracing::info!(
+            changelog_end = end,
+            "no resume token: starting at the end of the changelog"
+        );
+        Ok(())
+    }
+
+    /// Takes over the Go exporter's `(changed_at, id)` bookmark: start below the first row it
+    /// had not exported, and pass over the rows it had.
+    async fn start_after_keyset(
+        &mut self,
+        client: &Client,
+        changed_at: DateTime<Utc>,
+        id: u64,
+    ) -> Result<(), DatastoreError> {
+        let row = client
+            .query_one(
+                "SELECT min(id) FROM datastore_changelog \
+                 WHERE table_name = 'health_events' AND operation = 'INSERT' \
+                   AND (changed_at > $1 OR (changed_at = $1 AND id > $2))",
+                &[&changed_at, &(id as i64)],
+            )
+            .await?;
+        let first_unexported: Option<i64> = row.get(0);
+        self.read_pos = match first_unexported {
+            Some(first) if (first as u64) <= id => first as u64 - 1,
+            _ => id,
+        };
+        self.exported_before = Some((changed_at, id));
+        tracing::info!(
+            event_id = id,
+            %changed_at,
+            resume_from = self.read_pos,
+            "taking over a keyset resume token"
+        );
+        Ok(())
+    }
+
+    /// Shares a flag that says whether the last read reached PostgreSQL (for `/readyz`).
+    pub fn report_connection(&mut self, up: Arc<AtomicBool>) {
+        up.store(true, Ordering::Relaxed);
+        self.up = up;
+    }
+
+    /// The next decided changes, in no particular order; waits (LISTEN wake-up or poll) when
+    /// there are none. Reconnects after connection failures, so it only returns an error for a
+    /// problem that retrying cannot fix.
+    async fn read_next(&mut self) -> Result<Vec<Change>, DatastoreError> {
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            if !self.ready.is_empty() {
+                return Ok(self.ready.drain(..).collect());
+            }
+            let polled = self.poll().await;
+            self.up.store(polled.is_ok(), Ordering::Relaxed);
+            match polled {
+                Ok(changes) if !changes.is_empty() => return Ok(changes),
+                Ok(_) => {
+                    backoff = Duration::from_millis(250);
+                    tokio::select! {
+                        _ = self.wake.notified() => {}
+                        _ = tokio::time::sleep(self.poll_interval) => {}
+                    }
+                }
+                Err(error) if error.is_transient() => {
+                    tracing::warn!(%error, retry_in = ?backoff, "reading the changelog failed; reconnecting");
+                    crate::metrics::get().datastore_reconnects.inc();
+                    self.client = None;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    async fn poll(&mut self) -> Result<Vec<Change>, DatastoreError> {
+        let client = match self.client.take() {
+            Some(client) if !client.is_closed() => client,
+            _ => self.connector.connect().await?,
+        };
+        let result = self.poll_with(&client).await;
+        self.client = Some(client);
+        result
+    }
+
+    async fn poll_with(&mut self, client: &Client) -> Result<Vec<Change>, DatastoreError> {
+        // One statement, one snapshot: the rows and the snapshot they were read under.
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT pg_snapshot_xmin(s.snap)::text, pg_snapshot_xmax(s.snap)::text, \
+                            {ROW_COLUMNS} \
+                     FROM (SELECT pg_current_snapshot() AS snap) s \
+                     LEFT JOIN LATERAL (SELECT * FROM datastore_changelog \
+                                        WHERE id > $1 ORDER BY id LIMIT $2) c ON true"
+                ),
+                &[&(self.read_pos as i64), &self.batch_size],
+            )
+            .await?;
+        let Some(first) = rows.first() else {
+            return Err(DatastoreError::Schema(
+                "snapshot query returned no row".into(),
+            ));
+        };
+        let xmin = parse_xid(first.get(0))?;
+        let xmax = parse_xid(first.get(1))?;
+        let mut changes = Vec::new();
+        for row in &rows {
+            let Some(id) = row.get::<_, Option<i64>>(2) else {
+                continue; // no new rows: only the snapshot came back
+            };
+            let id = id as u64;
+            // Every id between the last one seen and this one is a hole, in progress at this
+            // snapshot (a larger id is already visible).
+            for hole in self.read_pos + 1..id {
+                self.holes.insert(hole, xmax);
+            }
+            self.read_pos = id;
+            changes.push(self.change_from_row(row, 2)?);
+        }
+
+        // Holes whose transactions have all ended are decided: re-read them by id.
+        let decided: Vec<i64> = self
+            .holes
+            .iter()
+            .filter(|(_, tag)| **tag <= xmin)
+            .map(|(id, _)| *id as i64)
+            .collect();
+        if !decided.is_empty() {
+            let found = client
+                .query(
+                    &format!(
+                        "SELECT {ROW_COLUMNS} FROM datastore_changelog c \
+                         WHERE c.id = ANY($1) ORDER BY c.id"
+                    ),
+                    &[&decided],
+                )
+                .await?;
+            let mut found_ids = std::collections::BTreeSet::new();
+            for row in &found {
+                found_ids.insert(row.get::<_, i64>(0));
+                changes.push(self.change_from_row(row, 0)?);
+            }
+            for id in decided {
+                self.holes.remove(&(id as u64));
+                if !found_ids.contains(&id) {
+                    changes.push(Change {
+                        position: id as u64,
+                        changed_at: None,
+                        kind: ChangeKind::Skip(SkipReason::NeverCommitted),
+                    });
+                }
+            }
+        }
+        Ok(changes)
+    }
+
+    /// Builds a change from the `ROW_COLUMNS` starting at column `at`.
+    fn change_from_row(&self, row: &Row, at: usize) -> Result<Change, DatastoreError> {
+        let id: i64 = row.get(at);
+        let table: String = row.get(at + 1);
+        let operation: String = row.get(at + 2);
+        let changed_at: Option<DateTime<Utc>> = row.get(at + 3);
+        let record_id: String = row.get(at + 4);
+        let document: Option<serde_json::Value> = row.get(at + 5);
+        let created_at: Option<String> = row.get(at + 6);
+        let position = id as u64;
+        let skip = |reason| Change {
+            position,
+            changed_at,
+            kind: ChangeKind::Skip(reason),
+        };
+        if table != "health_events" || operation != "INSERT" {
+            return Ok(skip(SkipReason::NotAHealthEventInsert));
+        }
+        if let (Some((token_time, token_id)), Some(row_time)) = (self.exported_before, changed_at) {
+            if position <= token_id && (row_time, position) <= (token_time, token_id) {
+                return Ok(skip(SkipReason::BeforeStart));
+            }
+        }
+        Ok(Change {
+            position,
+            changed_at,
+            kind: ChangeKind::Event(RawEvent {
+                record_id,
+                document: document.unwrap_or(serde_json::Value::Null),
+                created_at: created_at.and_then(|text| {
+                    DateTime::parse_from_rfc3339(&text)
+                        .ok()
+                        .map(|t| t.with_timezone(&Utc))
+                }),
+            }),
+        })
+    }
+}
+
+fn parse_xid(text: String) -> Result<u64, DatastoreError> {
+    text.parse()
+        .map_err(|_| DatastoreError::Schema(format!("unexpected transaction id {text:?}")))
+}

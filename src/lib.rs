@@ -1,0 +1,20 @@
+//! event-exporter: streams NVSentinel health events out of the datastore and delivers them to
+//! an HTTP sink as CloudEvents, at least once.
+//!
+//! Data flow: `config` → `datastore` (changelog reader, resume token) → `pipeline` (dispatch,
+//! workers, sequence tracker, checkpoint) → `model` + `cloudevent` → `sink` (HTTP, auth,
+//! retry); `server` exposes health and metrics.
+
+pub mod check_config;
+pub mod cli;
+pub mod cloudevent;
+pub mod config;
+pub mod datastore;
+pub mod exporter;
+pub mod logging;
+pub mod metrics;
+pub mod model;
+pub mod pipeline;
+pub mod server;
+pub mod sink;
+pub mod tls;

@@ -1,0 +1,477 @@
+//! NVSentinel's health event, decoded tolerantly from a stored document.
+//!
+//! Documents come in two spellings: camelCase keys with `omitempty` (the PostgreSQL path, Go's
+//! JSON) and lowercase keys (MongoDB's BSON). Enums may be numbers or names, timestamps
+//! `{seconds, nanos}` or strings. Unknown keys (`RawEvent`, status fields) are ignored.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, TimeZone, Utc};
+use serde_json::{Map, Value};
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct HealthEvent {
+    pub version: u64,
+    pub agent: String,
+    pub component_class: String,
+    pub check_name: String,
+    pub is_fatal: bool,
+    pub is_healthy: bool,
+    pub message: String,
+    /// Enum name, e.g. `RESTART_VM` (an unknown number is kept as its decimal text).
+    pub recommended_action: String,
+    pub error_code: Vec<String>,
+    pub entities_impacted: Vec<Entity>,
+    pub metadata: BTreeMap<String, String>,
+    pub generated_timestamp: Option<DateTime<Utc>>,
+    pub node_name: String,
+    pub quarantine_overrides: Option<Overrides>,
+    pub drain_overrides: Option<Overrides>,
+    /// Enum name, e.g. `EXECUTE_REMEDIATION`.
+    pub processing_strategy: String,
+    pub custom_recommended_action: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entity {
+    pub entity_type: String,
+    pub entity_value: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Overrides {
+    pub force: bool,
+    pub skip: bool,
+}
+
+/// What is wrong with a document, naming the field.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("{field}: {reason}")]
+pub struct DecodeError {
+    pub field: String,
+    pub reason: String,
+}
+
+fn error(field: &str, reason: impl Into<String>) -> DecodeError {
+    DecodeError {
+        field: field.to_string(),
+        reason: reason.into(),
+    }
+}
+
+const RECOMMENDED_ACTIONS: &[(i64, &str)] = &[
+    (0, "NONE"),
+    (2, "COMPONENT_RESET"),
+    (5, "CONTACT_SUPPORT"),
+    (6, "RUN_FIELDDIAG"),
+    (15, "RESTART_VM"),
+    (24, "RESTART_BM"),
+    (25, "REPLACE_VM"),
+    (26, "RUN_DCGMEUD"),
+    (27, "CUSTOM"),
+    (28, "REMEDIATE"),
+    (39, "RESTART_APP"),
+    (99, "UNKNOWN"),
+];
+
+const PROCESSING_STRATEGIES: &[(i64, &str)] = &[
+    (0, "UNSPECIFIED"),
+    (1, "EXECUTE_REMEDIATION"),
+    (2, "STORE_ONLY"),
+    (3, "STORE_AND_ANALYSE"),
+];
+
+/// Decodes the `healthevent` of a stored document. `Ok(None)` when the document has no health
+/// event (the Go exporter skips those silently too).
+pub fn decode_document(document: &Value) -> Result<Option<HealthEvent>, DecodeError> {
+    let Value::Object(top) = document else {
+        return Err(error(
+            "document",
+            format!("expected an object, got {}", kind(document)),
+        ));
+    };
+    let event = match field(top, "healthevent", "healthEvent") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Object(event)) => event,
+        Some(other) => {
+            return Err(error(
+                "healthevent",
+                format!("expected an object, got {}", kind(other)),
+            ))
+        }
+    };
+    let get = |camel: &str| field(event, camel, &camel.to_ascii_lowercase());
+    Ok(Some(HealthEvent {
+        version: match get("version") {
+            None | Some(Value::Null) => 0,
+            Some(v) => v.as_u64().ok_or_else(|| {
+                error("healthevent.version", format!("expected a number, got {v}"))
+            })?,
+        },
+        agent: string(get("agent"), "healthevent.agent")?,
+        component_class: string(get("componentClass"), "healthevent.componentClass")?,
+        check_name: string(get("checkName"), "healthevent.checkName")?,
+        is_fatal: boolean(get("isFatal"), "healthevent.isFatal")?,
+        is_healthy: boolean(get("isHealthy"), "healthevent.isHealthy")?,
+        message: string(get("message"), "healthevent.message")?,
+        recommended_action: enum_name(
+            get("recommendedAction"),
+            RECOMMENDED_ACTIONS,
+            "healthevent.recommendedAction",
+        )?,
+        error_code: string_list(get("errorCode"), "healthevent.errorCode")?,
+        entities_impacted: entities(get("entitiesImpacted"))?,
+        metadata: string_map(get("metadata"), "healthevent.metadata")?,
+        generated_timestamp: timestamp(
+            get("generatedTimestamp"),
+            "healthevent.generatedTimestamp",
+        )?,
+        node_name: string(get("nodeName"), "healthevent.nodeName")?,
+        quarantine_overrides: overrides(
+            get("quarantineOverrides"),
+            "healthevent.quarantineOverrides",
+        )?,
+        drain_overrides: overrides(get("drainOverrides"), "healthevent.drainOverrides")?,
+        processing_strategy: enum_name(
+            get("processingStrategy"),
+            PROCESSING_STRATEGIES,
+            "healthevent.processingStrategy",
+        )?,
+        custom_recommended_action: string(
+            get("customRecommendedAction"),
+            "healthevent.customRecommendedAction",
+        )?,
+    }))
+}
+
+/// The trace id a platform connector put in the event metadata, when present.
+pub fn trace_id(event: &HealthEvent) -> Option<&str> {
+    event.metadata.get("trace_id").map(String::as_str)
+}
+
+fn field<'a>(object: &'a Map<String, Value>, camel: &str, lower: &str) -> Option<&'a Value> {
+    object.get(camel).or_else(|| object.get(lower))
+}
+
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn string(value: Option<&Value>, name: &str) -> Result<String, DecodeError> {
+    match value {
+        None | Some(Value::Null) => Ok(String::new()),
+        Some(Value::String(text)) => Ok(text.clone()),
+        Some(other) => Err(error(
+            name,
+            format!("expected a string, got {}", kind(other)),
+        )),
+    }
+}
+
+fn boolean(value: Option<&Value>, name: &str) -> Result<bool, DecodeError> {
+    match value {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(other) => Err(error(
+            name,
+            format!("expected a boolean, got {}", kind(other)),
+        )),
+    }
+}
+
+fn enum_name(
+    value: Option<&Value>,
+    names: &[(i64, &str)],
+    name: &str,
+) -> Result<String, DecodeError> {
+    let by_number = |n: i64| {
+        names
+            .iter()
+            .find(|(number, _)| *number == n)
+            .map(|(_, text)| text.to_string())
+            // Go's protobuf String() prints an unknown value as its number.
+            .unwrap_or_else(|| n.to_string())
+    };
+    match value {
+        None | Some(Value::Null) => Ok(by_number(0)),
+        Some(Value::Number(n)) => n
+            .as_i64()
+            .map(by_number)
+            .ok_or_else(|| error(name, format!("expected an enum number, got {n}"))),
+        Some(Value::String(text)) => Ok(match text.parse::<i64>() {
+            Ok(n) => by_number(n),
+            Err(_) => text.clone(),
+        }),
+        Some(other) => Err(error(
+            name,
+            format!("expected an enum, got {}", kind(other)),
+        )),
+    }
+}
+
+fn string_list(value: Option<&Value>, name: &str) -> Result<Vec<String>, DecodeError> {
+    match value {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| match item {
+                Value::String(text) => Ok(text.clone()),
+                other => Err(error(
+                    &format!("{name}[{i}]"),
+                    format!("expected a string, got {}", kind(other)),
+                )),
+            })
+            .collect(),
+        Some(other) => Err(error(
+            name,
+            format!("expected an array, got {}", kind(other)),
+        )),
+    }
+}
+
+fn entities(value: Option<&Value>) -> Result<Vec<Entity>, DecodeError> {
+    let name = "healthevent.entitiesImpacted";
+    match value {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| {
+                let at = format!("{name}[{i}]");
+                let Value::Object(entity) = item else {
+                    return Err(error(
+                        &at,
+                        format!("expected an object, got {}", kind(item)),
+                    ));
+                };
+                Ok(Entity {
+                    entity_type: string(
+                        field(entity, "entityType", "entitytype"),
+                        &format!("{at}.entityType"),
+                    )?,
+                    entity_value: string(
+                        field(entity, "entityValue", "entityvalue"),
+                        &format!("{at}.entityValue"),
+                    )?,
+                })
+            })
+            .collect(),
+        Some(other) => Err(error(
+            name,
+            format!("expected an array, got {}", kind(other)),
+        )),
+    }
+}
+
+fn string_map(value: Option<&Value>, name: &str) -> Result<BTreeMap<String, String>, DecodeError> {
+    match value {
+        None | Some(Value::Null) => Ok(BTreeMap::new()),
+        Some(Value::Object(entries)) => entries
+            .iter()
+            .map(|(key, value)| match value {
+                Value::String(text) => Ok((key.clone(), text.clone())),
+                // Scalars are kept as text rather than losing the whole event.
+                Value::Number(n) => Ok((key.clone(), n.to_string())),
+                Value::Bool(b) => Ok((key.clone(), b.to_string())),
+                other => Err(error(
+                    &format!("{name}.{key}"),
+                    format!("expected a string, got {}", kind(other)),
+                )),
+            })
+            .collect(),
+        Some(other) => Err(error(
+            name,
+            format!("expected an object, got {}", kind(other)),
+        )),
+    }
+}
+
+fn timestamp(value: Option<&Value>, name: &str) -> Result<Option<DateTime<Utc>>, DecodeError> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) => DateTime::parse_from_rfc3339(text)
+            .map(|t| Some(t.with_timezone(&Utc)))
+            .map_err(|e| error(name, format!("{text:?} is not an RFC 3339 timestamp: {e}"))),
+        Some(Value::Object(parts)) => {
+            let number = |key: &str| -> Result<i64, DecodeError> {
+                match parts.get(key) {
+                    None | Some(Value::Null) => Ok(0),
+                    // protojson writes int64 seconds as a string.
+                    Some(Value::String(text)) => text
+                        .parse()
+                        .map_err(|_| error(name, format!("{key} {text:?} is not a number"))),
+                    Some(v) => v
+                        .as_i64()
+                        .ok_or_else(|| error(name, format!("{key} {v} is not a whole number"))),
+                }
+            };
+            let seconds = number("seconds")?;
+            let nanos = number("nanos")?;
+            if !(0..1_000_000_000).contains(&nanos) {
+                return Err(error(name, format!("nanos {nanos} is out of range")));
+            }
+            match Utc.timestamp_opt(seconds, nanos as u32) {
+                chrono::LocalResult::Single(t) => Ok(Some(t)),
+                _ => Err(error(name, format!("seconds {seconds} is out of range"))),
+            }
+        }
+        Some(other) => Err(error(
+            name,
+            format!(
+                "expected {{seconds, nanos}} or a timestamp string, got {}",
+                kind(other)
+            ),
+        )),
+    }
+}
+
+fn overrides(value: Option<&Value>, name: &str) -> Result<Option<Overrides>, DecodeError> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(parts)) => Ok(Some(Overrides {
+            force: boolean(parts.get("force"), &format!("{name}.force"))?,
+            skip: boolean(parts.get("skip"), &format!("{name}.skip"))?,
+        })),
+        Some(other) => Err(error(
+            name,
+            format!("expected an object, got {}", kind(other)),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn decodes_the_postgresql_spelling() {
+        let document = json!({
+            "createdAt": "2026-11-25T08:00:00.5Z",
+            "healthevent": {
+                "version": 1, "agent": "gpu-health-monitor", "componentClass": "GPU",
+                "checkName": "GpuXidError", "isFatal": true, "message": "XID 79",
+                "recommendedAction": 15, "errorCode": ["79"],
+                "entitiesImpacted": [{"entityType": "GPU", "entityValue": "3"}],
+                "metadata": {"trace_id": "abc"},
+                "generatedTimestamp": {"seconds": 1764057600, "nanos": 500},
+                "nodeName": "node-1", "processingStrategy": 2,
+                "quarantineOverrides": {"force": true}
+            },
+            "healtheventstatus": {"nodequarantined": null},
+            "RawEvent": null
+        });
+        let event = decode_document(&document)
+            .expect("valid")
+            .expect("has event");
+        assert_eq!(event.recommended_action, "RESTART_VM");
+        assert_eq!(event.processing_strategy, "STORE_ONLY");
+        assert!(event.is_fatal && !event.is_healthy);
+        assert_eq!(event.entities_impacted[0].entity_value, "3");
+        assert_eq!(
+            event
+                .generated_timestamp
+                .expect("set")
+                .timestamp_subsec_nanos(),
+            500
+        );
+        assert_eq!(
+            event.quarantine_overrides,
+            Some(Overrides {
+                force: true,
+                skip: false
+            })
+        );
+        assert_eq!(event.drain_overrides, None);
+        assert_eq!(trace_id(&event), Some("abc"));
+    }
+
+    #[test]
+    fn decodes_the_mongodb_spelling_and_names() {
+        let document = json!({
+            "healthevent": {
+                "agent": "a", "componentclass": "NVLink", "checkname": "c",
+                "ishealthy": true, "recommendedaction": "CUSTOM",
+                "customrecommendedaction": "REPLACE_DISK", "errorcode": null,
+                "entitiesimpacted": [{"entitytype": "PCI", "entityvalue": "0000:01"}],
+                "generatedtimestamp": "2026-01-15T10:30:00Z", "nodename": "n",
+                "processingstrategy": 0
+            }
+        });
+        let event = decode_document(&document)
+            .expect("valid")
+            .expect("has event");
+        assert_eq!(event.component_class, "NVLink");
+        assert_eq!(event.recommended_action, "CUSTOM");
+        assert_eq!(event.custom_recommended_action, "REPLACE_DISK");
+        assert_eq!(event.processing_strategy, "UNSPECIFIED");
+        assert!(event.error_code.is_empty());
+        assert_eq!(event.entities_impacted[0].entity_type, "PCI");
+    }
+
+    #[test]
+    fn omitted_zero_values_decode_as_zero() {
+        let event = decode_document(&json!({"healthevent": {"nodeName": "n"}}))
+            .expect("valid")
+            .expect("has event");
+        assert_eq!(event.recommended_action, "NONE");
+        assert_eq!(event.processing_strategy, "UNSPECIFIED");
+        assert_eq!(event.version, 0);
+        assert!(!event.is_fatal);
+        assert!(event.generated_timestamp.is_none());
+    }
+
+    #[test]
+    fn unknown_enum_numbers_are_kept_as_numbers() {
+        let event = decode_document(&json!({"healthevent": {"recommendedAction": 77}}))
+            .expect("valid")
+            .expect("has event");
+        assert_eq!(event.recommended_action, "77");
+    }
+
+    #[test]
+    fn missing_health_event_is_not_an_error() {
+        assert_eq!(decode_document(&json!({"createdAt": "x"})), Ok(None));
+        assert_eq!(decode_document(&json!({"healthevent": null})), Ok(None));
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let cases = [
+            (json!("text"), "document"),
+            (json!({"healthevent": 3}), "healthevent"),
+            (
+                json!({"healthevent": {"isFatal": "yes"}}),
+                "healthevent.isFatal",
+            ),
+            (
+                json!({"healthevent": {"errorCode": [1]}}),
+                "healthevent.errorCode[0]",
+            ),
+            (
+                json!({"healthevent": {"generatedTimestamp": {"seconds": "x"}}}),
+                "healthevent.generatedTimestamp",
+            ),
+            (
+                json!({"healthevent": {"recommendedAction": [1]}}),
+                "healthevent.recommendedAction",
+            ),
+            (
+                json!({"healthevent": {"metadata": {"k": {"x": 1}}}}),
+                "healthevent.metadata.k",
+            ),
+        ];
+        for (document, field) in cases {
+            let error = decode_document(&document).expect_err("should fail");
+            assert_eq!(error.field, field, "{document}");
+        }
+    }
+}

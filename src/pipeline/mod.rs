@@ -1,0 +1,310 @@
+//! From changes to deliveries: a reader task pulls decided changes from the datastore, the
+//! dispatcher hands each health event to one of `workers` concurrent publishes, and the
+//! sequence tracker moves the checkpoint over the contiguous prefix of finished positions.
+//! Checkpoint writes are coalesced to one per second.
+//!
+//! At-least-once: a position is finished only once its event was accepted by the sink (or
+//! needed no delivery). If an event cannot be delivered, intake stops, in-flight work gets the
+//! grace period, the checkpoint is saved up to the failed position, and `run` returns an error.
+
+mod tracker;
+
+pub use tracker::SequenceTracker;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::cloudevent::Transformer;
+use crate::datastore::{
+    Change, ChangeKind, ChangeSource, CheckpointStore, DatastoreError, RawEvent,
+};
+use crate::metrics;
+use crate::model::decode_document;
+use crate::sink::{PublishError, Publisher};
+
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("event {record_id} (changelog id {position}) was not delivered: {reason}")]
+    Undelivered {
+        position: u64,
+        record_id: String,
+        reason: String,
+    },
+    #[error("reading the datastore: {0}")]
+    Source(DatastoreError),
+    #[error("saving the resume token: {0}")]
+    Checkpoint(DatastoreError),
+}
+
+/// What happened to one event.
+enum Outcome {
+    Published,
+    /// Needs no delivery (undecodable, no health event); the position still finishes.
+    Skipped,
+    Failed(String),
+    /// Stopped by shutdown before the sink accepted it; the position stays unfinished.
+    Cancelled,
+}
+
+/// Turns a stored event into a delivery.
+pub struct EventHandler {
+    pub transformer: Transformer,
+    pub publisher: Publisher,
+}
+
+impl EventHandler {
+    async fn handle(&self, position: u64, event: &RawEvent, cancel: &CancellationToken) -> Outcome {
+        let metrics = metrics::get();
+        let health_event = match decode_document(&event.document) {
+            Ok(Some(health_event)) => health_event,
+            Ok(None) => {
+                tracing::warn!(changelog_id = position, record_id = %event.record_id, "document has no health event; skipping it");
+                metrics.skipped("no_health_event");
+                return Outcome::Skipped;
+            }
+            Err(error) => {
+                tracing::warn!(changelog_id = position, record_id = %event.record_id, %error, "undecodable health event document; skipping it");
+                metrics.transform_errors.inc();
+                metrics.skipped("undecodable");
+                return Outcome::Skipped;
+            }
+        };
+        let body = self
+            .transformer
+            .encode(&event.record_id, &health_event, event.created_at);
+        let started = Instant::now();
+        match self
+            .publisher
+            .publish(&body, &event.record_id, cancel)
+            .await
+        {
+            Ok(()) => {
+                metrics.published("success");
+                metrics
+                    .publish_duration
+                    .observe(started.elapsed().as_secs_f64());
+                tracing::debug!(changelog_id = position, record_id = %event.record_id, "event published");
+                Outcome::Published
+            }
+            Err(PublishError::Cancelled) => Outcome::Cancelled,
+            Err(error) => {
+                metrics.published("failure");
+                metrics.publish_error("max_retries_exceeded");
+                Outcome::Failed(error.to_string())
+            }
+        }
+    }
+}
+
+pub struct Pipeline<S, C> {
+    pub source: S,
+    pub checkpoints: Arc<C>,
+    pub handler: Arc<EventHandler>,
+    pub workers: usize,
+    /// How long in-flight publishes may finish after intake stops.
+    pub grace: Duration,
+    /// Whether a resume token existed at start; if not, the first checkpoint is written even
+    /// when it has not moved, so a restart does not begin at a later "end".
+    pub had_token: bool,
+}
+
+/// Counts for the final log line.
+#[derive(Debug, Default, Clone)]
+pub struct Summary {
+    pub published: u64,
+    pub skipped: u64,
+    pub checkpoint: u64,
+}
+
+impl<S: ChangeSource, C: CheckpointStore> Pipeline<S, C> {
+    /// Runs until `shutdown` (returns `Ok`) or an event cannot be delivered (returns `Err`).
+    pub async fn run(self, shutdown: CancellationToken) -> Result<Summary, PipelineError> {
+        let Pipeline {
+            mut source,
+            checkpoints,
+            handler,
+            workers,
+            grace,
+            had_token,
+        } = self;
+        let mut tracker = SequenceTracker::new(source.start_position());
+        let mut saved = had_token.then(|| tracker.checkpoint());
+        let mut summary = Summary::default();
+
+        // The reader runs ahead of dispatch by at most a few batches.
+        let (changes_tx, mut changes_rx) = mpsc::channel::<Result<Vec<Change>, DatastoreError>>(2);
+        let reader_stop = CancellationToken::new();
+        let reader = tokio::spawn({
+            let stop = reader_stop.clone();
+            async move {
+                loop {
+                    let batch = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        batch = source.next_batch() => batch,
+                    };
+                    let failed = batch.is_err();
+                    if changes_tx.send(batch).await.is_err() || failed {
+                        return;
+                    }
+                }
+            }
+        });
+
+        let permits = Arc::new(Semaphore::new(workers.max(1)));
+        let (results_tx, mut results_rx) = mpsc::unbounded_channel::<(Change, Outcome)>();
+        let mut in_flight = JoinSet::new();
+        // Cancels retry waits once the grace period is over.
+        let publish_cancel = CancellationToken::new();
+        // The first save waits one interval, so a fresh start's first batch is in it.
+        let mut tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + CHECKPOINT_INTERVAL,
+            CHECKPOINT_INTERVAL,
+        );
+        let mut failure: Option<PipelineError> = None;
+
+        'intake: loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break 'intake,
+                Some((change, outcome)) = results_rx.recv() => {
+                    if let Some(error) = record(&mut tracker, &mut summary, change, outcome) {
+                        failure = Some(error);
+                        break 'intake;
+                    }
+                }
+                _ = tick.tick() => {
+                    if let Err(error) = save_if_advanced(&*checkpoints, &tracker, &mut saved).await {
+                        tracing::warn!(%error, "saving the resume token failed; will retry");
+                    }
+                }
+                batch = changes_rx.recv() => {
+                    let changes = match batch {
+                        Some(Ok(changes)) => changes,
+                        Some(Err(error)) => { failure = Some(PipelineError::Source(error)); break 'intake; }
+                        None => { failure = Some(PipelineError::Source(DatastoreError::Schema("the changelog reader stopped".into()))); break 'intake; }
+                    };
+                    for change in changes {
+                        let event = match &change.kind {
+                            ChangeKind::Skip(_) => {
+                                tracker.finish(change.position, change.changed_at);
+                                continue;
+                            }
+                            ChangeKind::Event(event) => event.clone(),
+                        };
+                        metrics::get().events_received.inc();
+                        let permit = tokio::select! {
+                            _ = shutdown.cancelled() => break 'intake,
+                            permit = permits.clone().acquire_owned() => match permit {
+                                Ok(permit) => permit,
+                                Err(_) => break 'intake,
+                            },
+                        };
+                        let handler = handler.clone();
+                        let results = results_tx.clone();
+                        let cancel = publish_cancel.clone();
+                        in_flight.spawn(async move {
+                            let _permit = permit;
+                            let gauge = &metrics::get().events_in_flight;
+                            gauge.inc();
+                            let outcome = handler.handle(change.position, &event, &cancel).await;
+                            gauge.dec();
+                            let _ = results.send((change, outcome));
+                        });
+                    }
+                }
+            }
+        }
+
+        // Intake is closed: let in-flight publishes finish within the grace period.
+        reader_stop.cancel();
+        let _ = reader.await;
+        drop(results_tx);
+        let deadline = tokio::time::Instant::now() + grace;
+        if !in_flight.is_empty() {
+            tracing::info!(in_flight = in_flight.len(), grace = ?grace, "waiting for in-flight events");
+        }
+        loop {
+            tokio::select! {
+                joined = in_flight.join_next() => if joined.is_none() { break },
+                _ = tokio::time::sleep_until(deadline) => {
+                    tracing::warn!(abandoned = in_flight.len(), "grace period over; abandoning in-flight events (they will be re-sent after restart)");
+                    publish_cancel.cancel();
+                    in_flight.abort_all();
+                    while in_flight.join_next().await.is_some() {}
+                    break;
+                }
+            }
+        }
+        while let Ok((change, outcome)) = results_rx.try_recv() {
+            if let Some(error) = record(&mut tracker, &mut summary, change, outcome) {
+                failure.get_or_insert(error);
+            }
+        }
+
+        let saved_now = save_if_advanced(&*checkpoints, &tracker, &mut saved).await;
+        summary.checkpoint = tracker.checkpoint().position;
+        match (failure, saved_now) {
+            (Some(error), _) => Err(error),
+            (None, Err(error)) => Err(PipelineError::Checkpoint(error)),
+            (None, Ok(())) => Ok(summary),
+        }
+    }
+}
+
+/// Applies one outcome; returns the error that must stop the pipeline, if any.
+fn record(
+    tracker: &mut SequenceTracker,
+    summary: &mut Summary,
+    change: Change,
+    outcome: Outcome,
+) -> Option<PipelineError> {
+    match outcome {
+        Outcome::Published => summary.published += 1,
+        Outcome::Skipped => summary.skipped += 1,
+        Outcome::Cancelled => return None,
+        Outcome::Failed(reason) => {
+            let record_id = match change.kind {
+                ChangeKind::Event(event) => event.record_id,
+                ChangeKind::Skip(_) => String::new(),
+            };
+            return Some(PipelineError::Undelivered {
+                position: change.position,
+                record_id,
+                reason,
+            });
+        }
+    }
+    tracker.finish(change.position, change.changed_at);
+    None
+}
+
+async fn save_if_advanced<C: CheckpointStore>(
+    checkpoints: &C,
+    tracker: &SequenceTracker,
+    saved: &mut Option<crate::datastore::Checkpoint>,
+) -> Result<(), DatastoreError> {
+    let checkpoint = tracker.checkpoint();
+    if saved
+        .as_ref()
+        .is_some_and(|s| s.position == checkpoint.position)
+    {
+        return Ok(());
+    }
+    checkpoints.save(&checkpoint).await?;
+    tracing::debug!(
+        position = checkpoint.position,
+        pending = tracker.pending(),
+        "resume token saved"
+    );
+    metrics::get()
+        .resume_token_update_timestamp
+        .set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
+    *saved = Some(checkpoint);
+    Ok(())
+}

@@ -1,0 +1,83 @@
+//! The metrics-port HTTP server: `/healthz` (liveness: the exporter's loops are running),
+//! `/readyz` (the datastore is reachable and the stream is running) and `/metrics`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use tokio_util::sync::CancellationToken;
+
+/// What the probes report, updated by the exporter's loops.
+#[derive(Default)]
+pub struct Status {
+    /// The stream loops are running (liveness; stays true through retries and backfill).
+    running: AtomicBool,
+    /// The last changelog read reached the datastore.
+    datastore_up: Arc<AtomicBool>,
+}
+
+impl Status {
+    pub fn set_running(&self, running: bool) {
+        self.running.store(running, Ordering::Relaxed);
+    }
+    /// The flag the changelog reader keeps up to date.
+    pub fn datastore_flag(&self) -> Arc<AtomicBool> {
+        self.datastore_up.clone()
+    }
+    pub fn alive(&self) -> bool {
+        self.running.load(Ordering::Relaxed)
+    }
+    pub fn ready(&self) -> bool {
+        self.alive() && self.datastore_up.load(Ordering::Relaxed)
+    }
+}
+
+/// Binds the metrics port now (a bind failure is a start-up error, not ignored as upstream
+/// does) and serves until `shutdown`.
+pub async fn start(
+    port: u16,
+    status: Arc<Status>,
+    shutdown: CancellationToken,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), std::io::Error> {
+    let listener = tokio::net::TcpListener::bind(("0.0.0.0", port)).await?;
+    let address = listener.local_addr()?;
+    let health = status.clone();
+    let app = Router::new()
+        .route(
+            "/healthz",
+            get(move || async move { probe(health.alive()) }),
+        )
+        .route("/readyz", get(move || async move { probe(status.ready()) }))
+        .route("/metrics", get(metrics));
+    let task = tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
+        if let Err(error) = served {
+            tracing::error!(%error, "metrics server failed");
+        }
+    });
+    Ok((address, task))
+}
+
+fn probe(ok: bool) -> impl IntoResponse {
+    if ok {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    }
+}
+
+async fn metrics() -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        crate::metrics::get().encode(),
+    )
+}

@@ -1,0 +1,45 @@
+//! Delivery to the sink: an HTTP client that POSTs each CloudEvent (`http`), an OAuth2
+//! client-credentials token cache (`auth`), and upstream's retry schedule (`retry`).
+
+pub mod auth;
+pub mod http;
+pub mod retry;
+
+pub use auth::TokenProvider;
+pub use http::{PublishError, Publisher};
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::tls::{self, Verification};
+
+/// A reqwest client with this process's TLS settings.
+pub fn http_client(
+    timeout: Duration,
+    insecure_skip_verify: bool,
+    ca_file: Option<&Path>,
+    max_idle_per_host: usize,
+    what: &str,
+) -> Result<reqwest::Client, String> {
+    let verification = if insecure_skip_verify {
+        tracing::warn!(
+            target = what,
+            "TLS certificate verification is DISABLED (insecure_skip_verify = true): anyone on \
+             the network path can impersonate the {what}; use this only for testing"
+        );
+        Verification::None
+    } else {
+        Verification::Full(tls::system_roots_plus(ca_file)?)
+    };
+    let mut config = tls::client_config(verification, None)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(config)
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(10)))
+        .pool_max_idle_per_host(max_idle_per_host)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .user_agent(concat!("event-exporter/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| format!("cannot build the HTTP client for the {what}: {e}"))
+}

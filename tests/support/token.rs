@@ -1,0 +1,370 @@
+//! A real OAuth2 client-credentials token endpoint (RFC 6749 §4.4) on
+//! 127.0.0.1, checking requests as strictly as a production IdP, with knobs for
+//! expiry, revocation, secret rotation and outages.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use serde_json::{json, Value};
+
+use super::tls::{serve, ServerHandle, TestPki};
+
+/// Tokens issued by a [`TokenServer`]; a [`super::sink::SinkServer`] given the
+/// same registry accepts exactly the tokens that are issued and unexpired.
+#[derive(Default)]
+pub struct TokenRegistry {
+    tokens: Mutex<HashMap<String, Instant>>,
+}
+
+impl TokenRegistry {
+    pub fn new() -> Arc<TokenRegistry> {
+        Arc::new(TokenRegistry::default())
+    }
+
+    /// Issues a random token valid for `ttl`.
+    pub fn issue(&self, ttl: Duration) -> String {
+        let token = format!("tok-{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+        self.lock().insert(token.clone(), Instant::now() + ttl);
+        token
+    }
+
+    /// True when `token` was issued, is not revoked and has not expired.
+    pub fn is_valid(&self, token: &str) -> bool {
+        self.lock()
+            .get(token)
+            .is_some_and(|expiry| Instant::now() < *expiry)
+    }
+
+    /// Invalidates every token issued so far (the next request must refetch).
+    pub fn revoke_all(&self) {
+        self.lock().clear();
+    }
+
+    /// Number of tokens currently known (issued minus revoked; expired included).
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+        self.tokens.lock().expect("token registry mutex poisoned")
+    }
+}
+
+/// What the token endpoint accepts and how long its tokens live.
+#[derive(Clone, Debug)]
+pub struct TokenConfig {
+    pub client_id: String,
+    pub client_secret: String,
+    /// The `scope` form value must equal this (an empty string means `scope=`
+    /// or no scope parameter).
+    pub scope: String,
+    /// `expires_in` of issued tokens, in seconds.
+    pub expires_in: u64,
+}
+
+impl Default for TokenConfig {
+    fn default() -> Self {
+        TokenConfig {
+            client_id: "event-exporter".into(),
+            client_secret: "s3cret-test-value".into(),
+            scope: "events.write".into(),
+            expires_in: 3600,
+        }
+    }
+}
+
+/// One request as the token endpoint saw it.
+#[derive(Clone, Debug)]
+pub struct TokenRequest {
+    pub content_type: Option<String>,
+    pub authorization: Option<String>,
+    /// Decoded form fields, in order.
+    pub form: Vec<(String, String)>,
+    pub status: u16,
+}
+
+struct TokenState {
+    client_id: String,
+    secret: Mutex<String>,
+    scope: String,
+    expires_in: AtomicU64,
+    registry: Arc<TokenRegistry>,
+    requests: AtomicUsize,
+    log: Mutex<Vec<TokenRequest>>,
+    /// Statuses for the next requests, answered before any checks.
+    failures: Mutex<VecDeque<u16>>,
+}
+
+/// The running token endpoint. Dropping it shuts the server down.
+pub struct TokenServer {
+    state: Arc<TokenState>,
+    server: ServerHandle,
+    scheme: &'static str,
+}
+
+impl TokenServer {
+    /// Plain-HTTP token endpoint with a fresh registry.
+    pub async fn start(config: TokenConfig) -> TokenServer {
+        Self::start_inner(config, None).await
+    }
+
+    /// HTTPS token endpoint using the PKI's server certificate.
+    pub async fn start_tls(config: TokenConfig, pki: &TestPki) -> TokenServer {
+        Self::start_inner(config, Some(pki)).await
+    }
+
+    async fn start_inner(config: TokenConfig, pki: Option<&TestPki>) -> TokenServer {
+        let state = Arc::new(TokenState {
+            client_id: config.client_id,
+            secret: Mutex::new(config.client_secret),
+            scope: config.scope,
+            expires_in: AtomicU64::new(config.expires_in),
+            registry: TokenRegistry::new(),
+            requests: AtomicUsize::new(0),
+            log: Mutex::new(Vec::new()),
+            failures: Mutex::new(VecDeque::new()),
+        });
+        let router = Router::new()
+            .route("/oauth2/token", post(token_handler))
+            .with_state(state.clone());
+        let server = serve(router, pki.map(|p| Arc::new(p.server_config()))).await;
+        TokenServer {
+            state,
+            server,
+            scheme: if pki.is_some() { "https" } else { "http" },
+        }
+    }
+
+    /// Full token URL, e.g. `http://127.0.0.1:PORT/oauth2/token`.
+    pub fn url(&self) -> String {
+        format!("{}://{}/oauth2/token", self.scheme, self.server.addr)
+    }
+
+    pub fn client_id(&self) -> &str {
+        &self.state.client_id
+    }
+
+    /// The secret currently accepted.
+    pub fn secret(&self) -> String {
+        self.state.secret.lock().expect("secret mutex").clone()
+    }
+
+    pub fn scope(&self) -> &str {
+        &self.state.scope
+    }
+
+    /// Shared registry of issued tokens (attach it to a sink).
+    pub fn registry(&self) -> Arc<TokenRegistry> {
+        self.state.registry.clone()
+    }
+
+    /// Number of requests that reached `/oauth2/token` (any outcome).
+    pub fn requests(&self) -> usize {
+        self.state.requests.load(Ordering::SeqCst)
+    }
+
+    /// Every request seen so far with the status it got.
+    pub fn request_log(&self) -> Vec<TokenRequest> {
+        self.state.log.lock().expect("token log mutex").clone()
+    }
+
+    /// `expires_in` for tokens issued from now on.
+    pub fn set_expires_in(&self, seconds: u64) {
+        self.state.expires_in.store(seconds, Ordering::SeqCst);
+    }
+
+    /// Rotates the client secret: the old one gets 401 from now on.
+    pub fn set_secret(&self, secret: &str) {
+        *self.state.secret.lock().expect("secret mutex") = secret.to_string();
+    }
+
+    /// Invalidates every token issued so far.
+    pub fn revoke_all(&self) {
+        self.state.registry.revoke_all();
+    }
+
+    /// The next `n` requests answer `status` (e.g. 503) without issuing a token.
+    pub fn fail_next(&self, n: usize, status: u16) {
+        let mut failures = self.state.failures.lock().expect("failure mutex");
+        failures.extend(std::iter::repeat_n(status, n));
+    }
+}
+
+async fn token_handler(
+    State(state): State<Arc<TokenState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    state.requests.fetch_add(1, Ordering::SeqCst);
+    let header_text = |name: header::HeaderName| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let content_type = header_text(header::CONTENT_TYPE);
+    let authorization = header_text(header::AUTHORIZATION);
+    let form = parse_form(&body);
+
+    let (status, body) = decide(
+        &state,
+        content_type.as_deref(),
+        authorization.as_deref(),
+        &form,
+    );
+    state
+        .log
+        .lock()
+        .expect("token log mutex")
+        .push(TokenRequest {
+            content_type,
+            authorization,
+            form,
+            status: status.as_u16(),
+        });
+
+    let mut response = (status, body.to_string()).into_response();
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if status == StatusCode::UNAUTHORIZED {
+        h.insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"test-token-server\""),
+        );
+    }
+    response
+}
+
+/// The endpoint's decision: status and JSON body.
+fn decide(
+    state: &TokenState,
+    content_type: Option<&str>,
+    authorization: Option<&str>,
+    form: &[(String, String)],
+) -> (StatusCode, Value) {
+    if let Some(code) = state.failures.lock().expect("failure mutex").pop_front() {
+        let status = StatusCode::from_u16(code).expect("scripted status must be valid");
+        return (status, json!({"error": "temporarily_unavailable"}));
+    }
+    let media_type = content_type
+        .and_then(|ct| ct.split(';').next())
+        .map(|ct| ct.trim().to_ascii_lowercase());
+    if media_type.as_deref() != Some("application/x-www-form-urlencoded") {
+        return (
+            StatusCode::BAD_REQUEST,
+            json!({"error": "invalid_request", "error_description": "form content type required"}),
+        );
+    }
+    let credentials = authorization
+        .and_then(|a| a.strip_prefix("Basic "))
+        .and_then(|b64| base64_decode(b64.trim()))
+        .and_then(|raw| String::from_utf8(raw).ok());
+    let expected = format!(
+        "{}:{}",
+        state.client_id,
+        state.secret.lock().expect("secret mutex")
+    );
+    if credentials.as_deref() != Some(expected.as_str()) {
+        return (StatusCode::UNAUTHORIZED, json!({"error": "invalid_client"}));
+    }
+    let field = |name: &str| {
+        form.iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    if field("grant_type") != Some("client_credentials") {
+        return (
+            StatusCode::BAD_REQUEST,
+            json!({"error": "unsupported_grant_type"}),
+        );
+    }
+    if field("scope").unwrap_or("") != state.scope {
+        return (StatusCode::BAD_REQUEST, json!({"error": "invalid_scope"}));
+    }
+    let expires_in = state.expires_in.load(Ordering::SeqCst);
+    let token = state.registry.issue(Duration::from_secs(expires_in));
+    (
+        StatusCode::OK,
+        json!({"access_token": token, "token_type": "Bearer", "expires_in": expires_in}),
+    )
+}
+
+/// Decodes an `application/x-www-form-urlencoded` body (`+` is a space).
+pub fn parse_form(body: &[u8]) -> Vec<(String, String)> {
+    String::from_utf8_lossy(body)
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = |c: u8| (c as char).to_digit(16);
+                match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                    (Some(hi), Some(lo)) => {
+                        out.push((hi * 16 + lo) as u8);
+                        i += 2;
+                    }
+                    _ => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Standard base64 (with or without padding); `None` on invalid input.
+pub fn base64_decode(input: &str) -> Option<Vec<u8>> {
+    fn value(c: u8) -> Option<u32> {
+        match c {
+            b'A'..=b'Z' => Some(u32::from(c - b'A')),
+            b'a'..=b'z' => Some(u32::from(c - b'a') + 26),
+            b'0'..=b'9' => Some(u32::from(c - b'0') + 52),
+            b'+' => Some(62),
+            b'/' => Some(63),
+            _ => None,
+        }
+    }
+    let data = input.trim_end_matches('=').as_bytes();
+    if data.len() % 4 == 1 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(data.len() * 3 / 4);
+    for chunk in data.chunks(4) {
+        let mut acc = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            acc |= value(c)? << (18 - 6 * i);
+        }
+        let bytes = acc.to_be_bytes();
+        out.extend_from_slice(&bytes[1..chunk.len()]);
+    }
+    Some(out)
+}
