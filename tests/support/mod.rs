@@ -11,3 +11,4 @@ pub mod pg;
 pub mod sink;
 pub mod tls;
 pub mod token;
+pub mod exporter;

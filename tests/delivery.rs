@@ -1,0 +1,172 @@
+//! End to end: real PostgreSQL with NVSentinel's schema → the exporter binary → a real HTTP
+//! sink with a real token endpoint.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::exporter::{Exporter, ExporterOptions};
+use support::pg::{self, TestDb};
+use support::sink::{SinkOptions, SinkServer};
+use support::token::{TokenConfig, TokenServer};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+#[tokio::test]
+async fn delivers_each_new_event_as_upstreams_cloudevent_and_stops_cleanly() {
+    let db = TestDb::create().await;
+    let client = db.client().await;
+    let token = TokenServer::start(TokenConfig::default()).await;
+    let sink = SinkServer::start(SinkOptions {
+        token_registry: Some(token.registry()),
+        latency: None,
+    })
+    .await;
+    let mut exporter = Exporter::start(&ExporterOptions::new(&sink, Some(&token), db.env())).await;
+
+    let doc = pg::health_event_doc("node-7", 1);
+    let record_id = pg::insert_health_event(&client, &doc).await;
+    let events = sink.wait_for_accepted(1, WAIT).await;
+    let event = &events[0];
+
+    let health = &doc["healthevent"];
+    let time = pg::rfc3339_nano(
+        chrono::DateTime::from_timestamp(
+            health["generatedTimestamp"]["seconds"].as_i64().expect("seconds"),
+            health["generatedTimestamp"]["nanos"].as_u64().unwrap_or(0) as u32,
+        )
+        .expect("valid time"),
+    );
+    let mut expected_health = json!({
+        "agent": health["agent"],
+        "checkName": health["checkName"],
+        "componentClass": health["componentClass"],
+        "entitiesImpacted": health["entitiesImpacted"],
+        "errorCode": health["errorCode"],
+        "generatedTimestamp": time,
+        "isFatal": health["isFatal"],
+        "isHealthy": false,
+        "message": health["message"],
+        "nodeName": "node-7",
+        "processingStrategy": "EXECUTE_REMEDIATION",
+        "recommendedAction": pg::recommended_action_name(health["recommendedAction"].as_i64().expect("action")),
+        "version": health["version"],
+    });
+    if let Some(metadata) = health.get("metadata") {
+        expected_health["metadata"] = metadata.clone();
+    }
+    let expected = json!({
+        "specversion": "1.0",
+        "type": "com.nvidia.nvsentinel.health.v1",
+        "source": "nvsentinel://test-cluster/healthevents",
+        "id": record_id,
+        "time": time,
+        "data": {
+            "healthEvent": expected_health,
+            "metadata": {"cluster": "test-cluster", "environment": "test"},
+        },
+    });
+    assert_eq!(event, &expected);
+
+    // Wire details: key order as upstream's Go struct, headers as the spec requires.
+    let request = sink
+        .requests()
+        .into_iter()
+        .find(|r| r.is_success())
+        .expect("an accepted request");
+    let body = String::from_utf8(request.body.clone()).expect("utf-8 body");
+    let order: Vec<usize> = ["\"specversion\"", "\"type\"", "\"source\"", "\"id\"", "\"time\"", "\"data\""]
+        .iter()
+        .map(|key| body.find(key).expect("key present"))
+        .collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "key order: {body}");
+    assert_eq!(request.method, "POST");
+    assert_eq!(request.header("content-type"), Some("application/cloudevents+json"));
+    assert!(request.header("authorization").is_some_and(|a| a.starts_with("Bearer ")));
+
+    // A clean stop exits 0 and leaves the token at the event's changelog row.
+    let max_id = pg::changelog_max_id(&client).await;
+    let status = exporter.terminate().await;
+    assert_eq!(status.code(), Some(0), "log:\n{}", exporter.log());
+    let token_value = pg::read_resume_token(&client, pg::EXPORTER_CLIENT_NAME)
+        .await
+        .expect("token written");
+    assert_eq!(token_value["eventID"], json!(max_id), "{token_value}");
+    assert!(token_value["timestamp"].as_str().is_some_and(|t| t.ends_with('Z')), "{token_value}");
+    assert_eq!(token.requests(), 1, "one token fetched and cached");
+}
+
+#[tokio::test]
+async fn resumes_after_a_clean_restart_without_loss_or_duplicates() {
+    let db = TestDb::create().await;
+    let client = db.client().await;
+    let sink = SinkServer::start(SinkOptions::default()).await;
+    let options = ExporterOptions::new(&sink, None, db.env());
+
+    let mut exporter = Exporter::start(&options).await;
+    let mut written = Vec::new();
+    for i in 0..20 {
+        written.push(pg::insert_health_event(&client, &pg::health_event_doc("node-a", i)).await);
+    }
+    sink.wait_for_accepted(20, WAIT).await;
+    assert_eq!(exporter.terminate().await.code(), Some(0), "log:\n{}", exporter.log());
+
+    // Written while the exporter is down: must be delivered after the restart.
+    for i in 20..40 {
+        written.push(pg::insert_health_event(&client, &pg::health_event_doc("node-b", i)).await);
+    }
+    let mut exporter = Exporter::start(&options).await;
+    for i in 40..50 {
+        written.push(pg::insert_health_event(&client, &pg::health_event_doc("node-c", i)).await);
+    }
+    sink.wait_for_accepted(50, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut received = sink.accepted_ids();
+    received.sort();
+    written.sort();
+    assert_eq!(received, written, "every event exactly once");
+    assert_eq!(exporter.terminate().await.code(), Some(0));
+}
+
+#[tokio::test]
+async fn without_authentication_no_authorization_header_is_sent() {
+    let db = TestDb::create().await;
+    let client = db.client().await;
+    let sink = SinkServer::start(SinkOptions::default()).await;
+    let _exporter = Exporter::start(&ExporterOptions::new(&sink, None, db.env())).await;
+    pg::insert_health_event(&client, &pg::health_event_doc("n", 1)).await;
+    sink.wait_for_accepted(1, WAIT).await;
+    let request = &sink.requests()[0];
+    assert_eq!(request.header("authorization"), None);
+}
+
+#[tokio::test]
+async fn changes_that_are_not_new_health_events_are_passed_over() {
+    let db = TestDb::create().await;
+    let client = db.client().await;
+    let sink = SinkServer::start(SinkOptions::default()).await;
+    let mut exporter = Exporter::start(&ExporterOptions::new(&sink, None, db.env())).await;
+
+    let first = pg::insert_health_event(&client, &pg::health_event_doc("n", 1)).await;
+    pg::insert_maintenance_event(&client).await;
+    client
+        .execute(
+            "UPDATE health_events SET node_quarantined = 'Quarantined', updated_at = NOW() WHERE id::text = $1",
+            &[&first],
+        )
+        .await
+        .expect("update");
+    let last = pg::insert_health_event(&client, &pg::health_event_doc("n", 2)).await;
+    let events = sink.wait_for_accepted(2, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let ids: Vec<&str> = events.iter().filter_map(|e| e["id"].as_str()).collect();
+    assert_eq!(sink.accepted().len(), 2, "only the two inserts are exported");
+    assert!(ids.contains(&first.as_str()) && ids.contains(&last.as_str()));
+    let max_id = pg::changelog_max_id(&client).await;
+    assert_eq!(exporter.terminate().await.code(), Some(0));
+    let token_value: Value = pg::read_resume_token(&client, pg::EXPORTER_CLIENT_NAME)
+        .await
+        .expect("token");
+    assert_eq!(token_value["eventID"], json!(max_id), "token passes skipped rows");
+}
