@@ -4,9 +4,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use crate::backfill::{self, BackfillPlan};
 use crate::cli::RunArgs;
 use crate::cloudevent::Transformer;
 use crate::config::{format_go_duration, Config};
@@ -14,7 +15,7 @@ use crate::datastore::postgres::{
     spawn_listener, ChangelogReader, Connector, PgSettings, StartPoint, TokenStore,
 };
 use crate::datastore::DatastoreError;
-use crate::pipeline::{EventHandler, Pipeline};
+use crate::pipeline::{EventHandler, Feed, Pipeline, PipelineError, Summary};
 use crate::server::{self, Status};
 use crate::sink::{self, Publisher, TokenProvider};
 
@@ -164,27 +165,66 @@ pub async fn run(args: RunArgs) -> Result<(), ExitError> {
         server_stop.cancel();
         return Ok(());
     };
-    let (mut reader, had_token) = opened?;
+    let Opened {
+        mut reader,
+        had_token,
+        backfill: backfill_plan,
+    } = opened?;
     reader.report_connection(status.datastore_flag());
-    let listener = spawn_listener(connector, wake, shutdown.clone());
+    let listener = spawn_listener(connector.clone(), wake, shutdown.clone());
 
     status.set_running(true);
-    let pipeline = Pipeline {
+    // Stream and backfill share the workers; if either fails, both stop.
+    let permits = Arc::new(Semaphore::new(workers));
+    let stop = shutdown.child_token();
+    let stream = Pipeline {
+        feed: Feed::Stream,
         source: reader,
         checkpoints: tokens,
-        handler,
-        workers,
+        handler: handler.clone(),
+        permits: permits.clone(),
         grace: args.shutdown_grace,
         had_token,
+    }
+    .run(stop.clone());
+    let stream = async {
+        let result = stream.await;
+        if result.is_err() {
+            stop.cancel();
+        }
+        result
     };
-    let result = pipeline.run(shutdown.clone()).await;
+    let backfill = async {
+        let Some(plan) = backfill_plan else {
+            return Ok(None);
+        };
+        let store = Arc::new(TokenStore::new(
+            connector.clone(),
+            backfill::record_name(&config.client_name),
+        ));
+        let result = run_backfill(
+            store,
+            plan,
+            &config,
+            handler.clone(),
+            permits.clone(),
+            args.shutdown_grace,
+            stop.clone(),
+        )
+        .await;
+        if result.is_err() {
+            stop.cancel();
+        }
+        result.map(Some)
+    };
+    let (stream_result, backfill_result) = tokio::join!(stream, backfill);
     status.set_running(false);
     shutdown.cancel();
     let _ = listener.await;
     server_stop.cancel();
     let _ = server.await;
-    match result {
-        Ok(summary) => {
+    match (stream_result, backfill_result) {
+        (Ok(summary), Ok(_)) => {
             tracing::info!(
                 published = summary.published,
                 skipped = summary.skipped,
@@ -193,10 +233,64 @@ pub async fn run(args: RunArgs) -> Result<(), ExitError> {
             );
             Ok(())
         }
-        Err(error) => Err(failed(format!(
+        (Err(error), _) | (_, Err(error)) => Err(failed(format!(
             "{error}; the resume token was not moved past it"
         ))),
     }
+}
+
+/// Runs one backfill to completion (or until `stop`), marking its plan done when finished.
+async fn run_backfill(
+    store: Arc<TokenStore>,
+    plan: BackfillPlan,
+    config: &Config,
+    handler: Arc<EventHandler>,
+    permits: Arc<Semaphore>,
+    grace: Duration,
+    stop: CancellationToken,
+) -> Result<Summary, PipelineError> {
+    let metrics = crate::metrics::get();
+    metrics.backfill_in_progress.set(1);
+    let started = std::time::Instant::now();
+    let (source, progress) = backfill::open(store, plan, &config.backfill);
+    let result = Pipeline {
+        feed: Feed::Backfill,
+        source,
+        checkpoints: progress.clone(),
+        handler,
+        permits,
+        grace,
+        had_token: true,
+    }
+    .run(stop)
+    .await;
+    metrics.backfill_in_progress.set(0);
+    let summary = result?;
+    if summary.finished {
+        progress.finish().await.map_err(PipelineError::Checkpoint)?;
+        metrics
+            .backfill_duration
+            .observe(started.elapsed().as_secs_f64());
+        tracing::info!(
+            published = summary.published,
+            skipped = summary.skipped,
+            took = %format_go_duration(Duration::from_secs(started.elapsed().as_secs())),
+            "backfill complete"
+        );
+    } else {
+        tracing::info!(
+            delivered = summary.checkpoint,
+            "backfill stopped; it resumes from here on the next start"
+        );
+    }
+    Ok(summary)
+}
+
+/// What start-up found in the datastore.
+struct Opened {
+    reader: ChangelogReader,
+    had_token: bool,
+    backfill: Option<BackfillPlan>,
 }
 
 /// Reads the resume token and opens the changelog reader, waiting a while for a datastore that
@@ -206,7 +300,7 @@ async fn open_source(
     tokens: &TokenStore,
     config: &Config,
     wake: Arc<Notify>,
-) -> Result<(ChangelogReader, bool), ExitError> {
+) -> Result<Opened, ExitError> {
     let deadline = tokio::time::Instant::now() + STARTUP_DATASTORE_WAIT;
     let mut delay = Duration::from_millis(500);
     loop {
@@ -216,9 +310,16 @@ async fn open_source(
                 Some(value) => StartPoint::from_token(tokens.client_name(), value)?,
                 None => StartPoint::End,
             };
-            describe_start(config, &start, token.as_ref());
+            if let Some(value) = &token {
+                tracing::info!(token = %value, "resuming from the stored resume token");
+            }
             let reader = ChangelogReader::open(connector.clone(), start, wake.clone()).await?;
-            Ok::<_, DatastoreError>((reader, token.is_some()))
+            let backfill = decide_backfill(connector, config, &reader, token.is_some()).await?;
+            Ok::<_, DatastoreError>(Opened {
+                reader,
+                had_token: token.is_some(),
+                backfill,
+            })
         };
         match attempt.await {
             Ok(opened) => return Ok(opened),
@@ -237,21 +338,68 @@ async fn open_source(
     }
 }
 
-fn describe_start(config: &Config, start: &StartPoint, token: Option<&serde_json::Value>) {
-    match (start, config.backfill.enabled) {
-        (StartPoint::End, true) => tracing::warn!(
-            "backfill is enabled and no resume token exists, but this version does not \
-             backfill yet: historical events are not exported; streaming new events from now"
-        ),
-        (StartPoint::End, false) => {
-            tracing::info!("no resume token and backfill disabled: streaming new events from now")
+/// Whether a backfill runs: a new one on a first start (no resume token), the unfinished one
+/// after a restart mid-backfill, none otherwise.
+async fn decide_backfill(
+    connector: &Connector,
+    config: &Config,
+    reader: &ChangelogReader,
+    had_token: bool,
+) -> Result<Option<BackfillPlan>, DatastoreError> {
+    let store = TokenStore::new(
+        connector.clone(),
+        backfill::record_name(&config.client_name),
+    );
+    let previous = store
+        .load()
+        .await?
+        .and_then(|v| BackfillPlan::from_value(&v));
+    let unfinished = previous.filter(|plan| !plan.done);
+    if !config.backfill.enabled {
+        match unfinished {
+            Some(plan) => tracing::warn!(
+                delivered = plan.delivered,
+                total = plan.total,
+                "backfill disabled in configuration; an unfinished backfill is left as it is"
+            ),
+            None => tracing::info!("backfill disabled in configuration"),
         }
-        (_, enabled) => tracing::info!(
-            token = %token.map(|t| t.to_string()).unwrap_or_default(),
-            backfill_skipped = enabled,
-            "resuming from the stored resume token"
-        ),
+        return Ok(None);
     }
+    if had_token {
+        return Ok(match unfinished {
+            Some(plan) => {
+                tracing::info!(
+                    delivered = plan.delivered,
+                    total = plan.total,
+                    "resuming the unfinished backfill"
+                );
+                Some(plan)
+            }
+            None => {
+                tracing::info!("backfill skipped: a resume token exists");
+                None
+            }
+        });
+    }
+    let Some(start) = reader.fresh_start() else {
+        return Ok(None);
+    };
+    let client = store.connect().await?;
+    let plan = BackfillPlan::make(&client, &config.backfill, start).await?;
+    // The plan is saved before the stream can write its token, so a restart either starts
+    // afresh or finds this plan.
+    store
+        .save_value(&serde_json::to_value(&plan).unwrap_or_default())
+        .await?;
+    tracing::info!(
+        total = plan.total,
+        max_age = %format_go_duration(config.backfill.max_age),
+        max_events = config.backfill.max_events,
+        rate_limit = config.backfill.rate_limit,
+        "no resume token: backfilling existing events while streaming new ones"
+    );
+    Ok(Some(plan))
 }
 
 fn spawn_signal_handler(shutdown: CancellationToken) {

@@ -5,6 +5,7 @@
 //! workers, sequence tracker, checkpoint) → `model` + `cloudevent` → `sink` (HTTP, auth,
 //! retry); `server` exposes health and metrics.
 
+pub mod backfill;
 pub mod check_config;
 pub mod cli;
 pub mod cloudevent;

@@ -24,6 +24,9 @@ pub struct Metrics {
     pub token_refresh_errors: Counter,
     pub resume_token_update_timestamp: Gauge<f64, AtomicU64>,
     pub backfill_in_progress: Gauge,
+    pub backfill_events_processed: Counter,
+    pub backfill_duration: Histogram,
+    pub backfill_remaining: Gauge,
     pub feature_flag: Family<Labels, Gauge>,
     pub publish_attempt_failures: Family<Labels, Counter>,
     pub events_in_flight: Gauge,
@@ -91,6 +94,25 @@ impl Metrics {
             "Whether a backfill is running (1) or not (0)",
             backfill_in_progress.clone(),
         );
+        let backfill_events_processed = Counter::default();
+        registry.register(
+            "health_events_exporter_backfill_events_processed",
+            "Total number of events processed during backfill",
+            backfill_events_processed.clone(),
+        );
+        let backfill_duration =
+            Histogram::new([1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0]);
+        registry.register(
+            "health_events_exporter_backfill_duration_seconds",
+            "Duration of completed backfills",
+            backfill_duration.clone(),
+        );
+        let backfill_remaining = Gauge::default();
+        registry.register(
+            "health_events_exporter_backfill_remaining",
+            "Events the running backfill has still to deliver",
+            backfill_remaining.clone(),
+        );
         let feature_flag = Family::<Labels, Gauge>::default();
         registry.register(
             "nvsentinel_feature_flag_enabled",
@@ -131,6 +153,9 @@ impl Metrics {
             token_refresh_errors,
             resume_token_update_timestamp,
             backfill_in_progress,
+            backfill_events_processed,
+            backfill_duration,
+            backfill_remaining,
             feature_flag,
             publish_attempt_failures,
             events_in_flight,

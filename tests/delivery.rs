@@ -33,7 +33,9 @@ async fn delivers_each_new_event_as_upstreams_cloudevent_and_stops_cleanly() {
     let health = &doc["healthevent"];
     let time = pg::rfc3339_nano(
         chrono::DateTime::from_timestamp(
-            health["generatedTimestamp"]["seconds"].as_i64().expect("seconds"),
+            health["generatedTimestamp"]["seconds"]
+                .as_i64()
+                .expect("seconds"),
             health["generatedTimestamp"]["nanos"].as_u64().unwrap_or(0) as u32,
         )
         .expect("valid time"),
@@ -76,14 +78,26 @@ async fn delivers_each_new_event_as_upstreams_cloudevent_and_stops_cleanly() {
         .find(|r| r.is_success())
         .expect("an accepted request");
     let body = String::from_utf8(request.body.clone()).expect("utf-8 body");
-    let order: Vec<usize> = ["\"specversion\"", "\"type\"", "\"source\"", "\"id\"", "\"time\"", "\"data\""]
-        .iter()
-        .map(|key| body.find(key).expect("key present"))
-        .collect();
+    let order: Vec<usize> = [
+        "\"specversion\"",
+        "\"type\"",
+        "\"source\"",
+        "\"id\"",
+        "\"time\"",
+        "\"data\"",
+    ]
+    .iter()
+    .map(|key| body.find(key).expect("key present"))
+    .collect();
     assert!(order.windows(2).all(|w| w[0] < w[1]), "key order: {body}");
     assert_eq!(request.method, "POST");
-    assert_eq!(request.header("content-type"), Some("application/cloudevents+json"));
-    assert!(request.header("authorization").is_some_and(|a| a.starts_with("Bearer ")));
+    assert_eq!(
+        request.header("content-type"),
+        Some("application/cloudevents+json")
+    );
+    assert!(request
+        .header("authorization")
+        .is_some_and(|a| a.starts_with("Bearer ")));
 
     // A clean stop exits 0 and leaves the token at the event's changelog row.
     let max_id = pg::changelog_max_id(&client).await;
@@ -93,7 +107,12 @@ async fn delivers_each_new_event_as_upstreams_cloudevent_and_stops_cleanly() {
         .await
         .expect("token written");
     assert_eq!(token_value["eventID"], json!(max_id), "{token_value}");
-    assert!(token_value["timestamp"].as_str().is_some_and(|t| t.ends_with('Z')), "{token_value}");
+    assert!(
+        token_value["timestamp"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z')),
+        "{token_value}"
+    );
     assert_eq!(token.requests(), 1, "one token fetched and cached");
 }
 
@@ -110,7 +129,12 @@ async fn resumes_after_a_clean_restart_without_loss_or_duplicates() {
         written.push(pg::insert_health_event(&client, &pg::health_event_doc("node-a", i)).await);
     }
     sink.wait_for_accepted(20, WAIT).await;
-    assert_eq!(exporter.terminate().await.code(), Some(0), "log:\n{}", exporter.log());
+    assert_eq!(
+        exporter.terminate().await.code(),
+        Some(0),
+        "log:\n{}",
+        exporter.log()
+    );
 
     // Written while the exporter is down: must be delivered after the restart.
     for i in 20..40 {
@@ -161,12 +185,20 @@ async fn changes_that_are_not_new_health_events_are_passed_over() {
     let events = sink.wait_for_accepted(2, WAIT).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let ids: Vec<&str> = events.iter().filter_map(|e| e["id"].as_str()).collect();
-    assert_eq!(sink.accepted().len(), 2, "only the two inserts are exported");
+    assert_eq!(
+        sink.accepted().len(),
+        2,
+        "only the two inserts are exported"
+    );
     assert!(ids.contains(&first.as_str()) && ids.contains(&last.as_str()));
     let max_id = pg::changelog_max_id(&client).await;
     assert_eq!(exporter.terminate().await.code(), Some(0));
     let token_value: Value = pg::read_resume_token(&client, pg::EXPORTER_CLIENT_NAME)
         .await
         .expect("token");
-    assert_eq!(token_value["eventID"], json!(max_id), "token passes skipped rows");
+    assert_eq!(
+        token_value["eventID"],
+        json!(max_id),
+        "token passes skipped rows"
+    );
 }

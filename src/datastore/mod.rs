@@ -32,7 +32,7 @@ pub enum SkipReason {
     NotAHealthEventInsert,
     /// The id was never committed (rolled back, or a sequence value that was never used).
     NeverCommitted,
-    /// Committed before this exporter's starting point.
+    /// Committed before this exporter's starting point (a backfill's domain, if enabled).
     BeforeStart,
 }
 
@@ -81,11 +81,12 @@ impl DatastoreError {
 pub trait ChangeSource: Send + 'static {
     /// Every position at or below this one was finished before the source started.
     fn start_position(&self) -> u64;
-    /// The next decided changes; waits while there are none. Connection failures are retried
-    /// inside; an error means retrying cannot help.
+    /// The next decided changes; waits while there are none. `None` means the source is
+    /// finished (a backfill); a stream never finishes. Connection failures are retried inside;
+    /// an error means retrying cannot help.
     fn next_batch(
         &mut self,
-    ) -> impl std::future::Future<Output = Result<Vec<Change>, DatastoreError>> + Send;
+    ) -> impl std::future::Future<Output = Result<Option<Vec<Change>>, DatastoreError>> + Send;
 }
 
 /// Where the checkpoint (resume token) is kept.

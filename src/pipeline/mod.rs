@@ -59,7 +59,13 @@ pub struct EventHandler {
 }
 
 impl EventHandler {
-    async fn handle(&self, position: u64, event: &RawEvent, cancel: &CancellationToken) -> Outcome {
+    async fn handle(
+        &self,
+        feed: Feed,
+        position: u64,
+        event: &RawEvent,
+        cancel: &CancellationToken,
+    ) -> Outcome {
         let metrics = metrics::get();
         let health_event = match decode_document(&event.document) {
             Ok(Some(health_event)) => health_event,
@@ -89,6 +95,9 @@ impl EventHandler {
                 metrics
                     .publish_duration
                     .observe(started.elapsed().as_secs_f64());
+                if feed == Feed::Backfill {
+                    metrics.backfill_events_processed.inc();
+                }
                 tracing::debug!(changelog_id = position, record_id = %event.record_id, "event published");
                 Outcome::Published
             }
@@ -102,11 +111,20 @@ impl EventHandler {
     }
 }
 
+/// Which feed a pipeline carries; decides the metrics it counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Feed {
+    Stream,
+    Backfill,
+}
+
 pub struct Pipeline<S, C> {
+    pub feed: Feed,
     pub source: S,
     pub checkpoints: Arc<C>,
     pub handler: Arc<EventHandler>,
-    pub workers: usize,
+    /// Concurrent publishes, shared by the stream and a running backfill.
+    pub permits: Arc<Semaphore>,
     /// How long in-flight publishes may finish after intake stops.
     pub grace: Duration,
     /// Whether a resume token existed at start; if not, the first checkpoint is written even
@@ -117,19 +135,23 @@ pub struct Pipeline<S, C> {
 /// Counts for the final log line.
 #[derive(Debug, Default, Clone)]
 pub struct Summary {
+    /// The source ran out and every one of its events finished.
+    pub finished: bool,
     pub published: u64,
     pub skipped: u64,
     pub checkpoint: u64,
 }
 
 impl<S: ChangeSource, C: CheckpointStore> Pipeline<S, C> {
-    /// Runs until `shutdown` (returns `Ok`) or an event cannot be delivered (returns `Err`).
+    /// Runs until `shutdown` or the source is finished (returns `Ok`) or an event cannot be
+    /// delivered (returns `Err`).
     pub async fn run(self, shutdown: CancellationToken) -> Result<Summary, PipelineError> {
         let Pipeline {
+            feed,
             mut source,
             checkpoints,
             handler,
-            workers,
+            permits,
             grace,
             had_token,
         } = self;
@@ -138,7 +160,8 @@ impl<S: ChangeSource, C: CheckpointStore> Pipeline<S, C> {
         let mut summary = Summary::default();
 
         // The reader runs ahead of dispatch by at most a few batches.
-        let (changes_tx, mut changes_rx) = mpsc::channel::<Result<Vec<Change>, DatastoreError>>(2);
+        let (changes_tx, mut changes_rx) =
+            mpsc::channel::<Result<Option<Vec<Change>>, DatastoreError>>(2);
         let reader_stop = CancellationToken::new();
         let reader = tokio::spawn({
             let stop = reader_stop.clone();
@@ -148,15 +171,14 @@ impl<S: ChangeSource, C: CheckpointStore> Pipeline<S, C> {
                         _ = stop.cancelled() => return,
                         batch = source.next_batch() => batch,
                     };
-                    let failed = batch.is_err();
-                    if changes_tx.send(batch).await.is_err() || failed {
+                    let last = !matches!(batch, Ok(Some(_)));
+                    if changes_tx.send(batch).await.is_err() || last {
                         return;
                     }
                 }
             }
         });
 
-        let permits = Arc::new(Semaphore::new(workers.max(1)));
         let (results_tx, mut results_rx) = mpsc::unbounded_channel::<(Change, Outcome)>();
         let mut in_flight = JoinSet::new();
         // Cancels retry waits once the grace period is over.
@@ -167,6 +189,7 @@ impl<S: ChangeSource, C: CheckpointStore> Pipeline<S, C> {
             CHECKPOINT_INTERVAL,
         );
         let mut failure: Option<PipelineError> = None;
+        let mut finished = false;
 
         'intake: loop {
             tokio::select! {
@@ -185,7 +208,9 @@ impl<S: ChangeSource, C: CheckpointStore> Pipeline<S, C> {
                 }
                 batch = changes_rx.recv() => {
                     let changes = match batch {
-                        Some(Ok(changes)) => changes,
+                        Some(Ok(Some(changes))) => changes,
+                        // The source is finished: drain in-flight work below, then return.
+                        Some(Ok(None)) => { finished = true; break 'intake; }
                         Some(Err(error)) => { failure = Some(PipelineError::Source(error)); break 'intake; }
                         None => { failure = Some(PipelineError::Source(DatastoreError::Schema("the changelog reader stopped".into()))); break 'intake; }
                     };
@@ -197,7 +222,9 @@ impl<S: ChangeSource, C: CheckpointStore> Pipeline<S, C> {
                             }
                             ChangeKind::Event(event) => event.clone(),
                         };
-                        metrics::get().events_received.inc();
+                        if feed == Feed::Stream {
+                            metrics::get().events_received.inc();
+                        }
                         let permit = tokio::select! {
                             _ = shutdown.cancelled() => break 'intake,
                             permit = permits.clone().acquire_owned() => match permit {
@@ -212,7 +239,7 @@ impl<S: ChangeSource, C: CheckpointStore> Pipeline<S, C> {
                             let _permit = permit;
                             let gauge = &metrics::get().events_in_flight;
                             gauge.inc();
-                            let outcome = handler.handle(change.position, &event, &cancel).await;
+                            let outcome = handler.handle(feed, change.position, &event, &cancel).await;
                             gauge.dec();
                             let _ = results.send((change, outcome));
                         });
@@ -225,19 +252,38 @@ impl<S: ChangeSource, C: CheckpointStore> Pipeline<S, C> {
         reader_stop.cancel();
         let _ = reader.await;
         drop(results_tx);
-        let deadline = tokio::time::Instant::now() + grace;
+        // A finished source waits for all its events (saving progress as usual); a stop or a
+        // failure gives in-flight events the grace period.
+        let mut deadline =
+            (!finished || failure.is_some()).then(|| tokio::time::Instant::now() + grace);
         if !in_flight.is_empty() {
             tracing::info!(in_flight = in_flight.len(), grace = ?grace, "waiting for in-flight events");
         }
+        let mut abandoned = false;
         loop {
             tokio::select! {
                 joined = in_flight.join_next() => if joined.is_none() { break },
-                _ = tokio::time::sleep_until(deadline) => {
+                _ = shutdown.cancelled(), if deadline.is_none() => {
+                    deadline = Some(tokio::time::Instant::now() + grace);
+                }
+                _ = tick.tick(), if deadline.is_none() => {
+                    if let Err(error) = save_if_advanced(&*checkpoints, &tracker, &mut saved).await {
+                        tracing::warn!(%error, "saving the checkpoint failed; will retry");
+                    }
+                }
+                _ = sleep_until_some(deadline) => {
                     tracing::warn!(abandoned = in_flight.len(), "grace period over; abandoning in-flight events (they will be re-sent after restart)");
                     publish_cancel.cancel();
                     in_flight.abort_all();
                     while in_flight.join_next().await.is_some() {}
+                    abandoned = true;
                     break;
+                }
+            }
+            while let Ok((change, outcome)) = results_rx.try_recv() {
+                if let Some(error) = record(&mut tracker, &mut summary, change, outcome) {
+                    failure.get_or_insert(error);
+                    deadline.get_or_insert(tokio::time::Instant::now() + grace);
                 }
             }
         }
@@ -249,11 +295,19 @@ impl<S: ChangeSource, C: CheckpointStore> Pipeline<S, C> {
 
         let saved_now = save_if_advanced(&*checkpoints, &tracker, &mut saved).await;
         summary.checkpoint = tracker.checkpoint().position;
+        summary.finished = finished && !abandoned && failure.is_none();
         match (failure, saved_now) {
             (Some(error), _) => Err(error),
             (None, Err(error)) => Err(PipelineError::Checkpoint(error)),
             (None, Ok(())) => Ok(summary),
         }
+    }
+}
+
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -24,6 +24,8 @@ pub struct ExporterOptions {
     pub sink_extra: String,
     /// Appended to the `[exporter.oidc]` table.
     pub oidc_extra: String,
+    /// Body of the `[exporter.backfill]` table.
+    pub backfill: String,
     /// Appended at the end of the file (whole tables).
     pub extra_toml: String,
     /// Datastore environment (see `TestDb::env`).
@@ -50,6 +52,7 @@ impl ExporterOptions {
             backoff_multiplier: 2.0,
             sink_extra: String::new(),
             oidc_extra: String::new(),
+            backfill: "enabled = false".into(),
             extra_toml: String::new(),
             env,
             shutdown_grace: "5s".into(),
@@ -78,7 +81,7 @@ timeout = "5s"
 {oidc}
 
 [exporter.backfill]
-enabled = false
+{backfill}
 
 [exporter.resume_token]
 database = "nvsentinel"
@@ -94,6 +97,7 @@ backoff_multiplier = {mult:?}
 "#,
             sink = self.sink_url,
             sink_extra = self.sink_extra,
+            backfill = self.backfill,
             retries = self.max_retries,
             initial = self.initial_backoff,
             max = self.max_backoff,
@@ -198,13 +202,19 @@ impl Exporter {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.try_status() {
-                panic!("exporter exited early with {status}; log:\n{}", self.log_tail());
+                panic!(
+                    "exporter exited early with {status}; log:\n{}",
+                    self.log_tail()
+                );
             }
             if let Some((200, _)) = self.get("/readyz").await {
                 return;
             }
             if Instant::now() > deadline {
-                panic!("exporter not ready after {timeout:?}; log:\n{}", self.log_tail());
+                panic!(
+                    "exporter not ready after {timeout:?}; log:\n{}",
+                    self.log_tail()
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -216,7 +226,10 @@ impl Exporter {
     }
 
     pub async fn metrics(&self) -> String {
-        self.get("/metrics").await.map(|(_, body)| body).unwrap_or_default()
+        self.get("/metrics")
+            .await
+            .map(|(_, body)| body)
+            .unwrap_or_default()
     }
 
     pub fn try_status(&mut self) -> Option<ExitStatus> {
@@ -234,7 +247,10 @@ impl Exporter {
                 return status;
             }
             if Instant::now() > deadline {
-                panic!("exporter still running after {timeout:?}; log:\n{}", self.log_tail());
+                panic!(
+                    "exporter still running after {timeout:?}; log:\n{}",
+                    self.log_tail()
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -7,8 +7,8 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod exporter;
 pub mod pg;
 pub mod sink;
 pub mod tls;
 pub mod token;
-pub mod exporter;

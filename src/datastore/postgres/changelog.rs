@@ -50,6 +50,8 @@ pub struct ChangelogReader {
     start_position: u64,
     /// Whether the last read reached PostgreSQL.
     up: Arc<AtomicBool>,
+    /// Set when the reader started at the changelog's end (no resume token).
+    fresh_start: Option<FreshStart>,
 }
 
 impl ChangeSource for ChangelogReader {
@@ -57,9 +59,22 @@ impl ChangeSource for ChangelogReader {
         self.start_position
     }
 
-    async fn next_batch(&mut self) -> Result<Vec<Change>, DatastoreError> {
-        self.read_next().await
+    async fn next_batch(&mut self) -> Result<Option<Vec<Change>>, DatastoreError> {
+        self.read_next().await.map(Some)
     }
+}
+
+/// Where a reader without a resume token started: what a backfill must cover (everything
+/// visible then) and must leave to the stream (ids above `changelog_end`, and `open_ids`).
+#[derive(Debug, Clone)]
+pub struct FreshStart {
+    /// The database's clock at the start snapshot.
+    pub started_at: DateTime<Utc>,
+    /// Highest changelog id visible at the start snapshot.
+    pub changelog_end: u64,
+    /// Ids below `changelog_end` not visible at the start snapshot: rows of transactions still
+    /// open then (the stream delivers them when they commit) or never committed.
+    pub open_ids: Vec<u64>,
 }
 
 impl ChangelogReader {
@@ -84,6 +99,7 @@ impl ChangelogReader {
             wake,
             start_position: 0,
             up: Arc::new(AtomicBool::new(true)),
+            fresh_start: None,
         };
         match start {
             StartPoint::Contiguous(id) => reader.read_pos = id,
@@ -112,6 +128,11 @@ impl ChangelogReader {
         Ok(reader)
     }
 
+    /// Where a token-less start began (for the backfill hand-off); `None` after a resume.
+    pub fn fresh_start(&self) -> Option<&FreshStart> {
+        self.fresh_start.as_ref()
+    }
+
     /// How many ids are waiting on open transactions (for logs and metrics).
     pub fn open_holes(&self) -> usize {
         self.holes.len()
@@ -124,6 +145,7 @@ impl ChangelogReader {
             .query_one(
                 "SELECT pg_snapshot_xmax(pg_current_snapshot())::text, \
                         (SELECT coalesce(max(id), 0) FROM datastore_changelog), \
+                        now(), \
                         array(SELECT id FROM datastore_changelog \
                               WHERE id > (SELECT coalesce(max(id), 0) FROM datastore_changelog) - $1 \
                               ORDER BY id)",
@@ -132,7 +154,8 @@ impl ChangelogReader {
             .await?;
         let xmax = parse_xid(row.get(0))?;
         let end = row.get::<_, i64>(1) as u64;
-        let visible: Vec<i64> = row.get(2);
+        let started_at: DateTime<Utc> = row.get(2);
+        let visible: Vec<i64> = row.get(3);
         let first = end.saturating_sub(START_WINDOW) + 1;
         let mut visible = visible.into_iter().map(|id| id as u64).peekable();
         for id in first..=end {
@@ -149,6 +172,11 @@ impl ChangelogReader {
         }
         self.read_pos = end;
         self.start_position = first - 1;
+        self.fresh_start = Some(FreshStart {
+            started_at,
+            changelog_end: end,
+            open_ids: self.holes.keys().copied().collect(),
+        });
         tracing::info!(
             changelog_end = end,
             "no resume token: starting at the end of the changelog"

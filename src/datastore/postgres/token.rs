@@ -113,20 +113,25 @@ impl TokenStore {
         .await
     }
 
-    async fn save_token(&self, checkpoint: &Checkpoint) -> Result<(), DatastoreError> {
-        let value = token_value(checkpoint);
+    /// Writes any JSON value as this client's row (the backfill keeps its plan this way).
+    pub async fn save_value(&self, value: &Value) -> Result<(), DatastoreError> {
         self.with_client(async |client, name| {
             client
                 .execute(
                     "INSERT INTO resume_tokens (client_name, resume_token, last_updated) \
                      VALUES ($1, $2, NOW()) ON CONFLICT (client_name) DO UPDATE \
                      SET resume_token = EXCLUDED.resume_token, last_updated = NOW()",
-                    &[&name, &value],
+                    &[&name, value],
                 )
                 .await?;
             Ok(())
         })
         .await
+    }
+
+    /// Opens a connection of the store's kind (for one-off queries such as planning).
+    pub async fn connect(&self) -> Result<Client, DatastoreError> {
+        self.connector.connect().await
     }
 
     /// Runs `op` on the store's connection, opening it when needed and dropping it after a
@@ -150,7 +155,7 @@ impl TokenStore {
 
 impl CheckpointStore for TokenStore {
     async fn save(&self, checkpoint: &Checkpoint) -> Result<(), DatastoreError> {
-        self.save_token(checkpoint).await
+        self.save_value(&token_value(checkpoint)).await
     }
 }
 

@@ -1,0 +1,451 @@
+//! Backfill: on a first start (no resume token), export the health events that already exist,
+//! through the same worker pool, retry policy and transform as the live stream.
+//!
+//! - **Gapless hand-off.** The stream's start snapshot is taken first (`FreshStart`). The
+//!   backfill covers exactly the rows the stream passes over: created before that snapshot's
+//!   clock and not owned by the stream (changelog id above the stream's start, or a row of a
+//!   transaction that was still open then). Nothing is sent twice and nothing falls between.
+//! - **Window.** `created_at` in `[start − max_age, start)`; the newest `max_events` of them,
+//!   delivered oldest first in keyset pages of `batch_size` over `(created_at, id)`.
+//! - **Rate.** `rate_limit` events per second (0 = unlimited), spaced evenly without bursts.
+//! - **Resumable.** The plan and the last contiguous `(created_at, id)` delivered are kept in
+//!   `resume_tokens` under `<client>-backfill`; a restart continues from there.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{IsTerminal, Write};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio_postgres::Client;
+
+use crate::config::BackfillConfig;
+use crate::datastore::postgres::{FreshStart, TokenStore};
+use crate::datastore::{
+    Change, ChangeKind, ChangeSource, Checkpoint, CheckpointStore, DatastoreError, RawEvent,
+};
+use crate::metrics;
+
+/// A position in `(created_at, id)` order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Cursor {
+    #[serde(rename = "createdAt")]
+    pub created_at: DateTime<Utc>,
+    pub id: String,
+}
+
+/// What a backfill covers and how far it got; stored as JSON under `<client>-backfill`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackfillPlan {
+    /// The stream's start snapshot clock: the window's upper bound (exclusive).
+    pub started_at: DateTime<Utc>,
+    /// The window's lower bound: `started_at − max_age`.
+    pub from: DateTime<Utc>,
+    /// When `max_events` cuts the window: the oldest row to include.
+    pub first: Option<Cursor>,
+    /// Rows whose insert has a changelog id above this belong to the stream.
+    pub changelog_end: u64,
+    /// Changelog ids not visible at the stream's start: also the stream's.
+    pub open_ids: Vec<u64>,
+    /// Events in the plan when it was made.
+    pub total: u64,
+    /// Events delivered so far (a contiguous prefix).
+    pub delivered: u64,
+    /// The last delivered row of that prefix.
+    pub cursor: Option<Cursor>,
+    pub done: bool,
+}
+
+/// The client name the backfill's record is kept under.
+pub fn record_name(client_name: &str) -> String {
+    format!("{client_name}-backfill")
+}
+
+/// Rows in the window that the stream does not own. `$1` from, `$2` started_at,
+/// `$3` changelog_end, `$4` open_ids.
+const DOMAIN: &str = "h.created_at >= $1 AND h.created_at < $2 \
+     AND NOT EXISTS (SELECT 1 FROM datastore_changelog c \
+                     WHERE c.table_name = 'health_events' AND c.operation = 'INSERT' \
+                       AND c.record_id = h.id AND (c.id > $3 OR c.id = ANY($4)))";
+
+impl BackfillPlan {
+    /// Plans a backfill for a stream that started at `start`.
+    pub async fn make(
+        client: &Client,
+        config: &BackfillConfig,
+        start: &FreshStart,
+    ) -> Result<BackfillPlan, DatastoreError> {
+        let from = start.started_at
+            - chrono::Duration::from_std(config.max_age).unwrap_or(chrono::Duration::MAX);
+        let end = start.changelog_end as i64;
+        let open: Vec<i64> = start.open_ids.iter().map(|id| *id as i64).collect();
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+            [&from, &start.started_at, &end, &open];
+        let count: i64 = client
+            .query_one(
+                &format!("SELECT count(*) FROM health_events h WHERE {DOMAIN}"),
+                &params,
+            )
+            .await?
+            .get(0);
+        let mut total = count as u64;
+        let mut first = None;
+        if total > config.max_events {
+            // Keep the newest max_events: find the oldest of them.
+            let row = client
+                .query_one(
+                    &format!(
+                        "SELECT h.created_at, h.id::text FROM health_events h WHERE {DOMAIN} \
+                         ORDER BY h.created_at DESC, h.id DESC OFFSET $5 LIMIT 1"
+                    ),
+                    &[
+                        &from,
+                        &start.started_at,
+                        &end,
+                        &open,
+                        &(config.max_events as i64 - 1),
+                    ],
+                )
+                .await?;
+            first = Some(Cursor {
+                created_at: row.get(0),
+                id: row.get(1),
+            });
+            total = config.max_events;
+        }
+        Ok(BackfillPlan {
+            started_at: start.started_at,
+            from,
+            first,
+            changelog_end: start.changelog_end,
+            open_ids: start.open_ids.clone(),
+            total,
+            delivered: 0,
+            cursor: None,
+            done: false,
+        })
+    }
+
+    pub fn from_value(value: &serde_json::Value) -> Option<BackfillPlan> {
+        serde_json::from_value(value.clone()).ok()
+    }
+
+    fn to_value(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_default()
+    }
+}
+
+/// Spaces events `1/rate` apart; a stall never turns into a burst.
+struct Pacer {
+    interval: Option<Duration>,
+    next: tokio::time::Instant,
+}
+
+impl Pacer {
+    fn new(rate_per_second: u64) -> Pacer {
+        Pacer {
+            interval: (rate_per_second > 0)
+                .then(|| Duration::from_secs_f64(1.0 / rate_per_second as f64)),
+            next: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Waits for the next slot, then returns how many events may go now (at least 1).
+    async fn admit(&mut self, wanted: usize) -> usize {
+        let Some(interval) = self.interval else {
+            return wanted;
+        };
+        let now = tokio::time::Instant::now();
+        if self.next < now.checked_sub(interval).unwrap_or(now) {
+            // Fell behind (the sink was slow): resume from now instead of catching up.
+            self.next = now;
+        }
+        tokio::time::sleep_until(self.next).await;
+        let now = tokio::time::Instant::now();
+        let mut admitted = 0;
+        while admitted < wanted && self.next <= now {
+            self.next += interval;
+            admitted += 1;
+        }
+        admitted.max(1)
+    }
+}
+
+/// Rows of the plan, page by page, as a finite change source.
+pub struct BackfillSource {
+    store: Arc<TokenStore>,
+    client: Option<Client>,
+    plan: BackfillPlan,
+    batch_size: i64,
+    /// Last row read (not necessarily delivered).
+    read_cursor: Option<Cursor>,
+    next_position: u64,
+    page: VecDeque<(Cursor, serde_json::Value)>,
+    exhausted: bool,
+    pacer: Pacer,
+    /// Cursor of every position handed out and not yet checkpointed.
+    cursors: Arc<Mutex<BTreeMap<u64, Cursor>>>,
+}
+
+impl ChangeSource for BackfillSource {
+    fn start_position(&self) -> u64 {
+        self.plan.delivered
+    }
+
+    async fn next_batch(&mut self) -> Result<Option<Vec<Change>>, DatastoreError> {
+        let mut backoff = Duration::from_millis(250);
+        while self.page.is_empty() && !self.exhausted {
+            match self.fetch_page().await {
+                Ok(()) => {}
+                Err(error) if error.is_transient() => {
+                    tracing::warn!(%error, retry_in = ?backoff, "backfill query failed; reconnecting");
+                    self.client = None;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        if self.page.is_empty() {
+            return Ok(None);
+        }
+        let admitted = self.pacer.admit(self.page.len().min(100)).await;
+        let mut changes = Vec::with_capacity(admitted);
+        let mut cursors = self.cursors.lock().unwrap_or_else(|e| e.into_inner());
+        for (cursor, document) in self.page.drain(..admitted) {
+            self.next_position += 1;
+            cursors.insert(self.next_position, cursor.clone());
+            changes.push(Change {
+                position: self.next_position,
+                changed_at: Some(cursor.created_at),
+                kind: ChangeKind::Event(RawEvent {
+                    record_id: cursor.id,
+                    document,
+                    created_at: Some(cursor.created_at),
+                }),
+            });
+        }
+        Ok(Some(changes))
+    }
+}
+
+impl BackfillSource {
+    async fn fetch_page(&mut self) -> Result<(), DatastoreError> {
+        let client = match self.client.take() {
+            Some(client) if !client.is_closed() => client,
+            _ => self.store.connect().await?,
+        };
+        let end = self.plan.changelog_end as i64;
+        let open: Vec<i64> = self.plan.open_ids.iter().map(|id| *id as i64).collect();
+        // After the last row read; on the first page, from the plan's first row (inclusive).
+        let (bound, operator) = match (&self.read_cursor, &self.plan.first) {
+            (Some(cursor), _) => (Some(cursor), ">"),
+            (None, Some(first)) => (Some(first), ">="),
+            (None, None) => (None, ">"),
+        };
+        let bound_time = bound.map(|c| c.created_at).unwrap_or(self.plan.from);
+        let bound_id = bound
+            .map(|c| c.id.clone())
+            .unwrap_or_else(|| "00000000-0000-0000-0000-000000000000".into());
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT h.id::text, h.document, h.created_at FROM health_events h \
+                     WHERE {DOMAIN} AND (h.created_at, h.id) {operator} ($5, $6::text::uuid) \
+                     ORDER BY h.created_at, h.id LIMIT $7"
+                ),
+                &[
+                    &self.plan.from,
+                    &self.plan.started_at,
+                    &end,
+                    &open,
+                    &bound_time,
+                    &bound_id,
+                    &self.batch_size,
+                ],
+            )
+            .await;
+        self.client = Some(client);
+        let rows = rows?;
+        if (rows.len() as i64) < self.batch_size {
+            self.exhausted = true;
+        }
+        for row in rows {
+            let cursor = Cursor {
+                id: row.get(0),
+                created_at: row.get(2),
+            };
+            self.read_cursor = Some(cursor.clone());
+            self.page.push_back((cursor, row.get(1)));
+        }
+        Ok(())
+    }
+}
+
+/// Saves the plan's progress as the pipeline's checkpoint advances, and reports progress.
+pub struct BackfillProgress {
+    store: Arc<TokenStore>,
+    plan: Mutex<BackfillPlan>,
+    cursors: Arc<Mutex<BTreeMap<u64, Cursor>>>,
+    started: Instant,
+    first_delivered: u64,
+    last_report: Mutex<Instant>,
+    terminal: bool,
+}
+
+const REPORT_INTERVAL: Duration = Duration::from_secs(5);
+
+impl CheckpointStore for BackfillProgress {
+    async fn save(&self, checkpoint: &Checkpoint) -> Result<(), DatastoreError> {
+        let value = {
+            let mut cursors = self.cursors.lock().unwrap_or_else(|e| e.into_inner());
+            let mut plan = self.plan.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(cursor) = cursors.get(&checkpoint.position) {
+                plan.cursor = Some(cursor.clone());
+            }
+            *cursors = cursors.split_off(&(checkpoint.position + 1));
+            plan.delivered = checkpoint.position;
+            plan.to_value()
+        };
+        self.store.save_value(&value).await?;
+        self.report(checkpoint.position, false);
+        Ok(())
+    }
+}
+
+impl BackfillProgress {
+    /// Marks the plan complete.
+    pub async fn finish(&self) -> Result<(), DatastoreError> {
+        let value = {
+            let mut plan = self.plan.lock().unwrap_or_else(|e| e.into_inner());
+            plan.done = true;
+            plan.to_value()
+        };
+        self.store.save_value(&value).await?;
+        let delivered = self.plan.lock().map(|p| p.delivered).unwrap_or_default();
+        self.report(delivered, true);
+        if self.terminal {
+            eprintln!();
+        }
+        Ok(())
+    }
+
+    fn report(&self, delivered: u64, force: bool) {
+        let total = self.plan.lock().map(|p| p.total).unwrap_or_default();
+        metrics::get()
+            .backfill_remaining
+            .set(total.saturating_sub(delivered) as i64);
+        let mut last = self.last_report.lock().unwrap_or_else(|e| e.into_inner());
+        if !force && last.elapsed() < REPORT_INTERVAL && !self.terminal {
+            return;
+        }
+        *last = Instant::now();
+        let elapsed = self.started.elapsed().as_secs_f64().max(0.001);
+        let rate = (delivered - self.first_delivered.min(delivered)) as f64 / elapsed;
+        let remaining = total.saturating_sub(delivered);
+        let eta = (rate > 0.0).then(|| Duration::from_secs_f64(remaining as f64 / rate));
+        if self.terminal {
+            let percent = if total == 0 {
+                100.0
+            } else {
+                delivered as f64 * 100.0 / total as f64
+            };
+            let _ = write!(
+                std::io::stderr(),
+                "\rbackfill {delivered}/{total} ({percent:.1}%) {rate:.0} events/s ETA {}   ",
+                eta.map(|d| crate::config::format_go_duration(Duration::from_secs(d.as_secs())))
+                    .unwrap_or_else(|| "-".into())
+            );
+        } else {
+            tracing::info!(
+                delivered,
+                total,
+                events_per_second = format!("{rate:.1}"),
+                eta = %eta.map(|d| crate::config::format_go_duration(Duration::from_secs(d.as_secs()))).unwrap_or_else(|| "-".into()),
+                "backfill progress"
+            );
+        }
+    }
+}
+
+/// The source and checkpoint store of one backfill run over `plan`.
+pub fn open(
+    store: Arc<TokenStore>,
+    plan: BackfillPlan,
+    config: &BackfillConfig,
+) -> (BackfillSource, Arc<BackfillProgress>) {
+    let cursors = Arc::new(Mutex::new(BTreeMap::new()));
+    let progress = Arc::new(BackfillProgress {
+        store: store.clone(),
+        plan: Mutex::new(plan.clone()),
+        cursors: cursors.clone(),
+        started: Instant::now(),
+        first_delivered: plan.delivered,
+        last_report: Mutex::new(Instant::now()),
+        terminal: std::io::stderr().is_terminal(),
+    });
+    let source = BackfillSource {
+        store,
+        client: None,
+        read_cursor: plan.cursor.clone(),
+        next_position: plan.delivered,
+        plan,
+        batch_size: config.batch_size.clamp(1, 100_000) as i64,
+        page: VecDeque::new(),
+        exhausted: false,
+        pacer: Pacer::new(config.rate_limit),
+        cursors,
+    };
+    (source, progress)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn pacer_spaces_events_without_bursts() {
+        let mut pacer = Pacer::new(100);
+        let start = tokio::time::Instant::now();
+        let mut sent = 0;
+        while sent < 500 {
+            sent += pacer.admit(50).await;
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        assert!(
+            (4.9..=5.1).contains(&elapsed),
+            "500 events at 100/s took {elapsed}s"
+        );
+        // After a stall, it does not catch up with a burst.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let admitted = pacer.admit(50).await;
+        assert!(admitted <= 2, "burst of {admitted} after a stall");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unlimited_pacer_admits_everything() {
+        let mut pacer = Pacer::new(0);
+        assert_eq!(pacer.admit(37).await, 37);
+    }
+
+    #[test]
+    fn plan_round_trips_through_json() {
+        let plan = BackfillPlan {
+            started_at: Utc::now(),
+            from: Utc::now(),
+            first: Some(Cursor {
+                created_at: Utc::now(),
+                id: "a".into(),
+            }),
+            changelog_end: 9,
+            open_ids: vec![3, 4],
+            total: 10,
+            delivered: 2,
+            cursor: None,
+            done: false,
+        };
+        assert_eq!(BackfillPlan::from_value(&plan.to_value()), Some(plan));
+    }
+}
