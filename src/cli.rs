@@ -30,9 +30,14 @@ pub enum Command {
     /// Validate a configuration file (and the datastore environment, when set) and print the
     /// effective settings with secrets redacted; exits 2 when invalid.
     CheckConfig(CheckConfigArgs),
+    /// Run a reference CloudEvents sink with an OAuth2 token endpoint (for development and
+    /// tests): every sink requirement of the spec, deduplication, and fault injection.
+    Sink(Box<crate::commands::sink::SinkArgs>),
+    /// Write realistic NVSentinel health events into the PostgreSQL datastore.
+    Generate(crate::commands::generate::GenerateArgs),
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct RunArgs {
     /// Path to the TOML configuration file.
     #[arg(long, value_name = "PATH", default_value = "/etc/config/config.toml")]
@@ -83,7 +88,7 @@ pub enum LogFormat {
     Text,
 }
 
-fn parse_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
     crate::config::parse_go_duration(text)
 }
 

@@ -6,9 +6,9 @@
 //! retry); `server` exposes health and metrics.
 
 pub mod backfill;
-pub mod check_config;
 pub mod cli;
 pub mod cloudevent;
+pub mod commands;
 pub mod config;
 pub mod datastore;
 pub mod exporter;

@@ -1,8 +1,10 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use event_exporter::cli::{normalize_go_flags, Cli, Command};
-use event_exporter::{check_config, exporter, logging};
+use event_exporter::cli::{normalize_go_flags, Cli, Command, RunArgs};
+use event_exporter::commands::{check_config, generate, sink};
+use event_exporter::exporter::{self, ExitError};
+use event_exporter::logging;
 
 fn main() -> ExitCode {
     let cli = Cli::parse_from(normalize_go_flags(std::env::args()));
@@ -17,28 +19,39 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Some(Command::Sink(args)) => run_async(&cli.run, sink::run(*args)),
+        Some(Command::Generate(args)) => run_async(&cli.run, generate::run(args)),
         None => {
-            if let Err(error) = logging::init(&cli.run.log_level, cli.run.log_format) {
-                eprintln!("--log-level: {error}");
-                return ExitCode::from(2);
-            }
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(runtime) => runtime,
-                Err(error) => {
-                    eprintln!("cannot start the async runtime: {error}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match runtime.block_on(exporter::run(cli.run)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(error) => {
-                    tracing::error!(error = %error, "event exporter stopped");
-                    ExitCode::from(error.code())
-                }
-            }
+            let args = cli.run.clone();
+            run_async(&cli.run, exporter::run(args))
+        }
+    }
+}
+
+/// Sets up logging and the runtime, runs `job`, and maps its result to an exit status.
+fn run_async(
+    args: &RunArgs,
+    job: impl std::future::Future<Output = Result<(), ExitError>>,
+) -> ExitCode {
+    if let Err(error) = logging::init(&args.log_level, args.log_format) {
+        eprintln!("--log-level: {error}");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(job) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(error = %error, "stopped with an error");
+            ExitCode::from(error.code())
         }
     }
 }

@@ -1,0 +1,6 @@
+//! Subcommands beside the exporter itself: configuration checking, a reference sink with a
+//! token endpoint, an event generator, and a one-command demo.
+
+pub mod check_config;
+pub mod generate;
+pub mod sink;
