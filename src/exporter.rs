@@ -43,14 +43,18 @@ impl ExitError {
 }
 
 /// Everything validated before any connection is made.
-struct Settings {
-    config: Config,
-    workers: usize,
-    metrics_port: u16,
-    datastore: PgSettings,
+pub struct Settings {
+    pub config: Config,
+    pub workers: usize,
+    /// 0 binds an ephemeral port (the demo does).
+    pub metrics_port: u16,
+    pub datastore: PgSettings,
+    pub oidc_secret_path: std::path::PathBuf,
+    pub shutdown_grace: Duration,
 }
 
-fn validate(args: &RunArgs) -> Result<Settings, ExitError> {
+/// Validates the command line, the configuration file and the datastore environment.
+pub fn validate(args: &RunArgs) -> Result<Settings, ExitError> {
     let config = Config::load(&args.config).map_err(|e| ExitError::Config(e.to_string()))?;
     for key in &config.unknown_keys {
         tracing::warn!(key, "unknown configuration key ignored");
@@ -89,21 +93,30 @@ fn validate(args: &RunArgs) -> Result<Settings, ExitError> {
         workers,
         metrics_port,
         datastore,
+        oidc_secret_path: args.oidc_secret_path.clone(),
+        shutdown_grace: args.shutdown_grace,
     })
 }
 
 /// Runs the exporter until SIGTERM/SIGINT (Ok) or a failure.
 pub async fn run(args: RunArgs) -> Result<(), ExitError> {
+    let settings = validate(&args)?;
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone());
+    run_with(settings, shutdown).await
+}
+
+/// Runs the exporter with validated settings until `shutdown` (Ok) or a failure.
+pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result<(), ExitError> {
     let Settings {
         config,
         workers,
         metrics_port,
         datastore,
-    } = validate(&args)?;
+        oidc_secret_path,
+        shutdown_grace,
+    } = settings;
     let failed = |e: String| ExitError::Failed(e);
-
-    let shutdown = CancellationToken::new();
-    spawn_signal_handler(shutdown.clone());
     let status = Arc::new(Status::default());
     let server_stop = CancellationToken::new();
     let (address, server) = server::start(metrics_port, status.clone(), server_stop.clone())
@@ -113,7 +126,7 @@ pub async fn run(args: RunArgs) -> Result<(), ExitError> {
     let auth = match &config.oidc {
         Some(oidc) => {
             let provider =
-                TokenProvider::new(oidc.clone(), args.oidc_secret_path.clone()).map_err(failed)?;
+                TokenProvider::new(oidc.clone(), oidc_secret_path.clone()).map_err(failed)?;
             provider.check_secret().map_err(|e| failed(e.to_string()))?;
             Some(Arc::new(provider))
         }
@@ -183,7 +196,7 @@ pub async fn run(args: RunArgs) -> Result<(), ExitError> {
         checkpoints: tokens,
         handler: handler.clone(),
         permits: permits.clone(),
-        grace: args.shutdown_grace,
+        grace: shutdown_grace,
         had_token,
     }
     .run(stop.clone());
@@ -208,7 +221,7 @@ pub async fn run(args: RunArgs) -> Result<(), ExitError> {
             &config,
             handler.clone(),
             permits.clone(),
-            args.shutdown_grace,
+            shutdown_grace,
             stop.clone(),
         )
         .await;
