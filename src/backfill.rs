@@ -217,15 +217,15 @@ impl ChangeSource for BackfillSource {
         for (cursor, document) in self.page.drain(..admitted) {
             self.next_position += 1;
             cursors.insert(self.next_position, cursor.clone());
-            changes.push(Change {
-                position: self.next_position,
-                changed_at: Some(cursor.created_at),
-                kind: ChangeKind::Event(RawEvent {
+            changes.push(Change::new(
+                self.next_position,
+                Some(cursor.created_at),
+                ChangeKind::Event(RawEvent {
                     record_id: cursor.id,
                     document,
                     created_at: Some(cursor.created_at),
                 }),
-            });
+            ));
         }
         Ok(Some(changes))
     }

@@ -202,3 +202,40 @@ async fn changes_that_are_not_new_health_events_are_passed_over() {
         "token passes skipped rows"
     );
 }
+
+#[tokio::test]
+async fn a_sequence_jump_of_millions_of_ids_is_passed_over_at_once() {
+    let db = TestDb::create().await;
+    let client = db.client().await;
+    let sink = SinkServer::start(SinkOptions::default()).await;
+    let mut exporter = Exporter::start(&ExporterOptions::new(&sink, None, db.env())).await;
+
+    pg::insert_health_event(&client, &pg::health_event_doc("n", 1)).await;
+    // An operator resets the sequence far ahead (or a restored backup does).
+    client
+        .execute(
+            "SELECT setval('datastore_changelog_id_seq', (SELECT max(id) FROM datastore_changelog) + 50000000)",
+            &[],
+        )
+        .await
+        .expect("setval");
+    let after = pg::insert_health_event(&client, &pg::health_event_doc("n", 2)).await;
+    sink.wait_for_accepted(2, WAIT).await;
+    assert!(sink.accepted_ids().contains(&after));
+    let max_id = pg::changelog_max_id(&client).await;
+    assert!(max_id > 50_000_000);
+    assert_eq!(
+        exporter.terminate().await.code(),
+        Some(0),
+        "log:\n{}",
+        exporter.log()
+    );
+    let token_value = pg::read_resume_token(&client, pg::EXPORTER_CLIENT_NAME)
+        .await
+        .expect("token");
+    assert_eq!(
+        token_value["eventID"],
+        json!(max_id),
+        "the token passes the jumped-over ids"
+    );
+}

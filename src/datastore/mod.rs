@@ -13,9 +13,33 @@ use chrono::{DateTime, Utc};
 pub struct Change {
     /// Dense, increasing position (the PostgreSQL changelog id).
     pub position: u64,
+    /// The last position this change covers: equal to `position`, except for a span of ids
+    /// that were never committed (a sequence jump can leave millions).
+    pub through: u64,
     /// When the change was written (changelog `changed_at`), when known; goes into the token.
     pub changed_at: Option<DateTime<Utc>>,
     pub kind: ChangeKind,
+}
+
+impl Change {
+    pub fn new(position: u64, changed_at: Option<DateTime<Utc>>, kind: ChangeKind) -> Change {
+        Change {
+            position,
+            through: position,
+            changed_at,
+            kind,
+        }
+    }
+
+    /// Positions `first..=last`, none of which needs anything.
+    pub fn skip_span(first: u64, last: u64, reason: SkipReason) -> Change {
+        Change {
+            position: first,
+            through: last,
+            changed_at: None,
+            kind: ChangeKind::Skip(reason),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -217,7 +217,7 @@ impl<S: ChangeSource, C: CheckpointStore> Pipeline<S, C> {
                     for change in changes {
                         let event = match &change.kind {
                             ChangeKind::Skip(_) => {
-                                tracker.finish(change.position, change.changed_at);
+                                tracker.finish_span(change.position, change.through, change.changed_at);
                                 continue;
                             }
                             ChangeKind::Event(event) => event.clone(),
@@ -334,7 +334,7 @@ fn record(
             });
         }
     }
-    tracker.finish(change.position, change.changed_at);
+    tracker.finish_span(change.position, change.through, change.changed_at);
     None
 }
 

@@ -11,8 +11,8 @@ use crate::datastore::Checkpoint;
 pub struct SequenceTracker {
     committed: u64,
     committed_time: Option<DateTime<Utc>>,
-    /// Finished positions above `committed`, with their change time when known.
-    finished: BTreeMap<u64, Option<DateTime<Utc>>>,
+    /// Finished spans above `committed` by first position: (last position, change time).
+    finished: BTreeMap<u64, (u64, Option<DateTime<Utc>>)>,
 }
 
 impl SequenceTracker {
@@ -27,13 +27,24 @@ impl SequenceTracker {
 
     /// Marks `position` finished; returns whether the contiguous prefix grew.
     pub fn finish(&mut self, position: u64, changed_at: Option<DateTime<Utc>>) -> bool {
-        if position <= self.committed {
+        self.finish_span(position, position, changed_at)
+    }
+
+    /// Marks positions `first..=last` finished; returns whether the contiguous prefix grew.
+    pub fn finish_span(
+        &mut self,
+        first: u64,
+        last: u64,
+        changed_at: Option<DateTime<Utc>>,
+    ) -> bool {
+        if last <= self.committed {
             return false;
         }
-        self.finished.insert(position, changed_at);
+        self.finished
+            .insert(first.max(self.committed + 1), (last, changed_at));
         let before = self.committed;
-        while let Some(changed_at) = self.finished.remove(&(self.committed + 1)) {
-            self.committed += 1;
+        while let Some((last, changed_at)) = self.finished.remove(&(self.committed + 1)) {
+            self.committed = last;
             if changed_at.is_some() {
                 self.committed_time = changed_at;
             }
@@ -86,6 +97,17 @@ mod tests {
         tracker.finish(11, None);
         assert_eq!(tracker.checkpoint().position, 110);
         assert_eq!(tracker.pending(), 0);
+    }
+
+    #[test]
+    fn spans_cover_many_positions_at_once() {
+        let mut tracker = SequenceTracker::new(0);
+        assert!(!tracker.finish_span(2, 1_000_000, None));
+        assert_eq!(tracker.pending(), 1);
+        assert!(tracker.finish(1, None));
+        assert_eq!(tracker.checkpoint().position, 1_000_000);
+        assert!(tracker.finish(1_000_001, None));
+        assert_eq!(tracker.checkpoint().position, 1_000_001);
     }
 
     #[test]

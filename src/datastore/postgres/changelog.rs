@@ -37,8 +37,8 @@ pub struct ChangelogReader {
     client: Option<Client>,
     /// Highest id seen.
     read_pos: u64,
-    /// Ids below `read_pos` not yet visible, with the `xmax` of the snapshot that found them.
-    holes: BTreeMap<u64, u64>,
+    /// Runs of ids below `read_pos` not yet visible, by first id.
+    holes: BTreeMap<u64, Hole>,
     /// Taking over a Go token: health-event rows up to `(changed_at, id)` were exported by it.
     exported_before: Option<(DateTime<Utc>, u64)>,
     /// Changes decided but not yet handed out.
@@ -52,6 +52,14 @@ pub struct ChangelogReader {
     up: Arc<AtomicBool>,
     /// Set when the reader started at the changelog's end (no resume token).
     fresh_start: Option<FreshStart>,
+}
+
+/// A run of ids `first..=last` (the map key is `first`) that were not visible when a larger id
+/// was, tagged with the `xmax` of the snapshot that found them.
+#[derive(Debug, Clone, Copy)]
+struct Hole {
+    last: u64,
+    tag: u64,
 }
 
 impl ChangeSource for ChangelogReader {
@@ -134,8 +142,17 @@ impl ChangelogReader {
     }
 
     /// How many ids are waiting on open transactions (for logs and metrics).
-    pub fn open_holes(&self) -> usize {
-        self.holes.len()
+    pub fn open_holes(&self) -> u64 {
+        self.holes
+            .iter()
+            .map(|(first, hole)| hole.last - first + 1)
+            .sum()
+    }
+
+    fn add_hole(&mut self, first: u64, last: u64, tag: u64) {
+        if first <= last {
+            self.holes.insert(first, Hole { last, tag });
+        }
     }
 
     /// Fresh start: everything visible now is "before", everything that becomes visible later
@@ -157,25 +174,24 @@ impl ChangelogReader {
         let started_at: DateTime<Utc> = row.get(2);
         let visible: Vec<i64> = row.get(3);
         let first = end.saturating_sub(START_WINDOW) + 1;
-        let mut visible = visible.into_iter().map(|id| id as u64).peekable();
-        for id in first..=end {
-            if visible.peek() == Some(&id) {
-                visible.next();
-                self.ready.push_back(Change {
-                    position: id,
-                    changed_at: None,
-                    kind: ChangeKind::Skip(SkipReason::BeforeStart),
-                });
-            } else {
-                self.holes.insert(id, xmax);
-            }
+        let mut open_ids = Vec::new();
+        let mut expected = first;
+        for id in visible.into_iter().map(|id| id as u64) {
+            open_ids.extend(expected..id);
+            self.add_hole(expected, id - 1, xmax);
+            self.ready.push_back(Change::new(
+                id,
+                None,
+                ChangeKind::Skip(SkipReason::BeforeStart),
+            ));
+            expected = id + 1;
         }
         self.read_pos = end;
         self.start_position = first - 1;
         self.fresh_start = Some(FreshStart {
             started_at,
             changelog_end: end,
-            open_ids: self.holes.keys().copied().collect(),
+            open_ids,
         });
         tracing::info!(
             changelog_end = end,
@@ -292,43 +308,51 @@ impl ChangelogReader {
             let id = id as u64;
             // Every id between the last one seen and this one is a hole, in progress at this
             // snapshot (a larger id is already visible).
-            for hole in self.read_pos + 1..id {
-                self.holes.insert(hole, xmax);
-            }
+            self.add_hole(self.read_pos + 1, id - 1, xmax);
             self.read_pos = id;
             changes.push(self.change_from_row(row, 2)?);
         }
 
-        // Holes whose transactions have all ended are decided: re-read them by id.
-        let decided: Vec<i64> = self
+        // Holes whose transactions have all ended are decided: re-read them by id. Ids still
+        // absent were never committed.
+        let decided: Vec<(u64, u64)> = self
             .holes
             .iter()
-            .filter(|(_, tag)| **tag <= xmin)
-            .map(|(id, _)| *id as i64)
+            .filter(|(_, hole)| hole.tag <= xmin)
+            .map(|(first, hole)| (*first, hole.last))
             .collect();
         if !decided.is_empty() {
+            let firsts: Vec<i64> = decided.iter().map(|(f, _)| *f as i64).collect();
+            let lasts: Vec<i64> = decided.iter().map(|(_, l)| *l as i64).collect();
             let found = client
                 .query(
                     &format!(
                         "SELECT {ROW_COLUMNS} FROM datastore_changelog c \
-                         WHERE c.id = ANY($1) ORDER BY c.id"
+                         JOIN unnest($1::bigint[], $2::bigint[]) AS h(first, last) \
+                           ON c.id BETWEEN h.first AND h.last \
+                         ORDER BY c.id"
                     ),
-                    &[&decided],
+                    &[&firsts, &lasts],
                 )
                 .await?;
-            let mut found_ids = std::collections::BTreeSet::new();
-            for row in &found {
-                found_ids.insert(row.get::<_, i64>(0));
-                changes.push(self.change_from_row(row, 0)?);
-            }
-            for id in decided {
-                self.holes.remove(&(id as u64));
-                if !found_ids.contains(&id) {
-                    changes.push(Change {
-                        position: id as u64,
-                        changed_at: None,
-                        kind: ChangeKind::Skip(SkipReason::NeverCommitted),
-                    });
+            let mut found = found.iter().peekable();
+            for (first, last) in decided {
+                self.holes.remove(&first);
+                let mut next = first;
+                while let Some(row) = found.next_if(|row| row.get::<_, i64>(0) as u64 <= last) {
+                    let change = self.change_from_row(row, 0)?;
+                    if change.position > next {
+                        changes.push(Change::skip_span(
+                            next,
+                            change.position - 1,
+                            SkipReason::NeverCommitted,
+                        ));
+                    }
+                    next = change.position + 1;
+                    changes.push(change);
+                }
+                if next <= last {
+                    changes.push(Change::skip_span(next, last, SkipReason::NeverCommitted));
                 }
             }
         }
@@ -345,11 +369,7 @@ impl ChangelogReader {
         let document: Option<serde_json::Value> = row.get(at + 5);
         let created_at: Option<String> = row.get(at + 6);
         let position = id as u64;
-        let skip = |reason| Change {
-            position,
-            changed_at,
-            kind: ChangeKind::Skip(reason),
-        };
+        let skip = |reason| Change::new(position, changed_at, ChangeKind::Skip(reason));
         if table != "health_events" || operation != "INSERT" {
             return Ok(skip(SkipReason::NotAHealthEventInsert));
         }
@@ -358,10 +378,10 @@ impl ChangelogReader {
                 return Ok(skip(SkipReason::BeforeStart));
             }
         }
-        Ok(Change {
+        Ok(Change::new(
             position,
             changed_at,
-            kind: ChangeKind::Event(RawEvent {
+            ChangeKind::Event(RawEvent {
                 record_id,
                 document: document.unwrap_or(serde_json::Value::Null),
                 created_at: created_at.and_then(|text| {
@@ -370,7 +390,7 @@ impl ChangelogReader {
                         .map(|t| t.with_timezone(&Utc))
                 }),
             }),
-        })
+        ))
     }
 }
 
