@@ -318,6 +318,8 @@ async fn open_source(
     let mut delay = Duration::from_millis(500);
     loop {
         let attempt = async {
+            // The schema first: a missing table is a clear, final error, not a retry.
+            connector.check_schema(&connector.connect().await?).await?;
             let token = tokens.load().await?;
             let start = match &token {
                 Some(value) => StartPoint::from_token(tokens.client_name(), value)?,

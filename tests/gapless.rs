@@ -368,9 +368,6 @@ async fn rolled_back_insert_is_never_delivered_and_the_token_passes_it() {
 /// Runs on a throwaway cluster so that no other transaction completes in between (which would
 /// push `xmax` past A's xid and hide the problem).
 #[tokio::test]
-#[ignore = "bug: holes are tagged with pg_snapshot_xmax (latest completed xid + 1), which does \
-            not cover running transactions with a newer xid; such a hole is decided while its \
-            transaction is open, its row is passed over as never committed and is lost"]
 async fn hole_of_a_transaction_newer_than_the_committer_is_not_decided_early() {
     if !cluster::available() {
         eprintln!("SKIP: PostgreSQL server binaries (initdb/pg_ctl) not installed");
@@ -581,9 +578,9 @@ async fn kill_9_run(kill_after: usize) -> KillRun {
 /// recorded) + events finished out of order above an unfinished one + what the sink accepts
 /// in one checkpoint interval at this rate + a margin for save latency and scheduling.
 fn kill_9_duplicate_bound() -> usize {
-    let rate_per_interval =
-        (KILL_WORKERS as f64 * CHECKPOINT_INTERVAL.as_secs_f64() / KILL_LATENCY.as_secs_f64())
-            .ceil() as usize;
+    let rate_per_interval = (KILL_WORKERS as f64 * CHECKPOINT_INTERVAL.as_secs_f64()
+        / KILL_LATENCY.as_secs_f64())
+    .ceil() as usize;
     KILL_WORKERS + KILL_WORKERS + rate_per_interval + 10
 }
 
@@ -603,9 +600,6 @@ async fn kill_9_mid_stream_loses_nothing_and_resumes_from_the_token() {
 /// SIGKILL well into a burst: with a checkpoint every second, a crash re-sends at most about one
 /// interval's worth of events. Killed after 120 accepted (three intervals at 40 events/s).
 #[tokio::test]
-#[ignore = "bug: the pipeline does not record results or save the token while it waits for a \
-            worker permit inside a batch, so the token lags by up to a whole batch (500) plus \
-            the read-ahead, not one checkpoint interval"]
 async fn kill_9_redelivers_at_most_one_checkpoint_interval_of_events() {
     let bound = kill_9_duplicate_bound();
     let run = kill_9_run(120).await;
@@ -748,7 +742,10 @@ async fn without_a_token_only_events_after_start_are_exported() {
     wait_for_token(&observer, &format!("== {max_id}"), |id| id == max_id).await;
     let accepted = sink.accepted_ids();
     for id in &before {
-        assert!(!accepted.contains(id), "event {id} predates the first start");
+        assert!(
+            !accepted.contains(id),
+            "event {id} predates the first start"
+        );
     }
     assert_exactly_once(&sink, &after);
     stop_cleanly(&mut exporter).await;
@@ -891,7 +888,10 @@ async fn postgresql_restart_under_the_exporter() {
 
 #[test]
 fn log_field_matching_is_exact() {
-    assert!(names_changelog_id("WARN x: skipping changelog_id=5 record_id=a", 5));
+    assert!(names_changelog_id(
+        "WARN x: skipping changelog_id=5 record_id=a",
+        5
+    ));
     assert!(names_changelog_id("changelog_id=5", 5));
     assert!(!names_changelog_id("changelog_id=50 record_id=a", 5));
     assert!(names_changelog_id("changelog_id=50 changelog_id=5", 5));

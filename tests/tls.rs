@@ -309,9 +309,6 @@ async fn postgres_verify_full_rejects_a_server_certificate_from_another_ca() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: DatastoreError::Postgres prints only tokio-postgres' top-level message \
-            ('error performing TLS handshake', 'db error') and drops its source, so the \
-            certificate problem is never named"]
 async fn postgres_certificate_failures_are_named_in_the_log() {
     if !cluster::available() {
         eprintln!("skipped: PostgreSQL server binaries not installed");

@@ -86,7 +86,7 @@ pub enum DatastoreError {
     Schema(String),
     #[error("resume token for client {client:?} is unusable: {reason}")]
     Token { client: String, reason: String },
-    #[error("PostgreSQL: {0}")]
+    #[error("PostgreSQL: {}", describe_postgres_error(.0))]
     Postgres(#[from] tokio_postgres::Error),
     #[error("PostgreSQL TLS setup: {0}")]
     Tls(String),
@@ -95,10 +95,46 @@ pub enum DatastoreError {
 }
 
 impl DatastoreError {
-    /// Whether retrying later can help (a lost connection), as opposed to a setup mistake.
+    /// Whether retrying later can help (a lost connection, a server starting or shutting down,
+    /// too many connections), as opposed to a mistake that retrying cannot fix (a missing table,
+    /// a wrong password, no such database).
     pub fn is_transient(&self) -> bool {
-        matches!(self, DatastoreError::Postgres(_))
+        let DatastoreError::Postgres(error) = self else {
+            return false;
+        };
+        match error.code() {
+            // No SQLSTATE: I/O, a closed connection, TLS, a timeout.
+            None => true,
+            Some(state) => {
+                let code = state.code();
+                code.starts_with("08") // connection exception
+                    || code.starts_with("53") // insufficient resources
+                    || code.starts_with("57P") // admin/crash shutdown, cannot connect now
+                    || code == "40001" // serialization failure
+                    || code == "40P01" // deadlock detected
+            }
+        }
     }
+}
+
+/// tokio-postgres prints only the kind of an error ("db error"); the reason is in the server's
+/// message or the error's sources.
+pub fn describe_postgres_error(error: &tokio_postgres::Error) -> String {
+    if let Some(db) = error.as_db_error() {
+        let mut text = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+        if let Some(detail) = db.detail() {
+            text.push_str(&format!(" ({detail})"));
+        }
+        return text;
+    }
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// A feed of changes with dense positions (see the module docs).

@@ -11,6 +11,7 @@ mod tracker;
 
 pub use tracker::SequenceTracker;
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -191,6 +192,9 @@ impl<S: ChangeSource, C: CheckpointStore> Pipeline<S, C> {
         let mut failure: Option<PipelineError> = None;
         let mut finished = false;
 
+        // Events received and not yet handed to a worker. Waiting for a worker is one arm of
+        // the loop, so results keep being recorded and the token saved meanwhile.
+        let mut waiting: VecDeque<(Change, RawEvent)> = VecDeque::new();
         'intake: loop {
             tokio::select! {
                 biased;
@@ -206,7 +210,23 @@ impl<S: ChangeSource, C: CheckpointStore> Pipeline<S, C> {
                         tracing::warn!(%error, "saving the resume token failed; will retry");
                     }
                 }
-                batch = changes_rx.recv() => {
+                permit = permits.clone().acquire_owned(), if !waiting.is_empty() => {
+                    let (Ok(permit), Some((change, event))) = (permit, waiting.pop_front()) else {
+                        break 'intake;
+                    };
+                    let handler = handler.clone();
+                    let results = results_tx.clone();
+                    let cancel = publish_cancel.clone();
+                    in_flight.spawn(async move {
+                        let _permit = permit;
+                        let gauge = &metrics::get().events_in_flight;
+                        gauge.inc();
+                        let outcome = handler.handle(feed, change.position, &event, &cancel).await;
+                        gauge.dec();
+                        let _ = results.send((change, outcome));
+                    });
+                }
+                batch = changes_rx.recv(), if waiting.is_empty() => {
                     let changes = match batch {
                         Some(Ok(Some(changes))) => changes,
                         // The source is finished: drain in-flight work below, then return.
@@ -215,34 +235,18 @@ impl<S: ChangeSource, C: CheckpointStore> Pipeline<S, C> {
                         None => { failure = Some(PipelineError::Source(DatastoreError::Schema("the changelog reader stopped".into()))); break 'intake; }
                     };
                     for change in changes {
-                        let event = match &change.kind {
+                        match &change.kind {
                             ChangeKind::Skip(_) => {
                                 tracker.finish_span(change.position, change.through, change.changed_at);
-                                continue;
                             }
-                            ChangeKind::Event(event) => event.clone(),
-                        };
-                        if feed == Feed::Stream {
-                            metrics::get().events_received.inc();
+                            ChangeKind::Event(event) => {
+                                if feed == Feed::Stream {
+                                    metrics::get().events_received.inc();
+                                }
+                                let event = event.clone();
+                                waiting.push_back((change, event));
+                            }
                         }
-                        let permit = tokio::select! {
-                            _ = shutdown.cancelled() => break 'intake,
-                            permit = permits.clone().acquire_owned() => match permit {
-                                Ok(permit) => permit,
-                                Err(_) => break 'intake,
-                            },
-                        };
-                        let handler = handler.clone();
-                        let results = results_tx.clone();
-                        let cancel = publish_cancel.clone();
-                        in_flight.spawn(async move {
-                            let _permit = permit;
-                            let gauge = &metrics::get().events_in_flight;
-                            gauge.inc();
-                            let outcome = handler.handle(feed, change.position, &event, &cancel).await;
-                            gauge.dec();
-                            let _ = results.send((change, outcome));
-                        });
                     }
                 }
             }

@@ -3,9 +3,12 @@
 //! Changelog ids are taken when a row is inserted, not when its transaction commits, so they
 //! become visible out of order. The reader keeps `read_pos` (highest id seen) and a set of
 //! *holes*: ids below `read_pos` that were not visible when a larger id was. Each hole is tagged
-//! with the `xmax` of the snapshot that found it; once every transaction running then has ended
-//! (`xmin` of a later snapshot >= that tag) the hole is decided: re-read by id, it is either a
-//! committed row (delivered like any other) or gone for good. Visible rows go out at once;
+//! with a transaction id assigned after the hole was seen (`pg_current_xact_id()`): the
+//! transaction that holds a hole took its own id before it took the changelog id, so it is
+//! older than the tag. Once every transaction older than the tag has ended (`xmin` of a later
+//! snapshot >= tag) the hole is decided: re-read by id, it is either a committed row (delivered
+//! like any other) or gone for good. (The snapshot's `xmax` would not do as a tag: it is one
+//! past the newest *completed* transaction, and a running transaction can be newer than that.) Visible rows go out at once;
 //! only the resume token waits for holes, because positions are reported exactly once each
 //! and the pipeline advances over the contiguous prefix.
 
@@ -55,7 +58,7 @@ pub struct ChangelogReader {
 }
 
 /// A run of ids `first..=last` (the map key is `first`) that were not visible when a larger id
-/// was, tagged with the `xmax` of the snapshot that found them.
+/// was, tagged with a transaction id assigned after they were found (see the module docs).
 #[derive(Debug, Clone, Copy)]
 struct Hole {
     last: u64,
@@ -86,15 +89,14 @@ pub struct FreshStart {
 }
 
 impl ChangelogReader {
-    /// Opens the reader at the position the token gives. Fails if PostgreSQL is unreachable or
-    /// the schema is missing.
+    /// Opens the reader at the position the token gives (the caller has checked the schema with
+    /// `Connector::check_schema`). Fails if PostgreSQL is unreachable.
     pub async fn open(
         connector: Connector,
         start: StartPoint,
         wake: Arc<Notify>,
     ) -> Result<ChangelogReader, DatastoreError> {
         let client = connector.connect().await?;
-        connector.check_schema(&client).await?;
         let mut reader = ChangelogReader {
             connector,
             client: None,
@@ -160,7 +162,7 @@ impl ChangelogReader {
     async fn start_at_end(&mut self, client: &Client) -> Result<(), DatastoreError> {
         let row = client
             .query_one(
-                "SELECT pg_snapshot_xmax(pg_current_snapshot())::text, \
+                "SELECT pg_current_xact_id()::text, \
                         (SELECT coalesce(max(id), 0) FROM datastore_changelog), \
                         now(), \
                         array(SELECT id FROM datastore_changelog \
@@ -169,7 +171,7 @@ impl ChangelogReader {
                 &[&(START_WINDOW as i64)],
             )
             .await?;
-        let xmax = parse_xid(row.get(0))?;
+        let tag = parse_xid(row.get(0))?;
         let end = row.get::<_, i64>(1) as u64;
         let started_at: DateTime<Utc> = row.get(2);
         let visible: Vec<i64> = row.get(3);
@@ -178,7 +180,7 @@ impl ChangelogReader {
         let mut expected = first;
         for id in visible.into_iter().map(|id| id as u64) {
             open_ids.extend(expected..id);
-            self.add_hole(expected, id - 1, xmax);
+            self.add_hole(expected, id - 1, tag);
             self.ready.push_back(Change::new(
                 id,
                 None,
@@ -284,7 +286,7 @@ impl ChangelogReader {
         let rows = client
             .query(
                 &format!(
-                    "SELECT pg_snapshot_xmin(s.snap)::text, pg_snapshot_xmax(s.snap)::text, \
+                    "SELECT pg_snapshot_xmin(s.snap)::text, \
                             {ROW_COLUMNS} \
                      FROM (SELECT pg_current_snapshot() AS snap) s \
                      LEFT JOIN LATERAL (SELECT * FROM datastore_changelog \
@@ -299,18 +301,32 @@ impl ChangelogReader {
             ));
         };
         let xmin = parse_xid(first.get(0))?;
-        let xmax = parse_xid(first.get(1))?;
         let mut changes = Vec::new();
+        let mut new_holes = Vec::new();
         for row in &rows {
-            let Some(id) = row.get::<_, Option<i64>>(2) else {
+            let Some(id) = row.get::<_, Option<i64>>(1) else {
                 continue; // no new rows: only the snapshot came back
             };
             let id = id as u64;
             // Every id between the last one seen and this one is a hole, in progress at this
             // snapshot (a larger id is already visible).
-            self.add_hole(self.read_pos + 1, id - 1, xmax);
+            if id > self.read_pos + 1 {
+                new_holes.push((self.read_pos + 1, id - 1));
+            }
             self.read_pos = id;
-            changes.push(self.change_from_row(row, 2)?);
+            changes.push(self.change_from_row(row, 1)?);
+        }
+        if !new_holes.is_empty() {
+            // Costs one transaction id, only on polls that found holes.
+            let tag = parse_xid(
+                client
+                    .query_one("SELECT pg_current_xact_id()::text", &[])
+                    .await?
+                    .get(0),
+            )?;
+            for (first, last) in new_holes {
+                self.add_hole(first, last, tag);
+            }
         }
 
         // Holes whose transactions have all ended are decided: re-read them by id. Ids still
