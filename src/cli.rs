@@ -35,6 +35,9 @@ pub enum Command {
     Sink(Box<crate::commands::sink::SinkArgs>),
     /// Write realistic NVSentinel health events into the PostgreSQL datastore.
     Generate(crate::commands::generate::GenerateArgs),
+    /// Run the whole job on this machine: PostgreSQL, sink and token endpoint, history, live
+    /// events, the exporter with backfill; ends with a summary.
+    Demo(crate::commands::demo::DemoArgs),
 }
 
 #[derive(Debug, Clone, Args)]

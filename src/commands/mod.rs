@@ -2,5 +2,6 @@
 //! token endpoint, an event generator, and a one-command demo.
 
 pub mod check_config;
+pub mod demo;
 pub mod generate;
 pub mod sink;

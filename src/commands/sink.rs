@@ -1,13 +1,40 @@
-//! `event-exporter sink`: a reference CloudEvents sink (and OAuth2 token endpoint) that
-//! implements every sink requirement of the spec. Not yet implemented.
+//! `event-exporter sink`: a reference CloudEvents sink with an OAuth2 client-credentials token
+//! endpoint, implementing every sink requirement of the spec, so operators, tests, the demo and
+//! benchmarks have a real receiver to deliver to.
+//!
+//! An event request meets the rules in this order (the first one broken decides the answer):
+//! POST at `--path` (else 405, other paths 404); a Bearer token this server issued and that has
+//! not expired (401, unless `--no-auth`); `Content-Type: application/cloudevents+json` (415); a
+//! CloudEvents 1.0 JSON event (400 naming the problem); then the fault injection switches; then
+//! 202 `{"status":"accepted"}`. Events are deduplicated on `source` + `id` and each new one is
+//! appended as one JSON line to `--out`.
+//!
+//! [`start`] runs the server in-process (the `sink` command, the demo and the benchmarks use
+//! it); [`run`] is the command: it adds the signal handling and the running count on stderr.
+
+mod http;
+mod stats;
+mod store;
+mod tokens;
+mod validate;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
-#[derive(Debug, Clone, Args)]
+use crate::exporter::ExitError;
+
+pub use stats::{Reason, SinkStats};
+pub use store::ReceivedEvent;
+pub use tokens::TOKEN_PATH;
+pub use validate::{validate_event, Attribute, Invalid, ValidEvent};
+
+#[derive(Clone, Args)]
 pub struct SinkArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8080")]
@@ -53,10 +80,355 @@ pub struct SinkArgs {
     /// Test switch: Retry-After seconds sent with injected failures.
     #[arg(long)]
     pub retry_after: Option<u64>,
+    /// Keep the last N accepted events in memory for in-process readers (0 keeps none).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_KEEP_EVENTS)]
+    pub keep_events: usize,
 }
 
-pub async fn run(_args: SinkArgs) -> Result<(), crate::exporter::ExitError> {
-    Err(crate::exporter::ExitError::Failed(
-        "the sink subcommand is not implemented yet".into(),
-    ))
+/// Enough for the demo and tests to look at every event, small enough for a long benchmark.
+const DEFAULT_KEEP_EVENTS: usize = 10_000;
+
+impl std::fmt::Debug for SinkArgs {
+    /// Every flag but the client secret, so logging the arguments never leaks it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SinkArgs")
+            .field("listen", &self.listen)
+            .field("path", &self.path)
+            .field("out", &self.out)
+            .field("no_auth", &self.no_auth)
+            .field("client_id", &self.client_id)
+            .field("client_secret", &"<redacted>")
+            .field("scope", &self.scope)
+            .field("token_lifetime", &self.token_lifetime)
+            .field("latency", &self.latency)
+            .field("latency_jitter", &self.latency_jitter)
+            .field("fail_rate", &self.fail_rate)
+            .field("fail_status", &self.fail_status)
+            .field("retry_after", &self.retry_after)
+            .field("keep_events", &self.keep_events)
+            .finish()
+    }
+}
+
+impl Default for SinkArgs {
+    /// The command line's defaults (without reading `SINK_CLIENT_SECRET`), for in-process use.
+    fn default() -> Self {
+        SinkArgs {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            path: "/api/v1/events".into(),
+            out: None,
+            no_auth: false,
+            client_id: "event-exporter".into(),
+            client_secret: "demo-secret".into(),
+            scope: "events:write".into(),
+            token_lifetime: Duration::from_secs(3600),
+            latency: Duration::ZERO,
+            latency_jitter: Duration::ZERO,
+            fail_rate: 0.0,
+            fail_status: 503,
+            retry_after: None,
+            keep_events: DEFAULT_KEEP_EVENTS,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// A flag value the sink cannot work with (exit 2).
+    #[error("{0}")]
+    InvalidArgs(String),
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot open --out {}: {source}", path.display())]
+    Output {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot install the SIGTERM/SIGINT handlers: {0}")]
+    Signal(std::io::Error),
+    #[error("the sink server failed: {0}")]
+    Server(std::io::Error),
+}
+
+impl From<SinkError> for ExitError {
+    fn from(error: SinkError) -> Self {
+        match error {
+            SinkError::InvalidArgs(_) => ExitError::Config(error.to_string()),
+            other => ExitError::Failed(other.to_string()),
+        }
+    }
+}
+
+/// How long [`RunningSink::shutdown`] lets in-flight requests finish before dropping them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// A sink serving in this process. Dropping it stops the server (without waiting).
+pub struct RunningSink {
+    address: SocketAddr,
+    shared: Arc<http::Shared>,
+    stop: CancellationToken,
+    server: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+/// Binds `args.listen` (port 0 picks a free port) and serves until [`RunningSink::shutdown`].
+pub async fn start(args: SinkArgs) -> Result<RunningSink, SinkError> {
+    check_args(&args)?;
+    let shared = Arc::new(http::Shared::new(&args)?);
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|source| SinkError::Bind {
+            address: args.listen,
+            source,
+        })?;
+    let address = listener.local_addr().map_err(SinkError::Server)?;
+    let stop = CancellationToken::new();
+    let app = http::router(shared.clone());
+    let stopped = stop.clone().cancelled_owned();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(stopped)
+            .await
+    });
+    Ok(RunningSink {
+        address,
+        shared,
+        stop,
+        server: Some(server),
+    })
+}
+
+/// Rejects flag values that would make the server misbehave rather than fail loudly.
+fn check_args(args: &SinkArgs) -> Result<(), SinkError> {
+    let invalid = |message: String| Err(SinkError::InvalidArgs(message));
+    if !args.path.starts_with('/') {
+        return invalid(format!("--path: must start with '/', got {:?}", args.path));
+    }
+    if !args.no_auth && args.path == TOKEN_PATH {
+        return invalid(format!("--path: {TOKEN_PATH} is the token endpoint"));
+    }
+    if !(0.0..=1.0).contains(&args.fail_rate) {
+        return invalid(format!(
+            "--fail-rate: must be between 0 and 1, got {}",
+            args.fail_rate
+        ));
+    }
+    if !(400..=599).contains(&args.fail_status) {
+        return invalid(format!(
+            "--fail-status: must be a 4xx or 5xx status, got {}",
+            args.fail_status
+        ));
+    }
+    if !args.no_auth {
+        if args.token_lifetime.is_zero() {
+            return invalid("--token-lifetime: must be positive".into());
+        }
+        if args.client_id.is_empty() || args.client_secret.is_empty() {
+            return invalid("--client-id and --client-secret must not be empty".into());
+        }
+    }
+    Ok(())
+}
+
+impl RunningSink {
+    /// The bound address (the real port when `--listen` asked for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// Full URL events are POSTed to, e.g. `http://127.0.0.1:PORT/api/v1/events`.
+    pub fn events_url(&self) -> String {
+        format!("http://{}{}", self.address, self.shared.path)
+    }
+
+    /// Full URL of the token endpoint; `None` with `--no-auth`.
+    pub fn token_url(&self) -> Option<String> {
+        self.shared
+            .auth
+            .as_ref()
+            .map(|_| format!("http://{}{TOKEN_PATH}", self.address))
+    }
+
+    /// New events accepted (duplicates and injected failures not included).
+    pub fn accepted(&self) -> u64 {
+        self.shared.counters.accepted()
+    }
+
+    /// Requests for an event already accepted (answered 202, not stored again).
+    pub fn duplicates(&self) -> u64 {
+        self.shared.counters.duplicates()
+    }
+
+    /// Event requests turned away, all reasons together.
+    pub fn rejected(&self) -> u64 {
+        self.stats().rejected_total()
+    }
+
+    /// Every counter at once.
+    pub fn stats(&self) -> SinkStats {
+        self.shared.counters.snapshot()
+    }
+
+    /// The last `--keep-events` accepted events, oldest first.
+    pub fn events(&self) -> Vec<ReceivedEvent> {
+        self.shared.store.events()
+    }
+
+    /// Stops accepting connections, lets in-flight requests finish (for a few seconds at most)
+    /// and returns the final counts.
+    pub async fn shutdown(mut self) -> Result<SinkStats, SinkError> {
+        self.stop.cancel();
+        if let Some(mut server) = self.server.take() {
+            match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
+                Ok(Ok(served)) => served.map_err(SinkError::Server)?,
+                Ok(Err(join_error)) => {
+                    return Err(SinkError::Server(std::io::Error::other(join_error)))
+                }
+                Err(_) => {
+                    tracing::warn!("sink: in-flight requests did not finish in time; dropped");
+                    server.abort();
+                }
+            }
+        }
+        Ok(self.stats())
+    }
+}
+
+impl Drop for RunningSink {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// The `sink` command: serves until SIGTERM/SIGINT, printing a running count to stderr.
+pub async fn run(args: SinkArgs) -> Result<(), ExitError> {
+    let signals = Signals::install().map_err(SinkError::Signal)?;
+    let sink = start(args).await?;
+    announce(&sink);
+    let signal = report_until(&sink, signals.wait()).await;
+    tracing::info!(signal, "sink: stopping");
+    let stats = sink.shutdown().await?;
+    eprintln!("sink: stopped ({signal}): {stats}");
+    Ok(())
+}
+
+/// One line saying where to send events and tokens (scripts using port 0 parse it).
+fn announce(sink: &RunningSink) {
+    match sink.token_url() {
+        Some(token_url) => eprintln!(
+            "sink: listening on {} (token endpoint {token_url}, client id {:?}, scope {:?})",
+            sink.events_url(),
+            sink.shared.auth.as_ref().map_or("", |a| a.client.id()),
+            sink.shared.auth.as_ref().map_or("", |a| a.client.scope()),
+        ),
+        None => eprintln!(
+            "sink: listening on {} (no authentication)",
+            sink.events_url()
+        ),
+    }
+}
+
+/// Prints the counts about once a second when they changed, until `done` completes.
+async fn report_until<F: std::future::Future>(sink: &RunningSink, done: F) -> F::Output {
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut last = sink.stats();
+    tokio::pin!(done);
+    loop {
+        tokio::select! {
+            output = &mut done => return output,
+            _ = ticker.tick() => {
+                let now = sink.stats();
+                if now != last {
+                    eprintln!("sink: {now}");
+                    last = now;
+                }
+            }
+        }
+    }
+}
+
+/// SIGTERM and SIGINT, installed before the server starts so an early signal is not lost.
+struct Signals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// The name of the first signal received.
+    async fn wait(mut self) -> &'static str {
+        tokio::select! {
+            _ = self.terminate.recv() => "SIGTERM",
+            _ = self.interrupt.recv() => "SIGINT",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Command {
+        #[command(flatten)]
+        args: SinkArgs,
+    }
+
+    #[test]
+    fn default_matches_the_command_line_defaults() {
+        let parsed = Command::try_parse_from(["sink"])
+            .expect("defaults parse")
+            .args;
+        // Debug leaves the secret out (the environment may set SINK_CLIENT_SECRET anyway).
+        assert_eq!(format!("{parsed:?}"), format!("{:?}", SinkArgs::default()));
+        assert!(!format!("{:?}", SinkArgs::default()).contains("demo-secret"));
+    }
+
+    #[test]
+    fn rejects_unusable_flag_values() {
+        let bad = [
+            SinkArgs {
+                path: "api".into(),
+                ..SinkArgs::default()
+            },
+            SinkArgs {
+                path: TOKEN_PATH.into(),
+                ..SinkArgs::default()
+            },
+            SinkArgs {
+                fail_rate: 1.5,
+                ..SinkArgs::default()
+            },
+            SinkArgs {
+                fail_rate: f64::NAN,
+                ..SinkArgs::default()
+            },
+            SinkArgs {
+                fail_status: 200,
+                ..SinkArgs::default()
+            },
+            SinkArgs {
+                token_lifetime: Duration::ZERO,
+                ..SinkArgs::default()
+            },
+        ];
+        for args in bad {
+            assert!(
+                matches!(check_args(&args), Err(SinkError::InvalidArgs(_))),
+                "{args:?}"
+            );
+        }
+        assert!(check_args(&SinkArgs::default()).is_ok());
+    }
 }

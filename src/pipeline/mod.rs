@@ -200,6 +200,8 @@ impl<S: ChangeSource, C: CheckpointStore> Pipeline<S, C> {
                 biased;
                 _ = shutdown.cancelled() => break 'intake,
                 Some((change, outcome)) = results_rx.recv() => {
+                    // Reap finished tasks so the set holds only what is in flight.
+                    while in_flight.try_join_next().is_some() {}
                     if let Some(error) = record(&mut tracker, &mut summary, change, outcome) {
                         failure = Some(error);
                         break 'intake;

@@ -1,0 +1,303 @@
+//! `event-exporter demo`: the whole job on this machine in one command. It finds PostgreSQL
+//! (the local server, else a throwaway cluster from the installed server binaries), creates a
+//! scratch database with NVSentinel's schema, starts the reference sink and token endpoint on
+//! loopback, seeds history, runs the exporter with backfill and live streaming while the
+//! generator writes more events, and ends with a summary. It removes what it created, except
+//! the file of received CloudEvents.
+
+mod postgres;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use clap::Args;
+use tokio_util::sync::CancellationToken;
+
+use super::generate::{self, Generator};
+use super::sink::{self, SinkArgs};
+use crate::config::Config;
+use crate::datastore::postgres::{Connector, PgSettings, SslMode};
+use crate::exporter::{self, ExitError, Settings};
+
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Historical events seeded before the exporter starts (spread over the last 24 hours).
+    #[arg(long, default_value_t = 5_000)]
+    pub history: u64,
+    /// Events per second written while the exporter runs.
+    #[arg(long, default_value_t = 200.0)]
+    pub rate: f64,
+    /// How long live events are written.
+    #[arg(long, default_value = "10s", value_parser = crate::cli::parse_duration)]
+    pub live_for: Duration,
+    /// Concurrent publishes.
+    #[arg(long, default_value_t = 8)]
+    pub workers: usize,
+    /// Directory for the received CloudEvents (`received.ndjson`); a new temporary one by default.
+    #[arg(long, value_name = "DIR")]
+    pub output: Option<PathBuf>,
+}
+
+/// What the demo measured.
+#[derive(Debug, Clone)]
+pub struct DemoSummary {
+    pub written: u64,
+    pub delivered: u64,
+    pub duplicates: u64,
+    pub missing: u64,
+    /// Write-to-sink latency of the live events.
+    pub p50: Duration,
+    pub p99: Duration,
+    pub received_file: PathBuf,
+    pub postgres: String,
+}
+
+pub async fn run(args: DemoArgs) -> Result<(), ExitError> {
+    let summary = run_demo(args).await?;
+    println!();
+    println!("events written:    {}", summary.written);
+    println!(
+        "events delivered:  {} (missing: {})",
+        summary.delivered, summary.missing
+    );
+    println!("duplicates:        {}", summary.duplicates);
+    println!(
+        "live latency:      p50 {:.1?}, p99 {:.1?} (written → accepted by the sink)",
+        summary.p50, summary.p99
+    );
+    println!("PostgreSQL:        {}", summary.postgres);
+    println!("received events:   {}", summary.received_file.display());
+    if summary.missing > 0 {
+        return Err(ExitError::Failed(format!(
+            "{} events were not delivered",
+            summary.missing
+        )));
+    }
+    Ok(())
+}
+
+/// Runs the demo and returns its numbers (the end-to-end test calls this).
+pub async fn run_demo(args: DemoArgs) -> Result<DemoSummary, ExitError> {
+    let failed = |e: String| ExitError::Failed(e);
+    let output = match &args.output {
+        Some(dir) => dir.clone(),
+        None => std::env::temp_dir().join(format!("event-exporter-demo-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&output).map_err(|e| failed(format!("{}: {e}", output.display())))?;
+    let received_file = output.join("received.ndjson");
+    let _ = std::fs::remove_file(&received_file);
+
+    say("finding PostgreSQL");
+    let server = postgres::LocalServer::find().await.map_err(failed)?;
+    let database = format!("event_exporter_demo_{}", std::process::id());
+    server.create_database(&database).await.map_err(failed)?;
+    let result = run_with_database(&args, &server, &database, &received_file).await;
+    if let Err(error) = server.drop_database(&database).await {
+        eprintln!("could not drop the scratch database {database}: {error}");
+    }
+    server.stop();
+    let mut summary = result?;
+    summary.postgres = server.describe();
+    Ok(summary)
+}
+
+async fn run_with_database(
+    args: &DemoArgs,
+    server: &postgres::LocalServer,
+    database: &str,
+    received_file: &std::path::Path,
+) -> Result<DemoSummary, ExitError> {
+    let failed = |e: String| ExitError::Failed(e);
+    let datastore = PgSettings {
+        host: server.host(),
+        port: server.port(),
+        database: database.to_string(),
+        user: server.user(),
+        password: None,
+        sslmode: SslMode::Disable,
+        sslcert: None,
+        sslkey: None,
+        sslrootcert: None,
+    };
+    let connector = Connector::new(datastore.clone()).map_err(|e| failed(e.to_string()))?;
+    let client = connector
+        .connect()
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    generate::init_schema(&client)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+
+    let live_total = (args.rate * args.live_for.as_secs_f64()).round() as u64;
+    let written = args.history + live_total;
+    let secret = format!("demo-{:016x}", fastrand::u64(..));
+    let running_sink = sink::start(SinkArgs {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        out: Some(received_file.to_path_buf()),
+        client_secret: secret.clone(),
+        keep_events: written as usize * 2 + 1_000,
+        ..SinkArgs::default()
+    })
+    .await
+    .map_err(|e| failed(e.to_string()))?;
+    let token_url = running_sink.token_url().unwrap_or_default();
+    say(&format!(
+        "sink and token endpoint on http://{}",
+        running_sink.local_addr()
+    ));
+
+    say(&format!("seeding {} historical events", args.history));
+    let mut generator = Generator::new(64, 0.1, None);
+    generate::write_history(
+        &client,
+        &mut generator,
+        args.history,
+        Some(Duration::from_secs(24 * 3600)),
+    )
+    .await
+    .map_err(|e| failed(e.to_string()))?;
+
+    let scratch = tempdir()?;
+    let secret_path = scratch.join("oidc-client-secret");
+    std::fs::write(&secret_path, &secret).map_err(|e| failed(e.to_string()))?;
+    let config = Config::parse(&format!(
+        r#"
+[exporter.metadata]
+cluster = "demo"
+environment = "local"
+
+[exporter.sink]
+endpoint = "{sink}"
+timeout = "10s"
+
+[exporter.oidc]
+token_url = "{token_url}"
+client_id = "event-exporter"
+scope = "events:write"
+
+[exporter.backfill]
+enabled = true
+max_age = "48h"
+max_events = 1000000
+batch_size = 500
+rate_limit = 0
+
+[exporter.failure_handling]
+max_retries = 5
+initial_backoff = "200ms"
+max_backoff = "5s"
+backoff_multiplier = 2.0
+"#,
+        sink = running_sink.events_url(),
+    ))
+    .map_err(|e| failed(e.to_string()))?;
+    let settings = Settings {
+        config,
+        workers: args.workers.max(1),
+        metrics_port: 0,
+        datastore,
+        oidc_secret_path: secret_path,
+        shutdown_grace: Duration::from_secs(10),
+    };
+    let shutdown = CancellationToken::new();
+    let exporter = tokio::spawn(exporter::run_with(settings, shutdown.clone()));
+
+    // Live events while the backfill runs.
+    say(&format!(
+        "exporter running; writing {live_total} live events over {:?}",
+        args.live_for
+    ));
+    let live_started = Utc::now();
+    let started = Instant::now();
+    let mut live_written = 0u64;
+    while live_written < live_total {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let due = ((started.elapsed().as_secs_f64() * args.rate) as u64).min(live_total);
+        if due > live_written {
+            let now = Utc::now();
+            let rows: Vec<_> = (live_written..due)
+                .map(|_| generator.row(now, None))
+                .collect();
+            generate::insert(&client, &rows)
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+            live_written = due;
+        }
+        progress(&running_sink, written);
+    }
+
+    // Wait until everything arrived (or clearly will not).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while running_sink.accepted() < written && Instant::now() < deadline {
+        if exporter.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        progress(&running_sink, written);
+    }
+    eprintln!();
+    shutdown.cancel();
+    let exported = exporter.await.map_err(|e| failed(e.to_string()))?;
+    let _ = std::fs::remove_dir_all(&scratch);
+
+    let events = running_sink.events();
+    let stats = running_sink
+        .shutdown()
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    exported?;
+    let unique: HashSet<String> = events
+        .iter()
+        .filter_map(|e| e.event["id"].as_str().map(str::to_string))
+        .collect();
+    let mut latencies: Vec<Duration> = events
+        .iter()
+        .filter_map(|received| {
+            let time = received.event["time"].as_str()?;
+            let written_at = DateTime::parse_from_rfc3339(time).ok()?.with_timezone(&Utc);
+            (written_at >= live_started).then(|| {
+                (received.received_at - written_at)
+                    .to_std()
+                    .unwrap_or_default()
+            })
+        })
+        .collect();
+    latencies.sort();
+    let percentile = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p).ceil() as usize).saturating_sub(1))
+            .copied()
+            .unwrap_or_default()
+    };
+    Ok(DemoSummary {
+        written,
+        delivered: unique.len() as u64,
+        duplicates: stats.duplicates,
+        missing: written.saturating_sub(unique.len() as u64),
+        p50: percentile(0.50),
+        p99: percentile(0.99),
+        received_file: received_file.to_path_buf(),
+        postgres: String::new(),
+    })
+}
+
+fn say(message: &str) {
+    eprintln!("demo: {message}");
+}
+
+fn progress(sink: &sink::RunningSink, total: u64) {
+    eprint!("\rdemo: delivered {}/{total}   ", sink.accepted());
+}
+
+fn tempdir() -> Result<PathBuf, ExitError> {
+    let dir = std::env::temp_dir().join(format!(
+        "event-exporter-demo-secrets-{:x}",
+        fastrand::u64(..)
+    ));
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| ExitError::Failed(format!("{}: {e}", dir.display())))?;
+    Ok(dir)
+}

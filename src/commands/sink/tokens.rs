@@ -1,0 +1,382 @@
+//! The OAuth2 client-credentials grant (RFC 6749 §4.4) for one configured client, and the
+//! tokens it issued: the events endpoint accepts exactly those, until they expire.
+//!
+//! Tokens are 128 random bits from `fastrand`: unguessable enough for a development and test
+//! sink, not a production identity provider.
+
+use std::collections::HashMap;
+use std::sync::{PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+
+/// Where the token endpoint is served (beside the events path).
+pub const TOKEN_PATH: &str = "/oauth2/token";
+
+/// The one client the token endpoint knows.
+pub(super) struct Client {
+    id: String,
+    secret: String,
+    scope: String,
+}
+
+/// Why a token request was refused, as RFC 6749 §5.2 names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum GrantError {
+    InvalidRequest(&'static str),
+    InvalidClient,
+    UnsupportedGrantType,
+    InvalidScope,
+}
+
+impl GrantError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            GrantError::InvalidClient => StatusCode::UNAUTHORIZED,
+            _ => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// The `error` code of the JSON answer.
+    pub fn code(&self) -> &'static str {
+        match self {
+            GrantError::InvalidRequest(_) => "invalid_request",
+            GrantError::InvalidClient => "invalid_client",
+            GrantError::UnsupportedGrantType => "unsupported_grant_type",
+            GrantError::InvalidScope => "invalid_scope",
+        }
+    }
+
+    /// The `error_description`; never echoes what the client sent (it may be a secret).
+    pub fn description(&self) -> &'static str {
+        match self {
+            GrantError::InvalidRequest(what) => what,
+            GrantError::InvalidClient => "unknown client or wrong secret",
+            GrantError::UnsupportedGrantType => "only grant_type=client_credentials is supported",
+            GrantError::InvalidScope => "the requested scope is not the one this client may use",
+        }
+    }
+}
+
+impl Client {
+    pub fn new(id: &str, secret: &str, scope: &str) -> Client {
+        Client {
+            id: id.to_string(),
+            secret: secret.to_string(),
+            scope: scope.to_string(),
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn scope(&self) -> &str {
+        &self.scope
+    }
+
+    /// Checks a token request: form body, client authentication (HTTP Basic, or the
+    /// `client_id`/`client_secret` form fields), then grant type, then scope.
+    pub fn authorize(
+        &self,
+        authorization: Option<&str>,
+        content_type: Option<&str>,
+        body: &[u8],
+    ) -> Result<(), GrantError> {
+        if !is_form(content_type) {
+            return Err(GrantError::InvalidRequest(
+                "the body must be application/x-www-form-urlencoded",
+            ));
+        }
+        let form = parse_form(body);
+        let field = |name: &str| {
+            form.iter()
+                .find(|(key, _)| key == name)
+                .map(|(_, value)| value.as_str())
+        };
+        let authenticated = match authorization {
+            Some(header) => self.basic_matches(header),
+            None => match (field("client_id"), field("client_secret")) {
+                (Some(id), Some(secret)) => self.matches(id, secret),
+                _ => false,
+            },
+        };
+        if !authenticated {
+            return Err(GrantError::InvalidClient);
+        }
+        match field("grant_type") {
+            None => return Err(GrantError::InvalidRequest("grant_type is required")),
+            Some("client_credentials") => {}
+            Some(_) => return Err(GrantError::UnsupportedGrantType),
+        }
+        if !same_scope(field("scope").unwrap_or(""), &self.scope) {
+            return Err(GrantError::InvalidScope);
+        }
+        Ok(())
+    }
+
+    /// `Basic base64(id:secret)`. RFC 6749 §2.3.1 form-encodes both parts first; many clients
+    /// do not, so either spelling is accepted.
+    fn basic_matches(&self, header: &str) -> bool {
+        let Some((scheme, encoded)) = header.trim().split_once(' ') else {
+            return false;
+        };
+        if !scheme.eq_ignore_ascii_case("basic") {
+            return false;
+        }
+        let Some(decoded) = base64_decode(encoded.trim()) else {
+            return false;
+        };
+        let Ok(text) = String::from_utf8(decoded) else {
+            return false;
+        };
+        let Some((id, secret)) = text.split_once(':') else {
+            return false;
+        };
+        self.matches(id, secret) || self.matches(&form_decode(id), &form_decode(secret))
+    }
+
+    fn matches(&self, id: &str, secret: &str) -> bool {
+        // Both comparisons always run, so the timing does not tell which one failed.
+        let id_ok = constant_time_eq(id.as_bytes(), self.id.as_bytes());
+        let secret_ok = constant_time_eq(secret.as_bytes(), self.secret.as_bytes());
+        id_ok & secret_ok
+    }
+}
+
+/// Tokens issued and when each expires.
+pub(super) struct TokenIssuer {
+    lifetime: Duration,
+    tokens: RwLock<HashMap<String, Instant>>,
+}
+
+impl TokenIssuer {
+    pub fn new(lifetime: Duration) -> TokenIssuer {
+        TokenIssuer {
+            lifetime,
+            tokens: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// `expires_in` for the token answer: whole seconds, rounded up.
+    pub fn expires_in(&self) -> u64 {
+        self.lifetime.as_secs() + u64::from(self.lifetime.subsec_nanos() > 0)
+    }
+
+    /// A new random token valid for the configured lifetime; expired ones are forgotten here
+    /// (token requests are rare, event requests are not).
+    pub fn issue(&self) -> String {
+        let token = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+        let now = Instant::now();
+        let mut tokens = self.tokens.write().unwrap_or_else(PoisonError::into_inner);
+        tokens.retain(|_, expiry| *expiry > now);
+        tokens.insert(token.clone(), now + self.lifetime);
+        token
+    }
+
+    /// True when `token` was issued here and has not expired.
+    pub fn is_valid(&self, token: &str) -> bool {
+        let tokens = self.tokens.read().unwrap_or_else(PoisonError::into_inner);
+        tokens
+            .get(token)
+            .is_some_and(|expiry| Instant::now() < *expiry)
+    }
+}
+
+/// The token of an `Authorization: Bearer <token>` header (scheme case-insensitive).
+pub(super) fn bearer_token(authorization: &str) -> Option<&str> {
+    let (scheme, token) = authorization.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+fn is_form(content_type: Option<&str>) -> bool {
+    content_type
+        .and_then(|value| value.split(';').next())
+        .is_some_and(|media| {
+            media
+                .trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        })
+}
+
+/// Scopes are space-separated sets (RFC 6749 §3.3): the order does not matter.
+fn same_scope(requested: &str, allowed: &str) -> bool {
+    let mut requested: Vec<&str> = requested.split_whitespace().collect();
+    let mut allowed: Vec<&str> = allowed.split_whitespace().collect();
+    requested.sort_unstable();
+    requested.dedup();
+    allowed.sort_unstable();
+    allowed.dedup();
+    requested == allowed
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Decodes an `application/x-www-form-urlencoded` body into its pairs, in order.
+fn parse_form(body: &[u8]) -> Vec<(String, String)> {
+    String::from_utf8_lossy(body)
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            (form_decode(key), form_decode(value))
+        })
+        .collect()
+}
+
+/// Percent-decoding with `+` as a space; a malformed escape is kept literally.
+fn form_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => match (
+                bytes.get(i + 1).and_then(|&c| hex_value(c)),
+                bytes.get(i + 2).and_then(|&c| hex_value(c)),
+            ) {
+                (Some(high), Some(low)) => {
+                    out.push(high << 4 | low);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            other => out.push(other),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn hex_value(c: u8) -> Option<u8> {
+    (c as char).to_digit(16).map(|digit| digit as u8)
+}
+
+/// Standard base64, padding optional; `None` for anything else.
+fn base64_decode(input: &str) -> Option<Vec<u8>> {
+    fn sextet(c: u8) -> Option<u32> {
+        match c {
+            b'A'..=b'Z' => Some(u32::from(c - b'A')),
+            b'a'..=b'z' => Some(u32::from(c - b'a') + 26),
+            b'0'..=b'9' => Some(u32::from(c - b'0') + 52),
+            b'+' => Some(62),
+            b'/' => Some(63),
+            _ => None,
+        }
+    }
+    let data = input.trim_end_matches('=').as_bytes();
+    if data.len() % 4 == 1 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(data.len() * 3 / 4);
+    for chunk in data.chunks(4) {
+        let mut bits = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            bits |= sextet(c)? << (18 - 6 * i);
+        }
+        out.extend_from_slice(&bits.to_be_bytes()[1..chunk.len()]);
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FORM: Option<&str> = Some("application/x-www-form-urlencoded");
+
+    fn client() -> Client {
+        Client::new("exporter", "s3cr+t", "events:write audit")
+    }
+
+    #[test]
+    fn decodes_base64_with_and_without_padding() {
+        assert_eq!(
+            base64_decode("Zm9vOmJhcg==").as_deref(),
+            Some(&b"foo:bar"[..])
+        );
+        assert_eq!(
+            base64_decode("Zm9vOmJhcg").as_deref(),
+            Some(&b"foo:bar"[..])
+        );
+        assert_eq!(base64_decode("Zm9v!"), None);
+    }
+
+    #[test]
+    fn basic_credentials_raw_or_form_encoded() {
+        // base64("exporter:s3cr+t") and base64("exporter:s3cr%2Bt")
+        let body = b"grant_type=client_credentials&scope=audit+events%3Awrite";
+        for header in [
+            "Basic ZXhwb3J0ZXI6czNjcit0",
+            "basic ZXhwb3J0ZXI6czNjciUyQnQ=",
+        ] {
+            assert_eq!(
+                client().authorize(Some(header), FORM, body),
+                Ok(()),
+                "{header}"
+            );
+        }
+        // base64("exporter:wrong")
+        assert_eq!(
+            client().authorize(Some("Basic ZXhwb3J0ZXI6d3Jvbmc="), FORM, body),
+            Err(GrantError::InvalidClient)
+        );
+    }
+
+    #[test]
+    fn form_credentials_grant_and_scope() {
+        let check = |body: &str| client().authorize(None, FORM, body.as_bytes());
+        let creds = "client_id=exporter&client_secret=s3cr%2Bt";
+        assert_eq!(
+            check(&format!(
+                "{creds}&grant_type=client_credentials&scope=events:write+audit"
+            )),
+            Ok(())
+        );
+        assert_eq!(
+            check("client_id=exporter&grant_type=client_credentials"),
+            Err(GrantError::InvalidClient)
+        );
+        assert_eq!(
+            check(&format!("{creds}&grant_type=password&scope=audit")),
+            Err(GrantError::UnsupportedGrantType)
+        );
+        assert!(matches!(
+            check(&format!("{creds}&scope=audit")),
+            Err(GrantError::InvalidRequest(_))
+        ));
+        assert_eq!(
+            check(&format!(
+                "{creds}&grant_type=client_credentials&scope=audit"
+            )),
+            Err(GrantError::InvalidScope)
+        );
+        assert!(matches!(
+            client().authorize(None, Some("application/json"), b"{}"),
+            Err(GrantError::InvalidRequest(_))
+        ));
+    }
+
+    #[test]
+    fn tokens_expire() {
+        let issuer = TokenIssuer::new(Duration::from_millis(30));
+        let token = issuer.issue();
+        assert!(issuer.is_valid(&token));
+        assert!(!issuer.is_valid("not-issued"));
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!issuer.is_valid(&token));
+        assert_eq!(issuer.expires_in(), 1);
+    }
+
+    #[test]
+    fn bearer_scheme() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer  abc "), Some("abc"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearer "), None);
+    }
+}

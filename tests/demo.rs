@@ -1,0 +1,81 @@
+//! The one-command demo, end to end: every written event delivered, none lost.
+
+use std::time::Duration;
+
+use event_exporter::commands::demo::{run_demo, DemoArgs};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn demo_delivers_every_event_it_writes() {
+    let output = tempfile::tempdir().expect("temp dir");
+    let summary = run_demo(DemoArgs {
+        history: 800,
+        rate: 100.0,
+        live_for: Duration::from_secs(3),
+        workers: 4,
+        output: Some(output.path().to_path_buf()),
+    })
+    .await
+    .expect("demo runs");
+    assert_eq!(summary.written, 1_100, "800 history + 3 s at 100/s");
+    assert_eq!(summary.delivered, summary.written);
+    assert_eq!(summary.missing, 0);
+    assert!(
+        summary.p50 > Duration::ZERO && summary.p50 <= summary.p99,
+        "{summary:?}"
+    );
+    let lines = std::fs::read_to_string(&summary.received_file).expect("received file");
+    assert_eq!(
+        lines.lines().count() as u64,
+        summary.written,
+        "one line per delivered event"
+    );
+
+    // The scratch database is gone.
+    let (client, connection) = tokio_postgres::connect(
+        "host=127.0.0.1 port=5432 user=postgres dbname=postgres",
+        tokio_postgres::NoTls,
+    )
+    .await
+    .expect("connect");
+    tokio::spawn(connection);
+    let left: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_database WHERE datname = $1",
+            &[&format!("event_exporter_demo_{}", std::process::id())],
+        )
+        .await
+        .expect("query")
+        .get(0);
+    assert_eq!(left, 0, "the demo drops its scratch database");
+}
+
+#[test]
+fn demo_command_prints_a_summary() {
+    let output = tempfile::tempdir().expect("temp dir");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_event-exporter"))
+        .args([
+            "demo",
+            "--history",
+            "200",
+            "--rate",
+            "50",
+            "--live-for",
+            "2s",
+            "--output",
+        ])
+        .arg(output.path())
+        .output()
+        .expect("run demo");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "demo failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(stdout.contains("events written:    300"), "{stdout}");
+    assert!(
+        stdout.contains("events delivered:  300 (missing: 0)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("received.ndjson"), "{stdout}");
+}
