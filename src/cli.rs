@@ -38,6 +38,9 @@ pub enum Command {
     /// Run the whole job on this machine: PostgreSQL, sink and token endpoint, history, live
     /// events, the exporter with backfill; ends with a summary.
     Demo(crate::commands::demo::DemoArgs),
+    /// Benchmark the backfill against a local sink: events/s, CPU and memory, and how closely
+    /// rate limits are held (run a release build).
+    Bench(crate::commands::bench::BenchArgs),
 }
 
 #[derive(Debug, Clone, Args)]

@@ -5,8 +5,6 @@
 //! generator writes more events, and ends with a summary. It removes what it created, except
 //! the file of received CloudEvents.
 
-mod postgres;
-
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -17,6 +15,7 @@ use clap::Args;
 use tokio_util::sync::CancellationToken;
 
 use super::generate::{self, Generator};
+use super::local_postgres;
 use super::sink::{self, SinkArgs};
 use crate::config::Config;
 use crate::datastore::postgres::{Connector, PgSettings, SslMode};
@@ -91,7 +90,7 @@ pub async fn run_demo(args: DemoArgs) -> Result<DemoSummary, ExitError> {
     let _ = std::fs::remove_file(&received_file);
 
     say("finding PostgreSQL");
-    let server = postgres::LocalServer::find().await.map_err(failed)?;
+    let server = local_postgres::LocalServer::find().await.map_err(failed)?;
     let database = format!("event_exporter_demo_{}", std::process::id());
     server.create_database(&database).await.map_err(failed)?;
     let result = run_with_database(&args, &server, &database, &received_file).await;
@@ -106,7 +105,7 @@ pub async fn run_demo(args: DemoArgs) -> Result<DemoSummary, ExitError> {
 
 async fn run_with_database(
     args: &DemoArgs,
-    server: &postgres::LocalServer,
+    server: &local_postgres::LocalServer,
     database: &str,
     received_file: &std::path::Path,
 ) -> Result<DemoSummary, ExitError> {

@@ -1,4 +1,4 @@
-//! A PostgreSQL server for the demo: the local one when it answers, else a throwaway cluster
+//! A PostgreSQL server for the demo and the benchmark: the local one when it answers, else a throwaway cluster
 //! started from the installed server binaries (removed again by `stop`).
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,343 @@
+//! `event-exporter bench`: measures the backfill against a local sink, in one run on this
+//! machine, and prints ratios rather than asserting times (machines here are shared).
+//!
+//! Scenarios: an unlimited backfill of `--events` events (events/s, CPU, peak memory of the
+//! exporter process), and backfills at each `--rates` limit, reporting how closely every 10 s
+//! window holds the configured rate. The exporter runs as a child process (this binary), so
+//! its CPU time and memory are its own; PostgreSQL and the sink share the machine with it.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+
+use super::generate::{self, Generator};
+use super::local_postgres::LocalServer;
+use super::sink::{self, SinkArgs};
+use crate::datastore::postgres::{Connector, PgSettings, SslMode};
+use crate::exporter::ExitError;
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Events in the unlimited backfill.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub events: u64,
+    /// Rate limits (events/s) to check, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
+    pub rates: Vec<u64>,
+    /// How long each rate-limited backfill runs.
+    #[arg(long, default_value = "30s", value_parser = crate::cli::parse_duration)]
+    pub rate_run: Duration,
+    /// Concurrent publishes.
+    #[arg(long, default_value_t = 10)]
+    pub workers: usize,
+    /// Sink latency per request.
+    #[arg(long, default_value = "0s", value_parser = crate::cli::parse_duration)]
+    pub sink_latency: Duration,
+}
+
+/// Upstream's published numbers (issue #1514, v1.15.0): a 1,000,000-event backlog caught up at
+/// 400–431 events/s using 0.58–0.72 cores and 39–42 MiB.
+const UPSTREAM_EVENTS_PER_SECOND: f64 = 431.0;
+
+struct Measured {
+    events: u64,
+    seconds: f64,
+    cpu_seconds: f64,
+    peak_rss_mib: f64,
+    /// (seconds since start, accepted so far), sampled every 100 ms.
+    samples: Vec<(f64, u64)>,
+}
+
+pub async fn run(args: BenchArgs) -> Result<(), ExitError> {
+    let failed = |e: String| ExitError::Failed(e);
+    if cfg!(debug_assertions) {
+        eprintln!(
+            "bench: this is a debug build; use `cargo run --release -- bench` for real numbers"
+        );
+    }
+    let server = LocalServer::find().await.map_err(failed)?;
+    let result = run_scenarios(&args, &server).await;
+    server.stop();
+    result
+}
+
+async fn run_scenarios(args: &BenchArgs, server: &LocalServer) -> Result<(), ExitError> {
+    println!(
+        "backfill benchmark: {} workers, sink latency {:?}",
+        args.workers, args.sink_latency
+    );
+    let unlimited = scenario(args, server, args.events, 0).await?;
+    let rate = unlimited.events as f64 / unlimited.seconds;
+    println!(
+        "unlimited: {} events in {:.1} s = {:.0} events/s ({:.1}x upstream's {:.0}/s); \
+         exporter CPU {:.2} cores, peak RSS {:.1} MiB",
+        unlimited.events,
+        unlimited.seconds,
+        rate,
+        rate / UPSTREAM_EVENTS_PER_SECOND,
+        UPSTREAM_EVENTS_PER_SECOND,
+        unlimited.cpu_seconds / unlimited.seconds,
+        unlimited.peak_rss_mib,
+    );
+    for &limit in &args.rates {
+        let count = (limit as f64 * args.rate_run.as_secs_f64()) as u64;
+        let measured = scenario(args, server, count, limit).await?;
+        let (low, high) = window_rates(&measured.samples, 10.0);
+        println!(
+            "rate_limit {limit}/s: {} events in {:.1} s = {:.0}/s overall; 10 s windows held \
+             {:.1}%–{:.1}% of the limit; CPU {:.2} cores, peak RSS {:.1} MiB",
+            measured.events,
+            measured.seconds,
+            measured.events as f64 / measured.seconds,
+            low / limit as f64 * 100.0,
+            high / limit as f64 * 100.0,
+            measured.cpu_seconds / measured.seconds,
+            measured.peak_rss_mib,
+        );
+    }
+    Ok(())
+}
+
+/// One backfill of `count` events at `rate_limit` (0 = unlimited) into a fresh database.
+async fn scenario(
+    args: &BenchArgs,
+    server: &LocalServer,
+    count: u64,
+    rate_limit: u64,
+) -> Result<Measured, ExitError> {
+    let failed = |e: String| ExitError::Failed(e);
+    let database = format!("event_exporter_bench_{}_{rate_limit}", std::process::id());
+    server.create_database(&database).await.map_err(failed)?;
+    let result = async {
+        let settings = PgSettings {
+            host: server.host(),
+            port: server.port(),
+            database: database.clone(),
+            user: server.user(),
+            password: None,
+            sslmode: SslMode::Disable,
+            sslcert: None,
+            sslkey: None,
+            sslrootcert: None,
+        };
+        let client = Connector::new(settings)
+            .map_err(|e| failed(e.to_string()))?
+            .connect()
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        generate::init_schema(&client)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        eprintln!("bench: writing {count} events");
+        let mut generator = Generator::new(256, 0.1, Some(1));
+        generate::write_history(
+            &client,
+            &mut generator,
+            count,
+            Some(Duration::from_secs(24 * 3600)),
+        )
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+        client
+            .batch_execute("ANALYZE health_events; ANALYZE datastore_changelog")
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        measure(args, server, &database, count, rate_limit).await
+    }
+    .await;
+    let _ = server.drop_database(&database).await;
+    result
+}
+
+async fn measure(
+    args: &BenchArgs,
+    server: &LocalServer,
+    database: &str,
+    count: u64,
+    rate_limit: u64,
+) -> Result<Measured, ExitError> {
+    let failed = |e: String| ExitError::Failed(e);
+    let running_sink = sink::start(SinkArgs {
+        listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        latency: args.sink_latency,
+        client_secret: "bench-secret".into(),
+        keep_events: 0,
+        ..SinkArgs::default()
+    })
+    .await
+    .map_err(|e| failed(e.to_string()))?;
+    let dir = std::env::temp_dir().join(format!("event-exporter-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| failed(e.to_string()))?;
+    std::fs::write(dir.join("secret"), "bench-secret").map_err(|e| failed(e.to_string()))?;
+    std::fs::write(
+        dir.join("config.toml"),
+        format!(
+            r#"[exporter.metadata]
+cluster = "bench"
+[exporter.sink]
+endpoint = "{sink}"
+[exporter.oidc]
+token_url = "{token}"
+client_id = "event-exporter"
+scope = "events:write"
+[exporter.backfill]
+enabled = true
+max_age = "48h"
+max_events = {count}
+batch_size = 500
+rate_limit = {rate_limit}
+[exporter.failure_handling]
+max_retries = 5
+initial_backoff = "100ms"
+max_backoff = "2s"
+backoff_multiplier = 2.0
+"#,
+            sink = running_sink.events_url(),
+            token = running_sink.token_url().unwrap_or_default(),
+        ),
+    )
+    .map_err(|e| failed(e.to_string()))?;
+
+    let started = Instant::now();
+    let mut child = spawn_exporter(&dir, server, database, args.workers).map_err(failed)?;
+    let mut samples = Vec::new();
+    let mut last_progress = Instant::now();
+    let mut cpu_seconds = 0.0;
+    let mut peak_rss_mib = 0.0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let accepted = running_sink.accepted();
+        samples.push((started.elapsed().as_secs_f64(), accepted));
+        if let Some((cpu, rss)) = process_usage(child.id()) {
+            cpu_seconds = cpu;
+            peak_rss_mib = rss;
+        }
+        if accepted >= count {
+            break;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(failed(format!("the exporter exited early with {status}")));
+        }
+        if last_progress.elapsed() > Duration::from_secs(5) {
+            eprintln!("bench: {accepted}/{count}");
+            last_progress = Instant::now();
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    let _ = running_sink.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(Measured {
+        events: count,
+        seconds,
+        cpu_seconds,
+        peak_rss_mib,
+        samples,
+    })
+}
+
+fn spawn_exporter(
+    dir: &Path,
+    server: &LocalServer,
+    database: &str,
+    workers: usize,
+) -> Result<Child, String> {
+    let binary = std::env::current_exe().map_err(|e| e.to_string())?;
+    Command::new(binary)
+        .arg(format!("--config={}", dir.join("config.toml").display()))
+        .arg(format!(
+            "--oidc-secret-path={}",
+            dir.join("secret").display()
+        ))
+        .arg("--metrics-port=0")
+        .arg(format!("--workers={workers}"))
+        .env("LOG_LEVEL", "warn")
+        .env("DATASTORE_PROVIDER", "postgresql")
+        .env("DATASTORE_HOST", server.host())
+        .env("DATASTORE_PORT", server.port().to_string())
+        .env("DATASTORE_DATABASE", database)
+        .env("DATASTORE_USERNAME", server.user())
+        .env("DATASTORE_SSLMODE", "disable")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start the exporter: {e}"))
+}
+
+/// CPU seconds used and peak resident memory (MiB) of process `pid`, from /proc.
+fn process_usage(pid: u32) -> Option<(f64, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let peak_kib: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    // Linux reports CPU time in clock ticks of 1/100 s.
+    Some((ticks / 100.0, peak_kib / 1024.0))
+}
+
+/// The lowest and highest rate (events/s) over every `window`-second span between the first
+/// and the last delivery, stepping by one second.
+fn window_rates(samples: &[(f64, u64)], window: f64) -> (f64, f64) {
+    let at = |t: f64| -> f64 {
+        // Linear interpolation between samples.
+        match samples.iter().position(|(time, _)| *time >= t) {
+            Some(0) | None => samples.last().map(|s| s.1 as f64).unwrap_or(0.0),
+            Some(i) => {
+                let (t0, a0) = samples[i - 1];
+                let (t1, a1) = samples[i];
+                a0 as f64 + (a1 as f64 - a0 as f64) * (t - t0) / (t1 - t0).max(1e-9)
+            }
+        }
+    };
+    let first = samples
+        .iter()
+        .find(|(_, a)| *a > 0)
+        .map(|s| s.0)
+        .unwrap_or(0.0);
+    let last = samples.last().map(|s| s.0).unwrap_or(0.0);
+    let (mut low, mut high) = (f64::MAX, 0.0f64);
+    let mut start = first + 1.0;
+    while start + window <= last {
+        let rate = (at(start + window) - at(start)) / window;
+        low = low.min(rate);
+        high = high.max(rate);
+        start += 1.0;
+    }
+    if high == 0.0 {
+        return (0.0, 0.0);
+    }
+    (low, high)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_rates_of_a_steady_series() {
+        let samples: Vec<(f64, u64)> = (0..=400).map(|i| (i as f64 * 0.1, i * 100)).collect();
+        let (low, high) = window_rates(&samples, 10.0);
+        assert!(
+            (low - 1000.0).abs() < 1.0 && (high - 1000.0).abs() < 1.0,
+            "{low} {high}"
+        );
+    }
+
+    #[test]
+    fn process_usage_reads_this_process() {
+        let (cpu, rss) = process_usage(std::process::id()).expect("/proc is readable");
+        assert!(cpu >= 0.0 && rss > 0.0);
+    }
+}
