@@ -15,6 +15,7 @@ use crate::datastore::postgres::{
     spawn_listener, ChangelogReader, Connector, PgSettings, StartPoint, TokenStore,
 };
 use crate::datastore::DatastoreError;
+use crate::filter::Filter;
 use crate::pipeline::{EventHandler, Feed, Pipeline, PipelineError, Summary};
 use crate::server::{self, Status};
 use crate::sink::{self, Publisher, TokenProvider};
@@ -79,13 +80,7 @@ pub fn validate(args: &RunArgs) -> Result<Settings, ExitError> {
             args.metrics_port
         ))
     })?;
-    if config.filter_expression.is_some() {
-        return Err(ExitError::Config(
-            "exporter.filter.expression: CEL filtering is not supported by this version yet; \
-             remove the expression (or leave it blank) to export every event"
-                .into(),
-        ));
-    }
+    compile_filter(&config)?;
     let datastore = PgSettings::from_env(|name| std::env::var(name).ok())
         .map_err(|e| ExitError::Config(e.to_string()))?;
     Ok(Settings {
@@ -96,6 +91,13 @@ pub fn validate(args: &RunArgs) -> Result<Settings, ExitError> {
         oidc_secret_path: args.oidc_secret_path.clone(),
         shutdown_grace: args.shutdown_grace,
     })
+}
+
+/// Compiles `exporter.filter.expression` (`None` when blank): a malformed or non-boolean
+/// expression is a configuration error, as upstream.
+pub fn compile_filter(config: &Config) -> Result<Option<Filter>, ExitError> {
+    Filter::compile(config.filter_expression.as_deref().unwrap_or_default())
+        .map_err(|e| ExitError::Config(format!("exporter.filter.expression: {e}")))
 }
 
 /// Runs the exporter until SIGTERM/SIGINT (Ok) or a failure.
@@ -145,9 +147,17 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
     .map_err(failed)?;
     let endpoint = reqwest::Url::parse(&config.sink.endpoint).map_err(|e| failed(e.to_string()))?;
     let publisher = Publisher::new(http, endpoint, auth, config.failure_handling.clone());
+    let filter = compile_filter(&config)?;
+    if let Some(filter) = &filter {
+        tracing::info!(
+            expression = filter.expression(),
+            "exporting only events the filter expression accepts"
+        );
+    }
     let handler = Arc::new(EventHandler {
         transformer: Transformer::new(config.metadata.clone()),
         publisher,
+        filter,
     });
 
     crate::metrics::get().set_feature_flag("backfill_enabled", config.backfill.enabled);
@@ -241,6 +251,7 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
             tracing::info!(
                 published = summary.published,
                 skipped = summary.skipped,
+                filtered = summary.filtered,
                 resume_token = summary.checkpoint,
                 "stopped cleanly"
             );
@@ -287,6 +298,7 @@ async fn run_backfill(
         tracing::info!(
             published = summary.published,
             skipped = summary.skipped,
+            filtered = summary.filtered,
             took = %format_go_duration(Duration::from_secs(started.elapsed().as_secs())),
             "backfill complete"
         );

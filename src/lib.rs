@@ -12,6 +12,7 @@ pub mod commands;
 pub mod config;
 pub mod datastore;
 pub mod exporter;
+pub mod filter;
 pub mod logging;
 pub mod metrics;
 pub mod model;

@@ -32,6 +32,8 @@ pub struct Metrics {
     pub events_in_flight: Gauge,
     pub datastore_reconnects: Counter,
     pub events_skipped: Family<Labels, Counter>,
+    pub events_filtered: Counter,
+    pub filter_errors: Counter,
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -143,6 +145,19 @@ impl Metrics {
             "Health events not published, by reason (undecodable, no health event)",
             events_skipped.clone(),
         );
+        // Upstream's help texts; prometheus-client adds the final period.
+        let events_filtered = Counter::default();
+        registry.register(
+            "health_events_exporter_events_filtered",
+            "Total number of events not published because the filter expression evaluated false",
+            events_filtered.clone(),
+        );
+        let filter_errors = Counter::default();
+        registry.register(
+            "health_events_exporter_filter_errors",
+            "Total number of filter evaluation errors. The event is exported anyway",
+            filter_errors.clone(),
+        );
         Metrics {
             registry,
             events_received,
@@ -161,6 +176,8 @@ impl Metrics {
             events_in_flight,
             datastore_reconnects,
             events_skipped,
+            events_filtered,
+            filter_errors,
         }
     }
 

@@ -10,6 +10,7 @@ use crate::datastore::postgres::PgSettings;
 /// Returns the report to print, or the error that makes the config invalid.
 pub fn check(args: &CheckConfigArgs) -> Result<String, String> {
     let config = Config::load(&args.config).map_err(|e| e.to_string())?;
+    crate::exporter::compile_filter(&config).map_err(|e| e.to_string())?;
     let datastore = if std::env::var_os("DATASTORE_PROVIDER").is_some() {
         let settings =
             PgSettings::from_env(|name| std::env::var(name).ok()).map_err(|e| e.to_string())?;

@@ -23,6 +23,7 @@ use crate::cloudevent::Transformer;
 use crate::datastore::{
     Change, ChangeKind, ChangeSource, CheckpointStore, DatastoreError, RawEvent,
 };
+use crate::filter::Filter;
 use crate::metrics;
 use crate::model::decode_document;
 use crate::sink::{PublishError, Publisher};
@@ -48,6 +49,8 @@ enum Outcome {
     Published,
     /// Needs no delivery (undecodable, no health event); the position still finishes.
     Skipped,
+    /// The filter expression evaluated false: not published; the position still finishes.
+    Filtered,
     Failed(String),
     /// Stopped by shutdown before the sink accepted it; the position stays unfinished.
     Cancelled,
@@ -57,6 +60,8 @@ enum Outcome {
 pub struct EventHandler {
     pub transformer: Transformer,
     pub publisher: Publisher,
+    /// `exporter.filter.expression`; `None` exports everything.
+    pub filter: Option<Filter>,
 }
 
 impl EventHandler {
@@ -82,6 +87,21 @@ impl EventHandler {
                 return Outcome::Skipped;
             }
         };
+        if let Some(filter) = &self.filter {
+            match filter.matches(&health_event) {
+                Ok(true) => {}
+                Ok(false) => {
+                    metrics.events_filtered.inc();
+                    tracing::debug!(changelog_id = position, record_id = %event.record_id, "filter expression is false; not publishing the event");
+                    return Outcome::Filtered;
+                }
+                // Fail open, as upstream: an event the filter cannot judge is exported.
+                Err(error) => {
+                    metrics.filter_errors.inc();
+                    tracing::warn!(changelog_id = position, record_id = %event.record_id, %error, "Filter evaluation failed, exporting event");
+                }
+            }
+        }
         let body = self
             .transformer
             .encode(&event.record_id, &health_event, event.created_at);
@@ -140,6 +160,8 @@ pub struct Summary {
     pub finished: bool,
     pub published: u64,
     pub skipped: u64,
+    /// Not published because the filter expression evaluated false.
+    pub filtered: u64,
     pub checkpoint: u64,
 }
 
@@ -327,6 +349,7 @@ fn record(
     match outcome {
         Outcome::Published => summary.published += 1,
         Outcome::Skipped => summary.skipped += 1,
+        Outcome::Filtered => summary.filtered += 1,
         Outcome::Cancelled => return None,
         Outcome::Failed(reason) => {
             let record_id = match change.kind {
