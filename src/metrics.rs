@@ -5,9 +5,13 @@
 use std::sync::atomic::AtomicU64;
 use std::sync::OnceLock;
 
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
@@ -34,6 +38,9 @@ pub struct Metrics {
     pub events_skipped: Family<Labels, Counter>,
     pub events_filtered: Counter,
     pub filter_errors: Counter,
+    pub stream_lag_seconds: Gauge<f64, AtomicU64>,
+    pub changelog_head_id: Gauge,
+    pub changelog_ids_behind: Gauge,
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -158,6 +165,34 @@ impl Metrics {
             "Total number of filter evaluation errors. The event is exported anyway",
             filter_errors.clone(),
         );
+        let stream_lag_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "health_events_exporter_stream_lag_seconds",
+            "Age of the oldest received stream event not yet delivered (0 when caught up)",
+            stream_lag_seconds.clone(),
+        );
+        let changelog_head_id = Gauge::default();
+        registry.register(
+            "health_events_exporter_changelog_head_id",
+            "Highest datastore_changelog id at the last read",
+            changelog_head_id.clone(),
+        );
+        let changelog_ids_behind = Gauge::default();
+        registry.register(
+            "health_events_exporter_changelog_ids_behind",
+            "Changelog ids between the resume token and the head of the changelog",
+            changelog_ids_behind.clone(),
+        );
+        let build_info = Family::<Labels, Gauge>::default();
+        registry.register(
+            "health_events_exporter_build_info",
+            "Build information; the value is always 1",
+            build_info.clone(),
+        );
+        build_info
+            .get_or_create(&vec![("version".into(), env!("CARGO_PKG_VERSION").into())])
+            .set(1);
+        registry.register_collector(Box::new(ProcessCollector));
         Metrics {
             registry,
             events_received,
@@ -178,6 +213,9 @@ impl Metrics {
             events_skipped,
             events_filtered,
             filter_errors,
+            stream_lag_seconds,
+            changelog_head_id,
+            changelog_ids_behind,
         }
     }
 
@@ -220,5 +258,139 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = encode(&mut text, &self.registry);
         text
+    }
+}
+
+/// The process metrics every Prometheus user expects, read from /proc at each scrape.
+#[derive(Debug)]
+struct ProcessCollector;
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(process) = ProcessStats::read() else {
+            return Ok(());
+        };
+        let cpu = ConstCounter::new(process.cpu_seconds);
+        cpu.encode(encoder.encode_descriptor(
+            "process_cpu_seconds",
+            "Total user and system CPU time spent in seconds",
+            None,
+            cpu.metric_type(),
+        )?)?;
+        let gauges = [
+            (
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes",
+                process.resident_bytes,
+            ),
+            (
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes",
+                process.virtual_bytes,
+            ),
+            (
+                "process_open_fds",
+                "Number of open file descriptors",
+                process.open_fds,
+            ),
+            (
+                "process_max_fds",
+                "Maximum number of open file descriptors",
+                process.max_fds,
+            ),
+            (
+                "process_start_time_seconds",
+                "Start time of the process since unix epoch in seconds",
+                process.start_time_seconds,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let gauge = ConstGauge::new(value);
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
+        Ok(())
+    }
+}
+
+struct ProcessStats {
+    cpu_seconds: f64,
+    resident_bytes: f64,
+    virtual_bytes: f64,
+    open_fds: f64,
+    max_fds: f64,
+    start_time_seconds: f64,
+}
+
+/// Linux reports CPU times in clock ticks of 1/100 s.
+const TICKS_PER_SECOND: f64 = 100.0;
+
+impl ProcessStats {
+    fn read() -> Option<ProcessStats> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // Fields after the parenthesised command name, counted from `state` (field 3).
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<f64>().ok());
+        let cpu_seconds = (field(14)? + field(15)?) / TICKS_PER_SECOND;
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let kib = |key: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+                .map(|v| v * 1024.0)
+        };
+        let boot_time = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find(|l| l.starts_with("btime"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse::<f64>().ok())
+            })?;
+        let max_fds = std::fs::read_to_string("/proc/self/limits")
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find(|l| l.starts_with("Max open files"))
+                    .and_then(|l| l.split_whitespace().nth(3))
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
+            .unwrap_or(0.0);
+        Some(ProcessStats {
+            cpu_seconds,
+            resident_bytes: kib("VmRSS:").unwrap_or(0.0),
+            virtual_bytes: kib("VmSize:").unwrap_or(0.0),
+            open_fds: std::fs::read_dir("/proc/self/fd")
+                .map(|d| d.count() as f64)
+                .unwrap_or(0.0),
+            max_fds,
+            start_time_seconds: boot_time + field(22)? / TICKS_PER_SECOND,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_upstream_names_and_process_metrics() {
+        let text = get().encode();
+        for name in [
+            "health_events_exporter_events_received_total",
+            "health_events_exporter_publish_duration_seconds_bucket",
+            "health_events_exporter_build_info{version=",
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+            "process_open_fds",
+            "process_start_time_seconds",
+        ] {
+            assert!(text.contains(name), "{name} missing from:\n{text}");
+        }
+        let stats = ProcessStats::read().expect("/proc readable");
+        assert!(stats.resident_bytes > 0.0 && stats.open_fds > 0.0);
+        let now = chrono::Utc::now().timestamp() as f64;
+        assert!(stats.start_time_seconds > now - 86_400.0 && stats.start_time_seconds <= now + 1.0);
     }
 }

@@ -11,7 +11,9 @@ mod tracker;
 
 pub use tracker::SequenceTracker;
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
+
+use chrono::{DateTime, Utc};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -217,6 +219,8 @@ impl<S: ChangeSource, C: CheckpointStore> Pipeline<S, C> {
         // Events received and not yet handed to a worker. Waiting for a worker is one arm of
         // the loop, so results keep being recorded and the token saved meanwhile.
         let mut waiting: VecDeque<(Change, RawEvent)> = VecDeque::new();
+        // When each received, unfinished event was written: the stream's lag.
+        let mut unfinished: BTreeMap<u64, DateTime<Utc>> = BTreeMap::new();
         'intake: loop {
             tokio::select! {
                 biased;
@@ -224,6 +228,7 @@ impl<S: ChangeSource, C: CheckpointStore> Pipeline<S, C> {
                 Some((change, outcome)) = results_rx.recv() => {
                     // Reap finished tasks so the set holds only what is in flight.
                     while in_flight.try_join_next().is_some() {}
+                    unfinished.remove(&change.position);
                     if let Some(error) = record(&mut tracker, &mut summary, change, outcome) {
                         failure = Some(error);
                         break 'intake;
@@ -232,6 +237,9 @@ impl<S: ChangeSource, C: CheckpointStore> Pipeline<S, C> {
                 _ = tick.tick() => {
                     if let Err(error) = save_if_advanced(&*checkpoints, &tracker, &mut saved).await {
                         tracing::warn!(%error, "saving the resume token failed; will retry");
+                    }
+                    if feed == Feed::Stream {
+                        report_lag(&unfinished, &tracker);
                     }
                 }
                 permit = permits.clone().acquire_owned(), if !waiting.is_empty() => {
@@ -266,6 +274,9 @@ impl<S: ChangeSource, C: CheckpointStore> Pipeline<S, C> {
                             ChangeKind::Event(event) => {
                                 if feed == Feed::Stream {
                                     metrics::get().events_received.inc();
+                                    if let Some(changed_at) = change.changed_at {
+                                        unfinished.insert(change.position, changed_at);
+                                    }
                                 }
                                 let event = event.clone();
                                 waiting.push_back((change, event));
@@ -365,6 +376,21 @@ fn record(
     }
     tracker.finish_span(change.position, change.through, change.changed_at);
     None
+}
+
+/// Stream lag: the age of the oldest received event not yet finished, and how many changelog
+/// ids the resume token is behind the head.
+fn report_lag(unfinished: &BTreeMap<u64, DateTime<Utc>>, tracker: &SequenceTracker) {
+    let metrics = metrics::get();
+    let lag = unfinished
+        .values()
+        .min()
+        .map(|oldest| (Utc::now() - *oldest).num_milliseconds().max(0) as f64 / 1000.0)
+        .unwrap_or(0.0);
+    metrics.stream_lag_seconds.set(lag);
+    let head = metrics.changelog_head_id.get().max(0) as u64;
+    let behind = head.saturating_sub(tracker.checkpoint().position);
+    metrics.changelog_ids_behind.set(behind as i64);
 }
 
 async fn save_if_advanced<C: CheckpointStore>(

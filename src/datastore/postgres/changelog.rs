@@ -286,9 +286,10 @@ impl ChangelogReader {
         let rows = client
             .query(
                 &format!(
-                    "SELECT pg_snapshot_xmin(s.snap)::text, \
+                    "SELECT pg_snapshot_xmin(s.snap)::text, s.head, \
                             {ROW_COLUMNS} \
-                     FROM (SELECT pg_current_snapshot() AS snap) s \
+                     FROM (SELECT pg_current_snapshot() AS snap, \
+                                  (SELECT max(id) FROM datastore_changelog) AS head) s \
                      LEFT JOIN LATERAL (SELECT * FROM datastore_changelog \
                                         WHERE id > $1 ORDER BY id LIMIT $2) c ON true"
                 ),
@@ -301,10 +302,14 @@ impl ChangelogReader {
             ));
         };
         let xmin = parse_xid(first.get(0))?;
+        let head: Option<i64> = first.get(1);
+        crate::metrics::get()
+            .changelog_head_id
+            .set(head.unwrap_or(0));
         let mut changes = Vec::new();
         let mut new_holes = Vec::new();
         for row in &rows {
-            let Some(id) = row.get::<_, Option<i64>>(1) else {
+            let Some(id) = row.get::<_, Option<i64>>(2) else {
                 continue; // no new rows: only the snapshot came back
             };
             let id = id as u64;
@@ -314,7 +319,7 @@ impl ChangelogReader {
                 new_holes.push((self.read_pos + 1, id - 1));
             }
             self.read_pos = id;
-            changes.push(self.change_from_row(row, 1)?);
+            changes.push(self.change_from_row(row, 2)?);
         }
         if !new_holes.is_empty() {
             // Costs one transaction id, only on polls that found holes.
