@@ -144,9 +144,33 @@ pub fn decode_document(document: &Value) -> Result<Option<HealthEvent>, DecodeEr
     }))
 }
 
-/// The trace id a platform connector put in the event metadata, when present.
-pub fn trace_id(event: &HealthEvent) -> Option<&str> {
-    event.metadata.get("trace_id").map(String::as_str)
+/// The W3C `traceparent` for delivering `event`, when a platform connector put a trace id in
+/// its metadata: the parent span is the one recorded in `healtheventstatus.spanids` (the
+/// platform connector's, when several), else a new span id for this delivery.
+pub fn traceparent(document: &Value, event: &HealthEvent) -> Option<String> {
+    let is_hex = |text: &str, len: usize| {
+        text.len() == len
+            && text.bytes().all(|b| b.is_ascii_hexdigit())
+            && text.bytes().any(|b| b != b'0')
+    };
+    let trace_id = event.metadata.get("trace_id")?.to_ascii_lowercase();
+    if !is_hex(&trace_id, 32) {
+        return None;
+    }
+    let span_ids = document
+        .get("healtheventstatus")
+        .and_then(|status| status.get("spanids").or_else(|| status.get("spanIds")))
+        .and_then(Value::as_object);
+    let recorded = span_ids.and_then(|ids| {
+        let valid = |(_, v): &(&String, &Value)| v.as_str().is_some_and(|s| is_hex(s, 16));
+        ids.iter()
+            .filter(valid)
+            .find(|(key, _)| key.contains("platform-connector"))
+            .or_else(|| ids.iter().find(valid))
+            .and_then(|(_, v)| v.as_str().map(str::to_ascii_lowercase))
+    });
+    let span_id = recorded.unwrap_or_else(|| format!("{:016x}", fastrand::u64(1..)));
+    Some(format!("00-{trace_id}-{span_id}-01"))
 }
 
 fn field<'a>(object: &'a Map<String, Value>, camel: &str, lower: &str) -> Option<&'a Value> {
@@ -391,7 +415,7 @@ mod tests {
             })
         );
         assert_eq!(event.drain_overrides, None);
-        assert_eq!(trace_id(&event), Some("abc"));
+        assert_eq!(event.metadata["trace_id"], "abc");
     }
 
     #[test]
@@ -435,6 +459,44 @@ mod tests {
             .expect("valid")
             .expect("has event");
         assert_eq!(event.recommended_action, "77");
+    }
+
+    #[test]
+    fn traceparent_joins_the_platform_connectors_trace() {
+        let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+        let document = json!({
+            "healthevent": {"metadata": {"trace_id": trace}},
+            "healtheventstatus": {"spanids": {
+                "fault-quarantine": "1111111111111111",
+                "platform-connectors": "00f067aa0ba902b7"
+            }}
+        });
+        let event = decode_document(&document)
+            .expect("valid")
+            .expect("has event");
+        assert_eq!(
+            traceparent(&document, &event).as_deref(),
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        );
+        // No recorded span: a new span id of our own.
+        let bare = json!({"healthevent": {"metadata": {"trace_id": trace}}});
+        let event = decode_document(&bare).expect("valid").expect("has event");
+        let header = traceparent(&bare, &event).expect("header");
+        assert!(
+            header.starts_with(&format!("00-{trace}-")) && header.ends_with("-01"),
+            "{header}"
+        );
+        assert_eq!(header.len(), 55);
+        // Not a W3C trace id: no header.
+        for bad in [
+            "abc",
+            "00000000000000000000000000000000",
+            "zz92f3577b34da6a3ce929d0e0e4736z",
+        ] {
+            let doc = json!({"healthevent": {"metadata": {"trace_id": bad}}});
+            let event = decode_document(&doc).expect("valid").expect("has event");
+            assert_eq!(traceparent(&doc, &event), None, "{bad}");
+        }
     }
 
     #[test]

@@ -27,7 +27,7 @@ use crate::datastore::{
 };
 use crate::filter::Filter;
 use crate::metrics;
-use crate::model::decode_document;
+use crate::model::{decode_document, traceparent};
 use crate::sink::{PublishError, Publisher};
 
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
@@ -110,7 +110,12 @@ impl EventHandler {
         let started = Instant::now();
         match self
             .publisher
-            .publish(&body, &event.record_id, cancel)
+            .publish(
+                &body,
+                &event.record_id,
+                traceparent(&event.document, &health_event).as_deref(),
+                cancel,
+            )
             .await
         {
             Ok(()) => {

@@ -3,7 +3,8 @@
 //! Any 2xx is success; everything else is retried (as upstream does) until the attempts are
 //! used up. `Retry-After` on 429/503 replaces the computed delay (capped at `max_backoff`).
 //! A 401 drops the cached token and retries at once with a fresh one. Every response body is
-//! read so the keep-alive connection can be reused.
+//! read so the keep-alive connection can be reused. An event that carries a trace id goes out
+//! with a W3C `traceparent` header, so the sink can join the trace.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -65,6 +66,7 @@ impl Publisher {
         &self,
         body: &[u8],
         event_id: &str,
+        traceparent: Option<&str>,
         cancel: &CancellationToken,
     ) -> Result<(), PublishError> {
         let started = Instant::now();
@@ -72,7 +74,7 @@ impl Publisher {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let failure = match self.attempt(body).await {
+            let failure = match self.attempt(body, traceparent).await {
                 Ok(()) => return Ok(()),
                 Err(failure) => failure,
             };
@@ -103,7 +105,7 @@ impl Publisher {
     }
 
     /// One attempt, including at most one immediate retry after a 401 with a fresh token.
-    async fn attempt(&self, body: &[u8]) -> Result<(), AttemptFailure> {
+    async fn attempt(&self, body: &[u8], traceparent: Option<&str>) -> Result<(), AttemptFailure> {
         let mut refreshed = false;
         loop {
             let token = match &self.auth {
@@ -117,6 +119,9 @@ impl Publisher {
                 .body(body.to_vec());
             if let Some(token) = &token {
                 request = request.header(AUTHORIZATION, format!("Bearer {token}"));
+            }
+            if let Some(traceparent) = traceparent {
+                request = request.header("traceparent", traceparent);
             }
             let response = request.send().await.map_err(|e| AttemptFailure {
                 reason: if e.is_timeout() {

@@ -1,0 +1,138 @@
+//! What an SRE watches: /metrics moving during a run, and trace context reaching the sink.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use support::exporter::{Exporter, ExporterOptions};
+use support::pg::{self, TestDb};
+use support::sink::{Scripted, SinkOptions, SinkServer};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// The value of the first sample line starting with `series` (a name with its labels).
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|line| line.starts_with(series) && line[series.len()..].starts_with(' '))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+}
+
+#[tokio::test]
+async fn metrics_follow_the_stream() {
+    let db = TestDb::create().await;
+    let client = db.client().await;
+    let sink = SinkServer::start(SinkOptions {
+        token_registry: None,
+        latency: Some(Duration::from_millis(1500)),
+    })
+    .await;
+    let mut options = ExporterOptions::new(&sink, None, db.env());
+    options.workers = 2;
+    let mut exporter = Exporter::start(&options).await;
+    sink.push_responses(vec![Scripted::status(503)]);
+    for i in 0..4 {
+        pg::insert_health_event(&client, &pg::health_event_doc("node", i)).await;
+    }
+
+    // While events wait on the slow sink: some in flight, and the stream lags.
+    let deadline = Instant::now() + WAIT;
+    let during = loop {
+        let metrics = exporter.metrics().await;
+        let in_flight = sample(&metrics, "health_events_exporter_events_in_flight").unwrap_or(0.0);
+        let lag = sample(&metrics, "health_events_exporter_stream_lag_seconds").unwrap_or(0.0);
+        if in_flight >= 1.0 && lag > 0.0 {
+            break metrics;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no in-flight events or lag seen:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(sample(&during, "health_events_exporter_changelog_ids_behind").unwrap_or(0.0) >= 1.0);
+    assert!(sample(&during, "health_events_exporter_events_received_total").unwrap_or(0.0) >= 1.0);
+
+    sink.wait_for_accepted(4, WAIT).await;
+    // After the next checkpoint tick everything is caught up.
+    let deadline = Instant::now() + WAIT;
+    let after = loop {
+        let metrics = exporter.metrics().await;
+        if sample(&metrics, "health_events_exporter_changelog_ids_behind") == Some(0.0)
+            && sample(&metrics, "health_events_exporter_stream_lag_seconds") == Some(0.0)
+        {
+            break metrics;
+        }
+        assert!(Instant::now() < deadline, "never caught up:\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let series = [
+        ("health_events_exporter_events_received_total", 4.0),
+        (
+            "health_events_exporter_events_published_total{status=\"success\"}",
+            4.0,
+        ),
+        (
+            "health_events_exporter_publish_attempt_failures_total{reason=\"status_503\"}",
+            1.0,
+        ),
+        ("health_events_exporter_events_in_flight", 0.0),
+        (
+            "health_events_exporter_changelog_head_id",
+            pg::changelog_max_id(&client).await as f64,
+        ),
+        ("health_events_exporter_build_info{version=\"0.1.0\"}", 1.0),
+    ];
+    for (name, value) in series {
+        assert_eq!(sample(&after, name), Some(value), "{name} in:\n{after}");
+    }
+    for name in [
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_open_fds",
+    ] {
+        assert!(
+            sample(&after, name).is_some_and(|v| v > 0.0),
+            "{name} in:\n{after}"
+        );
+    }
+    assert!(
+        sample(
+            &after,
+            "health_events_exporter_resume_token_update_timestamp"
+        )
+        .unwrap_or(0.0)
+            > 1.7e9
+    );
+    assert_eq!(exporter.terminate().await.code(), Some(0));
+}
+
+#[tokio::test]
+async fn trace_context_reaches_the_sink() {
+    let db = TestDb::create().await;
+    let client = db.client().await;
+    let sink = SinkServer::start(SinkOptions::default()).await;
+    let _exporter = Exporter::start(&ExporterOptions::new(&sink, None, db.env())).await;
+
+    let mut traced = pg::health_event_doc("node", 1);
+    traced["healthevent"]["metadata"]["trace_id"] = json!("4bf92f3577b34da6a3ce929d0e0e4736");
+    traced["healtheventstatus"]["spanids"] = json!({"platform-connectors": "00f067aa0ba902b7"});
+    let traced_id = pg::insert_health_event(&client, &traced).await;
+    let plain_id = pg::insert_health_event(&client, &pg::health_event_doc("node", 2)).await;
+    sink.wait_for_accepted(2, WAIT).await;
+
+    let header_of = |id: &str| {
+        sink.requests()
+            .into_iter()
+            .find(|r| r.json.as_ref().is_some_and(|j| j["id"] == id))
+            .map(|r| r.header("traceparent").map(str::to_string))
+            .expect("request for the event")
+    };
+    assert_eq!(
+        header_of(&traced_id).as_deref(),
+        Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    );
+    assert_eq!(header_of(&plain_id), None);
+}
