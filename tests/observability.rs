@@ -136,3 +136,62 @@ async fn trace_context_reaches_the_sink() {
     );
     assert_eq!(header_of(&plain_id), None);
 }
+
+#[tokio::test]
+async fn failure_counters_move_before_the_exporter_stops() {
+    let db = TestDb::create().await;
+    let client = db.client().await;
+    // Each answer takes a second, so the second event is still being tried when the first
+    // gives up: the exporter then waits for it, with /metrics still served.
+    let sink = SinkServer::start(SinkOptions {
+        token_registry: None,
+        latency: Some(Duration::from_secs(1)),
+    })
+    .await;
+    sink.fail_always(500);
+    let mut options = ExporterOptions::new(&sink, None, db.env());
+    options.workers = 2;
+    options.max_retries = 1;
+    options.initial_backoff = "100ms".into();
+    options.shutdown_grace = "3s".into();
+    let mut exporter = Exporter::start(&options).await;
+    pg::insert_health_event(&client, &pg::health_event_doc("node", 1)).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    pg::insert_health_event(&client, &pg::health_event_doc("node", 2)).await;
+
+    let deadline = Instant::now() + WAIT;
+    let seen = loop {
+        let metrics = exporter.metrics().await;
+        if sample(
+            &metrics,
+            "health_events_exporter_publish_errors_total{error_type=\"max_retries_exceeded\"}",
+        )
+        .is_some_and(|v| v >= 1.0)
+        {
+            break metrics;
+        }
+        assert!(
+            exporter.try_status().is_none(),
+            "exited before the failure was visible"
+        );
+        assert!(Instant::now() < deadline, "no failure counted:\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        sample(
+            &seen,
+            "health_events_exporter_events_published_total{status=\"failure\"}"
+        )
+        .is_some_and(|v| v >= 1.0),
+        "{seen}"
+    );
+    assert!(
+        sample(
+            &seen,
+            "health_events_exporter_publish_attempt_failures_total{reason=\"status_500\"}"
+        )
+        .is_some_and(|v| v >= 2.0),
+        "{seen}"
+    );
+    assert_eq!(exporter.wait_exit(WAIT).await.code(), Some(1));
+}
