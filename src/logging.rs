@@ -3,6 +3,7 @@
 //! pipelines keep working; text on request, for people.
 
 use std::fmt;
+use std::io::IsTerminal;
 
 use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
@@ -31,7 +32,9 @@ pub fn init(level: &str, format: LogFormat) -> Result<(), String> {
     let filter = EnvFilter::new(format!("warn,event_exporter={directive}"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colours only for a terminal: a log file or collector gets plain text.
+        .with_ansi(std::io::stderr().is_terminal());
     let result = match format {
         LogFormat::Json => builder.event_format(SlogJson).try_init(),
         LogFormat::Text => builder.try_init(),

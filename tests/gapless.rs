@@ -180,26 +180,6 @@ fn doc(node: &str, i: u32) -> Value {
     pg::health_event_doc(node, i)
 }
 
-/// The log without terminal colour codes (the text format colours field names).
-fn plain_log(exporter: &Exporter) -> String {
-    let log = exporter.log();
-    let mut out = String::with_capacity(log.len());
-    let mut chars = log.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' && chars.peek() == Some(&'[') {
-            chars.next();
-            for c in chars.by_ref() {
-                if ('@'..='~').contains(&c) {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// Whether `line` has the field `changelog_id=<id>` (not a longer number starting with it).
 fn names_changelog_id(line: &str, id: i64) -> bool {
     let needle = format!("changelog_id={id}");
@@ -819,7 +799,7 @@ async fn malformed_documents_are_logged_skipped_and_passed_over() {
         "exporter stopped; log:\n{}",
         exporter.log()
     );
-    let log = plain_log(&exporter);
+    let log = exporter.log();
     for id in bad_ids {
         assert!(
             log.lines()

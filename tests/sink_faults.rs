@@ -21,25 +21,6 @@ fn ms(millis: u64) -> Duration {
     Duration::from_millis(millis)
 }
 
-/// Removes ANSI colour codes (the text log format colours field names).
-fn plain(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' && chars.peek() == Some(&'[') {
-            chars.next();
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 fn cloudevent_id(request: &RecordedRequest) -> Option<String> {
     request
         .json
@@ -348,7 +329,7 @@ async fn exhausted_retries_stop_the_exporter_without_moving_the_token() {
     let record_id = pg::insert_health_event(&client, &pg::health_event_doc("node-x", 1)).await;
     let changelog_id = pg::changelog_max_id(&client).await;
     let status = exporter.wait_exit(Duration::from_secs(15)).await;
-    let log = plain(&exporter.log());
+    let log = exporter.log();
     assert_eq!(status.code(), Some(1), "log:\n{log}");
     assert_eq!(
         requests_for(&sink, &record_id).len(),
@@ -458,7 +439,7 @@ async fn the_client_secret_never_reaches_the_log() {
     let mut exporter = Exporter::start(&options).await;
     pg::insert_health_event(&client, &pg::health_event_doc("node-s", 2)).await;
     let status = exporter.wait_exit(Duration::from_secs(15)).await;
-    let log = plain(&exporter.log());
+    let log = exporter.log();
     assert_eq!(status.code(), Some(1), "log:\n{log}");
     assert!(
         token.request_log().iter().any(|r| r.status == 401),

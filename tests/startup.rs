@@ -308,7 +308,7 @@ async fn unknown_keys_are_warned_about_and_ignored() {
     let events = sink.wait_for_accepted(1, WAIT).await;
     assert_eq!(events[0]["id"].as_str(), Some(record_id.as_str()));
 
-    let log = plain(&exporter.log());
+    let log = exporter.log();
     for key in ["exporter.sink.colour", "exporter.shiny_new_feature"] {
         assert!(
             log.lines()
@@ -417,7 +417,7 @@ async fn a_database_without_the_schema_stops_with_a_pointer_to_the_migrations() 
     let mut exporter = Exporter::spawn(&ExporterOptions::new(&sink, None, empty.env()));
     // A setup mistake, not an outage: no waiting for the datastore to "come back".
     let status = exporter.wait_exit(WAIT).await;
-    let log = plain(&exporter.log());
+    let log = exporter.log();
     assert_eq!(status.code(), Some(1), "log:\n{log}");
     let last = log
         .lines()
@@ -680,23 +680,4 @@ async fn a_busy_metrics_port_stops_the_exporter_naming_the_port() {
     let args = vec![format!("--config={path}"), format!("--metrics-port={free}")];
     let (code, output) = run_bounded(&args, &db.env(), Duration::from_secs(3));
     assert_eq!(code, None, "should still be running; output:\n{output}");
-}
-
-/// Removes ANSI colour codes (the text log format colours field names).
-fn plain(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' && chars.peek() == Some(&'[') {
-            chars.next();
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }

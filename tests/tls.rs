@@ -15,25 +15,6 @@ use support::token::{TokenConfig, TokenServer};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// Removes ANSI colour codes (the text log format colours field names).
-fn plain(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' && chars.peek() == Some(&'[') {
-            chars.next();
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 fn ca_line(path: &std::path::Path) -> String {
     format!("ca_file = \"{}\"\n", path.display())
 }
@@ -70,7 +51,7 @@ async fn https_sink_and_token_endpoint_are_trusted_through_ca_file() {
     let events = sink.wait_for_accepted(1, WAIT).await;
     assert_eq!(events[0]["id"].as_str(), Some(record_id.as_str()));
     assert_eq!(token.requests(), 1);
-    let log = plain(&exporter.log());
+    let log = exporter.log();
     assert!(
         !log.contains("DISABLED"),
         "no verification warning expected:\n{log}"
@@ -94,7 +75,7 @@ async fn without_the_ca_file_the_private_ca_is_not_trusted() {
     let mut exporter = Exporter::start(&options).await;
     let record_id = pg::insert_health_event(&client, &pg::health_event_doc("node-ca", 1)).await;
     let status = exporter.wait_exit(WAIT).await;
-    let log = plain(&exporter.log());
+    let log = exporter.log();
     assert_eq!(status.code(), Some(1), "log:\n{log}");
     assert_eq!(
         token.requests(),
@@ -115,7 +96,7 @@ async fn without_the_ca_file_the_private_ca_is_not_trusted() {
     options.oidc_extra = ca_line(&paths.ca_cert);
     let mut exporter = Exporter::start(&options).await;
     let status = exporter.wait_exit(WAIT).await;
-    let log = plain(&exporter.log());
+    let log = exporter.log();
     assert_eq!(status.code(), Some(1), "log:\n{log}");
     assert_eq!(
         token.requests(),
@@ -147,7 +128,7 @@ async fn insecure_skip_verify_delivers_and_warns_loudly() {
     sink.wait_for_accepted(1, WAIT).await;
     assert_eq!(exporter.terminate().await.code(), Some(0));
 
-    let log = plain(&exporter.log());
+    let log = exporter.log();
     let warnings: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("WARN") && l.contains("verification is DISABLED"))
@@ -285,7 +266,7 @@ async fn run_against_an_untrusted_server_certificate() -> String {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let log = plain(&exporter.log());
+    let log = exporter.log();
     exporter.kill();
     assert!(
         sink.requests().is_empty(),

@@ -15,7 +15,7 @@ use clap::Args;
 use super::generate::{self, Generator};
 use super::local_postgres::LocalServer;
 use super::sink::{self, SinkArgs};
-use crate::datastore::postgres::{Connector, PgSettings, SslMode};
+use crate::datastore::postgres::Connector;
 use crate::exporter::ExitError;
 
 #[derive(Debug, Clone, Args)]
@@ -111,17 +111,7 @@ async fn scenario(
     let database = format!("event_exporter_bench_{}_{rate_limit}", std::process::id());
     server.create_database(&database).await.map_err(failed)?;
     let result = async {
-        let settings = PgSettings {
-            host: server.host(),
-            port: server.port(),
-            database: database.clone(),
-            user: server.user(),
-            password: None,
-            sslmode: SslMode::Disable,
-            sslcert: None,
-            sslkey: None,
-            sslrootcert: None,
-        };
+        let settings = server.settings(&database);
         let client = Connector::new(settings)
             .map_err(|e| failed(e.to_string()))?
             .connect()

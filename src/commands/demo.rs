@@ -18,7 +18,7 @@ use super::generate::{self, Generator};
 use super::local_postgres;
 use super::sink::{self, SinkArgs};
 use crate::config::Config;
-use crate::datastore::postgres::{Connector, PgSettings, SslMode};
+use crate::datastore::postgres::Connector;
 use crate::exporter::{self, ExitError, Settings};
 
 #[derive(Debug, Clone, Args)]
@@ -110,17 +110,7 @@ async fn run_with_database(
     received_file: &std::path::Path,
 ) -> Result<DemoSummary, ExitError> {
     let failed = |e: String| ExitError::Failed(e);
-    let datastore = PgSettings {
-        host: server.host(),
-        port: server.port(),
-        database: database.to_string(),
-        user: server.user(),
-        password: None,
-        sslmode: SslMode::Disable,
-        sslcert: None,
-        sslkey: None,
-        sslrootcert: None,
-    };
+    let datastore = server.settings(database);
     let connector = Connector::new(datastore.clone()).map_err(|e| failed(e.to_string()))?;
     let client = connector
         .connect()

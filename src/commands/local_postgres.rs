@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use tokio_postgres::NoTls;
 
+use crate::datastore::postgres::{PgSettings, SslMode};
+
 pub enum LocalServer {
     /// A server that was already running.
     Existing {
@@ -59,6 +61,21 @@ impl LocalServer {
         match self {
             LocalServer::Existing { user, .. } => user.clone(),
             LocalServer::Throwaway { .. } => "postgres".into(),
+        }
+    }
+
+    /// Plain-TCP settings for `database` on this server.
+    pub fn settings(&self, database: &str) -> PgSettings {
+        PgSettings {
+            host: self.host(),
+            port: self.port(),
+            database: database.to_string(),
+            user: self.user(),
+            password: None,
+            sslmode: SslMode::Disable,
+            sslcert: None,
+            sslkey: None,
+            sslrootcert: None,
         }
     }
 
