@@ -356,9 +356,11 @@ impl BackfillProgress {
             } else {
                 delivered as f64 * 100.0 / total as f64
             };
+            let filled = (percent / 5.0).round().clamp(0.0, 20.0) as usize;
+            let bar = format!("{}{}", "#".repeat(filled), "-".repeat(20 - filled));
             let _ = write!(
                 std::io::stderr(),
-                "\rbackfill {delivered}/{total} ({percent:.1}%) {rate:.0} events/s ETA {}   ",
+                "\rbackfill [{bar}] {delivered}/{total} ({percent:.1}%) {rate:.0} events/s ETA {}   ",
                 eta.map(|d| crate::config::format_go_duration(Duration::from_secs(d.as_secs())))
                     .unwrap_or_else(|| "-".into())
             );
