@@ -411,6 +411,57 @@ async fn hole_of_a_transaction_newer_than_the_committer_is_not_decided_early() {
     stop_cleanly(&mut exporter).await;
 }
 
+/// A row that commits late is delivered as soon as it is visible, even while an unrelated,
+/// older transaction keeps its hole undecided; the token passes it once it is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_commit_is_delivered_while_an_older_unrelated_transaction_stays_open() {
+    if !cluster::available() {
+        eprintln!("SKIP: PostgreSQL server binaries (initdb/pg_ctl) not installed");
+        return;
+    }
+    let cluster = Cluster::start(None);
+    let db = TestDb::create_on("127.0.0.1", cluster.port()).await;
+    let observer = db.client().await;
+    let sink = SinkServer::start(SinkOptions::default()).await;
+    let mut exporter = start_exporter(&sink, &db).await;
+    wait_for_token(&observer, "written", |_| true).await;
+
+    // An old transaction with a transaction id, touching nothing the exporter reads.
+    let mut old_conn = db.client().await;
+    let old = old_conn.transaction().await.expect("BEGIN old");
+    old.query_one("SELECT pg_current_xact_id()", &[])
+        .await
+        .expect("old xid");
+
+    let mut a_conn = db.client().await;
+    let a = a_conn.transaction().await.expect("BEGIN A");
+    let a_record = pg::insert_health_event(&a, &doc("node-a", 1)).await;
+    let b_record = pg::insert_health_event(&observer, &doc("node-b", 2)).await;
+    wait_for_ids(&sink, std::slice::from_ref(&b_record)).await;
+    a.commit().await.expect("COMMIT A");
+
+    // The old transaction is still open: A must not wait for it.
+    assert!(
+        delivered_within(
+            &sink,
+            std::slice::from_ref(&a_record),
+            Duration::from_secs(5)
+        )
+        .await,
+        "A was not delivered while an unrelated older transaction stayed open"
+    );
+    let max_id = pg::changelog_max_id(&observer).await;
+    wait_for_token(
+        &observer,
+        &format!("== {max_id} with the old transaction open"),
+        |id| id == max_id,
+    )
+    .await;
+    old.rollback().await.expect("ROLLBACK old");
+    assert_exactly_once(&sink, &[a_record, b_record]);
+    stop_cleanly(&mut exporter).await;
+}
+
 /// 8 writers on their own connections, small transactions (some with 2-3 inserts) with random
 /// tiny delays inside and between them: 400 events, each delivered exactly once, and after a
 /// clean stop the token is at the changelog's end.

@@ -8,7 +8,9 @@
 //! older than the tag. Once every transaction older than the tag has ended (`xmin` of a later
 //! snapshot >= tag) the hole is decided: re-read by id, it is either a committed row (delivered
 //! like any other) or gone for good. (The snapshot's `xmax` would not do as a tag: it is one
-//! past the newest *completed* transaction, and a running transaction can be newer than that.) Visible rows go out at once;
+//! past the newest *completed* transaction, and a running transaction can be newer than that.)
+//! Holes are re-read on every poll, so a row that commits late is delivered as soon as it is
+//! visible; only the decision that an id will never come waits for older transactions. Visible rows go out at once;
 //! only the resume token waits for holes, because positions are reported exactly once each
 //! and the pipeline advances over the contiguous prefix.
 
@@ -334,17 +336,13 @@ impl ChangelogReader {
             }
         }
 
-        // Holes whose transactions have all ended are decided: re-read them by id. Ids still
-        // absent were never committed.
-        let decided: Vec<(u64, u64)> = self
-            .holes
-            .iter()
-            .filter(|(_, hole)| hole.tag <= xmin)
-            .map(|(first, hole)| (*first, hole.last))
-            .collect();
-        if !decided.is_empty() {
-            let firsts: Vec<i64> = decided.iter().map(|(f, _)| *f as i64).collect();
-            let lasts: Vec<i64> = decided.iter().map(|(_, l)| *l as i64).collect();
+        // Re-read the holes by id. A row that has appeared is delivered now, whatever else is
+        // still running; an id still absent is gone for good only once its hole is decided
+        // (every transaction older than the tag has ended), else it stays a hole.
+        if !self.holes.is_empty() {
+            let holes: Vec<(u64, Hole)> = std::mem::take(&mut self.holes).into_iter().collect();
+            let firsts: Vec<i64> = holes.iter().map(|(first, _)| *first as i64).collect();
+            let lasts: Vec<i64> = holes.iter().map(|(_, hole)| hole.last as i64).collect();
             let found = client
                 .query(
                     &format!(
@@ -355,29 +353,55 @@ impl ChangelogReader {
                     ),
                     &[&firsts, &lasts],
                 )
-                .await?;
+                .await;
+            let found = match found {
+                Ok(found) => found,
+                Err(error) => {
+                    self.holes = holes.into_iter().collect();
+                    return Err(error.into());
+                }
+            };
             let mut found = found.iter().peekable();
-            for (first, last) in decided {
-                self.holes.remove(&first);
+            for (first, hole) in holes {
+                let decided = hole.tag <= xmin;
                 let mut next = first;
-                while let Some(row) = found.next_if(|row| row.get::<_, i64>(0) as u64 <= last) {
+                while let Some(row) = found.next_if(|row| row.get::<_, i64>(0) as u64 <= hole.last)
+                {
                     let change = self.change_from_row(row, 0)?;
-                    if change.position > next {
-                        changes.push(Change::skip_span(
-                            next,
-                            change.position - 1,
-                            SkipReason::NeverCommitted,
-                        ));
-                    }
+                    self.absent(
+                        next,
+                        change.position.saturating_sub(1),
+                        hole.tag,
+                        decided,
+                        &mut changes,
+                    );
                     next = change.position + 1;
                     changes.push(change);
                 }
-                if next <= last {
-                    changes.push(Change::skip_span(next, last, SkipReason::NeverCommitted));
-                }
+                self.absent(next, hole.last, hole.tag, decided, &mut changes);
             }
         }
         Ok(changes)
+    }
+
+    /// Ids `first..=last` were absent when their hole was re-read: never committed once the hole
+    /// is decided, else still a hole.
+    fn absent(
+        &mut self,
+        first: u64,
+        last: u64,
+        tag: u64,
+        decided: bool,
+        changes: &mut Vec<Change>,
+    ) {
+        if first > last {
+            return;
+        }
+        if decided {
+            changes.push(Change::skip_span(first, last, SkipReason::NeverCommitted));
+        } else {
+            self.add_hole(first, last, tag);
+        }
     }
 
     /// Builds a change from the `ROW_COLUMNS` starting at column `at`.
