@@ -15,7 +15,6 @@ use clap::Args;
 use super::generate::{self, Generator};
 use super::local_postgres::LocalServer;
 use super::sink::{self, SinkArgs};
-use crate::datastore::postgres::Connector;
 use crate::exporter::ExitError;
 
 #[derive(Debug, Clone, Args)]
@@ -111,15 +110,7 @@ async fn scenario(
     let database = format!("event_exporter_bench_{}_{rate_limit}", std::process::id());
     server.create_database(&database).await.map_err(failed)?;
     let result = async {
-        let settings = server.settings(&database);
-        let client = Connector::new(settings)
-            .map_err(|e| failed(e.to_string()))?
-            .connect()
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-        generate::init_schema(&client)
-            .await
-            .map_err(|e| failed(e.to_string()))?;
+        let client = server.schema_client(&database).await.map_err(failed)?;
         eprintln!("bench: writing {count} events");
         let mut generator = Generator::new(256, 0.1, Some(1));
         generate::write_history(

@@ -18,7 +18,6 @@ use super::generate::{self, Generator};
 use super::local_postgres;
 use super::sink::{self, SinkArgs};
 use crate::config::Config;
-use crate::datastore::postgres::Connector;
 use crate::exporter::{self, ExitError, Settings};
 
 #[derive(Debug, Clone, Args)]
@@ -111,14 +110,7 @@ async fn run_with_database(
 ) -> Result<DemoSummary, ExitError> {
     let failed = |e: String| ExitError::Failed(e);
     let datastore = server.settings(database);
-    let connector = Connector::new(datastore.clone()).map_err(|e| failed(e.to_string()))?;
-    let client = connector
-        .connect()
-        .await
-        .map_err(|e| failed(e.to_string()))?;
-    generate::init_schema(&client)
-        .await
-        .map_err(|e| failed(e.to_string()))?;
+    let client = server.schema_client(database).await.map_err(failed)?;
 
     let live_total = (args.rate * args.live_for.as_secs_f64()).round() as u64;
     let written = args.history + live_total;

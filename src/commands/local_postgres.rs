@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio_postgres::NoTls;
 
-use crate::datastore::postgres::{PgSettings, SslMode};
+use crate::datastore::postgres::{Connector, PgSettings, SslMode};
 
 pub enum LocalServer {
     /// A server that was already running.
@@ -109,6 +109,16 @@ impl LocalServer {
             .batch_execute(&format!("CREATE DATABASE \"{name}\""))
             .await
             .map_err(|e| format!("CREATE DATABASE {name}: {e}"))
+    }
+
+    /// A client of the (already created) scratch `database`, with NVSentinel's schema applied.
+    pub async fn schema_client(&self, database: &str) -> Result<tokio_postgres::Client, String> {
+        let connector = Connector::new(self.settings(database)).map_err(|e| e.to_string())?;
+        let client = connector.connect().await.map_err(|e| e.to_string())?;
+        super::generate::init_schema(&client)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(client)
     }
 
     pub async fn drop_database(&self, name: &str) -> Result<(), String> {
