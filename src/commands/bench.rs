@@ -83,15 +83,20 @@ async fn run_scenarios(args: &BenchArgs, server: &LocalServer) -> Result<(), Exi
     for &limit in &args.rates {
         let count = (limit as f64 * args.rate_run.as_secs_f64()) as u64;
         let measured = scenario(args, server, count, limit).await?;
-        let (low, high) = window_rates(&measured.samples, 10.0);
+        let held = match window_rates(&measured.samples, 10.0) {
+            Some((low, high)) => format!(
+                "10 s windows held {:.1}%–{:.1}% of the limit",
+                low / limit as f64 * 100.0,
+                high / limit as f64 * 100.0
+            ),
+            None => "no full 10 s window (use --rate-run of 12s or more)".into(),
+        };
         println!(
-            "rate_limit {limit}/s: {} events in {:.1} s = {:.0}/s overall; 10 s windows held \
-             {:.1}%–{:.1}% of the limit; CPU {:.2} cores, peak RSS {:.1} MiB",
+            "rate_limit {limit}/s: {} events in {:.1} s = {:.0}/s overall; {held}; \
+             CPU {:.2} cores, peak RSS {:.1} MiB",
             measured.events,
             measured.seconds,
             measured.events as f64 / measured.seconds,
-            low / limit as f64 * 100.0,
-            high / limit as f64 * 100.0,
             measured.cpu_seconds / measured.seconds,
             measured.peak_rss_mib,
         );
@@ -269,8 +274,8 @@ fn process_usage(pid: u32) -> Option<(f64, f64)> {
 }
 
 /// The lowest and highest rate (events/s) over every `window`-second span between the first
-/// and the last delivery, stepping by one second.
-fn window_rates(samples: &[(f64, u64)], window: f64) -> (f64, f64) {
+/// and the last delivery, stepping by one second; `None` when the run has no such span.
+fn window_rates(samples: &[(f64, u64)], window: f64) -> Option<(f64, f64)> {
     let at = |t: f64| -> f64 {
         // Linear interpolation between samples.
         match samples.iter().position(|(time, _)| *time >= t) {
@@ -296,10 +301,7 @@ fn window_rates(samples: &[(f64, u64)], window: f64) -> (f64, f64) {
         high = high.max(rate);
         start += 1.0;
     }
-    if high == 0.0 {
-        return (0.0, 0.0);
-    }
-    (low, high)
+    (low <= high).then_some((low, high))
 }
 
 #[cfg(test)]
