@@ -311,10 +311,16 @@ mod tests {
     #[test]
     fn window_rates_of_a_steady_series() {
         let samples: Vec<(f64, u64)> = (0..=400).map(|i| (i as f64 * 0.1, i * 100)).collect();
-        let (low, high) = window_rates(&samples, 10.0);
+        let (low, high) = window_rates(&samples, 10.0).expect("a full window");
         assert!(
             (low - 1000.0).abs() < 1.0 && (high - 1000.0).abs() < 1.0,
             "{low} {high}"
+        );
+        let short = &samples[..100];
+        assert_eq!(
+            window_rates(short, 10.0),
+            None,
+            "10 s of samples: no full window"
         );
     }
 
