@@ -41,6 +41,7 @@ pub struct Metrics {
     pub stream_lag_seconds: Gauge<f64, AtomicU64>,
     pub changelog_head_id: Gauge,
     pub changelog_ids_behind: Gauge,
+    pub changelog_open_ids: Gauge,
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -183,6 +184,12 @@ impl Metrics {
             "Changelog ids between the resume token and the head of the changelog",
             changelog_ids_behind.clone(),
         );
+        let changelog_open_ids = Gauge::default();
+        registry.register(
+            "health_events_exporter_changelog_open_ids",
+            "Changelog ids below the head not yet visible (transactions still open, or never committed); they hold the resume token back",
+            changelog_open_ids.clone(),
+        );
         let build_info = Family::<Labels, Gauge>::default();
         registry.register(
             "health_events_exporter_build_info",
@@ -216,6 +223,7 @@ impl Metrics {
             stream_lag_seconds,
             changelog_head_id,
             changelog_ids_behind,
+            changelog_open_ids,
         }
     }
 

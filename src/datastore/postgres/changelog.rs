@@ -145,8 +145,8 @@ impl ChangelogReader {
         self.fresh_start.as_ref()
     }
 
-    /// How many ids are waiting on open transactions (for logs and metrics).
-    pub fn open_holes(&self) -> u64 {
+    /// How many ids are waiting on open transactions.
+    fn open_ids(&self) -> u64 {
         self.holes
             .iter()
             .map(|(first, hole)| hole.last - first + 1)
@@ -381,6 +381,9 @@ impl ChangelogReader {
                 self.absent(next, hole.last, hole.tag, decided, &mut changes);
             }
         }
+        crate::metrics::get()
+            .changelog_open_ids
+            .set(self.open_ids() as i64);
         Ok(changes)
     }
 
