@@ -230,6 +230,15 @@ impl<S: ChangeSource, C: CheckpointStore> Pipeline<S, C> {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break 'intake,
+                // Before results: a steady stream of results must not starve the checkpoint.
+                _ = tick.tick() => {
+                    if let Err(error) = save_if_advanced(&*checkpoints, &tracker, &mut saved).await {
+                        tracing::warn!(%error, "saving the resume token failed; will retry");
+                    }
+                    if feed == Feed::Stream {
+                        report_lag(&unfinished, &tracker);
+                    }
+                }
                 Some((change, outcome)) = results_rx.recv() => {
                     // Reap finished tasks so the set holds only what is in flight.
                     while in_flight.try_join_next().is_some() {}
@@ -237,14 +246,6 @@ impl<S: ChangeSource, C: CheckpointStore> Pipeline<S, C> {
                     if let Some(error) = record(&mut tracker, &mut summary, change, outcome) {
                         failure = Some(error);
                         break 'intake;
-                    }
-                }
-                _ = tick.tick() => {
-                    if let Err(error) = save_if_advanced(&*checkpoints, &tracker, &mut saved).await {
-                        tracing::warn!(%error, "saving the resume token failed; will retry");
-                    }
-                    if feed == Feed::Stream {
-                        report_lag(&unfinished, &tracker);
                     }
                 }
                 permit = permits.clone().acquire_owned(), if !waiting.is_empty() => {
