@@ -258,3 +258,16 @@ fn blank_filter_means_no_filter() {
         assert!(config.filter_expression.is_none(), "{blank}");
     }
 }
+
+#[test]
+fn example_configs_are_valid_and_use_only_known_keys() {
+    for file in ["examples/config.toml", "examples/config-local.toml"] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+        let config = Config::load(&path).unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert!(
+            config.unknown_keys.is_empty(),
+            "{file}: {:?}",
+            config.unknown_keys
+        );
+    }
+}
