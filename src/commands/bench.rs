@@ -19,10 +19,13 @@ use crate::exporter::ExitError;
 
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
-    /// Events in the unlimited backfill.
+    /// Events in the unlimited backfill; 0 skips that scenario.
     #[arg(long, default_value_t = 1_000_000)]
     pub events: u64,
-    /// Rate limits (events/s) to check, comma-separated.
+    /// Events written while the exporter streams (no backfill); 0 skips that scenario.
+    #[arg(long, default_value_t = 100_000)]
+    pub stream_events: u64,
+    /// Rate limits (events/s) to check, comma-separated; 0 entries are skipped.
     #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
     pub rates: Vec<u64>,
     /// How long each rate-limited backfill runs.
@@ -37,8 +40,27 @@ pub struct BenchArgs {
 }
 
 /// Upstream's published numbers (issue #1514, v1.15.0): a 1,000,000-event backlog caught up at
-/// 400–431 events/s using 0.58–0.72 cores and 39–42 MiB.
+/// 400–431 events/s using 0.58–0.72 cores and 39–42 MiB; streaming with a 0 ms sink and 10
+/// workers reached 346–455 events/s with end-to-end p50 0.46–0.84 s and p99 2.4–3.0 s.
 const UPSTREAM_EVENTS_PER_SECOND: f64 = 431.0;
+const UPSTREAM_STREAM_EVENTS_PER_SECOND: f64 = 455.0;
+
+/// What one run measures.
+#[derive(Debug, Clone, Copy)]
+enum Scenario {
+    /// History of `count` events, backfilled at `rate_limit` (0 = unlimited).
+    Backfill { count: u64, rate_limit: u64 },
+    /// `count` events written as fast as possible while the exporter streams.
+    Stream { count: u64 },
+}
+
+impl Scenario {
+    fn count(self) -> u64 {
+        match self {
+            Scenario::Backfill { count, .. } | Scenario::Stream { count } => count,
+        }
+    }
+}
 
 struct Measured {
     events: u64,
@@ -47,6 +69,8 @@ struct Measured {
     peak_rss_mib: f64,
     /// (seconds since start, accepted so far), sampled every 100 ms.
     samples: Vec<(f64, u64)>,
+    /// Write-to-sink latency percentiles (p50, p99) of streamed events.
+    latency: Option<(Duration, Duration)>,
 }
 
 pub async fn run(args: BenchArgs) -> Result<(), ExitError> {
@@ -64,25 +88,65 @@ pub async fn run(args: BenchArgs) -> Result<(), ExitError> {
 
 async fn run_scenarios(args: &BenchArgs, server: &LocalServer) -> Result<(), ExitError> {
     println!(
-        "backfill benchmark: {} workers, sink latency {:?}",
+        "benchmark: {} workers, sink latency {:?}",
         args.workers, args.sink_latency
     );
-    let unlimited = scenario(args, server, args.events, 0).await?;
-    let rate = unlimited.events as f64 / unlimited.seconds;
-    println!(
-        "unlimited: {} events in {:.1} s = {:.0} events/s ({:.1}x upstream's {:.0}/s); \
-         exporter CPU {:.2} cores, peak RSS {:.1} MiB",
-        unlimited.events,
-        unlimited.seconds,
-        rate,
-        rate / UPSTREAM_EVENTS_PER_SECOND,
-        UPSTREAM_EVENTS_PER_SECOND,
-        unlimited.cpu_seconds / unlimited.seconds,
-        unlimited.peak_rss_mib,
-    );
-    for &limit in &args.rates {
+    if args.stream_events > 0 {
+        let stream = scenario(
+            args,
+            server,
+            Scenario::Stream {
+                count: args.stream_events,
+            },
+        )
+        .await?;
+        let rate = stream.events as f64 / stream.seconds;
+        let (p50, p99) = stream.latency.unwrap_or_default();
+        println!(
+            "stream: {} events written at full speed, delivered in {:.1} s = {:.0} events/s \
+             ({:.1}x upstream's {:.0}/s); write-to-sink latency p50 {:.1?}, p99 {:.1?}; \
+             exporter CPU {:.2} cores, peak RSS {:.1} MiB",
+            stream.events,
+            stream.seconds,
+            rate,
+            rate / UPSTREAM_STREAM_EVENTS_PER_SECOND,
+            UPSTREAM_STREAM_EVENTS_PER_SECOND,
+            p50,
+            p99,
+            stream.cpu_seconds / stream.seconds,
+            stream.peak_rss_mib,
+        );
+    }
+    if args.events > 0 {
+        let unlimited_backfill = Scenario::Backfill {
+            count: args.events,
+            rate_limit: 0,
+        };
+        let unlimited = scenario(args, server, unlimited_backfill).await?;
+        let rate = unlimited.events as f64 / unlimited.seconds;
+        println!(
+            "backfill, unlimited: {} events in {:.1} s = {:.0} events/s ({:.1}x upstream's {:.0}/s); \
+             exporter CPU {:.2} cores, peak RSS {:.1} MiB",
+            unlimited.events,
+            unlimited.seconds,
+            rate,
+            rate / UPSTREAM_EVENTS_PER_SECOND,
+            UPSTREAM_EVENTS_PER_SECOND,
+            unlimited.cpu_seconds / unlimited.seconds,
+            unlimited.peak_rss_mib,
+        );
+    }
+    for &limit in args.rates.iter().filter(|limit| **limit > 0) {
         let count = (limit as f64 * args.rate_run.as_secs_f64()) as u64;
-        let measured = scenario(args, server, count, limit).await?;
+        let measured = scenario(
+            args,
+            server,
+            Scenario::Backfill {
+                count,
+                rate_limit: limit,
+            },
+        )
+        .await?;
         let held = match window_rates(&measured.samples, 10.0) {
             Some((low, high)) => format!(
                 "10 s windows held {:.1}%–{:.1}% of the limit",
@@ -92,7 +156,7 @@ async fn run_scenarios(args: &BenchArgs, server: &LocalServer) -> Result<(), Exi
             None => "no full 10 s window (use --rate-run of 12s or more)".into(),
         };
         println!(
-            "rate_limit {limit}/s: {} events in {:.1} s = {:.0}/s overall; {held}; \
+            "backfill, rate_limit {limit}/s: {} events in {:.1} s = {:.0}/s overall; {held}; \
              CPU {:.2} cores, peak RSS {:.1} MiB",
             measured.events,
             measured.seconds,
@@ -104,33 +168,30 @@ async fn run_scenarios(args: &BenchArgs, server: &LocalServer) -> Result<(), Exi
     Ok(())
 }
 
-/// One backfill of `count` events at `rate_limit` (0 = unlimited) into a fresh database.
+/// One scenario against a fresh database.
 async fn scenario(
     args: &BenchArgs,
     server: &LocalServer,
-    count: u64,
-    rate_limit: u64,
+    scenario: Scenario,
 ) -> Result<Measured, ExitError> {
     let failed = |e: String| ExitError::Failed(e);
-    let database = format!("event_exporter_bench_{}_{rate_limit}", std::process::id());
+    let database = format!("event_exporter_bench_{}", std::process::id());
     server.create_database(&database).await.map_err(failed)?;
     let result = async {
         let client = server.schema_client(&database).await.map_err(failed)?;
-        eprintln!("bench: writing {count} events");
-        let mut generator = Generator::new(256, 0.1, Some(1));
-        generate::write_history(
-            &client,
-            &mut generator,
-            count,
-            Some(Duration::from_secs(24 * 3600)),
-        )
-        .await
-        .map_err(|e| failed(e.to_string()))?;
-        client
-            .batch_execute("ANALYZE health_events; ANALYZE datastore_changelog")
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-        measure(args, server, &database, count, rate_limit).await
+        if let Scenario::Backfill { count, .. } = scenario {
+            eprintln!("bench: writing {count} events");
+            let mut generator = Generator::new(256, 0.1, Some(1));
+            let history = Some(Duration::from_secs(24 * 3600));
+            generate::write_history(&client, &mut generator, count, history)
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+            client
+                .batch_execute("ANALYZE health_events; ANALYZE datastore_changelog")
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+        }
+        measure(args, server, &database, &client, scenario).await
     }
     .await;
     let _ = server.drop_database(&database).await;
@@ -141,15 +202,22 @@ async fn measure(
     args: &BenchArgs,
     server: &LocalServer,
     database: &str,
-    count: u64,
-    rate_limit: u64,
+    client: &tokio_postgres::Client,
+    scenario: Scenario,
 ) -> Result<Measured, ExitError> {
     let failed = |e: String| ExitError::Failed(e);
+    let count = scenario.count();
+    let (backfill, rate_limit) = match scenario {
+        Scenario::Backfill { rate_limit, .. } => (true, rate_limit),
+        Scenario::Stream { .. } => (false, 0),
+    };
+    let streaming = !backfill;
     let running_sink = sink::start(SinkArgs {
         listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
         latency: args.sink_latency,
         client_secret: "bench-secret".into(),
-        keep_events: 0,
+        // The stream scenario reads every event's arrival time back for latencies.
+        keep_events: if streaming { count as usize } else { 0 },
         ..SinkArgs::default()
     })
     .await
@@ -169,9 +237,9 @@ token_url = "{token}"
 client_id = "event-exporter"
 scope = "events:write"
 [exporter.backfill]
-enabled = true
+enabled = {backfill}
 max_age = "48h"
-max_events = {count}
+max_events = {max_events}
 batch_size = 500
 rate_limit = {rate_limit}
 [exporter.failure_handling]
@@ -182,12 +250,20 @@ backoff_multiplier = 2.0
 "#,
             sink = running_sink.events_url(),
             token = running_sink.token_url().unwrap_or_default(),
+            max_events = count.max(1),
         ),
     )
     .map_err(|e| failed(e.to_string()))?;
 
-    let started = Instant::now();
+    let mut started = Instant::now();
     let mut child = spawn_exporter(&dir, server, database, args.workers).map_err(failed)?;
+    let mut writer = None;
+    if streaming {
+        // Once the exporter has written its first token it is streaming: then write.
+        wait_for_token(client).await.map_err(failed)?;
+        writer = Some(tokio::spawn(write_stream(server.settings(database), count)));
+        started = Instant::now();
+    }
     let mut samples = Vec::new();
     let mut last_progress = Instant::now();
     let mut cpu_seconds = 0.0;
@@ -216,6 +292,13 @@ backoff_multiplier = 2.0
         .args(["-TERM", &child.id().to_string()])
         .status();
     let _ = child.wait();
+    if let Some(writer) = writer {
+        writer
+            .await
+            .map_err(|e| failed(e.to_string()))?
+            .map_err(failed)?;
+    }
+    let latency = streaming.then(|| latency_percentiles(&running_sink.events()));
     let _ = running_sink.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(Measured {
@@ -224,7 +307,71 @@ backoff_multiplier = 2.0
         cpu_seconds,
         peak_rss_mib,
         samples,
+        latency,
     })
+}
+
+/// Waits until the exporter has written its resume token (it is then streaming).
+async fn wait_for_token(client: &tokio_postgres::Client) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let row = client
+            .query_opt(
+                "SELECT 1 FROM resume_tokens WHERE client_name = 'event-exporter'",
+                &[],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        if row.is_some() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err("the exporter did not start streaming within 60 s".into())
+}
+
+/// Writes `count` live events as fast as PostgreSQL takes them, in batches of 100.
+async fn write_stream(
+    settings: crate::datastore::postgres::PgSettings,
+    count: u64,
+) -> Result<(), String> {
+    let connector =
+        crate::datastore::postgres::Connector::new(settings).map_err(|e| e.to_string())?;
+    let client = connector.connect().await.map_err(|e| e.to_string())?;
+    let mut generator = Generator::new(256, 0.1, Some(2));
+    let mut written = 0;
+    while written < count {
+        let batch = (count - written).min(100);
+        let now = chrono::Utc::now();
+        let rows: Vec<_> = (0..batch).map(|_| generator.row(now, None)).collect();
+        generate::insert(&client, &rows)
+            .await
+            .map_err(|e| e.to_string())?;
+        written += batch;
+    }
+    Ok(())
+}
+
+/// p50 and p99 of (arrival at the sink − the event's `time`, which is when it was written).
+fn latency_percentiles(events: &[sink::ReceivedEvent]) -> (Duration, Duration) {
+    let mut latencies: Vec<Duration> = events
+        .iter()
+        .filter_map(|received| {
+            let time = received.event["time"].as_str()?;
+            let written = chrono::DateTime::parse_from_rfc3339(time).ok()?;
+            (received.received_at - written.with_timezone(&chrono::Utc))
+                .to_std()
+                .ok()
+        })
+        .collect();
+    latencies.sort();
+    let at = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p).ceil() as usize).saturating_sub(1))
+            .copied()
+            .unwrap_or_default()
+    };
+    (at(0.50), at(0.99))
 }
 
 fn spawn_exporter(
