@@ -9,6 +9,7 @@
 pub mod cluster;
 pub mod exporter;
 pub mod pg;
+pub mod proxy;
 pub mod sink;
 pub mod tls;
 pub mod token;

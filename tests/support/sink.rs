@@ -133,6 +133,11 @@ impl SinkServer {
         format!("{}{EVENTS_PATH}", self.base_url())
     }
 
+    /// The listening address.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.server.addr
+    }
+
     /// `scheme://127.0.0.1:PORT` without a path.
     pub fn base_url(&self) -> String {
         format!("{}://{}", self.scheme, self.server.addr)
