@@ -87,7 +87,7 @@ pub fn decode_document(document: &Value) -> Result<Option<HealthEvent>, DecodeEr
     let Value::Object(top) = document else {
         return Err(error(
             "document",
-            format!("expected an object, got {}", kind(document)),
+            format!("expected an object, got {}", json_kind(document)),
         ));
     };
     let event = match field(top, "healthevent", "healthEvent") {
@@ -96,7 +96,7 @@ pub fn decode_document(document: &Value) -> Result<Option<HealthEvent>, DecodeEr
         Some(other) => {
             return Err(error(
                 "healthevent",
-                format!("expected an object, got {}", kind(other)),
+                format!("expected an object, got {}", json_kind(other)),
             ))
         }
     };
@@ -177,7 +177,8 @@ fn field<'a>(object: &'a Map<String, Value>, camel: &str, lower: &str) -> Option
     object.get(camel).or_else(|| object.get(lower))
 }
 
-fn kind(value: &Value) -> &'static str {
+/// "a string", "an object", … for messages about a JSON value of the wrong kind.
+pub fn json_kind(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -194,7 +195,7 @@ fn string(value: Option<&Value>, name: &str) -> Result<String, DecodeError> {
         Some(Value::String(text)) => Ok(text.clone()),
         Some(other) => Err(error(
             name,
-            format!("expected a string, got {}", kind(other)),
+            format!("expected a string, got {}", json_kind(other)),
         )),
     }
 }
@@ -205,7 +206,7 @@ fn boolean(value: Option<&Value>, name: &str) -> Result<bool, DecodeError> {
         Some(Value::Bool(b)) => Ok(*b),
         Some(other) => Err(error(
             name,
-            format!("expected a boolean, got {}", kind(other)),
+            format!("expected a boolean, got {}", json_kind(other)),
         )),
     }
 }
@@ -235,7 +236,7 @@ fn enum_name(
         }),
         Some(other) => Err(error(
             name,
-            format!("expected an enum, got {}", kind(other)),
+            format!("expected an enum, got {}", json_kind(other)),
         )),
     }
 }
@@ -250,13 +251,13 @@ fn string_list(value: Option<&Value>, name: &str) -> Result<Vec<String>, DecodeE
                 Value::String(text) => Ok(text.clone()),
                 other => Err(error(
                     &format!("{name}[{i}]"),
-                    format!("expected a string, got {}", kind(other)),
+                    format!("expected a string, got {}", json_kind(other)),
                 )),
             })
             .collect(),
         Some(other) => Err(error(
             name,
-            format!("expected an array, got {}", kind(other)),
+            format!("expected an array, got {}", json_kind(other)),
         )),
     }
 }
@@ -273,7 +274,7 @@ fn entities(value: Option<&Value>) -> Result<Vec<Entity>, DecodeError> {
                 let Value::Object(entity) = item else {
                     return Err(error(
                         &at,
-                        format!("expected an object, got {}", kind(item)),
+                        format!("expected an object, got {}", json_kind(item)),
                     ));
                 };
                 Ok(Entity {
@@ -290,7 +291,7 @@ fn entities(value: Option<&Value>) -> Result<Vec<Entity>, DecodeError> {
             .collect(),
         Some(other) => Err(error(
             name,
-            format!("expected an array, got {}", kind(other)),
+            format!("expected an array, got {}", json_kind(other)),
         )),
     }
 }
@@ -307,13 +308,13 @@ fn string_map(value: Option<&Value>, name: &str) -> Result<BTreeMap<String, Stri
                 Value::Bool(b) => Ok((key.clone(), b.to_string())),
                 other => Err(error(
                     &format!("{name}.{key}"),
-                    format!("expected a string, got {}", kind(other)),
+                    format!("expected a string, got {}", json_kind(other)),
                 )),
             })
             .collect(),
         Some(other) => Err(error(
             name,
-            format!("expected an object, got {}", kind(other)),
+            format!("expected an object, got {}", json_kind(other)),
         )),
     }
 }
@@ -351,7 +352,7 @@ fn timestamp(value: Option<&Value>, name: &str) -> Result<Option<DateTime<Utc>>,
             name,
             format!(
                 "expected {{seconds, nanos}} or a timestamp string, got {}",
-                kind(other)
+                json_kind(other)
             ),
         )),
     }
@@ -366,7 +367,7 @@ fn overrides(value: Option<&Value>, name: &str) -> Result<Option<Overrides>, Dec
         })),
         Some(other) => Err(error(
             name,
-            format!("expected an object, got {}", kind(other)),
+            format!("expected an object, got {}", json_kind(other)),
         )),
     }
 }

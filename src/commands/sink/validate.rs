@@ -2,6 +2,7 @@
 //! the optional ones, so a malformed event is caught at the sink's door with a 400 naming the
 //! attribute instead of being stored.
 
+use crate::model::json_kind;
 use serde_json::{Map, Value};
 
 /// A context attribute the sink checks.
@@ -135,17 +136,6 @@ fn check_time(attributes: &Map<String, Value>) -> Result<(), Invalid> {
                 format!("{text:?} is not an RFC 3339 timestamp ({e})"),
             )
         })
-}
-
-fn json_kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 #[cfg(test)]
