@@ -298,7 +298,12 @@ backoff_multiplier = 2.0
             .map_err(|e| failed(e.to_string()))?
             .map_err(failed)?;
     }
-    let latency = streaming.then(|| latency_percentiles(&running_sink.events()));
+    let latency = streaming.then(|| {
+        sink::latency_percentiles(
+            &running_sink.events(),
+            chrono::DateTime::<chrono::Utc>::MIN_UTC,
+        )
+    });
     let _ = running_sink.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(Measured {
@@ -350,28 +355,6 @@ async fn write_stream(
         written += batch;
     }
     Ok(())
-}
-
-/// p50 and p99 of (arrival at the sink − the event's `time`, which is when it was written).
-fn latency_percentiles(events: &[sink::ReceivedEvent]) -> (Duration, Duration) {
-    let mut latencies: Vec<Duration> = events
-        .iter()
-        .filter_map(|received| {
-            let time = received.event["time"].as_str()?;
-            let written = chrono::DateTime::parse_from_rfc3339(time).ok()?;
-            (received.received_at - written.with_timezone(&chrono::Utc))
-                .to_std()
-                .ok()
-        })
-        .collect();
-    latencies.sort();
-    let at = |p: f64| {
-        latencies
-            .get(((latencies.len() as f64 * p).ceil() as usize).saturating_sub(1))
-            .copied()
-            .unwrap_or_default()
-    };
-    (at(0.50), at(0.99))
 }
 
 fn spawn_exporter(

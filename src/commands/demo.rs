@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use clap::Args;
 use tokio_util::sync::CancellationToken;
 
@@ -234,32 +234,14 @@ backoff_multiplier = 2.0
         .iter()
         .filter_map(|e| e.event["id"].as_str().map(str::to_string))
         .collect();
-    let mut latencies: Vec<Duration> = events
-        .iter()
-        .filter_map(|received| {
-            let time = received.event["time"].as_str()?;
-            let written_at = DateTime::parse_from_rfc3339(time).ok()?.with_timezone(&Utc);
-            (written_at >= live_started).then(|| {
-                (received.received_at - written_at)
-                    .to_std()
-                    .unwrap_or_default()
-            })
-        })
-        .collect();
-    latencies.sort();
-    let percentile = |p: f64| {
-        latencies
-            .get(((latencies.len() as f64 * p).ceil() as usize).saturating_sub(1))
-            .copied()
-            .unwrap_or_default()
-    };
+    let (p50, p99) = sink::latency_percentiles(&events, live_started);
     Ok(DemoSummary {
         written,
         delivered: unique.len() as u64,
         duplicates: stats.duplicates,
         missing: written.saturating_sub(unique.len() as u64),
-        p50: percentile(0.50),
-        p99: percentile(0.99),
+        p50,
+        p99,
         received_file: received_file.to_path_buf(),
         postgres: String::new(),
     })

@@ -374,6 +374,36 @@ impl Signals {
     }
 }
 
+/// p50 and p99 of write-to-sink latency (arrival − the event's `time`, the moment it was
+/// written) over the events written at or after `since`; zero when there are none.
+pub fn latency_percentiles(
+    events: &[ReceivedEvent],
+    since: chrono::DateTime<chrono::Utc>,
+) -> (Duration, Duration) {
+    let mut latencies: Vec<Duration> = events
+        .iter()
+        .filter_map(|received| {
+            let time = received.event["time"].as_str()?;
+            let written = chrono::DateTime::parse_from_rfc3339(time)
+                .ok()?
+                .with_timezone(&chrono::Utc);
+            (written >= since).then(|| {
+                (received.received_at - written)
+                    .to_std()
+                    .unwrap_or_default()
+            })
+        })
+        .collect();
+    latencies.sort();
+    let at = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p).ceil() as usize).saturating_sub(1))
+            .copied()
+            .unwrap_or_default()
+    };
+    (at(0.50), at(0.99))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
