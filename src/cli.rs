@@ -31,15 +31,20 @@ pub enum Command {
     /// effective settings with secrets redacted; exits 2 when invalid.
     CheckConfig(CheckConfigArgs),
     /// Run a reference CloudEvents sink with an OAuth2 token endpoint (for development and
-    /// tests): every sink requirement of the spec, deduplication, and fault injection.
+    /// tests): the sink contract of NVSentinel's Event Exporter configuration guide (POST,
+    /// `application/cloudevents+json`, Bearer token, 2xx), deduplication, and fault injection.
     Sink(Box<crate::commands::sink::SinkArgs>),
-    /// Write realistic NVSentinel health events into the PostgreSQL datastore.
+    /// Write realistic NVSentinel health events into the PostgreSQL datastore named by the
+    /// `DATASTORE_*` environment (DATASTORE_HOST, DATASTORE_PORT, DATASTORE_DATABASE,
+    /// DATASTORE_USERNAME, DATASTORE_PASSWORD, DATASTORE_SSLMODE, …), as the exporter reads it.
     Generate(crate::commands::generate::GenerateArgs),
     /// Run the whole job on this machine: PostgreSQL, sink and token endpoint, history, live
     /// events, the exporter with backfill; ends with a summary.
     Demo(crate::commands::demo::DemoArgs),
-    /// Benchmark the backfill against a local sink: events/s, CPU and memory, and how closely
-    /// rate limits are held (run a release build).
+    /// Benchmark the exporter against the local PostgreSQL and the reference sink (run a release
+    /// build): streaming (events/s, write-to-sink latency), an unlimited backfill (events/s),
+    /// rate-limited backfills (how closely each limit is held), with the exporter's CPU and peak
+    /// memory for each; `--stream-events 0`, `--events 0` or `--rates 0` skip a scenario.
     Bench(crate::commands::bench::BenchArgs),
 }
 

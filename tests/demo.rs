@@ -23,7 +23,9 @@ async fn demo_delivers_every_event_it_writes() {
         summary.p50 > Duration::ZERO && summary.p50 <= summary.p99,
         "{summary:?}"
     );
-    let lines = std::fs::read_to_string(&summary.received_file).expect("received file");
+    let received = summary.received_file.clone().expect("kept with --output");
+    assert_eq!(received, output.path().join("received.ndjson"));
+    let lines = std::fs::read_to_string(&received).expect("received file");
     assert_eq!(
         lines.lines().count() as u64,
         summary.written,
@@ -49,33 +51,32 @@ async fn demo_delivers_every_event_it_writes() {
     assert_eq!(left, 0, "the demo drops its scratch database");
 }
 
+/// Without `--output` the demo keeps nothing: its temporary directory is gone when it exits,
+/// and the summary says the events were not kept. With stderr not a terminal, progress comes
+/// as whole lines, never `\r` rewrites.
 #[test]
-fn demo_command_prints_a_summary() {
-    let output = tempfile::tempdir().expect("temp dir");
-    let run = std::process::Command::new(env!("CARGO_BIN_EXE_event-exporter"))
-        .args([
-            "demo",
-            "--history",
-            "200",
-            "--rate",
-            "50",
-            "--live-for",
-            "2s",
-            "--output",
-        ])
-        .arg(output.path())
-        .output()
+fn demo_command_prints_a_summary_and_leaves_nothing_behind() {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_event-exporter"))
+        .args(["demo", "--history", "200", "--rate", "50", "--live-for", "2s"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .expect("run demo");
+    let scratch = std::env::temp_dir().join(format!("event-exporter-demo-{}", child.id()));
+    let run = child.wait_with_output().expect("demo output");
     let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(
-        run.status.success(),
-        "demo failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "demo failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("events written:    300"), "{stdout}");
     assert!(
         stdout.contains("events delivered:  300 (missing: 0)"),
         "{stdout}"
     );
-    assert!(stdout.contains("received.ndjson"), "{stdout}");
+    assert!(
+        stdout.contains("received events:   not kept (--output DIR keeps them"),
+        "{stdout}"
+    );
+    assert!(!scratch.exists(), "{} is left behind", scratch.display());
+    assert!(!stderr.contains('\r'), "progress used \\r off a terminal:\n{stderr}");
+    assert!(stderr.contains("demo: delivered 300/300"), "{stderr}");
 }

@@ -17,7 +17,7 @@ use reqwest::header::{HeaderMap, ALLOW, CACHE_CONTROL, RETRY_AFTER, WWW_AUTHENTI
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-const CLIENT_ID: &str = "event-exporter";
+const CLIENT_ID: &str = "nvsentinel-exporter";
 const SECRET: &str = "sink-test-secret-8d1f";
 const SCOPE: &str = "events:write";
 const VALIDATOR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/validate_cloudevents.py");

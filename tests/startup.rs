@@ -234,6 +234,28 @@ fn each_invalid_config_value_exits_2_naming_the_key() {
     }
 }
 
+/// An endpoint typed without its scheme is the common slip: the message says what to write,
+/// in the operator's terms, not the URL parser's ("relative URL without a base").
+#[test]
+fn an_endpoint_without_a_scheme_is_told_to_start_with_http() {
+    let env = datastore_env();
+    for (from, to) in [
+        ("http://127.0.0.1:9/api/v1/events", "sink.example.com/events"),
+        ("http://127.0.0.1:9/api/v1/events", "localhost:8080/events"),
+        ("http://127.0.0.1:9/oauth2/token", "auth.example.com/token"),
+    ] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = write_config(dir.path(), &valid_with(from, to));
+        let (code, output) = run_once(&["check-config", &format!("--config={path}")], &env);
+        assert_eq!(code, Some(2), "{to}: {output}");
+        assert!(
+            output.contains("must start with http:// or https://") && output.contains(to),
+            "{to}: {output}"
+        );
+        assert!(!output.contains("relative URL without a base"), "{output}");
+    }
+}
+
 #[test]
 fn oidc_fields_are_not_required_when_oidc_is_disabled() {
     // The counterpart of the missing-scope case: proves the check is tied to `enabled`.

@@ -234,7 +234,7 @@ cluster = "bench"
 endpoint = "{sink}"
 [exporter.oidc]
 token_url = "{token}"
-client_id = "event-exporter"
+client_id = "nvsentinel-exporter"
 scope = "events:write"
 [exporter.backfill]
 enabled = {backfill}

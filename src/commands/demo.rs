@@ -6,6 +6,7 @@
 //! the file of received CloudEvents.
 
 use std::collections::HashSet;
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -31,10 +32,11 @@ pub struct DemoArgs {
     /// How long live events are written.
     #[arg(long, default_value = "10s", value_parser = crate::cli::parse_duration)]
     pub live_for: Duration,
-    /// Concurrent publishes.
-    #[arg(long, default_value_t = 8)]
+    /// Concurrent publishes (the exporter's own default).
+    #[arg(long, default_value_t = 10)]
     pub workers: usize,
-    /// Directory for the received CloudEvents (`received.ndjson`); a new temporary one by default.
+    /// Keep the received CloudEvents in DIR/received.ndjson. Without it they are written to a
+    /// temporary directory that is removed before the demo exits.
     #[arg(long, value_name = "DIR")]
     pub output: Option<PathBuf>,
 }
@@ -49,7 +51,8 @@ pub struct DemoSummary {
     /// Write-to-sink latency of the live events.
     pub p50: Duration,
     pub p99: Duration,
-    pub received_file: PathBuf,
+    /// Where the received CloudEvents are kept; `None` when they were not kept (no `--output`).
+    pub received_file: Option<PathBuf>,
     pub postgres: String,
 }
 
@@ -67,7 +70,10 @@ pub async fn run(args: DemoArgs) -> Result<(), ExitError> {
         summary.p50, summary.p99
     );
     println!("PostgreSQL:        {}", summary.postgres);
-    println!("received events:   {}", summary.received_file.display());
+    match &summary.received_file {
+        Some(file) => println!("received events:   {}", file.display()),
+        None => println!("received events:   not kept (--output DIR keeps them in DIR/received.ndjson)"),
+    }
     if summary.missing > 0 {
         return Err(ExitError::Failed(format!(
             "{} events were not delivered",
@@ -80,19 +86,37 @@ pub async fn run(args: DemoArgs) -> Result<(), ExitError> {
 /// Runs the demo and returns its numbers (the end-to-end test calls this).
 pub async fn run_demo(args: DemoArgs) -> Result<DemoSummary, ExitError> {
     let failed = |e: String| ExitError::Failed(e);
-    let output = match &args.output {
-        Some(dir) => dir.clone(),
-        None => std::env::temp_dir().join(format!("event-exporter-demo-{}", std::process::id())),
+    // Without --output the received events go to a scratch directory removed at the end.
+    let (output, keep) = match &args.output {
+        Some(dir) => (dir.clone(), true),
+        None => (
+            std::env::temp_dir().join(format!("event-exporter-demo-{}", std::process::id())),
+            false,
+        ),
     };
     std::fs::create_dir_all(&output).map_err(|e| failed(format!("{}: {e}", output.display())))?;
     let received_file = output.join("received.ndjson");
     let _ = std::fs::remove_file(&received_file);
+    let result = run_in(&args, &received_file).await;
+    if !keep {
+        let _ = std::fs::remove_dir_all(&output);
+    }
+    let mut summary = result?;
+    summary.received_file = keep.then_some(received_file);
+    Ok(summary)
+}
+
+async fn run_in(
+    args: &DemoArgs,
+    received_file: &std::path::Path,
+) -> Result<DemoSummary, ExitError> {
+    let failed = |e: String| ExitError::Failed(e);
 
     say("finding PostgreSQL");
     let server = local_postgres::LocalServer::find().await.map_err(failed)?;
     let database = format!("event_exporter_demo_{}", std::process::id());
     server.create_database(&database).await.map_err(failed)?;
-    let result = run_with_database(&args, &server, &database, &received_file).await;
+    let result = run_with_database(args, &server, &database, received_file).await;
     if let Err(error) = server.drop_database(&database).await {
         eprintln!("could not drop the scratch database {database}: {error}");
     }
@@ -156,7 +180,7 @@ timeout = "10s"
 
 [exporter.oidc]
 token_url = "{token_url}"
-client_id = "event-exporter"
+client_id = "nvsentinel-exporter"
 scope = "events:write"
 
 [exporter.backfill]
@@ -194,6 +218,7 @@ backoff_multiplier = 2.0
     let live_started = Utc::now();
     let started = Instant::now();
     let mut live_written = 0u64;
+    let mut last_progress = None;
     while live_written < live_total {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let due = ((started.elapsed().as_secs_f64() * args.rate) as u64).min(live_total);
@@ -207,7 +232,7 @@ backoff_multiplier = 2.0
                 .map_err(|e| failed(e.to_string()))?;
             live_written = due;
         }
-        progress(&running_sink, written);
+        progress(&running_sink, written, &mut last_progress);
     }
 
     // Wait until everything arrived (or clearly will not).
@@ -217,9 +242,12 @@ backoff_multiplier = 2.0
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-        progress(&running_sink, written);
+        progress(&running_sink, written, &mut last_progress);
     }
-    eprintln!();
+    if std::io::stderr().is_terminal() {
+        eprintln!();
+    }
+    say(&format!("delivered {}/{written}", running_sink.accepted()));
     shutdown.cancel();
     let exported = exporter.await.map_err(|e| failed(e.to_string()))?;
     let _ = std::fs::remove_dir_all(&scratch);
@@ -242,7 +270,7 @@ backoff_multiplier = 2.0
         missing: written.saturating_sub(unique.len() as u64),
         p50,
         p99,
-        received_file: received_file.to_path_buf(),
+        received_file: None,
         postgres: String::new(),
     })
 }
@@ -251,8 +279,16 @@ fn say(message: &str) {
     eprintln!("demo: {message}");
 }
 
-fn progress(sink: &sink::RunningSink, total: u64) {
-    eprint!("\rdemo: delivered {}/{total}   ", sink.accepted());
+/// Progress on one rewritten line on a terminal; elsewhere (a log file, CI) a plain line at
+/// most every five seconds, so logs do not get one very long line of `\r` updates.
+fn progress(sink: &sink::RunningSink, total: u64, last_line: &mut Option<Instant>) {
+    if std::io::stderr().is_terminal() {
+        eprint!("\rdemo: delivered {}/{total}   ", sink.accepted());
+        *last_line = Some(Instant::now());
+    } else if last_line.is_none_or(|at| at.elapsed() >= Duration::from_secs(5)) {
+        eprintln!("demo: delivered {}/{total}", sink.accepted());
+        *last_line = Some(Instant::now());
+    }
 }
 
 fn tempdir() -> Result<PathBuf, ExitError> {

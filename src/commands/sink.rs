@@ -49,7 +49,7 @@ pub struct SinkArgs {
     #[arg(long)]
     pub no_auth: bool,
     /// OAuth2 client id the token endpoint accepts.
-    #[arg(long, default_value = "event-exporter")]
+    #[arg(long, default_value = "nvsentinel-exporter")]
     pub client_id: String,
     /// OAuth2 client secret the token endpoint accepts.
     #[arg(
@@ -118,7 +118,7 @@ impl Default for SinkArgs {
             path: "/api/v1/events".into(),
             out: None,
             no_auth: false,
-            client_id: "event-exporter".into(),
+            client_id: "nvsentinel-exporter".into(),
             client_secret: "demo-secret".into(),
             scope: "events:write".into(),
             token_lifetime: Duration::from_secs(3600),

@@ -380,13 +380,26 @@ fn non_negative(
 }
 
 fn check_http_url(key: &str, text: &str) -> Result<(), ConfigError> {
+    if !text.contains("://") {
+        return Err(invalid(
+            key,
+            format!("{text:?} has no scheme: it must start with http:// or https://"),
+        ));
+    }
     match reqwest::Url::parse(text) {
         Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => Ok(()),
-        Ok(_) => Err(invalid(
+        Ok(url) => Err(invalid(
             key,
-            format!("{text:?} is not an http:// or https:// URL"),
+            format!(
+                "{text:?} is not an http:// or https:// URL (scheme {:?}): it must start with \
+                 http:// or https://",
+                url.scheme()
+            ),
         )),
-        Err(e) => Err(invalid(key, format!("{text:?} is not a valid URL: {e}"))),
+        Err(e) => Err(invalid(
+            key,
+            format!("{text:?} is not a valid http:// or https:// URL: {e}"),
+        )),
     }
 }
 
