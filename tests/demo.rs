@@ -57,7 +57,15 @@ async fn demo_delivers_every_event_it_writes() {
 #[test]
 fn demo_command_prints_a_summary_and_leaves_nothing_behind() {
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_event-exporter"))
-        .args(["demo", "--history", "200", "--rate", "50", "--live-for", "2s"])
+        .args([
+            "demo",
+            "--history",
+            "200",
+            "--rate",
+            "50",
+            "--live-for",
+            "2s",
+        ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -77,6 +85,9 @@ fn demo_command_prints_a_summary_and_leaves_nothing_behind() {
         "{stdout}"
     );
     assert!(!scratch.exists(), "{} is left behind", scratch.display());
-    assert!(!stderr.contains('\r'), "progress used \\r off a terminal:\n{stderr}");
+    assert!(
+        !stderr.contains('\r'),
+        "progress used \\r off a terminal:\n{stderr}"
+    );
     assert!(stderr.contains("demo: delivered 300/300"), "{stderr}");
 }

@@ -349,10 +349,7 @@ async fn rolled_back_insert_is_never_delivered_and_the_token_passes_it() {
 /// push `xmax` past A's xid and hide the problem).
 #[tokio::test]
 async fn hole_of_a_transaction_newer_than_the_committer_is_not_decided_early() {
-    if !cluster::available() {
-        eprintln!("SKIP: PostgreSQL server binaries (initdb/pg_ctl) not installed");
-        return;
-    }
+    cluster::require();
     let cluster = Cluster::start(None);
     let db = TestDb::create_on("127.0.0.1", cluster.port()).await;
     let observer = db.client().await;
@@ -415,10 +412,7 @@ async fn hole_of_a_transaction_newer_than_the_committer_is_not_decided_early() {
 /// older transaction keeps its hole undecided; the token passes it once it is delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_commit_is_delivered_while_an_older_unrelated_transaction_stays_open() {
-    if !cluster::available() {
-        eprintln!("SKIP: PostgreSQL server binaries (initdb/pg_ctl) not installed");
-        return;
-    }
+    cluster::require();
     let cluster = Cluster::start(None);
     let db = TestDb::create_on("127.0.0.1", cluster.port()).await;
     let observer = db.client().await;
@@ -872,10 +866,7 @@ async fn malformed_documents_are_logged_skipped_and_passed_over() {
 /// 200 once it is back, the exporter keeps running, and events before and after are delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgresql_restart_under_the_exporter() {
-    if !cluster::available() {
-        eprintln!("SKIP: PostgreSQL server binaries (initdb/pg_ctl) not installed");
-        return;
-    }
+    cluster::require();
     let cluster = Cluster::start(None);
     let db = TestDb::create_on("127.0.0.1", cluster.port()).await;
     let sink = SinkServer::start(SinkOptions::default()).await;

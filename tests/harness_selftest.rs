@@ -227,10 +227,7 @@ fn rfc3339_nano_trims_like_go() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_cluster_accepts_client_cert_and_rejects_plain() {
-    if !cluster::available() {
-        eprintln!("SKIP: PostgreSQL server binaries (initdb/pg_ctl) not installed");
-        return;
-    }
+    cluster::require();
     let pki = TestPki::generate();
     let cluster = Cluster::start(Some(&pki));
     let db = cluster.apply_schema_db("").await;
@@ -303,10 +300,7 @@ async fn tls_cluster_accepts_client_cert_and_rejects_plain() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_cluster_survives_stop_and_restart() {
-    if !cluster::available() {
-        eprintln!("SKIP: PostgreSQL server binaries (initdb/pg_ctl) not installed");
-        return;
-    }
+    cluster::require();
     let cluster = Cluster::start(None);
     let db = TestDb::create_on("127.0.0.1", cluster.port()).await;
     let uuid = pg::insert_health_event(&db.client().await, &pg::health_event_doc("n", 1)).await;

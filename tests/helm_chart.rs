@@ -4,9 +4,9 @@
 //! The full chart checks are `tests/helm/check_chart.py`: real Helm (the Helm v4 SDK from the
 //! PyPI package `helm-python-sdk`) lints and renders the chart, `kubernetes-validate` validates
 //! every manifest, and this crate's binary (`check-config`) loads every rendered `config.toml`.
-//! They need a Python with both packages: `HELM_CHECK_PYTHON` names its interpreter, else
-//! `python3` is tried. Without one the test prints a `SKIP:` line, unless
-//! `REQUIRE_HELM_CHECKS=1` (CI), where a missing toolchain is a failure.
+//! They need a Python with both packages: `HELM_CHECK_PYTHON` names its interpreter (set by
+//! `scripts/test`, which installs both into `target/test-venv`), else `python3` is tried.
+//! Without one the test fails: a check that cannot run is never reported as passed.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -61,25 +61,15 @@ fn python() -> Result<String, String> {
     }
 }
 
-fn helm_checks_required() -> bool {
-    matches!(
-        std::env::var("REQUIRE_HELM_CHECKS").as_deref(),
-        Ok("1") | Ok("true") | Ok("yes")
-    )
-}
-
 #[test]
 fn chart_checks_with_real_helm() {
+    // A check that cannot run fails: it is never reported as passed.
     let python = match python() {
         Ok(python) => python,
-        Err(reason) => {
-            assert!(
-                !helm_checks_required(),
-                "REQUIRE_HELM_CHECKS is set but the chart checks cannot run: {reason}"
-            );
-            eprintln!("SKIP: Helm chart checks (tests/helm/check_chart.py): {reason}");
-            return;
-        }
+        Err(reason) => panic!(
+            "the Helm chart checks cannot run: {reason}; run the tests with `scripts/test`, \
+             which installs them (tests/requirements.txt) into target/test-venv"
+        ),
     };
     let output = Command::new(&python)
         .arg(root().join("tests/helm/check_chart.py"))
@@ -173,4 +163,39 @@ fn dockerfile_entrypoint_is_the_binary() {
         "the image runs as {user}"
     );
     assert!(Path::new(ROOT).join(".dockerignore").is_file());
+}
+
+/// The README's test command does its own set-up on a fresh machine: run on a virtualenv path
+/// that does not exist yet, `scripts/test --setup-only` creates it with every Python package
+/// the tests import.
+#[test]
+fn the_test_command_sets_up_a_fresh_virtualenv() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let venv = dir.path().join("fresh-venv");
+    let output = Command::new(root().join("scripts/test"))
+        .arg("--setup-only")
+        .env("TEST_VENV", &venv)
+        .current_dir(root())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run scripts/test --setup-only");
+    assert!(
+        output.status.success(),
+        "set-up failed:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let imports = Command::new(venv.join("bin/python"))
+        .args([
+            "-c",
+            "import cloudevents, helm_python, kubernetes_validate; print('ok')",
+        ])
+        .output()
+        .expect("run the new virtualenv's python");
+    assert_eq!(
+        String::from_utf8_lossy(&imports.stdout).trim(),
+        "ok",
+        "{}",
+        String::from_utf8_lossy(&imports.stderr)
+    );
 }

@@ -240,7 +240,10 @@ fn each_invalid_config_value_exits_2_naming_the_key() {
 fn an_endpoint_without_a_scheme_is_told_to_start_with_http() {
     let env = datastore_env();
     for (from, to) in [
-        ("http://127.0.0.1:9/api/v1/events", "sink.example.com/events"),
+        (
+            "http://127.0.0.1:9/api/v1/events",
+            "sink.example.com/events",
+        ),
         ("http://127.0.0.1:9/api/v1/events", "localhost:8080/events"),
         ("http://127.0.0.1:9/oauth2/token", "auth.example.com/token"),
     ] {

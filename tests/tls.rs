@@ -156,10 +156,7 @@ fn pg_env(cluster: &Cluster, db: &str, overrides: &[EnvOverride]) -> Vec<(String
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_over_tls_with_client_certificates_in_every_verifying_mode() {
-    if !cluster::available() {
-        eprintln!("skipped: PostgreSQL server binaries not installed");
-        return;
-    }
+    cluster::require();
     let pki = TestPki::generate();
     let cluster = Cluster::start(Some(&pki));
     let paths = cluster.tls_paths().expect("TLS cluster").clone();
@@ -277,10 +274,7 @@ async fn run_against_an_untrusted_server_certificate() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_verify_full_rejects_a_server_certificate_from_another_ca() {
-    if !cluster::available() {
-        eprintln!("skipped: PostgreSQL server binaries not installed");
-        return;
-    }
+    cluster::require();
     let log = run_against_an_untrusted_server_certificate().await;
     assert!(
         log.lines()
@@ -291,10 +285,7 @@ async fn postgres_verify_full_rejects_a_server_certificate_from_another_ca() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_certificate_failures_are_named_in_the_log() {
-    if !cluster::available() {
-        eprintln!("skipped: PostgreSQL server binaries not installed");
-        return;
-    }
+    cluster::require();
     let log = run_against_an_untrusted_server_certificate().await;
     assert!(
         log.contains("UnknownIssuer") || log.to_lowercase().contains("certificate"),

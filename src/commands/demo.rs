@@ -72,7 +72,9 @@ pub async fn run(args: DemoArgs) -> Result<(), ExitError> {
     println!("PostgreSQL:        {}", summary.postgres);
     match &summary.received_file {
         Some(file) => println!("received events:   {}", file.display()),
-        None => println!("received events:   not kept (--output DIR keeps them in DIR/received.ndjson)"),
+        None => {
+            println!("received events:   not kept (--output DIR keeps them in DIR/received.ndjson)")
+        }
     }
     if summary.missing > 0 {
         return Err(ExitError::Failed(format!(

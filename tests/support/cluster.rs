@@ -32,9 +32,18 @@ pub struct Cluster {
 }
 
 /// True when the PostgreSQL server binaries (initdb, pg_ctl) are installed.
-/// Tests needing a cluster should print a reason and return early otherwise.
 pub fn available() -> bool {
     pg_bindir().is_some()
+}
+
+/// Fails the calling test when the PostgreSQL server binaries are missing: a check that cannot
+/// run is never reported as passed.
+pub fn require() {
+    assert!(
+        available(),
+        "this test needs PostgreSQL's server binaries (initdb, pg_ctl): install the \
+         postgresql package or set PG_BINDIR"
+    );
 }
 
 /// Directory holding initdb and pg_ctl: `$PG_BINDIR`, `pg_config --bindir`,
