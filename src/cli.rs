@@ -27,8 +27,10 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Validate a configuration file (and the datastore environment, when set) and print the
-    /// effective settings with secrets redacted; exits 2 when invalid.
+    /// Validate what the exporter would validate at start, with the same flags: the
+    /// configuration file (unknown keys too), the flags, the OIDC secret file, the CA files and
+    /// the datastore environment (when DATASTORE_PROVIDER is set); print the effective settings
+    /// with secrets redacted. Exits 2 when anything is invalid. Makes no connection.
     CheckConfig(CheckConfigArgs),
     /// Run a reference CloudEvents sink with an OAuth2 token endpoint (for development and
     /// tests): the sink contract of NVSentinel's Event Exporter configuration guide (POST,
@@ -88,9 +90,14 @@ pub struct RunArgs {
 
 #[derive(Debug, Args)]
 pub struct CheckConfigArgs {
-    /// Path to the TOML configuration file.
-    #[arg(long, value_name = "PATH", default_value = "/etc/config/config.toml")]
-    pub config: PathBuf,
+    /// The exporter's own flags, checked as the exporter checks them.
+    #[command(flatten)]
+    pub run: RunArgs,
+
+    /// Do not check the files the pod mounts (the OIDC client secret, CA files): for checking
+    /// a rendered configuration outside the pod.
+    #[arg(long)]
+    pub skip_files: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -174,7 +181,9 @@ mod tests {
     fn check_config_subcommand() {
         let cli = parse(&["event-exporter", "check-config", "--config", "x.toml"]);
         match cli.command {
-            Some(Command::CheckConfig(args)) => assert_eq!(args.config, PathBuf::from("x.toml")),
+            Some(Command::CheckConfig(args)) => {
+                assert_eq!(args.run.config, PathBuf::from("x.toml"))
+            }
             other => panic!("unexpected {other:?}"),
         }
     }

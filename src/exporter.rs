@@ -54,11 +54,50 @@ pub struct Settings {
     pub shutdown_grace: Duration,
 }
 
+/// What `validate_local` checked: everything but the datastore environment.
+pub struct LocalSettings {
+    pub config: Config,
+    /// Effective `--workers` / `exporter.workers` (default 10).
+    pub workers: usize,
+    pub metrics_port: u16,
+}
+
 /// Validates the command line, the configuration file and the datastore environment.
 pub fn validate(args: &RunArgs) -> Result<Settings, ExitError> {
+    let LocalSettings {
+        config,
+        workers,
+        metrics_port,
+    } = validate_local(args, true)?;
+    let datastore = PgSettings::from_env(|name| std::env::var(name).ok())
+        .map_err(|e| ExitError::Config(e.to_string()))?;
+    Ok(Settings {
+        config,
+        workers,
+        metrics_port,
+        datastore,
+        oidc_secret_path: args.oidc_secret_path.clone(),
+        shutdown_grace: args.shutdown_grace,
+    })
+}
+
+/// Validates what can be checked without the datastore environment or a connection (shared by
+/// the exporter and `check-config`): the configuration file, the flags, the filter expression,
+/// the OIDC client secret file (readable and not empty, when OIDC is on) and the CA files.
+/// Every failure is `ExitError::Config` (exit 2) naming the key, flag or file.
+/// `check_files = false` skips the files the pod mounts (secret, CA files), for checking a
+/// rendered configuration outside the pod.
+pub fn validate_local(args: &RunArgs, check_files: bool) -> Result<LocalSettings, ExitError> {
     let config = Config::load(&args.config).map_err(|e| ExitError::Config(e.to_string()))?;
     for key in &config.unknown_keys {
-        tracing::warn!(key, "unknown configuration key ignored");
+        match config.did_you_mean.get(key) {
+            Some(known) => tracing::warn!(
+                key,
+                did_you_mean = %known,
+                "unknown configuration key ignored (did you mean {known}?)"
+            ),
+            None => tracing::warn!(key, "unknown configuration key ignored"),
+        }
     }
     let workers = match (args.workers, config.workers) {
         (Some(n), _) if n < 0 => {
@@ -81,16 +120,53 @@ pub fn validate(args: &RunArgs) -> Result<Settings, ExitError> {
         ))
     })?;
     compile_filter(&config)?;
-    let datastore = PgSettings::from_env(|name| std::env::var(name).ok())
-        .map_err(|e| ExitError::Config(e.to_string()))?;
-    Ok(Settings {
+    if !check_files {
+        return Ok(LocalSettings {
+            config,
+            workers,
+            metrics_port,
+        });
+    }
+    if config.oidc.is_some() {
+        check_secret_file(&args.oidc_secret_path)?;
+    }
+    let ca_files = [
+        ("exporter.sink.ca_file", config.sink.ca_file.as_deref()),
+        (
+            "exporter.oidc.ca_file",
+            config.oidc.as_ref().and_then(|o| o.ca_file.as_deref()),
+        ),
+    ];
+    for (key, path) in ca_files {
+        if let Some(path) = path {
+            crate::tls::roots_from_file(path)
+                .map_err(|e| ExitError::Config(format!("{key}: {e}")))?;
+        }
+    }
+    Ok(LocalSettings {
         config,
         workers,
         metrics_port,
-        datastore,
-        oidc_secret_path: args.oidc_secret_path.clone(),
-        shutdown_grace: args.shutdown_grace,
     })
+}
+
+/// The OIDC client secret file must be readable and hold a secret; the exporter re-reads it on
+/// every token refresh, but a missing mount is a deployment mistake to report at start.
+fn check_secret_file(path: &std::path::Path) -> Result<(), ExitError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) if !text.trim().is_empty() => Ok(()),
+        Ok(_) => Err(ExitError::Config(format!(
+            "--oidc-secret-path: {} is empty (the oidc-client-secret key of the Secret named by \
+             oidcSecretName)",
+            path.display()
+        ))),
+        Err(error) => Err(ExitError::Config(format!(
+            "--oidc-secret-path: cannot read {}: {error} (mount the Secret named by \
+             oidcSecretName, or set exporter.oidc.enabled = false for a sink without \
+             authentication)",
+            path.display()
+        ))),
+    }
 }
 
 /// Compiles `exporter.filter.expression` (`None` when blank): a malformed or non-boolean

@@ -11,13 +11,24 @@ fn main() -> ExitCode {
     let cli = Cli::parse_from(normalize_go_flags(std::env::args()));
     match cli.command {
         Some(Command::CheckConfig(args)) => match check_config::check(&args) {
-            Ok(report) => {
-                println!("{report}");
+            Ok(report) if report.unknown_keys.is_empty() => {
+                println!("{}", report.json);
                 ExitCode::SUCCESS
+            }
+            Ok(report) => {
+                println!("{}", report.json);
+                for message in &report.unknown_keys {
+                    eprintln!("invalid configuration: {message}");
+                }
+                eprintln!(
+                    "invalid configuration: {} unknown key(s); the exporter would ignore them",
+                    report.unknown_keys.len()
+                );
+                ExitCode::from(2)
             }
             Err(error) => {
                 eprintln!("invalid configuration: {error}");
-                ExitCode::from(2)
+                ExitCode::from(error.code())
             }
         },
         Some(Command::Sink(args)) => run_async(&cli.run, sink::run(*args)),

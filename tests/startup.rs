@@ -62,6 +62,21 @@ fn write_config(dir: &Path, text: &str) -> String {
     path.display().to_string()
 }
 
+/// Runs `check-config` on the config file at `path` with a readable OIDC secret file beside it
+/// (as the pod mounts one) and `extra` flags.
+fn check_config(path: &str, extra: &[&str], env: &[(String, String)]) -> (Option<i32>, String) {
+    let secret = Path::new(path).with_file_name("oidc-client-secret");
+    std::fs::write(&secret, "s3cret").expect("write secret");
+    let mut args = vec![
+        "check-config".to_string(),
+        format!("--config={path}"),
+        format!("--oidc-secret-path={}", secret.display()),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_once(&args, env)
+}
+
 /// A syntactically valid datastore environment (nothing connects before validation ends).
 fn datastore_env() -> Vec<(String, String)> {
     [
@@ -120,13 +135,11 @@ fn expect_rejected(
 ) {
     let dir = tempfile::tempdir().expect("temp dir");
     let config_path = write_config(dir.path(), config);
+    let secret = dir.path().join("oidc-client-secret");
+    std::fs::write(&secret, "s3cret").expect("write secret");
     let mut args = vec![
         format!("--config={config_path}"),
-        // If validation wrongly passed, this makes the run end quickly with status 1.
-        format!(
-            "--oidc-secret-path={}",
-            dir.path().join("no-such-secret").display()
-        ),
+        format!("--oidc-secret-path={}", secret.display()),
     ];
     if !extra_args.iter().any(|a| a.starts_with("--metrics-port")) {
         args.push("--metrics-port=0".to_string());
@@ -249,7 +262,7 @@ fn an_endpoint_without_a_scheme_is_told_to_start_with_http() {
     ] {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = write_config(dir.path(), &valid_with(from, to));
-        let (code, output) = run_once(&["check-config", &format!("--config={path}")], &env);
+        let (code, output) = check_config(&path, &[], &env);
         assert_eq!(code, Some(2), "{to}: {output}");
         assert!(
             output.contains("must start with http:// or https://") && output.contains(to),
@@ -268,7 +281,7 @@ fn oidc_fields_are_not_required_when_oidc_is_disabled() {
         "enabled = false\n",
     );
     let path = write_config(dir.path(), &config);
-    let (code, output) = run_once(&["check-config", &format!("--config={path}")], &[]);
+    let (code, output) = check_config(&path, &[], &[]);
     assert_eq!(code, Some(0), "{output}");
     let report = json_report(&output);
     assert_eq!(report["exporter"]["oidc"], Value::Null, "{output}");
@@ -325,7 +338,7 @@ async fn unknown_keys_are_warned_about_and_ignored() {
     let client = db.client().await;
     let sink = SinkServer::start(SinkOptions::default()).await;
     let mut options = ExporterOptions::new(&sink, None, db.env());
-    options.sink_extra = "colour = \"blue\"".into();
+    options.sink_extra = "colour = \"blue\"\ntimout = \"9s\"".into();
     options.extra_toml = "[exporter.shiny_new_feature]\nlevel = 3\n".into();
     let mut exporter = Exporter::start(&options).await;
 
@@ -341,6 +354,12 @@ async fn unknown_keys_are_warned_about_and_ignored() {
             "no warning naming {key}; log:\n{log}"
         );
     }
+    assert!(
+        log.lines().any(|l| l.contains("WARN")
+            && l.contains("exporter.sink.timout")
+            && l.contains("did you mean exporter.sink.timeout?")),
+        "no correction offered for a misspelled key; log:\n{log}"
+    );
     for known in [
         "exporter.sink.endpoint",
         "exporter.resume_token",
@@ -490,8 +509,13 @@ fn check_config_prints_effective_settings_with_the_password_redacted() {
     let path = write_config(dir.path(), &config);
     let password = "pg-Passw0rd-do-not-print";
     let env = with_env(datastore_env(), "DATASTORE_PASSWORD", Some(password));
-    let (code, output) = run_once(&["check-config", &format!("--config={path}")], &env);
-    assert_eq!(code, Some(0), "{output}");
+    let (code, output) = check_config(&path, &[], &env);
+    // The unknown key fails the check, after the report is printed.
+    assert_eq!(code, Some(2), "{output}");
+    assert!(
+        output.contains("invalid configuration: exporter.sink.colour: unknown key"),
+        "{output}"
+    );
     assert!(
         !output.contains(password),
         "the password is printed:\n{output}"
@@ -520,11 +544,9 @@ fn check_config_prints_effective_settings_with_the_password_redacted() {
         serde_json::json!(["exporter.sink.colour"])
     );
 
-    // Without a password there is nothing to redact.
-    let (code, output) = run_once(
-        &["check-config", &format!("--config={path}")],
-        &datastore_env(),
-    );
+    // Without a password there is nothing to redact; without the unknown key it passes.
+    let path = write_config(dir.path(), &config.replace("colour = \"blue\"\n", ""));
+    let (code, output) = check_config(&path, &[], &datastore_env());
     assert_eq!(code, Some(0), "{output}");
     assert_eq!(json_report(&output)["datastore"]["password"], Value::Null);
 }
@@ -536,10 +558,7 @@ fn check_config_exits_2_on_an_invalid_config_or_environment() {
         dir.path(),
         &valid_with("timeout = \"5s\"", "timeout = \"10\""),
     );
-    let (code, output) = run_once(
-        &["check-config", &format!("--config={path}")],
-        &datastore_env(),
-    );
+    let (code, output) = check_config(&path, &[], &datastore_env());
     assert_eq!(code, Some(2), "{output}");
     assert!(output.contains("exporter.sink.timeout"), "{output}");
     assert!(
@@ -549,7 +568,7 @@ fn check_config_exits_2_on_an_invalid_config_or_environment() {
 
     let path = write_config(dir.path(), VALID);
     let env = with_env(datastore_env(), "DATASTORE_SSLMODE", Some("bogus"));
-    let (code, output) = run_once(&["check-config", &format!("--config={path}")], &env);
+    let (code, output) = check_config(&path, &[], &env);
     assert_eq!(code, Some(2), "{output}");
     assert!(output.contains("DATASTORE_SSLMODE"), "{output}");
 
@@ -560,6 +579,150 @@ fn check_config_exits_2_on_an_invalid_config_or_environment() {
     );
     assert_eq!(code, Some(2), "{output}");
     assert!(output.contains("missing.toml"), "{output}");
+}
+
+/// A misspelled key is an error for `check-config` with the likely correction, and a WARN
+/// with the same correction for the exporter; a misspelled table is an error for both, named
+/// as a misspelling (not as "token_url is required … set enabled = false").
+#[test]
+fn misspelled_keys_and_tables_are_named_with_the_likely_correction() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let env = datastore_env();
+    let cases = [
+        (
+            valid_with("max_retries = 3", "max_retires = 17"),
+            "exporter.failure_handling.max_retires: unknown key (did you mean \
+             exporter.failure_handling.max_retries?)",
+        ),
+        (
+            valid_with("timeout = \"5s\"", "timout = \"5s\""),
+            "exporter.sink.timout: unknown key (did you mean exporter.sink.timeout?)",
+        ),
+    ];
+    for (config, message) in &cases {
+        let path = write_config(dir.path(), config);
+        let (code, output) = check_config(&path, &[], &env);
+        assert_eq!(code, Some(2), "{output}");
+        assert!(output.contains(message), "{message}\n{output}");
+    }
+    // Far from every known key: reported, with no made-up correction.
+    let path = write_config(
+        dir.path(),
+        &valid_with("timeout = \"5s\"", "timeout = \"5s\"\ncolour = \"blue\""),
+    );
+    let (code, output) = check_config(&path, &[], &env);
+    assert_eq!(code, Some(2), "{output}");
+    assert!(
+        output.contains("exporter.sink.colour: unknown key\n"),
+        "{output}"
+    );
+
+    for (from, to, key, meant) in [
+        (
+            "[exporter.oidc]",
+            "[exporter.odic]",
+            "exporter.odic",
+            "[exporter.oidc]",
+        ),
+        (
+            "[exporter.backfill]",
+            "[exporter.backfil]",
+            "exporter.backfil",
+            "[exporter.backfill]",
+        ),
+        (
+            "[exporter.failure_handling]",
+            "[exporter.failure-handling]",
+            "exporter.failure-handling",
+            "[exporter.failure_handling]",
+        ),
+    ] {
+        let path = write_config(dir.path(), &valid_with(from, to));
+        let (code, output) = check_config(&path, &[], &env);
+        assert_eq!(code, Some(2), "{output}");
+        assert!(
+            output.contains(&format!(
+                "{key}: unknown table [{key}]: did you mean {meant}?"
+            )),
+            "{output}"
+        );
+        assert!(!output.contains("is required"), "{output}");
+        // The exporter refuses it the same way.
+        expect_rejected(&valid_with(from, to), &[], &env, key, Some(meant));
+    }
+}
+
+/// `check-config` takes the exporter's flags and checks what the exporter checks at start
+/// without connecting: the OIDC secret file and CA files (exit 2 naming them, for the exporter
+/// too), and shows effective values as used.
+#[test]
+fn check_config_checks_the_secret_file_ca_files_and_flags_like_the_exporter() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let env = datastore_env();
+    let missing = dir.path().join("no-such-secret");
+    let path = write_config(dir.path(), VALID);
+    let (code, output) = run_once(
+        &[
+            "check-config",
+            &format!("--config={path}"),
+            &format!("--oidc-secret-path={}", missing.display()),
+        ],
+        &env,
+    );
+    assert_eq!(code, Some(2), "{output}");
+    assert!(
+        output.contains("--oidc-secret-path: cannot read") && output.contains("no-such-secret"),
+        "{output}"
+    );
+    // Outside the pod (a rendered config in CI), --skip-files leaves the mounted files out.
+    let (code, output) = run_once(
+        &[
+            "check-config",
+            &format!("--config={path}"),
+            &format!("--oidc-secret-path={}", missing.display()),
+            "--skip-files",
+        ],
+        &env,
+    );
+    assert_eq!(code, Some(0), "{output}");
+    assert_eq!(json_report(&output)["files"], "not checked: --skip-files");
+    // The exporter exits 2 (a configuration error), not 1, on the same mistake.
+    let (code, output) = run_once(
+        &[
+            &format!("--config={path}"),
+            &format!("--oidc-secret-path={}", missing.display()),
+            "--metrics-port=0",
+        ],
+        &env,
+    );
+    assert_eq!(code, Some(2), "{output}");
+    assert!(output.contains("--oidc-secret-path"), "{output}");
+
+    let not_pem = dir.path().join("ca.crt");
+    std::fs::write(&not_pem, "not a certificate").expect("write");
+    let config = valid_with(
+        "timeout = \"5s\"",
+        &format!("timeout = \"5s\"\nca_file = \"{}\"", not_pem.display()),
+    );
+    let path = write_config(dir.path(), &config);
+    let (code, output) = check_config(&path, &[], &env);
+    assert_eq!(code, Some(2), "{output}");
+    assert!(output.contains("exporter.sink.ca_file"), "{output}");
+
+    // Effective values: workers from the file, then the flag; the default when neither.
+    let path = write_config(dir.path(), VALID);
+    let (code, output) = check_config(&path, &["--workers=7"], &env);
+    assert_eq!(code, Some(0), "{output}");
+    assert_eq!(json_report(&output)["exporter"]["workers"], 7);
+    let path = write_config(dir.path(), &valid_with("workers = 4\n", ""));
+    let (code, output) = check_config(&path, &[], &env);
+    assert_eq!(code, Some(0), "{output}");
+    let report = json_report(&output);
+    assert_eq!(report["exporter"]["workers"], 10, "{output}");
+    assert_eq!(report["flags"]["metrics_port"], 2112, "{output}");
+    let (code, output) = check_config(&path, &["--metrics-port=x"], &env);
+    assert_eq!(code, Some(2), "{output}");
+    assert!(output.contains("--metrics-port"), "{output}");
 }
 
 #[test]

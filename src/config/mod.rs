@@ -54,9 +54,13 @@ pub struct Config {
     pub filter_expression: Option<String>,
     /// `[exporter.resume_token]` is accepted for compatibility; the token lives in the datastore.
     pub resume_token: BTreeMap<String, String>,
-    /// Keys present in the file that this version does not know (logged as warnings).
+    /// Keys present in the file that this version does not know (logged as warnings;
+    /// `check-config` fails on them).
     #[serde(skip)]
     pub unknown_keys: Vec<String>,
+    /// For unknown keys that look like a misspelling: the known key meant (full paths).
+    #[serde(skip)]
+    pub did_you_mean: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -130,6 +134,7 @@ impl Config {
                 path: PathBuf::new(),
                 message: e.to_string().trim().to_string(),
             })?;
+        misspelled_section(&root)?;
         let mut unknown = Vec::new();
         for key in root.keys().filter(|k| *k != "exporter") {
             unknown.push(key.clone());
@@ -141,11 +146,22 @@ impl Config {
             Some(other) => return Err(invalid("exporter", wrong_type("a table", other))),
         };
         let mut config = Config::from_section(&exporter)?;
-        exporter.collect_unknown(&mut unknown);
+        exporter.collect_unknown(&mut unknown, &mut config.did_you_mean);
         unknown.append(&mut config.unknown_keys);
         unknown.sort();
         config.unknown_keys = unknown;
         Ok(config)
+    }
+
+    /// One line per unknown key, with the key it most likely misspells.
+    pub fn unknown_key_messages(&self) -> Vec<String> {
+        self.unknown_keys
+            .iter()
+            .map(|key| match self.did_you_mean.get(key) {
+                Some(known) => format!("{key}: unknown key (did you mean {known}?)"),
+                None => format!("{key}: unknown key"),
+            })
+            .collect()
     }
 
     fn from_section(exporter: &Section) -> Result<Config, ConfigError> {
@@ -320,6 +336,7 @@ impl Config {
 
         // Nested sections record which of their keys were read; gather their leftovers.
         let mut unknown = Vec::new();
+        let mut did_you_mean = BTreeMap::new();
         for section in [
             &sink_section,
             &oidc_section,
@@ -331,7 +348,7 @@ impl Config {
         .into_iter()
         .flatten()
         {
-            section.collect_unknown(&mut unknown);
+            section.collect_unknown(&mut unknown, &mut did_you_mean);
         }
 
         Ok(Config {
@@ -345,6 +362,7 @@ impl Config {
             filter_expression,
             resume_token,
             unknown_keys: unknown,
+            did_you_mean,
         })
     }
 
@@ -401,6 +419,62 @@ fn check_http_url(key: &str, text: &str) -> Result<(), ConfigError> {
             format!("{text:?} is not a valid http:// or https:// URL: {e}"),
         )),
     }
+}
+
+/// The tables of `[exporter]` this version reads. A table whose name is a likely misspelling of
+/// one of these is an error, not a warning: `[exporter.odic]` would otherwise leave OIDC on with
+/// no settings, and `[exporter.backfil]` would silently turn the backfill off.
+const SECTIONS: [&str; 7] = [
+    "metadata",
+    "sink",
+    "oidc",
+    "backfill",
+    "failure_handling",
+    "filter",
+    "resume_token",
+];
+
+/// The known name `name` most likely misspells: the closest by Damerau-Levenshtein distance,
+/// within one edit per three characters (at least one); `None` when nothing is that close.
+fn closest<'k>(name: &str, known: impl Iterator<Item = &'k str>) -> Option<&'k str> {
+    let limit = (name.chars().count() / 3).max(1);
+    known
+        .filter(|candidate| *candidate != name)
+        .map(|candidate| (strsim::damerau_levenshtein(name, candidate), candidate))
+        .filter(|(distance, _)| *distance <= limit)
+        .min()
+        .map(|(_, candidate)| candidate)
+}
+
+/// Fails on a table that misspells `[exporter]` or one of its known tables (see `SECTIONS`).
+fn misspelled_section(root: &toml::Table) -> Result<(), ConfigError> {
+    for (key, value) in root {
+        if key != "exporter" && value.is_table() && closest(key, ["exporter"].into_iter()).is_some()
+        {
+            return Err(invalid(
+                key,
+                format!("unknown table [{key}]: did you mean [exporter]?"),
+            ));
+        }
+    }
+    let Some(toml::Value::Table(exporter)) = root.get("exporter") else {
+        return Ok(());
+    };
+    for (key, value) in exporter {
+        if !value.is_table() || SECTIONS.contains(&key.as_str()) {
+            continue;
+        }
+        if let Some(known) = closest(key, SECTIONS.into_iter()) {
+            return Err(invalid(
+                &format!("exporter.{key}"),
+                format!(
+                    "unknown table [exporter.{key}]: did you mean [exporter.{known}]? \
+                     (its settings would be ignored)"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn wrong_type(expected: &str, found: &toml::Value) -> String {
@@ -490,12 +564,16 @@ impl<'a> Section<'a> {
         }
     }
 
-    /// Keys of this table (not of child sections, which report their own) never read.
-    fn collect_unknown(&self, into: &mut Vec<String>) {
+    /// Keys of this table (not of child sections, which report their own) never read, each
+    /// with the read key it most likely misspells.
+    fn collect_unknown(&self, into: &mut Vec<String>, did_you_mean: &mut BTreeMap<String, String>) {
         let used = self.used.borrow();
         for key in self.table.keys() {
             if !used.contains(key) {
                 into.push(self.key(key));
+                if let Some(known) = closest(key, used.iter().map(String::as_str)) {
+                    did_you_mean.insert(self.key(key), self.key(known));
+                }
             }
         }
     }
