@@ -20,3 +20,5 @@ pub mod pipeline;
 pub mod server;
 pub mod sink;
 pub mod tls;
+pub mod watchdog;
+pub mod panics;

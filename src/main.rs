@@ -8,15 +8,17 @@ use event_exporter::exporter::{self, ExitError};
 use event_exporter::logging;
 
 fn main() -> ExitCode {
+    // Before anything can panic: a panic is logged without panicking and stops the exporter.
+    event_exporter::panics::install_hook();
     let cli = Cli::parse_from(normalize_go_flags(std::env::args()));
     match cli.command {
         Some(Command::CheckConfig(args)) => match check_config::check(&args) {
             Ok(report) => {
-                println!("{report}");
+                logging::print_stdout(&report);
                 ExitCode::SUCCESS
             }
             Err(error) => {
-                eprintln!("invalid configuration: {error}");
+                logging::print_stderr(&format!("invalid configuration: {error}"));
                 ExitCode::from(2)
             }
         },
@@ -46,7 +48,7 @@ fn run_async(
     job: impl std::future::Future<Output = Result<(), ExitError>>,
 ) -> ExitCode {
     if let Err(error) = logging::init(&args.log_level, args.log_format) {
-        eprintln!("--log-level: {error}");
+        logging::print_stderr(&format!("--log-level: {error}"));
         return ExitCode::from(2);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -55,7 +57,7 @@ fn run_async(
     {
         Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("cannot start the async runtime: {error}");
+            logging::print_stderr(&format!("cannot start the async runtime: {error}"));
             return ExitCode::FAILURE;
         }
     };
