@@ -277,7 +277,8 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
             tracing::error!(%reason, "stopping the exporter: a background task died");
             crate::watchdog::global().task_died(reason.clone());
             stop.cancel();
-            hard_stop = Some(tokio::time::Instant::now() + shutdown_grace + Duration::from_secs(10));
+            hard_stop =
+                Some(tokio::time::Instant::now() + shutdown_grace + Duration::from_secs(10));
         }
     };
     status.set_running(false);

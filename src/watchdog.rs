@@ -274,7 +274,10 @@ mod tests {
         let mut w = Watchdog::new(T, t0);
         w.on_received(t0);
         w.on_received(t0 + secs(9));
-        assert!(!w.verdict(t0 + secs(10)).alive(), "new work is not progress");
+        assert!(
+            !w.verdict(t0 + secs(10)).alive(),
+            "new work is not progress"
+        );
     }
 
     #[test]
@@ -329,9 +332,9 @@ mod tests {
     fn defaults_stay_above_the_longest_healthy_gap() {
         // (sink.timeout, max_backoff, expected default)
         let table = [
-            (secs(30), secs(60), secs(300)),   // upstream defaults: the 5 min floor
-            (secs(30), secs(300), secs(660)),  // Helm defaults: 11 min
-            (secs(5), secs(1), secs(300)),     // tests
+            (secs(30), secs(60), secs(300)), // upstream defaults: the 5 min floor
+            (secs(30), secs(300), secs(660)), // Helm defaults: 11 min
+            (secs(5), secs(1), secs(300)),   // tests
             (secs(600), secs(3600), secs(8400)),
         ];
         for (timeout, backoff, expected) in table {
@@ -355,7 +358,9 @@ mod tests {
             Fail,
             Done,
         }
-        let scripts: &[(&[(u64, Act)], u64, bool)] = &[
+        /// (history of (second, action), probe second, alive)
+        type Script = (&'static [(u64, Act)], u64, bool);
+        let scripts: &[Script] = &[
             (&[], 100, true),
             (&[(0, Act::Recv)], 9, true),
             (&[(0, Act::Recv)], 10, false),
@@ -363,9 +368,17 @@ mod tests {
             (&[(0, Act::Recv), (0, Act::Recv), (5, Act::Done)], 14, true),
             (&[(0, Act::Recv), (0, Act::Recv), (5, Act::Done)], 15, false),
             (&[(0, Act::Recv), (8, Act::Fail), (16, Act::Fail)], 25, true),
-            (&[(0, Act::Recv), (8, Act::Fail), (16, Act::Fail)], 26, false),
+            (
+                &[(0, Act::Recv), (8, Act::Fail), (16, Act::Fail)],
+                26,
+                false,
+            ),
             (&[(0, Act::Recv), (1, Act::Done), (50, Act::Recv)], 55, true),
-            (&[(0, Act::Recv), (1, Act::Done), (50, Act::Recv)], 60, false),
+            (
+                &[(0, Act::Recv), (1, Act::Done), (50, Act::Recv)],
+                60,
+                false,
+            ),
         ];
         let t0 = Instant::now();
         for (index, (script, at, alive)) in scripts.iter().enumerate() {

@@ -43,7 +43,11 @@ impl Piped {
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("LOG_LEVEL", "debug")
             .envs(env.iter().cloned())
-            .envs(extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+            .envs(
+                extra_env
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string())),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -84,7 +88,10 @@ impl Piped {
             if let Some((200, _)) = self.get("/readyz").await {
                 return;
             }
-            assert!(Instant::now() < deadline, "exporter not ready after {WAIT:?}");
+            assert!(
+                Instant::now() < deadline,
+                "exporter not ready after {WAIT:?}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -171,7 +178,11 @@ async fn closed_stdout_and_stderr_do_not_stop_the_export() {
     assert_eq!(exporter.get("/healthz").await.map(|(s, _)| s), Some(200));
 
     let status = exporter.terminate().await;
-    assert_eq!(status.code(), Some(0), "SIGTERM with a broken stderr: {status}");
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "SIGTERM with a broken stderr: {status}"
+    );
 }
 
 #[tokio::test]
@@ -206,18 +217,28 @@ async fn stderr_closed_mid_run_does_not_stop_the_export() {
     stop_tx.send(()).expect("reader alive");
     let _ = insert_events(&client, 3, 1).await;
     let log = reader.join().expect("reader thread");
-    assert!(log.contains("event exporter starting"), "log was read: {log}");
+    assert!(
+        log.contains("event exporter starting"),
+        "log was read: {log}"
+    );
 
     let head = insert_events(&client, 4, 5).await;
     sink.wait_for_accepted(9, WAIT).await;
     wait_token(&client, head).await;
     let (_, metrics) = exporter.get("/metrics").await.expect("/metrics answers");
     let dropped = sample(&metrics, "health_events_exporter_log_write_errors_total").unwrap_or(0.0);
-    assert!(dropped >= 1.0, "lines after the pipe broke are dropped: {dropped}");
+    assert!(
+        dropped >= 1.0,
+        "lines after the pipe broke are dropped: {dropped}"
+    );
     assert_eq!(exporter.get("/healthz").await.map(|(s, _)| s), Some(200));
 
     let status = exporter.terminate().await;
-    assert_eq!(status.code(), Some(0), "SIGTERM after the pipe broke: {status}");
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "SIGTERM after the pipe broke: {status}"
+    );
 }
 
 /// check-config with a closed stdout does not panic (exit 101) on its report.
@@ -262,7 +283,11 @@ async fn a_panicking_publish_task_stops_the_process_with_an_error() {
     let started = Instant::now();
     let status = exporter.wait_exit(Duration::from_secs(20)).await;
     let log = exporter.log();
-    assert_eq!(status.code(), Some(1), "exit status after a panic: {status}\n{log}");
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "exit status after a panic: {status}\n{log}"
+    );
     assert!(
         started.elapsed() < Duration::from_secs(15),
         "took {:?}",
@@ -344,8 +369,11 @@ async fn healthz_fails_when_a_delivery_hangs_and_readyz_stays_up() {
         "readiness keeps its meaning"
     );
     let (_, metrics) = exporter.get("/metrics").await.expect("/metrics answers");
-    let since = sample(&metrics, "health_events_exporter_liveness_seconds_since_progress")
-        .expect("gauge present");
+    let since = sample(
+        &metrics,
+        "health_events_exporter_liveness_seconds_since_progress",
+    )
+    .expect("gauge present");
     assert!(since >= 2.0, "{since}");
     assert_eq!(
         sample(&metrics, "health_events_exporter_liveness_pending_events"),
@@ -397,7 +425,10 @@ async fn an_idle_exporter_stays_alive_longer_than_the_timeout() {
     }
     let (_, metrics) = exporter.get("/metrics").await.expect("/metrics answers");
     assert_eq!(
-        sample(&metrics, "health_events_exporter_liveness_seconds_since_progress"),
+        sample(
+            &metrics,
+            "health_events_exporter_liveness_seconds_since_progress"
+        ),
         Some(0.0)
     );
     assert_eq!(exporter.terminate().await.code(), Some(0));

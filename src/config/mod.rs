@@ -331,10 +331,7 @@ impl Config {
             Some(timeout) if timeout < Duration::from_secs(1) => {
                 return Err(invalid(
                     "exporter.liveness_timeout",
-                    format!(
-                        "must be at least 1s, got {}",
-                        format_go_duration(timeout)
-                    ),
+                    format!("must be at least 1s, got {}", format_go_duration(timeout)),
                 ))
             }
             Some(timeout) => timeout,
