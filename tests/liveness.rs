@@ -433,3 +433,33 @@ async fn an_idle_exporter_stays_alive_longer_than_the_timeout() {
     );
     assert_eq!(exporter.terminate().await.code(), Some(0));
 }
+
+/// `check-config` shows the effective `liveness_timeout` and rejects a bad one with exit 2
+/// naming the key; the exporter refuses it the same way.
+#[test]
+fn check_config_shows_and_validates_liveness_timeout() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("config.toml");
+    let base = "[exporter.metadata]\ncluster = \"c\"\n[exporter.sink]\nendpoint = \"http://127.0.0.1:1/\"\n[exporter.oidc]\nenabled = false\n[exporter.failure_handling]\nmax_backoff = \"5m\"\n";
+    std::fs::write(&path, base).expect("write config");
+    let config_arg = format!("--config={}", path.display());
+    let (code, output) = support::exporter::run_once(&["check-config", &config_arg], &[]);
+    assert_eq!(code, Some(0), "{output}");
+    // Derived: 2 × (30s + 5m).
+    assert!(
+        output.contains("\"liveness_timeout\": \"11m0s\""),
+        "{output}"
+    );
+
+    std::fs::write(
+        &path,
+        format!("{base}[exporter]\nliveness_timeout = \"100ms\"\n"),
+    )
+    .expect("write config");
+    let (code, output) = support::exporter::run_once(&["check-config", &config_arg], &[]);
+    assert_eq!(code, Some(2), "{output}");
+    assert!(output.contains("exporter.liveness_timeout"), "{output}");
+    let (code, output) = support::exporter::run_once(&[&config_arg], &[]);
+    assert_eq!(code, Some(2), "{output}");
+    assert!(output.contains("exporter.liveness_timeout"), "{output}");
+}
