@@ -331,7 +331,7 @@ impl BackfillProgress {
         let delivered = self.plan.lock().map(|p| p.delivered).unwrap_or_default();
         self.report(delivered, true);
         if self.terminal {
-            eprintln!();
+            crate::logging::print_stderr("");
         }
         Ok(())
     }

@@ -223,6 +223,7 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
     .map_err(failed)?;
     let endpoint = reqwest::Url::parse(&config.sink.endpoint).map_err(|e| failed(e.to_string()))?;
     let publisher = Publisher::new(http, endpoint, auth, config.failure_handling.clone());
+    configure_watchdog(&config);
     let filter = compile_filter(&config)?;
     if let Some(filter) = &filter {
         tracing::info!(
@@ -316,12 +317,63 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
         }
         result.map(Some)
     };
-    let (stream_result, backfill_result) = tokio::join!(stream, backfill);
+    // Supervision: a panic anywhere, or a background task ending while the exporter runs, is
+    // fatal — the work is stopped (in-flight events get the grace period, the resume token is
+    // saved over what was delivered) and the exporter exits 1 so Kubernetes restarts it.
+    let mut listener = listener;
+    let mut server = server;
+    let mut listener_done = false;
+    let mut server_done = false;
+    let mut died: Option<String> = None;
+    let mut hard_stop: Option<tokio::time::Instant> = None;
+    let work = async { tokio::join!(stream, backfill) };
+    tokio::pin!(work);
+    let results = loop {
+        tokio::select! {
+            results = &mut work => break Some(results),
+            _ = crate::panics::panicked().cancelled(), if died.is_none() => {
+                died = Some(format!(
+                    "a task panicked ({})",
+                    crate::panics::first_panic().unwrap_or("no message")
+                ));
+            }
+            joined = &mut listener, if !listener_done => {
+                listener_done = true;
+                if !shutdown.is_cancelled() {
+                    died.get_or_insert_with(|| task_ended("the changelog LISTEN task", joined));
+                }
+            }
+            joined = &mut server, if !server_done => {
+                server_done = true;
+                died.get_or_insert_with(|| task_ended("the metrics server", joined));
+            }
+            _ = sleep_until_some(hard_stop) => break None,
+        }
+        if let (Some(reason), None) = (&died, hard_stop) {
+            tracing::error!(%reason, "stopping the exporter: a background task died");
+            crate::watchdog::global().task_died(reason.clone());
+            stop.cancel();
+            hard_stop =
+                Some(tokio::time::Instant::now() + shutdown_grace + Duration::from_secs(10));
+        }
+    };
     status.set_running(false);
     shutdown.cancel();
-    let _ = listener.await;
+    if !listener_done {
+        let _ = listener.await;
+    }
     server_stop.cancel();
-    let _ = server.await;
+    if !server_done {
+        let _ = server.await;
+    }
+    if let Some(reason) = died {
+        return Err(failed(format!(
+            "{reason}; stopped so that the exporter is restarted (events not yet delivered are re-sent)"
+        )));
+    }
+    let Some((stream_result, backfill_result)) = results else {
+        return Err(failed("the exporter did not stop in time".into()));
+    };
     match (stream_result, backfill_result) {
         (Ok(summary), Ok(_)) => {
             tracing::info!(
@@ -336,6 +388,27 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
         (Err(error), _) | (_, Err(error)) => Err(failed(format!(
             "{error}; the resume token was not moved past it"
         ))),
+    }
+}
+
+/// Sets the liveness watchdog's timeout; warns when it is shorter than the quiet gap a healthy
+/// retry schedule can leave (one attempt plus one backoff sleep), which would fail `/healthz`
+/// while the exporter is only waiting to retry.
+fn configure_watchdog(config: &Config) {
+    let timeout = config.liveness_timeout;
+    crate::watchdog::global().configure(timeout);
+    let gap = crate::watchdog::longest_quiet_gap(
+        config.sink.timeout,
+        config.failure_handling.max_backoff,
+    );
+    if timeout <= gap {
+        tracing::warn!(
+            liveness_timeout = %format_go_duration(timeout),
+            longest_healthy_gap = %format_go_duration(gap),
+            "exporter.liveness_timeout is not above exporter.sink.timeout + 1.1 × \
+             exporter.failure_handling.max_backoff: /healthz may fail while a delivery is only \
+             waiting to be retried"
+        );
     }
 }
 
@@ -503,6 +576,22 @@ async fn decide_backfill(
         "no resume token: backfilling existing events while streaming new ones"
     );
     Ok(Some(plan))
+}
+
+/// Why a background task that should run until shutdown ended.
+fn task_ended(what: &str, joined: Result<(), tokio::task::JoinError>) -> String {
+    match joined {
+        Ok(()) => format!("{what} stopped"),
+        Err(error) if error.is_panic() => format!("{what} panicked"),
+        Err(error) => format!("{what} was cancelled: {error}"),
+    }
+}
+
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
 }
 
 fn spawn_signal_handler(shutdown: CancellationToken) {

@@ -1,9 +1,20 @@
 //! Logs go to stderr: JSON lines by default, with the keys NVSentinel's Go services write
 //! through `slog` (`time`, `level`, `msg`, `module="event-exporter"`, `version`) so existing log
 //! pipelines keep working; text on request, for people.
+//!
+//! Logging never stops the export: a line that cannot be written (stderr closed, a broken pipe
+//! after the log collector went away, a full disk) is dropped and counted in
+//! `health_events_exporter_log_write_errors_total`; no write error reaches a caller or panics
+//! (`eprintln!`/`println!` panic on `EPIPE`, so the product path uses [`print_stdout`] and
+//! [`print_stderr`] instead).
 
 use std::fmt;
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::LazyLock;
+
+use prometheus_client::metrics::counter::Counter;
+use tracing_subscriber::fmt::MakeWriter;
 
 use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
@@ -32,14 +43,97 @@ pub fn init(level: &str, format: LogFormat) -> Result<(), String> {
     let filter = EnvFilter::new(format!("warn,event_exporter={directive}"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(LossyStderr)
+        // tracing-subscriber reports its own write failures with `eprint!`, which panics on a
+        // closed stderr; the lossy writer never fails, and this keeps that path off.
+        .log_internal_errors(false)
         // Colours only for a terminal: a log file or collector gets plain text.
         .with_ansi(std::io::stderr().is_terminal());
+    JSON.store(matches!(format, LogFormat::Json), Ordering::Relaxed);
     let result = match format {
         LogFormat::Json => builder.event_format(SlogJson).try_init(),
         LogFormat::Text => builder.try_init(),
     };
     result.map_err(|e| e.to_string())
+}
+
+/// Log lines that could not be written (dropped), for `/metrics`.
+static WRITE_ERRORS: LazyLock<Counter> = LazyLock::new(Counter::default);
+
+/// Whether lines are JSON (the default) or text; read by [`emergency`].
+static JSON: AtomicBool = AtomicBool::new(true);
+
+/// The counter behind `health_events_exporter_log_write_errors_total` (registered by
+/// `crate::metrics`): log lines dropped because stderr could not take them.
+pub fn write_errors() -> &'static Counter {
+    &WRITE_ERRORS
+}
+
+/// stderr that drops what it cannot write: every write reports success to the logger, a
+/// failed line increments [`write_errors`]. tracing-subscriber writes each event with one
+/// `write_all`, so one failure is one dropped line.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LossyStderr;
+
+impl Write for LossyStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if std::io::stderr().write_all(buf).is_err() {
+            WRITE_ERRORS.inc();
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for LossyStderr {
+    type Writer = LossyStderr;
+    fn make_writer(&'a self) -> Self::Writer {
+        *self
+    }
+}
+
+/// `println!` that never panics: a closed or broken stdout drops the text (counted).
+pub fn print_stdout(text: &str) {
+    let mut out = std::io::stdout().lock();
+    if writeln!(out, "{text}").and_then(|()| out.flush()).is_err() {
+        WRITE_ERRORS.inc();
+    }
+}
+
+/// `eprintln!` that never panics: a closed or broken stderr drops the text (counted).
+pub fn print_stderr(text: &str) {
+    let _ = LossyStderr.write(format!("{text}\n").as_bytes());
+}
+
+/// Writes one ERROR line without going through `tracing` (for the panic hook, which may run
+/// inside the logger): JSON in `slog`'s shape unless `--log-format=text`. Never panics.
+pub fn emergency(message: &str, fields: &[(&str, &str)]) {
+    let time = crate::cloudevent::go_rfc3339_nano(chrono::Utc::now());
+    let line = if JSON.load(Ordering::Relaxed) {
+        let mut line = Map::new();
+        line.insert("time".into(), Value::String(time));
+        line.insert("level".into(), Value::String("ERROR".into()));
+        line.insert("msg".into(), Value::String(message.into()));
+        for (key, value) in fields {
+            line.insert((*key).into(), Value::String((*value).into()));
+        }
+        line.insert("module".into(), Value::String("event-exporter".into()));
+        line.insert(
+            "version".into(),
+            Value::String(env!("CARGO_PKG_VERSION").into()),
+        );
+        serde_json::to_string(&line).unwrap_or_else(|_| message.to_string())
+    } else {
+        let mut line = format!("{time} ERROR {message}");
+        for (key, value) in fields {
+            line.push_str(&format!(" {key}={value:?}"));
+        }
+        line
+    };
+    print_stderr(&line);
 }
 
 /// One JSON object per line in `slog`'s shape.

@@ -8,26 +8,28 @@ use event_exporter::exporter::{self, ExitError};
 use event_exporter::logging;
 
 fn main() -> ExitCode {
+    // Before anything can panic: a panic is logged without panicking and stops the exporter.
+    event_exporter::panics::install_hook();
     let cli = Cli::parse_from(normalize_go_flags(std::env::args()));
     match cli.command {
         Some(Command::CheckConfig(args)) => match check_config::check(&args) {
             Ok(report) if report.unknown_keys.is_empty() => {
-                println!("{}", report.json);
+                logging::print_stdout(&report.json);
                 ExitCode::SUCCESS
             }
             Ok(report) => {
-                println!("{}", report.json);
+                logging::print_stdout(&report.json);
                 for message in &report.unknown_keys {
-                    eprintln!("invalid configuration: {message}");
+                    logging::print_stderr(&format!("invalid configuration: {message}"));
                 }
-                eprintln!(
+                logging::print_stderr(&format!(
                     "invalid configuration: {} unknown key(s); the exporter would ignore them",
                     report.unknown_keys.len()
-                );
+                ));
                 ExitCode::from(2)
             }
             Err(error) => {
-                eprintln!("invalid configuration: {error}");
+                logging::print_stderr(&format!("invalid configuration: {error}"));
                 ExitCode::from(error.code())
             }
         },
@@ -57,7 +59,7 @@ fn run_async(
     job: impl std::future::Future<Output = Result<(), ExitError>>,
 ) -> ExitCode {
     if let Err(error) = logging::init(&args.log_level, args.log_format) {
-        eprintln!("--log-level: {error}");
+        logging::print_stderr(&format!("--log-level: {error}"));
         return ExitCode::from(2);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -66,7 +68,7 @@ fn run_async(
     {
         Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("cannot start the async runtime: {error}");
+            logging::print_stderr(&format!("cannot start the async runtime: {error}"));
             return ExitCode::FAILURE;
         }
     };

@@ -54,6 +54,12 @@ pub fn get() -> &'static Metrics {
 impl Metrics {
     fn new() -> Metrics {
         let mut registry = Registry::default();
+        registry.register(
+            "health_events_exporter_log_write_errors",
+            "Log lines dropped because stderr could not take them (closed, broken pipe)",
+            crate::logging::write_errors().clone(),
+        );
+        registry.register_collector(Box::new(crate::watchdog::Collector));
         let events_received = Counter::default();
         registry.register(
             "health_events_exporter_events_received",

@@ -1,5 +1,6 @@
-//! The metrics-port HTTP server: `/healthz` (liveness: the exporter's loops are running),
-//! `/readyz` (the datastore is reachable and the stream is running) and `/metrics`.
+//! The metrics-port HTTP server: `/healthz` (liveness: the exporter's loops are running *and*
+//! making progress — see `crate::watchdog` for the exact rule), `/readyz` (the datastore is
+//! reachable and the stream is running) and `/metrics`.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -49,7 +50,7 @@ pub async fn start(
     let app = Router::new()
         .route(
             "/healthz",
-            get(move || async move { probe(health.alive()) }),
+            get(move || async move { liveness(health.alive()) }),
         )
         .route("/readyz", get(move || async move { probe(status.ready()) }))
         .route("/metrics", get(metrics));
@@ -62,6 +63,37 @@ pub async fn start(
         }
     });
     Ok((address, task))
+}
+
+/// `/healthz`: 200 while the loops run and the watchdog sees progress (or nothing to do);
+/// 503 with the reason otherwise.
+fn liveness(running: bool) -> axum::response::Response {
+    use crate::watchdog::Verdict;
+    if !running {
+        return probe(false).into_response();
+    }
+    match crate::watchdog::global().verdict() {
+        Verdict::Idle | Verdict::Progressing { .. } => probe(true).into_response(),
+        Verdict::Stalled { pending, since } => {
+            tracing::error!(
+                pending,
+                no_progress_for = ?since,
+                "liveness: events are pending and nothing progressed for exporter.liveness_timeout; failing /healthz"
+            );
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "stalled: {pending} events pending, no progress for {}s",
+                    since.as_secs()
+                ),
+            )
+                .into_response()
+        }
+        Verdict::Dead(reason) => {
+            tracing::error!(%reason, "liveness: a background task died; failing /healthz");
+            (StatusCode::SERVICE_UNAVAILABLE, format!("dead: {reason}")).into_response()
+        }
+    }
 }
 
 fn probe(ok: bool) -> impl IntoResponse {

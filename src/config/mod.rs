@@ -54,6 +54,11 @@ pub struct Config {
     pub filter_expression: Option<String>,
     /// `[exporter.resume_token]` is accepted for compatibility; the token lives in the datastore.
     pub resume_token: BTreeMap<String, String>,
+    /// `exporter.liveness_timeout`: `/healthz` fails once events are pending and nothing
+    /// progressed for this long (see `crate::watchdog`). Default: the larger of 5 minutes and
+    /// `2 × (sink.timeout + failure_handling.max_backoff)`.
+    #[serde(serialize_with = "serialize_duration")]
+    pub liveness_timeout: Duration,
     /// Keys present in the file that this version does not know (logged as warnings;
     /// `check-config` fails on them).
     #[serde(skip)]
@@ -334,6 +339,20 @@ impl Config {
             }
         }
 
+        let liveness_timeout = match exporter.duration("liveness_timeout")? {
+            None => crate::watchdog::default_liveness_timeout(
+                sink.timeout,
+                failure_handling.max_backoff,
+            ),
+            Some(timeout) if timeout < Duration::from_secs(1) => {
+                return Err(invalid(
+                    "exporter.liveness_timeout",
+                    format!("must be at least 1s, got {}", format_go_duration(timeout)),
+                ))
+            }
+            Some(timeout) => timeout,
+        };
+
         // Nested sections record which of their keys were read; gather their leftovers.
         let mut unknown = Vec::new();
         let mut did_you_mean = BTreeMap::new();
@@ -361,6 +380,7 @@ impl Config {
             failure_handling,
             filter_expression,
             resume_token,
+            liveness_timeout,
             unknown_keys: unknown,
             did_you_mean,
         })

@@ -271,3 +271,26 @@ fn example_configs_are_valid_and_use_only_known_keys() {
         );
     }
 }
+
+#[test]
+fn liveness_timeout_defaults_above_the_retry_gap_and_is_range_checked() {
+    // FULL: sink.timeout 10s, max_backoff 5m → 2 × 310s.
+    let config = Config::parse(FULL).expect("valid config");
+    assert_eq!(config.liveness_timeout, Duration::from_secs(620));
+    // Upstream defaults (30s, 60s) → the 5 minute floor.
+    let minimal = "[exporter.metadata]\ncluster = \"c\"\n[exporter.sink]\nendpoint = \"http://s/\"\n[exporter.oidc]\nenabled = false\n";
+    let config = Config::parse(minimal).expect("valid config");
+    assert_eq!(config.liveness_timeout, Duration::from_secs(300));
+    let set = format!("{minimal}[exporter]\nliveness_timeout = \"90s\"\n");
+    let config = Config::parse(&set).expect("valid config");
+    assert_eq!(config.liveness_timeout, Duration::from_secs(90));
+    assert!(config.unknown_keys.is_empty(), "{:?}", config.unknown_keys);
+    for bad in ["\"500ms\"", "\"0s\"", "\"-1s\"", "\"soon\"", "30"] {
+        let text = format!("{minimal}[exporter]\nliveness_timeout = {bad}\n");
+        let error = error_of(&text);
+        assert!(
+            error.starts_with("exporter.liveness_timeout:"),
+            "{bad}: {error}"
+        );
+    }
+}

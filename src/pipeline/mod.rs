@@ -259,8 +259,10 @@ impl<S: ChangeSource, C: CheckpointStore> Pipeline<S, C> {
                         let _permit = permit;
                         let gauge = &metrics::get().events_in_flight;
                         gauge.inc();
+                        crate::panics::debug_panic_point("publish");
                         let outcome = handler.handle(feed, change.position, &event, &cancel).await;
                         gauge.dec();
+                        crate::watchdog::global().finished();
                         let _ = results.send((change, outcome));
                     });
                 }
@@ -285,6 +287,7 @@ impl<S: ChangeSource, C: CheckpointStore> Pipeline<S, C> {
                                     }
                                 }
                                 let event = event.clone();
+                                crate::watchdog::global().received();
                                 waiting.push_back((change, event));
                             }
                         }

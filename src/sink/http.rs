@@ -79,6 +79,8 @@ impl Publisher {
                 Err(failure) => failure,
             };
             crate::metrics::get().record_attempt_failure(failure.reason);
+            // A failed attempt is an outcome: a retry schedule that keeps failing is not a stall.
+            crate::watchdog::global().progress();
             let Some(delay) = backoff.next_delay() else {
                 return Err(PublishError::Exhausted {
                     attempts,

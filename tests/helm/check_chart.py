@@ -216,6 +216,11 @@ def expected_effective(values: dict, metadata: dict[str, str]) -> dict:
         },
         "filter_expression": expression if expression.strip() else None,
         "resume_token": dict(exporter["resumeToken"]),
+        # Unset: the larger of 5m and 2 x (sink timeout + max backoff) (src/watchdog.rs).
+        "liveness_timeout": go_duration_ns(exporter["livenessTimeout"])
+        if exporter.get("livenessTimeout")
+        else max(300 * 10**9, 2 * (go_duration_ns(sink["timeout"])
+                                   + go_duration_ns(retry["maxBackoff"]))),
     }
 
 
@@ -226,6 +231,7 @@ def normalise_effective(report: dict) -> dict:
                           ("failure_handling", ["initial_backoff", "max_backoff"])):
         for key in keys:
             effective[section][key] = go_duration_ns(effective[section][key])
+    effective["liveness_timeout"] = go_duration_ns(effective["liveness_timeout"])
     effective["failure_handling"]["backoff_multiplier"] = float(
         effective["failure_handling"]["backoff_multiplier"])
     return effective
