@@ -41,6 +41,10 @@ pub enum Command {
     /// Benchmark the backfill against a local sink: events/s, CPU and memory, and how closely
     /// rate limits are held (run a release build).
     Bench(crate::commands::bench::BenchArgs),
+    /// Read the resume token, the changelog head, how far behind the token is, and an
+    /// unfinished backfill from the datastore (same DATASTORE_* environment and config file
+    /// as the exporter); exits 0 healthy, 1 behind by more than --max-behind, 2 bad input.
+    Status(crate::commands::status::StatusArgs),
 }
 
 #[derive(Debug, Clone, Args)]
