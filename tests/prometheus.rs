@@ -503,6 +503,33 @@ async fn real_prometheus_scrapes_alerts_on_a_failing_sink_and_runs_the_dashboard
         );
     }
 
+    // The dashboard's template variables: `label_values(<selector>, <label>)` finds values.
+    let dashboard: Value = serde_json::from_str(&read(DASHBOARD)).expect("dashboard is JSON");
+    let variables = dashboard["templating"]["list"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let mut label_queries = 0;
+    for variable in variables {
+        let Some(query) = variable["query"]["query"].as_str() else {
+            continue;
+        };
+        let inner = query
+            .strip_prefix("label_values(")
+            .and_then(|q| q.strip_suffix(')'))
+            .and_then(|q| q.rsplit_once(", "))
+            .unwrap_or_else(|| panic!("unexpected variable query {query}"));
+        let (selector, label) = (inner.0.replace("$job", ".+"), inner.1.trim());
+        let result = prometheus.wait_for(&selector, Duration::from_secs(5)).await;
+        assert!(
+            result.iter().all(|r| r["metric"][label].is_string()),
+            "variable {}: {selector} has no {label} label: {result:?}",
+            variable["name"]
+        );
+        label_queries += 1;
+    }
+    assert_eq!(label_queries, 2, "the job and instance variables");
+
     // The sink recovers: everything is delivered and the stalled alert resolves.
     sink.clear_failures();
     sink.wait_for_accepted(10, Duration::from_secs(30)).await;
