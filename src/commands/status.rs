@@ -226,9 +226,16 @@ pub async fn query_status(
             &[],
         )
         .await?;
-    let changelog_head = HeadStatus {
-        id: head.as_ref().map(|r| to_u64(r.get(0))).unwrap_or(0),
-        changed_at: head.as_ref().and_then(|r| r.get(1)),
+    // try_get throughout: a column of an unexpected type is an error, not a panic.
+    let changelog_head = match &head {
+        Some(row) => HeadStatus {
+            id: to_u64(row.try_get(0)?),
+            changed_at: row.try_get(1)?,
+        },
+        None => HeadStatus {
+            id: 0,
+            changed_at: None,
+        },
     };
 
     let token_row = client
@@ -240,21 +247,24 @@ pub async fn query_status(
     let resume_token = match token_row {
         None => None,
         Some(row) => {
-            let value: Value = row.get(0);
-            let saved_at: Option<DateTime<Utc>> = row.get(1);
+            let value: Value = row.try_get(0)?;
+            let saved_at: Option<DateTime<Utc>> = row.try_get(1)?;
             let (position, kind) = match StartPoint::from_token(&client_name, &value)? {
                 StartPoint::Contiguous(id) => (id, "contiguous"),
                 StartPoint::Keyset { id, .. } => (id, "keyset"),
                 StartPoint::EventId(id) => (id, "eventId"),
                 StartPoint::End => (changelog_head.id, "end"),
             };
-            let changed_at = client
+            let changed_at = match client
                 .query_opt(
                     "SELECT changed_at FROM datastore_changelog WHERE id = $1",
                     &[&to_i64(position)],
                 )
                 .await?
-                .and_then(|r| r.get::<_, Option<DateTime<Utc>>>(0));
+            {
+                Some(row) => row.try_get::<_, Option<DateTime<Utc>>>(0)?,
+                None => None,
+            };
             Some(TokenStatus {
                 position,
                 kind,
@@ -276,15 +286,15 @@ pub async fn query_status(
                     &[&to_i64(token.position)],
                 )
                 .await?;
-            let waiting_rows = to_u64(row.get(0));
+            let waiting_rows = to_u64(row.try_get(0)?);
             let ids = changelog_head.id.saturating_sub(token.position);
-            let seconds: f64 = row.get(2);
+            let seconds: f64 = row.try_get(2)?;
             Some(BehindStatus {
                 ids,
                 seconds: seconds.max(0.0),
                 waiting_rows,
                 open_ids: ids.saturating_sub(waiting_rows),
-                oldest_waiting_changed_at: row.get(1),
+                oldest_waiting_changed_at: row.try_get(1)?,
             })
         }
     };
@@ -295,10 +305,11 @@ pub async fn query_status(
             &[&backfill::record_name(&client_name)],
         )
         .await?
-        .map(|row| {
-            let value: Value = row.get(0);
+        .map(|row| -> Result<BackfillStatus, DatastoreError> {
+            let value: Value = row.try_get(0)?;
+            let saved_at: Option<DateTime<Utc>> = row.try_get(1)?;
             BackfillPlan::from_value(&value)
-                .map(|plan| backfill_status(&plan, row.get(1)))
+                .map(|plan| backfill_status(&plan, saved_at))
                 .ok_or_else(|| DatastoreError::Token {
                     client: backfill::record_name(&client_name),
                     reason: format!("not a backfill record: {value}"),
