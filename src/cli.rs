@@ -48,6 +48,10 @@ pub enum Command {
     /// rate-limited backfills (how closely each limit is held), with the exporter's CPU and peak
     /// memory for each; `--stream-events 0`, `--events 0` or `--rates 0` skip a scenario.
     Bench(crate::commands::bench::BenchArgs),
+    /// Read the resume token, the changelog head, how far behind the token is, and an
+    /// unfinished backfill from the datastore (same DATASTORE_* environment and config file
+    /// as the exporter); exits 0 healthy, 1 behind by more than --max-behind, 2 bad input.
+    Status(crate::commands::status::StatusArgs),
 }
 
 #[derive(Debug, Clone, Args)]

@@ -271,6 +271,8 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
         backfill: backfill_plan,
     } = opened?;
     reader.report_connection(status.datastore_flag());
+    let readiness = status.clone();
+    crate::metrics::get().watch_readiness(move || readiness.ready());
     let listener = spawn_listener(connector.clone(), wake, shutdown.clone());
 
     status.set_running(true);

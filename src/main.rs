@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use event_exporter::cli::LogFormat;
 use event_exporter::cli::{normalize_go_flags, Cli, Command, RunArgs};
-use event_exporter::commands::{bench, check_config, demo, generate, sink};
+use event_exporter::commands::{bench, check_config, demo, generate, sink, status};
 use event_exporter::exporter::{self, ExitError};
 use event_exporter::logging;
 
@@ -33,6 +33,7 @@ fn main() -> ExitCode {
                 ExitCode::from(error.code())
             }
         },
+        Some(Command::Status(args)) => status::main(&args),
         Some(Command::Sink(args)) => run_async(&cli.run, sink::run(*args)),
         Some(Command::Generate(args)) => run_async(&cli.run, generate::run(args)),
         Some(Command::Bench(args)) => run_async(&cli.run, bench::run(args)),

@@ -1,6 +1,14 @@
 //! Prometheus metrics with upstream's names, labels and buckets, so existing dashboards and
 //! alerts keep working, plus a few upstream lacks (attempt failures by reason, in-flight
-//! events, datastore reconnects).
+//! events, datastore reconnects, readiness).
+//!
+//! **Every series exists from the first scrape.** Each labelled counter is created at 0 for
+//! every label value known in advance ([`PUBLISHED_STATUSES`], [`PUBLISH_ERROR_TYPES`],
+//! [`ATTEMPT_FAILURE_REASONS`], [`SKIP_REASONS`]), as Prometheus's instrumentation guidance
+//! asks: `rate()`/`increase()` over a series that appears only with its first failure misses
+//! that failure, and alerts written against it stay silent. A new label value used anywhere
+//! in the code belongs in these lists (a unit test checks the sink's reasons).
+//! The alert rules built on these names are `deploy/prometheus/event-exporter-rules.yaml`.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::OnceLock;
@@ -17,6 +25,37 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 type Labels = Vec<(String, String)>;
+
+/// `status` values of `health_events_exporter_events_published_total` (upstream's).
+pub const PUBLISHED_STATUSES: &[&str] = &["success", "failure"];
+/// `error_type` values of `health_events_exporter_publish_errors_total` (upstream has only
+/// `max_retries_exceeded`: an event whose retries ran out).
+pub const PUBLISH_ERROR_TYPES: &[&str] = &["max_retries_exceeded"];
+/// `reason` values of `health_events_exporter_publish_attempt_failures_total`, as
+/// `src/sink/http.rs` names them: transport failures, the token endpoint, and HTTP statuses.
+pub const ATTEMPT_FAILURE_REASONS: &[&str] = &[
+    "timeout",
+    "connect",
+    "network",
+    "token",
+    "status_401",
+    "status_403",
+    "status_404",
+    "status_408",
+    "status_429",
+    "status_500",
+    "status_502",
+    "status_503",
+    "status_504",
+    "status_4xx",
+    "status_5xx",
+    "status_other",
+];
+/// `reason` values of `health_events_exporter_events_skipped_total`.
+pub const SKIP_REASONS: &[&str] = &["undecodable", "no_health_event"];
+
+/// Answers "would `/readyz` say ready now?" at scrape time.
+type ReadyProbe = Box<dyn Fn() -> bool + Send + Sync>;
 
 pub struct Metrics {
     registry: Registry,
@@ -42,6 +81,7 @@ pub struct Metrics {
     pub changelog_head_id: Gauge,
     pub changelog_ids_behind: Gauge,
     pub changelog_open_ids: Gauge,
+    ready: std::sync::Arc<OnceLock<ReadyProbe>>,
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -206,6 +246,18 @@ impl Metrics {
             .get_or_create(&vec![("version".into(), env!("CARGO_PKG_VERSION").into())])
             .set(1);
         registry.register_collector(Box::new(ProcessCollector));
+        let ready = std::sync::Arc::new(OnceLock::new());
+        registry.register_collector(Box::new(ReadyCollector(ready.clone())));
+        // Every labelled counter at 0 for its known label values (see the module docs).
+        let with_label = |family: &Family<Labels, Counter>, key: &str, values: &[&str]| {
+            for value in values {
+                let _ = family.get_or_create(&vec![(key.to_string(), value.to_string())]);
+            }
+        };
+        with_label(&events_published, "status", PUBLISHED_STATUSES);
+        with_label(&publish_errors, "error_type", PUBLISH_ERROR_TYPES);
+        with_label(&publish_attempt_failures, "reason", ATTEMPT_FAILURE_REASONS);
+        with_label(&events_skipped, "reason", SKIP_REASONS);
         Metrics {
             registry,
             events_received,
@@ -230,7 +282,15 @@ impl Metrics {
             changelog_head_id,
             changelog_ids_behind,
             changelog_open_ids,
+            ready,
         }
+    }
+
+    /// Exposes `health_events_exporter_ready` (1 when `probe` says `/readyz` answers 200, else
+    /// 0), evaluated at every scrape. The first probe set wins; before one is set the series
+    /// is absent.
+    pub fn watch_readiness(&self, probe: impl Fn() -> bool + Send + Sync + 'static) {
+        let _ = self.ready.set(Box::new(probe));
     }
 
     pub fn published(&self, status: &str) {
@@ -326,6 +386,30 @@ impl Collector for ProcessCollector {
     }
 }
 
+/// `health_events_exporter_ready`, read from the probe at scrape time.
+struct ReadyCollector(std::sync::Arc<OnceLock<ReadyProbe>>);
+
+impl std::fmt::Debug for ReadyCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReadyCollector")
+    }
+}
+
+impl Collector for ReadyCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(probe) = self.0.get() else {
+            return Ok(());
+        };
+        let gauge = ConstGauge::new(i64::from(probe()));
+        gauge.encode(encoder.encode_descriptor(
+            "health_events_exporter_ready",
+            "Whether the exporter is ready (1: the stream runs and the last changelog read reached the datastore, as /readyz) or not (0)",
+            None,
+            gauge.metric_type(),
+        )?)
+    }
+}
+
 struct ProcessStats {
     cpu_seconds: f64,
     resident_bytes: f64,
@@ -406,5 +490,96 @@ mod tests {
         assert!(stats.resident_bytes > 0.0 && stats.open_fds > 0.0);
         let now = chrono::Utc::now().timestamp() as f64;
         assert!(stats.start_time_seconds > now - 86_400.0 && stats.start_time_seconds <= now + 1.0);
+    }
+
+    #[test]
+    fn labelled_counters_exist_at_zero_before_any_event() {
+        let metrics = Metrics::new();
+        let text = metrics.encode();
+        let mut expected = Vec::new();
+        for status in PUBLISHED_STATUSES {
+            expected.push(format!(
+                "health_events_exporter_events_published_total{{status=\"{status}\"}} 0"
+            ));
+        }
+        for error_type in PUBLISH_ERROR_TYPES {
+            expected.push(format!(
+                "health_events_exporter_publish_errors_total{{error_type=\"{error_type}\"}} 0"
+            ));
+        }
+        for reason in ATTEMPT_FAILURE_REASONS {
+            expected.push(format!(
+                "health_events_exporter_publish_attempt_failures_total{{reason=\"{reason}\"}} 0"
+            ));
+        }
+        for reason in SKIP_REASONS {
+            expected.push(format!(
+                "health_events_exporter_events_skipped_total{{reason=\"{reason}\"}} 0"
+            ));
+        }
+        for line in expected {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from:\n{text}"
+            );
+        }
+        // No readiness series until the exporter wires its probe in; then it follows it.
+        assert!(!text.contains("health_events_exporter_ready"));
+        let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = flag.clone();
+        metrics.watch_readiness(move || seen.load(std::sync::atomic::Ordering::Relaxed));
+        assert!(metrics
+            .encode()
+            .lines()
+            .any(|l| l == "health_events_exporter_ready 0"));
+        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(metrics
+            .encode()
+            .lines()
+            .any(|l| l == "health_events_exporter_ready 1"));
+    }
+
+    /// Every reason literal the sink client reports is pre-created (a reason missing here
+    /// would have no series until its first failure).
+    #[test]
+    fn every_sink_failure_reason_is_known() {
+        let source = include_str!("sink/http.rs");
+        let literals = |text: &str| -> Vec<String> {
+            text.split('"')
+                .skip(1)
+                .step_by(2)
+                .filter(|l| {
+                    !l.is_empty()
+                        && l.bytes()
+                            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+                })
+                .map(str::to_string)
+                .collect()
+        };
+        let mut found = Vec::new();
+        // `reason: "token"`, and `reason: if … { "timeout" } else if … { "connect" } …`.
+        for (at, _) in source.match_indices("reason:") {
+            let rest = source.get(at..).unwrap_or_default();
+            let end = rest.find("message:").unwrap_or(rest.len());
+            found.extend(literals(rest.get(..end).unwrap_or_default()));
+        }
+        // The HTTP statuses.
+        found.extend(
+            literals(source)
+                .into_iter()
+                .filter(|l| l.starts_with("status_")),
+        );
+        for reason in ["timeout", "connect", "network", "token", "status_503"] {
+            assert!(
+                found.iter().any(|f| f == reason),
+                "{reason} not found in sink/http.rs"
+            );
+        }
+        for reason in &found {
+            assert!(
+                ATTEMPT_FAILURE_REASONS.contains(&reason.as_str()),
+                "sink/http.rs reports reason {reason:?}, not in ATTEMPT_FAILURE_REASONS"
+            );
+        }
     }
 }

@@ -7,3 +7,4 @@ pub mod demo;
 pub mod generate;
 pub mod local_postgres;
 pub mod sink;
+pub mod status;

@@ -23,6 +23,12 @@ What it checks:
   * the Deployment: args, port, probes, security context, grace period vs --shutdown-grace,
     OIDC secret and PostgreSQL client-certificate mounts, datastore envFrom, checksum annotation;
   * invalid values fail at render time with a message naming the value;
+  * monitoring (off by default): the PrometheusRule renders exactly the groups of
+    deploy/prometheus/event-exporter-rules.yaml (and its per-alert overrides apply), the
+    ServiceMonitor selects the metrics Service which selects the pods, the dashboard ConfigMap
+    carries the sidecar label and deploy/grafana/event-exporter.json; the custom resources are
+    validated against transcribed parts of prometheus-operator's CRD schemas (kubernetes-validate
+    knows built-in kinds only), the rendered rules with `promtool check rules` when installed;
   * deploy/kubernetes/ equals a fresh default render (`--write-manifests` regenerates it).
 
 Exits 1 with a FAIL line per problem.
@@ -564,6 +570,17 @@ INVALID: list[tuple[str, dict, str]] = [
     ("two replicas", {"replicaCount": 2}, "replicaCount"),
     ("a MongoDB datastore", {"global": {"datastore": {"provider": "mongodb"}}},
      "PostgreSQL datastore only"),
+    ("a threshold on an alert without one",
+     {"prometheusRule": {"enabled": True,
+                         "alerts": {"EventExporterPublishFailing": {"threshold": 3}}}},
+     "prometheusRule.alerts.EventExporterPublishFailing.threshold"),
+    ("an unknown alert name",
+     {"prometheusRule": {"enabled": True, "alerts": {"EventExporterNoSuchAlert": {}}}},
+     "prometheusRule.alerts.EventExporterNoSuchAlert: no such alert"),
+    ("a non-duration 'for'",
+     {"prometheusRule": {"enabled": True,
+                         "alerts": {"EventExporterExportStalled": {"for": "ten minutes"}}}},
+     "for"),
 ]
 
 
@@ -631,6 +648,240 @@ def run_invalid(name: str, values: dict, needle: str) -> None:
             print(f"ok: refused {name}: {str(error).strip().splitlines()[-1]}", flush=True)
         return
     fail(f"invalid values '{name}' rendered without an error")
+
+
+# --------------------------------------------------------------------------------------------
+# Monitoring objects: PrometheusRule, ServiceMonitor (+ metrics Service), dashboard ConfigMap.
+
+RULES_FILE = ROOT / "deploy" / "prometheus" / "event-exporter-rules.yaml"
+DASHBOARD_FILE = ROOT / "deploy" / "grafana" / "event-exporter.json"
+MONITORING_KINDS = {"PrometheusRule", "ServiceMonitor", "Service"}
+
+# The parts of prometheus-operator's CRD schemas (monitoring.coreos.com/v1, PrometheusRule and
+# ServiceMonitor, operator v0.7x) that the chart uses, transcribed: kubernetes-validate has
+# schemas for built-in kinds only, so the custom resources are validated against these.
+_STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+_DURATION = {"type": "string", "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?"
+                                          r"(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"}
+_OBJECT_META = {
+    "type": "object", "required": ["name", "namespace"],
+    "properties": {"name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+                            "maxLength": 253},
+                   "namespace": {"type": "string"}, "labels": _STRING_MAP,
+                   "annotations": _STRING_MAP},
+    "additionalProperties": False,
+}
+PROMETHEUS_RULE_SCHEMA = {
+    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PrometheusRule"},
+        "metadata": _OBJECT_META,
+        "spec": {"type": "object", "properties": {"groups": {"type": "array", "items": {
+            "type": "object", "required": ["name", "rules"],
+            "properties": {
+                "name": {"type": "string", "minLength": 1},
+                "interval": _DURATION,
+                "rules": {"type": "array", "items": {
+                    "type": "object", "required": ["expr"],
+                    "properties": {
+                        "alert": {"type": "string"}, "record": {"type": "string"},
+                        "expr": {"type": ["string", "integer"]}, "for": _DURATION,
+                        "keep_firing_for": _DURATION,
+                        "labels": _STRING_MAP, "annotations": _STRING_MAP},
+                    "additionalProperties": False}}},
+            "additionalProperties": False}}},
+            "additionalProperties": False},
+    },
+    "additionalProperties": False,
+}
+SERVICE_MONITOR_SCHEMA = {
+    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "ServiceMonitor"},
+        "metadata": _OBJECT_META,
+        "spec": {"type": "object", "required": ["selector"], "properties": {
+            "selector": {"type": "object", "properties": {"matchLabels": _STRING_MAP},
+                         "additionalProperties": False},
+            "namespaceSelector": {"type": "object", "properties": {
+                "any": {"type": "boolean"},
+                "matchNames": {"type": "array", "items": {"type": "string"}}},
+                "additionalProperties": False},
+            "endpoints": {"type": "array", "items": {"type": "object", "properties": {
+                "port": {"type": "string"}, "path": {"type": "string"},
+                "scheme": {"enum": ["http", "https"]},
+                "interval": _DURATION, "scrapeTimeout": _DURATION},
+                "additionalProperties": False}}},
+            "additionalProperties": False},
+    },
+    "additionalProperties": False,
+}
+
+
+def validate_custom(where: str, obj: dict, schema: dict) -> None:
+    import jsonschema  # a dependency of kubernetes-validate
+
+    for error in jsonschema.Draft7Validator(schema).iter_errors(obj):
+        path = ".".join(str(p) for p in error.absolute_path)
+        fail(f"{where} does not validate against the {obj.get('kind')} CRD schema: {path}: "
+             f"{error.message}")
+
+
+def promtool_check(where: str, groups: list) -> None:
+    """`promtool check rules` on rendered rules, when promtool is installed."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        print(f"note: {where}: promtool not installed; rendered rules not promtool-checked")
+        return
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
+        yaml.safe_dump({"groups": groups}, handle)
+    try:
+        result = subprocess.run([promtool, "check", "rules", handle.name],
+                                capture_output=True, text=True, check=False)
+        check(result.returncode == 0,
+              f"{where}: promtool check rules failed: {result.stdout}{result.stderr}")
+    finally:
+        os.unlink(handle.name)
+
+
+def render_objects(case: str, values: dict) -> list[tuple[str, dict]] | None:
+    try:
+        return manifests(render(CHART, values))
+    except helm.HelmError as error:
+        fail(f"{case}: render failed: {error}")
+        return None
+
+
+def run_monitoring() -> None:
+    plain_groups = yaml.safe_load(RULES_FILE.read_text(encoding="utf-8"))["groups"]
+    plain_names = [r["alert"] for g in plain_groups for r in g["rules"]]
+
+    # Off by default: none of the monitoring objects.
+    objects = render_objects("monitoring off", {}) or []
+    kinds = [o.get("kind") for _, o in objects]
+    check(not MONITORING_KINDS & set(kinds) and kinds.count("ConfigMap") == 1,
+          f"monitoring off: the default render has {kinds}")
+
+    case = "monitoring on"
+    objects = render_objects(case, {"prometheusRule": {"enabled": True},
+                                    "serviceMonitor": {"enabled": True},
+                                    "grafanaDashboard": {"enabled": True}})
+    if objects is None:
+        return
+    validate_objects(case, [(t, o) for t, o in objects
+                            if o.get("apiVersion", "").startswith("monitoring.") is False])
+    rule = one(objects, "PrometheusRule")
+    monitor = one(objects, "ServiceMonitor")
+    service = one(objects, "Service")
+    deployment = one(objects, "Deployment")
+    dashboards = [o for _, o in objects if o.get("kind") == "ConfigMap"
+                  and "event-exporter.json" in (o.get("data") or {})]
+    if not check(None not in (rule, monitor, service, deployment) and len(dashboards) == 1,
+                 f"{case}: expected a PrometheusRule, a ServiceMonitor, a Service and a "
+                 f"dashboard ConfigMap, got {[o.get('kind') for _, o in objects]}"):
+        return
+    validate_custom(f"{case}: PrometheusRule", rule, PROMETHEUS_RULE_SCHEMA)
+    validate_custom(f"{case}: ServiceMonitor", monitor, SERVICE_MONITOR_SCHEMA)
+    check(rule["spec"]["groups"] == plain_groups,
+          f"{case}: the PrometheusRule's groups differ from {RULES_FILE.relative_to(ROOT)}")
+    check(rule["metadata"]["namespace"] == NAMESPACE, f"{case}: PrometheusRule namespace")
+
+    # Service -> pods, ServiceMonitor -> Service, by labels and port name.
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    selector = service["spec"].get("selector") or {}
+    check(selector and all(pod_labels.get(k) == v for k, v in selector.items()),
+          f"{case}: Service selector {selector} does not select the pods {pod_labels}")
+    ports = service["spec"].get("ports") or []
+    check(ports == [{"name": "metrics", "port": 2112, "targetPort": "metrics",
+                     "protocol": "TCP"}], f"{case}: Service ports {ports}")
+    container_ports = [p.get("name") for c in deployment["spec"]["template"]["spec"]["containers"]
+                       for p in c.get("ports") or []]
+    check("metrics" in container_ports, f"{case}: no container port named metrics")
+    match = monitor["spec"]["selector"].get("matchLabels") or {}
+    service_labels = service["metadata"].get("labels") or {}
+    check(match and all(service_labels.get(k) == v for k, v in match.items()),
+          f"{case}: ServiceMonitor selector {match} does not select the Service {service_labels}")
+    endpoints = monitor["spec"].get("endpoints") or []
+    check([e.get("port") for e in endpoints] == ["metrics"]
+          and endpoints[0].get("path") == "/metrics" and endpoints[0].get("interval") == "30s",
+          f"{case}: ServiceMonitor endpoints {endpoints}")
+    check(monitor["spec"].get("namespaceSelector") == {"matchNames": [NAMESPACE]},
+          f"{case}: ServiceMonitor namespaceSelector {monitor['spec'].get('namespaceSelector')}")
+
+    dashboard = dashboards[0]
+    check((dashboard["metadata"].get("labels") or {}).get("grafana_dashboard") == "1",
+          f"{case}: the dashboard ConfigMap lacks the sidecar label grafana_dashboard: \"1\"")
+    try:
+        shipped = json.loads(dashboard["data"]["event-exporter.json"])
+        check(shipped == json.loads(DASHBOARD_FILE.read_text(encoding="utf-8")),
+              f"{case}: the dashboard differs from {DASHBOARD_FILE.relative_to(ROOT)}")
+        check(shipped.get("uid") and shipped.get("panels"), f"{case}: dashboard has no panels")
+    except json.JSONDecodeError as error:
+        fail(f"{case}: the dashboard ConfigMap is not JSON: {error}")
+    promtool_check(case, rule["spec"]["groups"])
+    print(f"ok: {case} (PrometheusRule, ServiceMonitor, metrics Service, dashboard ConfigMap)",
+          flush=True)
+
+    # Overrides: thresholds, for, severity, dropped alerts, extra labels, runbook base.
+    case = "monitoring overrides"
+    base = "https://docs.example.com/event-exporter/README.md"
+    objects = render_objects(case, {
+        "prometheusRule": {
+            "enabled": True, "labels": {"release": "kube-prometheus-stack"},
+            "ruleLabels": {"team": "gpu-infra"}, "runbookBaseUrl": base,
+            "alerts": {
+                "EventExporterExportStalled": {"threshold": 600, "for": "10m",
+                                               "severity": "warning"},
+                "EventExporterDatastoreReconnectStorm": {"threshold": 20},
+                "EventExporterResumeTokenNotAdvancing": {"threshold": 1800},
+                "EventExporterBackfillStuck": {"enabled": False},
+            }},
+        "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"},
+                           "interval": "15s", "scrapeTimeout": "10s"},
+        "grafanaDashboard": {"enabled": True, "namespace": "monitoring",
+                             "labels": {"grafana_dashboard": "1", "team": "gpu"},
+                             "annotations": {"grafana_folder": "NVSentinel"}},
+    })
+    if objects is None:
+        return
+    rule, monitor = one(objects, "PrometheusRule"), one(objects, "ServiceMonitor")
+    dashboards = [o for _, o in objects if o.get("kind") == "ConfigMap"
+                  and "event-exporter.json" in (o.get("data") or {})]
+    if not check(rule is not None and monitor is not None and len(dashboards) == 1,
+                 f"{case}: missing objects"):
+        return
+    validate_custom(f"{case}: PrometheusRule", rule, PROMETHEUS_RULE_SCHEMA)
+    validate_custom(f"{case}: ServiceMonitor", monitor, SERVICE_MONITOR_SCHEMA)
+    validate_objects(case, [("dashboard", dashboards[0])])
+    rules = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+    check(set(rules) == set(plain_names) - {"EventExporterBackfillStuck"},
+          f"{case}: alerts {sorted(rules)}")
+    stalled = rules.get("EventExporterExportStalled", {})
+    check("health_events_exporter_stream_lag_seconds > 600" in stalled.get("expr", "")
+          and "> 300" not in stalled.get("expr", "") and stalled.get("for") == "10m"
+          and stalled.get("labels", {}).get("severity") == "warning",
+          f"{case}: ExportStalled overrides not applied: {stalled}")
+    check("[15m]) > 20" in rules.get("EventExporterDatastoreReconnectStorm", {}).get("expr", ""),
+          f"{case}: reconnect storm threshold not applied")
+    check("update_timestamp > 1800" in
+          rules.get("EventExporterResumeTokenNotAdvancing", {}).get("expr", ""),
+          f"{case}: resume token threshold not applied")
+    for name, r in rules.items():
+        check(r.get("labels", {}).get("team") == "gpu-infra", f"{case}: {name} lacks ruleLabels")
+        check(r["annotations"]["runbook_url"] == f"{base}#runbook-{name.lower()}",
+              f"{case}: {name} runbook_url {r['annotations']['runbook_url']}")
+    check(rule["metadata"]["labels"].get("release") == "kube-prometheus-stack",
+          f"{case}: PrometheusRule labels {rule['metadata']['labels']}")
+    endpoint = (monitor["spec"].get("endpoints") or [{}])[0]
+    check(endpoint.get("interval") == "15s" and endpoint.get("scrapeTimeout") == "10s",
+          f"{case}: ServiceMonitor endpoint {endpoint}")
+    meta = dashboards[0]["metadata"]
+    check(meta["namespace"] == "monitoring" and meta["labels"].get("team") == "gpu"
+          and meta.get("annotations") == {"grafana_folder": "NVSentinel"},
+          f"{case}: dashboard metadata {meta}")
+    promtool_check(case, rule["spec"]["groups"])
+    print(f"ok: {case}", flush=True)
 
 
 def run_lint() -> None:
@@ -744,6 +995,7 @@ def main() -> int:
     run_umbrella(Path(binary), defaults)
     for name, values, needle in INVALID:
         run_invalid(name, values, needle)
+    run_monitoring()
     check_plain_manifests()
 
     if FAILURES:

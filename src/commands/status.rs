@@ -1,0 +1,463 @@
+//! `event-exporter status`: where the exporter stands, read from the datastore it reads (the
+//! same `DATASTORE_*` environment and the same config file), for people or as JSON, with an
+//! exit status a cron job or a probe can act on.
+//!
+//! **What "behind" means.** The resume token (`resume_tokens` row `exporter.client_name`) is a
+//! changelog position: every id up to it is exported. Everything above it up to the changelog
+//! head is not yet exported: the rows visible now are *waiting*, and ids below the head with
+//! no visible row are *open* (their transaction has not committed, or never will). The lag in
+//! seconds is the age of the oldest waiting row (`now() − changed_at`, both on the database's
+//! clock), 0 when nothing waits. It is the datastore's view of the exporter's
+//! `health_events_exporter_stream_lag_seconds`, and needs no running exporter to read.
+//!
+//! Exit status: 0 healthy; 1 unhealthy (lag above `--max-behind`, or no resume token saved
+//! yet); 2 bad input (configuration, datastore environment, unreachable datastore, a resume
+//! token that cannot be read).
+//!
+//! Not reported yet: which replica leads (the exporter has no HA mode).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+use serde_json::Value;
+use tokio_postgres::Client;
+
+use crate::backfill::{self, BackfillPlan};
+use crate::config::{format_go_duration, Config, ConfigError};
+use crate::datastore::postgres::{Connector, PgSettings, StartPoint};
+use crate::datastore::DatastoreError;
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Path to the exporter's TOML configuration file (for `exporter.client_name` and the
+    /// backfill settings).
+    #[arg(long, value_name = "PATH", default_value = "/etc/config/config.toml")]
+    pub config: PathBuf,
+
+    /// Output: text for people, or one JSON document.
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: StatusOutput,
+
+    /// Unhealthy (exit 1) when the oldest changelog row not yet exported is older than this
+    /// (Go duration: 30s, 5m, 1h).
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = crate::cli::parse_duration)]
+    pub max_behind: Duration,
+
+    /// How long connecting to and querying the datastore may take before exit 2.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = crate::cli::parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StatusOutput {
+    Text,
+    Json,
+}
+
+/// Why no status could be read (exit 2).
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error("configuration: {0}")]
+    Config(#[from] ConfigError),
+    #[error("datastore: {0}")]
+    Datastore(#[from] DatastoreError),
+    #[error("datastore {datastore}: no answer within {}", format_go_duration(*.timeout))]
+    Timeout {
+        datastore: String,
+        timeout: Duration,
+    },
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+}
+
+/// The resume token row of `exporter.client_name`.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenStatus {
+    /// Changelog id every row up to which is exported.
+    pub position: u64,
+    /// `contiguous` (this exporter's), `keyset` (the Go exporter's `(changed_at, id)`
+    /// bookmark: the position is approximate) or `eventId` (upstream's older form).
+    pub kind: &'static str,
+    /// `changed_at` of the changelog row at `position` (absent when that row is gone).
+    pub changed_at: Option<DateTime<Utc>>,
+    /// When the row was last written (`resume_tokens.last_updated`).
+    pub saved_at: Option<DateTime<Utc>>,
+    /// The stored JSON, as is.
+    pub value: Value,
+}
+
+/// The newest changelog row.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeadStatus {
+    /// Highest `datastore_changelog.id` (0 when the changelog is empty).
+    pub id: u64,
+    pub changed_at: Option<DateTime<Utc>>,
+}
+
+/// How far the token is behind the head.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BehindStatus {
+    /// Head id − token position.
+    pub ids: u64,
+    /// Age in seconds of the oldest row above the token (0 when none waits).
+    pub seconds: f64,
+    /// Visible rows above the token, waiting to be exported.
+    pub waiting_rows: u64,
+    /// Ids above the token and below the head with no visible row (open transactions, or
+    /// ones that rolled back): the token cannot pass them until they resolve.
+    pub open_ids: u64,
+    pub oldest_waiting_changed_at: Option<DateTime<Utc>>,
+}
+
+/// The backfill record `<client>-backfill`.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackfillStatus {
+    pub done: bool,
+    pub total: u64,
+    pub delivered: u64,
+    pub remaining: u64,
+    /// delivered / total × 100 (100 for an empty plan).
+    pub percent: f64,
+    /// The window: `[from, startedAt)` of `created_at`.
+    pub from: DateTime<Utc>,
+    pub started_at: DateTime<Utc>,
+    pub saved_at: Option<DateTime<Utc>>,
+}
+
+/// Everything `status` reports; the JSON output is this, camelCased.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    pub client_name: String,
+    pub datastore: String,
+    pub resume_token: Option<TokenStatus>,
+    pub changelog_head: HeadStatus,
+    /// Absent without a resume token.
+    pub behind: Option<BehindStatus>,
+    /// `exporter.backfill.enabled` of the configuration.
+    pub backfill_enabled: bool,
+    /// Absent when no backfill was ever planned for this client.
+    pub backfill: Option<BackfillStatus>,
+    pub max_behind_seconds: f64,
+    pub healthy: bool,
+    /// Why `healthy` is false (empty when healthy).
+    pub problems: Vec<String>,
+}
+
+/// Runs the command: prints the status and returns 0, 1 or 2 (see the module docs).
+pub fn main(args: &StatusArgs) -> ExitCode {
+    match read_status(args) {
+        Ok(status) => {
+            let text = match args.output {
+                StatusOutput::Json => {
+                    serde_json::to_string_pretty(&status).unwrap_or_default() + "\n"
+                }
+                StatusOutput::Text => render_text(&status),
+            };
+            // A closed stdout (`status | head`) must not panic; the exit status still counts.
+            let _ = std::io::stdout().write_all(text.as_bytes());
+            if status.healthy {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(error) => {
+            eprintln!("event-exporter status: {error}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Loads the configuration and the datastore environment, then queries the datastore.
+pub fn read_status(args: &StatusArgs) -> Result<Status, StatusError> {
+    let config = Config::load(&args.config)?;
+    let settings = PgSettings::from_env(|name| std::env::var(name).ok())?;
+    let datastore = settings.describe();
+    let connector = Connector::new(settings)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(StatusError::Runtime)?;
+    runtime.block_on(async {
+        let query = async {
+            let client = connector.connect().await?;
+            connector.check_schema(&client).await?;
+            query_status(&client, &config, datastore.clone(), args.max_behind).await
+        };
+        tokio::time::timeout(args.timeout, query)
+            .await
+            .map_err(|_| StatusError::Timeout {
+                datastore: datastore.clone(),
+                timeout: args.timeout,
+            })?
+            .map_err(StatusError::from)
+    })
+}
+
+fn to_u64(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// The queries behind [`Status`], all read-only.
+pub async fn query_status(
+    client: &Client,
+    config: &Config,
+    datastore: String,
+    max_behind: Duration,
+) -> Result<Status, DatastoreError> {
+    let client_name = config.client_name.clone();
+    let head = client
+        .query_opt(
+            "SELECT id, changed_at FROM datastore_changelog ORDER BY id DESC LIMIT 1",
+            &[],
+        )
+        .await?;
+    // try_get throughout: a column of an unexpected type is an error, not a panic.
+    let changelog_head = match &head {
+        Some(row) => HeadStatus {
+            id: to_u64(row.try_get(0)?),
+            changed_at: row.try_get(1)?,
+        },
+        None => HeadStatus {
+            id: 0,
+            changed_at: None,
+        },
+    };
+
+    let token_row = client
+        .query_opt(
+            "SELECT resume_token, last_updated FROM resume_tokens WHERE client_name = $1",
+            &[&client_name],
+        )
+        .await?;
+    let resume_token = match token_row {
+        None => None,
+        Some(row) => {
+            let value: Value = row.try_get(0)?;
+            let saved_at: Option<DateTime<Utc>> = row.try_get(1)?;
+            let (position, kind) = match StartPoint::from_token(&client_name, &value)? {
+                StartPoint::Contiguous(id) => (id, "contiguous"),
+                StartPoint::Keyset { id, .. } => (id, "keyset"),
+                StartPoint::EventId(id) => (id, "eventId"),
+                StartPoint::End => (changelog_head.id, "end"),
+            };
+            let changed_at = match client
+                .query_opt(
+                    "SELECT changed_at FROM datastore_changelog WHERE id = $1",
+                    &[&to_i64(position)],
+                )
+                .await?
+            {
+                Some(row) => row.try_get::<_, Option<DateTime<Utc>>>(0)?,
+                None => None,
+            };
+            Some(TokenStatus {
+                position,
+                kind,
+                changed_at,
+                saved_at,
+                value,
+            })
+        }
+    };
+
+    let behind = match &resume_token {
+        None => None,
+        Some(token) => {
+            let row = client
+                .query_one(
+                    "SELECT count(*), min(changed_at), \
+                            coalesce(extract(epoch FROM now() - min(changed_at))::float8, 0) \
+                     FROM datastore_changelog WHERE id > $1",
+                    &[&to_i64(token.position)],
+                )
+                .await?;
+            let waiting_rows = to_u64(row.try_get(0)?);
+            let ids = changelog_head.id.saturating_sub(token.position);
+            let seconds: f64 = row.try_get(2)?;
+            Some(BehindStatus {
+                ids,
+                seconds: seconds.max(0.0),
+                waiting_rows,
+                open_ids: ids.saturating_sub(waiting_rows),
+                oldest_waiting_changed_at: row.try_get(1)?,
+            })
+        }
+    };
+
+    let backfill = client
+        .query_opt(
+            "SELECT resume_token, last_updated FROM resume_tokens WHERE client_name = $1",
+            &[&backfill::record_name(&client_name)],
+        )
+        .await?
+        .map(|row| -> Result<BackfillStatus, DatastoreError> {
+            let value: Value = row.try_get(0)?;
+            let saved_at: Option<DateTime<Utc>> = row.try_get(1)?;
+            BackfillPlan::from_value(&value)
+                .map(|plan| backfill_status(&plan, saved_at))
+                .ok_or_else(|| DatastoreError::Token {
+                    client: backfill::record_name(&client_name),
+                    reason: format!("not a backfill record: {value}"),
+                })
+        })
+        .transpose()?;
+
+    let mut problems = Vec::new();
+    match &behind {
+        None => problems.push(format!(
+            "no resume token for client {client_name:?}: the exporter has not saved a position yet"
+        )),
+        Some(behind) if behind.seconds > max_behind.as_secs_f64() => problems.push(format!(
+            "the oldest changelog row not yet exported is {} old (more than --max-behind {})",
+            format_seconds(behind.seconds),
+            format_go_duration(max_behind)
+        )),
+        Some(_) => {}
+    }
+    Ok(Status {
+        client_name,
+        datastore,
+        resume_token,
+        changelog_head,
+        behind,
+        backfill_enabled: config.backfill.enabled,
+        backfill,
+        max_behind_seconds: max_behind.as_secs_f64(),
+        healthy: problems.is_empty(),
+        problems,
+    })
+}
+
+fn backfill_status(plan: &BackfillPlan, saved_at: Option<DateTime<Utc>>) -> BackfillStatus {
+    let delivered = plan.delivered.min(plan.total);
+    BackfillStatus {
+        done: plan.done,
+        total: plan.total,
+        delivered,
+        remaining: plan.total.saturating_sub(delivered),
+        percent: if plan.total == 0 {
+            100.0
+        } else {
+            delivered as f64 * 100.0 / plan.total as f64
+        },
+        from: plan.from,
+        started_at: plan.started_at,
+        saved_at,
+    }
+}
+
+fn time(t: Option<DateTime<Utc>>) -> String {
+    t.map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true))
+        .unwrap_or_else(|| "-".into())
+}
+
+/// `12.3s`, `4m5s`, `2h0m0s`.
+fn format_seconds(seconds: f64) -> String {
+    if seconds < 60.0 {
+        format!("{seconds:.1}s")
+    } else {
+        format_go_duration(Duration::from_secs(seconds as u64))
+    }
+}
+
+/// The report for people.
+pub fn render_text(status: &Status) -> String {
+    let mut out = String::new();
+    let mut line = |key: &str, value: String| out.push_str(&format!("{key:<15} {value}\n"));
+    line(
+        "client",
+        format!("{} ({})", status.client_name, status.datastore),
+    );
+    match &status.resume_token {
+        Some(token) => line(
+            "resume token",
+            format!(
+                "changelog id {} ({}), row changed at {}, saved at {}",
+                token.position,
+                token.kind,
+                time(token.changed_at),
+                time(token.saved_at)
+            ),
+        ),
+        None => line("resume token", "none saved".into()),
+    }
+    line(
+        "changelog head",
+        format!(
+            "id {}, changed at {}",
+            status.changelog_head.id,
+            time(status.changelog_head.changed_at)
+        ),
+    );
+    if let Some(behind) = &status.behind {
+        if behind.ids == 0 {
+            line("behind", "caught up (0 ids)".into());
+        } else {
+            line(
+                "behind",
+                format!(
+                    "{} ids: {} rows waiting, {} open ids; oldest waiting {} ({})",
+                    behind.ids,
+                    behind.waiting_rows,
+                    behind.open_ids,
+                    format_seconds(behind.seconds),
+                    time(behind.oldest_waiting_changed_at)
+                ),
+            );
+        }
+    }
+    let enabled = if status.backfill_enabled {
+        "enabled"
+    } else {
+        "disabled"
+    };
+    match &status.backfill {
+        None => line("backfill", format!("none recorded ({enabled})")),
+        Some(b) if b.done => line(
+            "backfill",
+            format!("complete: {} events ({enabled})", b.delivered),
+        ),
+        Some(b) => line(
+            "backfill",
+            format!(
+                "unfinished: {}/{} delivered ({:.1}%), {} remaining, window {} .. {}, saved at {} ({enabled})",
+                b.delivered,
+                b.total,
+                b.percent,
+                b.remaining,
+                time(Some(b.from)),
+                time(Some(b.started_at)),
+                time(b.saved_at)
+            ),
+        ),
+    }
+    if status.healthy {
+        line(
+            "status",
+            format!(
+                "OK (max behind {})",
+                format_seconds(status.max_behind_seconds)
+            ),
+        );
+    } else {
+        for problem in &status.problems {
+            line("status", format!("UNHEALTHY: {problem}"));
+        }
+    }
+    out
+}
