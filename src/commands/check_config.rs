@@ -18,11 +18,22 @@ pub fn check(args: &CheckConfigArgs) -> Result<String, String> {
     } else {
         json!("not checked: DATASTORE_PROVIDER is not set")
     };
+    // The proxy each endpoint is reached through (HTTPS_PROXY / HTTP_PROXY / NO_PROXY).
+    let proxy = |url: &str| match crate::sink::proxy_in_effect(url) {
+        Some(proxy) => json!(proxy),
+        None => json!("none (direct)"),
+    };
+    let mut proxies = serde_json::Map::new();
+    proxies.insert("sink".into(), proxy(&config.sink.endpoint));
+    if let Some(oidc) = &config.oidc {
+        proxies.insert("oidcTokenEndpoint".into(), proxy(&oidc.token_url));
+    }
     let report = json!({
         "config": args.config.display().to_string(),
         "exporter": config,
         "unknownKeys": config.unknown_keys,
         "datastore": datastore,
+        "proxies": proxies,
     });
     Ok(serde_json::to_string_pretty(&report).unwrap_or_default())
 }
