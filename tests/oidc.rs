@@ -63,12 +63,17 @@ impl Setup {
         assert_eq!(ids.len(), self.inserted, "each event accepted once");
         let messages: BTreeSet<String> = accepted
             .iter()
-            .filter_map(|e| e.pointer("/data/healthEvent/message").and_then(Value::as_str))
+            .filter_map(|e| {
+                e.pointer("/data/healthEvent/message")
+                    .and_then(Value::as_str)
+            })
             .map(str::to_string)
             .collect();
         for i in 1..=self.inserted {
             assert!(
-                messages.iter().any(|m| m.ends_with(&format!("(event {i})"))),
+                messages
+                    .iter()
+                    .any(|m| m.ends_with(&format!("(event {i})"))),
                 "event {i} missing from the sink; accepted messages: {messages:?}"
             );
         }
@@ -81,8 +86,8 @@ fn assert_no_panic(exporter: &Exporter) {
 }
 
 #[tokio::test]
-async fn a_token_answer_without_expires_in_is_used_for_the_assumed_lifetime_then_refreshed_on_401(
-) {
+async fn a_token_answer_without_expires_in_is_used_for_the_assumed_lifetime_then_refreshed_on_401()
+{
     // The registry lets tokens live 3 s, the answer does not say so, and the exporter assumes
     // an hour: after 3 s the sink answers 401 and the exporter must fetch a new token.
     let mut setup = Setup::new(TokenConfig {
@@ -91,8 +96,7 @@ async fn a_token_answer_without_expires_in_is_used_for_the_assumed_lifetime_then
     })
     .await;
     setup.token.set_expires_in_json(Some(None));
-    let mut exporter =
-        Exporter::start(&setup.options("default_token_lifetime = \"1h\"\n")).await;
+    let mut exporter = Exporter::start(&setup.options("default_token_lifetime = \"1h\"\n")).await;
 
     setup.deliver(3).await;
     assert_eq!(setup.token.requests(), 1, "one token for the first events");
@@ -129,7 +133,11 @@ async fn the_assumed_lifetime_is_honoured_without_any_401() {
     setup.deliver(2).await;
     tokio::time::sleep(Duration::from_millis(2500)).await;
     setup.deliver(2).await;
-    assert_eq!(setup.token.requests(), 2, "refetched after the assumed lifetime");
+    assert_eq!(
+        setup.token.requests(),
+        2,
+        "refetched after the assumed lifetime"
+    );
     assert!(setup.sink.requests().iter().all(|r| r.status != 401));
     assert_no_panic(&exporter);
     assert!(exporter.terminate().await.success());
@@ -147,8 +155,7 @@ async fn expires_in_as_a_numeric_string_is_accepted_and_the_token_reused() {
 }
 
 #[tokio::test]
-async fn never_expiring_zero_and_negative_expires_in_never_panic_and_every_event_is_delivered()
-{
+async fn never_expiring_zero_and_negative_expires_in_never_panic_and_every_event_is_delivered() {
     let mut setup = Setup::new(TokenConfig::default()).await;
     let cases = [
         json!(9223372036854775807i64),
@@ -174,11 +181,17 @@ async fn never_expiring_zero_and_negative_expires_in_never_panic_and_every_event
             Some(200),
             "expires_in {value}"
         );
-        assert!(exporter.try_status().is_none(), "expires_in {value}: still running");
+        assert!(
+            exporter.try_status().is_none(),
+            "expires_in {value}: still running"
+        );
         assert_no_panic(&exporter);
         let log = exporter.log();
         if round < 4 {
-            assert!(log.contains("exceeds 24h"), "expires_in {value}: cap logged:\n{log}");
+            assert!(
+                log.contains("exceeds 24h"),
+                "expires_in {value}: cap logged:\n{log}"
+            );
         } else {
             assert!(
                 log.contains("without a usable expires_in"),
@@ -204,7 +217,10 @@ async fn an_oversized_token_answer_fails_clearly_and_delivery_resumes_once_it_is
     setup.inserted += 1;
     pg::insert_health_event(&client, &pg::health_event_doc("node-oidc", 1)).await;
     let deadline = std::time::Instant::now() + WAIT;
-    while !exporter.log().contains("the body is longer than 65536 bytes") {
+    while !exporter
+        .log()
+        .contains("the body is longer than 65536 bytes")
+    {
         assert!(
             std::time::Instant::now() < deadline,
             "no bounded-body error logged:\n{}",
@@ -212,7 +228,10 @@ async fn an_oversized_token_answer_fails_clearly_and_delivery_resumes_once_it_is
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(setup.sink.accepted().is_empty(), "nothing delivered without a token");
+    assert!(
+        setup.sink.accepted().is_empty(),
+        "nothing delivered without a token"
+    );
     // An error answer with a huge body is cut to an excerpt too.
     setup.token.fail_next(1, 503);
     let deadline = std::time::Instant::now() + WAIT;
@@ -221,7 +240,10 @@ async fn an_oversized_token_answer_fails_clearly_and_delivery_resumes_once_it_is
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let longest = exporter.log().lines().map(str::len).max().unwrap_or(0);
-    assert!(longest < 4096, "a log line of {longest} bytes quotes the whole answer");
+    assert!(
+        longest < 4096,
+        "a log line of {longest} bytes quotes the whole answer"
+    );
     setup.token.set_padding(0);
     setup.deliver(2).await;
     assert_no_panic(&exporter);
@@ -246,8 +268,14 @@ fn check_config_validates_and_shows_the_new_oidc_keys() {
     };
     let (code, out) = run_once(&["check-config", &write("")], &[]);
     assert_eq!(code, Some(0), "{out}");
-    assert!(out.contains("\"client_auth_method\": \"client_secret_basic_raw\""), "{out}");
-    assert!(out.contains("\"default_token_lifetime\": \"5m0s\""), "{out}");
+    assert!(
+        out.contains("\"client_auth_method\": \"client_secret_basic_raw\""),
+        "{out}"
+    );
+    assert!(
+        out.contains("\"default_token_lifetime\": \"5m0s\""),
+        "{out}"
+    );
     let (code, out) = run_once(
         &[
             "check-config",
@@ -256,13 +284,31 @@ fn check_config_validates_and_shows_the_new_oidc_keys() {
         &[],
     );
     assert_eq!(code, Some(0), "{out}");
-    assert!(out.contains("\"client_auth_method\": \"client_secret_post\""), "{out}");
-    assert!(out.contains("\"default_token_lifetime\": \"1m30s\""), "{out}");
+    assert!(
+        out.contains("\"client_auth_method\": \"client_secret_post\""),
+        "{out}"
+    );
+    assert!(
+        out.contains("\"default_token_lifetime\": \"1m30s\""),
+        "{out}"
+    );
     for (extra, key) in [
-        ("client_auth_method = \"private_key_jwt\"", "exporter.oidc.client_auth_method"),
-        ("default_token_lifetime = \"0s\"", "exporter.oidc.default_token_lifetime"),
-        ("default_token_lifetime = \"25h\"", "exporter.oidc.default_token_lifetime"),
-        ("default_token_lifetime = 5", "exporter.oidc.default_token_lifetime"),
+        (
+            "client_auth_method = \"private_key_jwt\"",
+            "exporter.oidc.client_auth_method",
+        ),
+        (
+            "default_token_lifetime = \"0s\"",
+            "exporter.oidc.default_token_lifetime",
+        ),
+        (
+            "default_token_lifetime = \"25h\"",
+            "exporter.oidc.default_token_lifetime",
+        ),
+        (
+            "default_token_lifetime = 5",
+            "exporter.oidc.default_token_lifetime",
+        ),
     ] {
         let (code, out) = run_once(&["check-config", &write(extra)], &[]);
         assert_eq!(code, Some(2), "{extra}: {out}");

@@ -136,7 +136,10 @@ impl Provider {
     /// RFC 7662 introspection of `token`, as the `introspector` client.
     async fn introspect(&self, token: &str) -> Value {
         let body = support::tls::plain_reqwest_client()
-            .post(format!("http://127.0.0.1:{}/token/introspection", self.port))
+            .post(format!(
+                "http://127.0.0.1:{}/token/introspection",
+                self.port
+            ))
             .basic_auth("introspector", Some(INTROSPECTOR_SECRET))
             .form(&[("token", token)])
             .send()
@@ -223,7 +226,10 @@ async fn fails_with(run: &mut Run, needle: &str) {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(run.sink.requests().is_empty(), "nothing sent without a token");
+    assert!(
+        run.sink.requests().is_empty(),
+        "nothing sent without a token"
+    );
     assert!(
         !run.exporter.log().contains(SECRET),
         "the secret never appears in the log"

@@ -85,7 +85,12 @@ async fn https_sink_and_token_endpoint_are_reached_through_https_proxy_with_conn
     }
     assert!(seen.iter().all(|r| r.method == "CONNECT"), "{seen:?}");
     assert_eq!(token.requests(), 1);
-    assert_eq!(exporter.terminate().await.code(), Some(0), "{}", exporter.log());
+    assert_eq!(
+        exporter.terminate().await.code(),
+        Some(0),
+        "{}",
+        exporter.log()
+    );
 }
 
 #[tokio::test]
@@ -115,7 +120,12 @@ async fn http_sink_and_token_endpoint_are_forwarded_by_lowercase_http_proxy() {
             .any(|r| r.method == "POST" && r.target == token.url()),
         "the token request went through the proxy; it saw {seen:?}"
     );
-    assert_eq!(exporter.terminate().await.code(), Some(0), "{}", exporter.log());
+    assert_eq!(
+        exporter.terminate().await.code(),
+        Some(0),
+        "{}",
+        exporter.log()
+    );
 }
 
 #[tokio::test]
@@ -133,12 +143,19 @@ async fn no_proxy_bypasses_the_proxy_per_host() {
     let mut options = ExporterOptions::new(&sink, Some(&token), db.env());
     options.env.push(("HTTP_PROXY".into(), proxy.url()));
     options.env.push(("HTTPS_PROXY".into(), proxy.url()));
-    options.env.push(("NO_PROXY".into(), "example.com,127.0.0.1".into()));
+    options
+        .env
+        .push(("NO_PROXY".into(), "example.com,127.0.0.1".into()));
     let mut exporter = Exporter::start(&options).await;
     insert(&db, 3).await;
     sink.wait_for_accepted(3, WAIT).await;
     assert!(proxy.requests().is_empty(), "{:?}", proxy.requests());
-    assert_eq!(exporter.terminate().await.code(), Some(0), "{}", exporter.log());
+    assert_eq!(
+        exporter.terminate().await.code(),
+        Some(0),
+        "{}",
+        exporter.log()
+    );
 
     // Only the token endpoint (reached as localhost) bypassed; the sink (127.0.0.1) proxied.
     let mut options = ExporterOptions::new(&sink, Some(&token), db.env());
@@ -158,7 +175,12 @@ async fn no_proxy_bypasses_the_proxy_per_host() {
         "the token endpoint was not bypassed: {seen:?}"
     );
     assert!(token.requests() >= 2, "a fresh token from the second run");
-    assert_eq!(exporter.terminate().await.code(), Some(0), "{}", exporter.log());
+    assert_eq!(
+        exporter.terminate().await.code(),
+        Some(0),
+        "{}",
+        exporter.log()
+    );
 }
 
 #[test]
@@ -183,7 +205,10 @@ fn check_config_shows_the_proxy_for_each_endpoint_with_credentials_redacted() {
     let (code, out) = run_once(&["check-config", &config], &[]);
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("\"sink\": \"none (direct)\""), "{out}");
-    assert!(out.contains("\"oidcTokenEndpoint\": \"none (direct)\""), "{out}");
+    assert!(
+        out.contains("\"oidcTokenEndpoint\": \"none (direct)\""),
+        "{out}"
+    );
 
     let (code, out) = run_once(
         &["check-config", &config],
@@ -197,7 +222,10 @@ fn check_config_shows_the_proxy_for_each_endpoint_with_credentials_redacted() {
         out.contains("\"sink\": \"http://proxy.corp:3128/ (credentials redacted)\""),
         "{out}"
     );
-    assert!(out.contains("\"oidcTokenEndpoint\": \"none (direct)\""), "{out}");
+    assert!(
+        out.contains("\"oidcTokenEndpoint\": \"none (direct)\""),
+        "{out}"
+    );
     assert!(!out.contains("hunter2") && !out.contains("egress"), "{out}");
 
     // HTTP_PROXY does not apply to https:// endpoints.

@@ -280,8 +280,8 @@ impl Config {
                     )
                 })?,
             };
-            let default_token_lifetime = opt(s, |s| s.duration("default_token_lifetime"))?
-                .unwrap_or(DEFAULT_TOKEN_LIFETIME);
+            let default_token_lifetime =
+                opt(s, |s| s.duration("default_token_lifetime"))?.unwrap_or(DEFAULT_TOKEN_LIFETIME);
             if default_token_lifetime.is_zero() || default_token_lifetime > MAX_TOKEN_LIFETIME {
                 return Err(invalid(
                     "exporter.oidc.default_token_lifetime",

@@ -385,7 +385,10 @@ impl TokenProvider {
             .map_err(invalid)?;
         match token.lifetime_source {
             LifetimeSource::ExpiresIn => {
-                tracing::info!(expires_in_seconds = token.lifetime.as_secs_f64(), "fetched an access token")
+                tracing::info!(
+                    expires_in_seconds = token.lifetime.as_secs_f64(),
+                    "fetched an access token"
+                )
             }
             LifetimeSource::Assumed => tracing::info!(
                 assumed_lifetime_seconds = token.lifetime.as_secs_f64(),

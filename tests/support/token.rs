@@ -328,8 +328,14 @@ fn decide(
     }
     let expires_in = state.expires_in.load(Ordering::SeqCst);
     let token = state.registry.issue(Duration::from_secs(expires_in));
-    let mut answer = json!({"access_token": token, "token_type": "Bearer", "expires_in": expires_in});
-    match state.expires_in_json.lock().expect("expires_in mutex").clone() {
+    let mut answer =
+        json!({"access_token": token, "token_type": "Bearer", "expires_in": expires_in});
+    match state
+        .expires_in_json
+        .lock()
+        .expect("expires_in mutex")
+        .clone()
+    {
         None => {}
         Some(None) => {
             if let Some(object) = answer.as_object_mut() {

@@ -23,14 +23,26 @@ fn lifetime(body: &str) -> (Duration, LifetimeSource) {
 fn expires_in_as_number_or_numeric_string_is_the_lifetime() {
     use LifetimeSource::*;
     let s = Duration::from_secs;
-    assert_eq!(lifetime(r#"{"access_token":"t","expires_in":3600}"#), (s(3600), ExpiresIn));
-    assert_eq!(lifetime(r#"{"access_token":"t","expires_in":"3599"}"#), (s(3599), ExpiresIn));
-    assert_eq!(lifetime(r#"{"access_token":"t","expires_in":" 42 "}"#), (s(42), ExpiresIn));
+    assert_eq!(
+        lifetime(r#"{"access_token":"t","expires_in":3600}"#),
+        (s(3600), ExpiresIn)
+    );
+    assert_eq!(
+        lifetime(r#"{"access_token":"t","expires_in":"3599"}"#),
+        (s(3599), ExpiresIn)
+    );
+    assert_eq!(
+        lifetime(r#"{"access_token":"t","expires_in":" 42 "}"#),
+        (s(42), ExpiresIn)
+    );
     assert_eq!(
         lifetime(r#"{"access_token":"t","expires_in":1.5}"#),
         (Duration::from_millis(1500), ExpiresIn)
     );
-    assert_eq!(lifetime(r#"{"access_token":"t","expires_in":86400}"#), (s(86400), ExpiresIn));
+    assert_eq!(
+        lifetime(r#"{"access_token":"t","expires_in":86400}"#),
+        (s(86400), ExpiresIn)
+    );
 }
 
 #[test]
@@ -87,11 +99,23 @@ fn bad_answers_are_errors_naming_the_fault() {
         ("<html>login</html>", "not a JSON"),
         ("[]", "not a JSON"),
         (r#"{"expires_in":60}"#, "access_token is missing"),
-        (r#"{"access_token":"","expires_in":60}"#, "access_token is missing"),
+        (
+            r#"{"access_token":"","expires_in":60}"#,
+            "access_token is missing",
+        ),
         (r#"{"access_token":7}"#, "not a JSON"),
-        (r#"{"access_token":"t","expires_in":"soon"}"#, "expires_in is \"soon\""),
-        (r#"{"access_token":"t","expires_in":"NaN"}"#, "expires_in is \"NaN\""),
-        (r#"{"access_token":"t","expires_in":true}"#, "a JSON boolean"),
+        (
+            r#"{"access_token":"t","expires_in":"soon"}"#,
+            "expires_in is \"soon\"",
+        ),
+        (
+            r#"{"access_token":"t","expires_in":"NaN"}"#,
+            "expires_in is \"NaN\"",
+        ),
+        (
+            r#"{"access_token":"t","expires_in":true}"#,
+            "a JSON boolean",
+        ),
         (r#"{"access_token":"t","expires_in":{}}"#, "a JSON object"),
     ];
     for (body, expected) in cases {
@@ -104,7 +128,9 @@ fn bad_answers_are_errors_naming_the_fault() {
     );
     assert!(matches!(
         parse(&big),
-        Err(TokenResponseError::TooLarge { limit: MAX_TOKEN_RESPONSE_BYTES })
+        Err(TokenResponseError::TooLarge {
+            limit: MAX_TOKEN_RESPONSE_BYTES
+        })
     ));
 }
 
