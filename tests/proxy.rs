@@ -85,6 +85,16 @@ async fn https_sink_and_token_endpoint_are_reached_through_https_proxy_with_conn
     }
     assert!(seen.iter().all(|r| r.method == "CONNECT"), "{seen:?}");
     assert_eq!(token.requests(), 1);
+    let log = exporter.log();
+    let expected = format!("proxy=http://{}/ (credentials redacted)", proxy.addr);
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains("reached through proxy") && l.contains(&expected))
+            .count(),
+        2,
+        "the sink's and the token endpoint's proxy logged at start, redacted:\n{log}"
+    );
+    assert!(!log.contains("p%40ss") && !log.contains("p@ss"), "{log}");
     assert_eq!(
         exporter.terminate().await.code(),
         Some(0),

@@ -159,7 +159,7 @@ pub fn parse_token_response(
         },
         _ => (default_lifetime, LifetimeSource::Assumed),
     };
-    let margin = REFRESH_MARGIN.min(lifetime / 2);
+    let margin = REFRESH_MARGIN.min(lifetime.checked_div(2).unwrap_or_default());
     let expires_at = now
         .checked_add(lifetime)
         .ok_or(TokenResponseError::ClockOverflow)?;
@@ -200,7 +200,7 @@ async fn read_bounded(
 ) -> Result<Result<Vec<u8>, Vec<u8>>, reqwest::Error> {
     if response
         .content_length()
-        .is_some_and(|length| length > limit as u64)
+        .is_some_and(|length| u64::try_from(limit).is_ok_and(|limit| length > limit))
     {
         let mut prefix = Vec::new();
         if let Some(chunk) = response.chunk().await? {
@@ -244,6 +244,7 @@ impl TokenProvider {
             1,
             "OIDC token endpoint",
         )?;
+        super::log_proxy("OIDC token endpoint", &config.token_url);
         Ok(TokenProvider {
             http,
             config,

@@ -61,3 +61,12 @@ pub fn proxy_in_effect(url: &str) -> Option<String> {
     }
     Some(shown)
 }
+
+/// Logs at start whether the `what` endpoint at `url` is reached through a proxy (see
+/// [`proxy_in_effect`]), so an operator sees the egress path without running `check-config`.
+pub fn log_proxy(what: &str, url: &str) {
+    match proxy_in_effect(url) {
+        Some(proxy) => tracing::info!(endpoint = what, %proxy, "reached through proxy"),
+        None => tracing::debug!(endpoint = what, "reached directly (no proxy applies)"),
+    }
+}
