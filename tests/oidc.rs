@@ -88,10 +88,10 @@ fn assert_no_panic(exporter: &Exporter) {
 #[tokio::test]
 async fn a_token_answer_without_expires_in_is_used_for_the_assumed_lifetime_then_refreshed_on_401()
 {
-    // The registry lets tokens live 3 s, the answer does not say so, and the exporter assumes
-    // an hour: after 3 s the sink answers 401 and the exporter must fetch a new token.
+    // The registry lets tokens live 5 s, the answer does not say so, and the exporter assumes
+    // an hour: after 5 s the sink answers 401 and the exporter must fetch a new token.
     let mut setup = Setup::new(TokenConfig {
-        expires_in: 3,
+        expires_in: 5,
         ..TokenConfig::default()
     })
     .await;
@@ -100,7 +100,7 @@ async fn a_token_answer_without_expires_in_is_used_for_the_assumed_lifetime_then
 
     setup.deliver(3).await;
     assert_eq!(setup.token.requests(), 1, "one token for the first events");
-    tokio::time::sleep(Duration::from_millis(3500)).await;
+    tokio::time::sleep(Duration::from_millis(5500)).await;
     setup.deliver(3).await;
     assert_eq!(
         setup.token.requests(),
@@ -125,13 +125,13 @@ async fn a_token_answer_without_expires_in_is_used_for_the_assumed_lifetime_then
 
 #[tokio::test]
 async fn the_assumed_lifetime_is_honoured_without_any_401() {
-    // Tokens really live 1 h; the answer omits expires_in and the exporter assumes 2 s: it
-    // refreshes every second (half-life margin), before the sink ever rejects a token.
+    // Tokens really live 1 h; the answer omits expires_in and the exporter assumes 4 s: it
+    // refreshes after 2 s (half-life margin), before the sink ever rejects a token.
     let mut setup = Setup::new(TokenConfig::default()).await;
     setup.token.set_expires_in_json(Some(None));
-    let mut exporter = Exporter::start(&setup.options("default_token_lifetime = \"2s\"\n")).await;
+    let mut exporter = Exporter::start(&setup.options("default_token_lifetime = \"4s\"\n")).await;
     setup.deliver(2).await;
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    tokio::time::sleep(Duration::from_millis(4500)).await;
     setup.deliver(2).await;
     assert_eq!(
         setup.token.requests(),
