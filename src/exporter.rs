@@ -222,6 +222,7 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
     )
     .map_err(failed)?;
     let endpoint = reqwest::Url::parse(&config.sink.endpoint).map_err(|e| failed(e.to_string()))?;
+    sink::log_proxy("sink", &config.sink.endpoint);
     let publisher = Publisher::new(http, endpoint, auth, config.failure_handling.clone());
     configure_watchdog(&config);
     let filter = compile_filter(&config)?;

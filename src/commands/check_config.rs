@@ -39,6 +39,16 @@ pub fn check(args: &CheckConfigArgs) -> Result<Report, ExitError> {
     };
     // Shown as used: the flag or the file's value, else the default.
     config.workers = Some(workers);
+    // The proxy each endpoint is reached through (HTTPS_PROXY / HTTP_PROXY / NO_PROXY).
+    let proxy = |url: &str| match crate::sink::proxy_in_effect(url) {
+        Some(proxy) => json!(proxy),
+        None => json!("none (direct)"),
+    };
+    let mut proxies = serde_json::Map::new();
+    proxies.insert("sink".into(), proxy(&config.sink.endpoint));
+    if let Some(oidc) = &config.oidc {
+        proxies.insert("oidcTokenEndpoint".into(), proxy(&oidc.token_url));
+    }
     let report = json!({
         "config": run.config.display().to_string(),
         "exporter": config,
@@ -58,6 +68,7 @@ pub fn check(args: &CheckConfigArgs) -> Result<Report, ExitError> {
         },
         "unknownKeys": config.unknown_keys,
         "datastore": datastore,
+        "proxies": proxies,
     });
     Ok(Report {
         json: serde_json::to_string_pretty(&report).unwrap_or_default(),

@@ -86,7 +86,55 @@ pub struct OidcConfig {
     pub insecure_skip_verify: bool,
     /// Extra PEM CA bundle trusted for the token endpoint.
     pub ca_file: Option<PathBuf>,
+    /// `exporter.oidc.client_auth_method`: how the client id and secret reach the token
+    /// endpoint (default [`ClientAuthMethod::ClientSecretBasicRaw`], the Go exporter's way).
+    pub client_auth_method: ClientAuthMethod,
+    /// `exporter.oidc.default_token_lifetime` (default 5m): the lifetime assumed for a token
+    /// whose response has no usable `expires_in` (RFC 6749 §5.1 makes it optional).
+    #[serde(serialize_with = "serialize_duration")]
+    pub default_token_lifetime: Duration,
 }
+
+/// OAuth2 client authentication at the token endpoint (`exporter.oidc.client_auth_method`).
+/// The names follow RFC 7591's `token_endpoint_auth_method` values where one exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuthMethod {
+    /// HTTP Basic with the raw `client_id:secret` (no form-encoding), as the Go exporter sends
+    /// it. Not an RFC 7591 name: it equals `client_secret_basic` on the wire only while the id
+    /// and secret hold nothing but unreserved characters (`A–Z a–z 0–9 - . _ ~`).
+    ClientSecretBasicRaw,
+    /// RFC 6749 §2.3.1 / RFC 7591 `client_secret_basic`: id and secret are each
+    /// `application/x-www-form-urlencoded` before `id:secret` is base64-encoded.
+    ClientSecretBasic,
+    /// RFC 6749 §2.3.1 / RFC 7591 `client_secret_post`: `client_id` and `client_secret` go in
+    /// the form body; no `Authorization` header.
+    ClientSecretPost,
+}
+
+impl ClientAuthMethod {
+    /// Every accepted config value.
+    pub const NAMES: [&'static str; 3] = [
+        "client_secret_basic_raw",
+        "client_secret_basic",
+        "client_secret_post",
+    ];
+
+    fn from_name(name: &str) -> Option<ClientAuthMethod> {
+        match name {
+            "client_secret_basic_raw" => Some(ClientAuthMethod::ClientSecretBasicRaw),
+            "client_secret_basic" => Some(ClientAuthMethod::ClientSecretBasic),
+            "client_secret_post" => Some(ClientAuthMethod::ClientSecretPost),
+            _ => None,
+        }
+    }
+}
+
+/// Default of `exporter.oidc.default_token_lifetime`.
+pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(300);
+/// Longest token lifetime the exporter believes (and the largest
+/// `default_token_lifetime`): a token is fetched again at least this often.
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BackfillConfig {
@@ -241,6 +289,30 @@ impl Config {
             let insecure_skip_verify =
                 opt(s, |s| s.boolean("insecure_skip_verify"))?.unwrap_or(false);
             let ca_file = opt(s, |s| s.string("ca_file"))?.map(PathBuf::from);
+            let client_auth_method = match opt(s, |s| s.string("client_auth_method"))? {
+                None => ClientAuthMethod::ClientSecretBasicRaw,
+                Some(name) => ClientAuthMethod::from_name(name.trim()).ok_or_else(|| {
+                    invalid(
+                        "exporter.oidc.client_auth_method",
+                        format!(
+                            "unknown method {name:?}; expected one of {}",
+                            ClientAuthMethod::NAMES.join(", ")
+                        ),
+                    )
+                })?,
+            };
+            let default_token_lifetime =
+                opt(s, |s| s.duration("default_token_lifetime"))?.unwrap_or(DEFAULT_TOKEN_LIFETIME);
+            if default_token_lifetime.is_zero() || default_token_lifetime > MAX_TOKEN_LIFETIME {
+                return Err(invalid(
+                    "exporter.oidc.default_token_lifetime",
+                    format!(
+                        "must be greater than 0 and at most {}, got {}",
+                        format_go_duration(MAX_TOKEN_LIFETIME),
+                        format_go_duration(default_token_lifetime)
+                    ),
+                ));
+            }
             if enabled {
                 for (key, value) in [
                     ("token_url", &token_url),
@@ -262,6 +334,8 @@ impl Config {
                     scope,
                     insecure_skip_verify,
                     ca_file,
+                    client_auth_method,
+                    default_token_lifetime,
                 })
             } else {
                 None

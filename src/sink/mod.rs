@@ -43,3 +43,30 @@ pub fn http_client(
         .build()
         .map_err(|e| format!("cannot build the HTTP client for the {what}: {e}"))
 }
+
+/// The HTTP proxy the clients built by [`http_client`] use for `url`, read from
+/// `HTTPS_PROXY`/`https_proxy` (https URLs), `HTTP_PROXY`/`http_proxy` (http URLs),
+/// `ALL_PROXY`/`all_proxy` and `NO_PROXY`/`no_proxy` with the very matcher reqwest applies
+/// (`hyper_util`'s, curl's rules). `None`: direct. The proxy URL is returned without its
+/// credentials, followed by ` (credentials redacted)` when it had any.
+///
+/// reqwest reads these variables when a client is built, so a running exporter keeps the
+/// proxy it started with. Only `http://` and `https://` proxies work (SOCKS is not built in).
+pub fn proxy_in_effect(url: &str) -> Option<String> {
+    let uri: axum::http::Uri = url.parse().ok()?;
+    let intercept = hyper_util::client::proxy::matcher::Matcher::from_env().intercept(&uri)?;
+    let mut shown = intercept.uri().to_string();
+    if intercept.basic_auth().is_some() || intercept.raw_auth().is_some() {
+        shown.push_str(" (credentials redacted)");
+    }
+    Some(shown)
+}
+
+/// Logs at start whether the `what` endpoint at `url` is reached through a proxy (see
+/// [`proxy_in_effect`]), so an operator sees the egress path without running `check-config`.
+pub fn log_proxy(what: &str, url: &str) {
+    match proxy_in_effect(url) {
+        Some(proxy) => tracing::info!(endpoint = what, %proxy, "reached through proxy"),
+        None => tracing::debug!(endpoint = what, "reached directly (no proxy applies)"),
+    }
+}

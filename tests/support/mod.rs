@@ -8,6 +8,7 @@
 
 pub mod cluster;
 pub mod exporter;
+pub mod http_proxy;
 pub mod pg;
 pub mod proxy;
 pub mod sink;

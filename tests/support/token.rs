@@ -105,6 +105,12 @@ struct TokenState {
     log: Mutex<Vec<TokenRequest>>,
     /// Statuses for the next requests, answered before any checks.
     failures: Mutex<VecDeque<u16>>,
+    /// `Some(v)`: the `expires_in` sent instead of the numeric one (`v = None` omits the
+    /// field); issued tokens still live `expires_in` seconds in the registry.
+    expires_in_json: Mutex<Option<Option<Value>>>,
+    /// Bytes of filler added to every answer (a `padding` member of successful answers,
+    /// `error_description` of failures).
+    padding: AtomicUsize,
 }
 
 /// The running token endpoint. Dropping it shuts the server down.
@@ -135,6 +141,8 @@ impl TokenServer {
             requests: AtomicUsize::new(0),
             log: Mutex::new(Vec::new()),
             failures: Mutex::new(VecDeque::new()),
+            expires_in_json: Mutex::new(None),
+            padding: AtomicUsize::new(0),
         });
         let router = Router::new()
             .route("/oauth2/token", post(token_handler))
@@ -185,6 +193,18 @@ impl TokenServer {
         self.state.expires_in.store(seconds, Ordering::SeqCst);
     }
 
+    /// What answers say in `expires_in` from now on: `Some(Some(v))` sends `v` as is (a string,
+    /// a huge or negative number…), `Some(None)` leaves the member out, `None` goes back to
+    /// the numeric [`TokenServer::set_expires_in`] value. The registry lifetime is unchanged.
+    pub fn set_expires_in_json(&self, value: Option<Option<Value>>) {
+        *self.state.expires_in_json.lock().expect("expires_in mutex") = value;
+    }
+
+    /// Pads every answer with `bytes` of filler (0 = none).
+    pub fn set_padding(&self, bytes: usize) {
+        self.state.padding.store(bytes, Ordering::SeqCst);
+    }
+
     /// Rotates the client secret: the old one gets 401 from now on.
     pub fn set_secret(&self, secret: &str) {
         *self.state.secret.lock().expect("secret mutex") = secret.to_string();
@@ -218,12 +238,21 @@ async fn token_handler(
     let authorization = header_text(header::AUTHORIZATION);
     let form = parse_form(&body);
 
-    let (status, body) = decide(
+    let (status, mut body) = decide(
         &state,
         content_type.as_deref(),
         authorization.as_deref(),
         &form,
     );
+    let padding = state.padding.load(Ordering::SeqCst);
+    if padding > 0 {
+        let member = if status.is_success() {
+            "padding"
+        } else {
+            "error_description"
+        };
+        body[member] = Value::String("x".repeat(padding));
+    }
     state
         .log
         .lock()
@@ -299,10 +328,23 @@ fn decide(
     }
     let expires_in = state.expires_in.load(Ordering::SeqCst);
     let token = state.registry.issue(Duration::from_secs(expires_in));
-    (
-        StatusCode::OK,
-        json!({"access_token": token, "token_type": "Bearer", "expires_in": expires_in}),
-    )
+    let mut answer =
+        json!({"access_token": token, "token_type": "Bearer", "expires_in": expires_in});
+    match state
+        .expires_in_json
+        .lock()
+        .expect("expires_in mutex")
+        .clone()
+    {
+        None => {}
+        Some(None) => {
+            if let Some(object) = answer.as_object_mut() {
+                object.remove("expires_in");
+            }
+        }
+        Some(Some(value)) => answer["expires_in"] = value,
+    }
+    (StatusCode::OK, answer)
 }
 
 /// Decodes an `application/x-www-form-urlencoded` body (`+` is a space).
