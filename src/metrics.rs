@@ -42,6 +42,7 @@ pub struct Metrics {
     pub changelog_head_id: Gauge,
     pub changelog_ids_behind: Gauge,
     pub changelog_open_ids: Gauge,
+    pub events_dead_lettered: Family<Labels, Counter>,
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -190,6 +191,12 @@ impl Metrics {
             "Changelog ids below the head not yet visible (transactions still open, or never committed); they hold the resume token back",
             changelog_open_ids.clone(),
         );
+        let events_dead_lettered = Family::<Labels, Counter>::default();
+        registry.register(
+            "health_events_exporter_events_dead_lettered",
+            "Events the sink permanently rejected, written to the dead letter, by the sink's HTTP status",
+            events_dead_lettered.clone(),
+        );
         let build_info = Family::<Labels, Gauge>::default();
         registry.register(
             "health_events_exporter_build_info",
@@ -224,7 +231,14 @@ impl Metrics {
             changelog_head_id,
             changelog_ids_behind,
             changelog_open_ids,
+            events_dead_lettered,
         }
+    }
+
+    pub fn dead_lettered(&self, status: u16) {
+        self.events_dead_lettered
+            .get_or_create(&vec![("status".into(), status.to_string())])
+            .inc();
     }
 
     pub fn published(&self, status: &str) {
