@@ -8,6 +8,7 @@
 
 pub mod cluster;
 pub mod exporter;
+pub mod peers;
 pub mod pg;
 pub mod proxy;
 pub mod sink;
