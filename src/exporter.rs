@@ -272,7 +272,10 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
 
 /// The dead letter when `on_rejected = "dead_letter"`: its endpoint gets the sink's TLS
 /// options and timeout.
-fn dead_letter(config: &Config, workers: usize) -> Result<Option<sink::dead_letter::DeadLetter>, String> {
+fn dead_letter(
+    config: &Config,
+    workers: usize,
+) -> Result<Option<sink::dead_letter::DeadLetter>, String> {
     if config.rejections.on_rejected != crate::config::OnRejected::DeadLetter {
         return Ok(None);
     }

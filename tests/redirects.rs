@@ -57,7 +57,9 @@ async fn moved_found_and_see_other_are_failed_attempts_naming_the_location() {
     let peer = Peer::start({
         let posts = posts.clone();
         move |seen: &Seen| match (seen.method.as_str(), seen.path.as_str()) {
-            ("GET", "/login") => answer(200, &[("content-type", "text/html")], "<html>login</html>"),
+            ("GET", "/login") => {
+                answer(200, &[("content-type", "text/html")], "<html>login</html>")
+            }
             ("POST", EVENTS_PATH) => match posts.fetch_add(1, Ordering::SeqCst) {
                 0 => answer(301, &[("location", "/login")], ""),
                 1 => answer(302, &[("location", "/login")], ""),
@@ -77,7 +79,8 @@ async fn moved_found_and_see_other_are_failed_attempts_naming_the_location() {
         .await;
     let seen = peer.seen();
     assert!(
-        seen.iter().all(|s| s.method == "POST" && s.path == EVENTS_PATH),
+        seen.iter()
+            .all(|s| s.method == "POST" && s.path == EVENTS_PATH),
         "a redirect was followed: {:?}",
         seen.iter()
             .map(|s| (&s.method, &s.path))
@@ -86,7 +89,8 @@ async fn moved_found_and_see_other_are_failed_attempts_naming_the_location() {
     let statuses: Vec<u16> = seen.iter().map(|s| s.status).collect();
     assert_eq!(statuses, vec![301, 302, 303, 202]);
     assert!(
-        seen.iter().all(|s| s.event_id().as_deref() == Some(id.as_str())),
+        seen.iter()
+            .all(|s| s.event_id().as_deref() == Some(id.as_str())),
         "every POST carried the event"
     );
     assert_eq!(redirect_failures(&exporter.metrics().await), 3.0);
@@ -164,8 +168,10 @@ async fn temporary_and_permanent_redirects_to_the_same_origin_resend_body_and_he
 
     let a = pg::insert_health_event(&client, &pg::health_event_doc("node-307", 1)).await;
     let b = pg::insert_health_event(&client, &pg::health_event_doc("node-308", 2)).await;
-    peer.wait_until(WAIT, |seen| seen.iter().filter(|s| s.is_success()).count() >= 2)
-        .await;
+    peer.wait_until(WAIT, |seen| {
+        seen.iter().filter(|s| s.is_success()).count() >= 2
+    })
+    .await;
     let seen = peer.seen();
     for (id, status) in [(&a, 307), (&b, 308)] {
         let requests: Vec<&Seen> = seen
@@ -175,16 +181,27 @@ async fn temporary_and_permanent_redirects_to_the_same_origin_resend_body_and_he
         assert_eq!(requests.len(), 2, "{status}: one POST and one re-POST");
         let (first, second) = (requests[0], requests[1]);
         assert_eq!(first.status, status);
-        assert_eq!((second.method.as_str(), second.path.as_str()), ("POST", "/v2/events"));
+        assert_eq!(
+            (second.method.as_str(), second.path.as_str()),
+            ("POST", "/v2/events")
+        );
         assert_eq!(second.status, 202);
         assert_eq!(second.body, first.body, "{status}: same body");
         for header in ["content-type", "authorization"] {
             assert!(first.header(header).is_some(), "{header} sent");
-            assert_eq!(second.header(header), first.header(header), "{status}: {header}");
+            assert_eq!(
+                second.header(header),
+                first.header(header),
+                "{status}: {header}"
+            );
         }
     }
     let metrics = exporter.metrics().await;
-    assert_eq!(redirect_failures(&metrics), 0.0, "followed redirects are not failures");
+    assert_eq!(
+        redirect_failures(&metrics),
+        0.0,
+        "followed redirects are not failures"
+    );
     let max_id = pg::changelog_max_id(&client).await;
     assert_eq!(exporter.terminate().await.code(), Some(0));
     let saved = pg::read_resume_token(&client, pg::EXPORTER_CLIENT_NAME)

@@ -85,8 +85,8 @@ fn dead_letter_lines(path: &Path) -> Vec<Value> {
 }
 
 #[tokio::test]
-async fn by_default_a_rejected_event_stops_the_exporter_after_the_retries_without_moving_the_token(
-) {
+async fn by_default_a_rejected_event_stops_the_exporter_after_the_retries_without_moving_the_token()
+{
     let sink = sink_rejecting_poison().await;
     for status in [400, 404, 409, 413, 415, 422] {
         let db = TestDb::create().await;
@@ -153,7 +153,11 @@ async fn dead_letter_file_takes_each_permanently_rejected_event_and_the_stream_g
             .unwrap_or_else(|| panic!("{status}: {id} not in the dead letter: {lines:?}"));
         assert_eq!(line["status"], json!(status));
         assert_eq!(line["changelog_id"], json!(changelog_id));
-        assert_eq!(line["attempts"], json!(3), "dead-lettered after the retries");
+        assert_eq!(
+            line["attempts"],
+            json!(3),
+            "dead-lettered after the retries"
+        );
         assert_eq!(line["event"]["id"], json!(id), "the CloudEvent itself");
         assert_eq!(
             line["event"]["data"]["healthEvent"]["nodeName"],
@@ -192,8 +196,9 @@ async fn dead_letter_file_takes_each_permanently_rejected_event_and_the_stream_g
     let log = exporter.log();
     for (id, _, _) in &poison {
         assert!(
-            log.lines()
-                .any(|l| l.contains("ERROR") && l.contains(id.as_str()) && l.contains("dead letter")),
+            log.lines().any(|l| l.contains("ERROR")
+                && l.contains(id.as_str())
+                && l.contains("dead letter")),
             "an ERROR line names {id}:\n{log}"
         );
     }
@@ -230,7 +235,8 @@ async fn statuses_outside_rejected_statuses_stop_even_with_a_dead_letter() {
     let (id, _) = insert(&client, "poison-404", 1).await;
     let after = insert(&client, "good", 2).await.0;
     sink.wait_until(WAIT, |seen| {
-        seen.iter().any(|s| s.is_success() && s.event_id() == Some(after.clone()))
+        seen.iter()
+            .any(|s| s.is_success() && s.event_id() == Some(after.clone()))
     })
     .await;
     let deadline = std::time::Instant::now() + WAIT;
@@ -260,7 +266,8 @@ async fn already_delivered_statuses_count_as_delivered_at_once() {
     let (duplicate, _) = insert(&client, "poison-409", 1).await;
     let after = insert(&client, "good", 2).await.0;
     sink.wait_until(WAIT, |seen| {
-        seen.iter().any(|s| s.is_success() && s.event_id() == Some(after.clone()))
+        seen.iter()
+            .any(|s| s.is_success() && s.event_id() == Some(after.clone()))
     })
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -329,9 +336,7 @@ async fn a_dead_letter_endpoint_gets_the_record_and_its_failure_stops() {
     let mut exporter = Exporter::start(&options).await;
     let (id, changelog_id) = insert(&client, "poison-400", 1).await;
     let after = insert(&client, "good", 2).await.0;
-    let seen = dead_letters
-        .wait_until(WAIT, |seen| !seen.is_empty())
-        .await;
+    let seen = dead_letters.wait_until(WAIT, |seen| !seen.is_empty()).await;
     assert_eq!(seen[0].method, "POST");
     assert_eq!(seen[0].header("content-type"), Some("application/json"));
     assert_eq!(seen[0].header("authorization"), None);
@@ -341,7 +346,8 @@ async fn a_dead_letter_endpoint_gets_the_record_and_its_failure_stops() {
     assert_eq!(record["status"], json!(400));
     assert_eq!(record["event"]["id"], json!(id));
     sink.wait_until(WAIT, |seen| {
-        seen.iter().any(|s| s.is_success() && s.event_id() == Some(after.clone()))
+        seen.iter()
+            .any(|s| s.is_success() && s.event_id() == Some(after.clone()))
     })
     .await;
     assert_eq!(exporter.terminate().await.code(), Some(0));
@@ -351,7 +357,10 @@ async fn a_dead_letter_endpoint_gets_the_record_and_its_failure_stops() {
     let client = db.client().await;
     let broken = Peer::start(|_: &Seen| answer(500, &[], "disk full")).await;
     options.env = db.env();
-    dead_letter_to(&mut options, &format!("endpoint = \"{}\"", broken.url("/dead")));
+    dead_letter_to(
+        &mut options,
+        &format!("endpoint = \"{}\"", broken.url("/dead")),
+    );
     let mut exporter = Exporter::start(&options).await;
     let (id, changelog_id) = insert(&client, "poison-400", 1).await;
     assert_eq!(exporter.wait_exit(WAIT).await.code(), Some(1));

@@ -45,7 +45,8 @@ async fn kill_9_during_a_burst_resends_only_in_flight_and_one_save_interval() {
     let transaction = client.transaction().await.expect("begin");
     let mut written = Vec::new();
     for i in 0..BURST {
-        written.push(pg::insert_health_event(&transaction, &pg::health_event_doc("burst", i)).await);
+        written
+            .push(pg::insert_health_event(&transaction, &pg::health_event_doc("burst", i)).await);
     }
     transaction.commit().await.expect("commit");
 

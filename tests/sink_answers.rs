@@ -49,17 +49,25 @@ async fn endless_bodies_are_cut_without_waiting_for_the_timeout() {
     for i in 0..5 {
         ids.push(pg::insert_health_event(&client, &pg::health_event_doc("n-retried", i)).await);
     }
-    peer.wait_until(WAIT, |seen| seen.iter().filter(|s| s.is_success()).count() >= 5)
-        .await;
+    peer.wait_until(WAIT, |seen| {
+        seen.iter().filter(|s| s.is_success()).count() >= 5
+    })
+    .await;
     let took = started.elapsed();
-    assert!(took < Duration::from_secs(4), "5 endless 2xx bodies took {took:?}");
+    assert!(
+        took < Duration::from_secs(4),
+        "5 endless 2xx bodies took {took:?}"
+    );
     let mut accepted = peer.accepted_ids();
     accepted.sort();
     ids.sort();
     assert_eq!(accepted, ids, "each delivered by its first POST");
     let metrics = exporter.metrics().await;
     assert_eq!(
-        sample(&metrics, "health_events_exporter_publish_attempt_failures_total{reason=\"timeout\"}"),
+        sample(
+            &metrics,
+            "health_events_exporter_publish_attempt_failures_total{reason=\"timeout\"}"
+        ),
         0.0
     );
     let rss = sample(&metrics, "process_resident_memory_bytes");
@@ -81,11 +89,17 @@ async fn endless_bodies_are_cut_without_waiting_for_the_timeout() {
         .collect();
     assert_eq!(posts.len(), 2);
     let gap = posts[1].received_at.duration_since(posts[0].received_at);
-    assert!(gap < Duration::from_secs(3), "the first attempt waited {gap:?}");
+    assert!(
+        gap < Duration::from_secs(3),
+        "the first attempt waited {gap:?}"
+    );
     let log = exporter.log();
     let excerpt = format!("sink answered HTTP 500: {}", "x".repeat(200));
     assert!(log.contains(&excerpt), "{log}");
-    assert!(!log.contains(&"x".repeat(201)), "the excerpt is cut at 200 characters");
+    assert!(
+        !log.contains(&"x".repeat(201)),
+        "the excerpt is cut at 200 characters"
+    );
     assert!(!log.contains("timed out"), "{log}");
 }
 
@@ -107,12 +121,18 @@ async fn retry_after_zero_or_past_never_shortens_the_backoff_and_a_future_date_l
             0 => answer(503, &[("retry-after", "0")], ""),
             1 => answer(
                 429,
-                &[("retry-after", http_date(chrono::Duration::hours(-1)).as_str())],
+                &[(
+                    "retry-after",
+                    http_date(chrono::Duration::hours(-1)).as_str(),
+                )],
                 "",
             ),
             2 => answer(
                 503,
-                &[("retry-after", http_date(chrono::Duration::seconds(3)).as_str())],
+                &[(
+                    "retry-after",
+                    http_date(chrono::Duration::seconds(3)).as_str(),
+                )],
                 "",
             ),
             _ => answer(202, &[], "{}"),

@@ -380,10 +380,9 @@ impl Config {
                 }
             }
         }
-        let resume_token_save_interval = opt(token_section.as_ref(), |s| {
-            s.duration("save_interval")
-        })?
-        .unwrap_or(Duration::from_millis(100));
+        let resume_token_save_interval =
+            opt(token_section.as_ref(), |s| s.duration("save_interval"))?
+                .unwrap_or(Duration::from_millis(100));
 
         // Nested sections record which of their keys were read; gather their leftovers.
         let mut unknown = Vec::new();
@@ -446,7 +445,9 @@ fn rejection_policy<'a>(
     let rejected_statuses = s
         .statuses("rejected_statuses")?
         .unwrap_or_else(|| DEFAULT_REJECTED_STATUSES.to_vec());
-    let already_delivered_statuses = s.statuses("already_delivered_statuses")?.unwrap_or_default();
+    let already_delivered_statuses = s
+        .statuses("already_delivered_statuses")?
+        .unwrap_or_default();
     if let Some(both) = already_delivered_statuses
         .iter()
         .find(|status| rejected_statuses.contains(status))
@@ -624,7 +625,9 @@ impl<'a> Section<'a> {
         let mut statuses = Vec::new();
         for item in items {
             let status = match item {
-                toml::Value::Integer(n) => u16::try_from(*n).ok().filter(|n| (400..500).contains(n)),
+                toml::Value::Integer(n) => {
+                    u16::try_from(*n).ok().filter(|n| (400..500).contains(n))
+                }
                 _ => None,
             };
             match status {

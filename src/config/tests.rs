@@ -285,10 +285,16 @@ enabled = false
 fn rejection_policy_and_save_interval_defaults_keep_todays_behaviour() {
     let config = Config::parse(MINIMAL).expect("valid config");
     assert_eq!(config.rejections.on_rejected, OnRejected::Stop);
-    assert_eq!(config.rejections.rejected_statuses, vec![400, 413, 415, 422]);
+    assert_eq!(
+        config.rejections.rejected_statuses,
+        vec![400, 413, 415, 422]
+    );
     assert!(config.rejections.already_delivered_statuses.is_empty());
     assert!(config.rejections.dead_letter.is_none());
-    assert_eq!(config.resume_token_save_interval, Duration::from_millis(100));
+    assert_eq!(
+        config.resume_token_save_interval,
+        Duration::from_millis(100)
+    );
 }
 
 #[test]
@@ -314,7 +320,10 @@ fn dead_letter_policy_is_read_with_its_destinations() {
         dead_letter.endpoint.as_deref(),
         Some("https://dl.example.com/events")
     );
-    assert_eq!(config.resume_token_save_interval, Duration::from_millis(250));
+    assert_eq!(
+        config.resume_token_save_interval,
+        Duration::from_millis(250)
+    );
 }
 
 #[test]

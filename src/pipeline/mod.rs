@@ -281,10 +281,8 @@ impl<S: ChangeSource, C: CheckpointStore> Pipeline<S, C> {
         let mut in_flight = JoinSet::new();
         // Cancels retry waits once the grace period is over.
         let publish_cancel = CancellationToken::new();
-        let mut tick = tokio::time::interval_at(
-            tokio::time::Instant::now() + LAG_INTERVAL,
-            LAG_INTERVAL,
-        );
+        let mut tick =
+            tokio::time::interval_at(tokio::time::Instant::now() + LAG_INTERVAL, LAG_INTERVAL);
         let mut failure: Option<PipelineError> = None;
         let mut finished = false;
 

@@ -294,7 +294,11 @@ pub fn parse_retry_after(text: &str, now: chrono::DateTime<chrono::Utc>) -> Opti
 /// The wait before the next attempt: the computed backoff, or the server's `Retry-After` when
 /// that is longer (the server's ask capped at `max_backoff`). A `Retry-After` of 0 or in the
 /// past therefore never turns the backoff into a hot loop.
-pub fn retry_delay(computed: Duration, retry_after: Option<Duration>, max_backoff: Duration) -> Duration {
+pub fn retry_delay(
+    computed: Duration,
+    retry_after: Option<Duration>,
+    max_backoff: Duration,
+) -> Duration {
     match retry_after {
         Some(asked) => computed.max(asked.min(max_backoff)),
         None => computed,

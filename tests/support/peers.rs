@@ -131,7 +131,10 @@ impl Peer {
                     .iter()
                     .map(|s| (s.method.clone(), s.path.clone(), s.status))
                     .collect();
-                panic!("peer {}: condition not met after {timeout:?}; seen {summary:?}", self.origin());
+                panic!(
+                    "peer {}: condition not met after {timeout:?}; seen {summary:?}",
+                    self.origin()
+                );
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
