@@ -117,6 +117,11 @@ impl Publisher {
 
     /// Delivers `body` (the CloudEvent `event_id`), retrying until the sink accepts it, the
     /// attempts are used up, or `cancel` fires during a wait.
+    ///
+    /// Returns how the event counts as delivered; [`PublishError::Rejected`] when the attempts
+    /// are used up and the last answer was one of `rejected_statuses`,
+    /// [`PublishError::Exhausted`] for any other last failure (network, 5xx, 3xx not followed,
+    /// …), [`PublishError::Cancelled`] on shutdown.
     pub async fn publish(
         &self,
         body: &[u8],
