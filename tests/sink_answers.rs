@@ -73,6 +73,13 @@ async fn endless_bodies_are_cut_without_waiting_for_the_timeout() {
     let rss = sample(&metrics, "process_resident_memory_bytes");
     assert!(rss > 0.0 && rss < 200e6, "resident memory {rss}");
     assert_eq!(exporter.terminate().await.code(), Some(0));
+    let saved = pg::read_resume_token(&client, pg::EXPORTER_CLIENT_NAME)
+        .await
+        .expect("token");
+    assert_eq!(
+        saved["eventID"],
+        serde_json::json!(pg::changelog_max_id(&client).await)
+    );
 
     // An endless error body: the attempt fails at once with a cut excerpt.
     let db = TestDb::create().await;
@@ -82,6 +89,15 @@ async fn endless_bodies_are_cut_without_waiting_for_the_timeout() {
     let mut exporter = Exporter::start(&options).await;
     let id = pg::insert_health_event(&client, &pg::health_event_doc("n-error", 1)).await;
     assert_eq!(exporter.wait_exit(WAIT).await.code(), Some(1));
+    let saved = pg::read_resume_token(&client, pg::EXPORTER_CLIENT_NAME).await;
+    let event_changelog_id = pg::changelog_max_id(&client).await;
+    assert!(
+        saved
+            .as_ref()
+            .and_then(|t| t["eventID"].as_i64())
+            .is_none_or(|saved| saved < event_changelog_id),
+        "the token {saved:?} passed the undelivered event"
+    );
     let posts: Vec<Seen> = peer
         .seen()
         .into_iter()
@@ -163,6 +179,13 @@ async fn retry_after_zero_or_past_never_shortens_the_backoff_and_a_future_date_l
     assert!(gaps[2] >= Duration::from_millis(1990), "{gaps:?}");
     assert!(gaps[2] < Duration::from_secs(5), "{gaps:?}");
     assert_eq!(exporter.terminate().await.code(), Some(0));
+    let saved = pg::read_resume_token(&client, pg::EXPORTER_CLIENT_NAME)
+        .await
+        .expect("token");
+    assert_eq!(
+        saved["eventID"],
+        serde_json::json!(pg::changelog_max_id(&client).await)
+    );
 }
 
 #[tokio::test]
@@ -192,4 +215,11 @@ async fn a_retry_after_beyond_max_backoff_is_capped_but_never_below_the_backoff(
         "Retry-After: 3600 capped at max_backoff 1s, got {gap:?}"
     );
     assert_eq!(exporter.terminate().await.code(), Some(0));
+    let saved = pg::read_resume_token(&client, pg::EXPORTER_CLIENT_NAME)
+        .await
+        .expect("token");
+    assert_eq!(
+        saved["eventID"],
+        serde_json::json!(pg::changelog_max_id(&client).await)
+    );
 }
