@@ -259,3 +259,29 @@ async fn a_redirect_to_another_origin_is_not_followed_and_gets_no_credentials() 
         .expect("token");
     assert_eq!(saved["eventID"], json!(max_id));
 }
+
+#[tokio::test]
+async fn a_same_origin_redirect_loop_is_cut_after_five_hops() {
+    let db = TestDb::create().await;
+    let client = db.client().await;
+    let peer =
+        Peer::start(|seen: &Seen| answer(307, &[("location", seen.path.as_str())], "")).await;
+    let mut options = options_for(peer.url(EVENTS_PATH), None, db.env()).await;
+    options.max_retries = 0;
+    let mut exporter = Exporter::start(&options).await;
+    pg::insert_health_event(&client, &pg::health_event_doc("node-loop", 1)).await;
+    let event_changelog_id = pg::changelog_max_id(&client).await;
+    assert_eq!(exporter.wait_exit(WAIT).await.code(), Some(1));
+    assert_eq!(peer.seen().len(), 6, "the POST and five followed hops");
+    let log = exporter.log();
+    assert!(
+        log.contains(&format!("HTTP 307 redirecting to {EVENTS_PATH}")),
+        "{log}"
+    );
+    let token = pg::read_resume_token(&client, pg::EXPORTER_CLIENT_NAME).await;
+    let saved = token.as_ref().and_then(|t| t["eventID"].as_i64());
+    assert!(
+        saved.is_none_or(|saved| saved < event_changelog_id),
+        "{token:?}"
+    );
+}
