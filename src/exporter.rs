@@ -223,7 +223,12 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
     .map_err(failed)?;
     let endpoint = reqwest::Url::parse(&config.sink.endpoint).map_err(|e| failed(e.to_string()))?;
     sink::log_proxy("sink", &config.sink.endpoint);
-    let publisher = Publisher::new(http, endpoint, auth, config.failure_handling.clone());
+    let publisher = Publisher::new(http, endpoint, auth, config.failure_handling.clone())
+        .with_statuses(
+            config.rejections.rejected_statuses.clone(),
+            config.rejections.already_delivered_statuses.clone(),
+        );
+    let dead_letter = dead_letter(&config, workers).map_err(failed)?;
     configure_watchdog(&config);
     let filter = compile_filter(&config)?;
     if let Some(filter) = &filter {
@@ -236,6 +241,7 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
         transformer: Transformer::new(config.metadata.clone()),
         publisher,
         filter,
+        dead_letter,
     });
 
     crate::metrics::get().set_feature_flag("backfill_enabled", config.backfill.enabled);
@@ -288,6 +294,7 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
         permits: permits.clone(),
         grace: shutdown_grace,
         had_token,
+        save_interval: config.resume_token_save_interval,
     }
     .run(stop.clone());
     let stream = async {
@@ -415,6 +422,46 @@ fn configure_watchdog(config: &Config) {
     }
 }
 
+/// The dead letter when `on_rejected = "dead_letter"`: its endpoint gets the sink's TLS
+/// options and timeout.
+fn dead_letter(
+    config: &Config,
+    workers: usize,
+) -> Result<Option<sink::dead_letter::DeadLetter>, String> {
+    if config.rejections.on_rejected != crate::config::OnRejected::DeadLetter {
+        return Ok(None);
+    }
+    let Some(settings) = &config.rejections.dead_letter else {
+        return Ok(None);
+    };
+    let endpoint = match &settings.endpoint {
+        None => None,
+        Some(url) => {
+            let http = sink::http_client(
+                config.sink.timeout,
+                config.sink.insecure_skip_verify,
+                config.sink.ca_file.as_deref(),
+                workers,
+                "dead-letter endpoint",
+            )?;
+            let url = reqwest::Url::parse(url)
+                .map_err(|e| format!("exporter.failure_handling.dead_letter.endpoint: {e}"))?;
+            Some((http, url))
+        }
+    };
+    crate::metrics::get().dead_letter_statuses(&config.rejections.rejected_statuses);
+    tracing::info!(
+        file = ?settings.file,
+        endpoint = ?settings.endpoint,
+        statuses = ?config.rejections.rejected_statuses,
+        "events the sink permanently rejects go to the dead letter after the retries"
+    );
+    Ok(Some(sink::dead_letter::DeadLetter::new(
+        settings.file.clone(),
+        endpoint,
+    )))
+}
+
 /// Runs one backfill to completion (or until `stop`), marking its plan done when finished.
 async fn run_backfill(
     store: Arc<TokenStore>,
@@ -437,6 +484,7 @@ async fn run_backfill(
         permits,
         grace,
         had_token: true,
+        save_interval: config.resume_token_save_interval,
     }
     .run(stop)
     .await;

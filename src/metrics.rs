@@ -26,11 +26,14 @@ use prometheus_client::registry::Registry;
 
 type Labels = Vec<(String, String)>;
 
-/// `status` values of `health_events_exporter_events_published_total` (upstream's).
-pub const PUBLISHED_STATUSES: &[&str] = &["success", "failure"];
+/// `status` values of `health_events_exporter_events_published_total`: upstream's `success`
+/// and `failure`, and `already_delivered` (a status in
+/// `exporter.failure_handling.already_delivered_statuses`).
+pub const PUBLISHED_STATUSES: &[&str] = &["success", "failure", "already_delivered"];
 /// `error_type` values of `health_events_exporter_publish_errors_total` (upstream has only
-/// `max_retries_exceeded`: an event whose retries ran out).
-pub const PUBLISH_ERROR_TYPES: &[&str] = &["max_retries_exceeded"];
+/// `max_retries_exceeded`: an event whose retries ran out; `dead_letter_failed`: a rejected
+/// event whose dead-letter write failed).
+pub const PUBLISH_ERROR_TYPES: &[&str] = &["max_retries_exceeded", "dead_letter_failed"];
 /// `reason` values of `health_events_exporter_publish_attempt_failures_total`, as
 /// `src/sink/http.rs` names them: transport failures, the token endpoint, and HTTP statuses.
 pub const ATTEMPT_FAILURE_REASONS: &[&str] = &[
@@ -38,6 +41,7 @@ pub const ATTEMPT_FAILURE_REASONS: &[&str] = &[
     "connect",
     "network",
     "token",
+    "redirect",
     "status_401",
     "status_403",
     "status_404",
@@ -82,6 +86,7 @@ pub struct Metrics {
     pub changelog_ids_behind: Gauge,
     pub changelog_open_ids: Gauge,
     ready: std::sync::Arc<OnceLock<ReadyProbe>>,
+    pub events_dead_lettered: Family<Labels, Counter>,
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -236,6 +241,12 @@ impl Metrics {
             "Changelog ids below the head not yet visible (transactions still open, or never committed); they hold the resume token back",
             changelog_open_ids.clone(),
         );
+        let events_dead_lettered = Family::<Labels, Counter>::default();
+        registry.register(
+            "health_events_exporter_events_dead_lettered",
+            "Events the sink permanently rejected, written to the dead letter, by the sink's HTTP status",
+            events_dead_lettered.clone(),
+        );
         let build_info = Family::<Labels, Gauge>::default();
         registry.register(
             "health_events_exporter_build_info",
@@ -283,7 +294,23 @@ impl Metrics {
             changelog_ids_behind,
             changelog_open_ids,
             ready,
+            events_dead_lettered,
         }
+    }
+
+    /// Creates `…_events_dead_lettered_total{status}` at 0 for each status that can be
+    /// dead-lettered, so alerts on it work before the first one.
+    pub fn dead_letter_statuses(&self, statuses: &[u16]) {
+        for status in statuses {
+            self.events_dead_lettered
+                .get_or_create(&vec![("status".into(), status.to_string())]);
+        }
+    }
+
+    pub fn dead_lettered(&self, status: u16) {
+        self.events_dead_lettered
+            .get_or_create(&vec![("status".into(), status.to_string())])
+            .inc();
     }
 
     /// Exposes `health_events_exporter_ready` (1 when `probe` says `/readyz` answers 200, else

@@ -50,6 +50,14 @@ pub struct Config {
     pub oidc: Option<OidcConfig>,
     pub backfill: BackfillConfig,
     pub failure_handling: RetryPolicy,
+    /// What to do with an event the sink permanently rejects (`on_rejected`, the status
+    /// lists and the dead letter under `[exporter.failure_handling]`).
+    pub rejections: RejectionPolicy,
+    /// `exporter.resume_token.save_interval` (default 100ms): the least time between two
+    /// resume-token writes; the token is written as soon as it advances and this much time
+    /// has passed since the last write.
+    #[serde(serialize_with = "serialize_duration")]
+    pub resume_token_save_interval: Duration,
     /// Blank means "export everything".
     pub filter_expression: Option<String>,
     /// `[exporter.resume_token]` is accepted for compatibility; the token lives in the datastore.
@@ -157,6 +165,48 @@ pub struct RetryPolicy {
     #[serde(serialize_with = "serialize_duration")]
     pub max_backoff: Duration,
     pub backoff_multiplier: f64,
+}
+
+/// `exporter.failure_handling.on_rejected`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnRejected {
+    /// Stop without moving the resume token (upstream's behaviour; the default).
+    Stop,
+    /// Write the event to the dead letter, then go on.
+    DeadLetter,
+}
+
+/// The default `exporter.failure_handling.rejected_statuses`: answers that say the request
+/// itself is wrong and will never be taken (RFC 9110: Bad Request, Content Too Large,
+/// Unsupported Media Type, Unprocessable Content).
+pub const DEFAULT_REJECTED_STATUSES: [u16; 4] = [400, 413, 415, 422];
+
+/// Statuses that can never be listed as permanent or "already delivered": they describe the
+/// sink's state or the credentials, not the event.
+pub const TRANSIENT_STATUSES: [u16; 4] = [401, 407, 408, 429];
+
+/// Permanent rejections: after the retries, an event whose last answer is in
+/// `rejected_statuses` is handled by `on_rejected`; an answer in `already_delivered_statuses`
+/// counts as delivered at once.
+#[derive(Debug, Clone, Serialize)]
+pub struct RejectionPolicy {
+    pub on_rejected: OnRejected,
+    /// 4xx statuses (not 401, 407, 408, 429); default `[400, 413, 415, 422]`.
+    pub rejected_statuses: Vec<u16>,
+    /// 4xx statuses (not 401, 407, 408, 429) meaning "already have it"; default empty.
+    pub already_delivered_statuses: Vec<u16>,
+    /// `[exporter.failure_handling.dead_letter]`; required when `on_rejected = "dead_letter"`.
+    pub dead_letter: Option<DeadLetterConfig>,
+}
+
+/// `[exporter.failure_handling.dead_letter]`: at least one of `file` and `endpoint`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetterConfig {
+    /// NDJSON file appended to (fsync'd per record), e.g. on a persistent volume.
+    pub file: Option<PathBuf>,
+    /// http(s) URL POSTed one JSON record per event, with the sink's TLS options.
+    pub endpoint: Option<String>,
 }
 
 fn serialize_duration<S: serde::Serializer>(value: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -399,6 +449,19 @@ impl Config {
             }
         };
 
+        let (rejections, dead_letter_section) = match retry_section.as_ref() {
+            Some(s) => rejection_policy(s)?,
+            None => (
+                RejectionPolicy {
+                    on_rejected: OnRejected::Stop,
+                    rejected_statuses: DEFAULT_REJECTED_STATUSES.to_vec(),
+                    already_delivered_statuses: Vec::new(),
+                    dead_letter: None,
+                },
+                None,
+            ),
+        };
+
         let filter_section = exporter.section("filter")?;
         let filter_expression = opt(filter_section.as_ref(), |s| s.string("expression"))?
             .filter(|e| !e.trim().is_empty());
@@ -412,6 +475,9 @@ impl Config {
                 }
             }
         }
+        let resume_token_save_interval =
+            opt(token_section.as_ref(), |s| s.duration("save_interval"))?
+                .unwrap_or(Duration::from_millis(100));
 
         let liveness_timeout = match exporter.duration("liveness_timeout")? {
             None => crate::watchdog::default_liveness_timeout(
@@ -437,6 +503,7 @@ impl Config {
             &retry_section,
             &filter_section,
             &token_section,
+            &dead_letter_section,
         ]
         .into_iter()
         .flatten()
@@ -452,6 +519,8 @@ impl Config {
             oidc,
             backfill,
             failure_handling,
+            rejections,
+            resume_token_save_interval,
             filter_expression,
             resume_token,
             liveness_timeout,
@@ -467,6 +536,91 @@ impl Config {
             .map(String::as_str)
             .unwrap_or("")
     }
+}
+
+/// Reads `on_rejected`, the status lists and `[dead_letter]` from
+/// `[exporter.failure_handling]`; returns the dead-letter section so its unknown keys are
+/// reported.
+fn rejection_policy<'a>(
+    s: &Section<'a>,
+) -> Result<(RejectionPolicy, Option<Section<'a>>), ConfigError> {
+    let on_rejected = match s.string("on_rejected")?.as_deref() {
+        None | Some("stop") => OnRejected::Stop,
+        Some("dead_letter") => OnRejected::DeadLetter,
+        Some(other) => {
+            return Err(invalid(
+                &s.key("on_rejected"),
+                format!("must be \"stop\" or \"dead_letter\", got {other:?}"),
+            ))
+        }
+    };
+    let rejected_statuses = s
+        .statuses("rejected_statuses")?
+        .unwrap_or_else(|| DEFAULT_REJECTED_STATUSES.to_vec());
+    let already_delivered_statuses = s
+        .statuses("already_delivered_statuses")?
+        .unwrap_or_default();
+    if let Some(both) = already_delivered_statuses
+        .iter()
+        .find(|status| rejected_statuses.contains(status))
+    {
+        return Err(invalid(
+            &s.key("already_delivered_statuses"),
+            format!("{both} is also in rejected_statuses; a status can mean only one of the two"),
+        ));
+    }
+    let section = s.section("dead_letter")?;
+    let dead_letter = match &section {
+        None => None,
+        Some(d) => {
+            let file = d.string("file")?;
+            if file.as_ref().is_some_and(|f| f.trim().is_empty()) {
+                return Err(invalid(&d.key("file"), "must not be empty"));
+            }
+            let endpoint = d.string("endpoint")?;
+            if let Some(endpoint) = &endpoint {
+                check_http_url(&d.key("endpoint"), endpoint)?;
+            }
+            if file.is_none() && endpoint.is_none() {
+                return Err(invalid(
+                    &d.path,
+                    "needs file, endpoint or both (where dead-lettered events are written)",
+                ));
+            }
+            Some(DeadLetterConfig {
+                file: file.map(PathBuf::from),
+                endpoint,
+            })
+        }
+    };
+    match (on_rejected, &dead_letter) {
+        (OnRejected::DeadLetter, None) => {
+            return Err(invalid(
+                &s.key("on_rejected"),
+                format!(
+                    "\"dead_letter\" needs a [{}] table with file and/or endpoint",
+                    s.key("dead_letter")
+                ),
+            ))
+        }
+        (OnRejected::Stop, Some(_)) => {
+            return Err(invalid(
+                &s.key("dead_letter"),
+                "is only used with on_rejected = \"dead_letter\" (the default \"stop\" never \
+                 writes it)",
+            ))
+        }
+        _ => {}
+    }
+    Ok((
+        RejectionPolicy {
+            on_rejected,
+            rejected_statuses,
+            already_delivered_statuses,
+            dead_letter,
+        },
+        section,
+    ))
 }
 
 fn opt<T>(
@@ -635,6 +789,42 @@ impl<'a> Section<'a> {
             Some(toml::Value::Integer(value)) => Ok(Some(*value)),
             Some(other) => Err(invalid(&self.key(key), wrong_type("an integer", other))),
         }
+    }
+
+    /// A list of HTTP statuses, each a 4xx other than 401, 407, 408 and 429.
+    fn statuses(&self, key: &str) -> Result<Option<Vec<u16>>, ConfigError> {
+        let items = match self.get(key) {
+            None => return Ok(None),
+            Some(toml::Value::Array(items)) => items,
+            Some(other) => {
+                return Err(invalid(
+                    &self.key(key),
+                    wrong_type("a list of HTTP statuses", other),
+                ))
+            }
+        };
+        let mut statuses = Vec::new();
+        for item in items {
+            let status = match item {
+                toml::Value::Integer(n) => {
+                    u16::try_from(*n).ok().filter(|n| (400..500).contains(n))
+                }
+                _ => None,
+            };
+            match status {
+                Some(status) if !TRANSIENT_STATUSES.contains(&status) => statuses.push(status),
+                _ => {
+                    return Err(invalid(
+                        &self.key(key),
+                        format!(
+                            "{item} is not allowed: each entry must be a 4xx status other than \
+                             401, 407, 408 and 429 (those and 5xx are always retried)"
+                        ),
+                    ))
+                }
+            }
+        }
+        Ok(Some(statuses))
     }
 
     fn float(&self, key: &str) -> Result<Option<f64>, ConfigError> {

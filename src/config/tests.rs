@@ -294,3 +294,115 @@ fn liveness_timeout_defaults_above_the_retry_gap_and_is_range_checked() {
         );
     }
 }
+
+const MINIMAL: &str = r#"
+[exporter.metadata]
+cluster = "c"
+[exporter.sink]
+endpoint = "http://127.0.0.1:9/x"
+[exporter.oidc]
+enabled = false
+"#;
+
+#[test]
+fn rejection_policy_and_save_interval_defaults_keep_todays_behaviour() {
+    let config = Config::parse(MINIMAL).expect("valid config");
+    assert_eq!(config.rejections.on_rejected, OnRejected::Stop);
+    assert_eq!(
+        config.rejections.rejected_statuses,
+        vec![400, 413, 415, 422]
+    );
+    assert!(config.rejections.already_delivered_statuses.is_empty());
+    assert!(config.rejections.dead_letter.is_none());
+    assert_eq!(
+        config.resume_token_save_interval,
+        Duration::from_millis(100)
+    );
+}
+
+#[test]
+fn dead_letter_policy_is_read_with_its_destinations() {
+    let text = format!(
+        "{MINIMAL}\n[exporter.resume_token]\nsave_interval = \"250ms\"\n\
+         [exporter.failure_handling]\non_rejected = \"dead_letter\"\n\
+         rejected_statuses = [400, 404, 422]\nalready_delivered_statuses = [409]\n\
+         [exporter.failure_handling.dead_letter]\nfile = \"/var/lib/dl.ndjson\"\n\
+         endpoint = \"https://dl.example.com/events\"\n"
+    );
+    let config = Config::parse(&text).expect("valid config");
+    assert!(config.unknown_keys.is_empty(), "{:?}", config.unknown_keys);
+    assert_eq!(config.rejections.on_rejected, OnRejected::DeadLetter);
+    assert_eq!(config.rejections.rejected_statuses, vec![400, 404, 422]);
+    assert_eq!(config.rejections.already_delivered_statuses, vec![409]);
+    let dead_letter = config.rejections.dead_letter.expect("dead letter");
+    assert_eq!(
+        dead_letter.file.as_deref(),
+        Some(Path::new("/var/lib/dl.ndjson"))
+    );
+    assert_eq!(
+        dead_letter.endpoint.as_deref(),
+        Some("https://dl.example.com/events")
+    );
+    assert_eq!(
+        config.resume_token_save_interval,
+        Duration::from_millis(250)
+    );
+}
+
+#[test]
+fn invalid_rejection_settings_name_their_key() {
+    let cases = [
+        (
+            "on_rejected = \"skip\"",
+            "exporter.failure_handling.on_rejected",
+        ),
+        (
+            "on_rejected = \"dead_letter\"",
+            "exporter.failure_handling.on_rejected",
+        ),
+        (
+            "rejected_statuses = [400, 503]",
+            "exporter.failure_handling.rejected_statuses",
+        ),
+        (
+            "rejected_statuses = [429]",
+            "exporter.failure_handling.rejected_statuses",
+        ),
+        (
+            "rejected_statuses = \"400\"",
+            "exporter.failure_handling.rejected_statuses",
+        ),
+        (
+            "already_delivered_statuses = [401]",
+            "exporter.failure_handling.already_delivered_statuses",
+        ),
+        (
+            "already_delivered_statuses = [400]",
+            "exporter.failure_handling.already_delivered_statuses",
+        ),
+        (
+            "[exporter.failure_handling.dead_letter]\nfile = \"/x\"",
+            "exporter.failure_handling.dead_letter",
+        ),
+        (
+            "on_rejected = \"dead_letter\"\n[exporter.failure_handling.dead_letter]\nendpoint = \"ftp://x\"",
+            "exporter.failure_handling.dead_letter.endpoint",
+        ),
+        (
+            "on_rejected = \"dead_letter\"\n[exporter.failure_handling.dead_letter]",
+            "exporter.failure_handling.dead_letter",
+        ),
+    ];
+    for (keys, key) in cases {
+        let text = format!("{MINIMAL}\n[exporter.failure_handling]\n{keys}\n");
+        let error = error_of(&text);
+        assert!(error.starts_with(&format!("{key}:")), "{keys}: {error}");
+    }
+    let error = error_of(&format!(
+        "{MINIMAL}\n[exporter.resume_token]\nsave_interval = \"soon\"\n"
+    ));
+    assert!(
+        error.starts_with("exporter.resume_token.save_interval:"),
+        "{error}"
+    );
+}

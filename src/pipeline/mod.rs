@@ -1,11 +1,18 @@
 //! From changes to deliveries: a reader task pulls decided changes from the datastore, the
 //! dispatcher hands each health event to one of `workers` concurrent publishes, and the
 //! sequence tracker moves the checkpoint over the contiguous prefix of finished positions.
-//! Checkpoint writes are coalesced to one per second.
 //!
-//! At-least-once: a position is finished only once its event was accepted by the sink (or
-//! needed no delivery). If an event cannot be delivered, intake stops, in-flight work gets the
-//! grace period, the checkpoint is saved up to the failed position, and `run` returns an error.
+//! At-least-once: a position is finished only once its event was accepted by the sink (a 2xx
+//! to its POST, or an answer in `already_delivered_statuses`), was durably written to the dead
+//! letter after a permanent rejection (`on_rejected = "dead_letter"`), or needed no delivery.
+//! If an event cannot be delivered, intake stops, in-flight work gets the grace period, the
+//! checkpoint is saved up to the failed position, and `run` returns an error.
+//!
+//! Checkpoint writes: as soon as the contiguous prefix advances, the resume token is written,
+//! but at most one write is in flight (the write is awaited in the loop) and two writes are at
+//! least `save_interval` apart. A `kill -9` therefore re-sends at most the events in flight,
+//! the events finished behind an earlier one still in flight, and the events finished within
+//! the last `save_interval` (plus the duration of one token write).
 
 mod tracker;
 
@@ -28,9 +35,13 @@ use crate::datastore::{
 use crate::filter::Filter;
 use crate::metrics;
 use crate::model::{decode_document, traceparent};
+use crate::sink::dead_letter::{self, DeadLetter};
+use crate::sink::http::Delivery;
 use crate::sink::{PublishError, Publisher};
 
-const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the stream lag is reported, and how long a fresh start waits before writing its
+/// first resume token (so the first batch is in it).
+const LAG_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -49,6 +60,8 @@ pub enum PipelineError {
 /// What happened to one event.
 enum Outcome {
     Published,
+    /// Permanently rejected by the sink and durably written to the dead letter.
+    DeadLettered,
     /// Needs no delivery (undecodable, no health event); the position still finishes.
     Skipped,
     /// The filter expression evaluated false: not published; the position still finishes.
@@ -64,6 +77,8 @@ pub struct EventHandler {
     pub publisher: Publisher,
     /// `exporter.filter.expression`; `None` exports everything.
     pub filter: Option<Filter>,
+    /// Where permanently rejected events go (`on_rejected = "dead_letter"`); `None` stops.
+    pub dead_letter: Option<DeadLetter>,
 }
 
 impl EventHandler {
@@ -118,8 +133,14 @@ impl EventHandler {
             )
             .await
         {
-            Ok(()) => {
-                metrics.published("success");
+            Ok(delivery) => {
+                metrics.published(match delivery {
+                    Delivery::Accepted => "success",
+                    Delivery::AlreadyDelivered(_) => "already_delivered",
+                });
+                if let Delivery::AlreadyDelivered(status) = delivery {
+                    tracing::info!(changelog_id = position, record_id = %event.record_id, status, "sink already has the event (already_delivered_statuses)");
+                }
                 metrics
                     .publish_duration
                     .observe(started.elapsed().as_secs_f64());
@@ -130,6 +151,47 @@ impl EventHandler {
                 Outcome::Published
             }
             Err(PublishError::Cancelled) => Outcome::Cancelled,
+            Err(PublishError::Rejected {
+                status,
+                attempts,
+                excerpt,
+                last,
+                ..
+            }) if self.dead_letter.is_some() => {
+                let record = dead_letter::Record {
+                    event_id: &event.record_id,
+                    changelog_id: position,
+                    status,
+                    attempts,
+                    body_excerpt: &excerpt,
+                    event: &body,
+                };
+                let written = match &self.dead_letter {
+                    Some(letter) => letter.write(&record).await,
+                    None => Ok(()),
+                };
+                match written {
+                    Ok(()) => {
+                        metrics.dead_lettered(status);
+                        tracing::error!(
+                            changelog_id = position,
+                            record_id = %event.record_id,
+                            status,
+                            attempts,
+                            error = %last,
+                            "the sink permanently rejected the event; written to the dead letter, going on"
+                        );
+                        Outcome::DeadLettered
+                    }
+                    Err(error) => {
+                        metrics.published("failure");
+                        metrics.publish_error("dead_letter_failed");
+                        Outcome::Failed(format!(
+                            "the sink rejected it with HTTP {status} ({last}), and writing it to the dead letter failed: {error}"
+                        ))
+                    }
+                }
+            }
             Err(error) => {
                 metrics.published("failure");
                 metrics.publish_error("max_retries_exceeded");
@@ -158,6 +220,8 @@ pub struct Pipeline<S, C> {
     /// Whether a resume token existed at start; if not, the first checkpoint is written even
     /// when it has not moved, so a restart does not begin at a later "end".
     pub had_token: bool,
+    /// The least time between two checkpoint writes (`exporter.resume_token.save_interval`).
+    pub save_interval: Duration,
 }
 
 /// Counts for the final log line.
@@ -169,6 +233,8 @@ pub struct Summary {
     pub skipped: u64,
     /// Not published because the filter expression evaluated false.
     pub filtered: u64,
+    /// Permanently rejected and written to the dead letter.
+    pub dead_lettered: u64,
     pub checkpoint: u64,
 }
 
@@ -184,9 +250,11 @@ impl<S: ChangeSource, C: CheckpointStore> Pipeline<S, C> {
             permits,
             grace,
             had_token,
+            save_interval,
         } = self;
         let mut tracker = SequenceTracker::new(source.start_position());
         let mut saved = had_token.then(|| tracker.checkpoint());
+        let mut saver = Saver::new(save_interval, saved.is_none());
         let mut summary = Summary::default();
 
         // The reader runs ahead of dispatch by at most a few batches.
@@ -213,11 +281,8 @@ impl<S: ChangeSource, C: CheckpointStore> Pipeline<S, C> {
         let mut in_flight = JoinSet::new();
         // Cancels retry waits once the grace period is over.
         let publish_cancel = CancellationToken::new();
-        // The first save waits one interval, so a fresh start's first batch is in it.
-        let mut tick = tokio::time::interval_at(
-            tokio::time::Instant::now() + CHECKPOINT_INTERVAL,
-            CHECKPOINT_INTERVAL,
-        );
+        let mut tick =
+            tokio::time::interval_at(tokio::time::Instant::now() + LAG_INTERVAL, LAG_INTERVAL);
         let mut failure: Option<PipelineError> = None;
         let mut finished = false;
 
@@ -231,10 +296,10 @@ impl<S: ChangeSource, C: CheckpointStore> Pipeline<S, C> {
                 biased;
                 _ = shutdown.cancelled() => break 'intake,
                 // Before results: a steady stream of results must not starve the checkpoint.
+                _ = sleep_until_some(saver.due) => {
+                    saver.save(&*checkpoints, &tracker, &mut saved).await;
+                }
                 _ = tick.tick() => {
-                    if let Err(error) = save_if_advanced(&*checkpoints, &tracker, &mut saved).await {
-                        tracing::warn!(%error, "saving the resume token failed; will retry");
-                    }
                     if feed == Feed::Stream {
                         report_lag(&unfinished, &tracker);
                     }
@@ -247,6 +312,7 @@ impl<S: ChangeSource, C: CheckpointStore> Pipeline<S, C> {
                         failure = Some(error);
                         break 'intake;
                     }
+                    saver.note(&tracker, &saved);
                 }
                 permit = permits.clone().acquire_owned(), if !waiting.is_empty() => {
                     let (Ok(permit), Some((change, event))) = (permit, waiting.pop_front()) else {
@@ -278,6 +344,7 @@ impl<S: ChangeSource, C: CheckpointStore> Pipeline<S, C> {
                         match &change.kind {
                             ChangeKind::Skip(_) => {
                                 tracker.finish_span(change.position, change.through, change.changed_at);
+                                saver.note(&tracker, &saved);
                             }
                             ChangeKind::Event(event) => {
                                 if feed == Feed::Stream {
@@ -314,10 +381,8 @@ impl<S: ChangeSource, C: CheckpointStore> Pipeline<S, C> {
                 _ = shutdown.cancelled(), if deadline.is_none() => {
                     deadline = Some(tokio::time::Instant::now() + grace);
                 }
-                _ = tick.tick(), if deadline.is_none() => {
-                    if let Err(error) = save_if_advanced(&*checkpoints, &tracker, &mut saved).await {
-                        tracing::warn!(%error, "saving the checkpoint failed; will retry");
-                    }
+                _ = sleep_until_some(saver.due), if deadline.is_none() => {
+                    saver.save(&*checkpoints, &tracker, &mut saved).await;
                 }
                 _ = sleep_until_some(deadline) => {
                     tracing::warn!(abandoned = in_flight.len(), "grace period over; abandoning in-flight events (they will be re-sent after restart)");
@@ -333,6 +398,7 @@ impl<S: ChangeSource, C: CheckpointStore> Pipeline<S, C> {
                     failure.get_or_insert(error);
                     deadline.get_or_insert(tokio::time::Instant::now() + grace);
                 }
+                saver.note(&tracker, &saved);
             }
         }
         while let Ok((change, outcome)) = results_rx.try_recv() {
@@ -368,6 +434,7 @@ fn record(
 ) -> Option<PipelineError> {
     match outcome {
         Outcome::Published => summary.published += 1,
+        Outcome::DeadLettered => summary.dead_lettered += 1,
         Outcome::Skipped => summary.skipped += 1,
         Outcome::Filtered => summary.filtered += 1,
         Outcome::Cancelled => return None,
@@ -400,6 +467,59 @@ fn report_lag(unfinished: &BTreeMap<u64, DateTime<Utc>>, tracker: &SequenceTrack
     let head = metrics.changelog_head_id.get().max(0) as u64;
     let behind = head.saturating_sub(tracker.checkpoint().position);
     metrics.changelog_ids_behind.set(behind as i64);
+}
+
+/// When the next checkpoint write is due: as soon as the prefix advances, but at least
+/// `interval` after the previous write. Writes are awaited in the pipeline loop, so at most
+/// one is in flight.
+struct Saver {
+    interval: Duration,
+    last: Option<tokio::time::Instant>,
+    /// `Some` while a write is owed.
+    due: Option<tokio::time::Instant>,
+}
+
+impl Saver {
+    /// A fresh start (`first_write`) owes one write after [`LAG_INTERVAL`] even if nothing
+    /// finished, so the first batch is in it and a restart does not begin at a later "end".
+    fn new(interval: Duration, first_write: bool) -> Saver {
+        Saver {
+            interval,
+            last: None,
+            due: first_write.then(|| tokio::time::Instant::now() + LAG_INTERVAL),
+        }
+    }
+
+    /// Schedules a write if the checkpoint moved past the saved one and none is owed yet.
+    fn note(&mut self, tracker: &SequenceTracker, saved: &Option<crate::datastore::Checkpoint>) {
+        if self.due.is_some() {
+            return;
+        }
+        let moved = saved
+            .as_ref()
+            .is_none_or(|s| s.position != tracker.checkpoint().position);
+        if moved {
+            let now = tokio::time::Instant::now();
+            let earliest = self.last.map_or(now, |last| last + self.interval);
+            self.due = Some(earliest.max(now));
+        }
+    }
+
+    /// Writes the checkpoint if it moved; a failed write is retried one interval later.
+    async fn save<C: CheckpointStore>(
+        &mut self,
+        checkpoints: &C,
+        tracker: &SequenceTracker,
+        saved: &mut Option<crate::datastore::Checkpoint>,
+    ) {
+        self.due = None;
+        let now = tokio::time::Instant::now();
+        self.last = Some(now);
+        if let Err(error) = save_if_advanced(checkpoints, tracker, saved).await {
+            tracing::warn!(%error, "saving the resume token failed; will retry");
+            self.due = Some(now + self.interval.max(Duration::from_millis(100)));
+        }
+    }
 }
 
 async fn save_if_advanced<C: CheckpointStore>(

@@ -1,10 +1,16 @@
 //! POSTs one CloudEvent to the sink, retrying on upstream's schedule.
 //!
-//! Any 2xx is success; everything else is retried (as upstream does) until the attempts are
-//! used up. `Retry-After` on 429/503 replaces the computed delay (capped at `max_backoff`).
-//! A 401 drops the cached token and retries at once with a fresh one. Every response body is
-//! read so the keep-alive connection can be reused. An event that carries a trace id goes out
-//! with a W3C `traceparent` header, so the sink can join the trace.
+//! Only a 2xx answer to the POST of that very event is delivery. A 3xx that the redirect rule
+//! does not follow (see [`super::redirect_policy`]) is a failed attempt naming the `Location`.
+//! Everything else is retried (as upstream does) until the attempts are used up; an answer in
+//! `already_delivered_statuses` counts as delivered at once, and a last answer in
+//! `rejected_statuses` is reported as [`PublishError::Rejected`] so the caller can apply
+//! `on_rejected`. `Retry-After` on 429/503 can only lengthen the computed delay (capped at
+//! `max_backoff`), never shorten it. A 401 drops the cached token and retries at once with a
+//! fresh one. At most [`BODY_LIMIT`] bytes of a response body are read (enough for the error
+//! excerpt); a longer body is dropped with its connection instead of being buffered. An event
+//! that carries a trace id goes out with a W3C `traceparent` header, so the sink can join the
+//! trace.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,12 +24,38 @@ use super::retry::Backoff;
 use crate::cloudevent::CONTENT_TYPE as CLOUDEVENTS_JSON;
 use crate::config::RetryPolicy;
 
+/// At most this many bytes of a sink response body are read.
+pub const BODY_LIMIT: usize = 4 * 1024;
+
+/// How an event counts as delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// The sink answered 2xx to the POST.
+    Accepted,
+    /// The sink answered one of `already_delivered_statuses` (e.g. 409 from a sink that
+    /// deduplicates on write).
+    AlreadyDelivered(u16),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
     #[error("gave up after {attempts} attempts over {elapsed:.0?}; last error: {last}")]
     Exhausted {
         attempts: u32,
         elapsed: Duration,
+        last: String,
+    },
+    /// The last attempt was answered with one of `rejected_statuses`: the sink will not take
+    /// this event.
+    #[error(
+        "the sink rejected it with HTTP {status} after {attempts} attempts over {elapsed:.0?}; last error: {last}"
+    )]
+    Rejected {
+        status: u16,
+        attempts: u32,
+        elapsed: Duration,
+        /// At most 1,000 characters of the last response body.
+        excerpt: String,
         last: String,
     },
     #[error("stopped before the sink accepted it")]
@@ -36,6 +68,16 @@ pub struct AttemptFailure {
     pub reason: &'static str,
     pub message: String,
     retry_after: Option<Duration>,
+    /// The HTTP status, when the sink answered.
+    status: Option<u16>,
+    /// The start of the response body (lossy UTF-8, trimmed).
+    excerpt: String,
+}
+
+/// What one attempt ended with.
+enum Attempt {
+    Delivered(Delivery),
+    Failed(AttemptFailure),
 }
 
 pub struct Publisher {
@@ -43,6 +85,8 @@ pub struct Publisher {
     endpoint: reqwest::Url,
     auth: Option<Arc<TokenProvider>>,
     policy: RetryPolicy,
+    rejected_statuses: Vec<u16>,
+    already_delivered_statuses: Vec<u16>,
 }
 
 impl Publisher {
@@ -57,41 +101,65 @@ impl Publisher {
             endpoint,
             auth,
             policy,
+            rejected_statuses: Vec::new(),
+            already_delivered_statuses: Vec::new(),
         }
+    }
+
+    /// Sets which final statuses mean "the sink will never take this event"
+    /// (`exporter.failure_handling.rejected_statuses`) and which mean "the sink already has
+    /// it" (`exporter.failure_handling.already_delivered_statuses`).
+    pub fn with_statuses(mut self, rejected: Vec<u16>, already_delivered: Vec<u16>) -> Publisher {
+        self.rejected_statuses = rejected;
+        self.already_delivered_statuses = already_delivered;
+        self
     }
 
     /// Delivers `body` (the CloudEvent `event_id`), retrying until the sink accepts it, the
     /// attempts are used up, or `cancel` fires during a wait.
+    ///
+    /// Returns how the event counts as delivered; [`PublishError::Rejected`] when the attempts
+    /// are used up and the last answer was one of `rejected_statuses`,
+    /// [`PublishError::Exhausted`] for any other last failure (network, 5xx, 3xx not followed,
+    /// …), [`PublishError::Cancelled`] on shutdown.
     pub async fn publish(
         &self,
         body: &[u8],
         event_id: &str,
         traceparent: Option<&str>,
         cancel: &CancellationToken,
-    ) -> Result<(), PublishError> {
+    ) -> Result<Delivery, PublishError> {
         let started = Instant::now();
         let mut backoff = Backoff::new(&self.policy);
-        let mut attempts = 0;
+        let mut attempts: u32 = 0;
         loop {
-            attempts += 1;
+            attempts = attempts.saturating_add(1);
             let failure = match self.attempt(body, traceparent).await {
-                Ok(()) => return Ok(()),
-                Err(failure) => failure,
+                Attempt::Delivered(delivery) => return Ok(delivery),
+                Attempt::Failed(failure) => failure,
             };
             crate::metrics::get().record_attempt_failure(failure.reason);
             // A failed attempt is an outcome: a retry schedule that keeps failing is not a stall.
             crate::watchdog::global().progress();
             let Some(delay) = backoff.next_delay() else {
-                return Err(PublishError::Exhausted {
-                    attempts,
-                    elapsed: started.elapsed(),
-                    last: failure.message,
+                return Err(match failure.status {
+                    Some(status) if self.rejected_statuses.contains(&status) => {
+                        PublishError::Rejected {
+                            status,
+                            attempts,
+                            elapsed: started.elapsed(),
+                            excerpt: failure.excerpt,
+                            last: failure.message,
+                        }
+                    }
+                    _ => PublishError::Exhausted {
+                        attempts,
+                        elapsed: started.elapsed(),
+                        last: failure.message,
+                    },
                 });
             };
-            let delay = match failure.retry_after {
-                Some(asked) => asked.min(self.policy.max_backoff),
-                None => delay,
-            };
+            let delay = retry_delay(delay, failure.retry_after, self.policy.max_backoff);
             tracing::warn!(
                 event_id,
                 attempt = attempts,
@@ -107,11 +175,14 @@ impl Publisher {
     }
 
     /// One attempt, including at most one immediate retry after a 401 with a fresh token.
-    async fn attempt(&self, body: &[u8], traceparent: Option<&str>) -> Result<(), AttemptFailure> {
+    async fn attempt(&self, body: &[u8], traceparent: Option<&str>) -> Attempt {
         let mut refreshed = false;
         loop {
             let token = match &self.auth {
-                Some(auth) => Some(auth.token().await.map_err(token_failure)?),
+                Some(auth) => match auth.token().await {
+                    Ok(token) => Some(token),
+                    Err(error) => return Attempt::Failed(token_failure(error)),
+                },
                 None => None,
             };
             let mut request = self
@@ -125,23 +196,37 @@ impl Publisher {
             if let Some(traceparent) = traceparent {
                 request = request.header("traceparent", traceparent);
             }
-            let response = request.send().await.map_err(|e| AttemptFailure {
-                reason: if e.is_timeout() {
-                    "timeout"
-                } else if e.is_connect() {
-                    "connect"
-                } else {
-                    "network"
-                },
-                message: describe_reqwest_error(&e),
-                retry_after: None,
-            })?;
+            let response = match request.send().await {
+                Ok(response) => response,
+                Err(e) => {
+                    return Attempt::Failed(AttemptFailure {
+                        reason: if e.is_timeout() {
+                            "timeout"
+                        } else if e.is_connect() {
+                            "connect"
+                        } else if e.is_redirect() {
+                            "redirect"
+                        } else {
+                            "network"
+                        },
+                        message: describe_reqwest_error(&e),
+                        retry_after: None,
+                        status: None,
+                        excerpt: String::new(),
+                    })
+                }
+            };
             let status = response.status();
-            let retry_after = retry_after(&response);
-            // Read the body so the connection goes back to the pool.
-            let text = response.bytes().await.unwrap_or_default();
+            let retry_after = retry_after_header(&response);
+            let location = location(&response);
+            // Reading a short body to its end lets the connection go back to the pool; a
+            // longer one is cut and its connection dropped.
+            let (text, _complete) = read_bounded(response, BODY_LIMIT).await;
             if status.is_success() {
-                return Ok(());
+                return Attempt::Delivered(Delivery::Accepted);
+            }
+            if self.already_delivered_statuses.contains(&status.as_u16()) {
+                return Attempt::Delivered(Delivery::AlreadyDelivered(status.as_u16()));
             }
             if status == StatusCode::UNAUTHORIZED && !refreshed {
                 if let (Some(auth), Some(token)) = (&self.auth, &token) {
@@ -151,7 +236,23 @@ impl Publisher {
                     continue;
                 }
             }
-            return Err(AttemptFailure {
+            let excerpt = excerpt(&text, 1000);
+            if status.is_redirection() {
+                let to = location.as_deref().unwrap_or("(no Location header)");
+                return Attempt::Failed(AttemptFailure {
+                    reason: "redirect",
+                    message: format!(
+                        "sink answered HTTP {} redirecting to {to}, which is not followed \
+                         (only 307/308 to the same origin are); a redirect is not delivery: \
+                         point exporter.sink.endpoint at the final URL",
+                        status.as_u16()
+                    ),
+                    retry_after: None,
+                    status: Some(status.as_u16()),
+                    excerpt,
+                });
+            }
+            return Attempt::Failed(AttemptFailure {
                 reason: status_reason(status),
                 message: format!("sink answered HTTP {}{}", status.as_u16(), snippet(&text)),
                 retry_after: if matches!(status.as_u16(), 429 | 503) {
@@ -159,6 +260,8 @@ impl Publisher {
                 } else {
                     None
                 },
+                status: Some(status.as_u16()),
+                excerpt,
             });
         }
     }
@@ -169,18 +272,79 @@ fn token_failure(error: AuthError) -> AttemptFailure {
         reason: "token",
         message: error.to_string(),
         retry_after: None,
+        status: None,
+        excerpt: String::new(),
     }
 }
 
-/// `Retry-After` as delay-seconds or an HTTP date.
-fn retry_after(response: &reqwest::Response) -> Option<Duration> {
-    let text = response.headers().get(RETRY_AFTER)?.to_str().ok()?.trim();
+/// The `Retry-After` header of `response`, as a wait from now.
+fn retry_after_header(response: &reqwest::Response) -> Option<Duration> {
+    let text = response.headers().get(RETRY_AFTER)?.to_str().ok()?;
+    parse_retry_after(text, chrono::Utc::now())
+}
+
+/// `Retry-After` (RFC 9110 §10.2.3) as delay-seconds or an HTTP date, as a wait from `now`;
+/// a date in the past is a zero wait. `None` when the value is neither.
+pub fn parse_retry_after(text: &str, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
+    let text = text.trim();
     if let Ok(seconds) = text.parse::<u64>() {
         return Some(Duration::from_secs(seconds));
     }
     let date = chrono::DateTime::parse_from_rfc2822(text).ok()?;
-    let wait = date.signed_duration_since(chrono::Utc::now());
-    Some(wait.to_std().unwrap_or(Duration::ZERO))
+    Some(
+        date.signed_duration_since(now)
+            .to_std()
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+/// The wait before the next attempt: the computed backoff, or the server's `Retry-After` when
+/// that is longer (the server's ask capped at `max_backoff`). A `Retry-After` of 0 or in the
+/// past therefore never turns the backoff into a hot loop.
+pub fn retry_delay(
+    computed: Duration,
+    retry_after: Option<Duration>,
+    max_backoff: Duration,
+) -> Duration {
+    match retry_after {
+        Some(asked) => computed.max(asked.min(max_backoff)),
+        None => computed,
+    }
+}
+
+/// The `Location` header of a response, as text.
+fn location(response: &reqwest::Response) -> Option<String> {
+    let value = response.headers().get(reqwest::header::LOCATION)?;
+    Some(String::from_utf8_lossy(value.as_bytes()).into_owned())
+}
+
+/// Reads at most `limit` bytes of the body; returns them and whether the body ended within the
+/// limit. A longer body (or one that fails midway) is dropped with its connection.
+pub async fn read_bounded(mut response: reqwest::Response, limit: usize) -> (Vec<u8>, bool) {
+    let mut body = Vec::new();
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                let room = limit.saturating_sub(body.len());
+                if chunk.len() > room {
+                    body.extend_from_slice(chunk.get(..room).unwrap_or_default());
+                    return (body, false);
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return (body, true),
+            Err(_) => return (body, false),
+        }
+    }
+}
+
+/// At most `max_chars` characters of the body, lossy UTF-8, trimmed.
+pub fn excerpt(body: &[u8], max_chars: usize) -> String {
+    String::from_utf8_lossy(body)
+        .trim()
+        .chars()
+        .take(max_chars)
+        .collect()
 }
 
 fn status_reason(status: StatusCode) -> &'static str {
@@ -201,12 +365,11 @@ fn status_reason(status: StatusCode) -> &'static str {
 }
 
 fn snippet(body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(body);
-    let text = text.trim();
+    let text = excerpt(body, 200);
     if text.is_empty() {
         String::new()
     } else {
-        format!(": {}", text.chars().take(200).collect::<String>())
+        format!(": {text}")
     }
 }
 
@@ -220,4 +383,54 @@ pub fn describe_reqwest_error(error: &reqwest::Error) -> String {
         source = cause.source();
     }
     message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(secs: u64) -> Duration {
+        Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn retry_after_only_lengthens_the_backoff_up_to_max_backoff() {
+        let cap = s(60);
+        // No header: the computed backoff.
+        assert_eq!(retry_delay(s(4), None, cap), s(4));
+        // 0 or a past date (parsed as zero): still the computed backoff, never a hot loop.
+        assert_eq!(retry_delay(s(4), Some(Duration::ZERO), cap), s(4));
+        // Shorter than the backoff: the backoff wins.
+        assert_eq!(retry_delay(s(4), Some(s(1)), cap), s(4));
+        // Longer: the server's ask.
+        assert_eq!(retry_delay(s(4), Some(s(10)), cap), s(10));
+        // Longer than max_backoff: capped.
+        assert_eq!(retry_delay(s(4), Some(s(3600)), cap), cap);
+    }
+
+    #[test]
+    fn retry_after_parses_seconds_future_and_past_dates() {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-03-01T12:00:00Z")
+            .expect("valid time")
+            .with_timezone(&chrono::Utc);
+        assert_eq!(parse_retry_after("0", now), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after(" 120 ", now), Some(s(120)));
+        assert_eq!(
+            parse_retry_after("Sun, 01 Mar 2026 12:00:30 GMT", now),
+            Some(s(30))
+        );
+        assert_eq!(
+            parse_retry_after("Sun, 01 Mar 2026 11:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("-5", now), None);
+        assert_eq!(parse_retry_after("soon", now), None);
+    }
+
+    #[test]
+    fn excerpt_is_bounded_and_trimmed() {
+        assert_eq!(excerpt(b"  hello  ", 10), "hello");
+        assert_eq!(excerpt("ééééé".as_bytes(), 3), "ééé");
+        assert_eq!(excerpt(&[0xff, b'a'], 10), "\u{fffd}a");
+    }
 }

@@ -2,6 +2,7 @@
 //! client-credentials token cache (`auth`), and upstream's retry schedule (`retry`).
 
 pub mod auth;
+pub mod dead_letter;
 pub mod http;
 pub mod retry;
 
@@ -40,6 +41,7 @@ pub fn http_client(
         .pool_max_idle_per_host(max_idle_per_host)
         .pool_idle_timeout(Duration::from_secs(90))
         .user_agent(concat!("event-exporter/", env!("CARGO_PKG_VERSION")))
+        .redirect(redirect_policy())
         .build()
         .map_err(|e| format!("cannot build the HTTP client for the {what}: {e}"))
 }
@@ -69,4 +71,24 @@ pub fn log_proxy(what: &str, url: &str) {
         Some(proxy) => tracing::info!(endpoint = what, %proxy, "reached through proxy"),
         None => tracing::debug!(endpoint = what, "reached directly (no proxy applies)"),
     }
+}
+
+/// The redirect rule: only a 2xx answer to the POST itself counts as delivery, so
+/// 301/302/303 (which turn a POST into a body-less GET) are never followed, and 307/308 are
+/// followed (re-sending the same body and headers) only to the same origin (scheme, host and
+/// port), at most 5 hops, so `Authorization` never reaches another origin. A redirect not
+/// followed comes back as the 3xx response itself, which the caller treats as a failed attempt.
+pub fn redirect_policy() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let same_origin = attempt
+            .previous()
+            .last()
+            .is_some_and(|from| from.origin() == attempt.url().origin());
+        let temporary_or_permanent = matches!(attempt.status().as_u16(), 307 | 308);
+        if temporary_or_permanent && same_origin && attempt.previous().len() <= 5 {
+            attempt.follow()
+        } else {
+            attempt.stop()
+        }
+    })
 }

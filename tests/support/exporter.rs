@@ -28,6 +28,8 @@ pub struct ExporterOptions {
     pub backfill: String,
     /// Appended at the end of the file (whole tables).
     pub extra_toml: String,
+    /// Appended to the `[exporter.failure_handling]` table (e.g. `on_rejected = …`).
+    pub failure_extra: String,
     /// Datastore environment (see `TestDb::env`).
     pub env: Vec<(String, String)>,
     pub shutdown_grace: String,
@@ -54,6 +56,7 @@ impl ExporterOptions {
             oidc_extra: String::new(),
             backfill: "enabled = false".into(),
             extra_toml: String::new(),
+            failure_extra: String::new(),
             env,
             shutdown_grace: "5s".into(),
         }
@@ -92,6 +95,7 @@ max_retries = {retries}
 initial_backoff = "{initial}"
 max_backoff = "{max}"
 backoff_multiplier = {mult:?}
+{failure_extra}
 
 {extra}
 "#,
@@ -102,6 +106,7 @@ backoff_multiplier = {mult:?}
             initial = self.initial_backoff,
             max = self.max_backoff,
             mult = self.backoff_multiplier,
+            failure_extra = self.failure_extra,
             extra = self.extra_toml,
         )
     }

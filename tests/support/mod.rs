@@ -9,6 +9,7 @@
 pub mod cluster;
 pub mod exporter;
 pub mod http_proxy;
+pub mod peers;
 pub mod pg;
 pub mod proxy;
 pub mod sink;
