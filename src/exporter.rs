@@ -60,6 +60,9 @@ pub fn validate(args: &RunArgs) -> Result<Settings, ExitError> {
     for key in &config.unknown_keys {
         tracing::warn!(key, "unknown configuration key ignored");
     }
+    for warning in &config.warnings {
+        tracing::warn!("configuration: {warning}");
+    }
     let workers = match (args.workers, config.workers) {
         (Some(n), _) if n < 0 => {
             return Err(ExitError::Config(format!(
@@ -69,6 +72,12 @@ pub fn validate(args: &RunArgs) -> Result<Settings, ExitError> {
         (Some(0), _) => {
             tracing::warn!("--workers=0 treated as 1");
             1
+        }
+        (Some(n), _) if n > crate::config::MAX_WORKERS => {
+            return Err(ExitError::Config(format!(
+                "--workers: must be at most {}, got {n}",
+                crate::config::MAX_WORKERS
+            )))
         }
         (Some(n), _) => n as usize,
         (None, Some(n)) => n,

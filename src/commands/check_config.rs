@@ -22,6 +22,7 @@ pub fn check(args: &CheckConfigArgs) -> Result<String, String> {
         "config": args.config.display().to_string(),
         "exporter": config,
         "unknownKeys": config.unknown_keys,
+        "warnings": config.warnings,
         "datastore": datastore,
     });
     Ok(serde_json::to_string_pretty(&report).unwrap_or_default())
