@@ -58,6 +58,9 @@ pub enum SkipReason {
     NeverCommitted,
     /// Committed before this exporter's starting point (a backfill's domain, if enabled).
     BeforeStart,
+    /// A health-event row the driver cannot decode (logged with its changelog id and counted
+    /// as `skipped{reason="undecodable"}` where it was found).
+    Undecodable,
 }
 
 /// A health event as stored, not yet decoded.

@@ -174,13 +174,13 @@ impl ChangelogReader {
             )
             .await?;
         let tag = parse_xid(row.get(0))?;
-        let end = row.get::<_, i64>(1) as u64;
+        let end = u64::try_from(row.get::<_, i64>(1)).unwrap_or(0);
         let started_at: DateTime<Utc> = row.get(2);
         let visible: Vec<i64> = row.get(3);
         let first = end.saturating_sub(START_WINDOW) + 1;
         let mut open_ids = Vec::new();
         let mut expected = first;
-        for id in visible.into_iter().map(|id| id as u64) {
+        for id in visible.into_iter().filter_map(|id| u64::try_from(id).ok()) {
             open_ids.extend(expected..id);
             self.add_hole(expected, id - 1, tag);
             self.ready.push_back(Change::new(
@@ -407,17 +407,42 @@ impl ChangelogReader {
         }
     }
 
-    /// Builds a change from the `ROW_COLUMNS` starting at column `at`.
+    /// Builds a change from the `ROW_COLUMNS` starting at column `at`. Only an unreadable id
+    /// is an error; any other column the driver cannot convert (a document nested deeper than
+    /// serde_json's 128 levels, a number out of `f64` range, text that is not UTF-8, a NULL
+    /// where text belongs) makes the row a skipped, logged and counted `Undecodable` position,
+    /// so one bad row never stops the feed.
     fn change_from_row(&self, row: &Row, at: usize) -> Result<Change, DatastoreError> {
-        let id: i64 = row.get(at);
-        let table: String = row.get(at + 1);
-        let operation: String = row.get(at + 2);
-        let changed_at: Option<DateTime<Utc>> = row.get(at + 3);
-        let record_id: String = row.get(at + 4);
-        let document: Option<serde_json::Value> = row.get(at + 5);
-        let created_at: Option<String> = row.get(at + 6);
-        let position = id as u64;
+        let id: i64 = row.try_get(at).map_err(|e| DatastoreError::Row {
+            id: -1,
+            reason: format!("unreadable changelog id: {e}"),
+        })?;
+        let position = u64::try_from(id).map_err(|_| DatastoreError::Row {
+            id,
+            reason: "changelog ids are positive".into(),
+        })?;
+        let changed_at: Option<DateTime<Utc>> = row.try_get(at + 3).ok().flatten();
         let skip = |reason| Change::new(position, changed_at, ChangeKind::Skip(reason));
+        let record_id: Option<String> = row.try_get(at + 4).ok().flatten();
+        let undecodable = |column: &str, error: &dyn std::fmt::Display| {
+            tracing::warn!(
+                changelog_id = position,
+                record_id = record_id.as_deref().unwrap_or("-"),
+                column,
+                %error,
+                "changelog row cannot be decoded; skipping it"
+            );
+            crate::metrics::get().skipped("undecodable");
+            skip(SkipReason::Undecodable)
+        };
+        let (table, operation) = match (
+            row.try_get::<_, Option<String>>(at + 1),
+            row.try_get::<_, Option<String>>(at + 2),
+        ) {
+            (Ok(table), Ok(operation)) => (table.unwrap_or_default(), operation.unwrap_or_default()),
+            (Err(e), _) => return Ok(undecodable("table_name", &e)),
+            (_, Err(e)) => return Ok(undecodable("operation", &e)),
+        };
         if table != "health_events" || operation != "INSERT" {
             return Ok(skip(SkipReason::NotAHealthEventInsert));
         }
@@ -426,6 +451,14 @@ impl ChangelogReader {
                 return Ok(skip(SkipReason::BeforeStart));
             }
         }
+        let Some(record_id) = record_id.clone() else {
+            return Ok(undecodable("record_id", &"is NULL or unreadable"));
+        };
+        let document: Option<serde_json::Value> = match row.try_get(at + 5) {
+            Ok(document) => document,
+            Err(e) => return Ok(undecodable("document", &describe_conversion(&e))),
+        };
+        let created_at: Option<String> = row.try_get(at + 6).ok().flatten();
         Ok(Change::new(
             position,
             changed_at,
@@ -440,6 +473,19 @@ impl ChangelogReader {
             }),
         ))
     }
+}
+
+/// The driver's conversion error with its cause (serde_json's reason, e.g. "recursion limit
+/// exceeded"), which `Display` alone leaves out.
+pub fn describe_conversion(error: &tokio_postgres::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 fn parse_xid(text: String) -> Result<u64, DatastoreError> {

@@ -6,7 +6,7 @@ mod listener;
 pub mod settings;
 mod token;
 
-pub use changelog::{ChangelogReader, FreshStart};
+pub use changelog::{describe_conversion, ChangelogReader, FreshStart};
 pub use listener::spawn_listener;
 pub use settings::{PgSettings, SslMode};
 pub use token::{StartPoint, TokenStore};
