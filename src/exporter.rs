@@ -349,7 +349,14 @@ async fn open_source(
             if let Some(value) = &token {
                 tracing::info!(token = %value, "resuming from the stored resume token");
             }
-            let reader = ChangelogReader::open(connector.clone(), start, wake.clone()).await?;
+            // A token ahead of the changelog's head restarts within the backfill window.
+            let window = crate::datastore::postgres::reset::ResetWindow {
+                max_age: config.backfill.max_age,
+                max_events: config.backfill.max_events,
+            };
+            let reader =
+                ChangelogReader::open_bounded(connector.clone(), start, wake.clone(), window)
+                    .await?;
             let backfill = decide_backfill(connector, config, &reader, token.is_some()).await?;
             Ok::<_, DatastoreError>(Opened {
                 reader,

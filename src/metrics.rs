@@ -42,6 +42,8 @@ pub struct Metrics {
     pub changelog_head_id: Gauge,
     pub changelog_ids_behind: Gauge,
     pub changelog_open_ids: Gauge,
+    /// Resume tokens found ahead of the changelog's head (ids reset, restored datastore).
+    pub resume_token_resets: Family<Labels, Counter>,
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -147,6 +149,12 @@ impl Metrics {
             "Times the changelog reader lost its datastore connection and reconnected",
             datastore_reconnects.clone(),
         );
+        let resume_token_resets = Family::<Labels, Counter>::default();
+        registry.register(
+            "health_events_exporter_resume_token_resets",
+            "Times the resume token was ahead of the changelog's head (ids reset by TRUNCATE ... RESTART IDENTITY, a restored or re-created datastore, a bogus token) and reading restarted from the new changelog, by reason (ahead_at_start, ahead_while_running)",
+            resume_token_resets.clone(),
+        );
         let events_skipped = Family::<Labels, Counter>::default();
         registry.register(
             "health_events_exporter_events_skipped",
@@ -224,6 +232,7 @@ impl Metrics {
             changelog_head_id,
             changelog_ids_behind,
             changelog_open_ids,
+            resume_token_resets,
         }
     }
 
@@ -241,6 +250,12 @@ impl Metrics {
 
     pub fn record_attempt_failure(&self, reason: &str) {
         self.publish_attempt_failures
+            .get_or_create(&vec![("reason".into(), reason.into())])
+            .inc();
+    }
+
+    pub fn resume_token_reset(&self, reason: &str) {
+        self.resume_token_resets
             .get_or_create(&vec![("reason".into(), reason.into())])
             .inc();
     }

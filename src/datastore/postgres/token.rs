@@ -172,7 +172,12 @@ impl TokenStore {
 
 impl CheckpointStore for TokenStore {
     async fn save(&self, checkpoint: &Checkpoint) -> Result<(), DatastoreError> {
-        self.save_value(&token_value(checkpoint)).await
+        // After a changelog reset positions are no longer ids (see `reset`).
+        let checkpoint = Checkpoint {
+            position: self.connector.positions().id_of(checkpoint.position),
+            changed_at: checkpoint.changed_at,
+        };
+        self.save_value(&token_value(&checkpoint)).await
     }
 }
 
