@@ -549,3 +549,73 @@ async fn a_token_at_the_head_holes_and_open_transactions_are_not_a_reset() {
     assert!(!exporter.log().contains("ERROR"), "{}", exporter.log());
     stop_cleanly(&mut exporter).await;
 }
+
+/// Out-of-range numbers and a cluster that cannot be a URI host: `check-config` and the
+/// exporter both exit 2 naming the key (before this, `backoff_multiplier = 1e300` passed
+/// `check-config` and the exporter panicked with exit 101). A float with an integral value for
+/// an integer key is accepted with a warning.
+#[test]
+fn hostile_numbers_and_cluster_names_exit_2_naming_the_key() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sink_url = "http://127.0.0.1:9/api/v1/events";
+    let base = format!(
+        "[exporter.metadata]\ncluster = \"test-cluster\"\n\n[exporter.sink]\nendpoint = \"{sink_url}\"\n\n\
+         [exporter.oidc]\nenabled = false\n\n[exporter.backfill]\nmax_events = 10\n\n\
+         [exporter.failure_handling]\nmax_retries = 3\nbackoff_multiplier = 2.0\n"
+    );
+    let env = vec![
+        ("DATASTORE_PROVIDER".to_string(), "postgresql".to_string()),
+        ("DATASTORE_USERNAME".to_string(), "postgres".to_string()),
+        ("DATASTORE_SSLMODE".to_string(), "disable".to_string()),
+    ];
+    for (from, to, key) in [
+        (
+            "backoff_multiplier = 2.0",
+            "backoff_multiplier = 1e300",
+            "exporter.failure_handling.backoff_multiplier",
+        ),
+        (
+            "backoff_multiplier = 2.0",
+            "backoff_multiplier = nan",
+            "exporter.failure_handling.backoff_multiplier",
+        ),
+        (
+            "cluster = \"test-cluster\"",
+            "cluster = \"my cluster\"",
+            "exporter.metadata.cluster",
+        ),
+        (
+            "max_events = 10",
+            "max_events = 1.5",
+            "exporter.backfill.max_events",
+        ),
+        (
+            "max_retries = 3",
+            "max_retries = 3\nmax_backoff = \"2562047h\"",
+            "exporter.failure_handling.max_backoff",
+        ),
+    ] {
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, base.replace(from, to)).expect("write config");
+        let config = format!("--config={}", path.display());
+        for args in [vec!["check-config", config.as_str()], vec![config.as_str()]] {
+            let (code, output) = support::exporter::run_once(&args, &env);
+            assert_eq!(code, Some(2), "{to} with {args:?}: {output}");
+            assert!(output.contains(key), "{to}: {output}");
+            assert!(!output.contains("panicked"), "{output}");
+        }
+    }
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, base.replace("max_events = 10", "max_events = 1e+06"))
+        .expect("write config");
+    let (code, output) = support::exporter::run_once(
+        &["check-config", &format!("--config={}", path.display())],
+        &env,
+    );
+    assert_eq!(code, Some(0), "{output}");
+    assert!(
+        output.contains("\"max_events\": 1000000")
+            && output.contains("exporter.backfill.max_events: 1000000 is a float"),
+        "{output}"
+    );
+}
