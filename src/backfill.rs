@@ -295,12 +295,14 @@ impl BackfillSource {
         for row in rows {
             // `id` (the primary key) and `created_at` (bounded by the query) are never NULL.
             let cursor = Cursor {
-                id: row.try_get(0).map_err(|e| DatastoreError::Schema(format!(
-                    "backfill: unreadable health_events.id: {e}"
-                )))?,
-                created_at: row.try_get(2).map_err(|e| DatastoreError::Schema(format!(
-                    "backfill: unreadable health_events.created_at: {e}"
-                )))?,
+                id: row.try_get(0).map_err(|e| {
+                    DatastoreError::Schema(format!("backfill: unreadable health_events.id: {e}"))
+                })?,
+                created_at: row.try_get(2).map_err(|e| {
+                    DatastoreError::Schema(format!(
+                        "backfill: unreadable health_events.created_at: {e}"
+                    ))
+                })?,
             };
             let document = match row.try_get::<_, Option<serde_json::Value>>(1) {
                 Ok(document) => Ok(document.unwrap_or(serde_json::Value::Null)),

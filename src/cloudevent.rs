@@ -138,7 +138,10 @@ pub fn validate(event: &CloudEvent<'_>) -> Result<(), InvalidCloudEvent> {
         Err(e) => return bad("source", format!("{:?} is not a URI: {e}", event.source)),
     }
     if !is_rfc3339(&event.time) {
-        return bad("time", format!("{:?} is not an RFC 3339 timestamp", event.time));
+        return bad(
+            "time",
+            format!("{:?} is not an RFC 3339 timestamp", event.time),
+        );
     }
     Ok(())
 }
@@ -151,9 +154,7 @@ fn is_rfc3339(text: &str) -> bool {
             .get(range)
             .is_some_and(|part| part.iter().all(u8::is_ascii_digit))
     };
-    digits(0..4)
-        && bytes.get(4) == Some(&b'-')
-        && DateTime::parse_from_rfc3339(text).is_ok()
+    digits(0..4) && bytes.get(4) == Some(&b'-') && DateTime::parse_from_rfc3339(text).is_ok()
 }
 
 fn health_event_object(event: &HealthEvent, time: String) -> Map<String, Value> {
@@ -382,10 +383,20 @@ mod tests {
 
     #[test]
     fn rfc3339_check() {
-        for good in ["2026-01-01T00:00:00Z", "0001-01-01T00:00:00.5Z", "2026-01-01T00:00:00+01:00"] {
+        for good in [
+            "2026-01-01T00:00:00Z",
+            "0001-01-01T00:00:00.5Z",
+            "2026-01-01T00:00:00+01:00",
+        ] {
             assert!(is_rfc3339(good), "{good}");
         }
-        for bad in ["+10000-01-01T00:00:00Z", "10000-01-01T00:00:00Z", "2026-13-01T00:00:00Z", "", "-001-01-01T00:00:00Z"] {
+        for bad in [
+            "+10000-01-01T00:00:00Z",
+            "10000-01-01T00:00:00Z",
+            "2026-13-01T00:00:00Z",
+            "",
+            "-001-01-01T00:00:00Z",
+        ] {
             assert!(!is_rfc3339(bad), "{bad}");
         }
     }

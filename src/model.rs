@@ -495,11 +495,31 @@ mod tests {
         }
         // Every current name, by number and as a digit string.
         for (number, name) in RECOMMENDED_ACTIONS.iter().chain(PROCESSING_STRATEGIES) {
-            assert_eq!(enum_name(Some(&json!(number)), &[(*number, name)], "f"), Ok(name.to_string()));
-            assert_eq!(enum_name(Some(&json!(number.to_string())), &[(*number, name)], "f"), Ok(name.to_string()));
+            assert_eq!(
+                enum_name(Some(&json!(number)), &[(*number, name)], "f"),
+                Ok(name.to_string())
+            );
+            assert_eq!(
+                enum_name(Some(&json!(number.to_string())), &[(*number, name)], "f"),
+                Ok(name.to_string())
+            );
         }
         let names: Vec<&str> = RECOMMENDED_ACTIONS.iter().map(|(_, n)| *n).collect();
-        assert_eq!(names, ["NONE", "COMPONENT_RESET", "CONTACT_SUPPORT", "RUN_FIELDDIAG", "RESTART_VM", "RESTART_BM", "REPLACE_VM", "RUN_DCGMEUD", "CUSTOM", "UNKNOWN"]);
+        assert_eq!(
+            names,
+            [
+                "NONE",
+                "COMPONENT_RESET",
+                "CONTACT_SUPPORT",
+                "RUN_FIELDDIAG",
+                "RESTART_VM",
+                "RESTART_BM",
+                "REPLACE_VM",
+                "RUN_DCGMEUD",
+                "CUSTOM",
+                "UNKNOWN"
+            ]
+        );
     }
 
     #[test]

@@ -243,7 +243,11 @@ async fn undecodable_rows_in_the_stream_are_skipped_and_never_block_their_neighb
         assert_eq!(got, want, "skipped{{reason={reason}}}; metrics:\n{metrics}");
     }
     assert_valid_cloudevents(&sink);
-    assert_eq!(sink.accepted_ids().len(), good.len(), "nothing else was sent");
+    assert_eq!(
+        sink.accepted_ids().len(),
+        good.len(),
+        "nothing else was sent"
+    );
 
     // A restart resumes past the bad rows: no crash loop, and new events flow.
     stop_cleanly(&mut exporter).await;
@@ -362,7 +366,11 @@ async fn changelog_ids_reset_while_running_are_detected_and_new_events_flow() {
     let mut exporter = Exporter::start(&options(&sink, &db)).await;
     let last = pg::insert_health_event(&client, &pg::health_event_doc("node-c", 2)).await;
     wait_for_ids(&sink, &mut exporter, std::slice::from_ref(&last)).await;
-    assert_eq!(sink.accepted_ids().len(), 27, "nothing re-sent after the restart");
+    assert_eq!(
+        sink.accepted_ids().len(),
+        27,
+        "nothing re-sent after the restart"
+    );
     assert!(!exporter.log().contains("ahead of the changelog"));
     stop_cleanly(&mut exporter).await;
 }
@@ -542,10 +550,7 @@ async fn a_token_at_the_head_holes_and_open_transactions_are_not_a_reset() {
     wait_for_ids(&sink, &mut exporter, std::slice::from_ref(&last)).await;
     assert_eq!(sink.accepted_ids().len(), sent_before + 3);
     let metrics = exporter.metrics().await;
-    assert!(
-        !metrics.contains("resume_token_resets_total{"),
-        "{metrics}"
-    );
+    assert!(!metrics.contains("resume_token_resets_total{"), "{metrics}");
     assert!(!exporter.log().contains("ERROR"), "{}", exporter.log());
     stop_cleanly(&mut exporter).await;
 }

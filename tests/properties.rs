@@ -100,7 +100,10 @@ fn seed_documents() -> Vec<Value> {
         with("processingStrategy", json!("99")),
         with("version", json!(-1)),
         with("version", json!(1.5)),
-        with("metadata", json!({"trace_id": "4bf92f3577b34da6a3ce929d0e0e4736"})),
+        with(
+            "metadata",
+            json!({"trace_id": "4bf92f3577b34da6a3ce929d0e0e4736"}),
+        ),
         with("entitiesImpacted", json!([{"entityType": 1}])),
         with("errorCode", json!([null])),
     ];
@@ -187,15 +190,18 @@ fn health_document() -> impl Strategy<Value = Value> {
         "[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(Z|[+-][0-9]{2}:[0-9]{2})"
             .prop_map(Value::String),
     ];
-    let value = prop_oneof![3 => any_json(), 1 => timestamp, 1 => any::<i64>().prop_map(|n| json!(n))];
+    let value =
+        prop_oneof![3 => any_json(), 1 => timestamp, 1 => any::<i64>().prop_map(|n| json!(n))];
     (
         prop::collection::btree_map(keys, value, 0..10),
         prop::option::of(any_json()),
         any::<bool>(),
     )
         .prop_map(|(fields, status, lower)| {
-            let event: serde_json::Map<String, Value> =
-                fields.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+            let event: serde_json::Map<String, Value> = fields
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect();
             let mut doc = serde_json::Map::new();
             doc.insert(
                 if lower { "healthevent" } else { "healthEvent" }.into(),
@@ -233,8 +239,13 @@ proptest! {
 
 fn check_token(token: &Value) {
     match StartPoint::from_token("event-exporter", token) {
-        Ok(StartPoint::Contiguous(id) | StartPoint::EventId(id) | StartPoint::Keyset { id, .. }) => {
-            assert!(id <= i64::MAX as u64, "{id} does not fit a changelog id: {token}");
+        Ok(
+            StartPoint::Contiguous(id) | StartPoint::EventId(id) | StartPoint::Keyset { id, .. },
+        ) => {
+            assert!(
+                id <= i64::MAX as u64,
+                "{id} does not fit a changelog id: {token}"
+            );
         }
         Ok(StartPoint::End) => panic!("a stored token never means 'start at the end': {token}"),
         Err(error) => {
@@ -353,14 +364,20 @@ fn check_config(text: &str) {
             break;
         }
     }
-    assert!(config.workers.is_none_or(|w| (1..=MAX_WORKERS as usize).contains(&w)));
+    assert!(config
+        .workers
+        .is_none_or(|w| (1..=MAX_WORKERS as usize).contains(&w)));
     assert!(config.backfill.batch_size >= 1);
-    let _ = std::time::Instant::now().checked_add(config.sink.timeout).expect("timeout fits");
+    let _ = std::time::Instant::now()
+        .checked_add(config.sink.timeout)
+        .expect("timeout fits");
     let _ = chrono::Duration::from_std(config.backfill.max_age)
         .ok()
         .and_then(|age| chrono::Utc::now().checked_sub_signed(age))
         .expect("max_age fits");
-    let source = Transformer::new(config.metadata.clone()).source().to_string();
+    let source = Transformer::new(config.metadata.clone())
+        .source()
+        .to_string();
     assert!(reqwest_free_uri_check(&source), "{source}");
 }
 

@@ -264,7 +264,11 @@ impl Config {
                     "must be greater than 0 while exporter.backfill.enabled is true",
                 ));
             }
-            at_most("exporter.backfill.max_events", max_events, MAX_BACKFILL_EVENTS)?;
+            at_most(
+                "exporter.backfill.max_events",
+                max_events,
+                MAX_BACKFILL_EVENTS,
+            )?;
             duration_at_most("exporter.backfill.max_age", max_age, MAX_BACKFILL_AGE)?;
             if let Some(n) = batch_size {
                 in_range(
@@ -321,7 +325,11 @@ impl Config {
                 initial_backoff,
                 MAX_WAIT,
             )?;
-            duration_at_most("exporter.failure_handling.max_backoff", max_backoff, MAX_WAIT)?;
+            duration_at_most(
+                "exporter.failure_handling.max_backoff",
+                max_backoff,
+                MAX_WAIT,
+            )?;
             RetryPolicy {
                 max_retries,
                 initial_backoff,

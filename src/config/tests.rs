@@ -407,7 +407,16 @@ fn floats_with_integral_values_are_read_as_integers_with_a_warning() {
 
 #[test]
 fn cluster_must_be_a_uri_host() {
-    for bad in ["my cluster", "a/b", "a@b", "x:1", "é", "a%20b", "a?b", "a#b"] {
+    for bad in [
+        "my cluster",
+        "a/b",
+        "a@b",
+        "x:1",
+        "é",
+        "a%20b",
+        "a?b",
+        "a#b",
+    ] {
         let text = FULL.replace(
             "cluster = \"prod-us-west-2\"",
             &format!("cluster = {bad:?}"),

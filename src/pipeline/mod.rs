@@ -109,10 +109,11 @@ impl EventHandler {
                 }
             }
         }
-        let body = match self
-            .transformer
-            .try_encode(&event.record_id, &health_event, event.created_at)
-        {
+        let body = match self.transformer.try_encode(
+            &event.record_id,
+            &health_event,
+            event.created_at,
+        ) {
             Ok(body) => body,
             // One bad event never blocks the rest: skipped, logged, counted.
             Err(error) => {

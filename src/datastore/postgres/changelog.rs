@@ -403,8 +403,7 @@ impl ChangelogReader {
             .changelog_head_id
             .set(head.unwrap_or(0));
         let head = head.and_then(|h| u64::try_from(h).ok()).unwrap_or(0);
-        if let Some(restart) = reset::restart_point(self.read_pos, head, Utc::now(), &self.window)
-        {
+        if let Some(restart) = reset::restart_point(self.read_pos, head, Utc::now(), &self.window) {
             self.restart_while_running(head, restart);
             return Ok(Vec::new());
         }
@@ -539,7 +538,9 @@ impl ChangelogReader {
             row.try_get::<_, Option<String>>(at + 1),
             row.try_get::<_, Option<String>>(at + 2),
         ) {
-            (Ok(table), Ok(operation)) => (table.unwrap_or_default(), operation.unwrap_or_default()),
+            (Ok(table), Ok(operation)) => {
+                (table.unwrap_or_default(), operation.unwrap_or_default())
+            }
             (Err(e), _) => return Ok(undecodable("table_name", &e)),
             (_, Err(e)) => return Ok(undecodable("operation", &e)),
         };
@@ -604,7 +605,10 @@ async fn find_sequence(client: &Client) -> Option<String> {
         .ok()?;
     let name: String = row.try_get::<_, Option<String>>(0).ok().flatten()?;
     match client
-        .query_one("SELECT pg_sequence_last_value($1::text::regclass)", &[&name])
+        .query_one(
+            "SELECT pg_sequence_last_value($1::text::regclass)",
+            &[&name],
+        )
         .await
     {
         Ok(_) => Some(name),
@@ -625,10 +629,7 @@ async fn find_sequence(client: &Client) -> Option<String> {
 async fn changelog_head(client: &Client, sequence: Option<&str>) -> Result<u64, DatastoreError> {
     let row = client
         .query_one(
-            &format!(
-                "SELECT {} FROM (SELECT 1) one",
-                HEAD.replace("$3", "$1")
-            ),
+            &format!("SELECT {} FROM (SELECT 1) one", HEAD.replace("$3", "$1")),
             &[&sequence],
         )
         .await?;

@@ -117,9 +117,7 @@ impl PositionMap {
     pub fn position_of(&self, id: u64) -> u64 {
         match self.current() {
             None => id,
-            Some(epoch) => id
-                .saturating_sub(epoch.start_id)
-                .saturating_add(epoch.base),
+            Some(epoch) => id.saturating_sub(epoch.start_id).saturating_add(epoch.base),
         }
     }
 
@@ -140,13 +138,19 @@ mod tests {
     use chrono::TimeZone;
 
     fn at() -> DateTime<Utc> {
-        Utc.with_ymd_and_hms(2026, 11, 29, 12, 0, 0).single().expect("valid")
+        Utc.with_ymd_and_hms(2026, 11, 29, 12, 0, 0)
+            .single()
+            .expect("valid")
     }
 
     #[test]
     fn a_token_at_or_below_the_head_is_not_a_reset() {
         let window = ResetWindow::default();
-        assert_eq!(restart_point(10, 10, at(), &window), None, "equal to the head");
+        assert_eq!(
+            restart_point(10, 10, at(), &window),
+            None,
+            "equal to the head"
+        );
         assert_eq!(restart_point(3, 10, at(), &window), None, "behind the head");
         assert_eq!(restart_point(0, 0, at(), &window), None, "fresh install");
     }
@@ -162,7 +166,10 @@ mod tests {
         assert_eq!(restart.through, 10);
         assert_eq!(restart.not_before, at() - chrono::Duration::hours(1));
         // TRUNCATE ... RESTART IDENTITY with nothing new yet.
-        assert_eq!(restart_point(20, 0, at(), &window).map(|r| r.after), Some(0));
+        assert_eq!(
+            restart_point(20, 0, at(), &window).map(|r| r.after),
+            Some(0)
+        );
         // A restored datastore larger than the window: only its newest max_events ids.
         assert_eq!(
             restart_point(90_000, 50_000, at(), &window).map(|r| r.after),
