@@ -309,7 +309,7 @@ impl ChangelogReader {
             .await?;
         let first_unexported: Option<i64> = row.get(0);
         self.read_pos = match first_unexported {
-            Some(first) if (first as u64) <= id => first as u64 - 1,
+            Some(first) if (first as u64) <= id => (first as u64).saturating_sub(1),
             _ => id,
         };
         self.exported_before = Some((changed_at, id));

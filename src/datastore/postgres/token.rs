@@ -228,6 +228,21 @@ mod tests {
     }
 
     #[test]
+    fn ids_beyond_bigint_are_read_as_the_largest_id() {
+        for token in [
+            json!({"eventID": u64::MAX, "contiguous": true}),
+            json!({"eventID": "18446744073709551615", "contiguous": true}),
+            json!({"lastChangelogID": 9223372036854775808u64}),
+        ] {
+            assert_eq!(
+                StartPoint::from_token("c", &token).expect("valid"),
+                StartPoint::Contiguous(MAX_CHANGELOG_ID),
+                "{token}"
+            );
+        }
+    }
+
+    #[test]
     fn written_token_round_trips() {
         let checkpoint = Checkpoint {
             position: 12,
