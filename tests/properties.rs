@@ -158,6 +158,30 @@ fn any_json() -> impl Strategy<Value = Value> {
     })
 }
 
+/// `generatedTimestamp` values: any `{seconds, nanos}`, valid ones, the ends of RFC 3339's
+/// years, and timestamp strings.
+fn any_timestamp() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        (any::<i64>(), any::<i64>()).prop_map(|(s, n)| json!({"seconds": s, "nanos": n})),
+        (-62135596800i64..=253402300799i64, 0i64..1_000_000_000)
+            .prop_map(|(s, n)| json!({"seconds": s, "nanos": n})),
+        any::<i64>().prop_map(|s| json!({"seconds": s.to_string()})),
+        // Around the ends of RFC 3339's years (0001-01-01 and 10000-01-01 in UTC).
+        (
+            prop_oneof![
+                -62135600000i64..-62135500000i64,
+                253402200000i64..253402400000i64
+            ],
+            0i64..1_000_000_000
+        )
+            .prop_map(|(s, n)| json!({"seconds": s, "nanos": n})),
+        "(0000|0001|9999)-(01|12)-(01|31)T(00|23):(00|59):(00|59)(Z|[+-](00|23):(00|59))"
+            .prop_map(Value::String),
+        "[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(Z|[+-][0-9]{2}:[0-9]{2})"
+            .prop_map(Value::String),
+    ]
+}
+
 /// A health-event-shaped document: the decoder's keys (both spellings) with any values, and
 /// timestamps with any seconds and nanos.
 fn health_document() -> impl Strategy<Value = Value> {
@@ -182,14 +206,7 @@ fn health_document() -> impl Strategy<Value = Value> {
         "processingStrategy",
         "customRecommendedAction",
     ]);
-    let timestamp = prop_oneof![
-        (any::<i64>(), any::<i64>()).prop_map(|(s, n)| json!({"seconds": s, "nanos": n})),
-        (-62135596800i64..=253402300799i64, 0i64..1_000_000_000)
-            .prop_map(|(s, n)| json!({"seconds": s, "nanos": n})),
-        any::<i64>().prop_map(|s| json!({"seconds": s.to_string()})),
-        "[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(Z|[+-][0-9]{2}:[0-9]{2})"
-            .prop_map(Value::String),
-    ];
+    let timestamp = any_timestamp();
     let value =
         prop_oneof![3 => any_json(), 1 => timestamp, 1 => any::<i64>().prop_map(|n| json!(n))];
     (
@@ -222,6 +239,16 @@ proptest! {
 
     #[test]
     fn any_health_event_shaped_document_decodes_or_errs(document in health_document()) {
+        check_document(&document);
+    }
+
+    #[test]
+    fn any_generated_timestamp_gives_a_valid_time_or_an_error(
+        generated in any_timestamp(),
+        lower in any::<bool>(),
+    ) {
+        let key = if lower { "generatedtimestamp" } else { "generatedTimestamp" };
+        let document = json!({"healthevent": {"nodeName": "n", key: generated}});
         check_document(&document);
     }
 
