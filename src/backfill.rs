@@ -24,6 +24,7 @@ use crate::config::BackfillConfig;
 use crate::datastore::postgres::{FreshStart, TokenStore};
 use crate::datastore::{
     Change, ChangeKind, ChangeSource, Checkpoint, CheckpointStore, DatastoreError, RawEvent,
+    SkipReason,
 };
 use crate::metrics;
 
@@ -186,7 +187,8 @@ pub struct BackfillSource {
     /// Last row read (not necessarily delivered).
     read_cursor: Option<Cursor>,
     next_position: u64,
-    page: VecDeque<(Cursor, serde_json::Value)>,
+    /// Rows read, with their document or why the driver could not decode it.
+    page: VecDeque<(Cursor, Result<serde_json::Value, String>)>,
     exhausted: bool,
     pacer: Pacer,
     /// Cursor of every position handed out and not yet checkpointed.
@@ -221,14 +223,28 @@ impl ChangeSource for BackfillSource {
         for (cursor, document) in self.page.drain(..admitted) {
             self.next_position += 1;
             cursors.insert(self.next_position, cursor.clone());
-            changes.push(Change::new(
-                self.next_position,
-                Some(cursor.created_at),
-                ChangeKind::Event(RawEvent {
+            let kind = match document {
+                Ok(document) => ChangeKind::Event(RawEvent {
                     record_id: cursor.id,
                     document,
                     created_at: Some(cursor.created_at),
                 }),
+                // One bad row never costs its neighbours: it takes its position and is passed.
+                Err(error) => {
+                    tracing::warn!(
+                        record_id = %cursor.id,
+                        backfill_position = self.next_position,
+                        %error,
+                        "backfill: health_events document cannot be decoded; skipping it"
+                    );
+                    metrics::get().skipped("undecodable");
+                    ChangeKind::Skip(SkipReason::Undecodable)
+                }
+            };
+            changes.push(Change::new(
+                self.next_position,
+                Some(cursor.created_at),
+                kind,
             ));
         }
         Ok(Some(changes))
@@ -277,12 +293,23 @@ impl BackfillSource {
             self.exhausted = true;
         }
         for row in rows {
+            // `id` (the primary key) and `created_at` (bounded by the query) are never NULL.
             let cursor = Cursor {
-                id: row.get(0),
-                created_at: row.get(2),
+                id: row.try_get(0).map_err(|e| {
+                    DatastoreError::Schema(format!("backfill: unreadable health_events.id: {e}"))
+                })?,
+                created_at: row.try_get(2).map_err(|e| {
+                    DatastoreError::Schema(format!(
+                        "backfill: unreadable health_events.created_at: {e}"
+                    ))
+                })?,
+            };
+            let document = match row.try_get::<_, Option<serde_json::Value>>(1) {
+                Ok(document) => Ok(document.unwrap_or(serde_json::Value::Null)),
+                Err(e) => Err(crate::datastore::postgres::describe_conversion(&e)),
             };
             self.read_cursor = Some(cursor.clone());
-            self.page.push_back((cursor, row.get(1)));
+            self.page.push_back((cursor, document));
         }
         Ok(())
     }

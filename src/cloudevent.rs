@@ -2,6 +2,13 @@
 //! key order: `specversion`, `type`, `source`, `id`, `time`, `data`, with `data`'s keys sorted as
 //! Go's `encoding/json` sorts a map. One improvement: `id` is the health event's row id, so a
 //! redelivered event carries the same id and a sink can deduplicate on `source` + `id`.
+//!
+//! Every body is checked before it is sent (`Transformer::try_encode`): `id` non-empty,
+//! `source` a URI with a host, `time` RFC 3339 with a 4-digit year. The decoder already rejects
+//! a `generatedTimestamp` outside years 0001-9999 and the configuration rejects a `cluster`
+//! that is not a URI host, so a failed check means a bug; the pipeline then skips the event
+//! (logged with its changelog id, counted as `skipped{reason="invalid_cloudevent"}`) instead of
+//! sending something every sink would reject forever.
 
 use std::collections::BTreeMap;
 
@@ -9,7 +16,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
-use crate::model::HealthEvent;
+use crate::model::{in_rfc3339_range, HealthEvent};
 
 pub const SPEC_VERSION: &str = "1.0";
 pub const EVENT_TYPE: &str = "com.nvidia.nvsentinel.health.v1";
@@ -64,7 +71,7 @@ impl Transformer {
         let time = go_rfc3339_nano(
             event
                 .generated_timestamp
-                .or(fallback_time)
+                .or(fallback_time.filter(in_rfc3339_range))
                 .unwrap_or_else(Utc::now),
         );
         CloudEvent {
@@ -90,6 +97,64 @@ impl Transformer {
         // Serializing plain strings, maps and numbers cannot fail.
         serde_json::to_vec(&self.event(record_id, event, fallback_time)).unwrap_or_default()
     }
+
+    /// Like `encode`, but checks the event first (see the module docs); the error names the
+    /// attribute at fault.
+    pub fn try_encode(
+        &self,
+        record_id: &str,
+        event: &HealthEvent,
+        fallback_time: Option<DateTime<Utc>>,
+    ) -> Result<Vec<u8>, InvalidCloudEvent> {
+        let cloud_event = self.event(record_id, event, fallback_time);
+        validate(&cloud_event)?;
+        serde_json::to_vec(&cloud_event).map_err(|e| InvalidCloudEvent {
+            attribute: "data",
+            reason: e.to_string(),
+        })
+    }
+}
+
+/// A CloudEvent this exporter built that a conforming sink would reject.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("invalid CloudEvent attribute {attribute}: {reason}")]
+pub struct InvalidCloudEvent {
+    /// `id`, `source` or `time`.
+    pub attribute: &'static str,
+    pub reason: String,
+}
+
+/// Checks the required context attributes of CloudEvents 1.0: `id` non-empty, `source` a
+/// URI-reference (ours is always absolute, `nvsentinel://<cluster>/healthevents`), and `time`
+/// an RFC 3339 timestamp (4-digit year).
+pub fn validate(event: &CloudEvent<'_>) -> Result<(), InvalidCloudEvent> {
+    let bad = |attribute, reason: String| Err(InvalidCloudEvent { attribute, reason });
+    if event.id.is_empty() {
+        return bad("id", "is empty".into());
+    }
+    match reqwest::Url::parse(&event.source) {
+        Ok(url) if url.host_str().is_some_and(|h| !h.is_empty()) => {}
+        Ok(_) => return bad("source", format!("{:?} has no host", event.source)),
+        Err(e) => return bad("source", format!("{:?} is not a URI: {e}", event.source)),
+    }
+    if !is_rfc3339(&event.time) {
+        return bad(
+            "time",
+            format!("{:?} is not an RFC 3339 timestamp", event.time),
+        );
+    }
+    Ok(())
+}
+
+/// RFC 3339 `date-time`: exactly `YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)` with a real date.
+fn is_rfc3339(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let digits = |range: std::ops::Range<usize>| {
+        bytes
+            .get(range)
+            .is_some_and(|part| part.iter().all(u8::is_ascii_digit))
+    };
+    digits(0..4) && bytes.get(4) == Some(&b'-') && DateTime::parse_from_rfc3339(text).is_ok()
 }
 
 fn health_event_object(event: &HealthEvent, time: String) -> Map<String, Value> {
@@ -272,6 +337,68 @@ mod tests {
             value["data"]["healthEvent"]["generatedTimestamp"],
             value["time"]
         );
+    }
+
+    #[test]
+    fn try_encode_rejects_what_a_sink_would_reject() {
+        let far = HealthEvent {
+            generated_timestamp: Some(Utc.with_ymd_and_hms(10000, 1, 1, 0, 0, 0).unwrap()),
+            ..sample()
+        };
+        let error = transformer()
+            .try_encode("id", &far, None)
+            .expect_err("year 10000");
+        assert_eq!(error.attribute, "time");
+        let error = transformer()
+            .try_encode("", &sample(), None)
+            .expect_err("empty id");
+        assert_eq!(error.attribute, "id");
+        let spaced = Transformer::new(BTreeMap::from([(
+            "cluster".to_string(),
+            "my cluster".to_string(),
+        )]));
+        let error = spaced
+            .try_encode("id", &sample(), None)
+            .expect_err("space in host");
+        assert_eq!(error.attribute, "source");
+        let body = transformer()
+            .try_encode("id", &sample(), None)
+            .expect("valid");
+        assert_eq!(body, transformer().encode("id", &sample(), None));
+    }
+
+    #[test]
+    fn out_of_range_row_time_falls_back_to_now() {
+        let event = HealthEvent {
+            generated_timestamp: None,
+            ..sample()
+        };
+        let far = Utc.with_ymd_and_hms(10000, 1, 1, 0, 0, 0).unwrap();
+        let body = transformer()
+            .try_encode("id", &event, Some(far))
+            .expect("now is used instead");
+        let value: Value = serde_json::from_slice(&body).expect("json");
+        assert!(value["time"].as_str().is_some_and(|t| t.starts_with("20")));
+    }
+
+    #[test]
+    fn rfc3339_check() {
+        for good in [
+            "2026-01-01T00:00:00Z",
+            "0001-01-01T00:00:00.5Z",
+            "2026-01-01T00:00:00+01:00",
+        ] {
+            assert!(is_rfc3339(good), "{good}");
+        }
+        for bad in [
+            "+10000-01-01T00:00:00Z",
+            "10000-01-01T00:00:00Z",
+            "2026-13-01T00:00:00Z",
+            "",
+            "-001-01-01T00:00:00Z",
+        ] {
+            assert!(!is_rfc3339(bad), "{bad}");
+        }
     }
 
     #[test]

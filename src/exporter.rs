@@ -99,6 +99,9 @@ pub fn validate_local(args: &RunArgs, check_files: bool) -> Result<LocalSettings
             None => tracing::warn!(key, "unknown configuration key ignored"),
         }
     }
+    for warning in &config.warnings {
+        tracing::warn!("configuration: {warning}");
+    }
     let workers = match (args.workers, config.workers) {
         (Some(n), _) if n < 0 => {
             return Err(ExitError::Config(format!(
@@ -108,6 +111,12 @@ pub fn validate_local(args: &RunArgs, check_files: bool) -> Result<LocalSettings
         (Some(0), _) => {
             tracing::warn!("--workers=0 treated as 1");
             1
+        }
+        (Some(n), _) if n > crate::config::MAX_WORKERS => {
+            return Err(ExitError::Config(format!(
+                "--workers: must be at most {}, got {n}",
+                crate::config::MAX_WORKERS
+            )))
         }
         (Some(n), _) => n as usize,
         (None, Some(n)) => n,
@@ -540,7 +549,14 @@ async fn open_source(
             if let Some(value) = &token {
                 tracing::info!(token = %value, "resuming from the stored resume token");
             }
-            let reader = ChangelogReader::open(connector.clone(), start, wake.clone()).await?;
+            // A token ahead of the changelog's head restarts within the backfill window.
+            let window = crate::datastore::postgres::reset::ResetWindow {
+                max_age: config.backfill.max_age,
+                max_events: config.backfill.max_events,
+            };
+            let reader =
+                ChangelogReader::open_bounded(connector.clone(), start, wake.clone(), window)
+                    .await?;
             let backfill = decide_backfill(connector, config, &reader, token.is_some()).await?;
             Ok::<_, DatastoreError>(Opened {
                 reader,

@@ -56,7 +56,14 @@ pub const ATTEMPT_FAILURE_REASONS: &[&str] = &[
     "status_other",
 ];
 /// `reason` values of `health_events_exporter_events_skipped_total`.
-pub const SKIP_REASONS: &[&str] = &["undecodable", "no_health_event"];
+pub const SKIP_REASONS: &[&str] = &[
+    "undecodable",
+    "no_health_event",
+    "invalid_time",
+    "invalid_cloudevent",
+];
+/// `reason` values of `health_events_exporter_resume_token_resets_total`.
+pub const RESUME_TOKEN_RESET_REASONS: &[&str] = &["ahead_at_start", "ahead_while_running"];
 
 /// Answers "would `/readyz` say ready now?" at scrape time.
 type ReadyProbe = Box<dyn Fn() -> bool + Send + Sync>;
@@ -87,6 +94,8 @@ pub struct Metrics {
     pub changelog_open_ids: Gauge,
     ready: std::sync::Arc<OnceLock<ReadyProbe>>,
     pub events_dead_lettered: Family<Labels, Counter>,
+    /// Resume tokens found ahead of the changelog's head (ids reset, restored datastore).
+    pub resume_token_resets: Family<Labels, Counter>,
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -198,6 +207,12 @@ impl Metrics {
             "Times the changelog reader lost its datastore connection and reconnected",
             datastore_reconnects.clone(),
         );
+        let resume_token_resets = Family::<Labels, Counter>::default();
+        registry.register(
+            "health_events_exporter_resume_token_resets",
+            "Times the resume token was ahead of the changelog's head (ids reset by TRUNCATE ... RESTART IDENTITY, a restored or re-created datastore, a bogus token) and reading restarted from the new changelog, by reason (ahead_at_start, ahead_while_running)",
+            resume_token_resets.clone(),
+        );
         let events_skipped = Family::<Labels, Counter>::default();
         registry.register(
             "health_events_exporter_events_skipped",
@@ -269,6 +284,7 @@ impl Metrics {
         with_label(&publish_errors, "error_type", PUBLISH_ERROR_TYPES);
         with_label(&publish_attempt_failures, "reason", ATTEMPT_FAILURE_REASONS);
         with_label(&events_skipped, "reason", SKIP_REASONS);
+        with_label(&resume_token_resets, "reason", RESUME_TOKEN_RESET_REASONS);
         Metrics {
             registry,
             events_received,
@@ -295,6 +311,7 @@ impl Metrics {
             changelog_open_ids,
             ready,
             events_dead_lettered,
+            resume_token_resets,
         }
     }
 
@@ -302,7 +319,8 @@ impl Metrics {
     /// dead-lettered, so alerts on it work before the first one.
     pub fn dead_letter_statuses(&self, statuses: &[u16]) {
         for status in statuses {
-            self.events_dead_lettered
+            let _ = self
+                .events_dead_lettered
                 .get_or_create(&vec![("status".into(), status.to_string())]);
         }
     }
@@ -334,6 +352,12 @@ impl Metrics {
 
     pub fn record_attempt_failure(&self, reason: &str) {
         self.publish_attempt_failures
+            .get_or_create(&vec![("reason".into(), reason.into())])
+            .inc();
+    }
+
+    pub fn resume_token_reset(&self, reason: &str) {
+        self.resume_token_resets
             .get_or_create(&vec![("reason".into(), reason.into())])
             .inc();
     }

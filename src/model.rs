@@ -59,6 +59,8 @@ fn error(field: &str, reason: impl Into<String>) -> DecodeError {
     }
 }
 
+/// `RecommendedAction` names of the current proto (upstream-changes-2026.md §2); any other
+/// number is rendered as its digits (`"39"`), as Go's protobuf `String()` does.
 const RECOMMENDED_ACTIONS: &[(i64, &str)] = &[
     (0, "NONE"),
     (2, "COMPONENT_RESET"),
@@ -69,11 +71,10 @@ const RECOMMENDED_ACTIONS: &[(i64, &str)] = &[
     (25, "REPLACE_VM"),
     (26, "RUN_DCGMEUD"),
     (27, "CUSTOM"),
-    (28, "REMEDIATE"),
-    (39, "RESTART_APP"),
     (99, "UNKNOWN"),
 ];
 
+/// `ProcessingStrategy` names of the current proto; other numbers become digit strings.
 const PROCESSING_STRATEGIES: &[(i64, &str)] = &[
     (0, "UNSPECIFIED"),
     (1, "EXECUTE_REMEDIATION"),
@@ -319,7 +320,28 @@ fn string_map(value: Option<&Value>, name: &str) -> Result<BTreeMap<String, Stri
     }
 }
 
+/// Whether `time` can be written as an RFC 3339 timestamp (4-digit year, 0001 to 9999, in UTC).
+/// CloudEvents `time` is RFC 3339; chrono would write year 10000 as `+10000`.
+pub fn in_rfc3339_range(time: &DateTime<Utc>) -> bool {
+    use chrono::Datelike;
+    (1..=9999).contains(&time.year())
+}
+
 fn timestamp(value: Option<&Value>, name: &str) -> Result<Option<DateTime<Utc>>, DecodeError> {
+    let parsed = timestamp_any(value, name)?;
+    match parsed {
+        Some(time) if !in_rfc3339_range(&time) => Err(error(
+            name,
+            format!(
+                "{} is outside RFC 3339's years 0001-9999 (in UTC)",
+                time.to_rfc3339()
+            ),
+        )),
+        other => Ok(other),
+    }
+}
+
+fn timestamp_any(value: Option<&Value>, name: &str) -> Result<Option<DateTime<Utc>>, DecodeError> {
     match value {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(text)) => DateTime::parse_from_rfc3339(text)
@@ -340,10 +362,11 @@ fn timestamp(value: Option<&Value>, name: &str) -> Result<Option<DateTime<Utc>>,
             };
             let seconds = number("seconds")?;
             let nanos = number("nanos")?;
-            if !(0..1_000_000_000).contains(&nanos) {
-                return Err(error(name, format!("nanos {nanos} is out of range")));
-            }
-            match Utc.timestamp_opt(seconds, nanos as u32) {
+            let nanos = u32::try_from(nanos)
+                .ok()
+                .filter(|n| *n < 1_000_000_000)
+                .ok_or_else(|| error(name, format!("nanos {nanos} is out of range")))?;
+            match Utc.timestamp_opt(seconds, nanos) {
                 chrono::LocalResult::Single(t) => Ok(Some(t)),
                 _ => Err(error(name, format!("seconds {seconds} is out of range"))),
             }
@@ -460,6 +483,43 @@ mod tests {
             .expect("valid")
             .expect("has event");
         assert_eq!(event.recommended_action, "77");
+        // Numbers older protos named but the current one does not: digits, not names.
+        for (number, digits) in [(39, "39"), (28, "28"), (1, "1"), (-3, "-3")] {
+            let event = decode_document(&json!({"healthevent": {
+                "recommendedAction": number, "processingStrategy": number + 100
+            }}))
+            .expect("valid")
+            .expect("has event");
+            assert_eq!(event.recommended_action, digits);
+            assert_eq!(event.processing_strategy, (number + 100).to_string());
+        }
+        // Every current name, by number and as a digit string.
+        for (number, name) in RECOMMENDED_ACTIONS.iter().chain(PROCESSING_STRATEGIES) {
+            assert_eq!(
+                enum_name(Some(&json!(number)), &[(*number, name)], "f"),
+                Ok(name.to_string())
+            );
+            assert_eq!(
+                enum_name(Some(&json!(number.to_string())), &[(*number, name)], "f"),
+                Ok(name.to_string())
+            );
+        }
+        let names: Vec<&str> = RECOMMENDED_ACTIONS.iter().map(|(_, n)| *n).collect();
+        assert_eq!(
+            names,
+            [
+                "NONE",
+                "COMPONENT_RESET",
+                "CONTACT_SUPPORT",
+                "RUN_FIELDDIAG",
+                "RESTART_VM",
+                "RESTART_BM",
+                "REPLACE_VM",
+                "RUN_DCGMEUD",
+                "CUSTOM",
+                "UNKNOWN"
+            ]
+        );
     }
 
     #[test]
@@ -497,6 +557,40 @@ mod tests {
             let doc = json!({"healthevent": {"metadata": {"trace_id": bad}}});
             let event = decode_document(&doc).expect("valid").expect("has event");
             assert_eq!(traceparent(&doc, &event), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn times_outside_rfc3339_years_are_named_errors() {
+        for bad in [
+            json!({"seconds": 253402300800i64}), // 10000-01-01
+            json!({"seconds": "253402300800"}),
+            json!({"seconds": -62135596801i64}), // 0000-12-31T23:59:59
+            json!({"seconds": i64::MAX}),
+            json!({"seconds": i64::MIN}),
+            json!({"seconds": 0, "nanos": 1_000_000_000}),
+            json!({"seconds": 0, "nanos": -1}),
+            json!({"seconds": 1.5}),
+            json!({"seconds": 1e300}),
+            json!("0000-01-01T00:00:00Z"),
+            json!("9999-12-31T23:59:59-01:00"),
+            json!("+10000-01-01T00:00:00Z"),
+        ] {
+            let document = json!({"healthevent": {"generatedTimestamp": bad}});
+            let error = decode_document(&document).expect_err("out of range");
+            assert_eq!(error.field, "healthevent.generatedTimestamp", "{bad}");
+        }
+        for good in [
+            json!({"seconds": 253402300799i64}), // 9999-12-31T23:59:59
+            json!({"seconds": -62135596800i64}), // 0001-01-01
+            json!({"seconds": -1, "nanos": 5}),  // 1969, fine
+            json!("0001-01-01T00:00:00Z"),
+        ] {
+            let document = json!({"healthevent": {"generatedTimestamp": good}});
+            let event = decode_document(&document)
+                .expect("in range")
+                .expect("has event");
+            assert!(event.generated_timestamp.is_some(), "{good}");
         }
     }
 

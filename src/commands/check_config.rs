@@ -67,6 +67,7 @@ pub fn check(args: &CheckConfigArgs) -> Result<Report, ExitError> {
             "shutdown_grace": format_go_duration(run.shutdown_grace),
         },
         "unknownKeys": config.unknown_keys,
+        "warnings": config.warnings,
         "datastore": datastore,
         "proxies": proxies,
     });

@@ -74,6 +74,10 @@ pub struct Config {
     /// For unknown keys that look like a misspelling: the known key meant (full paths).
     #[serde(skip)]
     pub did_you_mean: BTreeMap<String, String>,
+    /// Accepted values worth a warning (e.g. `max_events = 1e+06`, a float where an integer
+    /// belongs, as charts before upstream PR #1010 render it), each naming its key.
+    #[serde(skip)]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -250,6 +254,8 @@ impl Config {
         };
         let mut config = Config::from_section(&exporter)?;
         exporter.collect_unknown(&mut unknown, &mut config.did_you_mean);
+        exporter.collect_warnings(&mut config.warnings);
+        config.warnings.sort();
         unknown.append(&mut config.unknown_keys);
         unknown.sort();
         config.unknown_keys = unknown;
@@ -282,7 +288,7 @@ impl Config {
             }
         }
         match metadata.get("cluster") {
-            Some(cluster) if !cluster.trim().is_empty() => {}
+            Some(cluster) if !cluster.trim().is_empty() => check_cluster(cluster)?,
             _ => {
                 return Err(invalid(
                     "exporter.metadata.cluster",
@@ -300,13 +306,7 @@ impl Config {
         }
         let workers = match exporter.integer("workers")? {
             None => None,
-            Some(n) if n >= 1 => Some(n as usize),
-            Some(n) => {
-                return Err(invalid(
-                    "exporter.workers",
-                    format!("must be at least 1, got {n}"),
-                ))
-            }
+            Some(n) => Some(in_range("exporter.workers", n, 1, MAX_WORKERS)? as usize),
         };
 
         let sink_section = exporter.section("sink")?;
@@ -328,6 +328,7 @@ impl Config {
         if sink.timeout.is_zero() {
             return Err(invalid("exporter.sink.timeout", "must be greater than 0"));
         }
+        duration_at_most("exporter.sink.timeout", sink.timeout, MAX_WAIT)?;
 
         let oidc_section = exporter.section("oidc")?;
         let oidc = {
@@ -408,15 +409,28 @@ impl Config {
                     "must be greater than 0 while exporter.backfill.enabled is true",
                 ));
             }
+            at_most(
+                "exporter.backfill.max_events",
+                max_events,
+                MAX_BACKFILL_EVENTS,
+            )?;
+            duration_at_most("exporter.backfill.max_age", max_age, MAX_BACKFILL_AGE)?;
+            if let Some(n) = batch_size {
+                in_range(
+                    "exporter.backfill.batch_size",
+                    n as i64,
+                    1,
+                    MAX_BATCH_SIZE as i64,
+                )?;
+            }
+            let rate_limit = rate_limit.unwrap_or(0);
+            at_most("exporter.backfill.rate_limit", rate_limit, MAX_RATE_LIMIT)?;
             BackfillConfig {
                 enabled,
                 max_age,
                 max_events,
-                batch_size: match batch_size {
-                    None | Some(0) => 500,
-                    Some(n) => n,
-                },
-                rate_limit: rate_limit.unwrap_or(0),
+                batch_size: batch_size.unwrap_or(500),
+                rate_limit,
             }
         };
 
@@ -426,6 +440,11 @@ impl Config {
             let max_retries =
                 non_negative(s, "exporter.failure_handling.max_retries", "max_retries")?
                     .unwrap_or(0);
+            at_most(
+                "exporter.failure_handling.max_retries",
+                max_retries,
+                u64::from(MAX_RETRIES),
+            )?;
             let max_retries = u32::try_from(max_retries).map_err(|_| {
                 invalid(
                     "exporter.failure_handling.max_retries",
@@ -433,18 +452,33 @@ impl Config {
                 )
             })?;
             let multiplier = opt(s, |s| s.float("backoff_multiplier"))?.unwrap_or(0.0);
-            if !(multiplier >= 0.0 && multiplier.is_finite()) {
+            if !(multiplier.is_finite() && (0.0..=MAX_BACKOFF_MULTIPLIER).contains(&multiplier)) {
                 return Err(invalid(
                     "exporter.failure_handling.backoff_multiplier",
-                    format!("must be a number >= 0, got {multiplier}"),
+                    format!(
+                        "must be a number from 0 to {MAX_BACKOFF_MULTIPLIER} \
+                         (0 keeps the interval constant), got {multiplier}"
+                    ),
                 ));
             }
+            let initial_backoff =
+                opt(s, |s| s.duration("initial_backoff"))?.unwrap_or(Duration::from_secs(1));
+            let max_backoff =
+                opt(s, |s| s.duration("max_backoff"))?.unwrap_or(Duration::from_secs(60));
+            duration_at_most(
+                "exporter.failure_handling.initial_backoff",
+                initial_backoff,
+                MAX_WAIT,
+            )?;
+            duration_at_most(
+                "exporter.failure_handling.max_backoff",
+                max_backoff,
+                MAX_WAIT,
+            )?;
             RetryPolicy {
                 max_retries,
-                initial_backoff: opt(s, |s| s.duration("initial_backoff"))?
-                    .unwrap_or(Duration::from_secs(1)),
-                max_backoff: opt(s, |s| s.duration("max_backoff"))?
-                    .unwrap_or(Duration::from_secs(60)),
+                initial_backoff,
+                max_backoff,
                 backoff_multiplier: multiplier,
             }
         };
@@ -510,6 +544,21 @@ impl Config {
         {
             section.collect_unknown(&mut unknown, &mut did_you_mean);
         }
+        let mut warnings = Vec::new();
+        for section in [
+            &metadata_section,
+            &sink_section,
+            &oidc_section,
+            &backfill_section,
+            &retry_section,
+            &filter_section,
+            &token_section,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            section.collect_warnings(&mut warnings);
+        }
 
         Ok(Config {
             metadata,
@@ -526,6 +575,7 @@ impl Config {
             liveness_timeout,
             unknown_keys: unknown,
             did_you_mean,
+            warnings,
         })
     }
 
@@ -645,6 +695,78 @@ fn non_negative(
     }
 }
 
+/// Upper bounds of the numeric keys, checked at start (`Config::parse`, so `check-config` and
+/// the exporter agree). They keep every later computation in range: `Instant`/`DateTime`
+/// arithmetic, `Duration::mul_f64` in the retry schedule, PostgreSQL `bigint` parameters.
+pub const MAX_WORKERS: i64 = 1024;
+/// `exporter.backfill.batch_size`: rows per keyset page.
+pub const MAX_BATCH_SIZE: u64 = 100_000;
+/// `exporter.backfill.max_events`.
+pub const MAX_BACKFILL_EVENTS: u64 = 1_000_000_000;
+/// `exporter.backfill.rate_limit`, events per second.
+pub const MAX_RATE_LIMIT: u64 = 1_000_000;
+/// `exporter.backfill.max_age`: ten years.
+pub const MAX_BACKFILL_AGE: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Timeouts and backoffs: one day.
+pub const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
+/// `exporter.failure_handling.max_retries`.
+pub const MAX_RETRIES: u32 = 100_000;
+/// `exporter.failure_handling.backoff_multiplier`.
+pub const MAX_BACKOFF_MULTIPLIER: f64 = 100.0;
+
+fn in_range(key: &str, value: i64, min: i64, max: i64) -> Result<i64, ConfigError> {
+    if (min..=max).contains(&value) {
+        Ok(value)
+    } else {
+        Err(invalid(
+            key,
+            format!("must be from {min} to {max}, got {value}"),
+        ))
+    }
+}
+
+fn at_most(key: &str, value: u64, max: u64) -> Result<u64, ConfigError> {
+    if value <= max {
+        Ok(value)
+    } else {
+        Err(invalid(key, format!("must be at most {max}, got {value}")))
+    }
+}
+
+fn duration_at_most(key: &str, value: Duration, max: Duration) -> Result<(), ConfigError> {
+    if value <= max {
+        Ok(())
+    } else {
+        Err(invalid(
+            key,
+            format!(
+                "must be at most {}, got {}",
+                format_go_duration(max),
+                format_go_duration(value)
+            ),
+        ))
+    }
+}
+
+/// `exporter.metadata.cluster` goes into the CloudEvent `source`
+/// (`nvsentinel://<cluster>/healthevents`) as the URI's authority, so it must be an RFC 3986
+/// `reg-name` made of unreserved characters: ASCII letters, digits, `-`, `.`, `_`, `~` (every
+/// Kubernetes cluster name qualifies). Anything else would make `source` an invalid URI.
+pub fn check_cluster(cluster: &str) -> Result<(), ConfigError> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | '~');
+    match cluster.chars().find(|c| !allowed(*c)) {
+        None => Ok(()),
+        Some(bad) => Err(invalid(
+            "exporter.metadata.cluster",
+            format!(
+                "{cluster:?} contains {bad:?}: the cluster name becomes the host of the \
+                 CloudEvent source nvsentinel://<cluster>/healthevents, so only ASCII letters, \
+                 digits, '-', '.', '_' and '~' are allowed (RFC 3986 unreserved characters)"
+            ),
+        )),
+    }
+}
+
 fn check_http_url(key: &str, text: &str) -> Result<(), ConfigError> {
     if !text.contains("://") {
         return Err(invalid(
@@ -725,6 +847,14 @@ fn misspelled_section(root: &toml::Table) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// The integer a float stands for, when it has an integral value within `i64`.
+fn integral(value: f64) -> Option<i64> {
+    // 2^63 is exactly representable; every float below it in magnitude converts exactly.
+    const LIMIT: f64 = 9_223_372_036_854_775_808.0;
+    (value.is_finite() && value.fract() == 0.0 && (-LIMIT..LIMIT).contains(&value))
+        .then_some(value as i64)
+}
+
 fn wrong_type(expected: &str, found: &toml::Value) -> String {
     format!("expected {expected}, got {} {found}", found.type_str())
 }
@@ -735,6 +865,7 @@ struct Section<'a> {
     path: String,
     table: &'a toml::Table,
     used: std::cell::RefCell<BTreeSet<String>>,
+    warnings: std::cell::RefCell<Vec<String>>,
 }
 
 impl<'a> Section<'a> {
@@ -743,6 +874,7 @@ impl<'a> Section<'a> {
             path: path.to_string(),
             table,
             used: Default::default(),
+            warnings: Default::default(),
         }
     }
 
@@ -787,6 +919,20 @@ impl<'a> Section<'a> {
         match self.get(key) {
             None => Ok(None),
             Some(toml::Value::Integer(value)) => Ok(Some(*value)),
+            // Charts before upstream PR #1010 render large integers as floats (`1e+06`).
+            Some(toml::Value::Float(value)) => match integral(*value) {
+                Some(n) => {
+                    self.warnings.borrow_mut().push(format!(
+                        "{}: {value} is a float; read as the integer {n} (write {n})",
+                        self.key(key)
+                    ));
+                    Ok(Some(n))
+                }
+                None => Err(invalid(
+                    &self.key(key),
+                    format!("expected an integer, got float {value}"),
+                )),
+            },
             Some(other) => Err(invalid(&self.key(key), wrong_type("an integer", other))),
         }
     }
@@ -846,6 +992,11 @@ impl<'a> Section<'a> {
                 )
             }),
         }
+    }
+
+    /// Warnings about this table's values (not of child sections').
+    fn collect_warnings(&self, into: &mut Vec<String>) {
+        into.extend(self.warnings.borrow().iter().cloned());
     }
 
     /// Keys of this table (not of child sections, which report their own) never read, each

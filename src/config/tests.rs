@@ -295,6 +295,98 @@ fn liveness_timeout_defaults_above_the_retry_gap_and_is_range_checked() {
     }
 }
 
+#[test]
+fn out_of_range_numbers_are_rejected_naming_the_key() {
+    let cases = [
+        (
+            "backoff_multiplier = 2.0",
+            "backoff_multiplier = 1e300",
+            "exporter.failure_handling.backoff_multiplier",
+        ),
+        (
+            "backoff_multiplier = 2.0",
+            "backoff_multiplier = nan",
+            "exporter.failure_handling.backoff_multiplier",
+        ),
+        (
+            "backoff_multiplier = 2.0",
+            "backoff_multiplier = inf",
+            "exporter.failure_handling.backoff_multiplier",
+        ),
+        (
+            "backoff_multiplier = 2.0",
+            "backoff_multiplier = -inf",
+            "exporter.failure_handling.backoff_multiplier",
+        ),
+        (
+            "max_backoff = \"5m\"",
+            "max_backoff = \"2562047h\"",
+            "exporter.failure_handling.max_backoff",
+        ),
+        (
+            "initial_backoff = \"1s\"",
+            "initial_backoff = \"25h\"",
+            "exporter.failure_handling.initial_backoff",
+        ),
+        (
+            "max_retries = 17",
+            "max_retries = 9223372036854775807",
+            "exporter.failure_handling.max_retries",
+        ),
+        (
+            "timeout = \"10s\"",
+            "timeout = \"2562047h\"",
+            "exporter.sink.timeout",
+        ),
+        (
+            "max_age = \"168h\"",
+            "max_age = \"2562047h\"",
+            "exporter.backfill.max_age",
+        ),
+        (
+            "max_events = 10000",
+            "max_events = 9223372036854775807",
+            "exporter.backfill.max_events",
+        ),
+        (
+            "batch_size = 100",
+            "batch_size = 0",
+            "exporter.backfill.batch_size",
+        ),
+        (
+            "batch_size = 100",
+            "batch_size = 100000000",
+            "exporter.backfill.batch_size",
+        ),
+        (
+            "rate_limit = 100",
+            "rate_limit = 9223372036854775807",
+            "exporter.backfill.rate_limit",
+        ),
+        ("workers = 4", "workers = 100000000", "exporter.workers"),
+        ("workers = 4", "workers = -3", "exporter.workers"),
+        (
+            "max_events = 10000",
+            "max_events = 1.5",
+            "exporter.backfill.max_events",
+        ),
+        (
+            "max_events = 10000",
+            "max_events = 1e300",
+            "exporter.backfill.max_events",
+        ),
+        ("workers = 4", "workers = nan", "exporter.workers"),
+    ];
+    for (from, to, key) in cases {
+        assert!(FULL.contains(from), "test case does not apply: {from}");
+        let message = error_of(&FULL.replace(from, to));
+        assert!(
+            message.starts_with(&format!("{key}:")),
+            "replacing {from:?} by {to:?}: message {message:?} should name {key}"
+        );
+    }
+}
+
 const MINIMAL: &str = r#"
 [exporter.metadata]
 cluster = "c"
@@ -405,4 +497,84 @@ fn invalid_rejection_settings_name_their_key() {
         error.starts_with("exporter.resume_token.save_interval:"),
         "{error}"
     );
+}
+
+#[test]
+fn bounds_are_inclusive() {
+    let text = FULL
+        .replace("backoff_multiplier = 2.0", "backoff_multiplier = 100")
+        .replace("workers = 4", "workers = 1024")
+        .replace("max_backoff = \"5m\"", "max_backoff = \"24h\"")
+        .replace("batch_size = 100", "batch_size = 100000");
+    let config = Config::parse(&text).expect("bounds are allowed");
+    assert_eq!(config.failure_handling.backoff_multiplier, 100.0);
+    assert_eq!(config.workers, Some(1024));
+    assert_eq!(config.backfill.batch_size, 100_000);
+    // The largest retry schedule the bounds allow computes without overflow.
+    let policy = RetryPolicy {
+        max_retries: MAX_RETRIES,
+        initial_backoff: MAX_WAIT,
+        max_backoff: MAX_WAIT,
+        backoff_multiplier: MAX_BACKOFF_MULTIPLIER,
+    };
+    assert!(crate::sink::retry::total_base_delay(&policy) >= MAX_WAIT);
+}
+
+#[test]
+fn floats_with_integral_values_are_read_as_integers_with_a_warning() {
+    let text = FULL
+        .replace("max_events = 10000", "max_events = 1e+06")
+        .replace("max_retries = 17", "max_retries = 17.0");
+    let config = Config::parse(&text).expect("integral floats are accepted");
+    assert_eq!(config.backfill.max_events, 1_000_000);
+    assert_eq!(config.failure_handling.max_retries, 17);
+    assert_eq!(config.warnings.len(), 2, "{:?}", config.warnings);
+    assert!(
+        config
+            .warnings
+            .iter()
+            .any(|w| w.starts_with("exporter.backfill.max_events:")),
+        "{:?}",
+        config.warnings
+    );
+    assert!(Config::parse(FULL).expect("valid").warnings.is_empty());
+}
+
+#[test]
+fn cluster_must_be_a_uri_host() {
+    for bad in [
+        "my cluster",
+        "a/b",
+        "a@b",
+        "x:1",
+        "é",
+        "a%20b",
+        "a?b",
+        "a#b",
+    ] {
+        let text = FULL.replace(
+            "cluster = \"prod-us-west-2\"",
+            &format!("cluster = {bad:?}"),
+        );
+        let message = error_of(&text);
+        assert!(
+            message.starts_with("exporter.metadata.cluster:") && message.contains("allowed"),
+            "{bad}: {message}"
+        );
+    }
+    for good in ["prod-us-west-2", "gke_proj_zone_name", "a.b~c", "C1"] {
+        let text = FULL.replace(
+            "cluster = \"prod-us-west-2\"",
+            &format!("cluster = {good:?}"),
+        );
+        let config = Config::parse(&text).expect("valid cluster");
+        let source = crate::cloudevent::Transformer::new(config.metadata.clone())
+            .source()
+            .to_string();
+        assert_eq!(source, format!("nvsentinel://{good}/healthevents"));
+        assert!(
+            reqwest::Url::parse(&source).is_ok_and(|url| url.host_str().is_some()),
+            "{source}"
+        );
+    }
 }

@@ -58,6 +58,11 @@ pub enum SkipReason {
     NeverCommitted,
     /// Committed before this exporter's starting point (a backfill's domain, if enabled).
     BeforeStart,
+    /// Ids of a changelog whose ids were reset (see `postgres::reset`): never to be read.
+    ChangelogReset,
+    /// A health-event row the driver cannot decode (logged with its changelog id and counted
+    /// as `skipped{reason="undecodable"}` where it was found).
+    Undecodable,
 }
 
 /// A health event as stored, not yet decoded.

@@ -100,7 +100,12 @@ impl EventHandler {
             Err(error) => {
                 tracing::warn!(changelog_id = position, record_id = %event.record_id, %error, "undecodable health event document; skipping it");
                 metrics.transform_errors.inc();
-                metrics.skipped("undecodable");
+                // A time outside RFC 3339's years would make an invalid CloudEvent `time`.
+                metrics.skipped(if error.field.ends_with("generatedTimestamp") {
+                    "invalid_time"
+                } else {
+                    "undecodable"
+                });
                 return Outcome::Skipped;
             }
         };
@@ -119,9 +124,20 @@ impl EventHandler {
                 }
             }
         }
-        let body = self
-            .transformer
-            .encode(&event.record_id, &health_event, event.created_at);
+        let body = match self.transformer.try_encode(
+            &event.record_id,
+            &health_event,
+            event.created_at,
+        ) {
+            Ok(body) => body,
+            // One bad event never blocks the rest: skipped, logged, counted.
+            Err(error) => {
+                tracing::warn!(changelog_id = position, record_id = %event.record_id, %error, "the CloudEvent built for this event is invalid; skipping it");
+                metrics.transform_errors.inc();
+                metrics.skipped("invalid_cloudevent");
+                return Outcome::Skipped;
+            }
+        };
         let started = Instant::now();
         match self
             .publisher

@@ -213,8 +213,6 @@ pub fn recommended_action_name(action: i64) -> String {
         25 => "REPLACE_VM",
         26 => "RUN_DCGMEUD",
         27 => "CUSTOM",
-        28 => "REMEDIATE",
-        39 => "RESTART_APP",
         99 => "UNKNOWN",
         other => return other.to_string(),
     }

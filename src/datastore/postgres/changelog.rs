@@ -13,6 +13,11 @@
 //! visible; only the decision that an id will never come waits for older transactions. Visible rows go out at once;
 //! only the resume token waits for holes, because positions are reported exactly once each
 //! and the pipeline advances over the contiguous prefix.
+//!
+//! A resume token (at start) or a read position (while running) above the changelog's head
+//! means the ids went back (`TRUNCATE … RESTART IDENTITY`, a restored datastore, a bogus
+//! token): the reader logs an error, counts it, and restarts at the new changelog's beginning
+//! within the backfill window (see `reset`).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,12 +28,18 @@ use chrono::{DateTime, Utc};
 use tokio::sync::Notify;
 use tokio_postgres::{Client, Row};
 
+use super::reset::{self, ResetWindow, Restart};
 use super::{Connector, StartPoint};
 use crate::datastore::{Change, ChangeKind, ChangeSource, DatastoreError, RawEvent, SkipReason};
 
 /// On a fresh start, ids this far below the changelog's end are examined so that rows of
 /// transactions still open at start-up (which hold smaller ids) are not passed over.
 const START_WINDOW: u64 = 10_000;
+
+/// The changelog's head (see `reset`): the larger of the id sequence's last value (`$3`, the
+/// sequence's name or NULL) and the highest id present; NULL when both are.
+const HEAD: &str = "greatest((SELECT max(id) FROM datastore_changelog), \
+                              pg_sequence_last_value($3::text::regclass))";
 
 /// Columns every changelog query returns, in this order.
 const ROW_COLUMNS: &str = "c.id, c.table_name, c.operation, c.changed_at, c.record_id::text, \
@@ -57,6 +68,12 @@ pub struct ChangelogReader {
     up: Arc<AtomicBool>,
     /// Set when the reader started at the changelog's end (no resume token).
     fresh_start: Option<FreshStart>,
+    /// `datastore_changelog`'s id sequence, when its last value is readable (see `reset`).
+    sequence: Option<String>,
+    /// Bounds a restart after the changelog's ids went back.
+    window: ResetWindow,
+    /// After a reset: health-event rows with ids up to `.0` changed before `.1` are passed over.
+    not_before: Option<(u64, DateTime<Utc>)>,
 }
 
 /// A run of ids `first..=last` (the map key is `first`) that were not visible when a larger id
@@ -98,7 +115,19 @@ impl ChangelogReader {
         start: StartPoint,
         wake: Arc<Notify>,
     ) -> Result<ChangelogReader, DatastoreError> {
+        Self::open_bounded(connector, start, wake, ResetWindow::default()).await
+    }
+
+    /// `open`, with the window that bounds a restart after the changelog's ids went back
+    /// (the backfill's `max_age` and `max_events`).
+    pub async fn open_bounded(
+        connector: Connector,
+        start: StartPoint,
+        wake: Arc<Notify>,
+        window: ResetWindow,
+    ) -> Result<ChangelogReader, DatastoreError> {
         let client = connector.connect().await?;
+        let sequence = find_sequence(&client).await;
         let mut reader = ChangelogReader {
             connector,
             client: None,
@@ -112,7 +141,11 @@ impl ChangelogReader {
             start_position: 0,
             up: Arc::new(AtomicBool::new(true)),
             fresh_start: None,
+            sequence,
+            window,
+            not_before: None,
         };
+        let resuming = start != StartPoint::End;
         match start {
             StartPoint::Contiguous(id) => reader.read_pos = id,
             StartPoint::End => reader.start_at_end(&client).await?,
@@ -133,11 +166,65 @@ impl ChangelogReader {
                 }
             }
         }
+        if resuming {
+            let head = changelog_head(&client, reader.sequence.as_deref()).await?;
+            if let Some(restart) =
+                reset::restart_point(reader.read_pos, head, Utc::now(), &reader.window)
+            {
+                tracing::error!(
+                    resume_token = reader.read_pos,
+                    changelog_head = head,
+                    restart_after = restart.after,
+                    passing_over_before = %restart.not_before,
+                    "the resume token is ahead of the changelog's head: the changelog's ids went \
+                     back (TRUNCATE ... RESTART IDENTITY, a restored or re-created datastore, or a \
+                     bogus token row); restarting from the new changelog's beginning within the \
+                     backfill window"
+                );
+                crate::metrics::get().resume_token_reset("ahead_at_start");
+                reader.restart(restart);
+            }
+        }
         if reader.ready.is_empty() && reader.holes.is_empty() {
             reader.start_position = reader.read_pos;
         }
         reader.client = Some(client);
         Ok(reader)
+    }
+
+    /// Continues after `restart.after` of a changelog whose ids went back; nothing seen so far
+    /// is kept.
+    fn restart(&mut self, restart: Restart) {
+        self.read_pos = restart.after;
+        self.holes.clear();
+        self.exported_before = None;
+        self.not_before = Some((restart.through, restart.not_before));
+    }
+
+    /// A reset found while running: the holes of the old changelog are passed over (their ids
+    /// now belong to other rows), positions go on growing in a new epoch, and reading restarts.
+    fn restart_while_running(&mut self, head: u64, restart: Restart) {
+        let positions = self.connector.positions();
+        for (first, hole) in std::mem::take(&mut self.holes) {
+            let mut span = Change::skip_span(first, hole.last, SkipReason::ChangelogReset);
+            span.position = positions.position_of(span.position);
+            span.through = positions.position_of(span.through);
+            self.ready.push_back(span);
+        }
+        let base = positions.position_of(self.read_pos);
+        tracing::error!(
+            read_position = self.read_pos,
+            changelog_head = head,
+            restart_after = restart.after,
+            passing_over_before = %restart.not_before,
+            "the changelog's head went back below ids already read: its ids were reset \
+             (TRUNCATE ... RESTART IDENTITY, a restored or re-created datastore); restarting \
+             from the new changelog's beginning within the backfill window"
+        );
+        crate::metrics::get().resume_token_reset("ahead_while_running");
+        positions.start_epoch(base, restart.after);
+        self.restart(restart);
+        self.wake.notify_one();
     }
 
     /// Where a token-less start began (for the backfill hand-off); `None` after a resume.
@@ -174,13 +261,13 @@ impl ChangelogReader {
             )
             .await?;
         let tag = parse_xid(row.get(0))?;
-        let end = row.get::<_, i64>(1) as u64;
+        let end = u64::try_from(row.get::<_, i64>(1)).unwrap_or(0);
         let started_at: DateTime<Utc> = row.get(2);
         let visible: Vec<i64> = row.get(3);
         let first = end.saturating_sub(START_WINDOW) + 1;
         let mut open_ids = Vec::new();
         let mut expected = first;
-        for id in visible.into_iter().map(|id| id as u64) {
+        for id in visible.into_iter().filter_map(|id| u64::try_from(id).ok()) {
             open_ids.extend(expected..id);
             self.add_hole(expected, id - 1, tag);
             self.ready.push_back(Change::new(
@@ -222,7 +309,7 @@ impl ChangelogReader {
             .await?;
         let first_unexported: Option<i64> = row.get(0);
         self.read_pos = match first_unexported {
-            Some(first) if (first as u64) <= id => first as u64 - 1,
+            Some(first) if (first as u64) <= id => (first as u64).saturating_sub(1),
             _ => id,
         };
         self.exported_before = Some((changed_at, id));
@@ -247,10 +334,18 @@ impl ChangelogReader {
     async fn read_next(&mut self) -> Result<Vec<Change>, DatastoreError> {
         let mut backoff = Duration::from_millis(250);
         loop {
+            // `ready` holds changes already at their positions.
             if !self.ready.is_empty() {
                 return Ok(self.ready.drain(..).collect());
             }
-            let polled = self.poll().await;
+            let polled = self.poll().await.map(|mut changes| {
+                let positions = self.connector.positions();
+                for change in &mut changes {
+                    change.position = positions.position_of(change.position);
+                    change.through = positions.position_of(change.through);
+                }
+                changes
+            });
             self.up.store(polled.is_ok(), Ordering::Relaxed);
             match polled {
                 Ok(changes) if !changes.is_empty() => return Ok(changes),
@@ -290,12 +385,11 @@ impl ChangelogReader {
                 &format!(
                     "SELECT pg_snapshot_xmin(s.snap)::text, s.head, \
                             {ROW_COLUMNS} \
-                     FROM (SELECT pg_current_snapshot() AS snap, \
-                                  (SELECT max(id) FROM datastore_changelog) AS head) s \
+                     FROM (SELECT pg_current_snapshot() AS snap, {HEAD} AS head) s \
                      LEFT JOIN LATERAL (SELECT * FROM datastore_changelog \
                                         WHERE id > $1 ORDER BY id LIMIT $2) c ON true"
                 ),
-                &[&(self.read_pos as i64), &self.batch_size],
+                &[&(self.read_pos as i64), &self.batch_size, &self.sequence],
             )
             .await?;
         let Some(first) = rows.first() else {
@@ -308,6 +402,11 @@ impl ChangelogReader {
         crate::metrics::get()
             .changelog_head_id
             .set(head.unwrap_or(0));
+        let head = head.and_then(|h| u64::try_from(h).ok()).unwrap_or(0);
+        if let Some(restart) = reset::restart_point(self.read_pos, head, Utc::now(), &self.window) {
+            self.restart_while_running(head, restart);
+            return Ok(Vec::new());
+        }
         let mut changes = Vec::new();
         let mut new_holes = Vec::new();
         for row in &rows {
@@ -407,17 +506,44 @@ impl ChangelogReader {
         }
     }
 
-    /// Builds a change from the `ROW_COLUMNS` starting at column `at`.
+    /// Builds a change from the `ROW_COLUMNS` starting at column `at`. Only an unreadable id
+    /// is an error; any other column the driver cannot convert (a document nested deeper than
+    /// serde_json's 128 levels, a number out of `f64` range, text that is not UTF-8, a NULL
+    /// where text belongs) makes the row a skipped, logged and counted `Undecodable` position,
+    /// so one bad row never stops the feed.
     fn change_from_row(&self, row: &Row, at: usize) -> Result<Change, DatastoreError> {
-        let id: i64 = row.get(at);
-        let table: String = row.get(at + 1);
-        let operation: String = row.get(at + 2);
-        let changed_at: Option<DateTime<Utc>> = row.get(at + 3);
-        let record_id: String = row.get(at + 4);
-        let document: Option<serde_json::Value> = row.get(at + 5);
-        let created_at: Option<String> = row.get(at + 6);
-        let position = id as u64;
+        let id: i64 = row.try_get(at).map_err(|e| DatastoreError::Row {
+            id: -1,
+            reason: format!("unreadable changelog id: {e}"),
+        })?;
+        let position = u64::try_from(id).map_err(|_| DatastoreError::Row {
+            id,
+            reason: "changelog ids are positive".into(),
+        })?;
+        let changed_at: Option<DateTime<Utc>> = row.try_get(at + 3).ok().flatten();
         let skip = |reason| Change::new(position, changed_at, ChangeKind::Skip(reason));
+        let record_id: Option<String> = row.try_get(at + 4).ok().flatten();
+        let undecodable = |column: &str, error: &dyn std::fmt::Display| {
+            tracing::warn!(
+                changelog_id = position,
+                record_id = record_id.as_deref().unwrap_or("-"),
+                column,
+                %error,
+                "changelog row cannot be decoded; skipping it"
+            );
+            crate::metrics::get().skipped("undecodable");
+            skip(SkipReason::Undecodable)
+        };
+        let (table, operation) = match (
+            row.try_get::<_, Option<String>>(at + 1),
+            row.try_get::<_, Option<String>>(at + 2),
+        ) {
+            (Ok(table), Ok(operation)) => {
+                (table.unwrap_or_default(), operation.unwrap_or_default())
+            }
+            (Err(e), _) => return Ok(undecodable("table_name", &e)),
+            (_, Err(e)) => return Ok(undecodable("operation", &e)),
+        };
         if table != "health_events" || operation != "INSERT" {
             return Ok(skip(SkipReason::NotAHealthEventInsert));
         }
@@ -426,6 +552,19 @@ impl ChangelogReader {
                 return Ok(skip(SkipReason::BeforeStart));
             }
         }
+        if let (Some((through, not_before)), Some(row_time)) = (self.not_before, changed_at) {
+            if position <= through && row_time < not_before {
+                return Ok(skip(SkipReason::BeforeStart));
+            }
+        }
+        let Some(record_id) = record_id.clone() else {
+            return Ok(undecodable("record_id", &"is NULL or unreadable"));
+        };
+        let document: Option<serde_json::Value> = match row.try_get(at + 5) {
+            Ok(document) => document,
+            Err(e) => return Ok(undecodable("document", &describe_conversion(&e))),
+        };
+        let created_at: Option<String> = row.try_get(at + 6).ok().flatten();
         Ok(Change::new(
             position,
             changed_at,
@@ -440,6 +579,62 @@ impl ChangelogReader {
             }),
         ))
     }
+}
+
+/// The driver's conversion error with its cause (serde_json's reason, e.g. "recursion limit
+/// exceeded"), which `Display` alone leaves out.
+pub fn describe_conversion(error: &tokio_postgres::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// The changelog id sequence's name, when its last value can be read (USAGE or SELECT on it).
+async fn find_sequence(client: &Client) -> Option<String> {
+    let row = client
+        .query_one(
+            "SELECT pg_get_serial_sequence('datastore_changelog', 'id')",
+            &[],
+        )
+        .await
+        .ok()?;
+    let name: String = row.try_get::<_, Option<String>>(0).ok().flatten()?;
+    match client
+        .query_one(
+            "SELECT pg_sequence_last_value($1::text::regclass)",
+            &[&name],
+        )
+        .await
+    {
+        Ok(_) => Some(name),
+        Err(error) => {
+            tracing::warn!(
+                sequence = name,
+                error = %crate::datastore::describe_postgres_error(&error),
+                "cannot read the changelog's id sequence (grant USAGE on it); the changelog's \
+                 head is taken as its highest id, so a changelog whose newest rows were deleted \
+                 looks reset and some events may be re-sent"
+            );
+            None
+        }
+    }
+}
+
+/// The changelog's head (see `HEAD`), 0 when empty and never used.
+async fn changelog_head(client: &Client, sequence: Option<&str>) -> Result<u64, DatastoreError> {
+    let row = client
+        .query_one(
+            &format!("SELECT {} FROM (SELECT 1) one", HEAD.replace("$3", "$1")),
+            &[&sequence],
+        )
+        .await?;
+    let head: Option<i64> = row.try_get(0)?;
+    Ok(head.and_then(|h| u64::try_from(h).ok()).unwrap_or(0))
 }
 
 fn parse_xid(text: String) -> Result<u64, DatastoreError> {

@@ -3,10 +3,11 @@
 
 mod changelog;
 mod listener;
+pub mod reset;
 pub mod settings;
 mod token;
 
-pub use changelog::{ChangelogReader, FreshStart};
+pub use changelog::{describe_conversion, ChangelogReader, FreshStart};
 pub use listener::spawn_listener;
 pub use settings::{PgSettings, SslMode};
 pub use token::{StartPoint, TokenStore};
@@ -20,11 +21,14 @@ use super::DatastoreError;
 /// NOTIFY channel NVSentinel's changelog trigger signals on every change.
 pub const NOTIFY_CHANNEL: &str = "nvsentinel_changes";
 
-/// Opens connections with the configured settings and TLS.
+/// Opens connections with the configured settings and TLS. Clones share one
+/// `reset::PositionMap`, so the changelog reader and the `TokenStore` opened from the same
+/// connector agree on what a checkpoint position means after a changelog reset.
 #[derive(Clone)]
 pub struct Connector {
     settings: PgSettings,
     tls: MakeRustlsConnect,
+    positions: std::sync::Arc<reset::PositionMap>,
 }
 
 pub type PgConnection = Connection<Socket, <MakeRustlsConnect as MakeTlsConnect<Socket>>::Stream>;
@@ -32,7 +36,16 @@ pub type PgConnection = Connection<Socket, <MakeRustlsConnect as MakeTlsConnect<
 impl Connector {
     pub fn new(settings: PgSettings) -> Result<Connector, DatastoreError> {
         let tls = settings.tls_connector()?;
-        Ok(Connector { settings, tls })
+        Ok(Connector {
+            settings,
+            tls,
+            positions: Default::default(),
+        })
+    }
+
+    /// Positions versus changelog ids across resets (shared by clones).
+    pub fn positions(&self) -> &reset::PositionMap {
+        &self.positions
     }
 
     pub fn settings(&self) -> &PgSettings {

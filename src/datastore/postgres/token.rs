@@ -13,6 +13,9 @@ use tokio_postgres::Client;
 use super::Connector;
 use crate::datastore::{Checkpoint, CheckpointStore, DatastoreError};
 
+/// The largest changelog id PostgreSQL can hold (`bigint`).
+pub const MAX_CHANGELOG_ID: u64 = i64::MAX as u64;
+
 /// Where reading starts, as decided by the stored token.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StartPoint {
@@ -37,10 +40,12 @@ impl StartPoint {
         let id_of = |key: &str| -> Result<Option<u64>, DatastoreError> {
             match token.get(key) {
                 None | Some(Value::Null) => Ok(None),
+                // An id beyond PostgreSQL's bigint cannot exist: it is read as the largest
+                // one, so it is detected as ahead of the changelog's head (see `reset`).
                 Some(value) => value
                     .as_u64()
-                    .or_else(|| value.as_str().and_then(|s| s.parse().ok()))
-                    .map(Some)
+                    .or_else(|| value.as_str().and_then(|s| s.trim().parse().ok()))
+                    .map(|id: u64| Some(id.min(MAX_CHANGELOG_ID)))
                     .ok_or_else(|| bad(format!("{key} is not a changelog id: {value}"))),
             }
         };
@@ -108,7 +113,19 @@ impl TokenStore {
                     &[&name],
                 )
                 .await?;
-            Ok(row.map(|row| row.get::<_, Value>(0)))
+            match row {
+                None => Ok(None),
+                Some(row) => row
+                    .try_get::<_, Option<Value>>(0)
+                    .map(|value| value.or(Some(Value::Null)))
+                    .map_err(|e| DatastoreError::Token {
+                        client: name.to_string(),
+                        reason: format!(
+                            "the stored value cannot be read: {}",
+                            super::describe_conversion(&e)
+                        ),
+                    }),
+            }
         })
         .await
     }
@@ -155,7 +172,12 @@ impl TokenStore {
 
 impl CheckpointStore for TokenStore {
     async fn save(&self, checkpoint: &Checkpoint) -> Result<(), DatastoreError> {
-        self.save_value(&token_value(checkpoint)).await
+        // After a changelog reset positions are no longer ids (see `reset`).
+        let checkpoint = Checkpoint {
+            position: self.connector.positions().id_of(checkpoint.position),
+            changed_at: checkpoint.changed_at,
+        };
+        self.save_value(&token_value(&checkpoint)).await
     }
 }
 
@@ -202,6 +224,21 @@ mod tests {
                 .expect_err("should fail")
                 .to_string();
             assert!(message.contains("\"event-exporter\""), "{message}");
+        }
+    }
+
+    #[test]
+    fn ids_beyond_bigint_are_read_as_the_largest_id() {
+        for token in [
+            json!({"eventID": u64::MAX, "contiguous": true}),
+            json!({"eventID": "18446744073709551615", "contiguous": true}),
+            json!({"lastChangelogID": 9223372036854775808u64}),
+        ] {
+            assert_eq!(
+                StartPoint::from_token("c", &token).expect("valid"),
+                StartPoint::Contiguous(MAX_CHANGELOG_ID),
+                "{token}"
+            );
         }
     }
 
