@@ -30,7 +30,22 @@ pub struct CloudEvent<'a> {
     pub source: String,
     pub id: String,
     pub time: String,
+    /// Absent unless `exporter.cloudevent.subject` asks for it (upstream never sends one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
     pub data: Data<'a>,
+}
+
+/// What the optional CloudEvents `subject` attribute carries: the part of the source a receiver
+/// filters on first (CloudEvents 1.0 §3.1.1).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Subject {
+    /// No `subject` (upstream's exact shape; the default).
+    #[default]
+    None,
+    /// The health event's node name (`healthEvent.nodeName`); omitted when it is empty.
+    NodeName,
 }
 
 #[derive(Debug, Serialize)]
@@ -44,6 +59,7 @@ pub struct Data<'a> {
 pub struct Transformer {
     source: String,
     metadata: BTreeMap<String, String>,
+    subject: Subject,
 }
 
 impl Transformer {
@@ -53,7 +69,14 @@ impl Transformer {
         Transformer {
             source: format!("nvsentinel://{cluster}/healthevents"),
             metadata,
+            subject: Subject::None,
         }
+    }
+
+    /// Sets what the `subject` attribute carries (none by default).
+    pub fn with_subject(mut self, subject: Subject) -> Transformer {
+        self.subject = subject;
+        self
     }
 
     pub fn source(&self) -> &str {
@@ -80,6 +103,10 @@ impl Transformer {
             source: self.source.clone(),
             id: record_id.to_string(),
             time: time.clone(),
+            subject: match self.subject {
+                Subject::None => None,
+                Subject::NodeName => Some(event.node_name.clone()).filter(|n| !n.is_empty()),
+            },
             data: Data {
                 health_event: health_event_object(event, time),
                 metadata: &self.metadata,
@@ -280,6 +307,27 @@ mod tests {
             r#""metadata":{"cluster":"prod-1","environment":"production"}}}"#
         );
         assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn subject_is_the_node_name_only_when_asked_for() {
+        let value: Value =
+            serde_json::from_slice(&transformer().encode("id-1", &sample(), None)).expect("json");
+        assert!(
+            value.get("subject").is_none(),
+            "upstream's shape has no subject"
+        );
+        let with_node = transformer().with_subject(Subject::NodeName);
+        let text = String::from_utf8(with_node.encode("id-1", &sample(), None)).expect("utf-8");
+        assert!(
+            text.contains(r#""time":"2025-01-15T10:30:00Z","subject":"node-1","data":"#),
+            "{text}"
+        );
+        // An event without a node name gets no (empty, invalid) subject.
+        let nameless = HealthEvent::default();
+        let value: Value =
+            serde_json::from_slice(&with_node.encode("id-2", &nameless, None)).expect("json");
+        assert!(value.get("subject").is_none(), "{value}");
     }
 
     #[test]
