@@ -296,3 +296,36 @@ async fn a_silent_sink_is_bounded_by_the_timeout() {
     );
     assert_eq!(result(&report, "datastore").0, "ok");
 }
+
+/// A database missing one of the tables the exporter reads: the check names it and creates
+/// nothing (SELECTs only).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_table_fails_the_datastore_check_and_is_not_created() {
+    let db = TestDb::create().await;
+    db.client()
+        .await
+        .batch_execute("DROP TABLE resume_tokens")
+        .await
+        .expect("drop resume_tokens");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sink = SinkServer::start(SinkOptions::default()).await;
+    let (config, secret) = write_config(dir.path(), &sink.url(), None, "", "");
+    let (code, report, stderr) = check_connect(&config, &secret, db.env(), &["--connect"]).await;
+    assert_eq!(code, Some(2), "{stderr}\n{report:#}");
+    let (outcome, detail) = result(&report, "datastore");
+    assert_eq!(outcome, "failed");
+    assert!(
+        detail.contains("missing table resume_tokens") && detail.contains("migrations"),
+        "{detail}"
+    );
+    let still_missing = db
+        .client()
+        .await
+        .query_one("SELECT to_regclass('resume_tokens') IS NULL", &[])
+        .await
+        .expect("look for resume_tokens");
+    assert!(
+        still_missing.get::<_, bool>(0),
+        "check-config created a table"
+    );
+}
