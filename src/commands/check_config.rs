@@ -267,21 +267,21 @@ async fn check_datastore() -> Probe {
         Ok(settings) => settings,
         Err(error) => return Probe::failed(error.to_string()),
     };
-    let where_ = settings.describe();
+    let target = settings.describe();
     let connector = match Connector::new(settings) {
         Ok(connector) => connector,
-        Err(error) => return Probe::failed(format!("{where_}: {error}")),
+        Err(error) => return Probe::failed(format!("{target}: {error}")),
     };
     let client = match connector.connect().await {
         Ok(client) => client,
-        Err(error) => return Probe::failed(format!("{where_}: {error}")),
+        Err(error) => return Probe::failed(format!("{target}: {error}")),
     };
     match connector.check_schema(&client).await {
         Ok(()) => Probe::ok(format!(
-            "connected to {where_}; tables datastore_changelog, health_events and \
+            "connected to {target}; tables datastore_changelog, health_events and \
              resume_tokens present"
         )),
-        Err(error) => Probe::failed(format!("{where_}: {error}")),
+        Err(error) => Probe::failed(format!("{target}: {error}")),
     }
 }
 
