@@ -102,6 +102,15 @@ pub struct CheckConfigArgs {
     /// a rendered configuration outside the pod.
     #[arg(long)]
     pub skip_files: bool,
+
+    /// After the offline checks, also try what the exporter connects to, each bounded by 10 s
+    /// and reported as ok or failed (JSON `connect`, and stderr): the datastore (connect with
+    /// the DATASTORE_* environment and look for the tables the exporter reads; read-only), the
+    /// OIDC token endpoint (a real client-credentials token request with the configured client
+    /// authentication) and the sink (an OPTIONS request: any HTTP answer means reachable).
+    /// Exits 2 if any fails.
+    #[arg(long)]
+    pub connect: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

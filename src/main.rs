@@ -12,27 +12,7 @@ fn main() -> ExitCode {
     event_exporter::panics::install_hook();
     let cli = Cli::parse_from(normalize_go_flags(std::env::args()));
     match cli.command {
-        Some(Command::CheckConfig(args)) => match check_config::check(&args) {
-            Ok(report) if report.unknown_keys.is_empty() => {
-                logging::print_stdout(&report.json);
-                ExitCode::SUCCESS
-            }
-            Ok(report) => {
-                logging::print_stdout(&report.json);
-                for message in &report.unknown_keys {
-                    logging::print_stderr(&format!("invalid configuration: {message}"));
-                }
-                logging::print_stderr(&format!(
-                    "invalid configuration: {} unknown key(s); the exporter would ignore them",
-                    report.unknown_keys.len()
-                ));
-                ExitCode::from(2)
-            }
-            Err(error) => {
-                logging::print_stderr(&format!("invalid configuration: {error}"));
-                ExitCode::from(error.code())
-            }
-        },
+        Some(Command::CheckConfig(args)) => check_config::main(&args),
         Some(Command::Status(args)) => status::main(&args),
         Some(Command::Sink(args)) => run_async(&cli.run, sink::run(*args)),
         Some(Command::Generate(args)) => run_async(&cli.run, generate::run(args)),

@@ -6,13 +6,28 @@
 //! Unknown keys make it fail (exit 2) although the exporter only warns about them: a misspelled
 //! key silently changes behaviour (`max_retires = 17` leaves `max_retries` at 0), and this
 //! command is where an operator looks for that.
+//!
+//! `--connect` then tries what the exporter connects to, with the exporter's own code: the
+//! datastore (`Connector::connect` and `check_schema`: SELECTs only, never DDL), the OIDC token
+//! endpoint (`TokenProvider::token`, a real client-credentials grant with the configured client
+//! authentication and secret file) and the sink (an `OPTIONS` request with the sink's TLS
+//! settings and proxy; any HTTP answer, 405 included, means reachable; no event is sent). Each
+//! check is bounded by [`CONNECT_TIMEOUT`], reported as `ok`, `failed` (with the reason) or
+//! `skipped` (OIDC disabled, no dead-letter endpoint), and any failure makes the command exit 2.
 
-use serde_json::json;
+use std::process::ExitCode;
+use std::time::Duration;
 
-use crate::cli::CheckConfigArgs;
-use crate::config::format_go_duration;
-use crate::datastore::postgres::PgSettings;
+use serde_json::{json, Value};
+
+use crate::cli::{CheckConfigArgs, RunArgs};
+use crate::config::{format_go_duration, Config};
+use crate::datastore::postgres::{Connector, PgSettings};
 use crate::exporter::{validate_local, ExitError, LocalSettings};
+use crate::logging;
+
+/// Bound on each `--connect` check (datastore, token endpoint, sink, dead-letter endpoint).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What `check-config` found.
 pub struct Report {
@@ -20,6 +35,47 @@ pub struct Report {
     pub json: String,
     /// Unknown keys, one message each (with a likely correction); any makes the check fail.
     pub unknown_keys: Vec<String>,
+    /// `--connect` results, one line each (`datastore: ok: …`); empty without `--connect`.
+    pub connect_lines: Vec<String>,
+    /// Whether any `--connect` check failed (exit 2).
+    pub connect_failed: bool,
+}
+
+/// Runs `check-config`: prints the report (stdout) and the problems (stderr); exit 0 when the
+/// configuration is valid and every `--connect` check passed, 2 otherwise (1 when the checks
+/// themselves cannot run).
+pub fn main(args: &CheckConfigArgs) -> ExitCode {
+    match check(args) {
+        Ok(report) => {
+            logging::print_stdout(&report.json);
+            for line in &report.connect_lines {
+                logging::print_stderr(&format!("connect: {line}"));
+            }
+            for message in &report.unknown_keys {
+                logging::print_stderr(&format!("invalid configuration: {message}"));
+            }
+            if !report.unknown_keys.is_empty() {
+                logging::print_stderr(&format!(
+                    "invalid configuration: {} unknown key(s); the exporter would ignore them",
+                    report.unknown_keys.len()
+                ));
+            }
+            if report.connect_failed {
+                logging::print_stderr(
+                    "connect: failed: the exporter would not get through (see above)",
+                );
+            }
+            if report.unknown_keys.is_empty() && !report.connect_failed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            }
+        }
+        Err(error) => {
+            logging::print_stderr(&format!("invalid configuration: {error}"));
+            ExitCode::from(error.code())
+        }
+    }
 }
 
 /// Returns the report to print, or the error that makes the configuration invalid.
@@ -49,6 +105,28 @@ pub fn check(args: &CheckConfigArgs) -> Result<Report, ExitError> {
     if let Some(oidc) = &config.oidc {
         proxies.insert("oidcTokenEndpoint".into(), proxy(&oidc.token_url));
     }
+    let (connect, connect_lines, connect_failed) = if args.connect {
+        let probes = connect_checks(&config, run)?;
+        let failed = probes
+            .iter()
+            .any(|(_, probe)| probe.outcome == Outcome::Failed);
+        let lines = probes
+            .iter()
+            .map(|(name, probe)| format!("{name}: {}: {}", probe.outcome.name(), probe.detail))
+            .collect();
+        let map: serde_json::Map<String, Value> = probes
+            .into_iter()
+            .map(|(name, probe)| {
+                (
+                    name.to_string(),
+                    json!({"result": probe.outcome.name(), "detail": probe.detail}),
+                )
+            })
+            .collect();
+        (Value::Object(map), lines, failed)
+    } else {
+        (json!("not tried: pass --connect"), Vec::new(), false)
+    };
     let report = json!({
         "config": run.config.display().to_string(),
         "exporter": config,
@@ -70,9 +148,189 @@ pub fn check(args: &CheckConfigArgs) -> Result<Report, ExitError> {
         "warnings": config.warnings,
         "datastore": datastore,
         "proxies": proxies,
+        "connect": connect,
     });
     Ok(Report {
         json: serde_json::to_string_pretty(&report).unwrap_or_default(),
         unknown_keys: config.unknown_key_messages(),
+        connect_lines,
+        connect_failed,
     })
+}
+
+/// The result of one `--connect` check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    Failed,
+    /// Not applicable to this configuration (e.g. OIDC disabled).
+    Skipped,
+}
+
+impl Outcome {
+    /// `ok`, `failed` or `skipped`, as shown in the report.
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Failed => "failed",
+            Outcome::Skipped => "skipped",
+        }
+    }
+}
+
+/// One `--connect` check's outcome and what was seen (the reason, for a failure).
+#[derive(Debug, Clone)]
+pub struct Probe {
+    pub outcome: Outcome,
+    pub detail: String,
+}
+
+impl Probe {
+    fn ok(detail: impl Into<String>) -> Probe {
+        Probe {
+            outcome: Outcome::Ok,
+            detail: detail.into(),
+        }
+    }
+
+    fn failed(detail: impl Into<String>) -> Probe {
+        Probe {
+            outcome: Outcome::Failed,
+            detail: detail.into(),
+        }
+    }
+
+    fn skipped(detail: impl Into<String>) -> Probe {
+        Probe {
+            outcome: Outcome::Skipped,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// Runs the `--connect` checks concurrently on a private runtime: `datastore`,
+/// `oidcTokenEndpoint`, `sink` and `deadLetterEndpoint`, in that order. Errors only when the
+/// runtime cannot start (exit 1).
+pub fn connect_checks(
+    config: &Config,
+    run: &RunArgs,
+) -> Result<Vec<(&'static str, Probe)>, ExitError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| ExitError::Failed(format!("cannot start the async runtime: {e}")))?;
+    let dead_letter = config
+        .rejections
+        .dead_letter
+        .as_ref()
+        .and_then(|d| d.endpoint.clone());
+    let (datastore, token, sink, dead_letter) = runtime.block_on(async {
+        tokio::join!(
+            bounded(check_datastore()),
+            bounded(check_token_endpoint(config, run)),
+            bounded(check_endpoint("sink", &config.sink.endpoint, &config.sink)),
+            async {
+                match &dead_letter {
+                    // The dead letter is POSTed with the sink's TLS options.
+                    Some(url) => {
+                        bounded(check_endpoint("dead-letter endpoint", url, &config.sink)).await
+                    }
+                    None => Probe::skipped("no exporter.failure_handling.dead_letter.endpoint"),
+                }
+            },
+        )
+    });
+    Ok(vec![
+        ("datastore", datastore),
+        ("oidcTokenEndpoint", token),
+        ("sink", sink),
+        ("deadLetterEndpoint", dead_letter),
+    ])
+}
+
+/// `check` bounded by [`CONNECT_TIMEOUT`].
+async fn bounded(check: impl std::future::Future<Output = Probe>) -> Probe {
+    tokio::time::timeout(CONNECT_TIMEOUT, check)
+        .await
+        .unwrap_or_else(|_| {
+            Probe::failed(format!(
+                "no result within {}",
+                format_go_duration(CONNECT_TIMEOUT)
+            ))
+        })
+}
+
+/// Connects with the `DATASTORE_*` environment, as the exporter does, and checks that the
+/// tables it reads exist (`Connector::check_schema`: one SELECT).
+async fn check_datastore() -> Probe {
+    let settings = match PgSettings::from_env(|name| std::env::var(name).ok()) {
+        Ok(settings) => settings,
+        Err(error) => return Probe::failed(error.to_string()),
+    };
+    let target = settings.describe();
+    let connector = match Connector::new(settings) {
+        Ok(connector) => connector,
+        Err(error) => return Probe::failed(format!("{target}: {error}")),
+    };
+    let client = match connector.connect().await {
+        Ok(client) => client,
+        Err(error) => return Probe::failed(format!("{target}: {error}")),
+    };
+    match connector.check_schema(&client).await {
+        Ok(()) => Probe::ok(format!(
+            "connected to {target}; tables datastore_changelog, health_events and \
+             resume_tokens present"
+        )),
+        Err(error) => Probe::failed(format!("{target}: {error}")),
+    }
+}
+
+/// A real client-credentials token request with the configured client authentication and
+/// the `--oidc-secret-path` file (the exporter's `TokenProvider`).
+async fn check_token_endpoint(config: &Config, run: &RunArgs) -> Probe {
+    let Some(oidc) = &config.oidc else {
+        return Probe::skipped("exporter.oidc.enabled = false: no token is requested");
+    };
+    let url = oidc.token_url.clone();
+    let method = serde_json::to_value(oidc.client_auth_method)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    let provider = match crate::sink::TokenProvider::new(oidc.clone(), run.oidc_secret_path.clone())
+    {
+        Ok(provider) => provider,
+        Err(error) => return Probe::failed(format!("{url}: {error}")),
+    };
+    match provider.token().await {
+        Ok(_) => Probe::ok(format!(
+            "{url} issued a token to client {:?} ({method})",
+            oidc.client_id
+        )),
+        Err(error) => Probe::failed(error.to_string()),
+    }
+}
+
+/// An `OPTIONS` request to `url` with the sink's TLS settings (and the proxy the environment
+/// names): any HTTP answer means reachable. Nothing is delivered.
+async fn check_endpoint(what: &str, url: &str, sink: &crate::config::SinkConfig) -> Probe {
+    let client = match crate::sink::http_client(
+        CONNECT_TIMEOUT,
+        sink.insecure_skip_verify,
+        sink.ca_file.as_deref(),
+        1,
+        what,
+    ) {
+        Ok(client) => client,
+        Err(error) => return Probe::failed(format!("{url}: {error}")),
+    };
+    match client.request(reqwest::Method::OPTIONS, url).send().await {
+        Ok(response) => Probe::ok(format!(
+            "{url} answered OPTIONS with HTTP {}",
+            response.status().as_u16()
+        )),
+        Err(error) => Probe::failed(format!(
+            "{url}: {}",
+            crate::sink::http::describe_reqwest_error(&error)
+        )),
+    }
 }

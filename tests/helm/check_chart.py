@@ -21,7 +21,10 @@ What it checks:
     own loader (`event-exporter check-config`), whose effective settings must equal the values
     given, with no unknown keys;
   * the Deployment: args, port, probes, security context, grace period vs --shutdown-grace,
-    OIDC secret and PostgreSQL client-certificate mounts, datastore envFrom, checksum annotation;
+    OIDC secret and PostgreSQL client-certificate mounts, datastore envFrom, checksum annotation,
+    the dead-letter volume (a PersistentVolumeClaim or an emptyDir, mounted writable while the
+    root filesystem stays read-only) and the proxy environment (HTTPS_PROXY, HTTP_PROXY,
+    NO_PROXY);
   * invalid values fail at render time with a message naming the value;
   * monitoring (off by default): the PrometheusRule renders exactly the groups of
     deploy/prometheus/event-exporter-rules.yaml (and its per-alert overrides apply), the
@@ -206,6 +209,8 @@ def expected_effective(values: dict, metadata: dict[str, str]) -> dict:
             "scope": oidc["scope"],
             "insecure_skip_verify": oidc["insecureSkipVerify"],
             "ca_file": oidc.get("caFile") or None,
+            "client_auth_method": oidc["clientAuthMethod"],
+            "default_token_lifetime": go_duration_ns(oidc["defaultTokenLifetime"]),
         },
         "backfill": {
             "enabled": backfill["enabled"],
@@ -221,7 +226,18 @@ def expected_effective(values: dict, metadata: dict[str, str]) -> dict:
             "backoff_multiplier": float(retry["backoffMultiplier"]),
         },
         "filter_expression": expression if expression.strip() else None,
-        "resume_token": dict(exporter["resumeToken"]),
+        "rejections": {
+            "on_rejected": retry["onRejected"],
+            "rejected_statuses": list(retry["rejectedStatuses"]),
+            "already_delivered_statuses": list(retry["alreadyDeliveredStatuses"]),
+            "dead_letter": None if retry["onRejected"] != "dead_letter" else {
+                "file": (retry.get("deadLetter") or {}).get("file") or None,
+                "endpoint": (retry.get("deadLetter") or {}).get("endpoint") or None,
+            },
+        },
+        "resume_token": {k: v for k, v in exporter["resumeToken"].items()
+                         if k != "saveInterval"},
+        "resume_token_save_interval": go_duration_ns(exporter["resumeToken"]["saveInterval"]),
         # Unset: the larger of 5m and 2 x (sink timeout + max backoff) (src/watchdog.rs).
         "liveness_timeout": go_duration_ns(exporter["livenessTimeout"])
         if exporter.get("livenessTimeout")
@@ -238,6 +254,11 @@ def normalise_effective(report: dict) -> dict:
         for key in keys:
             effective[section][key] = go_duration_ns(effective[section][key])
     effective["liveness_timeout"] = go_duration_ns(effective["liveness_timeout"])
+    effective["resume_token_save_interval"] = go_duration_ns(
+        effective["resume_token_save_interval"])
+    if effective.get("oidc"):
+        effective["oidc"]["default_token_lifetime"] = go_duration_ns(
+            effective["oidc"]["default_token_lifetime"])
     effective["failure_handling"]["backoff_multiplier"] = float(
         effective["failure_handling"]["backoff_multiplier"])
     return effective
@@ -370,6 +391,38 @@ def check_deployment(case: str, deployment: dict, configmap: dict, config_text: 
     else:
         check("oidc-secret" not in volumes and "oidc-secret" not in mounts,
               f"{case}: OIDC disabled but the secret is still mounted")
+
+    proxy = values["proxy"]
+    for name, key in (("HTTPS_PROXY", "https"), ("HTTP_PROXY", "http"), ("NO_PROXY", "noProxy")):
+        if proxy.get(key):
+            check(env.get(name) == proxy[key], f"{case}: {name} is {env.get(name)!r}, "
+                                               f"expected proxy.{key} {proxy[key]!r}")
+        elif not any(e.get("name") == name for e in values.get("extraEnv") or []):
+            check(name not in env, f"{case}: {name} set although proxy.{key} is empty")
+
+    dl_volume = values["deadLetterVolume"]
+    if dl_volume.get("existingClaim") or dl_volume.get("emptyDir"):
+        volume = volumes.get("dead-letter") or {}
+        if dl_volume.get("existingClaim"):
+            check(volume.get("persistentVolumeClaim") == {"claimName":
+                                                          dl_volume["existingClaim"]},
+                  f"{case}: dead-letter volume is not the claim {dl_volume['existingClaim']}: "
+                  f"{volume}")
+        else:
+            check(volume.get("emptyDir") == {"sizeLimit": dl_volume["sizeLimit"]},
+                  f"{case}: dead-letter volume is not an emptyDir of {dl_volume['sizeLimit']}: "
+                  f"{volume}")
+        mount = mounts.get("dead-letter") or {}
+        check(mount.get("mountPath") == dl_volume["mountPath"] and not mount.get("readOnly"),
+              f"{case}: dead-letter volume not mounted writable at {dl_volume['mountPath']}: "
+              f"{mount}")
+        dl_file = ((exporter["failureHandling"].get("deadLetter") or {}).get("file") or "")
+        if dl_file:
+            check(dl_file.startswith(dl_volume["mountPath"].rstrip("/") + "/"),
+                  f"{case}: dead-letter file {dl_file} is not on the mounted volume")
+    else:
+        check("dead-letter" not in volumes and "dead-letter" not in mounts,
+              f"{case}: a dead-letter volume without deadLetterVolume")
 
     init = container(deployment, "fix-cert-permissions", init=True)
     if certs["enabled"]:
@@ -544,6 +597,39 @@ CASES: list[dict[str, Any]] = [
         },
         "nodeSelector": {"pool": "ignored"},
     }, "extra": extra_global},
+    {"name": "dead letter file on a PersistentVolumeClaim, already-delivered 409", "values": {
+        "exporter": {"failureHandling": {
+            "onRejected": "dead_letter", "rejectedStatuses": [400, 422],
+            "alreadyDeliveredStatuses": [409],
+            "deadLetter": {"file": "/var/lib/event-exporter/dead-letter.ndjson",
+                           "endpoint": "https://dead-letters.example.com/events"}}},
+        "deadLetterVolume": {"existingClaim": "event-exporter-dead-letter"},
+    }},
+    {"name": "dead letter file on an emptyDir at another path", "values": {
+        "exporter": {"failureHandling": {
+            "onRejected": "dead_letter",
+            "deadLetter": {"file": "/data/dl/rejected.ndjson"}}},
+        "deadLetterVolume": {"emptyDir": True, "sizeLimit": "256Mi", "mountPath": "/data/dl"},
+    }},
+    {"name": "dead letter endpoint only (no volume)", "values": {
+        "exporter": {"failureHandling": {
+            "onRejected": "dead_letter", "rejectedStatuses": [],
+            "deadLetter": {"endpoint": "http://dead-letters.monitoring:8080/events"}}},
+    }},
+    {"name": "client_secret_post, token lifetime, save interval, liveness timeout", "values": {
+        "exporter": {
+            "oidc": {"clientAuthMethod": "client_secret_post", "defaultTokenLifetime": "1h"},
+            "resumeToken": {"saveInterval": "2s"},
+            "livenessTimeout": "15m",
+        },
+    }},
+    {"name": "client_secret_basic", "values": {
+        "exporter": {"oidc": {"clientAuthMethod": "client_secret_basic",
+                              "defaultTokenLifetime": "24h"}}}},
+    {"name": "proxy environment", "values": {
+        "proxy": {"https": "http://proxy.internal:3128", "http": "http://proxy.internal:3128",
+                  "noProxy": "localhost,127.0.0.1,.svc,.cluster.local"},
+    }},
     {"name": "chart fallbacks for placement", "values": {
         "nodeSelector": {"pool": "cpu"},
         "tolerations": [{"key": "cpu-only", "operator": "Exists"}],
@@ -568,6 +654,45 @@ INVALID: list[tuple[str, dict, str]] = [
      "exporter.oidc.tokenUrl is required"),
     ("zero workers", {"exporter": {"workers": 0}}, "workers"),
     ("two replicas", {"replicaCount": 2}, "replicaCount"),
+    ("an on_rejected policy the exporter lacks",
+     {"exporter": {"failureHandling": {"onRejected": "skip"}}}, "onRejected"),
+    ("a rejected status outside 400-499",
+     {"exporter": {"failureHandling": {"rejectedStatuses": [400, 503]}}}, "rejectedStatuses"),
+    ("an already-delivered status that is always retried (429)",
+     {"exporter": {"failureHandling": {"alreadyDeliveredStatuses": [429]}}},
+     "alreadyDeliveredStatuses"),
+    ("a dead-letter file without a volume",
+     {"exporter": {"failureHandling": {
+         "onRejected": "dead_letter",
+         "deadLetter": {"file": "/var/lib/event-exporter/dead-letter.ndjson"}}}},
+     "needs a writable volume"),
+    ("a dead-letter file outside the volume",
+     {"exporter": {"failureHandling": {"onRejected": "dead_letter",
+                                       "deadLetter": {"file": "/tmp/dead-letter.ndjson"}}},
+      "deadLetterVolume": {"emptyDir": True}},
+     "must lie under deadLetterVolume.mountPath"),
+    ("dead_letter without a file or an endpoint",
+     {"exporter": {"failureHandling": {"onRejected": "dead_letter"}}},
+     "exporter.failureHandling.deadLetter.file and/or"),
+    ("a dead letter with onRejected: stop",
+     {"exporter": {"failureHandling": {"deadLetter": {"endpoint": "https://dl.example.com/"}}}},
+     "only used with exporter.failureHandling.onRejected: dead_letter"),
+    ("a dead-letter endpoint that is not http(s)",
+     {"exporter": {"failureHandling": {"onRejected": "dead_letter",
+                                       "deadLetter": {"endpoint": "dl.example.com/events"}}}},
+     "deadLetter/endpoint"),
+    ("both an existing claim and an emptyDir",
+     {"deadLetterVolume": {"existingClaim": "dl", "emptyDir": True}},
+     "deadLetterVolume: set existingClaim or emptyDir, not both"),
+    ("an unknown client auth method",
+     {"exporter": {"oidc": {"clientAuthMethod": "private_key_jwt"}}}, "clientAuthMethod"),
+    ("a save interval that is not a duration",
+     {"exporter": {"resumeToken": {"saveInterval": "often"}}}, "saveInterval"),
+    ("a proxy without a scheme", {"proxy": {"https": "proxy.internal:3128"}}, "proxy/https"),
+    ("a proxy variable set twice",
+     {"proxy": {"https": "http://proxy:3128"},
+      "extraEnv": [{"name": "HTTPS_PROXY", "value": "http://other:3128"}]},
+     "extraEnv sets HTTPS_PROXY"),
     ("a MongoDB datastore", {"global": {"datastore": {"provider": "mongodb"}}},
      "PostgreSQL datastore only"),
     ("a threshold on an alert without one",

@@ -141,3 +141,54 @@ else.
 {{- end }}
 {{- $total }}
 {{- end }}
+
+{{/*
+A TOML array of integers (HTTP statuses): [400, 413].
+*/}}
+{{- define "event-exporter.tomlIntList" -}}
+[{{- range $i, $value := . }}{{ if $i }}, {{ end }}{{ int64 $value }}{{- end }}]
+{{- end }}
+
+{{/*
+The dead letter's rules, checked at render time (the root filesystem is read-only, so the file
+needs a volume): deadLetter only with onRejected: dead_letter, which needs a file or an
+endpoint; a file needs deadLetterVolume (existingClaim or emptyDir, not both) and must lie under
+its mountPath.
+*/}}
+{{- define "event-exporter.validateDeadLetter" -}}
+{{- $retry := .Values.exporter.failureHandling | default dict }}
+{{- $onRejected := toString ($retry.onRejected | default "stop") }}
+{{- $deadLetter := $retry.deadLetter | default dict }}
+{{- $file := trim (toString ($deadLetter.file | default "")) }}
+{{- $endpoint := trim (toString ($deadLetter.endpoint | default "")) }}
+{{- $volume := .Values.deadLetterVolume | default dict }}
+{{- $claim := trim (toString ($volume.existingClaim | default "")) }}
+{{- $emptyDir := eq (include "event-exporter.tomlBool" $volume.emptyDir) "true" }}
+{{- $mountPath := trimSuffix "/" (toString ($volume.mountPath | default "/var/lib/event-exporter")) }}
+{{- if eq $onRejected "dead_letter" }}
+{{- if and (not $file) (not $endpoint) }}
+{{- fail "exporter.failureHandling.onRejected is dead_letter: set exporter.failureHandling.deadLetter.file and/or exporter.failureHandling.deadLetter.endpoint (where rejected events are written)" }}
+{{- end }}
+{{- else if or $file $endpoint }}
+{{- fail (printf "exporter.failureHandling.deadLetter is only used with exporter.failureHandling.onRejected: dead_letter (it is %q, which never writes it)" $onRejected) }}
+{{- end }}
+{{- if and $claim $emptyDir }}
+{{- fail "deadLetterVolume: set existingClaim or emptyDir, not both" }}
+{{- end }}
+{{- if $file }}
+{{- if not (or $claim $emptyDir) }}
+{{- fail (printf "exporter.failureHandling.deadLetter.file (%s) needs a writable volume (the root filesystem is read-only): set deadLetterVolume.existingClaim to a PersistentVolumeClaim, or deadLetterVolume.emptyDir: true (lost with the pod)" $file) }}
+{{- end }}
+{{- if not (hasPrefix (printf "%s/" $mountPath) $file) }}
+{{- fail (printf "exporter.failureHandling.deadLetter.file (%s) must lie under deadLetterVolume.mountPath (%s): the rest of the root filesystem is read-only" $file $mountPath) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+"true" when deadLetterVolume asks for a volume (existingClaim or emptyDir).
+*/}}
+{{- define "event-exporter.deadLetterVolumeEnabled" -}}
+{{- $volume := .Values.deadLetterVolume | default dict }}
+{{- ternary "true" "false" (or (ne (trim (toString ($volume.existingClaim | default ""))) "") (eq (include "event-exporter.tomlBool" $volume.emptyDir) "true")) }}
+{{- end }}
