@@ -125,9 +125,12 @@ fn check_tables_in(path: &str, table: &toml::Table) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// The known keys of one table.
+type KeysOf = fn() -> &'static [&'static str];
+
 /// Which struct reads which table (`""` is the file itself). `exporter.metadata` is a table
 /// of free keys.
-const TABLES: [(&str, fn() -> &'static [&'static str]); 10] = [
+const TABLES: [(&str, KeysOf); 10] = [
     ("", fields::<RawRoot>),
     ("exporter", fields::<RawExporter>),
     ("exporter.metadata", || &[]),
