@@ -51,6 +51,11 @@ pub(super) fn read(root: toml::Table) -> Result<Read, ConfigError> {
             })
             .collect::<Vec<_>>()
             .join(".");
+        let key = if key.is_empty() {
+            "(config file)".to_string()
+        } else {
+            key
+        };
         invalid(&key, error.inner().message())
     })?;
     let mut read = Read {

@@ -1,6 +1,13 @@
 //! The exporter's TOML configuration: upstream's layout (`[exporter.*]`, snake_case keys, Go
 //! durations) and upstream's defaults, validated once at start so that a bad value is reported
 //! with the key that holds it instead of failing on the first event.
+//!
+//! Reading goes in three steps, each naming the key at fault:
+//! 1. `keys::check_table_names`: a table whose name misspells a known one is an error;
+//! 2. `keys::read`: serde deserializes the tree into the structs of `raw` (the one list of
+//!    known keys); a value of the wrong type fails naming its key (`serde_path_to_error`),
+//!    keys no struct reads are collected as unknown (`serde_ignored`);
+//! 3. `Config::from_raw`: upstream's defaults, ranges and the rules between keys.
 
 mod duration;
 mod keys;
@@ -346,8 +353,8 @@ impl Config {
 }
 
 /// `[exporter.metadata]`: any string keys; `cluster` is required and must be a URI host.
-fn metadata(raw: BTreeMap<String, raw::Text>) -> Result<BTreeMap<String, String>, ConfigError> {
-    let metadata: BTreeMap<String, String> = raw.into_iter().map(|(k, v)| (k, v.0)).collect();
+fn metadata(raw: raw::Metadata) -> Result<BTreeMap<String, String>, ConfigError> {
+    let metadata: BTreeMap<String, String> = raw.0.into_iter().map(|(k, v)| (k, v.0)).collect();
     match metadata.get("cluster") {
         Some(cluster) if !cluster.trim().is_empty() => check_cluster(cluster)?,
         _ => {

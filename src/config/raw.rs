@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde::de::{Deserialize, Deserializer, Error as _};
+use serde::de::{Deserialize, Deserializer, Error as _, MapAccess, Visitor};
 
 use super::{parse_go_duration, TRANSIENT_STATUSES};
 
@@ -29,7 +29,7 @@ pub(super) struct RawRoot {
 #[serde(default, expecting = "a table")]
 pub(super) struct RawExporter {
     /// Free-form: every key is copied into `data.metadata`.
-    pub metadata: BTreeMap<String, Text>,
+    pub metadata: Metadata,
     pub client_name: Option<Text>,
     pub workers: Option<Int>,
     pub sink: RawSink,
@@ -114,6 +114,30 @@ pub(super) struct RawResumeToken {
     pub database: Option<Text>,
     pub collection: Option<Text>,
     pub save_interval: Option<GoDuration>,
+}
+
+/// `[exporter.metadata]`: a table of free keys, each a string.
+#[derive(Debug, Default)]
+pub(super) struct Metadata(pub BTreeMap<String, Text>);
+
+impl<'de> Deserialize<'de> for Metadata {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Entries;
+        impl<'de> Visitor<'de> for Entries {
+            type Value = Metadata;
+            fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+                formatter.write_str("a table")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Metadata, A::Error> {
+                let mut entries = BTreeMap::new();
+                while let Some((key, value)) = map.next_entry::<String, Text>()? {
+                    entries.insert(key, value);
+                }
+                Ok(Metadata(entries))
+            }
+        }
+        deserializer.deserialize_map(Entries)
+    }
 }
 
 /// `"expected {expected}, got {TOML type} {value}"`, e.g. `expected a string, got integer 3`.

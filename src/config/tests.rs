@@ -677,9 +677,18 @@ fn wrong_types_keep_their_messages() {
         message.starts_with("exporter.workers: expected an integer, got table"),
         "{message}"
     );
-    let message = error_of(&format!("{MINIMAL}\n[exporter]\nfilter = 3\n"));
-    assert!(message.starts_with("exporter.filter: "), "{message}");
-    assert!(message.contains("expected a table"), "{message}");
+    for table in ["filter", "metadata", "sink"] {
+        let text = format!("[exporter]\n{table} = 3\n");
+        let message = error_of(&text);
+        assert_eq!(
+            message,
+            format!("exporter.{table}: invalid type: integer `3`, expected a table")
+        );
+    }
+    assert_eq!(
+        error_of("exporter = 3\n"),
+        "exporter: invalid type: integer `3`, expected a table"
+    );
 }
 
 #[test]
