@@ -95,7 +95,8 @@ fn segments_of(path: &serde_ignored::Path, into: &mut Vec<String>) {
 }
 
 /// Fails on a table that is not read but whose name is a likely misspelling of a known table
-/// next to it (`[exporter.odic]`, `[exportr]`), naming the table meant.
+/// next to it (`[exporter.odic]`, `[exportr]`), naming the table meant, and on a TOML datetime
+/// given to a known key.
 pub(super) fn check_table_names(root: &toml::Table) -> Result<(), ConfigError> {
     check_tables_in("", root)
 }
@@ -109,12 +110,26 @@ fn check_tables_in(path: &str, table: &toml::Table) -> Result<(), ConfigError> {
         .copied()
         .filter(|key| table_keys(&join(path, key)).is_some())
         .collect();
+    // `exporter.metadata` has no fixed keys: all of its keys are read.
+    let reads = |key: &str| known.is_empty() || known.contains(&key);
     for (key, value) in table {
-        let toml::Value::Table(child) = value else {
-            continue;
-        };
         let child_path = join(path, key);
-        if known.contains(&key.as_str()) {
+        let child = match value {
+            toml::Value::Table(child) => child,
+            // serde sees a TOML datetime as its text; no setting is one, so a bare
+            // `cluster = 2024-01-01` is refused here as it was before serde.
+            toml::Value::Datetime(datetime) if reads(key) => {
+                return Err(invalid(
+                    &child_path,
+                    format!(
+                        "got datetime {datetime}: no setting takes a TOML datetime (quote it \
+                         if it is a string)"
+                    ),
+                ))
+            }
+            _ => continue,
+        };
+        if reads(key) {
             check_tables_in(&child_path, child)?;
         } else if let Some(meant) = closest(key, &known_tables) {
             return Err(invalid(

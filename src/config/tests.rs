@@ -751,3 +751,34 @@ fn misspelled_tables_are_errors_at_every_level() {
     let config = Config::parse(&format!("{MINIMAL}\n[exporter.tracing]\nx = 1\n")).expect("ok");
     assert_eq!(config.unknown_keys, vec!["exporter.tracing"]);
 }
+
+#[test]
+fn a_datetime_is_not_taken_for_a_string() {
+    for (from, to, key) in [
+        (
+            "cluster = \"prod-us-west-2\"",
+            "cluster = 2024-01-01",
+            "exporter.metadata.cluster",
+        ),
+        (
+            "timeout = \"10s\"",
+            "timeout = 10:00:00",
+            "exporter.sink.timeout",
+        ),
+        (
+            "workers = 4",
+            "client_name = 1979-05-27T07:32:00Z",
+            "exporter.client_name",
+        ),
+    ] {
+        let message = error_of(&FULL.replace(from, to));
+        assert!(
+            message.starts_with(&format!("{key}: got datetime ")),
+            "{to}: {message}"
+        );
+    }
+    // An unknown key may hold one: it is only reported.
+    let config = Config::parse(&FULL.replace("workers = 4", "started = 2024-01-01"))
+        .expect("unknown keys are not fatal");
+    assert_eq!(config.unknown_keys, vec!["exporter.started"]);
+}
