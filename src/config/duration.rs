@@ -61,7 +61,10 @@ pub fn parse_go_duration(text: &str) -> Result<Duration, String> {
             if scale == 0 {
                 break;
             }
-            nanos += u128::from(digit.to_digit(10).unwrap_or(0)) * scale;
+            nanos = u128::from(digit.to_digit(10).unwrap_or(0))
+                .checked_mul(scale)
+                .and_then(|part| nanos.checked_add(part))
+                .ok_or_else(|| "duration too large".to_string())?;
         }
         total_nanos = total_nanos
             .checked_add(nanos)

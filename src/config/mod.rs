@@ -1,16 +1,27 @@
 //! The exporter's TOML configuration: upstream's layout (`[exporter.*]`, snake_case keys, Go
 //! durations) and upstream's defaults, validated once at start so that a bad value is reported
 //! with the key that holds it instead of failing on the first event.
+//!
+//! Reading goes in three steps, each naming the key at fault:
+//! 1. `keys::check_table_names`: a table whose name misspells a known one is an error;
+//! 2. `keys::read`: serde deserializes the tree into the structs of `raw` (the one list of
+//!    known keys); a value of the wrong type fails naming its key (`serde_path_to_error`),
+//!    keys no struct reads are collected as unknown (`serde_ignored`);
+//! 3. `Config::from_raw`: upstream's defaults, ranges and the rules between keys.
 
 mod duration;
+mod keys;
+mod raw;
 
 pub use duration::{format_go_duration, parse_go_duration};
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Serialize;
+
+use raw::RawExporter;
 
 /// The resume-token client name the Go exporter hard-codes; using it lets this exporter take
 /// over a running Go exporter's position.
@@ -233,7 +244,9 @@ impl Config {
         })
     }
 
-    /// Validates TOML text (the path in a syntax error is left empty).
+    /// Validates TOML text (the path in a syntax error is left empty): the text is parsed,
+    /// table names are checked for misspellings, the tree is deserialized into the structs of
+    /// `raw` (type errors name their key), then ranges and rules between keys are checked.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
         let root: toml::Table = text
             .parse()
@@ -241,24 +254,12 @@ impl Config {
                 path: PathBuf::new(),
                 message: e.to_string().trim().to_string(),
             })?;
-        misspelled_section(&root)?;
-        let mut unknown = Vec::new();
-        for key in root.keys().filter(|k| *k != "exporter") {
-            unknown.push(key.clone());
-        }
-        let empty = toml::Table::new();
-        let exporter = match root.get("exporter") {
-            None => Section::new("exporter", &empty),
-            Some(toml::Value::Table(table)) => Section::new("exporter", table),
-            Some(other) => return Err(invalid("exporter", wrong_type("a table", other))),
-        };
-        let mut config = Config::from_section(&exporter)?;
-        exporter.collect_unknown(&mut unknown, &mut config.did_you_mean);
-        exporter.collect_warnings(&mut config.warnings);
+        keys::check_table_names(&root)?;
+        let read = keys::read(root)?;
+        let mut config = Config::from_raw(read.exporter)?;
+        config.unknown_keys = read.unknown_keys;
+        config.did_you_mean = read.did_you_mean;
         config.warnings.sort();
-        unknown.append(&mut config.unknown_keys);
-        unknown.sort();
-        config.unknown_keys = unknown;
         Ok(config)
     }
 
@@ -273,247 +274,44 @@ impl Config {
             .collect()
     }
 
-    fn from_section(exporter: &Section) -> Result<Config, ConfigError> {
-        let metadata_section = exporter.section("metadata")?;
-        let mut metadata = BTreeMap::new();
-        if let Some(section) = &metadata_section {
-            for (key, value) in section.table {
-                section.mark_used(key);
-                match value {
-                    toml::Value::String(text) => {
-                        metadata.insert(key.clone(), text.clone());
-                    }
-                    other => return Err(invalid(&section.key(key), wrong_type("a string", other))),
-                }
-            }
-        }
-        match metadata.get("cluster") {
-            Some(cluster) if !cluster.trim().is_empty() => check_cluster(cluster)?,
-            _ => {
-                return Err(invalid(
-                    "exporter.metadata.cluster",
-                    "is required: it names the cluster in every CloudEvent's source \
-                     (nvsentinel://<cluster>/healthevents)",
-                ))
-            }
-        }
-
-        let client_name = exporter
-            .string("client_name")?
-            .unwrap_or_else(|| DEFAULT_CLIENT_NAME.to_string());
+    /// Applies upstream's defaults and checks every range and rule between keys.
+    fn from_raw(raw: RawExporter) -> Result<Config, ConfigError> {
+        let mut warnings = Vec::new();
+        let metadata = metadata(raw.metadata)?;
+        let client_name = raw
+            .client_name
+            .map_or_else(|| DEFAULT_CLIENT_NAME.to_string(), |name| name.0);
         if client_name.trim().is_empty() {
             return Err(invalid("exporter.client_name", "must not be empty"));
         }
-        let workers = match exporter.integer("workers")? {
+        let workers = match int("exporter.workers", raw.workers, &mut warnings) {
             None => None,
             Some(n) => Some(in_range("exporter.workers", n, 1, MAX_WORKERS)? as usize),
         };
-
-        let sink_section = exporter.section("sink")?;
-        let sink = {
-            let s = sink_section.as_ref();
-            let endpoint = opt(s, |s| s.string("endpoint"))?.unwrap_or_default();
-            if endpoint.trim().is_empty() {
-                return Err(invalid("exporter.sink.endpoint", "is required"));
-            }
-            check_http_url("exporter.sink.endpoint", &endpoint)?;
-            SinkConfig {
-                endpoint,
-                timeout: opt(s, |s| s.duration("timeout"))?.unwrap_or(Duration::from_secs(30)),
-                insecure_skip_verify: opt(s, |s| s.boolean("insecure_skip_verify"))?
-                    .unwrap_or(false),
-                ca_file: opt(s, |s| s.string("ca_file"))?.map(PathBuf::from),
-            }
-        };
-        if sink.timeout.is_zero() {
-            return Err(invalid("exporter.sink.timeout", "must be greater than 0"));
-        }
-        duration_at_most("exporter.sink.timeout", sink.timeout, MAX_WAIT)?;
-
-        let oidc_section = exporter.section("oidc")?;
-        let oidc = {
-            let s = oidc_section.as_ref();
-            let enabled = opt(s, |s| s.boolean("enabled"))?.unwrap_or(true);
-            let token_url = opt(s, |s| s.string("token_url"))?.unwrap_or_default();
-            let client_id = opt(s, |s| s.string("client_id"))?.unwrap_or_default();
-            let scope = opt(s, |s| s.string("scope"))?.unwrap_or_default();
-            let insecure_skip_verify =
-                opt(s, |s| s.boolean("insecure_skip_verify"))?.unwrap_or(false);
-            let ca_file = opt(s, |s| s.string("ca_file"))?.map(PathBuf::from);
-            let client_auth_method = match opt(s, |s| s.string("client_auth_method"))? {
-                None => ClientAuthMethod::ClientSecretBasicRaw,
-                Some(name) => ClientAuthMethod::from_name(name.trim()).ok_or_else(|| {
-                    invalid(
-                        "exporter.oidc.client_auth_method",
-                        format!(
-                            "unknown method {name:?}; expected one of {}",
-                            ClientAuthMethod::NAMES.join(", ")
-                        ),
-                    )
-                })?,
-            };
-            let default_token_lifetime =
-                opt(s, |s| s.duration("default_token_lifetime"))?.unwrap_or(DEFAULT_TOKEN_LIFETIME);
-            if default_token_lifetime.is_zero() || default_token_lifetime > MAX_TOKEN_LIFETIME {
-                return Err(invalid(
-                    "exporter.oidc.default_token_lifetime",
-                    format!(
-                        "must be greater than 0 and at most {}, got {}",
-                        format_go_duration(MAX_TOKEN_LIFETIME),
-                        format_go_duration(default_token_lifetime)
-                    ),
-                ));
-            }
-            if enabled {
-                for (key, value) in [
-                    ("token_url", &token_url),
-                    ("client_id", &client_id),
-                    ("scope", &scope),
-                ] {
-                    if value.trim().is_empty() {
-                        return Err(invalid(
-                            &format!("exporter.oidc.{key}"),
-                            "is required while exporter.oidc.enabled is true \
-                             (set enabled = false for a sink without authentication)",
-                        ));
-                    }
-                }
-                check_http_url("exporter.oidc.token_url", &token_url)?;
-                Some(OidcConfig {
-                    token_url,
-                    client_id,
-                    scope,
-                    insecure_skip_verify,
-                    ca_file,
-                    client_auth_method,
-                    default_token_lifetime,
-                })
-            } else {
-                None
-            }
-        };
-
-        let backfill_section = exporter.section("backfill")?;
-        let backfill = {
-            let s = backfill_section.as_ref();
-            let enabled = opt(s, |s| s.boolean("enabled"))?.unwrap_or(false);
-            let max_age =
-                opt(s, |s| s.duration("max_age"))?.unwrap_or(Duration::from_secs(720 * 3600));
-            let max_events = non_negative(s, "exporter.backfill.max_events", "max_events")?;
-            let batch_size = non_negative(s, "exporter.backfill.batch_size", "batch_size")?;
-            let rate_limit = non_negative(s, "exporter.backfill.rate_limit", "rate_limit")?;
-            let max_events = max_events.unwrap_or(0);
-            if enabled && max_events == 0 {
-                return Err(invalid(
-                    "exporter.backfill.max_events",
-                    "must be greater than 0 while exporter.backfill.enabled is true",
-                ));
-            }
-            at_most(
-                "exporter.backfill.max_events",
-                max_events,
-                MAX_BACKFILL_EVENTS,
-            )?;
-            duration_at_most("exporter.backfill.max_age", max_age, MAX_BACKFILL_AGE)?;
-            if let Some(n) = batch_size {
-                in_range(
-                    "exporter.backfill.batch_size",
-                    n as i64,
-                    1,
-                    MAX_BATCH_SIZE as i64,
-                )?;
-            }
-            let rate_limit = rate_limit.unwrap_or(0);
-            at_most("exporter.backfill.rate_limit", rate_limit, MAX_RATE_LIMIT)?;
-            BackfillConfig {
-                enabled,
-                max_age,
-                max_events,
-                batch_size: batch_size.unwrap_or(500),
-                rate_limit,
-            }
-        };
-
-        let retry_section = exporter.section("failure_handling")?;
-        let failure_handling = {
-            let s = retry_section.as_ref();
-            let max_retries =
-                non_negative(s, "exporter.failure_handling.max_retries", "max_retries")?
-                    .unwrap_or(0);
-            at_most(
-                "exporter.failure_handling.max_retries",
-                max_retries,
-                u64::from(MAX_RETRIES),
-            )?;
-            let max_retries = u32::try_from(max_retries).map_err(|_| {
-                invalid(
-                    "exporter.failure_handling.max_retries",
-                    format!("{max_retries} is too large"),
-                )
-            })?;
-            let multiplier = opt(s, |s| s.float("backoff_multiplier"))?.unwrap_or(0.0);
-            if !(multiplier.is_finite() && (0.0..=MAX_BACKOFF_MULTIPLIER).contains(&multiplier)) {
-                return Err(invalid(
-                    "exporter.failure_handling.backoff_multiplier",
-                    format!(
-                        "must be a number from 0 to {MAX_BACKOFF_MULTIPLIER} \
-                         (0 keeps the interval constant), got {multiplier}"
-                    ),
-                ));
-            }
-            let initial_backoff =
-                opt(s, |s| s.duration("initial_backoff"))?.unwrap_or(Duration::from_secs(1));
-            let max_backoff =
-                opt(s, |s| s.duration("max_backoff"))?.unwrap_or(Duration::from_secs(60));
-            duration_at_most(
-                "exporter.failure_handling.initial_backoff",
-                initial_backoff,
-                MAX_WAIT,
-            )?;
-            duration_at_most(
-                "exporter.failure_handling.max_backoff",
-                max_backoff,
-                MAX_WAIT,
-            )?;
-            RetryPolicy {
-                max_retries,
-                initial_backoff,
-                max_backoff,
-                backoff_multiplier: multiplier,
-            }
-        };
-
-        let (rejections, dead_letter_section) = match retry_section.as_ref() {
-            Some(s) => rejection_policy(s)?,
-            None => (
-                RejectionPolicy {
-                    on_rejected: OnRejected::Stop,
-                    rejected_statuses: DEFAULT_REJECTED_STATUSES.to_vec(),
-                    already_delivered_statuses: Vec::new(),
-                    dead_letter: None,
-                },
-                None,
-            ),
-        };
-
-        let filter_section = exporter.section("filter")?;
-        let filter_expression = opt(filter_section.as_ref(), |s| s.string("expression"))?
+        let sink = sink(raw.sink)?;
+        let oidc = oidc(raw.oidc)?;
+        let backfill = backfill(raw.backfill, &mut warnings)?;
+        let failure_handling = retry_policy(&raw.failure_handling, &mut warnings)?;
+        let rejections = rejection_policy(raw.failure_handling)?;
+        let filter_expression = raw
+            .filter
+            .expression
+            .map(|text| text.0)
             .filter(|e| !e.trim().is_empty());
-
-        let token_section = exporter.section("resume_token")?;
         let mut resume_token = BTreeMap::new();
-        if let Some(section) = &token_section {
-            for key in ["database", "collection"] {
-                if let Some(value) = section.string(key)? {
-                    resume_token.insert(key.to_string(), value);
-                }
+        for (key, value) in [
+            ("database", raw.resume_token.database),
+            ("collection", raw.resume_token.collection),
+        ] {
+            if let Some(value) = value {
+                resume_token.insert(key.to_string(), value.0);
             }
         }
-        let resume_token_save_interval =
-            opt(token_section.as_ref(), |s| s.duration("save_interval"))?
-                .unwrap_or(Duration::from_millis(100));
-
-        let liveness_timeout = match exporter.duration("liveness_timeout")? {
+        let resume_token_save_interval = raw
+            .resume_token
+            .save_interval
+            .map_or(Duration::from_millis(100), |d| d.0);
+        let liveness_timeout = match raw.liveness_timeout.map(|d| d.0) {
             None => crate::watchdog::default_liveness_timeout(
                 sink.timeout,
                 failure_handling.max_backoff,
@@ -526,40 +324,6 @@ impl Config {
             }
             Some(timeout) => timeout,
         };
-
-        // Nested sections record which of their keys were read; gather their leftovers.
-        let mut unknown = Vec::new();
-        let mut did_you_mean = BTreeMap::new();
-        for section in [
-            &sink_section,
-            &oidc_section,
-            &backfill_section,
-            &retry_section,
-            &filter_section,
-            &token_section,
-            &dead_letter_section,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            section.collect_unknown(&mut unknown, &mut did_you_mean);
-        }
-        let mut warnings = Vec::new();
-        for section in [
-            &metadata_section,
-            &sink_section,
-            &oidc_section,
-            &backfill_section,
-            &retry_section,
-            &filter_section,
-            &token_section,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            section.collect_warnings(&mut warnings);
-        }
-
         Ok(Config {
             metadata,
             client_name,
@@ -573,8 +337,8 @@ impl Config {
             filter_expression,
             resume_token,
             liveness_timeout,
-            unknown_keys: unknown,
-            did_you_mean,
+            unknown_keys: Vec::new(),
+            did_you_mean: BTreeMap::new(),
             warnings,
         })
     }
@@ -588,110 +352,282 @@ impl Config {
     }
 }
 
-/// Reads `on_rejected`, the status lists and `[dead_letter]` from
-/// `[exporter.failure_handling]`; returns the dead-letter section so its unknown keys are
-/// reported.
-fn rejection_policy<'a>(
-    s: &Section<'a>,
-) -> Result<(RejectionPolicy, Option<Section<'a>>), ConfigError> {
-    let on_rejected = match s.string("on_rejected")?.as_deref() {
+/// `[exporter.metadata]`: any string keys; `cluster` is required and must be a URI host.
+fn metadata(raw: raw::Metadata) -> Result<BTreeMap<String, String>, ConfigError> {
+    let metadata: BTreeMap<String, String> = raw.0.into_iter().map(|(k, v)| (k, v.0)).collect();
+    match metadata.get("cluster") {
+        Some(cluster) if !cluster.trim().is_empty() => check_cluster(cluster)?,
+        _ => {
+            return Err(invalid(
+                "exporter.metadata.cluster",
+                "is required: it names the cluster in every CloudEvent's source \
+                 (nvsentinel://<cluster>/healthevents)",
+            ))
+        }
+    }
+    Ok(metadata)
+}
+
+fn sink(raw: raw::RawSink) -> Result<SinkConfig, ConfigError> {
+    let endpoint = raw.endpoint.map(|t| t.0).unwrap_or_default();
+    if endpoint.trim().is_empty() {
+        return Err(invalid("exporter.sink.endpoint", "is required"));
+    }
+    check_http_url("exporter.sink.endpoint", &endpoint)?;
+    let timeout = raw.timeout.map_or(Duration::from_secs(30), |d| d.0);
+    if timeout.is_zero() {
+        return Err(invalid("exporter.sink.timeout", "must be greater than 0"));
+    }
+    duration_at_most("exporter.sink.timeout", timeout, MAX_WAIT)?;
+    Ok(SinkConfig {
+        endpoint,
+        timeout,
+        insecure_skip_verify: raw.insecure_skip_verify.is_some_and(|f| f.0),
+        ca_file: raw.ca_file.map(|t| PathBuf::from(t.0)),
+    })
+}
+
+/// `[exporter.oidc]`: every key is type-checked; the endpoint keys are required only while
+/// `enabled` (default true).
+fn oidc(raw: raw::RawOidc) -> Result<Option<OidcConfig>, ConfigError> {
+    let client_auth_method = match raw.client_auth_method {
+        None => ClientAuthMethod::ClientSecretBasicRaw,
+        Some(raw::Text(name)) => ClientAuthMethod::from_name(name.trim()).ok_or_else(|| {
+            invalid(
+                "exporter.oidc.client_auth_method",
+                format!(
+                    "unknown method {name:?}; expected one of {}",
+                    ClientAuthMethod::NAMES.join(", ")
+                ),
+            )
+        })?,
+    };
+    let default_token_lifetime = raw
+        .default_token_lifetime
+        .map_or(DEFAULT_TOKEN_LIFETIME, |d| d.0);
+    if default_token_lifetime.is_zero() || default_token_lifetime > MAX_TOKEN_LIFETIME {
+        return Err(invalid(
+            "exporter.oidc.default_token_lifetime",
+            format!(
+                "must be greater than 0 and at most {}, got {}",
+                format_go_duration(MAX_TOKEN_LIFETIME),
+                format_go_duration(default_token_lifetime)
+            ),
+        ));
+    }
+    if !raw.enabled.is_none_or(|f| f.0) {
+        return Ok(None);
+    }
+    let token_url = raw.token_url.map(|t| t.0).unwrap_or_default();
+    let client_id = raw.client_id.map(|t| t.0).unwrap_or_default();
+    let scope = raw.scope.map(|t| t.0).unwrap_or_default();
+    for (key, value) in [
+        ("token_url", &token_url),
+        ("client_id", &client_id),
+        ("scope", &scope),
+    ] {
+        if value.trim().is_empty() {
+            return Err(invalid(
+                &format!("exporter.oidc.{key}"),
+                "is required while exporter.oidc.enabled is true \
+                 (set enabled = false for a sink without authentication)",
+            ));
+        }
+    }
+    check_http_url("exporter.oidc.token_url", &token_url)?;
+    Ok(Some(OidcConfig {
+        token_url,
+        client_id,
+        scope,
+        insecure_skip_verify: raw.insecure_skip_verify.is_some_and(|f| f.0),
+        ca_file: raw.ca_file.map(|t| PathBuf::from(t.0)),
+        client_auth_method,
+        default_token_lifetime,
+    }))
+}
+
+fn backfill(
+    raw: raw::RawBackfill,
+    warnings: &mut Vec<String>,
+) -> Result<BackfillConfig, ConfigError> {
+    let enabled = raw.enabled.is_some_and(|f| f.0);
+    let max_age = raw.max_age.map_or(Duration::from_secs(720 * 3600), |d| d.0);
+    let max_events = non_negative("exporter.backfill.max_events", raw.max_events, warnings)?;
+    let batch_size = non_negative("exporter.backfill.batch_size", raw.batch_size, warnings)?;
+    let rate_limit = non_negative("exporter.backfill.rate_limit", raw.rate_limit, warnings)?;
+    let max_events = max_events.unwrap_or(0);
+    if enabled && max_events == 0 {
+        return Err(invalid(
+            "exporter.backfill.max_events",
+            "must be greater than 0 while exporter.backfill.enabled is true",
+        ));
+    }
+    at_most(
+        "exporter.backfill.max_events",
+        max_events,
+        MAX_BACKFILL_EVENTS,
+    )?;
+    duration_at_most("exporter.backfill.max_age", max_age, MAX_BACKFILL_AGE)?;
+    let batch_size = batch_size.unwrap_or(500);
+    if !(1..=MAX_BATCH_SIZE).contains(&batch_size) {
+        return Err(invalid(
+            "exporter.backfill.batch_size",
+            format!("must be from 1 to {MAX_BATCH_SIZE}, got {batch_size}"),
+        ));
+    }
+    let rate_limit = rate_limit.unwrap_or(0);
+    at_most("exporter.backfill.rate_limit", rate_limit, MAX_RATE_LIMIT)?;
+    Ok(BackfillConfig {
+        enabled,
+        max_age,
+        max_events,
+        batch_size,
+        rate_limit,
+    })
+}
+
+/// The retry keys of `[exporter.failure_handling]`.
+fn retry_policy(
+    raw: &raw::RawFailureHandling,
+    warnings: &mut Vec<String>,
+) -> Result<RetryPolicy, ConfigError> {
+    const KEY: &str = "exporter.failure_handling.max_retries";
+    let max_retries = non_negative(KEY, raw.max_retries, warnings)?.unwrap_or(0);
+    at_most(KEY, max_retries, u64::from(MAX_RETRIES))?;
+    let max_retries = u32::try_from(max_retries)
+        .map_err(|_| invalid(KEY, format!("{max_retries} is too large")))?;
+    let multiplier = raw.backoff_multiplier.map_or(0.0, |n| n.0);
+    if !(multiplier.is_finite() && (0.0..=MAX_BACKOFF_MULTIPLIER).contains(&multiplier)) {
+        return Err(invalid(
+            "exporter.failure_handling.backoff_multiplier",
+            format!(
+                "must be a number from 0 to {MAX_BACKOFF_MULTIPLIER} \
+                 (0 keeps the interval constant), got {multiplier}"
+            ),
+        ));
+    }
+    let initial_backoff = raw.initial_backoff.map_or(Duration::from_secs(1), |d| d.0);
+    let max_backoff = raw.max_backoff.map_or(Duration::from_secs(60), |d| d.0);
+    duration_at_most(
+        "exporter.failure_handling.initial_backoff",
+        initial_backoff,
+        MAX_WAIT,
+    )?;
+    duration_at_most(
+        "exporter.failure_handling.max_backoff",
+        max_backoff,
+        MAX_WAIT,
+    )?;
+    Ok(RetryPolicy {
+        max_retries,
+        initial_backoff,
+        max_backoff,
+        backoff_multiplier: multiplier,
+    })
+}
+
+/// `on_rejected`, the status lists and `[dead_letter]` of `[exporter.failure_handling]`.
+fn rejection_policy(raw: raw::RawFailureHandling) -> Result<RejectionPolicy, ConfigError> {
+    const ON_REJECTED: &str = "exporter.failure_handling.on_rejected";
+    const DEAD_LETTER: &str = "exporter.failure_handling.dead_letter";
+    let on_rejected = match raw.on_rejected.as_ref().map(|t| t.0.as_str()) {
         None | Some("stop") => OnRejected::Stop,
         Some("dead_letter") => OnRejected::DeadLetter,
         Some(other) => {
             return Err(invalid(
-                &s.key("on_rejected"),
+                ON_REJECTED,
                 format!("must be \"stop\" or \"dead_letter\", got {other:?}"),
             ))
         }
     };
-    let rejected_statuses = s
-        .statuses("rejected_statuses")?
-        .unwrap_or_else(|| DEFAULT_REJECTED_STATUSES.to_vec());
-    let already_delivered_statuses = s
-        .statuses("already_delivered_statuses")?
+    let rejected_statuses = raw
+        .rejected_statuses
+        .map_or_else(|| DEFAULT_REJECTED_STATUSES.to_vec(), |s| s.0);
+    let already_delivered_statuses = raw
+        .already_delivered_statuses
+        .map(|s| s.0)
         .unwrap_or_default();
     if let Some(both) = already_delivered_statuses
         .iter()
         .find(|status| rejected_statuses.contains(status))
     {
         return Err(invalid(
-            &s.key("already_delivered_statuses"),
+            "exporter.failure_handling.already_delivered_statuses",
             format!("{both} is also in rejected_statuses; a status can mean only one of the two"),
         ));
     }
-    let section = s.section("dead_letter")?;
-    let dead_letter = match &section {
-        None => None,
-        Some(d) => {
-            let file = d.string("file")?;
-            if file.as_ref().is_some_and(|f| f.trim().is_empty()) {
-                return Err(invalid(&d.key("file"), "must not be empty"));
-            }
-            let endpoint = d.string("endpoint")?;
-            if let Some(endpoint) = &endpoint {
-                check_http_url(&d.key("endpoint"), endpoint)?;
-            }
-            if file.is_none() && endpoint.is_none() {
-                return Err(invalid(
-                    &d.path,
-                    "needs file, endpoint or both (where dead-lettered events are written)",
-                ));
-            }
-            Some(DeadLetterConfig {
-                file: file.map(PathBuf::from),
-                endpoint,
-            })
-        }
-    };
+    let dead_letter = raw.dead_letter.map(dead_letter).transpose()?;
     match (on_rejected, &dead_letter) {
         (OnRejected::DeadLetter, None) => {
             return Err(invalid(
-                &s.key("on_rejected"),
-                format!(
-                    "\"dead_letter\" needs a [{}] table with file and/or endpoint",
-                    s.key("dead_letter")
-                ),
+                ON_REJECTED,
+                format!("\"dead_letter\" needs a [{DEAD_LETTER}] table with file and/or endpoint"),
             ))
         }
         (OnRejected::Stop, Some(_)) => {
             return Err(invalid(
-                &s.key("dead_letter"),
+                DEAD_LETTER,
                 "is only used with on_rejected = \"dead_letter\" (the default \"stop\" never \
                  writes it)",
             ))
         }
         _ => {}
     }
-    Ok((
-        RejectionPolicy {
-            on_rejected,
-            rejected_statuses,
-            already_delivered_statuses,
-            dead_letter,
-        },
-        section,
-    ))
+    Ok(RejectionPolicy {
+        on_rejected,
+        rejected_statuses,
+        already_delivered_statuses,
+        dead_letter,
+    })
 }
 
-fn opt<T>(
-    section: Option<&Section>,
-    read: impl FnOnce(&Section) -> Result<Option<T>, ConfigError>,
-) -> Result<Option<T>, ConfigError> {
-    match section {
-        Some(section) => read(section),
-        None => Ok(None),
+/// `[exporter.failure_handling.dead_letter]`: at least one of `file` and `endpoint`.
+fn dead_letter(raw: raw::RawDeadLetter) -> Result<DeadLetterConfig, ConfigError> {
+    let file = raw.file.map(|t| t.0);
+    if file.as_ref().is_some_and(|f| f.trim().is_empty()) {
+        return Err(invalid(
+            "exporter.failure_handling.dead_letter.file",
+            "must not be empty",
+        ));
     }
+    let endpoint = raw.endpoint.map(|t| t.0);
+    if let Some(endpoint) = &endpoint {
+        check_http_url("exporter.failure_handling.dead_letter.endpoint", endpoint)?;
+    }
+    if file.is_none() && endpoint.is_none() {
+        return Err(invalid(
+            "exporter.failure_handling.dead_letter",
+            "needs file, endpoint or both (where dead-lettered events are written)",
+        ));
+    }
+    Ok(DeadLetterConfig {
+        file: file.map(PathBuf::from),
+        endpoint,
+    })
+}
+
+/// An integer key's value; a float with an integral value adds a warning naming `key`.
+fn int(key: &str, raw: Option<raw::Int>, warnings: &mut Vec<String>) -> Option<i64> {
+    let raw = raw?;
+    if let Some(float) = raw.written_as_float {
+        let n = raw.value;
+        warnings.push(format!(
+            "{key}: {float} is a float; read as the integer {n} (write {n})"
+        ));
+    }
+    Some(raw.value)
 }
 
 fn non_negative(
-    section: Option<&Section>,
-    full_key: &str,
     key: &str,
+    raw: Option<raw::Int>,
+    warnings: &mut Vec<String>,
 ) -> Result<Option<u64>, ConfigError> {
-    match opt(section, |s| s.integer(key))? {
+    match int(key, raw, warnings) {
         None => Ok(None),
-        Some(n) if n >= 0 => Ok(Some(n as u64)),
-        Some(n) => Err(invalid(full_key, format!("must not be negative, got {n}"))),
+        Some(n) => u64::try_from(n)
+            .map(Some)
+            .map_err(|_| invalid(key, format!("must not be negative, got {n}"))),
     }
 }
 
@@ -788,229 +724,6 @@ fn check_http_url(key: &str, text: &str) -> Result<(), ConfigError> {
             key,
             format!("{text:?} is not a valid http:// or https:// URL: {e}"),
         )),
-    }
-}
-
-/// The tables of `[exporter]` this version reads. A table whose name is a likely misspelling of
-/// one of these is an error, not a warning: `[exporter.odic]` would otherwise leave OIDC on with
-/// no settings, and `[exporter.backfil]` would silently turn the backfill off.
-const SECTIONS: [&str; 7] = [
-    "metadata",
-    "sink",
-    "oidc",
-    "backfill",
-    "failure_handling",
-    "filter",
-    "resume_token",
-];
-
-/// The known name `name` most likely misspells: the closest by Damerau-Levenshtein distance,
-/// within one edit per three characters (at least one); `None` when nothing is that close.
-fn closest<'k>(name: &str, known: impl Iterator<Item = &'k str>) -> Option<&'k str> {
-    let limit = (name.chars().count() / 3).max(1);
-    known
-        .filter(|candidate| *candidate != name)
-        .map(|candidate| (strsim::damerau_levenshtein(name, candidate), candidate))
-        .filter(|(distance, _)| *distance <= limit)
-        .min()
-        .map(|(_, candidate)| candidate)
-}
-
-/// Fails on a table that misspells `[exporter]` or one of its known tables (see `SECTIONS`).
-fn misspelled_section(root: &toml::Table) -> Result<(), ConfigError> {
-    for (key, value) in root {
-        if key != "exporter" && value.is_table() && closest(key, ["exporter"].into_iter()).is_some()
-        {
-            return Err(invalid(
-                key,
-                format!("unknown table [{key}]: did you mean [exporter]?"),
-            ));
-        }
-    }
-    let Some(toml::Value::Table(exporter)) = root.get("exporter") else {
-        return Ok(());
-    };
-    for (key, value) in exporter {
-        if !value.is_table() || SECTIONS.contains(&key.as_str()) {
-            continue;
-        }
-        if let Some(known) = closest(key, SECTIONS.into_iter()) {
-            return Err(invalid(
-                &format!("exporter.{key}"),
-                format!(
-                    "unknown table [exporter.{key}]: did you mean [exporter.{known}]? \
-                     (its settings would be ignored)"
-                ),
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// The integer a float stands for, when it has an integral value within `i64`.
-fn integral(value: f64) -> Option<i64> {
-    // 2^63 is exactly representable; every float below it in magnitude converts exactly.
-    const LIMIT: f64 = 9_223_372_036_854_775_808.0;
-    (value.is_finite() && value.fract() == 0.0 && (-LIMIT..LIMIT).contains(&value))
-        .then_some(value as i64)
-}
-
-fn wrong_type(expected: &str, found: &toml::Value) -> String {
-    format!("expected {expected}, got {} {found}", found.type_str())
-}
-
-/// One TOML table being read, remembering which keys were consumed so the rest can be
-/// reported as unknown.
-struct Section<'a> {
-    path: String,
-    table: &'a toml::Table,
-    used: std::cell::RefCell<BTreeSet<String>>,
-    warnings: std::cell::RefCell<Vec<String>>,
-}
-
-impl<'a> Section<'a> {
-    fn new(path: &str, table: &'a toml::Table) -> Self {
-        Section {
-            path: path.to_string(),
-            table,
-            used: Default::default(),
-            warnings: Default::default(),
-        }
-    }
-
-    fn key(&self, key: &str) -> String {
-        format!("{}.{key}", self.path)
-    }
-
-    fn mark_used(&self, key: &str) {
-        self.used.borrow_mut().insert(key.to_string());
-    }
-
-    fn get(&self, key: &str) -> Option<&'a toml::Value> {
-        self.mark_used(key);
-        self.table.get(key)
-    }
-
-    fn section(&self, key: &str) -> Result<Option<Section<'a>>, ConfigError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(toml::Value::Table(table)) => Ok(Some(Section::new(&self.key(key), table))),
-            Some(other) => Err(invalid(&self.key(key), wrong_type("a table", other))),
-        }
-    }
-
-    fn string(&self, key: &str) -> Result<Option<String>, ConfigError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(toml::Value::String(text)) => Ok(Some(text.clone())),
-            Some(other) => Err(invalid(&self.key(key), wrong_type("a string", other))),
-        }
-    }
-
-    fn boolean(&self, key: &str) -> Result<Option<bool>, ConfigError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(toml::Value::Boolean(value)) => Ok(Some(*value)),
-            Some(other) => Err(invalid(&self.key(key), wrong_type("true or false", other))),
-        }
-    }
-
-    fn integer(&self, key: &str) -> Result<Option<i64>, ConfigError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(toml::Value::Integer(value)) => Ok(Some(*value)),
-            // Charts before upstream PR #1010 render large integers as floats (`1e+06`).
-            Some(toml::Value::Float(value)) => match integral(*value) {
-                Some(n) => {
-                    self.warnings.borrow_mut().push(format!(
-                        "{}: {value} is a float; read as the integer {n} (write {n})",
-                        self.key(key)
-                    ));
-                    Ok(Some(n))
-                }
-                None => Err(invalid(
-                    &self.key(key),
-                    format!("expected an integer, got float {value}"),
-                )),
-            },
-            Some(other) => Err(invalid(&self.key(key), wrong_type("an integer", other))),
-        }
-    }
-
-    /// A list of HTTP statuses, each a 4xx other than 401, 407, 408 and 429.
-    fn statuses(&self, key: &str) -> Result<Option<Vec<u16>>, ConfigError> {
-        let items = match self.get(key) {
-            None => return Ok(None),
-            Some(toml::Value::Array(items)) => items,
-            Some(other) => {
-                return Err(invalid(
-                    &self.key(key),
-                    wrong_type("a list of HTTP statuses", other),
-                ))
-            }
-        };
-        let mut statuses = Vec::new();
-        for item in items {
-            let status = match item {
-                toml::Value::Integer(n) => {
-                    u16::try_from(*n).ok().filter(|n| (400..500).contains(n))
-                }
-                _ => None,
-            };
-            match status {
-                Some(status) if !TRANSIENT_STATUSES.contains(&status) => statuses.push(status),
-                _ => {
-                    return Err(invalid(
-                        &self.key(key),
-                        format!(
-                            "{item} is not allowed: each entry must be a 4xx status other than \
-                             401, 407, 408 and 429 (those and 5xx are always retried)"
-                        ),
-                    ))
-                }
-            }
-        }
-        Ok(Some(statuses))
-    }
-
-    fn float(&self, key: &str) -> Result<Option<f64>, ConfigError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(toml::Value::Float(value)) => Ok(Some(*value)),
-            Some(toml::Value::Integer(value)) => Ok(Some(*value as f64)),
-            Some(other) => Err(invalid(&self.key(key), wrong_type("a number", other))),
-        }
-    }
-
-    fn duration(&self, key: &str) -> Result<Option<Duration>, ConfigError> {
-        match self.string(key)? {
-            None => Ok(None),
-            Some(text) => parse_go_duration(&text).map(Some).map_err(|reason| {
-                invalid(
-                    &self.key(key),
-                    format!("invalid duration {text:?}: {reason} (examples: \"30s\", \"1h30m\")"),
-                )
-            }),
-        }
-    }
-
-    /// Warnings about this table's values (not of child sections').
-    fn collect_warnings(&self, into: &mut Vec<String>) {
-        into.extend(self.warnings.borrow().iter().cloned());
-    }
-
-    /// Keys of this table (not of child sections, which report their own) never read, each
-    /// with the read key it most likely misspells.
-    fn collect_unknown(&self, into: &mut Vec<String>, did_you_mean: &mut BTreeMap<String, String>) {
-        let used = self.used.borrow();
-        for key in self.table.keys() {
-            if !used.contains(key) {
-                into.push(self.key(key));
-                if let Some(known) = closest(key, used.iter().map(String::as_str)) {
-                    did_you_mean.insert(self.key(key), self.key(known));
-                }
-            }
-        }
     }
 }
 

@@ -578,3 +578,207 @@ fn cluster_must_be_a_uri_host() {
         );
     }
 }
+
+#[test]
+fn known_keys_are_the_serde_field_names() {
+    assert_eq!(
+        keys::fields::<raw::RawSink>(),
+        ["endpoint", "timeout", "insecure_skip_verify", "ca_file"]
+    );
+    assert_eq!(keys::table_keys(""), Some(&["exporter"][..]));
+    assert_eq!(keys::table_keys("exporter.metadata"), Some(&[][..]));
+    assert_eq!(keys::table_keys("exporter.nope"), None);
+    // Every table the map names is a field of its parent table, so no path can drift from
+    // the structs.
+    for path in [
+        "exporter",
+        "exporter.metadata",
+        "exporter.sink",
+        "exporter.oidc",
+        "exporter.backfill",
+        "exporter.failure_handling",
+        "exporter.failure_handling.dead_letter",
+        "exporter.filter",
+        "exporter.resume_token",
+    ] {
+        let (parent, name) = path.rsplit_once('.').unwrap_or(("", path));
+        let parent_keys = keys::table_keys(parent).expect("parent is a table");
+        assert!(parent_keys.contains(&name), "{path}");
+        assert!(keys::table_keys(path).is_some(), "{path}");
+    }
+    // A struct with no known keys would make every key of its table "unknown".
+    assert!(keys::fields::<raw::RawExporter>().contains(&"liveness_timeout"));
+}
+
+#[test]
+fn wrong_types_keep_their_messages() {
+    for (from, to, message) in [
+        (
+            "environment = \"production\"",
+            "environment = 3",
+            "exporter.metadata.environment: expected a string, got integer 3",
+        ),
+        (
+            "insecure_skip_verify = true",
+            "insecure_skip_verify = \"yes\"",
+            "exporter.sink.insecure_skip_verify: expected true or false, got string \"yes\"",
+        ),
+        (
+            "timeout = \"10s\"",
+            "timeout = 10",
+            "exporter.sink.timeout: expected a string, got integer 10",
+        ),
+        (
+            "timeout = \"10s\"",
+            "timeout = \"10\"",
+            "exporter.sink.timeout: invalid duration \"10\": missing unit (use ns, us, ms, s, m \
+             or h) (examples: \"30s\", \"1h30m\")",
+        ),
+        (
+            "max_events = 10000",
+            "max_events = 1.5",
+            "exporter.backfill.max_events: expected an integer, got float 1.5",
+        ),
+        (
+            "max_events = 10000",
+            "max_events = -5",
+            "exporter.backfill.max_events: must not be negative, got -5",
+        ),
+        (
+            "workers = 4",
+            "workers = \"4\"",
+            "exporter.workers: expected an integer, got string \"4\"",
+        ),
+        (
+            "workers = 4",
+            "workers = 0",
+            "exporter.workers: must be from 1 to 1024, got 0",
+        ),
+        (
+            "backoff_multiplier = 2.0",
+            "backoff_multiplier = true",
+            "exporter.failure_handling.backoff_multiplier: expected a number, got boolean true",
+        ),
+    ] {
+        assert!(FULL.contains(from), "test case does not apply: {from}");
+        assert_eq!(error_of(&FULL.replace(from, to)), message);
+    }
+    let message = error_of(&format!(
+        "{MINIMAL}\n[exporter.failure_handling]\nrejected_statuses = [400, 503]\n"
+    ));
+    assert_eq!(
+        message,
+        "exporter.failure_handling.rejected_statuses: 503 is not allowed: each entry must be a \
+         4xx status other than 401, 407, 408 and 429 (those and 5xx are always retried)"
+    );
+    // A table where a value belongs, and a value where a table belongs: still key first.
+    let message = error_of(&FULL.replace("workers = 4", "workers = { n = 4 }"));
+    assert!(
+        message.starts_with("exporter.workers: expected an integer, got table"),
+        "{message}"
+    );
+    for table in ["filter", "metadata", "sink"] {
+        let text = format!("[exporter]\n{table} = 3\n");
+        let message = error_of(&text);
+        assert_eq!(
+            message,
+            format!("exporter.{table}: invalid type: integer `3`, expected a table")
+        );
+    }
+    assert_eq!(
+        error_of("exporter = 3\n"),
+        "exporter: invalid type: integer `3`, expected a table"
+    );
+}
+
+#[test]
+fn float_warning_names_the_key_and_the_integer() {
+    let config = Config::parse(&FULL.replace("batch_size = 100", "batch_size = 1e2"))
+        .expect("integral float accepted");
+    assert_eq!(config.backfill.batch_size, 100);
+    assert_eq!(
+        config.warnings,
+        vec!["exporter.backfill.batch_size: 100 is a float; read as the integer 100 (write 100)"]
+    );
+}
+
+#[test]
+fn unknown_keys_get_corrections_from_their_own_table() {
+    let text = FULL
+        .replace("timeout = \"10s\"", "timout = \"10s\"")
+        .replace("max_retries = 17", "max_retries = 17\nmax_retires = 3")
+        .replace("collection = \"resumetokens\"", "colection = \"x\"");
+    let text = format!("exporterr = 1\n{text}");
+    let config = Config::parse(&text).expect("unknown keys are not fatal");
+    assert_eq!(
+        config.unknown_key_messages(),
+        vec![
+            "exporter.failure_handling.max_retires: unknown key (did you mean \
+             exporter.failure_handling.max_retries?)",
+            "exporter.resume_token.colection: unknown key (did you mean \
+             exporter.resume_token.collection?)",
+            "exporter.sink.timout: unknown key (did you mean exporter.sink.timeout?)",
+            "exporterr: unknown key (did you mean exporter?)",
+        ]
+    );
+}
+
+#[test]
+fn misspelled_tables_are_errors_at_every_level() {
+    for (table, name, meant) in [
+        ("[exporter.odic]", "exporter.odic", "[exporter.oidc]"),
+        (
+            "[exporter.backfil]",
+            "exporter.backfil",
+            "[exporter.backfill]",
+        ),
+        ("[exportr.sink]", "exportr", "[exporter]"),
+        (
+            "[exporter.failure_handling.dead_leter]",
+            "exporter.failure_handling.dead_leter",
+            "[exporter.failure_handling.dead_letter]",
+        ),
+    ] {
+        let message = error_of(&format!("{MINIMAL}\n{table}\nx = 1\n"));
+        assert!(
+            message.starts_with(&format!(
+                "{name}: unknown table [{name}]: did you mean {meant}?"
+            )),
+            "{table}: {message}"
+        );
+    }
+    // Far from every known table: an unknown key, not an error.
+    let config = Config::parse(&format!("{MINIMAL}\n[exporter.tracing]\nx = 1\n")).expect("ok");
+    assert_eq!(config.unknown_keys, vec!["exporter.tracing"]);
+}
+
+#[test]
+fn a_datetime_is_not_taken_for_a_string() {
+    for (from, to, key) in [
+        (
+            "cluster = \"prod-us-west-2\"",
+            "cluster = 2024-01-01",
+            "exporter.metadata.cluster",
+        ),
+        (
+            "timeout = \"10s\"",
+            "timeout = 10:00:00",
+            "exporter.sink.timeout",
+        ),
+        (
+            "workers = 4",
+            "client_name = 1979-05-27T07:32:00Z",
+            "exporter.client_name",
+        ),
+    ] {
+        let message = error_of(&FULL.replace(from, to));
+        assert!(
+            message.starts_with(&format!("{key}: got datetime ")),
+            "{to}: {message}"
+        );
+    }
+    // An unknown key may hold one: it is only reported.
+    let config = Config::parse(&FULL.replace("workers = 4", "started = 2024-01-01"))
+        .expect("unknown keys are not fatal");
+    assert_eq!(config.unknown_keys, vec!["exporter.started"]);
+}
