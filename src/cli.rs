@@ -1,6 +1,7 @@
 //! The command line: upstream's flags with upstream's defaults (so NVSentinel's Helm chart runs
 //! this binary unchanged), a few additions, and subcommands.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -115,8 +116,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 /// Rewrites Go-style single-dash long flags (`-config=x`, `-workers 4`) to clap's `--` form, so
-/// command lines written for the Go binary keep working.
-pub fn normalize_go_flags(args: impl IntoIterator<Item = String>) -> Vec<String> {
+/// command lines written for the Go binary keep working. Takes `std::env::args_os()` (never
+/// `args()`, which panics on an argument that is not UTF-8).
+pub fn normalize_go_flags<A: Into<OsString>>(args: impl IntoIterator<Item = A>) -> Vec<OsString> {
     const LONG_FLAGS: &[&str] = &[
         "config",
         "metrics-port",
@@ -131,11 +133,16 @@ pub fn normalize_go_flags(args: impl IntoIterator<Item = String>) -> Vec<String>
     args.into_iter()
         .enumerate()
         .map(|(i, arg)| {
-            if i > 0 && !arg.starts_with("--") {
-                if let Some(rest) = arg.strip_prefix('-') {
-                    let name = rest.split('=').next().unwrap_or(rest);
-                    if LONG_FLAGS.contains(&name) {
-                        return format!("-{arg}");
+            let arg: OsString = arg.into();
+            // An argument that is not UTF-8 is left as it is: clap rejects it (exit 2) where
+            // it must be text and keeps it where a path is expected.
+            if let Some(text) = arg.to_str() {
+                if i > 0 && !text.starts_with("--") {
+                    if let Some(rest) = text.strip_prefix('-') {
+                        let name = rest.split('=').next().unwrap_or(rest);
+                        if LONG_FLAGS.contains(&name) {
+                            return OsString::from(format!("-{text}"));
+                        }
                     }
                 }
             }

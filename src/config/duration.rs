@@ -61,7 +61,10 @@ pub fn parse_go_duration(text: &str) -> Result<Duration, String> {
             if scale == 0 {
                 break;
             }
-            nanos += u128::from(digit.to_digit(10).unwrap_or(0)) * scale;
+            nanos = u128::from(digit.to_digit(10).unwrap_or(0))
+                .checked_mul(scale)
+                .and_then(|part| nanos.checked_add(part))
+                .ok_or_else(|| "duration too large".to_string())?;
         }
         total_nanos = total_nanos
             .checked_add(nanos)
@@ -69,10 +72,11 @@ pub fn parse_go_duration(text: &str) -> Result<Duration, String> {
         rest = after;
     }
     // Go's limit is the range of an int64 of nanoseconds (about 292 years).
-    if total_nanos > i64::MAX as u128 {
-        return Err("duration too large".into());
-    }
-    Ok(Duration::from_nanos(total_nanos as u64))
+    i64::try_from(total_nanos)
+        .ok()
+        .and_then(|nanos| u64::try_from(nanos).ok())
+        .map(Duration::from_nanos)
+        .ok_or_else(|| "duration too large".into())
 }
 
 /// Formats a duration the way Go prints one (`1h30m0s`, `500ms`, `0s`), for logs and
