@@ -164,6 +164,23 @@ mod tests {
     }
 
     #[test]
+    fn a_fraction_that_overflows_the_sum_is_too_large_not_a_panic() {
+        // whole × 1e6 fits a u128; adding the fraction's 999 999 ns does not.
+        assert_eq!(
+            parse_go_duration("340282366920938463463374607431768.999999ms"),
+            Err("duration too large".to_string())
+        );
+        assert_eq!(
+            parse_go_duration("9223372036.854775807s"),
+            Ok(Duration::from_nanos(i64::MAX as u64))
+        );
+        assert_eq!(
+            parse_go_duration("9223372036.854775808s"),
+            Err("duration too large".to_string())
+        );
+    }
+
+    #[test]
     fn formats_like_go() {
         assert_eq!(format_go_duration(Duration::from_secs(5400)), "1h30m0s");
         assert_eq!(format_go_duration(Duration::from_secs(30)), "30s");

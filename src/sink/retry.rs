@@ -91,6 +91,25 @@ mod tests {
     }
 
     #[test]
+    fn a_schedule_beyond_duration_max_saturates_instead_of_panicking() {
+        // `Duration::mul_f64` and `Sum for Duration` panic here; the schedule stays at its cap.
+        let huge = policy(5, 1, u64::MAX, 1e300);
+        let mut backoff = Backoff::new(&huge);
+        let delays: Vec<_> = std::iter::from_fn(|| backoff.next_base()).collect();
+        assert_eq!(delays.len(), 5);
+        assert_eq!(delays.first(), Some(&Duration::from_secs(1)));
+        assert!(delays
+            .iter()
+            .skip(1)
+            .all(|d| *d == Duration::from_secs(u64::MAX)));
+        assert_eq!(total_base_delay(&huge), Duration::MAX);
+        // Jitter on a delay at the top of the range keeps the delay.
+        let mut backoff = Backoff::new(&huge);
+        let jittered: Vec<_> = std::iter::from_fn(|| backoff.next_delay()).collect();
+        assert_eq!(jittered.last(), Some(&Duration::from_secs(u64::MAX)));
+    }
+
+    #[test]
     fn jitter_adds_at_most_ten_percent() {
         for _ in 0..200 {
             let delay = Backoff::new(&policy(1, 10, 60, 2.0))
