@@ -220,7 +220,12 @@ impl ChangeSource for BackfillSource {
         if self.page.is_empty() {
             return Ok(None);
         }
-        let admitted = self.pacer.admit(self.page.len().min(100)).await;
+        // `admit` never returns more than asked for (or 1); `min` keeps `drain` in range anyway.
+        let admitted = self
+            .pacer
+            .admit(self.page.len().min(100))
+            .await
+            .min(self.page.len());
         let mut changes = Vec::with_capacity(admitted);
         let mut cursors = self.cursors.lock().unwrap_or_else(|e| e.into_inner());
         for (cursor, document) in self.page.drain(..admitted) {
