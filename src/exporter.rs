@@ -69,8 +69,7 @@ pub fn validate(args: &RunArgs) -> Result<Settings, ExitError> {
         workers,
         metrics_port,
     } = validate_local(args, true)?;
-    let datastore = PgSettings::from_env(|name| std::env::var(name).ok())
-        .map_err(|e| ExitError::Config(e.to_string()))?;
+    let datastore = PgSettings::from_process_env().map_err(|e| ExitError::Config(e.to_string()))?;
     Ok(Settings {
         config,
         workers,
