@@ -78,10 +78,13 @@ impl BackfillPlan {
         config: &BackfillConfig,
         start: &FreshStart,
     ) -> Result<BackfillPlan, DatastoreError> {
-        let from = start.started_at
-            - chrono::Duration::from_std(config.max_age).unwrap_or(chrono::Duration::MAX);
-        let end = start.changelog_end as i64;
-        let open: Vec<i64> = start.open_ids.iter().map(|id| *id as i64).collect();
+        // A window reaching before the representable range covers everything.
+        let from = chrono::Duration::from_std(config.max_age)
+            .ok()
+            .and_then(|age| start.started_at.checked_sub_signed(age))
+            .unwrap_or(DateTime::<Utc>::MIN_UTC);
+        let end = to_bigint(start.changelog_end);
+        let open: Vec<i64> = start.open_ids.iter().map(|id| to_bigint(*id)).collect();
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
             [&from, &start.started_at, &end, &open];
         let count: i64 = client
@@ -91,7 +94,7 @@ impl BackfillPlan {
             )
             .await?
             .get(0);
-        let mut total = count as u64;
+        let mut total = u64::try_from(count).unwrap_or(0);
         let mut first = None;
         if total > config.max_events {
             // Keep the newest max_events: find the oldest of them.
@@ -106,7 +109,7 @@ impl BackfillPlan {
                         &start.started_at,
                         &end,
                         &open,
-                        &(config.max_events as i64 - 1),
+                        &to_bigint(config.max_events.saturating_sub(1)),
                     ],
                 )
                 .await?;
@@ -171,8 +174,8 @@ impl Pacer {
         let now = tokio::time::Instant::now();
         let mut admitted = 0;
         while admitted < wanted && self.next <= now {
-            self.next += interval;
-            admitted += 1;
+            self.next = crate::clock::saturating_add(self.next, interval);
+            admitted = admitted.saturating_add(1);
         }
         admitted.max(1)
     }
@@ -209,7 +212,7 @@ impl ChangeSource for BackfillSource {
                     tracing::warn!(%error, retry_in = ?backoff, "backfill query failed; reconnecting");
                     self.client = None;
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    backoff = backoff.saturating_mul(2).min(Duration::from_secs(30));
                 }
                 Err(error) => return Err(error),
             }
@@ -217,11 +220,16 @@ impl ChangeSource for BackfillSource {
         if self.page.is_empty() {
             return Ok(None);
         }
-        let admitted = self.pacer.admit(self.page.len().min(100)).await;
+        // `admit` never returns more than asked for (or 1); `min` keeps `drain` in range anyway.
+        let admitted = self
+            .pacer
+            .admit(self.page.len().min(100))
+            .await
+            .min(self.page.len());
         let mut changes = Vec::with_capacity(admitted);
         let mut cursors = self.cursors.lock().unwrap_or_else(|e| e.into_inner());
         for (cursor, document) in self.page.drain(..admitted) {
-            self.next_position += 1;
+            self.next_position = self.next_position.saturating_add(1);
             cursors.insert(self.next_position, cursor.clone());
             let kind = match document {
                 Ok(document) => ChangeKind::Event(RawEvent {
@@ -257,8 +265,8 @@ impl BackfillSource {
             Some(client) if !client.is_closed() => client,
             _ => self.store.connect().await?,
         };
-        let end = self.plan.changelog_end as i64;
-        let open: Vec<i64> = self.plan.open_ids.iter().map(|id| *id as i64).collect();
+        let end = to_bigint(self.plan.changelog_end);
+        let open: Vec<i64> = self.plan.open_ids.iter().map(|id| to_bigint(*id)).collect();
         // After the last row read; on the first page, from the plan's first row (inclusive).
         let (bound, operator) = match (&self.read_cursor, &self.plan.first) {
             (Some(cursor), _) => (Some(cursor), ">"),
@@ -289,7 +297,7 @@ impl BackfillSource {
             .await;
         self.client = Some(client);
         let rows = rows?;
-        if (rows.len() as i64) < self.batch_size {
+        if i64::try_from(rows.len()).unwrap_or(i64::MAX) < self.batch_size {
             self.exhausted = true;
         }
         for row in rows {
@@ -336,7 +344,7 @@ impl CheckpointStore for BackfillProgress {
             if let Some(cursor) = cursors.get(&checkpoint.position) {
                 plan.cursor = Some(cursor.clone());
             }
-            *cursors = cursors.split_off(&(checkpoint.position + 1));
+            *cursors = cursors.split_off(&checkpoint.position.saturating_add(1));
             plan.delivered = checkpoint.position;
             plan.to_value()
         };
@@ -367,16 +375,18 @@ impl BackfillProgress {
         let total = self.plan.lock().map(|p| p.total).unwrap_or_default();
         metrics::get()
             .backfill_remaining
-            .set(total.saturating_sub(delivered) as i64);
+            .set(to_bigint(total.saturating_sub(delivered)));
         let mut last = self.last_report.lock().unwrap_or_else(|e| e.into_inner());
         if !force && last.elapsed() < REPORT_INTERVAL && !self.terminal {
             return;
         }
         *last = Instant::now();
         let elapsed = self.started.elapsed().as_secs_f64().max(0.001);
-        let rate = (delivered - self.first_delivered.min(delivered)) as f64 / elapsed;
+        let rate = delivered.saturating_sub(self.first_delivered) as f64 / elapsed;
         let remaining = total.saturating_sub(delivered);
-        let eta = (rate > 0.0).then(|| Duration::from_secs_f64(remaining as f64 / rate));
+        let eta = (rate > 0.0)
+            .then(|| Duration::try_from_secs_f64(remaining as f64 / rate).ok())
+            .flatten();
         if self.terminal {
             let percent = if total == 0 {
                 100.0
@@ -384,7 +394,11 @@ impl BackfillProgress {
                 delivered as f64 * 100.0 / total as f64
             };
             let filled = (percent / 5.0).round().clamp(0.0, 20.0) as usize;
-            let bar = format!("{}{}", "#".repeat(filled), "-".repeat(20 - filled));
+            let bar = format!(
+                "{}{}",
+                "#".repeat(filled),
+                "-".repeat(20usize.saturating_sub(filled))
+            );
             let _ = write!(
                 std::io::stderr(),
                 "\rbackfill [{bar}] {delivered}/{total} ({percent:.1}%) {rate:.0} events/s ETA {}   ",
@@ -432,6 +446,12 @@ pub fn open(
         cursors,
     };
     (source, progress)
+}
+
+/// A changelog id or count as a PostgreSQL `bigint` parameter. Ids come from a `bigint`
+/// column, so they fit; anything larger saturates at `i64::MAX` rather than wrapping negative.
+fn to_bigint(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The command line: upstream's flags with upstream's defaults (so NVSentinel's Helm chart runs
 //! this binary unchanged), a few additions, and subcommands.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -124,8 +125,10 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 /// Rewrites Go-style single-dash long flags (`-config=x`, `-workers 4`) to clap's `--` form, so
-/// command lines written for the Go binary keep working.
-pub fn normalize_go_flags(args: impl IntoIterator<Item = String>) -> Vec<String> {
+/// command lines written for the Go binary keep working. Takes `std::env::args_os()` (never
+/// `args()`, which panics on an argument that is not UTF-8); arguments that are not UTF-8 are
+/// passed on unchanged apart from that prefix.
+pub fn normalize_go_flags<A: Into<OsString>>(args: impl IntoIterator<Item = A>) -> Vec<OsString> {
     const LONG_FLAGS: &[&str] = &[
         "config",
         "metrics-port",
@@ -140,11 +143,17 @@ pub fn normalize_go_flags(args: impl IntoIterator<Item = String>) -> Vec<String>
     args.into_iter()
         .enumerate()
         .map(|(i, arg)| {
-            if i > 0 && !arg.starts_with("--") {
-                if let Some(rest) = arg.strip_prefix('-') {
+            let arg: OsString = arg.into();
+            // Only the flag's name has to be text: a value that is not UTF-8 (`-config=<path>`)
+            // is kept byte for byte, and clap decides whether it may be (a path) or not.
+            let text = arg.to_string_lossy();
+            if i > 0 && !text.starts_with("--") {
+                if let Some(rest) = text.strip_prefix('-') {
                     let name = rest.split('=').next().unwrap_or(rest);
                     if LONG_FLAGS.contains(&name) {
-                        return format!("-{arg}");
+                        let mut long = OsString::from("-");
+                        long.push(&arg);
+                        return long;
                     }
                 }
             }
@@ -173,6 +182,21 @@ mod tests {
         );
         assert_eq!(cli.run.workers, None);
         assert!(cli.command.is_none());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn go_style_flags_keep_a_value_that_is_not_utf8() {
+        use std::os::unix::ffi::OsStringExt;
+        let path = OsString::from_vec(b"/etc/\xffconfig.toml".to_vec());
+        let mut go_flag = OsString::from("-config=");
+        go_flag.push(&path);
+        let args = normalize_go_flags([OsString::from("event-exporter"), go_flag]);
+        let mut expected = OsString::from("--config=");
+        expected.push(&path);
+        assert_eq!(args.get(1), Some(&expected));
+        let cli = Cli::try_parse_from(args).expect("a path may be any bytes");
+        assert_eq!(cli.run.config, PathBuf::from(path));
     }
 
     #[test]

@@ -69,8 +69,7 @@ pub fn validate(args: &RunArgs) -> Result<Settings, ExitError> {
         workers,
         metrics_port,
     } = validate_local(args, true)?;
-    let datastore = PgSettings::from_env(|name| std::env::var(name).ok())
-        .map_err(|e| ExitError::Config(e.to_string()))?;
+    let datastore = PgSettings::from_process_env().map_err(|e| ExitError::Config(e.to_string()))?;
     Ok(Settings {
         config,
         workers,
@@ -372,8 +371,9 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
             tracing::error!(%reason, "stopping the exporter: a background task died");
             crate::watchdog::global().task_died(reason.clone());
             stop.cancel();
-            hard_stop =
-                Some(tokio::time::Instant::now() + shutdown_grace + Duration::from_secs(10));
+            hard_stop = Some(crate::clock::deadline_after(
+                shutdown_grace.saturating_add(Duration::from_secs(10)),
+            ));
         }
     };
     status.set_running(false);
@@ -535,7 +535,7 @@ async fn open_source(
     config: &Config,
     wake: Arc<Notify>,
 ) -> Result<Opened, ExitError> {
-    let deadline = tokio::time::Instant::now() + STARTUP_DATASTORE_WAIT;
+    let deadline = crate::clock::deadline_after(STARTUP_DATASTORE_WAIT);
     let mut delay = Duration::from_millis(500);
     loop {
         let attempt = async {
@@ -569,7 +569,7 @@ async fn open_source(
             Err(error) if error.is_transient() && tokio::time::Instant::now() < deadline => {
                 tracing::warn!(%error, retry_in = ?delay, "datastore not reachable yet");
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(10));
+                delay = delay.saturating_mul(2).min(Duration::from_secs(10));
             }
             Err(error) => {
                 return Err(ExitError::Failed(format!(

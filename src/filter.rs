@@ -284,7 +284,9 @@ fn static_type(expr: &IdedExpr) -> String {
                 | operators::LOGICAL_OR
                 | operators::LOGICAL_NOT
                 | operators::NOT_STRICTLY_FALSE => "bool".to_string(),
-                operators::CONDITIONAL if args.len() == 3 => common_type(&args[1..]),
+                operators::CONDITIONAL if args.len() == 3 => {
+                    common_type(args.get(1..).unwrap_or_default())
+                }
                 operators::ADD
                 | operators::SUBSTRACT
                 | operators::MULTIPLY

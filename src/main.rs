@@ -1,3 +1,17 @@
+// The product binary: no panic reachable from input (issue 14), as in `src/lib.rs`.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::todo,
+    clippy::unimplemented,
+    clippy::unreachable,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::arithmetic_side_effects,
+    clippy::unchecked_time_subtraction
+)]
+
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -10,7 +24,7 @@ use event_exporter::logging;
 fn main() -> ExitCode {
     // Before anything can panic: a panic is logged without panicking and stops the exporter.
     event_exporter::panics::install_hook();
-    let cli = Cli::parse_from(normalize_go_flags(std::env::args()));
+    let cli = Cli::parse_from(normalize_go_flags(std::env::args_os()));
     match cli.command {
         Some(Command::CheckConfig(args)) => check_config::main(&args),
         Some(Command::Status(args)) => status::main(&args),

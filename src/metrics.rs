@@ -478,7 +478,11 @@ impl ProcessStats {
         let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
         // Fields after the parenthesised command name, counted from `state` (field 3).
         let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-        let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<f64>().ok());
+        let field = |n: usize| {
+            fields
+                .get(n.checked_sub(3)?)
+                .and_then(|f| f.parse::<f64>().ok())
+        };
         let cpu_seconds = (field(14)? + field(15)?) / TICKS_PER_SECOND;
         let status = std::fs::read_to_string("/proc/self/status").ok()?;
         let kib = |key: &str| {

@@ -38,7 +38,8 @@ pub fn default_liveness_timeout(sink_timeout: Duration, max_backoff: Duration) -
 /// The longest quiet gap a healthy delivery can leave between two outcomes: one attempt
 /// (`sink_timeout`) plus one backoff sleep with upstream's 10 % jitter (`max_backoff × 1.1`).
 pub fn longest_quiet_gap(sink_timeout: Duration, max_backoff: Duration) -> Duration {
-    sink_timeout.saturating_add(max_backoff.saturating_add(max_backoff / 10))
+    sink_timeout
+        .saturating_add(max_backoff.saturating_add(max_backoff.checked_div(10).unwrap_or_default()))
 }
 
 /// What `/healthz` should answer.

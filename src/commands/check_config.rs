@@ -87,8 +87,8 @@ pub fn check(args: &CheckConfigArgs) -> Result<Report, ExitError> {
         metrics_port,
     } = validate_local(run, !args.skip_files)?;
     let datastore = if std::env::var_os("DATASTORE_PROVIDER").is_some() {
-        let settings = PgSettings::from_env(|name| std::env::var(name).ok())
-            .map_err(|e| ExitError::Config(e.to_string()))?;
+        let settings =
+            PgSettings::from_process_env().map_err(|e| ExitError::Config(e.to_string()))?;
         serde_json::to_value(settings).unwrap_or_default()
     } else {
         json!("not checked: DATASTORE_PROVIDER is not set")

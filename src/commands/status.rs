@@ -181,7 +181,7 @@ pub fn main(args: &StatusArgs) -> ExitCode {
 /// Loads the configuration and the datastore environment, then queries the datastore.
 pub fn read_status(args: &StatusArgs) -> Result<Status, StatusError> {
     let config = Config::load(&args.config)?;
-    let settings = PgSettings::from_env(|name| std::env::var(name).ok())?;
+    let settings = PgSettings::from_process_env()?;
     let datastore = settings.describe();
     let connector = Connector::new(settings)?;
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -72,10 +72,11 @@ pub fn parse_go_duration(text: &str) -> Result<Duration, String> {
         rest = after;
     }
     // Go's limit is the range of an int64 of nanoseconds (about 292 years).
-    if total_nanos > i64::MAX as u128 {
-        return Err("duration too large".into());
-    }
-    Ok(Duration::from_nanos(total_nanos as u64))
+    i64::try_from(total_nanos)
+        .ok()
+        .and_then(|nanos| u64::try_from(nanos).ok())
+        .map(Duration::from_nanos)
+        .ok_or_else(|| "duration too large".into())
 }
 
 /// Formats a duration the way Go prints one (`1h30m0s`, `500ms`, `0s`), for logs and
@@ -160,6 +161,23 @@ mod tests {
         ] {
             assert!(parse_go_duration(text).is_err(), "{text:?} should fail");
         }
+    }
+
+    #[test]
+    fn a_fraction_that_overflows_the_sum_is_too_large_not_a_panic() {
+        // whole × 1e6 fits a u128; adding the fraction's 999 999 ns does not.
+        assert_eq!(
+            parse_go_duration("340282366920938463463374607431768.999999ms"),
+            Err("duration too large".to_string())
+        );
+        assert_eq!(
+            parse_go_duration("9223372036.854775807s"),
+            Ok(Duration::from_nanos(i64::MAX as u64))
+        );
+        assert_eq!(
+            parse_go_duration("9223372036.854775808s"),
+            Err("duration too large".to_string())
+        );
     }
 
     #[test]

@@ -26,13 +26,12 @@ impl Backoff {
 
     /// The base delay (without jitter) before the next retry.
     pub fn next_base(&mut self) -> Option<Duration> {
-        if self.retries_left == 0 {
-            return None;
-        }
-        self.retries_left -= 1;
+        self.retries_left = self.retries_left.checked_sub(1)?;
         let delay = self.next;
         if self.multiplier > 0.0 {
-            self.next = self.next.mul_f64(self.multiplier).min(self.cap);
+            self.next = scale(self.next, self.multiplier)
+                .unwrap_or(self.cap)
+                .min(self.cap);
         }
         Some(delay)
     }
@@ -40,14 +39,20 @@ impl Backoff {
     /// The delay before the next retry with upstream's +0–10 % jitter.
     pub fn next_delay(&mut self) -> Option<Duration> {
         self.next_base()
-            .map(|base| base.mul_f64(1.0 + fastrand::f64() * 0.1))
+            .map(|base| scale(base, 1.0 + fastrand::f64() * 0.1).unwrap_or(base))
     }
 }
 
 /// Total sleeping the schedule allows before giving up (without jitter), for logs and docs.
 pub fn total_base_delay(policy: &RetryPolicy) -> Duration {
     let mut backoff = Backoff::new(policy);
-    std::iter::from_fn(|| backoff.next_base()).sum()
+    std::iter::from_fn(|| backoff.next_base()).fold(Duration::ZERO, Duration::saturating_add)
+}
+
+/// `duration × factor`, or `None` where `Duration::mul_f64` would panic (a product that is
+/// negative, not finite or beyond `Duration::MAX`).
+fn scale(duration: Duration, factor: f64) -> Option<Duration> {
+    Duration::try_from_secs_f64(duration.as_secs_f64() * factor).ok()
 }
 
 #[cfg(test)]
@@ -83,6 +88,25 @@ mod tests {
         let delays: Vec<_> = std::iter::from_fn(|| backoff.next_base()).collect();
         assert_eq!(delays, vec![Duration::from_secs(2); 3]);
         assert!(Backoff::new(&policy(0, 1, 60, 2.0)).next_base().is_none());
+    }
+
+    #[test]
+    fn a_schedule_beyond_duration_max_saturates_instead_of_panicking() {
+        // `Duration::mul_f64` and `Sum for Duration` panic here; the schedule stays at its cap.
+        let huge = policy(5, 1, u64::MAX, 1e300);
+        let mut backoff = Backoff::new(&huge);
+        let delays: Vec<_> = std::iter::from_fn(|| backoff.next_base()).collect();
+        assert_eq!(delays.len(), 5);
+        assert_eq!(delays.first(), Some(&Duration::from_secs(1)));
+        assert!(delays
+            .iter()
+            .skip(1)
+            .all(|d| *d == Duration::from_secs(u64::MAX)));
+        assert_eq!(total_base_delay(&huge), Duration::MAX);
+        // Jitter on a delay at the top of the range keeps the delay.
+        let mut backoff = Backoff::new(&huge);
+        let jittered: Vec<_> = std::iter::from_fn(|| backoff.next_delay()).collect();
+        assert_eq!(jittered.last(), Some(&Duration::from_secs(u64::MAX)));
     }
 
     #[test]

@@ -36,7 +36,7 @@ pub fn spawn_listener(
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(backoff) => {}
             }
-            backoff = (backoff * 2).min(Duration::from_secs(30));
+            backoff = backoff.saturating_mul(2).min(Duration::from_secs(30));
         }
     })
 }

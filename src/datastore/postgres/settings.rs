@@ -61,6 +61,29 @@ fn settings_error(message: impl Into<String>) -> DatastoreError {
 }
 
 impl PgSettings {
+    /// Reads NVSentinel's datastore variables from the process environment. A variable that is
+    /// set but not UTF-8 is an error naming it (`std::env::var(..).ok()` would read it as unset:
+    /// a password silently dropped, a host silently defaulted).
+    pub fn from_process_env() -> Result<PgSettings, DatastoreError> {
+        let not_utf8 = std::cell::RefCell::new(None::<String>);
+        let settings = PgSettings::from_env(|name| match std::env::var(name) {
+            Ok(value) => Some(value),
+            Err(std::env::VarError::NotPresent) => None,
+            Err(std::env::VarError::NotUnicode(_)) => {
+                not_utf8
+                    .borrow_mut()
+                    .get_or_insert_with(|| name.to_string());
+                None
+            }
+        });
+        match not_utf8.into_inner() {
+            Some(name) => Err(settings_error(format!(
+                "{name} is set but is not valid UTF-8"
+            ))),
+            None => settings,
+        }
+    }
+
     /// Reads NVSentinel's datastore variables through `get` (normally `std::env::var`).
     pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<PgSettings, DatastoreError> {
         let var = |name: &str| get(name).filter(|v| !v.trim().is_empty());
