@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod model;
 pub mod panics;
 pub mod pipeline;
+pub mod reconnect;
 pub mod server;
 pub mod sink;
 pub mod tls;

@@ -2,6 +2,7 @@
 //! `changelog`), LISTEN/NOTIFY wake-ups, and the `resume_tokens` row.
 
 mod changelog;
+mod holes;
 mod listener;
 pub mod reset;
 pub mod settings;
