@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use super::{Feed, Outcome, PipelineError, SequenceTracker, Summary, LAG_INTERVAL};
 use crate::datastore::{Change, ChangeKind, Checkpoint, DatastoreError, RawEvent};
 use crate::metrics;
+use crate::reconnect::after;
 
 /// Whether intake goes on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,7 +179,7 @@ impl Dispatcher {
             Err(error) => {
                 tracing::warn!(%error, "saving the resume token failed; will retry");
                 let retry = self.saver.interval.max(Duration::from_millis(100));
-                self.saver.due = self.saver.last.map(|last| last + retry);
+                self.saver.due = self.saver.last.map(|last| after(last, retry));
             }
         }
     }
@@ -261,7 +262,7 @@ impl Saver {
         Saver {
             interval,
             last: None,
-            due: first_write.then(|| now + LAG_INTERVAL),
+            due: first_write.then(|| after(now, LAG_INTERVAL)),
         }
     }
 
@@ -274,7 +275,7 @@ impl Saver {
             .as_ref()
             .is_none_or(|s| s.position != tracker.checkpoint().position);
         if moved {
-            let earliest = self.last.map_or(now, |last| last + self.interval);
+            let earliest = self.last.map_or(now, |last| after(last, self.interval));
             self.due = Some(earliest.max(now));
         }
     }

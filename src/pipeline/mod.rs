@@ -36,6 +36,7 @@ use crate::datastore::{Change, ChangeSource, CheckpointStore, DatastoreError, Ra
 use crate::filter::Filter;
 use crate::metrics;
 use crate::model::{decode_document, traceparent};
+use crate::reconnect::after;
 use crate::sink::dead_letter::{self, DeadLetter};
 use crate::sink::http::Delivery;
 use crate::sink::{PublishError, Publisher};
@@ -415,7 +416,7 @@ impl<C: CheckpointStore> Io<'_, C> {
         reader: &mut ReaderTask,
         permits: &Arc<Semaphore>,
     ) {
-        let first_tick = tokio::time::Instant::now() + LAG_INTERVAL;
+        let first_tick = after(tokio::time::Instant::now(), LAG_INTERVAL);
         let mut tick = tokio::time::interval_at(first_tick, LAG_INTERVAL);
         loop {
             let now = tokio::time::Instant::now;
@@ -458,7 +459,7 @@ impl<C: CheckpointStore> Io<'_, C> {
         grace: Duration,
     ) -> bool {
         workers.results_tx = None;
-        let grace_from_now = || tokio::time::Instant::now() + grace;
+        let grace_from_now = || after(tokio::time::Instant::now(), grace);
         let mut deadline =
             (!dispatcher.source_finished() || dispatcher.failed()).then(grace_from_now);
         if !workers.in_flight.is_empty() {
@@ -523,7 +524,13 @@ fn report_lag(unfinished: &BTreeMap<u64, DateTime<Utc>>, tracker: &SequenceTrack
     let lag = unfinished
         .values()
         .min()
-        .map(|oldest| (Utc::now() - *oldest).num_milliseconds().max(0) as f64 / 1000.0)
+        .map(|oldest| {
+            Utc::now()
+                .signed_duration_since(*oldest)
+                .num_milliseconds()
+                .max(0) as f64
+                / 1000.0
+        })
         .unwrap_or(0.0);
     metrics.stream_lag_seconds.set(lag);
     let head = metrics.changelog_head_id.get().max(0) as u64;

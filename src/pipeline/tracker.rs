@@ -48,10 +48,13 @@ impl SequenceTracker {
         if last <= self.committed {
             return false;
         }
-        self.finished
-            .insert(first.max(self.committed + 1), (last, changed_at));
+        self.finished.insert(
+            first.max(self.committed.saturating_add(1)),
+            (last, changed_at),
+        );
         let before = self.committed;
-        while let Some((last, changed_at)) = self.finished.remove(&(self.committed + 1)) {
+        while let Some((last, changed_at)) = self.finished.remove(&self.committed.saturating_add(1))
+        {
             self.committed = last;
             if changed_at.is_some() {
                 self.committed_time = changed_at;

@@ -29,10 +29,12 @@ impl Backoff {
         if self.retries_left == 0 {
             return None;
         }
-        self.retries_left -= 1;
+        self.retries_left = self.retries_left.saturating_sub(1);
         let delay = self.next;
         if self.multiplier > 0.0 {
-            self.next = self.next.mul_f64(self.multiplier).min(self.cap);
+            // `mul_f64` would panic past `Duration::MAX`; anything that large is the cap.
+            let next = Duration::try_from_secs_f64(self.next.as_secs_f64() * self.multiplier);
+            self.next = next.unwrap_or(self.cap).min(self.cap);
         }
         Some(delay)
     }

@@ -488,9 +488,9 @@ impl ChangelogReader {
             id,
             reason: "changelog ids are positive".into(),
         })?;
-        let changed_at: Option<DateTime<Utc>> = row.try_get(at + 3).ok().flatten();
+        let changed_at: Option<DateTime<Utc>> = row.try_get(at.saturating_add(3)).ok().flatten();
         let skip = |reason| Change::new(position, changed_at, ChangeKind::Skip(reason));
-        let record_id: Option<String> = row.try_get(at + 4).ok().flatten();
+        let record_id: Option<String> = row.try_get(at.saturating_add(4)).ok().flatten();
         let undecodable = |column: &str, error: &dyn std::fmt::Display| {
             tracing::warn!(
                 changelog_id = position,
@@ -503,8 +503,8 @@ impl ChangelogReader {
             skip(SkipReason::Undecodable)
         };
         let (table, operation) = match (
-            row.try_get::<_, Option<String>>(at + 1),
-            row.try_get::<_, Option<String>>(at + 2),
+            row.try_get::<_, Option<String>>(at.saturating_add(1)),
+            row.try_get::<_, Option<String>>(at.saturating_add(2)),
         ) {
             (Ok(table), Ok(operation)) => {
                 (table.unwrap_or_default(), operation.unwrap_or_default())
@@ -528,11 +528,11 @@ impl ChangelogReader {
         let Some(record_id) = record_id.clone() else {
             return Ok(undecodable("record_id", &"is NULL or unreadable"));
         };
-        let document: Option<serde_json::Value> = match row.try_get(at + 5) {
+        let document: Option<serde_json::Value> = match row.try_get(at.saturating_add(5)) {
             Ok(document) => document,
             Err(e) => return Ok(undecodable("document", &describe_conversion(&e))),
         };
-        let created_at: Option<String> = row.try_get(at + 6).ok().flatten();
+        let created_at: Option<String> = row.try_get(at.saturating_add(6)).ok().flatten();
         Ok(Change::new(
             position,
             changed_at,

@@ -127,7 +127,9 @@ impl PositionMap {
         match self.current() {
             None => position,
             Some(epoch) if position <= epoch.base => epoch.start_id,
-            Some(epoch) => (position - epoch.base).saturating_add(epoch.start_id),
+            Some(epoch) => position
+                .saturating_sub(epoch.base)
+                .saturating_add(epoch.start_id),
         }
     }
 }
