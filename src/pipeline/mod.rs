@@ -35,7 +35,7 @@ use crate::cloudevent::Transformer;
 use crate::datastore::{Change, ChangeSource, CheckpointStore, DatastoreError, RawEvent};
 use crate::filter::Filter;
 use crate::metrics;
-use crate::model::{decode_document, traceparent};
+use crate::model::{decode_document, traceparent, HealthEvent};
 use crate::reconnect::after;
 use crate::sink::dead_letter::{self, DeadLetter};
 use crate::sink::http::Delivery;
@@ -85,6 +85,7 @@ pub struct EventHandler {
 }
 
 impl EventHandler {
+    /// Decodes, filters, encodes and publishes one event.
     async fn handle(
         &self,
         feed: Feed,
@@ -92,13 +93,53 @@ impl EventHandler {
         event: &RawEvent,
         cancel: &CancellationToken,
     ) -> Outcome {
+        let (health_event, body) = match self.prepare(position, event) {
+            Ok(prepared) => prepared,
+            Err(outcome) => return outcome,
+        };
+        let started = Instant::now();
+        let traceparent = traceparent(&event.document, &health_event);
+        let published = self
+            .publisher
+            .publish(&body, &event.record_id, traceparent.as_deref(), cancel)
+            .await;
+        match published {
+            Ok(delivery) => accepted(feed, position, event, delivery, started),
+            Err(PublishError::Cancelled) => Outcome::Cancelled,
+            Err(PublishError::Rejected {
+                status,
+                attempts,
+                excerpt,
+                last,
+                ..
+            }) if self.dead_letter.is_some() => {
+                let rejection = Rejection {
+                    status,
+                    attempts,
+                    excerpt: &excerpt,
+                    last: &last,
+                };
+                self.dead_letter(position, event, &body, rejection).await
+            }
+            Err(error) => {
+                let metrics = metrics::get();
+                metrics.published("failure");
+                metrics.publish_error("max_retries_exceeded");
+                Outcome::Failed(error.to_string())
+            }
+        }
+    }
+
+    /// The CloudEvent body to publish, or why the event needs no delivery (undecodable, no
+    /// health event, filtered out, an invalid CloudEvent): one bad event never blocks the rest.
+    fn prepare(&self, position: u64, event: &RawEvent) -> Result<(HealthEvent, Vec<u8>), Outcome> {
         let metrics = metrics::get();
         let health_event = match decode_document(&event.document) {
             Ok(Some(health_event)) => health_event,
             Ok(None) => {
                 tracing::warn!(changelog_id = position, record_id = %event.record_id, "document has no health event; skipping it");
                 metrics.skipped("no_health_event");
-                return Outcome::Skipped;
+                return Err(Outcome::Skipped);
             }
             Err(error) => {
                 tracing::warn!(changelog_id = position, record_id = %event.record_id, %error, "undecodable health event document; skipping it");
@@ -109,115 +150,132 @@ impl EventHandler {
                 } else {
                     "undecodable"
                 });
-                return Outcome::Skipped;
+                return Err(Outcome::Skipped);
             }
         };
-        if let Some(filter) = &self.filter {
-            match filter.matches(&health_event) {
-                Ok(true) => {}
-                Ok(false) => {
-                    metrics.events_filtered.inc();
-                    tracing::debug!(changelog_id = position, record_id = %event.record_id, "filter expression is false; not publishing the event");
-                    return Outcome::Filtered;
-                }
-                // Fail open, as upstream: an event the filter cannot judge is exported.
-                Err(error) => {
-                    metrics.filter_errors.inc();
-                    tracing::warn!(changelog_id = position, record_id = %event.record_id, %error, "Filter evaluation failed, exporting event");
-                }
-            }
+        if !self.passes_filter(position, event, &health_event) {
+            return Err(Outcome::Filtered);
         }
-        let body = match self.transformer.try_encode(
-            &event.record_id,
-            &health_event,
-            event.created_at,
-        ) {
-            Ok(body) => body,
-            // One bad event never blocks the rest: skipped, logged, counted.
+        match self
+            .transformer
+            .try_encode(&event.record_id, &health_event, event.created_at)
+        {
+            Ok(body) => Ok((health_event, body)),
             Err(error) => {
                 tracing::warn!(changelog_id = position, record_id = %event.record_id, %error, "the CloudEvent built for this event is invalid; skipping it");
                 metrics.transform_errors.inc();
                 metrics.skipped("invalid_cloudevent");
-                return Outcome::Skipped;
-            }
-        };
-        let started = Instant::now();
-        match self
-            .publisher
-            .publish(
-                &body,
-                &event.record_id,
-                traceparent(&event.document, &health_event).as_deref(),
-                cancel,
-            )
-            .await
-        {
-            Ok(delivery) => {
-                metrics.published(match delivery {
-                    Delivery::Accepted => "success",
-                    Delivery::AlreadyDelivered(_) => "already_delivered",
-                });
-                if let Delivery::AlreadyDelivered(status) = delivery {
-                    tracing::info!(changelog_id = position, record_id = %event.record_id, status, "sink already has the event (already_delivered_statuses)");
-                }
-                metrics
-                    .publish_duration
-                    .observe(started.elapsed().as_secs_f64());
-                if feed == Feed::Backfill {
-                    metrics.backfill_events_processed.inc();
-                }
-                tracing::debug!(changelog_id = position, record_id = %event.record_id, "event published");
-                Outcome::Published
-            }
-            Err(PublishError::Cancelled) => Outcome::Cancelled,
-            Err(PublishError::Rejected {
-                status,
-                attempts,
-                excerpt,
-                last,
-                ..
-            }) if self.dead_letter.is_some() => {
-                let record = dead_letter::Record {
-                    event_id: &event.record_id,
-                    changelog_id: position,
-                    status,
-                    attempts,
-                    body_excerpt: &excerpt,
-                    event: &body,
-                };
-                let written = match &self.dead_letter {
-                    Some(letter) => letter.write(&record).await,
-                    None => Ok(()),
-                };
-                match written {
-                    Ok(()) => {
-                        metrics.dead_lettered(status);
-                        tracing::error!(
-                            changelog_id = position,
-                            record_id = %event.record_id,
-                            status,
-                            attempts,
-                            error = %last,
-                            "the sink permanently rejected the event; written to the dead letter, going on"
-                        );
-                        Outcome::DeadLettered
-                    }
-                    Err(error) => {
-                        metrics.published("failure");
-                        metrics.publish_error("dead_letter_failed");
-                        Outcome::Failed(format!(
-                            "the sink rejected it with HTTP {status} ({last}), and writing it to the dead letter failed: {error}"
-                        ))
-                    }
-                }
-            }
-            Err(error) => {
-                metrics.published("failure");
-                metrics.publish_error("max_retries_exceeded");
-                Outcome::Failed(error.to_string())
+                Err(Outcome::Skipped)
             }
         }
     }
+
+    /// Whether the filter expression lets the event through; fails open, as upstream: an event
+    /// the filter cannot judge is exported.
+    fn passes_filter(&self, position: u64, event: &RawEvent, health_event: &HealthEvent) -> bool {
+        let Some(filter) = &self.filter else {
+            return true;
+        };
+        let metrics = metrics::get();
+        match filter.matches(health_event) {
+            Ok(true) => true,
+            Ok(false) => {
+                metrics.events_filtered.inc();
+                tracing::debug!(changelog_id = position, record_id = %event.record_id, "filter expression is false; not publishing the event");
+                false
+            }
+            Err(error) => {
+                metrics.filter_errors.inc();
+                tracing::warn!(changelog_id = position, record_id = %event.record_id, %error, "Filter evaluation failed, exporting event");
+                true
+            }
+        }
+    }
+
+    /// A permanent rejection with a dead letter configured: written there, the position
+    /// finishes; if the write fails, the event is undelivered.
+    async fn dead_letter(
+        &self,
+        position: u64,
+        event: &RawEvent,
+        body: &[u8],
+        rejection: Rejection<'_>,
+    ) -> Outcome {
+        let Rejection {
+            status,
+            attempts,
+            excerpt,
+            last,
+        } = rejection;
+        let record = dead_letter::Record {
+            event_id: &event.record_id,
+            changelog_id: position,
+            status,
+            attempts,
+            body_excerpt: excerpt,
+            event: body,
+        };
+        let written = match &self.dead_letter {
+            Some(letter) => letter.write(&record).await,
+            None => Ok(()),
+        };
+        let metrics = metrics::get();
+        match written {
+            Ok(()) => {
+                metrics.dead_lettered(status);
+                tracing::error!(
+                    changelog_id = position,
+                    record_id = %event.record_id,
+                    status,
+                    attempts,
+                    error = %last,
+                    "the sink permanently rejected the event; written to the dead letter, going on"
+                );
+                Outcome::DeadLettered
+            }
+            Err(error) => {
+                metrics.published("failure");
+                metrics.publish_error("dead_letter_failed");
+                Outcome::Failed(format!(
+                    "the sink rejected it with HTTP {status} ({last}), and writing it to the dead letter failed: {error}"
+                ))
+            }
+        }
+    }
+}
+
+/// A permanent rejection by the sink, as the dead letter records it.
+struct Rejection<'a> {
+    status: u16,
+    attempts: u32,
+    excerpt: &'a str,
+    last: &'a str,
+}
+
+/// The sink accepted the event (or already had it): counted and logged.
+fn accepted(
+    feed: Feed,
+    position: u64,
+    event: &RawEvent,
+    delivery: Delivery,
+    started: Instant,
+) -> Outcome {
+    let metrics = metrics::get();
+    metrics.published(match delivery {
+        Delivery::Accepted => "success",
+        Delivery::AlreadyDelivered(_) => "already_delivered",
+    });
+    if let Delivery::AlreadyDelivered(status) = delivery {
+        tracing::info!(changelog_id = position, record_id = %event.record_id, status, "sink already has the event (already_delivered_statuses)");
+    }
+    metrics
+        .publish_duration
+        .observe(started.elapsed().as_secs_f64());
+    if feed == Feed::Backfill {
+        metrics.backfill_events_processed.inc();
+    }
+    tracing::debug!(changelog_id = position, record_id = %event.record_id, "event published");
+    Outcome::Published
 }
 
 /// Which feed a pipeline carries; decides the metrics it counts.

@@ -140,50 +140,70 @@ impl ChangelogReader {
             not_before: None,
         };
         let resuming = start != StartPoint::End;
-        match start {
-            StartPoint::Contiguous(id) => reader.read_pos = id,
-            StartPoint::End => reader.start_at_end(&client).await?,
-            StartPoint::Keyset { changed_at, id } => {
-                reader.start_after_keyset(&client, changed_at, id).await?
-            }
-            StartPoint::EventId(id) => {
-                // Upstream resolves an id-only token through the row's changed_at.
-                let row = client
-                    .query_opt(
-                        "SELECT changed_at FROM datastore_changelog WHERE id = $1",
-                        &[&(id as i64)],
-                    )
-                    .await?;
-                match row {
-                    Some(row) => reader.start_after_keyset(&client, row.get(0), id).await?,
-                    None => reader.read_pos = id,
-                }
-            }
-        }
+        reader.start_from(&client, start).await?;
         if resuming {
-            let head = changelog_head(&client, reader.sequence.as_deref()).await?;
-            if let Some(restart) =
-                reset::restart_point(reader.read_pos, head, Utc::now(), &reader.window)
-            {
-                tracing::error!(
-                    resume_token = reader.read_pos,
-                    changelog_head = head,
-                    restart_after = restart.after,
-                    passing_over_before = %restart.not_before,
-                    "the resume token is ahead of the changelog's head: the changelog's ids went \
-                     back (TRUNCATE ... RESTART IDENTITY, a restored or re-created datastore, or a \
-                     bogus token row); restarting from the new changelog's beginning within the \
-                     backfill window"
-                );
-                crate::metrics::get().resume_token_reset("ahead_at_start");
-                reader.restart(restart);
-            }
+            reader.restart_if_ahead_at_start(&client).await?;
         }
         if reader.ready.is_empty() && reader.holes.is_empty() {
             reader.start_position = reader.read_pos;
         }
         reader.client = Some(client);
         Ok(reader)
+    }
+
+    /// Sets the read position from the token (or the changelog's end without one).
+    async fn start_from(
+        &mut self,
+        client: &Client,
+        start: StartPoint,
+    ) -> Result<(), DatastoreError> {
+        match start {
+            StartPoint::Contiguous(id) => self.read_pos = id,
+            StartPoint::End => self.start_at_end(client).await?,
+            StartPoint::Keyset { changed_at, id } => {
+                self.start_after_keyset(client, changed_at, id).await?
+            }
+            StartPoint::EventId(id) => {
+                // Upstream resolves an id-only token through the row's changed_at.
+                let row = client
+                    .query_opt(
+                        "SELECT changed_at FROM datastore_changelog WHERE id = $1",
+                        &[&to_sql_id(id)],
+                    )
+                    .await?;
+                let changed_at: Option<DateTime<Utc>> = match row {
+                    Some(row) => row.try_get(0)?,
+                    None => None,
+                };
+                match changed_at {
+                    Some(changed_at) => self.start_after_keyset(client, changed_at, id).await?,
+                    None => self.read_pos = id,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A resume token above the changelog's head: the ids went back; restart (see `reset`).
+    async fn restart_if_ahead_at_start(&mut self, client: &Client) -> Result<(), DatastoreError> {
+        let head = changelog_head(client, self.sequence.as_deref()).await?;
+        let Some(restart) = reset::restart_point(self.read_pos, head, Utc::now(), &self.window)
+        else {
+            return Ok(());
+        };
+        tracing::error!(
+            resume_token = self.read_pos,
+            changelog_head = head,
+            restart_after = restart.after,
+            passing_over_before = %restart.not_before,
+            "the resume token is ahead of the changelog's head: the changelog's ids went \
+             back (TRUNCATE ... RESTART IDENTITY, a restored or re-created datastore, or a \
+             bogus token row); restarting from the new changelog's beginning within the \
+             backfill window"
+        );
+        crate::metrics::get().resume_token_reset("ahead_at_start");
+        self.restart(restart);
+        Ok(())
     }
 
     /// Continues after `restart.after` of a changelog whose ids went back; nothing seen so far
@@ -286,12 +306,12 @@ impl ChangelogReader {
                 "SELECT min(id) FROM datastore_changelog \
                  WHERE table_name = 'health_events' AND operation = 'INSERT' \
                    AND (changed_at > $1 OR (changed_at = $1 AND id > $2))",
-                &[&changed_at, &(id as i64)],
+                &[&changed_at, &to_sql_id(id)],
             )
             .await?;
         let first_unexported: Option<i64> = row.get(0);
-        self.read_pos = match first_unexported {
-            Some(first) if (first as u64) <= id => (first as u64).saturating_sub(1),
+        self.read_pos = match first_unexported.and_then(|first| u64::try_from(first).ok()) {
+            Some(first) if first <= id => first.saturating_sub(1),
             _ => id,
         };
         self.exported_before = Some((changed_at, id));
