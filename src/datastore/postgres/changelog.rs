@@ -28,7 +28,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::Notify;
 use tokio_postgres::{Client, Row};
 
-use super::holes::{self, Holes};
+use super::holes::{self, Holes, Span};
 use super::reset::{self, ResetWindow, Restart};
 use super::{Connector, StartPoint};
 use crate::datastore::{Change, ChangeKind, ChangeSource, DatastoreError, RawEvent, SkipReason};
@@ -436,9 +436,9 @@ impl ChangelogReader {
             self.restart_while_running(head, restart);
             return Ok(None);
         }
+        // A NULL id: no new rows, only the snapshot came back.
         let mut changes = Vec::new();
         for row in &rows {
-            // A NULL id: no new rows, only the snapshot came back.
             if row.try_get::<_, Option<i64>>(2)?.is_some() {
                 changes.push(self.change_from_row(row, 2)?);
             }
@@ -448,15 +448,22 @@ impl ChangelogReader {
         if let Some(&last) = visible.last() {
             self.read_pos = self.read_pos.max(last);
         }
-        if !gaps.is_empty() {
-            // Taken after the snapshot; costs one transaction id, only on polls with gaps.
-            let row = client
-                .query_one("SELECT pg_current_xact_id()::text", &[])
-                .await?;
-            let tag = parse_xid(row.try_get(0)?)?;
-            gaps.into_iter().for_each(|gap| self.holes.add(gap, tag));
-        }
+        self.add_holes(client, gaps).await?;
         Ok(Some((xmin, changes)))
+    }
+
+    /// Adds the gaps as holes, tagged with a transaction id taken now, after the snapshot that
+    /// found them; costs one transaction id, only on polls with gaps.
+    async fn add_holes(&mut self, client: &Client, gaps: Vec<Span>) -> Result<(), DatastoreError> {
+        if gaps.is_empty() {
+            return Ok(());
+        }
+        let row = client
+            .query_one("SELECT pg_current_xact_id()::text", &[])
+            .await?;
+        let tag = parse_xid(row.try_get(0)?)?;
+        gaps.into_iter().for_each(|gap| self.holes.add(gap, tag));
+        Ok(())
     }
 
     /// Re-reads the holes by id. A row that has appeared is delivered now, whatever else is
@@ -535,15 +542,8 @@ impl ChangelogReader {
         if table != "health_events" || operation != "INSERT" {
             return Ok(skip(SkipReason::NotAHealthEventInsert));
         }
-        if let (Some((token_time, token_id)), Some(row_time)) = (self.exported_before, changed_at) {
-            if position <= token_id && (row_time, position) <= (token_time, token_id) {
-                return Ok(skip(SkipReason::BeforeStart));
-            }
-        }
-        if let (Some((through, not_before)), Some(row_time)) = (self.not_before, changed_at) {
-            if position <= through && row_time < not_before {
-                return Ok(skip(SkipReason::BeforeStart));
-            }
+        if self.passed_over(position, changed_at) {
+            return Ok(skip(SkipReason::BeforeStart));
         }
         let Some(record_id) = record_id.clone() else {
             return Ok(undecodable("record_id", &"is NULL or unreadable"));
@@ -553,19 +553,31 @@ impl ChangelogReader {
             Err(e) => return Ok(undecodable("document", &describe_conversion(&e))),
         };
         let created_at: Option<String> = row.try_get(at.saturating_add(6)).ok().flatten();
-        Ok(Change::new(
-            position,
-            changed_at,
-            ChangeKind::Event(RawEvent {
-                record_id,
-                document: document.unwrap_or(serde_json::Value::Null),
-                created_at: created_at.and_then(|text| {
-                    DateTime::parse_from_rfc3339(&text)
-                        .ok()
-                        .map(|t| t.with_timezone(&Utc))
-                }),
+        let event = RawEvent {
+            record_id,
+            document: document.unwrap_or(serde_json::Value::Null),
+            created_at: created_at.and_then(|text| {
+                DateTime::parse_from_rfc3339(&text)
+                    .ok()
+                    .map(|t| t.with_timezone(&Utc))
             }),
-        ))
+        };
+        Ok(Change::new(position, changed_at, ChangeKind::Event(event)))
+    }
+
+    /// Whether a health-event row at `position` was exported before this reader started: by
+    /// the Go exporter whose keyset token was taken over, or before a changelog reset's window.
+    fn passed_over(&self, position: u64, changed_at: Option<DateTime<Utc>>) -> bool {
+        let Some(row_time) = changed_at else {
+            return false;
+        };
+        let by_token = self.exported_before.is_some_and(|(token_time, token_id)| {
+            position <= token_id && (row_time, position) <= (token_time, token_id)
+        });
+        let before_reset = self
+            .not_before
+            .is_some_and(|(through, not_before)| position <= through && row_time < not_before);
+        by_token || before_reset
     }
 }
 
