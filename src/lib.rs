@@ -3,7 +3,9 @@
 //!
 //! Data flow: `config` → `datastore` (changelog reader, resume token) → `pipeline` (dispatch,
 //! workers, sequence tracker, checkpoint) → `model` + `cloudevent` → `sink` (HTTP, auth,
-//! retry); `server` exposes health and metrics.
+//! retry); `server` exposes health and metrics. `ARCHITECTURE.md` draws the data flow and
+//! says where each rule lives (`Holes`, `SequenceTracker`, the dispatcher, the reconnect
+//! backoff, the backfill `Pacer`, the watchdog, the reset rule).
 
 pub mod backfill;
 pub mod cli;
