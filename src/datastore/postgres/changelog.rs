@@ -507,14 +507,7 @@ impl ChangelogReader {
     /// where text belongs) makes the row a skipped, logged and counted `Undecodable` position,
     /// so one bad row never stops the feed.
     fn change_from_row(&self, row: &Row, at: usize) -> Result<Change, DatastoreError> {
-        let id: i64 = row.try_get(at).map_err(|e| DatastoreError::Row {
-            id: -1,
-            reason: format!("unreadable changelog id: {e}"),
-        })?;
-        let position = u64::try_from(id).map_err(|_| DatastoreError::Row {
-            id,
-            reason: "changelog ids are positive".into(),
-        })?;
+        let position = row_position(row, at)?;
         let changed_at: Option<DateTime<Utc>> = row.try_get(at.saturating_add(3)).ok().flatten();
         let skip = |reason| Change::new(position, changed_at, ChangeKind::Skip(reason));
         let record_id: Option<String> = row.try_get(at.saturating_add(4)).ok().flatten();
@@ -556,11 +549,7 @@ impl ChangelogReader {
         let event = RawEvent {
             record_id,
             document: document.unwrap_or(serde_json::Value::Null),
-            created_at: created_at.and_then(|text| {
-                DateTime::parse_from_rfc3339(&text)
-                    .ok()
-                    .map(|t| t.with_timezone(&Utc))
-            }),
+            created_at: created_at.and_then(|text| parse_rfc3339(&text)),
         };
         Ok(Change::new(position, changed_at, ChangeKind::Event(event)))
     }
@@ -635,6 +624,26 @@ async fn changelog_head(client: &Client, sequence: Option<&str>) -> Result<u64, 
         .await?;
     let head: Option<i64> = row.try_get(0)?;
     Ok(head.and_then(|h| u64::try_from(h).ok()).unwrap_or(0))
+}
+
+/// The changelog id in column `at`: the only column whose failure is an error (see
+/// `change_from_row`).
+fn row_position(row: &Row, at: usize) -> Result<u64, DatastoreError> {
+    let id: i64 = row.try_get(at).map_err(|e| DatastoreError::Row {
+        id: -1,
+        reason: format!("unreadable changelog id: {e}"),
+    })?;
+    u64::try_from(id).map_err(|_| DatastoreError::Row {
+        id,
+        reason: "changelog ids are positive".into(),
+    })
+}
+
+/// The row's `created_at` text as a time; `None` if it is not RFC 3339.
+fn parse_rfc3339(text: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
 }
 
 /// A changelog id as PostgreSQL's `bigint` (ids above `i64::MAX` cannot exist there).
