@@ -204,15 +204,16 @@ impl ChangeSource for BackfillSource {
     }
 
     async fn next_batch(&mut self) -> Result<Option<Vec<Change>>, DatastoreError> {
-        let mut backoff = Duration::from_millis(250);
+        let mut backoff =
+            crate::reconnect::Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
         while self.page.is_empty() && !self.exhausted {
             match self.fetch_page().await {
-                Ok(()) => {}
+                Ok(()) => backoff.reset(),
                 Err(error) if error.is_transient() => {
-                    tracing::warn!(%error, retry_in = ?backoff, "backfill query failed; reconnecting");
+                    let wait = backoff.failed(tokio::time::Instant::now());
+                    tracing::warn!(%error, retry_in = ?wait, "backfill query failed; reconnecting");
                     self.client = None;
-                    tokio::time::sleep(backoff).await;
-                    backoff = backoff.saturating_mul(2).min(Duration::from_secs(30));
+                    tokio::time::sleep(wait).await;
                 }
                 Err(error) => return Err(error),
             }

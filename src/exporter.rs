@@ -535,8 +535,9 @@ async fn open_source(
     config: &Config,
     wake: Arc<Notify>,
 ) -> Result<Opened, ExitError> {
-    let deadline = crate::clock::deadline_after(STARTUP_DATASTORE_WAIT);
-    let mut delay = Duration::from_millis(500);
+    let deadline = crate::reconnect::after(tokio::time::Instant::now(), STARTUP_DATASTORE_WAIT);
+    let mut backoff =
+        crate::reconnect::Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
     loop {
         let attempt = async {
             // The schema first: a missing table is a clear, final error, not a retry.
@@ -567,9 +568,9 @@ async fn open_source(
         match attempt.await {
             Ok(opened) => return Ok(opened),
             Err(error) if error.is_transient() && tokio::time::Instant::now() < deadline => {
-                tracing::warn!(%error, retry_in = ?delay, "datastore not reachable yet");
-                tokio::time::sleep(delay).await;
-                delay = delay.saturating_mul(2).min(Duration::from_secs(10));
+                let wait = backoff.failed(tokio::time::Instant::now());
+                tracing::warn!(%error, retry_in = ?wait, "datastore not reachable yet");
+                tokio::time::sleep(wait).await;
             }
             Err(error) => {
                 return Err(ExitError::Failed(format!(

@@ -14,27 +14,29 @@
 //! the events finished behind an earlier one still in flight, and the events finished within
 //! the last `save_interval` (plus the duration of one token write).
 
+mod dispatcher;
 mod tracker;
+
+use dispatcher::{Dispatcher, Flow};
 
 pub use tracker::SequenceTracker;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::cloudevent::Transformer;
-use crate::datastore::{
-    Change, ChangeKind, ChangeSource, CheckpointStore, DatastoreError, RawEvent,
-};
+use crate::datastore::{Change, ChangeSource, CheckpointStore, DatastoreError, RawEvent};
 use crate::filter::Filter;
 use crate::metrics;
-use crate::model::{decode_document, traceparent};
+use crate::model::{decode_document, traceparent, HealthEvent};
+use crate::reconnect::after;
 use crate::sink::dead_letter::{self, DeadLetter};
 use crate::sink::http::Delivery;
 use crate::sink::{PublishError, Publisher};
@@ -58,6 +60,7 @@ pub enum PipelineError {
 }
 
 /// What happened to one event.
+#[derive(Debug, Clone)]
 enum Outcome {
     Published,
     /// Permanently rejected by the sink and durably written to the dead letter.
@@ -82,6 +85,7 @@ pub struct EventHandler {
 }
 
 impl EventHandler {
+    /// Decodes, filters, encodes and publishes one event.
     async fn handle(
         &self,
         feed: Feed,
@@ -89,13 +93,53 @@ impl EventHandler {
         event: &RawEvent,
         cancel: &CancellationToken,
     ) -> Outcome {
+        let (health_event, body) = match self.prepare(position, event) {
+            Ok(prepared) => prepared,
+            Err(outcome) => return outcome,
+        };
+        let started = Instant::now();
+        let traceparent = traceparent(&event.document, &health_event);
+        let published = self
+            .publisher
+            .publish(&body, &event.record_id, traceparent.as_deref(), cancel)
+            .await;
+        match published {
+            Ok(delivery) => accepted(feed, position, event, delivery, started),
+            Err(PublishError::Cancelled) => Outcome::Cancelled,
+            Err(PublishError::Rejected {
+                status,
+                attempts,
+                excerpt,
+                last,
+                ..
+            }) if self.dead_letter.is_some() => {
+                let rejection = Rejection {
+                    status,
+                    attempts,
+                    excerpt: &excerpt,
+                    last: &last,
+                };
+                self.dead_letter(position, event, &body, rejection).await
+            }
+            Err(error) => {
+                let metrics = metrics::get();
+                metrics.published("failure");
+                metrics.publish_error("max_retries_exceeded");
+                Outcome::Failed(error.to_string())
+            }
+        }
+    }
+
+    /// The CloudEvent body to publish, or why the event needs no delivery (undecodable, no
+    /// health event, filtered out, an invalid CloudEvent): one bad event never blocks the rest.
+    fn prepare(&self, position: u64, event: &RawEvent) -> Result<(HealthEvent, Vec<u8>), Outcome> {
         let metrics = metrics::get();
         let health_event = match decode_document(&event.document) {
             Ok(Some(health_event)) => health_event,
             Ok(None) => {
                 tracing::warn!(changelog_id = position, record_id = %event.record_id, "document has no health event; skipping it");
                 metrics.skipped("no_health_event");
-                return Outcome::Skipped;
+                return Err(Outcome::Skipped);
             }
             Err(error) => {
                 tracing::warn!(changelog_id = position, record_id = %event.record_id, %error, "undecodable health event document; skipping it");
@@ -106,115 +150,132 @@ impl EventHandler {
                 } else {
                     "undecodable"
                 });
-                return Outcome::Skipped;
+                return Err(Outcome::Skipped);
             }
         };
-        if let Some(filter) = &self.filter {
-            match filter.matches(&health_event) {
-                Ok(true) => {}
-                Ok(false) => {
-                    metrics.events_filtered.inc();
-                    tracing::debug!(changelog_id = position, record_id = %event.record_id, "filter expression is false; not publishing the event");
-                    return Outcome::Filtered;
-                }
-                // Fail open, as upstream: an event the filter cannot judge is exported.
-                Err(error) => {
-                    metrics.filter_errors.inc();
-                    tracing::warn!(changelog_id = position, record_id = %event.record_id, %error, "Filter evaluation failed, exporting event");
-                }
-            }
+        if !self.passes_filter(position, event, &health_event) {
+            return Err(Outcome::Filtered);
         }
-        let body = match self.transformer.try_encode(
-            &event.record_id,
-            &health_event,
-            event.created_at,
-        ) {
-            Ok(body) => body,
-            // One bad event never blocks the rest: skipped, logged, counted.
+        match self
+            .transformer
+            .try_encode(&event.record_id, &health_event, event.created_at)
+        {
+            Ok(body) => Ok((health_event, body)),
             Err(error) => {
                 tracing::warn!(changelog_id = position, record_id = %event.record_id, %error, "the CloudEvent built for this event is invalid; skipping it");
                 metrics.transform_errors.inc();
                 metrics.skipped("invalid_cloudevent");
-                return Outcome::Skipped;
-            }
-        };
-        let started = Instant::now();
-        match self
-            .publisher
-            .publish(
-                &body,
-                &event.record_id,
-                traceparent(&event.document, &health_event).as_deref(),
-                cancel,
-            )
-            .await
-        {
-            Ok(delivery) => {
-                metrics.published(match delivery {
-                    Delivery::Accepted => "success",
-                    Delivery::AlreadyDelivered(_) => "already_delivered",
-                });
-                if let Delivery::AlreadyDelivered(status) = delivery {
-                    tracing::info!(changelog_id = position, record_id = %event.record_id, status, "sink already has the event (already_delivered_statuses)");
-                }
-                metrics
-                    .publish_duration
-                    .observe(started.elapsed().as_secs_f64());
-                if feed == Feed::Backfill {
-                    metrics.backfill_events_processed.inc();
-                }
-                tracing::debug!(changelog_id = position, record_id = %event.record_id, "event published");
-                Outcome::Published
-            }
-            Err(PublishError::Cancelled) => Outcome::Cancelled,
-            Err(PublishError::Rejected {
-                status,
-                attempts,
-                excerpt,
-                last,
-                ..
-            }) if self.dead_letter.is_some() => {
-                let record = dead_letter::Record {
-                    event_id: &event.record_id,
-                    changelog_id: position,
-                    status,
-                    attempts,
-                    body_excerpt: &excerpt,
-                    event: &body,
-                };
-                let written = match &self.dead_letter {
-                    Some(letter) => letter.write(&record).await,
-                    None => Ok(()),
-                };
-                match written {
-                    Ok(()) => {
-                        metrics.dead_lettered(status);
-                        tracing::error!(
-                            changelog_id = position,
-                            record_id = %event.record_id,
-                            status,
-                            attempts,
-                            error = %last,
-                            "the sink permanently rejected the event; written to the dead letter, going on"
-                        );
-                        Outcome::DeadLettered
-                    }
-                    Err(error) => {
-                        metrics.published("failure");
-                        metrics.publish_error("dead_letter_failed");
-                        Outcome::Failed(format!(
-                            "the sink rejected it with HTTP {status} ({last}), and writing it to the dead letter failed: {error}"
-                        ))
-                    }
-                }
-            }
-            Err(error) => {
-                metrics.published("failure");
-                metrics.publish_error("max_retries_exceeded");
-                Outcome::Failed(error.to_string())
+                Err(Outcome::Skipped)
             }
         }
     }
+
+    /// Whether the filter expression lets the event through; fails open, as upstream: an event
+    /// the filter cannot judge is exported.
+    fn passes_filter(&self, position: u64, event: &RawEvent, health_event: &HealthEvent) -> bool {
+        let Some(filter) = &self.filter else {
+            return true;
+        };
+        let metrics = metrics::get();
+        match filter.matches(health_event) {
+            Ok(true) => true,
+            Ok(false) => {
+                metrics.events_filtered.inc();
+                tracing::debug!(changelog_id = position, record_id = %event.record_id, "filter expression is false; not publishing the event");
+                false
+            }
+            Err(error) => {
+                metrics.filter_errors.inc();
+                tracing::warn!(changelog_id = position, record_id = %event.record_id, %error, "Filter evaluation failed, exporting event");
+                true
+            }
+        }
+    }
+
+    /// A permanent rejection with a dead letter configured: written there, the position
+    /// finishes; if the write fails, the event is undelivered.
+    async fn dead_letter(
+        &self,
+        position: u64,
+        event: &RawEvent,
+        body: &[u8],
+        rejection: Rejection<'_>,
+    ) -> Outcome {
+        let Rejection {
+            status,
+            attempts,
+            excerpt,
+            last,
+        } = rejection;
+        let record = dead_letter::Record {
+            event_id: &event.record_id,
+            changelog_id: position,
+            status,
+            attempts,
+            body_excerpt: excerpt,
+            event: body,
+        };
+        let written = match &self.dead_letter {
+            Some(letter) => letter.write(&record).await,
+            None => Ok(()),
+        };
+        let metrics = metrics::get();
+        match written {
+            Ok(()) => {
+                metrics.dead_lettered(status);
+                tracing::error!(
+                    changelog_id = position,
+                    record_id = %event.record_id,
+                    status,
+                    attempts,
+                    error = %last,
+                    "the sink permanently rejected the event; written to the dead letter, going on"
+                );
+                Outcome::DeadLettered
+            }
+            Err(error) => {
+                metrics.published("failure");
+                metrics.publish_error("dead_letter_failed");
+                Outcome::Failed(format!(
+                    "the sink rejected it with HTTP {status} ({last}), and writing it to the dead letter failed: {error}"
+                ))
+            }
+        }
+    }
+}
+
+/// A permanent rejection by the sink, as the dead letter records it.
+struct Rejection<'a> {
+    status: u16,
+    attempts: u32,
+    excerpt: &'a str,
+    last: &'a str,
+}
+
+/// The sink accepted the event (or already had it): counted and logged.
+fn accepted(
+    feed: Feed,
+    position: u64,
+    event: &RawEvent,
+    delivery: Delivery,
+    started: Instant,
+) -> Outcome {
+    let metrics = metrics::get();
+    metrics.published(match delivery {
+        Delivery::Accepted => "success",
+        Delivery::AlreadyDelivered(_) => "already_delivered",
+    });
+    if let Delivery::AlreadyDelivered(status) = delivery {
+        tracing::info!(changelog_id = position, record_id = %event.record_id, status, "sink already has the event (already_delivered_statuses)");
+    }
+    metrics
+        .publish_duration
+        .observe(started.elapsed().as_secs_f64());
+    if feed == Feed::Backfill {
+        metrics.backfill_events_processed.inc();
+    }
+    tracing::debug!(changelog_id = position, record_id = %event.record_id, "event published");
+    Outcome::Published
 }
 
 /// Which feed a pipeline carries; decides the metrics it counts.
@@ -254,13 +315,14 @@ pub struct Summary {
     pub checkpoint: u64,
 }
 
-impl<S: ChangeSource, C: CheckpointStore> Pipeline<S, C> {
+impl<S: ChangeSource + 'static, C: CheckpointStore> Pipeline<S, C> {
     /// Runs until `shutdown` or the source is finished (returns `Ok`) or an event cannot be
-    /// delivered (returns `Err`).
+    /// delivered (returns `Err`). The decisions are the [`Dispatcher`]'s; this loop does the
+    /// I/O: intake until the dispatcher stops it, then the drain within the grace period.
     pub async fn run(self, shutdown: CancellationToken) -> Result<Summary, PipelineError> {
         let Pipeline {
             feed,
-            mut source,
+            source,
             checkpoints,
             handler,
             permits,
@@ -268,17 +330,38 @@ impl<S: ChangeSource, C: CheckpointStore> Pipeline<S, C> {
             had_token,
             save_interval,
         } = self;
-        let mut tracker = SequenceTracker::new(source.start_position());
-        let mut saved = had_token.then(|| tracker.checkpoint());
-        let mut saver = Saver::new(save_interval, saved.is_none());
-        let mut summary = Summary::default();
+        let now = tokio::time::Instant::now();
+        let start = source.start_position();
+        let mut dispatcher = Dispatcher::new(feed, start, had_token, save_interval, now);
+        let mut reader = ReaderTask::spawn(source);
+        let mut workers = Workers::new(handler, feed);
+        let io = Io {
+            checkpoints: &*checkpoints,
+            shutdown: &shutdown,
+        };
+        io.intake(&mut dispatcher, &mut workers, &mut reader, &permits)
+            .await;
+        // Intake is closed: let in-flight publishes finish within the grace period.
+        reader.stop().await;
+        let abandoned = io.drain(&mut dispatcher, &mut workers, grace).await;
+        let final_save = io.final_save(&mut dispatcher).await;
+        dispatcher.finish(abandoned, final_save)
+    }
+}
 
-        // The reader runs ahead of dispatch by at most a few batches.
-        let (changes_tx, mut changes_rx) =
-            mpsc::channel::<Result<Option<Vec<Change>>, DatastoreError>>(2);
-        let reader_stop = CancellationToken::new();
-        let reader = tokio::spawn({
-            let stop = reader_stop.clone();
+/// The reader task: pulls batches from the source, running ahead of dispatch by at most a few.
+struct ReaderTask {
+    changes: mpsc::Receiver<Result<Option<Vec<Change>>, DatastoreError>>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ReaderTask {
+    fn spawn<S: ChangeSource + 'static>(mut source: S) -> ReaderTask {
+        let (changes_tx, changes) = mpsc::channel(2);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn({
+            let stop = stop.clone();
             async move {
                 loop {
                     let batch = tokio::select! {
@@ -292,145 +375,196 @@ impl<S: ChangeSource, C: CheckpointStore> Pipeline<S, C> {
                 }
             }
         });
+        ReaderTask {
+            changes,
+            stop,
+            task,
+        }
+    }
 
-        let (results_tx, mut results_rx) = mpsc::unbounded_channel::<(Change, Outcome)>();
-        let mut in_flight = JoinSet::new();
-        // Cancels retry waits once the grace period is over.
-        let publish_cancel = CancellationToken::new();
-        let mut tick =
-            tokio::time::interval_at(tokio::time::Instant::now() + LAG_INTERVAL, LAG_INTERVAL);
-        let mut failure: Option<PipelineError> = None;
-        let mut finished = false;
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
 
-        // Events received and not yet handed to a worker. Waiting for a worker is one arm of
-        // the loop, so results keep being recorded and the token saved meanwhile.
-        let mut waiting: VecDeque<(Change, RawEvent)> = VecDeque::new();
-        // When each received, unfinished event was written: the stream's lag.
-        let mut unfinished: BTreeMap<u64, DateTime<Utc>> = BTreeMap::new();
-        'intake: loop {
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break 'intake,
-                // Before results: a steady stream of results must not starve the checkpoint.
-                _ = sleep_until_some(saver.due) => {
-                    saver.save(&*checkpoints, &tracker, &mut saved).await;
-                }
-                _ = tick.tick() => {
-                    if feed == Feed::Stream {
-                        report_lag(&unfinished, &tracker);
-                    }
-                }
-                Some((change, outcome)) = results_rx.recv() => {
-                    // Reap finished tasks so the set holds only what is in flight.
-                    while in_flight.try_join_next().is_some() {}
-                    unfinished.remove(&change.position);
-                    if let Some(error) = record(&mut tracker, &mut summary, change, outcome) {
-                        failure = Some(error);
-                        break 'intake;
-                    }
-                    saver.note(&tracker, &saved);
-                }
-                permit = permits.clone().acquire_owned(), if !waiting.is_empty() => {
-                    let (Ok(permit), Some((change, event))) = (permit, waiting.pop_front()) else {
-                        break 'intake;
-                    };
-                    let handler = handler.clone();
-                    let results = results_tx.clone();
-                    let cancel = publish_cancel.clone();
-                    in_flight.spawn(async move {
-                        let _permit = permit;
-                        let gauge = &metrics::get().events_in_flight;
-                        gauge.inc();
-                        crate::panics::debug_panic_point("publish");
-                        let outcome = handler.handle(feed, change.position, &event, &cancel).await;
-                        gauge.dec();
-                        crate::watchdog::global().finished();
-                        let _ = results.send((change, outcome));
-                    });
-                }
-                batch = changes_rx.recv(), if waiting.is_empty() => {
-                    let changes = match batch {
-                        Some(Ok(Some(changes))) => changes,
-                        // The source is finished: drain in-flight work below, then return.
-                        Some(Ok(None)) => { finished = true; break 'intake; }
-                        Some(Err(error)) => { failure = Some(PipelineError::Source(error)); break 'intake; }
-                        None => { failure = Some(PipelineError::Source(DatastoreError::Schema("the changelog reader stopped".into()))); break 'intake; }
-                    };
-                    for change in changes {
-                        match &change.kind {
-                            ChangeKind::Skip(_) => {
-                                tracker.finish_span(change.position, change.through, change.changed_at);
-                                saver.note(&tracker, &saved);
-                            }
-                            ChangeKind::Event(event) => {
-                                if feed == Feed::Stream {
-                                    metrics::get().events_received.inc();
-                                    if let Some(changed_at) = change.changed_at {
-                                        unfinished.insert(change.position, changed_at);
-                                    }
-                                }
-                                let event = event.clone();
-                                crate::watchdog::global().received();
-                                waiting.push_back((change, event));
-                            }
-                        }
-                    }
-                }
+/// The publishes in flight and the channel their outcomes come back on.
+struct Workers {
+    handler: Arc<EventHandler>,
+    feed: Feed,
+    results_tx: Option<mpsc::UnboundedSender<(Change, Outcome)>>,
+    results: mpsc::UnboundedReceiver<(Change, Outcome)>,
+    in_flight: JoinSet<()>,
+    /// Cancels retry waits once the grace period is over.
+    cancel: CancellationToken,
+}
+
+impl Workers {
+    fn new(handler: Arc<EventHandler>, feed: Feed) -> Workers {
+        let (results_tx, results) = mpsc::unbounded_channel();
+        Workers {
+            handler,
+            feed,
+            results_tx: Some(results_tx),
+            results,
+            in_flight: JoinSet::new(),
+            cancel: CancellationToken::new(),
+        }
+    }
+
+    fn spawn(&mut self, permit: OwnedSemaphorePermit, change: Change, event: RawEvent) {
+        let Some(results) = self.results_tx.clone() else {
+            return; // closed: intake is over
+        };
+        let (handler, cancel, feed) = (self.handler.clone(), self.cancel.clone(), self.feed);
+        self.in_flight.spawn(async move {
+            let _permit = permit;
+            let gauge = &metrics::get().events_in_flight;
+            gauge.inc();
+            crate::panics::debug_panic_point("publish");
+            let outcome = handler.handle(feed, change.position, &event, &cancel).await;
+            gauge.dec();
+            crate::watchdog::global().finished();
+            let _ = results.send((change, outcome));
+        });
+    }
+
+    /// Reaps finished tasks so the set holds only what is in flight.
+    fn reap(&mut self) {
+        while self.in_flight.try_join_next().is_some() {}
+    }
+
+    /// Hands every outcome already back to the dispatcher; `Stop` if one failed.
+    fn record_ready(&mut self, dispatcher: &mut Dispatcher) -> Flow {
+        let mut flow = Flow::Continue;
+        while let Ok((change, outcome)) = self.results.try_recv() {
+            let now = tokio::time::Instant::now();
+            if dispatcher.on_result(change, outcome, now) == Flow::Stop {
+                flow = Flow::Stop;
             }
         }
+        flow
+    }
 
-        // Intake is closed: let in-flight publishes finish within the grace period.
-        reader_stop.cancel();
-        let _ = reader.await;
-        drop(results_tx);
-        // A finished source waits for all its events (saving progress as usual); a stop or a
-        // failure gives in-flight events the grace period.
-        let mut deadline =
-            (!finished || failure.is_some()).then(|| tokio::time::Instant::now() + grace);
-        if !in_flight.is_empty() {
-            tracing::info!(in_flight = in_flight.len(), grace = ?grace, "waiting for in-flight events");
-        }
-        let mut abandoned = false;
+    /// The grace period is over: cancels and aborts what is still in flight.
+    async fn abandon(&mut self) {
+        tracing::warn!(
+            abandoned = self.in_flight.len(),
+            "grace period over; abandoning in-flight events (they will be re-sent after restart)"
+        );
+        self.cancel.cancel();
+        self.in_flight.abort_all();
+        while self.in_flight.join_next().await.is_some() {}
+    }
+}
+
+/// The pipeline's I/O around the dispatcher: the checkpoint store and the shutdown signal.
+struct Io<'a, C> {
+    checkpoints: &'a C,
+    shutdown: &'a CancellationToken,
+}
+
+impl<C: CheckpointStore> Io<'_, C> {
+    /// Takes changes and hands events to workers until the dispatcher stops intake (a
+    /// failure, the source's end) or shutdown.
+    async fn intake(
+        &self,
+        dispatcher: &mut Dispatcher,
+        workers: &mut Workers,
+        reader: &mut ReaderTask,
+        permits: &Arc<Semaphore>,
+    ) {
+        let first_tick = after(tokio::time::Instant::now(), LAG_INTERVAL);
+        let mut tick = tokio::time::interval_at(first_tick, LAG_INTERVAL);
         loop {
-            tokio::select! {
-                joined = in_flight.join_next() => if joined.is_none() { break },
-                _ = shutdown.cancelled(), if deadline.is_none() => {
-                    deadline = Some(tokio::time::Instant::now() + grace);
+            let now = tokio::time::Instant::now;
+            let flow = tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => Flow::Stop,
+                // Before results: a steady stream of results must not starve the checkpoint.
+                _ = sleep_until_some(dispatcher.save_due()) => self.save(dispatcher).await,
+                _ = tick.tick() => { dispatcher.on_tick(); Flow::Continue }
+                Some((change, outcome)) = workers.results.recv() => {
+                    workers.reap();
+                    dispatcher.on_result(change, outcome, now())
                 }
-                _ = sleep_until_some(saver.due), if deadline.is_none() => {
-                    saver.save(&*checkpoints, &tracker, &mut saved).await;
+                // Waiting for a worker is one arm, so results and saves go on meanwhile.
+                permit = permits.clone().acquire_owned(), if dispatcher.has_waiting() => {
+                    match (permit, dispatcher.next_event()) {
+                        (Ok(permit), Some((change, event))) => {
+                            workers.spawn(permit, change, event);
+                            Flow::Continue
+                        }
+                        _ => Flow::Stop,
+                    }
+                }
+                received = reader.changes.recv(), if dispatcher.accepts_changes() => {
+                    dispatcher.on_received(received, now())
+                }
+            };
+            if flow == Flow::Stop {
+                return;
+            }
+        }
+    }
+
+    /// Waits for in-flight publishes: all of them after the source finished (saving progress
+    /// as usual), within `grace` after a stop or a failure. Returns whether some were abandoned.
+    async fn drain(
+        &self,
+        dispatcher: &mut Dispatcher,
+        workers: &mut Workers,
+        grace: Duration,
+    ) -> bool {
+        workers.results_tx = None;
+        let grace_from_now = || after(tokio::time::Instant::now(), grace);
+        let mut deadline =
+            (!dispatcher.source_finished() || dispatcher.failed()).then(grace_from_now);
+        if !workers.in_flight.is_empty() {
+            tracing::info!(in_flight = workers.in_flight.len(), grace = ?grace, "waiting for in-flight events");
+        }
+        loop {
+            let (done, abandoned) = tokio::select! {
+                joined = workers.in_flight.join_next() => (joined.is_none(), false),
+                _ = self.shutdown.cancelled(), if deadline.is_none() => {
+                    deadline = Some(grace_from_now());
+                    (false, false)
+                }
+                _ = sleep_until_some(dispatcher.save_due()), if deadline.is_none() => {
+                    self.save(dispatcher).await;
+                    (false, false)
                 }
                 _ = sleep_until_some(deadline) => {
-                    tracing::warn!(abandoned = in_flight.len(), "grace period over; abandoning in-flight events (they will be re-sent after restart)");
-                    publish_cancel.cancel();
-                    in_flight.abort_all();
-                    while in_flight.join_next().await.is_some() {}
-                    abandoned = true;
-                    break;
+                    workers.abandon().await;
+                    (true, true)
                 }
+            };
+            if workers.record_ready(dispatcher) == Flow::Stop {
+                deadline.get_or_insert_with(grace_from_now);
             }
-            while let Ok((change, outcome)) = results_rx.try_recv() {
-                if let Some(error) = record(&mut tracker, &mut summary, change, outcome) {
-                    failure.get_or_insert(error);
-                    deadline.get_or_insert(tokio::time::Instant::now() + grace);
-                }
-                saver.note(&tracker, &saved);
+            if done {
+                return abandoned;
             }
         }
-        while let Ok((change, outcome)) = results_rx.try_recv() {
-            if let Some(error) = record(&mut tracker, &mut summary, change, outcome) {
-                failure.get_or_insert(error);
-            }
-        }
+    }
 
-        let saved_now = save_if_advanced(&*checkpoints, &tracker, &mut saved).await;
-        summary.checkpoint = tracker.checkpoint().position;
-        summary.finished = finished && !abandoned && failure.is_none();
-        match (failure, saved_now) {
-            (Some(error), _) => Err(error),
-            (None, Err(error)) => Err(PipelineError::Checkpoint(error)),
-            (None, Ok(())) => Ok(summary),
+    /// A due checkpoint write: writes the checkpoint if it moved.
+    async fn save(&self, dispatcher: &mut Dispatcher) -> Flow {
+        if let Some(checkpoint) = dispatcher.begin_save(tokio::time::Instant::now()) {
+            let result = self.checkpoints.save(&checkpoint).await;
+            dispatcher.saved(checkpoint, result);
         }
+        Flow::Continue
+    }
+
+    /// The last write, whatever the interval: its error is the run's error.
+    async fn final_save(&self, dispatcher: &mut Dispatcher) -> Result<(), DatastoreError> {
+        let Some(checkpoint) = dispatcher.to_save() else {
+            return Ok(());
+        };
+        self.checkpoints.save(&checkpoint).await?;
+        dispatcher.saved(checkpoint, Ok(()));
+        Ok(())
     }
 }
 
@@ -441,35 +575,6 @@ async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-/// Applies one outcome; returns the error that must stop the pipeline, if any.
-fn record(
-    tracker: &mut SequenceTracker,
-    summary: &mut Summary,
-    change: Change,
-    outcome: Outcome,
-) -> Option<PipelineError> {
-    match outcome {
-        Outcome::Published => summary.published += 1,
-        Outcome::DeadLettered => summary.dead_lettered += 1,
-        Outcome::Skipped => summary.skipped += 1,
-        Outcome::Filtered => summary.filtered += 1,
-        Outcome::Cancelled => return None,
-        Outcome::Failed(reason) => {
-            let record_id = match change.kind {
-                ChangeKind::Event(event) => event.record_id,
-                ChangeKind::Skip(_) => String::new(),
-            };
-            return Some(PipelineError::Undelivered {
-                position: change.position,
-                record_id,
-                reason,
-            });
-        }
-    }
-    tracker.finish_span(change.position, change.through, change.changed_at);
-    None
-}
-
 /// Stream lag: the age of the oldest received event not yet finished, and how many changelog
 /// ids the resume token is behind the head.
 fn report_lag(unfinished: &BTreeMap<u64, DateTime<Utc>>, tracker: &SequenceTracker) {
@@ -477,88 +582,16 @@ fn report_lag(unfinished: &BTreeMap<u64, DateTime<Utc>>, tracker: &SequenceTrack
     let lag = unfinished
         .values()
         .min()
-        .map(|oldest| (Utc::now() - *oldest).num_milliseconds().max(0) as f64 / 1000.0)
+        .map(|oldest| {
+            Utc::now()
+                .signed_duration_since(*oldest)
+                .num_milliseconds()
+                .max(0) as f64
+                / 1000.0
+        })
         .unwrap_or(0.0);
     metrics.stream_lag_seconds.set(lag);
     let head = metrics.changelog_head_id.get().max(0) as u64;
     let behind = head.saturating_sub(tracker.checkpoint().position);
     metrics.changelog_ids_behind.set(behind as i64);
-}
-
-/// When the next checkpoint write is due: as soon as the prefix advances, but at least
-/// `interval` after the previous write. Writes are awaited in the pipeline loop, so at most
-/// one is in flight.
-struct Saver {
-    interval: Duration,
-    last: Option<tokio::time::Instant>,
-    /// `Some` while a write is owed.
-    due: Option<tokio::time::Instant>,
-}
-
-impl Saver {
-    /// A fresh start (`first_write`) owes one write after [`LAG_INTERVAL`] even if nothing
-    /// finished, so the first batch is in it and a restart does not begin at a later "end".
-    fn new(interval: Duration, first_write: bool) -> Saver {
-        Saver {
-            interval,
-            last: None,
-            due: first_write.then(|| tokio::time::Instant::now() + LAG_INTERVAL),
-        }
-    }
-
-    /// Schedules a write if the checkpoint moved past the saved one and none is owed yet.
-    fn note(&mut self, tracker: &SequenceTracker, saved: &Option<crate::datastore::Checkpoint>) {
-        if self.due.is_some() {
-            return;
-        }
-        let moved = saved
-            .as_ref()
-            .is_none_or(|s| s.position != tracker.checkpoint().position);
-        if moved {
-            let now = tokio::time::Instant::now();
-            let earliest = self.last.map_or(now, |last| last + self.interval);
-            self.due = Some(earliest.max(now));
-        }
-    }
-
-    /// Writes the checkpoint if it moved; a failed write is retried one interval later.
-    async fn save<C: CheckpointStore>(
-        &mut self,
-        checkpoints: &C,
-        tracker: &SequenceTracker,
-        saved: &mut Option<crate::datastore::Checkpoint>,
-    ) {
-        self.due = None;
-        let now = tokio::time::Instant::now();
-        self.last = Some(now);
-        if let Err(error) = save_if_advanced(checkpoints, tracker, saved).await {
-            tracing::warn!(%error, "saving the resume token failed; will retry");
-            self.due = Some(now + self.interval.max(Duration::from_millis(100)));
-        }
-    }
-}
-
-async fn save_if_advanced<C: CheckpointStore>(
-    checkpoints: &C,
-    tracker: &SequenceTracker,
-    saved: &mut Option<crate::datastore::Checkpoint>,
-) -> Result<(), DatastoreError> {
-    let checkpoint = tracker.checkpoint();
-    if saved
-        .as_ref()
-        .is_some_and(|s| s.position == checkpoint.position)
-    {
-        return Ok(());
-    }
-    checkpoints.save(&checkpoint).await?;
-    tracing::debug!(
-        position = checkpoint.position,
-        pending = tracker.pending(),
-        "resume token saved"
-    );
-    metrics::get()
-        .resume_token_update_timestamp
-        .set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
-    *saved = Some(checkpoint);
-    Ok(())
 }

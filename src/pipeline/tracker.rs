@@ -8,11 +8,19 @@ use chrono::{DateTime, Utc};
 
 use crate::datastore::Checkpoint;
 
+#[derive(Debug)]
 pub struct SequenceTracker {
     committed: u64,
     committed_time: Option<DateTime<Utc>>,
     /// Finished spans above `committed` by first position: (last position, change time).
     finished: BTreeMap<u64, (u64, Option<DateTime<Utc>>)>,
+}
+
+impl Default for SequenceTracker {
+    /// Starts at position 0 (nothing finished).
+    fn default() -> SequenceTracker {
+        SequenceTracker::new(0)
+    }
 }
 
 impl SequenceTracker {

@@ -19,7 +19,7 @@
 //! token): the reader logs an error, counts it, and restarts at the new changelog's beginning
 //! within the backfill window (see `reset`).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,9 +28,11 @@ use chrono::{DateTime, Utc};
 use tokio::sync::Notify;
 use tokio_postgres::{Client, Row};
 
+use super::holes::{self, Holes, Span};
 use super::reset::{self, ResetWindow, Restart};
 use super::{Connector, StartPoint};
 use crate::datastore::{Change, ChangeKind, ChangeSource, DatastoreError, RawEvent, SkipReason};
+use crate::reconnect::Backoff;
 
 /// On a fresh start, ids this far below the changelog's end are examined so that rows of
 /// transactions still open at start-up (which hold smaller ids) are not passed over.
@@ -53,8 +55,8 @@ pub struct ChangelogReader {
     client: Option<Client>,
     /// Highest id seen.
     read_pos: u64,
-    /// Runs of ids below `read_pos` not yet visible, by first id.
-    holes: BTreeMap<u64, Hole>,
+    /// Runs of ids below `read_pos` not yet visible, with their tags (the rule: `holes`).
+    holes: Holes,
     /// Taking over a Go token: health-event rows up to `(changed_at, id)` were exported by it.
     exported_before: Option<(DateTime<Utc>, u64)>,
     /// Changes decided but not yet handed out.
@@ -74,14 +76,6 @@ pub struct ChangelogReader {
     window: ResetWindow,
     /// After a reset: health-event rows with ids up to `.0` changed before `.1` are passed over.
     not_before: Option<(u64, DateTime<Utc>)>,
-}
-
-/// A run of ids `first..=last` (the map key is `first`) that were not visible when a larger id
-/// was, tagged with a transaction id assigned after they were found (see the module docs).
-#[derive(Debug, Clone, Copy)]
-struct Hole {
-    last: u64,
-    tag: u64,
 }
 
 impl ChangeSource for ChangelogReader {
@@ -132,7 +126,7 @@ impl ChangelogReader {
             connector,
             client: None,
             read_pos: 0,
-            holes: BTreeMap::new(),
+            holes: Holes::default(),
             exported_before: None,
             ready: VecDeque::new(),
             batch_size: 500,
@@ -146,44 +140,9 @@ impl ChangelogReader {
             not_before: None,
         };
         let resuming = start != StartPoint::End;
-        match start {
-            StartPoint::Contiguous(id) => reader.read_pos = id,
-            StartPoint::End => reader.start_at_end(&client).await?,
-            StartPoint::Keyset { changed_at, id } => {
-                reader.start_after_keyset(&client, changed_at, id).await?
-            }
-            StartPoint::EventId(id) => {
-                // Upstream resolves an id-only token through the row's changed_at.
-                let row = client
-                    .query_opt(
-                        "SELECT changed_at FROM datastore_changelog WHERE id = $1",
-                        &[&(id as i64)],
-                    )
-                    .await?;
-                match row {
-                    Some(row) => reader.start_after_keyset(&client, row.get(0), id).await?,
-                    None => reader.read_pos = id,
-                }
-            }
-        }
+        reader.start_from(&client, start).await?;
         if resuming {
-            let head = changelog_head(&client, reader.sequence.as_deref()).await?;
-            if let Some(restart) =
-                reset::restart_point(reader.read_pos, head, Utc::now(), &reader.window)
-            {
-                tracing::error!(
-                    resume_token = reader.read_pos,
-                    changelog_head = head,
-                    restart_after = restart.after,
-                    passing_over_before = %restart.not_before,
-                    "the resume token is ahead of the changelog's head: the changelog's ids went \
-                     back (TRUNCATE ... RESTART IDENTITY, a restored or re-created datastore, or a \
-                     bogus token row); restarting from the new changelog's beginning within the \
-                     backfill window"
-                );
-                crate::metrics::get().resume_token_reset("ahead_at_start");
-                reader.restart(restart);
-            }
+            reader.restart_if_ahead_at_start(&client).await?;
         }
         if reader.ready.is_empty() && reader.holes.is_empty() {
             reader.start_position = reader.read_pos;
@@ -192,11 +151,66 @@ impl ChangelogReader {
         Ok(reader)
     }
 
+    /// Sets the read position from the token (or the changelog's end without one).
+    async fn start_from(
+        &mut self,
+        client: &Client,
+        start: StartPoint,
+    ) -> Result<(), DatastoreError> {
+        match start {
+            StartPoint::Contiguous(id) => self.read_pos = id,
+            StartPoint::End => self.start_at_end(client).await?,
+            StartPoint::Keyset { changed_at, id } => {
+                self.start_after_keyset(client, changed_at, id).await?
+            }
+            StartPoint::EventId(id) => {
+                // Upstream resolves an id-only token through the row's changed_at.
+                let row = client
+                    .query_opt(
+                        "SELECT changed_at FROM datastore_changelog WHERE id = $1",
+                        &[&to_sql_id(id)],
+                    )
+                    .await?;
+                let changed_at: Option<DateTime<Utc>> = match row {
+                    Some(row) => row.try_get(0)?,
+                    None => None,
+                };
+                match changed_at {
+                    Some(changed_at) => self.start_after_keyset(client, changed_at, id).await?,
+                    None => self.read_pos = id,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A resume token above the changelog's head: the ids went back; restart (see `reset`).
+    async fn restart_if_ahead_at_start(&mut self, client: &Client) -> Result<(), DatastoreError> {
+        let head = changelog_head(client, self.sequence.as_deref()).await?;
+        let Some(restart) = reset::restart_point(self.read_pos, head, Utc::now(), &self.window)
+        else {
+            return Ok(());
+        };
+        tracing::error!(
+            resume_token = self.read_pos,
+            changelog_head = head,
+            restart_after = restart.after,
+            passing_over_before = %restart.not_before,
+            "the resume token is ahead of the changelog's head: the changelog's ids went \
+             back (TRUNCATE ... RESTART IDENTITY, a restored or re-created datastore, or a \
+             bogus token row); restarting from the new changelog's beginning within the \
+             backfill window"
+        );
+        crate::metrics::get().resume_token_reset("ahead_at_start");
+        self.restart(restart);
+        Ok(())
+    }
+
     /// Continues after `restart.after` of a changelog whose ids went back; nothing seen so far
     /// is kept.
     fn restart(&mut self, restart: Restart) {
         self.read_pos = restart.after;
-        self.holes.clear();
+        self.holes = Holes::default();
         self.exported_before = None;
         self.not_before = Some((restart.through, restart.not_before));
     }
@@ -205,8 +219,8 @@ impl ChangelogReader {
     /// now belong to other rows), positions go on growing in a new epoch, and reading restarts.
     fn restart_while_running(&mut self, head: u64, restart: Restart) {
         let positions = self.connector.positions();
-        for (first, hole) in std::mem::take(&mut self.holes) {
-            let mut span = Change::skip_span(first, hole.last, SkipReason::ChangelogReset);
+        for (first, last) in self.holes.take() {
+            let mut span = Change::skip_span(first, last, SkipReason::ChangelogReset);
             span.position = positions.position_of(span.position);
             span.through = positions.position_of(span.through);
             self.ready.push_back(span);
@@ -232,20 +246,6 @@ impl ChangelogReader {
         self.fresh_start.as_ref()
     }
 
-    /// How many ids are waiting on open transactions.
-    fn open_ids(&self) -> u64 {
-        self.holes
-            .iter()
-            .map(|(first, hole)| hole.last - first + 1)
-            .sum()
-    }
-
-    fn add_hole(&mut self, first: u64, last: u64, tag: u64) {
-        if first <= last {
-            self.holes.insert(first, Hole { last, tag });
-        }
-    }
-
     /// Fresh start: everything visible now is "before", everything that becomes visible later
     /// is new, including rows of transactions that are open right now and hold smaller ids.
     async fn start_at_end(&mut self, client: &Client) -> Result<(), DatastoreError> {
@@ -264,21 +264,23 @@ impl ChangelogReader {
         let end = u64::try_from(row.get::<_, i64>(1)).unwrap_or(0);
         let started_at: DateTime<Utc> = row.get(2);
         let visible: Vec<i64> = row.get(3);
-        let first = end.saturating_sub(START_WINDOW) + 1;
+        let before_window = end.saturating_sub(START_WINDOW);
+        let visible: Vec<u64> = visible
+            .into_iter()
+            .filter_map(|id| u64::try_from(id).ok())
+            .filter(|&id| id > before_window)
+            .collect();
         let mut open_ids = Vec::new();
-        let mut expected = first;
-        for id in visible.into_iter().filter_map(|id| u64::try_from(id).ok()) {
-            open_ids.extend(expected..id);
-            self.add_hole(expected, id - 1, tag);
-            self.ready.push_back(Change::new(
-                id,
-                None,
-                ChangeKind::Skip(SkipReason::BeforeStart),
-            ));
-            expected = id + 1;
+        for gap in holes::gaps(before_window, &visible) {
+            open_ids.extend(gap.0..=gap.1);
+            self.holes.add(gap, tag);
+        }
+        for id in visible {
+            let skip = ChangeKind::Skip(SkipReason::BeforeStart);
+            self.ready.push_back(Change::new(id, None, skip));
         }
         self.read_pos = end;
-        self.start_position = first - 1;
+        self.start_position = before_window;
         self.fresh_start = Some(FreshStart {
             started_at,
             changelog_end: end,
@@ -304,12 +306,12 @@ impl ChangelogReader {
                 "SELECT min(id) FROM datastore_changelog \
                  WHERE table_name = 'health_events' AND operation = 'INSERT' \
                    AND (changed_at > $1 OR (changed_at = $1 AND id > $2))",
-                &[&changed_at, &(id as i64)],
+                &[&changed_at, &to_sql_id(id)],
             )
             .await?;
         let first_unexported: Option<i64> = row.get(0);
-        self.read_pos = match first_unexported {
-            Some(first) if (first as u64) <= id => (first as u64).saturating_sub(1),
+        self.read_pos = match first_unexported.and_then(|first| u64::try_from(first).ok()) {
+            Some(first) if first <= id => first.saturating_sub(1),
             _ => id,
         };
         self.exported_before = Some((changed_at, id));
@@ -332,7 +334,7 @@ impl ChangelogReader {
     /// there are none. Reconnects after connection failures, so it only returns an error for a
     /// problem that retrying cannot fix.
     async fn read_next(&mut self) -> Result<Vec<Change>, DatastoreError> {
-        let mut backoff = Duration::from_millis(250);
+        let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
         loop {
             // `ready` holds changes already at their positions.
             if !self.ready.is_empty() {
@@ -350,18 +352,18 @@ impl ChangelogReader {
             match polled {
                 Ok(changes) if !changes.is_empty() => return Ok(changes),
                 Ok(_) => {
-                    backoff = Duration::from_millis(250);
+                    backoff.reset();
                     tokio::select! {
                         _ = self.wake.notified() => {}
                         _ = tokio::time::sleep(self.poll_interval) => {}
                     }
                 }
                 Err(error) if error.is_transient() => {
-                    tracing::warn!(%error, retry_in = ?backoff, "reading the changelog failed; reconnecting");
+                    let wait = backoff.failed(tokio::time::Instant::now());
+                    tracing::warn!(%error, retry_in = ?wait, "reading the changelog failed; reconnecting");
                     crate::metrics::get().datastore_reconnects.inc();
                     self.client = None;
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    tokio::time::sleep(wait).await;
                 }
                 Err(error) => return Err(error),
             }
@@ -378,8 +380,35 @@ impl ChangelogReader {
         result
     }
 
+    /// One poll: new rows and the holes they leave, then the holes re-read (see `holes`).
     async fn poll_with(&mut self, client: &Client) -> Result<Vec<Change>, DatastoreError> {
-        // One statement, one snapshot: the rows and the snapshot they were read under.
+        let Some((xmin, mut changes)) = self.read_new(client).await? else {
+            return Ok(Vec::new()); // the changelog was reset; reading restarts
+        };
+        if !self.holes.is_empty() {
+            self.reread_holes(client, xmin, &mut changes).await?;
+        }
+        let open_ids = self.holes.open_ids();
+        crate::metrics::get()
+            .changelog_open_ids
+            .set(i64::try_from(open_ids).unwrap_or(i64::MAX));
+        if let Some(floor) = self.holes.undecided_floor() {
+            tracing::debug!(
+                open_ids,
+                undecided_floor = floor,
+                "the resume token waits below an id whose transaction may still be open"
+            );
+        }
+        Ok(changes)
+    }
+
+    /// Reads rows above `read_pos` and the snapshot they were read under (one statement, one
+    /// snapshot), tags the gaps they leave as holes, and returns the snapshot's `xmin` with
+    /// the changes; `None` after a changelog reset.
+    async fn read_new(
+        &mut self,
+        client: &Client,
+    ) -> Result<Option<(u64, Vec<Change>)>, DatastoreError> {
         let rows = client
             .query(
                 &format!(
@@ -389,7 +418,7 @@ impl ChangelogReader {
                      LEFT JOIN LATERAL (SELECT * FROM datastore_changelog \
                                         WHERE id > $1 ORDER BY id LIMIT $2) c ON true"
                 ),
-                &[&(self.read_pos as i64), &self.batch_size, &self.sequence],
+                &[&to_sql_id(self.read_pos), &self.batch_size, &self.sequence],
             )
             .await?;
         let Some(first) = rows.first() else {
@@ -397,113 +426,79 @@ impl ChangelogReader {
                 "snapshot query returned no row".into(),
             ));
         };
-        let xmin = parse_xid(first.get(0))?;
-        let head: Option<i64> = first.get(1);
+        let xmin = parse_xid(first.try_get(0)?)?;
+        let head: Option<i64> = first.try_get(1)?;
         crate::metrics::get()
             .changelog_head_id
             .set(head.unwrap_or(0));
         let head = head.and_then(|h| u64::try_from(h).ok()).unwrap_or(0);
         if let Some(restart) = reset::restart_point(self.read_pos, head, Utc::now(), &self.window) {
             self.restart_while_running(head, restart);
-            return Ok(Vec::new());
+            return Ok(None);
         }
+        // A NULL id: no new rows, only the snapshot came back.
         let mut changes = Vec::new();
-        let mut new_holes = Vec::new();
         for row in &rows {
-            let Some(id) = row.get::<_, Option<i64>>(2) else {
-                continue; // no new rows: only the snapshot came back
-            };
-            let id = id as u64;
-            // Every id between the last one seen and this one is a hole, in progress at this
-            // snapshot (a larger id is already visible).
-            if id > self.read_pos + 1 {
-                new_holes.push((self.read_pos + 1, id - 1));
-            }
-            self.read_pos = id;
-            changes.push(self.change_from_row(row, 2)?);
-        }
-        if !new_holes.is_empty() {
-            // Costs one transaction id, only on polls that found holes.
-            let tag = parse_xid(
-                client
-                    .query_one("SELECT pg_current_xact_id()::text", &[])
-                    .await?
-                    .get(0),
-            )?;
-            for (first, last) in new_holes {
-                self.add_hole(first, last, tag);
+            if row.try_get::<_, Option<i64>>(2)?.is_some() {
+                changes.push(self.change_from_row(row, 2)?);
             }
         }
-
-        // Re-read the holes by id. A row that has appeared is delivered now, whatever else is
-        // still running; an id still absent is gone for good only once its hole is decided
-        // (every transaction older than the tag has ended), else it stays a hole.
-        if !self.holes.is_empty() {
-            let holes: Vec<(u64, Hole)> = std::mem::take(&mut self.holes).into_iter().collect();
-            let firsts: Vec<i64> = holes.iter().map(|(first, _)| *first as i64).collect();
-            let lasts: Vec<i64> = holes.iter().map(|(_, hole)| hole.last as i64).collect();
-            let found = client
-                .query(
-                    &format!(
-                        "SELECT {ROW_COLUMNS} FROM datastore_changelog c \
-                         JOIN unnest($1::bigint[], $2::bigint[]) AS h(first, last) \
-                           ON c.id BETWEEN h.first AND h.last \
-                         ORDER BY c.id"
-                    ),
-                    &[&firsts, &lasts],
-                )
-                .await;
-            let found = match found {
-                Ok(found) => found,
-                Err(error) => {
-                    self.holes = holes.into_iter().collect();
-                    return Err(error.into());
-                }
-            };
-            let mut found = found.iter().peekable();
-            for (first, hole) in holes {
-                let decided = hole.tag <= xmin;
-                let mut next = first;
-                while let Some(row) = found.next_if(|row| row.get::<_, i64>(0) as u64 <= hole.last)
-                {
-                    let change = self.change_from_row(row, 0)?;
-                    self.absent(
-                        next,
-                        change.position.saturating_sub(1),
-                        hole.tag,
-                        decided,
-                        &mut changes,
-                    );
-                    next = change.position + 1;
-                    changes.push(change);
-                }
-                self.absent(next, hole.last, hole.tag, decided, &mut changes);
-            }
+        let visible: Vec<u64> = changes.iter().map(|change| change.position).collect();
+        let gaps = holes::gaps(self.read_pos, &visible);
+        if let Some(&last) = visible.last() {
+            self.read_pos = self.read_pos.max(last);
         }
-        crate::metrics::get()
-            .changelog_open_ids
-            .set(self.open_ids() as i64);
-        Ok(changes)
+        self.add_holes(client, gaps).await?;
+        Ok(Some((xmin, changes)))
     }
 
-    /// Ids `first..=last` were absent when their hole was re-read: never committed once the hole
-    /// is decided, else still a hole.
-    fn absent(
+    /// Adds the gaps as holes, tagged with a transaction id taken now, after the snapshot that
+    /// found them; costs one transaction id, only on polls with gaps.
+    async fn add_holes(&mut self, client: &Client, gaps: Vec<Span>) -> Result<(), DatastoreError> {
+        if gaps.is_empty() {
+            return Ok(());
+        }
+        let row = client
+            .query_one("SELECT pg_current_xact_id()::text", &[])
+            .await?;
+        let tag = parse_xid(row.try_get(0)?)?;
+        gaps.into_iter().for_each(|gap| self.holes.add(gap, tag));
+        Ok(())
+    }
+
+    /// Re-reads the holes by id. A row that has appeared is delivered now, whatever else is
+    /// still running; an id still absent is gone for good only once its hole is decided
+    /// (`xmin`, from a snapshot before this re-read, reached its tag), else it stays a hole.
+    async fn reread_holes(
         &mut self,
-        first: u64,
-        last: u64,
-        tag: u64,
-        decided: bool,
+        client: &Client,
+        xmin: u64,
         changes: &mut Vec<Change>,
-    ) {
-        if first > last {
-            return;
-        }
-        if decided {
+    ) -> Result<(), DatastoreError> {
+        let spans = self.holes.spans();
+        let firsts: Vec<i64> = spans.iter().map(|&(first, _)| to_sql_id(first)).collect();
+        let lasts: Vec<i64> = spans.iter().map(|&(_, last)| to_sql_id(last)).collect();
+        let found = client
+            .query(
+                &format!(
+                    "SELECT {ROW_COLUMNS} FROM datastore_changelog c \
+                     JOIN unnest($1::bigint[], $2::bigint[]) AS h(first, last) \
+                       ON c.id BETWEEN h.first AND h.last \
+                     ORDER BY c.id"
+                ),
+                &[&firsts, &lasts],
+            )
+            .await?;
+        let found = found
+            .iter()
+            .map(|row| self.change_from_row(row, 0))
+            .collect::<Result<Vec<_>, _>>()?;
+        let ids: Vec<u64> = found.iter().map(|change| change.position).collect();
+        for (first, last) in self.holes.resolve(&ids, xmin) {
             changes.push(Change::skip_span(first, last, SkipReason::NeverCommitted));
-        } else {
-            self.add_hole(first, last, tag);
         }
+        changes.extend(found);
+        Ok(())
     }
 
     /// Builds a change from the `ROW_COLUMNS` starting at column `at`. Only an unreadable id
@@ -512,17 +507,10 @@ impl ChangelogReader {
     /// where text belongs) makes the row a skipped, logged and counted `Undecodable` position,
     /// so one bad row never stops the feed.
     fn change_from_row(&self, row: &Row, at: usize) -> Result<Change, DatastoreError> {
-        let id: i64 = row.try_get(at).map_err(|e| DatastoreError::Row {
-            id: -1,
-            reason: format!("unreadable changelog id: {e}"),
-        })?;
-        let position = u64::try_from(id).map_err(|_| DatastoreError::Row {
-            id,
-            reason: "changelog ids are positive".into(),
-        })?;
-        let changed_at: Option<DateTime<Utc>> = row.try_get(at + 3).ok().flatten();
+        let position = row_position(row, at)?;
+        let changed_at: Option<DateTime<Utc>> = row.try_get(at.saturating_add(3)).ok().flatten();
         let skip = |reason| Change::new(position, changed_at, ChangeKind::Skip(reason));
-        let record_id: Option<String> = row.try_get(at + 4).ok().flatten();
+        let record_id: Option<String> = row.try_get(at.saturating_add(4)).ok().flatten();
         let undecodable = |column: &str, error: &dyn std::fmt::Display| {
             tracing::warn!(
                 changelog_id = position,
@@ -535,8 +523,8 @@ impl ChangelogReader {
             skip(SkipReason::Undecodable)
         };
         let (table, operation) = match (
-            row.try_get::<_, Option<String>>(at + 1),
-            row.try_get::<_, Option<String>>(at + 2),
+            row.try_get::<_, Option<String>>(at.saturating_add(1)),
+            row.try_get::<_, Option<String>>(at.saturating_add(2)),
         ) {
             (Ok(table), Ok(operation)) => {
                 (table.unwrap_or_default(), operation.unwrap_or_default())
@@ -547,37 +535,38 @@ impl ChangelogReader {
         if table != "health_events" || operation != "INSERT" {
             return Ok(skip(SkipReason::NotAHealthEventInsert));
         }
-        if let (Some((token_time, token_id)), Some(row_time)) = (self.exported_before, changed_at) {
-            if position <= token_id && (row_time, position) <= (token_time, token_id) {
-                return Ok(skip(SkipReason::BeforeStart));
-            }
-        }
-        if let (Some((through, not_before)), Some(row_time)) = (self.not_before, changed_at) {
-            if position <= through && row_time < not_before {
-                return Ok(skip(SkipReason::BeforeStart));
-            }
+        if self.passed_over(position, changed_at) {
+            return Ok(skip(SkipReason::BeforeStart));
         }
         let Some(record_id) = record_id.clone() else {
             return Ok(undecodable("record_id", &"is NULL or unreadable"));
         };
-        let document: Option<serde_json::Value> = match row.try_get(at + 5) {
+        let document: Option<serde_json::Value> = match row.try_get(at.saturating_add(5)) {
             Ok(document) => document,
             Err(e) => return Ok(undecodable("document", &describe_conversion(&e))),
         };
-        let created_at: Option<String> = row.try_get(at + 6).ok().flatten();
-        Ok(Change::new(
-            position,
-            changed_at,
-            ChangeKind::Event(RawEvent {
-                record_id,
-                document: document.unwrap_or(serde_json::Value::Null),
-                created_at: created_at.and_then(|text| {
-                    DateTime::parse_from_rfc3339(&text)
-                        .ok()
-                        .map(|t| t.with_timezone(&Utc))
-                }),
-            }),
-        ))
+        let created_at: Option<String> = row.try_get(at.saturating_add(6)).ok().flatten();
+        let event = RawEvent {
+            record_id,
+            document: document.unwrap_or(serde_json::Value::Null),
+            created_at: created_at.and_then(|text| parse_rfc3339(&text)),
+        };
+        Ok(Change::new(position, changed_at, ChangeKind::Event(event)))
+    }
+
+    /// Whether a health-event row at `position` was exported before this reader started: by
+    /// the Go exporter whose keyset token was taken over, or before a changelog reset's window.
+    fn passed_over(&self, position: u64, changed_at: Option<DateTime<Utc>>) -> bool {
+        let Some(row_time) = changed_at else {
+            return false;
+        };
+        let by_token = self.exported_before.is_some_and(|(token_time, token_id)| {
+            position <= token_id && (row_time, position) <= (token_time, token_id)
+        });
+        let before_reset = self
+            .not_before
+            .is_some_and(|(through, not_before)| position <= through && row_time < not_before);
+        by_token || before_reset
     }
 }
 
@@ -635,6 +624,31 @@ async fn changelog_head(client: &Client, sequence: Option<&str>) -> Result<u64, 
         .await?;
     let head: Option<i64> = row.try_get(0)?;
     Ok(head.and_then(|h| u64::try_from(h).ok()).unwrap_or(0))
+}
+
+/// The changelog id in column `at`: the only column whose failure is an error (see
+/// `change_from_row`).
+fn row_position(row: &Row, at: usize) -> Result<u64, DatastoreError> {
+    let id: i64 = row.try_get(at).map_err(|e| DatastoreError::Row {
+        id: -1,
+        reason: format!("unreadable changelog id: {e}"),
+    })?;
+    u64::try_from(id).map_err(|_| DatastoreError::Row {
+        id,
+        reason: "changelog ids are positive".into(),
+    })
+}
+
+/// The row's `created_at` text as a time; `None` if it is not RFC 3339.
+fn parse_rfc3339(text: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
+/// A changelog id as PostgreSQL's `bigint` (ids above `i64::MAX` cannot exist there).
+fn to_sql_id(id: u64) -> i64 {
+    i64::try_from(id).unwrap_or(i64::MAX)
 }
 
 fn parse_xid(text: String) -> Result<u64, DatastoreError> {

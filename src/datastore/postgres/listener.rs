@@ -7,22 +7,25 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
 use super::{Connector, NOTIFY_CHANNEL};
+use crate::reconnect::Backoff;
 
-/// Runs until `shutdown`, reconnecting with backoff. Every notification, and every
-/// (re)connection, wakes the reader.
+/// Runs until `shutdown`, reconnecting with the reconnect [`Backoff`] (500 ms doubling to 30 s,
+/// back to 500 ms after a connection that listened for `reconnect::HEALTHY_PERIOD`). Every
+/// notification, and every (re)connection, wakes the reader.
 pub fn spawn_listener(
     connector: Connector,
     wake: Arc<Notify>,
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut backoff = Duration::from_millis(500);
+        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
         loop {
-            let session = listen_once(&connector, &wake);
+            let session = listen_once(&connector, &wake, &mut backoff);
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 result = session => {
@@ -32,18 +35,21 @@ pub fn spawn_listener(
                     }
                 }
             }
+            let wait = backoff.failed(Instant::now());
+            tracing::debug!(retry_in = ?wait, "waiting before listening again");
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(wait) => {}
             }
-            backoff = backoff.saturating_mul(2).min(Duration::from_secs(30));
         }
     })
 }
 
+/// One LISTEN session; marks `backoff` connected once the LISTEN is in place.
 async fn listen_once(
     connector: &Connector,
     wake: &Notify,
+    backoff: &mut Backoff,
 ) -> Result<(), crate::datastore::DatastoreError> {
     let (client, mut connection) = connector.connect_raw().await?;
     let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -67,6 +73,7 @@ async fn listen_once(
         channel = NOTIFY_CHANNEL,
         "listening for changelog notifications"
     );
+    backoff.connected(Instant::now());
     wake.notify_one();
     while let Some(message) = messages.next().await {
         match message? {

@@ -1,10 +1,8 @@
 //! NVSentinel's PostgreSQL datastore: the `datastore_changelog` feed (read gaplessly, see
 //! `changelog`), LISTEN/NOTIFY wake-ups, and the `resume_tokens` row.
 
-// TODO(lints): changelog.rs is being reworked on another branch; its unchecked id arithmetic
-// is fixed after the merge (issue 14).
-#[allow(clippy::arithmetic_side_effects)]
 mod changelog;
+mod holes;
 mod listener;
 pub mod reset;
 pub mod settings;

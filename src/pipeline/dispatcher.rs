@@ -1,0 +1,285 @@
+//! The dispatcher's decisions, without I/O: one method per event of `Pipeline::run`'s loop
+//! (changes received, a result finished, a checkpoint write due or done, the lag tick). The
+//! loop in `mod.rs` does the I/O (reading, spawning publishes, writing the resume token) and
+//! asks the dispatcher what to do; time is passed in, so the rules are tested without sleeping.
+//!
+//! Rules:
+//! - Skips finish at once; events wait for a worker, and no new batch is taken while one waits.
+//! - A failed event stops intake (`Flow::Stop`); its position stays unfinished, so the
+//!   checkpoint stops below it. A cancelled event also stays unfinished.
+//! - The checkpoint written is the sequence tracker's contiguous prefix, written as soon as it
+//!   moves, at most one write at a time and two writes at least `save_interval` apart; a failed
+//!   write is retried one interval (at least 100 ms) later.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::time::Instant;
+
+use super::{Feed, Outcome, PipelineError, SequenceTracker, Summary, LAG_INTERVAL};
+use crate::datastore::{Change, ChangeKind, Checkpoint, DatastoreError, RawEvent};
+use crate::metrics;
+use crate::reconnect::after;
+
+/// Whether intake goes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Flow {
+    Continue,
+    Stop,
+}
+
+/// What the reader task sends: a batch, the source's end (`Ok(None)`), an error; `None` when
+/// the reader stopped without saying why.
+pub(super) type Received = Option<Result<Option<Vec<Change>>, DatastoreError>>;
+
+pub(super) struct Dispatcher {
+    feed: Feed,
+    tracker: SequenceTracker,
+    summary: Summary,
+    /// The checkpoint last written (or found at start).
+    saved: Option<Checkpoint>,
+    saver: Saver,
+    /// Events received and not yet handed to a worker.
+    waiting: VecDeque<(Change, RawEvent)>,
+    /// When each received, unfinished event was written: the stream's lag.
+    unfinished: BTreeMap<u64, DateTime<Utc>>,
+    failure: Option<PipelineError>,
+    /// The source ran out.
+    finished: bool,
+}
+
+impl Dispatcher {
+    /// `had_token`: a resume token existed at start; if not, one write is owed after
+    /// [`LAG_INTERVAL`] even if nothing finished, so a restart does not begin at a later "end".
+    pub fn new(feed: Feed, start: u64, had_token: bool, interval: Duration, now: Instant) -> Self {
+        let tracker = SequenceTracker::new(start);
+        let saved = had_token.then(|| tracker.checkpoint());
+        Dispatcher {
+            feed,
+            tracker,
+            summary: Summary::default(),
+            saver: Saver::new(interval, saved.is_none(), now),
+            saved,
+            waiting: VecDeque::new(),
+            unfinished: BTreeMap::new(),
+            failure: None,
+            finished: false,
+        }
+    }
+
+    /// Whether a new batch may be taken: only when no event waits for a worker.
+    pub fn accepts_changes(&self) -> bool {
+        self.waiting.is_empty()
+    }
+
+    /// Whether an event waits for a worker.
+    pub fn has_waiting(&self) -> bool {
+        !self.waiting.is_empty()
+    }
+
+    /// The next event for a worker.
+    pub fn next_event(&mut self) -> Option<(Change, RawEvent)> {
+        self.waiting.pop_front()
+    }
+
+    /// A batch from the reader (or its end or error).
+    pub fn on_received(&mut self, received: Received, now: Instant) -> Flow {
+        let changes = match received {
+            Some(Ok(Some(changes))) => changes,
+            Some(Ok(None)) => {
+                self.finished = true;
+                return Flow::Stop;
+            }
+            Some(Err(error)) => return self.fail(PipelineError::Source(error)),
+            None => {
+                let stopped = DatastoreError::Schema("the changelog reader stopped".into());
+                return self.fail(PipelineError::Source(stopped));
+            }
+        };
+        for change in changes {
+            self.on_change(change, now);
+        }
+        Flow::Continue
+    }
+
+    fn on_change(&mut self, change: Change, now: Instant) {
+        match &change.kind {
+            ChangeKind::Skip(_) => {
+                let (first, last, at) = (change.position, change.through, change.changed_at);
+                self.tracker.finish_span(first, last, at);
+                self.saver.note(&self.tracker, &self.saved, now);
+            }
+            ChangeKind::Event(event) => {
+                if self.feed == Feed::Stream {
+                    metrics::get().events_received.inc();
+                    if let Some(changed_at) = change.changed_at {
+                        self.unfinished.insert(change.position, changed_at);
+                    }
+                }
+                let event = event.clone();
+                crate::watchdog::global().received();
+                self.waiting.push_back((change, event));
+            }
+        }
+    }
+
+    /// One event's outcome; `Stop` when it could not be delivered.
+    pub fn on_result(&mut self, change: Change, outcome: Outcome, now: Instant) -> Flow {
+        self.unfinished.remove(&change.position);
+        let error = record(&mut self.tracker, &mut self.summary, change, outcome);
+        self.saver.note(&self.tracker, &self.saved, now);
+        match error {
+            Some(error) => self.fail(error),
+            None => Flow::Continue,
+        }
+    }
+
+    fn fail(&mut self, error: PipelineError) -> Flow {
+        self.failure.get_or_insert(error);
+        Flow::Stop
+    }
+
+    /// When the next checkpoint write is due, if one is owed.
+    pub fn save_due(&self) -> Option<Instant> {
+        self.saver.due
+    }
+
+    /// A write is due at `now`: the checkpoint to write, or `None` if it has not moved.
+    pub fn begin_save(&mut self, now: Instant) -> Option<Checkpoint> {
+        self.saver.due = None;
+        self.saver.last = Some(now);
+        self.to_save()
+    }
+
+    /// The checkpoint if it moved past the saved one.
+    pub fn to_save(&self) -> Option<Checkpoint> {
+        let checkpoint = self.tracker.checkpoint();
+        let moved = self
+            .saved
+            .as_ref()
+            .is_none_or(|s| s.position != checkpoint.position);
+        moved.then_some(checkpoint)
+    }
+
+    /// The write of `checkpoint` (from `begin_save`) ended; a failed one is retried one
+    /// interval (at least 100 ms) after it began.
+    pub fn saved(&mut self, checkpoint: Checkpoint, result: Result<(), DatastoreError>) {
+        match result {
+            Ok(()) => {
+                tracing::debug!(
+                    position = checkpoint.position,
+                    pending = self.tracker.pending(),
+                    "resume token saved"
+                );
+                let now = Utc::now().timestamp_millis() as f64 / 1000.0;
+                metrics::get().resume_token_update_timestamp.set(now);
+                self.saved = Some(checkpoint);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "saving the resume token failed; will retry");
+                let retry = self.saver.interval.max(Duration::from_millis(100));
+                self.saver.due = self.saver.last.map(|last| after(last, retry));
+            }
+        }
+    }
+
+    /// The lag tick: reports the stream's lag (stream feed only).
+    pub fn on_tick(&self) {
+        if self.feed == Feed::Stream {
+            super::report_lag(&self.unfinished, &self.tracker);
+        }
+    }
+
+    /// Whether a failure stopped intake.
+    pub fn failed(&self) -> bool {
+        self.failure.is_some()
+    }
+
+    /// Whether the source ran out.
+    pub fn source_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// The result of the run, after the final checkpoint write (`final_save`).
+    pub fn finish(
+        mut self,
+        abandoned: bool,
+        final_save: Result<(), DatastoreError>,
+    ) -> Result<Summary, PipelineError> {
+        self.summary.checkpoint = self.tracker.checkpoint().position;
+        self.summary.finished = self.finished && !abandoned && self.failure.is_none();
+        match (self.failure, final_save) {
+            (Some(error), _) => Err(error),
+            (None, Err(error)) => Err(PipelineError::Checkpoint(error)),
+            (None, Ok(())) => Ok(self.summary),
+        }
+    }
+}
+
+/// Applies one outcome; returns the error that must stop the pipeline, if any.
+fn record(
+    tracker: &mut SequenceTracker,
+    summary: &mut Summary,
+    change: Change,
+    outcome: Outcome,
+) -> Option<PipelineError> {
+    let count = match outcome {
+        Outcome::Published => &mut summary.published,
+        Outcome::DeadLettered => &mut summary.dead_lettered,
+        Outcome::Skipped => &mut summary.skipped,
+        Outcome::Filtered => &mut summary.filtered,
+        Outcome::Cancelled => return None,
+        Outcome::Failed(reason) => {
+            let record_id = match change.kind {
+                ChangeKind::Event(event) => event.record_id,
+                ChangeKind::Skip(_) => String::new(),
+            };
+            let position = change.position;
+            return Some(PipelineError::Undelivered {
+                position,
+                record_id,
+                reason,
+            });
+        }
+    };
+    *count = count.saturating_add(1);
+    tracker.finish_span(change.position, change.through, change.changed_at);
+    None
+}
+
+/// When the next checkpoint write is due: as soon as the prefix advances, but at least
+/// `interval` after the previous write.
+struct Saver {
+    interval: Duration,
+    last: Option<Instant>,
+    /// `Some` while a write is owed.
+    due: Option<Instant>,
+}
+
+impl Saver {
+    fn new(interval: Duration, first_write: bool, now: Instant) -> Saver {
+        Saver {
+            interval,
+            last: None,
+            due: first_write.then(|| after(now, LAG_INTERVAL)),
+        }
+    }
+
+    /// Schedules a write if the checkpoint moved past the saved one and none is owed yet.
+    fn note(&mut self, tracker: &SequenceTracker, saved: &Option<Checkpoint>, now: Instant) {
+        if self.due.is_some() {
+            return;
+        }
+        let moved = saved
+            .as_ref()
+            .is_none_or(|s| s.position != tracker.checkpoint().position);
+        if moved {
+            let earliest = self.last.map_or(now, |last| after(last, self.interval));
+            self.due = Some(earliest.max(now));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
