@@ -79,7 +79,8 @@ def health_event(i: int, base: datetime.datetime) -> dict:
 
 
 def client(uri: str, **kw) -> pymongo.MongoClient:
-    return pymongo.MongoClient(uri, serverSelectionTimeoutMS=5000, **kw)
+    kw.setdefault("serverSelectionTimeoutMS", 5000)
+    return pymongo.MongoClient(uri, **kw)
 
 
 def scenario_crud(uri: str, ctl: Control) -> None:
@@ -228,9 +229,10 @@ def scenario_post_batch_token(uri: str, ctl: Control) -> None:
         ev = cs.next()
         check("resuming from an empty batch's token gives only newer events",
               ev["fullDocument"]["n"] == "after" and cs.try_next() is None)
-        check("pymongo's resume_token is the postBatchResumeToken of an empty batch",
-              cs.resume_token is not None and cs.resume_token["_data"] > ev["_id"]["_data"] or
-              cs.resume_token == ev["_id"], (cs.resume_token, ev["_id"]))
+        check("after an empty batch pymongo's resume_token is its postBatchResumeToken, "
+              "newer than the last event's _id",
+              cs.resume_token is not None and cs.resume_token != ev["_id"] and
+              cs.resume_token["_data"] > ev["_id"]["_data"], (cs.resume_token, ev["_id"]))
     waiter = db.command("aggregate", COLL, pipeline=[{"$changeStream": {}}], cursor={})
     started = time.monotonic()
     import threading

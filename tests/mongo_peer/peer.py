@@ -98,8 +98,8 @@ WRITE_COMMANDS = {"insert", "update", "delete", "findandmodify", "findAndModify"
 
 TOKEN_VERSION = "82"
 TOKEN_RE = re.compile(r"^82([0-9A-F]{16})([0-9A-F]{2})([0-9A-F]{8})([0-9A-F]{8})$")
-KIND_HWM = 0x00
 KIND_EVENT = 0x01
+KIND_HWM = 0x02  # sorts after the event token with the same seq, before the next event's
 
 
 class CommandError(Exception):
@@ -319,7 +319,7 @@ def project(doc: dict, spec: dict | None) -> dict:
 
 def mint_token(seq: int, ts: Timestamp, kind: int) -> SON:
     """`_data` = version `82`, the oplog seq (16 hex digits, so tokens sort in event order),
-    the kind (00 high-water mark, 01 event) and the entry's cluster time."""
+    the kind (01 event, 02 high-water mark after it) and the entry's cluster time."""
     return SON([("_data", f"{TOKEN_VERSION}{seq:016X}{kind:02X}{ts.time:08X}{ts.inc:08X}")])
 
 
@@ -526,6 +526,9 @@ class Peer:
         except (asyncio.IncompleteReadError, ConnectionError, CloseConnection, ssl.SSLError,
                 asyncio.CancelledError):
             pass
+        except (struct.error, bson.errors.BSONError, ValueError, IndexError) as e:
+            # A malformed message: log it and drop the connection (a server would too).
+            print(f"mongo-peer: connection {conn_id}: malformed message: {e!r}", file=sys.stderr)
         finally:
             self.connections.pop(conn_id, None)
             writer.transport.abort()
@@ -618,6 +621,11 @@ class Peer:
             reply = self.error(e.code, e.errmsg, e.labels)
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
             reply = self.error(2, f"{name}: bad command: {type(e).__name__}: {e}")
+        except (CloseConnection, asyncio.CancelledError):
+            raise
+        except Exception as e:  # a peer bug must show up as a failed command, not a hang
+            print(f"mongo-peer: {name} failed: {e!r}", file=sys.stderr)
+            reply = self.error(1, f"mongo-peer internal error in {name}: {e!r}")
         reply.setdefault("ok", 1.0)
         reply["$clusterTime"] = SON([("clusterTime", self.now_ts()),
                                      ("signature", SON([("hash", bson.Binary(bytes(20))),
@@ -1080,6 +1088,9 @@ def scan(peer: Peer, cs: ChangeStream, batch_size: int) -> tuple[list, SON]:
         if all(matches(ev, m) for m in cs.match):
             batch.append(ev)
             cs.position_kind = KIND_EVENT
+    if not batch:
+        # As a server's high-water mark: an empty batch's token is never an event's _id.
+        cs.position_kind = KIND_HWM
     ts = next((e.ts for e in peer.oplog if e.seq == cs.position), peer.trimmed_ts)
     return batch, mint_token(cs.position, ts, cs.position_kind)
 
