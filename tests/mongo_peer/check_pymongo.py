@@ -18,6 +18,7 @@ import time
 import urllib.request
 
 import pymongo
+from bson.son import SON
 from pymongo.errors import AutoReconnect, OperationFailure
 
 UTC = datetime.timezone.utc
@@ -91,6 +92,21 @@ def scenario_crud(uri: str, ctl: Control) -> None:
           c.admin.command("hello")["isWritablePrimary"] is True and
           c.admin.command("hello")["maxWireVersion"] == 21)
     check("ping", c.admin.command("ping")["ok"] == 1.0)
+    tv = c.admin.command("hello")["topologyVersion"]
+    started = time.monotonic()
+    held = c.admin.command(SON([("hello", 1), ("topologyVersion", tv), ("maxAwaitTimeMS", 400)]))
+    waited = time.monotonic() - started
+    check("a waiting hello is held up to maxAwaitTimeMS", 0.35 <= waited < 3 and
+          held["topologyVersion"] == tv, waited)
+    timer = threading.Timer(0.3, lambda: ctl.call("POST", "/step-down"))
+    timer.start()
+    started = time.monotonic()
+    woken = c.admin.command(SON([("hello", 1), ("topologyVersion", tv),
+                                 ("maxAwaitTimeMS", 5000)]))
+    waited = time.monotonic() - started
+    timer.join()
+    check("a topology change answers a waiting hello at once with the new topologyVersion",
+          waited < 3 and woken["topologyVersion"]["counter"] == tv["counter"] + 1, waited)
     check("buildInfo", c.admin.command("buildInfo")["version"].startswith("7."))
     base = datetime.datetime(2026, 1, 1, tzinfo=UTC)
     ids = col.insert_many([health_event(i, base) for i in range(25)]).inserted_ids
