@@ -5,7 +5,7 @@
 //! replica-set primary where those tests depend on it: documents kept and found in
 //! `(createdAt, _id)` order, change streams with resume tokens minted in event order,
 //! `postBatchResumeToken` on every batch, history lost after an oplog trim, injected errors,
-//! dropped connections, token upserts, server TLS and MONGODB-X509.
+//! dropped connections, token upserts, server TLS, MONGODB-X509 and SCRAM.
 //!
 //! Run with `scripts/test --test mongo_peer` (it installs pymongo into target/test-venv and
 //! exports `TEST_PYTHON`); without pymongo the tests fail, they do not skip.
@@ -166,6 +166,25 @@ fn pymongo_x509_client_certificate() {
     ]);
     let peer = MongoPeer::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
     pymongo_scenario(&peer, "x509", &[&dir.path().display().to_string()]);
+}
+
+/// CA-only TLS with SCRAM credentials in the URI (the managed-database case).
+fn scram_peer(dir: &std::path::Path) -> MongoPeer {
+    let paths = pki(dir);
+    let mut args = tls_args(&paths);
+    args.extend([
+        "--user".into(),
+        "app:s3cret".into(),
+        "--require-auth".into(),
+    ]);
+    MongoPeer::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+#[test]
+fn pymongo_scram_over_ca_only_tls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let peer = scram_peer(dir.path());
+    pymongo_scenario(&peer, "scram", &[&dir.path().display().to_string()]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -545,6 +564,55 @@ async fn rust_driver_ca_only_tls_and_mongodb_x509() {
     assert!(
         matches!(*err.kind, ErrorKind::ServerSelection { .. }),
         "{err}"
+    );
+    shutdown(client).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_driver_scram_over_ca_only_tls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let peer = scram_peer(dir.path());
+    let ca = dir.path().join("ca.crt").display().to_string();
+    let with_credentials = |user: &str| {
+        format!(
+            "{}&tlsCAFile={ca}",
+            peer.uri
+                .replacen("mongodb://", &format!("mongodb://{user}@"), 1)
+        )
+    };
+
+    let client = Client::with_uri_str(with_credentials("app:s3cret"))
+        .await
+        .expect("SCRAM client");
+    let coll = client.database(DB).collection::<Document>(COLL);
+    coll.insert_one(doc! {"n": 1}).await.expect("insert as app");
+    assert_eq!(coll.count_documents(doc! {}).await.expect("count"), 1);
+    let logins = peer.commands("authenticated").await;
+    assert!(
+        logins
+            .iter()
+            .any(|l| l["user"] == "app" && l["mechanism"] == "SCRAM-SHA-256"),
+        "{logins:?}"
+    );
+    shutdown(client).await;
+
+    let client = Client::with_uri_str(with_credentials("app:wrong"))
+        .await
+        .expect("client");
+    let err = client
+        .database(DB)
+        .collection::<Document>(COLL)
+        .count_documents(doc! {})
+        .await
+        .expect_err("a wrong password is refused");
+    assert!(
+        matches!(*err.kind, ErrorKind::Authentication { .. }),
+        "{err}"
+    );
+    assert_eq!(
+        peer.commands("authenticated").await.len(),
+        logins.len(),
+        "the peer verified no proof made with the wrong password"
     );
     shutdown(client).await;
 }

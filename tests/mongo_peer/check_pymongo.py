@@ -5,7 +5,7 @@ writes health events. Run by tests/mongo_peer.rs; by hand:
     python check_pymongo.py SCENARIO MONGODB_URI CONTROL_URL [TLS_DIR]
 
 Each check prints `PASS <name>`; the first failed check raises (exit status 1). Scenarios:
-crud, resume, post_batch_token, history_lost, injected_errors, token_upsert, tls, x509.
+crud, resume, post_batch_token, history_lost, injected_errors, token_upsert, tls, x509, scram.
 """
 
 from __future__ import annotations
@@ -411,7 +411,34 @@ def scenario_x509(uri: str, ctl: Control, tls_dir: str) -> None:
     nocert.close()
 
 
+def scenario_scram(uri: str, ctl: Control, tls_dir: str) -> None:
+    """The managed-database case: CA-only TLS and SCRAM credentials in the URI. The peer runs
+    with --user app:s3cret --require-auth."""
+    tls = {"tls": True, "tlsCAFile": f"{tls_dir}/ca.crt"}
+    anonymous = client(uri, **tls)
+    expect_code("without credentials a read is refused (13 Unauthorized)", 13,
+                lambda: anonymous[DB][COLL].find_one({}))
+    anonymous.close()
+    with_uri = uri.replace("mongodb://", "mongodb://app:s3cret@", 1)
+    c = client(with_uri, **tls)
+    c[DB][COLL].insert_one({"n": "scram"})
+    check("SCRAM-SHA-256 (negotiated) over CA-only TLS: insert and find",
+          c[DB][COLL].find_one({})["n"] == "scram")
+    logins = ctl.commands("authenticated")
+    check("the peer verified the SCRAM-SHA-256 proof",
+          any(x["user"] == "app" and x["mechanism"] == "SCRAM-SHA-256" for x in logins), logins)
+    c.close()
+    sha1 = client(with_uri, authMechanism="SCRAM-SHA-1", **tls)
+    check("SCRAM-SHA-1", sha1[DB][COLL].count_documents({}) == 1)
+    sha1.close()
+    wrong = client(uri.replace("mongodb://", "mongodb://app:wrong@", 1), **tls)
+    expect_code("a wrong password fails authentication (18)", 18,
+                lambda: wrong[DB][COLL].find_one({}))
+    wrong.close()
+
+
 SCENARIOS = {
+    "scram": scenario_scram,
     "crud": scenario_crud,
     "resume": scenario_resume,
     "post_batch_token": scenario_post_batch_token,

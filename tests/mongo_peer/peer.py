@@ -29,8 +29,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import collections
 import datetime
+import hashlib
+import hmac
+import os
 import json
 import re
 import signal
@@ -405,6 +409,10 @@ class Peer:
         self.next_connection = 1
         self.host = ""
         self.election_id = ObjectId()
+        # SCRAM users of the admin database: name -> password (--user NAME:PASSWORD).
+        self.users: dict[str, str] = dict(u.split(":", 1) for u in args.user)
+        self.authenticated: dict[int, str] = {}  # connection -> user
+        self.sasl: dict[int, dict] = {}  # connection -> SCRAM conversation in progress
 
     # -- clock and oplog --------------------------------------------------------------------
 
@@ -531,6 +539,8 @@ class Peer:
             print(f"mongo-peer: connection {conn_id}: malformed message: {e!r}", file=sys.stderr)
         finally:
             self.connections.pop(conn_id, None)
+            self.authenticated.pop(conn_id, None)
+            self.sasl.pop(conn_id, None)
             writer.transport.abort()
 
     _request_id = 0
@@ -616,6 +626,9 @@ class Peer:
             handler = COMMANDS.get(name) or COMMANDS.get(name.lower())
             if handler is None:
                 raise CommandError(59, f"no such command: '{name}'")
+            if self.args.require_auth and conn_id not in self.authenticated \
+                    and name not in NO_AUTH_COMMANDS:
+                raise CommandError(13, f"command {name} requires authentication")
             reply = await handler(self, body, db, conn_id, peer_cert)
         except CommandError as e:
             reply = self.error(e.code, e.errmsg, e.labels)
@@ -666,7 +679,7 @@ def x509_subject(peer_cert: Any) -> str | None:
     return ",".join(reversed(parts))
 
 
-def x509_login(peer: Peer, request: dict, peer_cert: Any) -> SON:
+def x509_login(peer: Peer, request: dict, peer_cert: Any, conn_id: int) -> SON:
     if request.get("mechanism") != "MONGODB-X509":
         raise CommandError(18, f"mechanism {request.get('mechanism')!r} is not supported by "
                                "this peer (MONGODB-X509 only)")
@@ -677,8 +690,100 @@ def x509_login(peer: Peer, request: dict, peer_cert: Any) -> SON:
     if user is not None and user != subject:
         raise CommandError(18, f"MONGODB-X509: user {user!r} is not the certificate subject "
                                f"{subject!r}")
-    peer.received.append({"command": "authenticated", "user": subject})
+    peer.received.append({"command": "authenticated", "user": subject,
+                          "mechanism": "MONGODB-X509"})
+    peer.authenticated[conn_id] = subject
     return SON([("dbname", "$external"), ("user", subject)])
+
+
+# Commands a client may send before it authenticates (with --require-auth).
+NO_AUTH_COMMANDS = {"hello", "isMaster", "ismaster", "saslStart", "saslContinue",
+                    "authenticate", "ping", "buildInfo", "buildinfo", "endSessions"}
+
+SCRAM_HASHES = {"SCRAM-SHA-256": hashlib.sha256, "SCRAM-SHA-1": hashlib.sha1}
+SCRAM_ITERATIONS = {"SCRAM-SHA-256": 15000, "SCRAM-SHA-1": 10000}
+
+
+def _scram_attrs(message: str) -> dict:
+    return dict(part.split("=", 1) for part in message.split(",") if "=" in part)
+
+
+def sasl_start(peer: Peer, request: dict, conn_id: int) -> SON:
+    """SCRAM (RFC 5802, RFC 7677) server side, first step: answers the client-first message with
+    the server-first message. MongoDB's SCRAM-SHA-1 password is md5("user:mongo:password")."""
+    mechanism = request.get("mechanism")
+    if mechanism not in SCRAM_HASHES:
+        raise CommandError(2, f"mechanism {mechanism!r} is not supported by this peer "
+                              "(SCRAM-SHA-256, SCRAM-SHA-1, MONGODB-X509)")
+    client_first = bytes(request["payload"]).decode()
+    if not client_first.startswith("n,,"):
+        raise CommandError(18, "SCRAM: channel binding is not supported")
+    bare = client_first[3:]
+    attrs = _scram_attrs(bare)
+    user, client_nonce = attrs.get("n", "").replace("=2C", ",").replace("=3D", "="), attrs["r"]
+    if user not in peer.users:
+        raise CommandError(18, f"Authentication failed: no user {user!r}")
+    password = peer.users[user]
+    if mechanism == "SCRAM-SHA-1":
+        password = hashlib.md5(f"{user}:mongo:{password}".encode()).hexdigest()
+    salt = os.urandom(16)
+    iterations = SCRAM_ITERATIONS[mechanism]
+    nonce = client_nonce + base64.b64encode(os.urandom(24)).decode()
+    server_first = f"r={nonce},s={base64.b64encode(salt).decode()},i={iterations}"
+    peer.sasl[conn_id] = {"mechanism": mechanism, "user": user, "bare": bare,
+                          "server_first": server_first, "nonce": nonce,
+                          "salted": hashlib.pbkdf2_hmac(SCRAM_HASHES[mechanism]().name,
+                                                        password.encode(), salt, iterations),
+                          "skip_empty": bool((request.get("options") or {})
+                                             .get("skipEmptyExchange"))}
+    return SON([("conversationId", 1), ("done", False), ("payload", server_first.encode())])
+
+
+def sasl_continue(peer: Peer, request: dict, conn_id: int) -> SON:
+    state = peer.sasl.get(conn_id)
+    if state is None:
+        raise CommandError(17, "No SASL session state found")
+    if state.get("verified"):
+        peer.sasl.pop(conn_id, None)
+        return SON([("conversationId", 1), ("done", True), ("payload", b"")])
+    final = bytes(request["payload"]).decode()
+    attrs = _scram_attrs(final)
+    without_proof = final.rsplit(",p=", 1)[0]
+    h = SCRAM_HASHES[state["mechanism"]]
+    auth_message = f"{state['bare']},{state['server_first']},{without_proof}".encode()
+    client_key_expected = hmac.new(state["salted"], b"Client Key", h).digest()
+    stored_key = h(client_key_expected).digest()
+    signature = hmac.new(stored_key, auth_message, h).digest()
+    try:
+        proof = base64.b64decode(attrs.get("p", ""))
+    except ValueError:
+        proof = b""
+    client_key = bytes(a ^ b for a, b in zip(proof, signature))
+    if attrs.get("r") != state["nonce"] or len(proof) != len(signature) or \
+            not hmac.compare_digest(h(client_key).digest(), stored_key):
+        peer.sasl.pop(conn_id, None)
+        raise CommandError(18, f"Authentication failed for user {state['user']!r}")
+    server_key = hmac.new(state["salted"], b"Server Key", h).digest()
+    server_final = "v=" + base64.b64encode(hmac.new(server_key, auth_message, h).digest()).decode()
+    peer.authenticated[conn_id] = state["user"]
+    peer.received.append({"command": "authenticated", "user": state["user"],
+                          "mechanism": state["mechanism"]})
+    if state["skip_empty"]:
+        peer.sasl.pop(conn_id, None)
+        return SON([("conversationId", 1), ("done", True), ("payload", server_final.encode())])
+    state["verified"] = True
+    return SON([("conversationId", 1), ("done", False), ("payload", server_final.encode())])
+
+
+@command("saslStart")
+async def cmd_sasl_start(peer: Peer, body: SON, db: str, conn_id: int, peer_cert: Any) -> SON:
+    return sasl_start(peer, body, conn_id)
+
+
+@command("saslContinue")
+async def cmd_sasl_continue(peer: Peer, body: SON, db: str, conn_id: int,
+                            peer_cert: Any) -> SON:
+    return sasl_continue(peer, body, conn_id)
 
 
 @command("hello", "isMaster", "ismaster")
@@ -714,15 +819,21 @@ async def cmd_hello(peer: Peer, body: SON, db: str, conn_id: int, peer_cert: Any
         ("lastWrite", SON([("opTime", SON([("ts", peer.now_ts()), ("t", Int64(1))])),
                            ("lastWriteDate", datetime.datetime.now(datetime.timezone.utc))])),
     ])
+    mechs = body.get("saslSupportedMechs")
+    if isinstance(mechs, str) and mechs.split(".", 1)[-1] in peer.users:
+        reply["saslSupportedMechs"] = ["SCRAM-SHA-256", "SCRAM-SHA-1"]
     spec = body.get("speculativeAuthenticate")
     if spec is not None:
-        reply["speculativeAuthenticate"] = x509_login(peer, spec, peer_cert)
+        if "saslStart" in spec:
+            reply["speculativeAuthenticate"] = sasl_start(peer, spec, conn_id)
+        else:
+            reply["speculativeAuthenticate"] = x509_login(peer, spec, peer_cert, conn_id)
     return reply
 
 
 @command("authenticate")
 async def cmd_authenticate(peer: Peer, body: SON, db: str, conn_id: int, peer_cert: Any) -> SON:
-    return x509_login(peer, body, peer_cert)
+    return x509_login(peer, body, peer_cert, conn_id)
 
 
 @command("ping", "endSessions", "create", "createIndexes", "killAllSessions")
@@ -1286,7 +1397,13 @@ async def main() -> None:
     parser.add_argument("--tls-client-ca", help="CA (PEM) that client certificates chain to")
     parser.add_argument("--tls-client-cert", choices=["required", "optional"],
                         default="required", help="with --tls-client-ca")
+    parser.add_argument("--user", action="append", default=[], metavar="NAME:PASSWORD",
+                        help="a SCRAM-SHA-256/SCRAM-SHA-1 user of the admin database")
+    parser.add_argument("--require-auth", action="store_true",
+                        help="refuse commands (code 13) on connections that did not log in")
     args = parser.parse_args()
+    if any(":" not in u for u in args.user):
+        parser.error("--user takes NAME:PASSWORD")
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
     peer = Peer(args)
