@@ -18,7 +18,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use futures_util::{StreamExt, TryStreamExt};
-use mongo_peer_launch::{control_at, peer_dir, python, MongoPeer};
+use mongo_peer_launch::{control_at, peer_dir, python, wait_for_held_get_more, MongoPeer};
 use mongodb::bson::{doc, Bson, DateTime, Document};
 use mongodb::change_stream::event::ResumeToken;
 use mongodb::error::{Error, ErrorKind};
@@ -456,7 +456,7 @@ async fn rust_driver_resumes_by_itself_after_a_dropped_connection_and_a_step_dow
     let control_port = peer.control_port;
     let writer = coll.clone();
     let dropper = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        wait_for_held_get_more(control_port).await;
         let dropped = control_at(control_port, "POST", "/drop-connections", None).await;
         writer
             .insert_one(health_event(1))

@@ -117,6 +117,23 @@ impl MongoPeer {
     }
 }
 
+/// Waits (up to 20 s) until the peer holds a change-stream `getMore`, so that a fault injected
+/// next hits a request in flight.
+pub async fn wait_for_held_get_more(control_port: u16) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while control_at(control_port, "GET", "/state", None).await["waiting_get_mores"]
+        .as_u64()
+        .unwrap_or(0)
+        < 1
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the peer held no getMore within 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// [`MongoPeer::control`] by port, for a task that does not own the peer.
 pub async fn control_at(control_port: u16, method: &str, path: &str, body: Option<Value>) -> Value {
     {

@@ -413,6 +413,7 @@ class Peer:
         self.users: dict[str, str] = dict(u.split(":", 1) for u in args.user)
         self.authenticated: dict[int, str] = {}  # connection -> user
         self.sasl: dict[int, dict] = {}  # connection -> SCRAM conversation in progress
+        self.waiting_get_mores = 0  # change-stream getMores waiting for events right now
 
     # -- clock and oplog --------------------------------------------------------------------
 
@@ -523,7 +524,7 @@ class Peer:
                                              request_id, OP_MSG) + data)
                 elif opcode == OP_QUERY:
                     body = self.parse_op_query(payload)
-                    reply = await self.run_command(body, conn_id, peer_cert, writer)
+                    reply = await self.run_command(body, conn_id, peer_cert, writer, "OP_QUERY")
                     doc = bson.encode(reply, codec_options=CODEC)
                     data = struct.pack("<iqii", 0, 0, 0, 1) + doc
                     writer.write(struct.pack("<iiii", 16 + len(data), self.new_request_id(),
@@ -596,12 +597,12 @@ class Peer:
         return query
 
     async def run_command(self, body: SON, conn_id: int, peer_cert: Any,
-                          writer: asyncio.StreamWriter) -> SON:
+                          writer: asyncio.StreamWriter, op: str = "OP_MSG") -> SON:
         if not body:
             return self.error(59, "empty command")
         name = next(iter(body))
         db = body.get("$db", "admin")
-        self.received.append({"command": name, "db": db, "connection": conn_id,
+        self.received.append({"command": name, "db": db, "connection": conn_id, "op": op,
                               "body": json.loads(json_util.dumps(body))})
         cursor = None
         if name == "getMore":
@@ -1222,6 +1223,15 @@ async def cmd_get_more(peer: Peer, body: SON, db: str, conn_id: int, peer_cert: 
         return SON([("cursor", SON([("nextBatch", batch), ("id", Int64(cid)),
                                     ("ns", cursor.ns)]))])
     deadline = time.monotonic() + int(body.get("maxTimeMS", 1000)) / 1000
+    peer.waiting_get_mores += 1
+    try:
+        return await _await_events(peer, cursor, cs, cid, batch_size, deadline)
+    finally:
+        peer.waiting_get_mores -= 1
+
+
+async def _await_events(peer: Peer, cursor: Cursor, cs: ChangeStream, cid: int, batch_size: int,
+                        deadline: float) -> SON:
     while True:
         try:
             batch, pbrt = scan(peer, cs, batch_size or cs.batch_size)
@@ -1285,6 +1295,7 @@ async def control_request(peer: Peer, method: str, path: str, body: Any) -> tupl
             "trimmed_through": peer.trimmed_through,
             "connections": len(peer.connections),
             "open_cursors": len(peer.cursors),
+            "waiting_get_mores": peer.waiting_get_mores,
             "topology_counter": peer.topology_counter,
             "collections": {f"{d}.{c}": len(v) for (d, c), v in peer.collections.items()},
             "fail_points": len(peer.fail_points),
