@@ -250,6 +250,24 @@ def scenario_resume(uri: str, ctl: Control) -> None:
         resumed = after[-1]["body"]["pipeline"][0]["$changeStream"]
         check("the automatic resume re-ran aggregate with a token", len(after) > opened and (
               "resumeAfter" in resumed or "startAfter" in resumed), resumed)
+
+        # A restarted server forgets its cursors: the next getMore fails with 43
+        # CursorNotFound (resumable) and the stream resumes with its token.
+        check("an idle stream", cs.try_next() is None)
+        opened = len(ctl.commands("aggregate"))
+        ctl.call("POST", "/drop-connections", {"restart": True})
+        col.insert_one(health_event(4, base))
+        fifth = None
+        for _ in range(20):
+            try:
+                fifth = cs.try_next()
+            except AutoReconnect:
+                continue
+            if fifth is not None:
+                break
+        check("after a restart (cursors forgotten) the stream resumes and delivers the next event",
+              fifth is not None and len(ctl.commands("aggregate")) > opened and
+              fifth["fullDocument"]["healthevent"]["message"] == "XID 79 #4", fifth)
     c.close()
 
 
