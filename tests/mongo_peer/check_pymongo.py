@@ -182,6 +182,13 @@ def scenario_crud(uri: str, ctl: Control) -> None:
     check("delete_many", col.delete_many({"healthevent.isfatal": False}).deleted_count == 12
           and col.count_documents({}) == 13)
     check("estimated_document_count (count command)", col.estimated_document_count() == 13)
+    answer = ctl.call("POST", "/insert", {"db": DB, "coll": COLL, "documents": [
+        {"createdAt": {"$date": "2026-01-02T00:00:00Z"}, "n": "via control"}]})
+    got = col.find_one({"n": "via control"})
+    check("POST /insert stores extended JSON as BSON (a date stays a date)",
+          answer.get("n") == 1 and got is not None and
+          got["createdAt"] == datetime.datetime(2026, 1, 2, tzinfo=UTC).replace(tzinfo=None),
+          (answer, got))
     c.close()
     check("client close sends endSessions", len(ctl.commands("endSessions")) >= 1)
 
