@@ -246,7 +246,7 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
         );
     }
     let handler = Arc::new(EventHandler {
-        transformer: Transformer::new(config.metadata.clone()),
+        transformer: Transformer::new(config.metadata.clone()).with_subject(config.subject),
         publisher,
         filter,
         dead_letter,

@@ -239,3 +239,20 @@ async fn a_sequence_jump_of_millions_of_ids_is_passed_over_at_once() {
         "the token passes the jumped-over ids"
     );
 }
+
+/// `exporter.cloudevent.subject = "node_name"` adds the CloudEvents `subject` attribute (the
+/// node name) so a receiver can route on it; the rest of the event keeps upstream's shape.
+#[tokio::test]
+async fn subject_carries_the_node_name_when_asked_for() {
+    let db = TestDb::create().await;
+    let client = db.client().await;
+    let sink = SinkServer::start(SinkOptions::default()).await;
+    let mut options = ExporterOptions::new(&sink, None, db.env());
+    options.extra_toml = "[exporter.cloudevent]\nsubject = \"node_name\"\n".into();
+    let mut exporter = Exporter::start(&options).await;
+    pg::insert_health_event(&client, &pg::health_event_doc("node-subject", 1)).await;
+    let events = sink.wait_for_accepted(1, WAIT).await;
+    assert_eq!(events[0]["subject"], "node-subject", "{}", events[0]);
+    assert_eq!(events[0]["data"]["healthEvent"]["nodeName"], "node-subject");
+    assert_eq!(exporter.terminate().await.code(), Some(0));
+}

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use serde::de::{self, DeserializeOwned, Deserializer, Visitor};
 
 use super::raw::{
-    RawBackfill, RawDeadLetter, RawExporter, RawFailureHandling, RawFilter, RawOidc,
+    RawBackfill, RawCloudEvent, RawDeadLetter, RawExporter, RawFailureHandling, RawFilter, RawOidc,
     RawResumeToken, RawRoot, RawSink,
 };
 use super::{invalid, ConfigError};
@@ -150,7 +150,7 @@ type KeysOf = fn() -> &'static [&'static str];
 
 /// Which struct reads which table (`""` is the file itself). `exporter.metadata` is a table
 /// of free keys.
-const TABLES: [(&str, KeysOf); 10] = [
+const TABLES: [(&str, KeysOf); 11] = [
     ("", fields::<RawRoot>),
     ("exporter", fields::<RawExporter>),
     ("exporter.metadata", || &[]),
@@ -164,6 +164,7 @@ const TABLES: [(&str, KeysOf); 10] = [
     ),
     ("exporter.filter", fields::<RawFilter>),
     ("exporter.resume_token", fields::<RawResumeToken>),
+    ("exporter.cloudevent", fields::<RawCloudEvent>),
 ];
 
 /// The keys the table at `path` reads; `None` when no struct reads a table there.

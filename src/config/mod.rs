@@ -78,6 +78,10 @@ pub struct Config {
     /// `2 × (sink.timeout + failure_handling.max_backoff)`.
     #[serde(serialize_with = "serialize_duration")]
     pub liveness_timeout: Duration,
+    /// `exporter.cloudevent.subject`: `none` (default, upstream's exact shape) or `node_name`
+    /// (the CloudEvents `subject` attribute carries the event's node name, so a receiver can
+    /// route or filter on it without parsing `data`).
+    pub subject: crate::cloudevent::Subject,
     /// Keys present in the file that this version does not know (logged as warnings;
     /// `check-config` fails on them).
     #[serde(skip)]
@@ -324,6 +328,16 @@ impl Config {
             }
             Some(timeout) => timeout,
         };
+        let subject = match raw.cloudevent.subject.as_ref().map(|t| t.0.as_str()) {
+            None | Some("none") => crate::cloudevent::Subject::None,
+            Some("node_name") => crate::cloudevent::Subject::NodeName,
+            Some(other) => {
+                return Err(invalid(
+                    "exporter.cloudevent.subject",
+                    format!("must be \"none\" or \"node_name\", got {other:?}"),
+                ))
+            }
+        };
         Ok(Config {
             metadata,
             client_name,
@@ -337,6 +351,7 @@ impl Config {
             filter_expression,
             resume_token,
             liveness_timeout,
+            subject,
             unknown_keys: Vec::new(),
             did_you_mean: BTreeMap::new(),
             warnings,

@@ -39,6 +39,7 @@ pub(super) struct RawExporter {
     pub filter: RawFilter,
     pub resume_token: RawResumeToken,
     pub liveness_timeout: Option<GoDuration>,
+    pub cloudevent: RawCloudEvent,
 }
 
 /// `[exporter.sink]`.
@@ -97,6 +98,13 @@ pub(super) struct RawFailureHandling {
 pub(super) struct RawDeadLetter {
     pub file: Option<Text>,
     pub endpoint: Option<Text>,
+}
+
+/// `[exporter.cloudevent]`: optional CloudEvent attributes (this exporter's; upstream has none).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default, expecting = "a table")]
+pub(super) struct RawCloudEvent {
+    pub subject: Option<Text>,
 }
 
 /// `[exporter.filter]`.

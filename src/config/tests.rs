@@ -782,3 +782,18 @@ fn a_datetime_is_not_taken_for_a_string() {
         .expect("unknown keys are not fatal");
     assert_eq!(config.unknown_keys, vec!["exporter.started"]);
 }
+
+#[test]
+fn cloudevent_subject_is_none_unless_asked_for() {
+    use crate::cloudevent::Subject;
+    assert_eq!(Config::parse(FULL).expect("valid").subject, Subject::None);
+    let text = format!("{FULL}\n[exporter.cloudevent]\nsubject = \"node_name\"\n");
+    let config = Config::parse(&text).expect("valid");
+    assert_eq!(config.subject, Subject::NodeName);
+    assert!(config.unknown_keys.is_empty(), "{:?}", config.unknown_keys);
+    let error = error_of(&format!(
+        "{FULL}\n[exporter.cloudevent]\nsubject = \"node\"\n"
+    ));
+    assert!(error.starts_with("exporter.cloudevent.subject:"), "{error}");
+    assert!(error.contains("node_name"), "{error}");
+}

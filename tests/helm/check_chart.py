@@ -226,6 +226,7 @@ def expected_effective(values: dict, metadata: dict[str, str]) -> dict:
             "backoff_multiplier": float(retry["backoffMultiplier"]),
         },
         "filter_expression": expression if expression.strip() else None,
+        "subject": (exporter.get("cloudevent") or {}).get("subject") or "none",
         "rejections": {
             "on_rejected": retry["onRejected"],
             "rejected_statuses": list(retry["rejectedStatuses"]),
@@ -621,6 +622,7 @@ CASES: list[dict[str, Any]] = [
             "oidc": {"clientAuthMethod": "client_secret_post", "defaultTokenLifetime": "1h"},
             "resumeToken": {"saveInterval": "2s"},
             "livenessTimeout": "15m",
+            "cloudevent": {"subject": "node_name"},
         },
     }},
     {"name": "client_secret_basic", "values": {
@@ -654,6 +656,8 @@ INVALID: list[tuple[str, dict, str]] = [
      "exporter.oidc.tokenUrl is required"),
     ("zero workers", {"exporter": {"workers": 0}}, "workers"),
     ("two replicas", {"replicaCount": 2}, "replicaCount"),
+    ("a subject the exporter lacks",
+     {"exporter": {"cloudevent": {"subject": "hostname"}}}, "subject"),
     ("an on_rejected policy the exporter lacks",
      {"exporter": {"failureHandling": {"onRejected": "skip"}}}, "onRejected"),
     ("a rejected status outside 400-499",
