@@ -535,7 +535,7 @@ async fn open_source(
     config: &Config,
     wake: Arc<Notify>,
 ) -> Result<Opened, ExitError> {
-    let deadline = crate::reconnect::after(tokio::time::Instant::now(), STARTUP_DATASTORE_WAIT);
+    let deadline = crate::clock::deadline_after(STARTUP_DATASTORE_WAIT);
     let mut backoff =
         crate::reconnect::Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
     loop {

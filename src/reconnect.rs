@@ -77,14 +77,6 @@ impl Backoff {
     }
 }
 
-/// `now + wait`, without overflow: an instant too far out to represent (waits are bounded by
-/// configuration, so never in practice) becomes a year from `now`, or `now`.
-pub fn after(now: Instant, wait: Duration) -> Instant {
-    now.checked_add(wait)
-        .or_else(|| now.checked_add(Duration::from_secs(365 * 24 * 3600)))
-        .unwrap_or(now)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,13 +85,6 @@ mod tests {
 
     fn waits(backoff: &mut Backoff, now: Instant, n: usize) -> Vec<Duration> {
         (0..n).map(|_| backoff.failed(now)).collect()
-    }
-
-    #[test]
-    fn after_never_overflows() {
-        let now = Instant::now();
-        assert_eq!(after(now, MS), now + MS);
-        assert!(after(now, Duration::MAX) > now);
     }
 
     #[test]

@@ -18,9 +18,9 @@ use chrono::{DateTime, Utc};
 use tokio::time::Instant;
 
 use super::{Feed, Outcome, PipelineError, SequenceTracker, Summary, LAG_INTERVAL};
+use crate::clock::saturating_add as after;
 use crate::datastore::{Change, ChangeKind, Checkpoint, DatastoreError, RawEvent};
 use crate::metrics;
-use crate::reconnect::after;
 
 /// Whether intake goes on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

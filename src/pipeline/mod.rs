@@ -31,12 +31,12 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::saturating_add as after;
 use crate::cloudevent::Transformer;
 use crate::datastore::{Change, ChangeSource, CheckpointStore, DatastoreError, RawEvent};
 use crate::filter::Filter;
 use crate::metrics;
 use crate::model::{decode_document, traceparent, HealthEvent};
-use crate::reconnect::after;
 use crate::sink::dead_letter::{self, DeadLetter};
 use crate::sink::http::Delivery;
 use crate::sink::{PublishError, Publisher};
