@@ -4,21 +4,24 @@
 //! Data flow: `config` → `datastore` (changelog reader, resume token) → `pipeline` (dispatch,
 //! workers, sequence tracker, checkpoint) → `model` + `cloudevent` → `sink` (HTTP, auth,
 //! retry); `server` exposes health and metrics.
+//!
+//! Public surface: what the `event-exporter` binary, the development tools (`tools/`, package
+//! `event-exporter-dev`) and the integration tests use; every other module is `pub(crate)`.
 
-pub mod backfill;
+pub(crate) mod backfill;
 pub mod cli;
 pub mod cloudevent;
 pub mod commands;
 pub mod config;
 pub mod datastore;
 pub mod exporter;
-pub mod filter;
+pub(crate) mod filter;
 pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod panics;
-pub mod pipeline;
-pub mod server;
+pub(crate) mod pipeline;
+pub(crate) mod server;
 pub mod sink;
-pub mod tls;
-pub mod watchdog;
+pub(crate) mod tls;
+pub(crate) mod watchdog;

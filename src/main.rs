@@ -1,9 +1,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use event_exporter::cli::LogFormat;
 use event_exporter::cli::{normalize_go_flags, Cli, Command, RunArgs};
-use event_exporter::commands::{bench, check_config, demo, generate, sink, status};
+use event_exporter::commands::{check_config, status};
 use event_exporter::exporter::{self, ExitError};
 use event_exporter::logging;
 
@@ -34,19 +33,6 @@ fn main() -> ExitCode {
             }
         },
         Some(Command::Status(args)) => status::main(&args),
-        Some(Command::Sink(args)) => run_async(&cli.run, sink::run(*args)),
-        Some(Command::Generate(args)) => run_async(&cli.run, generate::run(args)),
-        Some(Command::Bench(args)) => run_async(&cli.run, bench::run(args)),
-        Some(Command::Demo(args)) => {
-            // The demo prints its own progress; the exporter's log stays at warnings unless
-            // LOG_LEVEL asks for more.
-            let mut quiet = cli.run.clone();
-            if std::env::var_os("LOG_LEVEL").is_none() {
-                quiet.log_level = "warn".into();
-            }
-            quiet.log_format = LogFormat::Text;
-            run_async(&quiet, demo::run(args))
-        }
         None => {
             let args = cli.run.clone();
             run_async(&cli.run, exporter::run(args))

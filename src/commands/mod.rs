@@ -1,10 +1,6 @@
-//! Subcommands beside the exporter itself: configuration checking, a reference sink with a
-//! token endpoint, an event generator, and a one-command demo.
+//! Subcommands beside the exporter itself: configuration checking and the datastore status.
+//! The development tools (reference sink, generator, demo, benchmarks) live in the
+//! `event-exporter-dev` crate under `tools/`, outside the product.
 
-pub mod bench;
 pub mod check_config;
-pub mod demo;
-pub mod generate;
-pub mod local_postgres;
-pub mod sink;
 pub mod status;

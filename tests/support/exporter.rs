@@ -127,8 +127,12 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// The binary of the package under test: `event-exporter` for the product's tests,
+/// `event-exporter-dev` for the tools' tests (which include this harness by path).
 pub fn binary() -> &'static str {
-    env!("CARGO_BIN_EXE_event-exporter")
+    option_env!("CARGO_BIN_EXE_event-exporter")
+        .or(option_env!("CARGO_BIN_EXE_event-exporter-dev"))
+        .expect("cargo sets CARGO_BIN_EXE_<name> for the package's binaries")
 }
 
 impl Exporter {

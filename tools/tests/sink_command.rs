@@ -3,6 +3,7 @@
 //! `--out` file, and an independent check of the accepted events with the CloudEvents Python SDK
 //! (`tests/validate_cloudevents.py`; the SDK comes from `scripts/test`, and without it the test fails).
 
+#[path = "../../tests/support/mod.rs"]
 mod support;
 
 use std::collections::BTreeMap;
@@ -11,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use event_exporter::cloudevent::{Transformer, CONTENT_TYPE};
-use event_exporter::commands::sink::{self, Reason, RunningSink, SinkArgs, SinkError};
+use event_exporter_dev::sink::{self, Reason, RunningSink, SinkArgs, SinkError};
 use event_exporter::model::decode_document;
 use reqwest::header::{HeaderMap, ALLOW, CACHE_CONTROL, RETRY_AFTER, WWW_AUTHENTICATE};
 use reqwest::StatusCode;

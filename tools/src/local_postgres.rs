@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio_postgres::NoTls;
 
-use crate::datastore::postgres::{Connector, PgSettings, SslMode};
+use event_exporter::datastore::postgres::{Connector, PgSettings, SslMode};
 
 pub enum LocalServer {
     /// A server that was already running.
@@ -115,7 +115,7 @@ impl LocalServer {
     pub async fn schema_client(&self, database: &str) -> Result<tokio_postgres::Client, String> {
         let connector = Connector::new(self.settings(database)).map_err(|e| e.to_string())?;
         let client = connector.connect().await.map_err(|e| e.to_string())?;
-        super::generate::init_schema(&client)
+        crate::generate::init_schema(&client)
             .await
             .map_err(|e| e.to_string())?;
         Ok(client)
