@@ -94,6 +94,39 @@ pub enum LogFormat {
     Text,
 }
 
+/// Sets up logging (`level`: debug, info, warn or error) and a multi-threaded tokio runtime,
+/// runs `job`, and maps its result to the process exit status: 0 on success, 2 for a bad log
+/// level, 1 when the runtime cannot start, else [`ExitError::code`](crate::exporter::ExitError::code).
+/// Used by the `event-exporter` binary and by the development tools' binary.
+pub fn run_job(
+    level: &str,
+    format: LogFormat,
+    job: impl std::future::Future<Output = Result<(), crate::exporter::ExitError>>,
+) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    if let Err(error) = crate::logging::init(level, format) {
+        crate::logging::print_stderr(&format!("--log-level: {error}"));
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            crate::logging::print_stderr(&format!("cannot start the async runtime: {error}"));
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(job) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(error = %error, "stopped with an error");
+            ExitCode::from(error.code())
+        }
+    }
+}
+
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     crate::config::parse_go_duration(text)
 }

@@ -45,25 +45,5 @@ fn run_async(
     args: &RunArgs,
     job: impl std::future::Future<Output = Result<(), ExitError>>,
 ) -> ExitCode {
-    if let Err(error) = logging::init(&args.log_level, args.log_format) {
-        logging::print_stderr(&format!("--log-level: {error}"));
-        return ExitCode::from(2);
-    }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            logging::print_stderr(&format!("cannot start the async runtime: {error}"));
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(job) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            tracing::error!(error = %error, "stopped with an error");
-            ExitCode::from(error.code())
-        }
-    }
+    event_exporter::cli::run_job(&args.log_level, args.log_format, job)
 }

@@ -77,7 +77,7 @@ pub async fn run(args: BenchArgs) -> Result<(), ExitError> {
     let failed = |e: String| ExitError::Failed(e);
     if cfg!(debug_assertions) {
         eprintln!(
-            "bench: this is a debug build; use `cargo run --release -- bench` for real numbers"
+            "bench: this is a debug build; use `cargo run --release -p event-exporter-dev -- bench` for real numbers"
         );
     }
     let server = LocalServer::find().await.map_err(failed)?;

@@ -5,9 +5,9 @@
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use event_exporter::cli::run_job;
 use event_exporter::cli::{LogFormat, RunArgs};
-use event_exporter::exporter::{self, ExitError};
-use event_exporter::logging;
+use event_exporter::exporter;
 use event_exporter_dev::{bench, demo, generate, sink};
 
 #[derive(Debug, Parser)]
@@ -64,9 +64,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let (level, format) = (cli.log.log_level, cli.log.log_format);
     match cli.command {
-        Command::Sink(args) => run_async(&level, format, sink::run(*args)),
-        Command::Generate(args) => run_async(&level, format, generate::run(args)),
-        Command::Bench(args) => run_async(&level, format, bench::run(args)),
+        Command::Sink(args) => run_job(&level, format, sink::run(*args)),
+        Command::Generate(args) => run_job(&level, format, generate::run(args)),
+        Command::Bench(args) => run_job(&level, format, bench::run(args)),
         Command::Demo(args) => {
             // The demo prints its own progress; the exporter's log stays at warnings unless
             // LOG_LEVEL asks for more.
@@ -75,40 +75,11 @@ fn main() -> ExitCode {
             } else {
                 level
             };
-            run_async(&level, LogFormat::Text, demo::run(args))
+            run_job(&level, LogFormat::Text, demo::run(args))
         }
         Command::Exporter(args) => {
             let (level, format) = (args.log_level.clone(), args.log_format);
-            run_async(&level, format, exporter::run(args))
-        }
-    }
-}
-
-/// Sets up logging and the runtime, runs `job`, and maps its result to an exit status.
-fn run_async(
-    level: &str,
-    format: LogFormat,
-    job: impl std::future::Future<Output = Result<(), ExitError>>,
-) -> ExitCode {
-    if let Err(error) = logging::init(level, format) {
-        logging::print_stderr(&format!("--log-level: {error}"));
-        return ExitCode::from(2);
-    }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            logging::print_stderr(&format!("cannot start the async runtime: {error}"));
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(job) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            tracing::error!(error = %error, "stopped with an error");
-            ExitCode::from(error.code())
+            run_job(&level, format, exporter::run(args))
         }
     }
 }

@@ -1,4 +1,4 @@
-//! `event-exporter generate` against a real PostgreSQL database.
+//! `event-exporter-dev generate` against a real PostgreSQL database.
 
 #[path = "../../tests/support/mod.rs"]
 mod support;
