@@ -2,10 +2,10 @@
 //! 127.0.0.1, checking requests as strictly as a production IdP, with knobs for
 //! expiry, revocation, secret rotation and outages.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -18,49 +18,10 @@ use serde_json::{json, Value};
 use super::tls::{serve, ServerHandle, TestPki};
 
 /// Tokens issued by a [`TokenServer`]; a [`super::sink::SinkServer`] given the
-/// same registry accepts exactly the tokens that are issued and unexpired.
-#[derive(Default)]
-pub struct TokenRegistry {
-    tokens: Mutex<HashMap<String, Instant>>,
-}
-
-impl TokenRegistry {
-    pub fn new() -> Arc<TokenRegistry> {
-        Arc::new(TokenRegistry::default())
-    }
-
-    /// Issues a random token valid for `ttl`.
-    pub fn issue(&self, ttl: Duration) -> String {
-        let token = format!("tok-{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-        self.lock().insert(token.clone(), Instant::now() + ttl);
-        token
-    }
-
-    /// True when `token` was issued, is not revoked and has not expired.
-    pub fn is_valid(&self, token: &str) -> bool {
-        self.lock()
-            .get(token)
-            .is_some_and(|expiry| Instant::now() < *expiry)
-    }
-
-    /// Invalidates every token issued so far (the next request must refetch).
-    pub fn revoke_all(&self) {
-        self.lock().clear();
-    }
-
-    /// Number of tokens currently known (issued minus revoked; expired included).
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
-        self.tokens.lock().expect("token registry mutex poisoned")
-    }
-}
+/// same registry accepts exactly the tokens that are issued and unexpired. The reference
+/// sink's token store (one implementation, in `tools/`): `issue_for(ttl)`, `is_valid`,
+/// `revoke_all`.
+pub type TokenRegistry = event_exporter_dev::sink::TokenIssuer;
 
 /// What the token endpoint accepts and how long its tokens live.
 #[derive(Clone, Debug)]
@@ -137,7 +98,8 @@ impl TokenServer {
             secret: Mutex::new(config.client_secret),
             scope: config.scope,
             expires_in: AtomicU64::new(config.expires_in),
-            registry: TokenRegistry::new(),
+            // Each token gets the lifetime `expires_in` says when it is issued (`issue_for`).
+            registry: Arc::new(TokenRegistry::new(Duration::ZERO)),
             requests: AtomicUsize::new(0),
             log: Mutex::new(Vec::new()),
             failures: Mutex::new(VecDeque::new()),
@@ -327,7 +289,7 @@ fn decide(
         return (StatusCode::BAD_REQUEST, json!({"error": "invalid_scope"}));
     }
     let expires_in = state.expires_in.load(Ordering::SeqCst);
-    let token = state.registry.issue(Duration::from_secs(expires_in));
+    let token = state.registry.issue_for(Duration::from_secs(expires_in));
     let mut answer =
         json!({"access_token": token, "token_type": "Bearer", "expires_in": expires_in});
     match state

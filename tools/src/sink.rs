@@ -31,7 +31,7 @@ use event_exporter::exporter::ExitError;
 
 pub use stats::{Reason, SinkStats};
 pub use store::ReceivedEvent;
-pub use tokens::{base64_decode, parse_form, TOKEN_PATH};
+pub use tokens::{base64_decode, bearer_token, parse_form, TokenIssuer, TOKEN_PATH};
 pub use validate::{validate_event, Attribute, Invalid, ValidEvent};
 
 #[derive(Clone, Args)]

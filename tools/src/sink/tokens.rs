@@ -144,8 +144,9 @@ impl Client {
     }
 }
 
-/// Tokens issued and when each expires.
-pub(super) struct TokenIssuer {
+/// Tokens issued and when each expires: the reference sink's token store, and the test
+/// harness's (`tests/support/token.rs` issues with [`TokenIssuer::issue_for`] and revokes).
+pub struct TokenIssuer {
     lifetime: Duration,
     tokens: RwLock<HashMap<String, Instant>>,
 }
@@ -166,12 +167,26 @@ impl TokenIssuer {
     /// A new random token valid for the configured lifetime; expired ones are forgotten here
     /// (token requests are rare, event requests are not).
     pub fn issue(&self) -> String {
+        self.issue_for(self.lifetime)
+    }
+
+    /// A new random token valid for `lifetime` (not the configured one); expired ones are
+    /// forgotten here.
+    pub fn issue_for(&self, lifetime: Duration) -> String {
         let token = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
         let now = Instant::now();
         let mut tokens = self.tokens.write().unwrap_or_else(PoisonError::into_inner);
         tokens.retain(|_, expiry| *expiry > now);
-        tokens.insert(token.clone(), now + self.lifetime);
+        tokens.insert(token.clone(), now + lifetime);
         token
+    }
+
+    /// Invalidates every token issued so far (the next event request must refetch one).
+    pub fn revoke_all(&self) {
+        self.tokens
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
     }
 
     /// True when `token` was issued here and has not expired.
@@ -184,7 +199,7 @@ impl TokenIssuer {
 }
 
 /// The token of an `Authorization: Bearer <token>` header (scheme case-insensitive).
-pub(super) fn bearer_token(authorization: &str) -> Option<&str> {
+pub fn bearer_token(authorization: &str) -> Option<&str> {
     let (scheme, token) = authorization.trim().split_once(' ')?;
     let token = token.trim();
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
