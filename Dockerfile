@@ -7,14 +7,19 @@
 
 FROM rust:1-bookworm AS build
 WORKDIR /src
+# The workspace manifest names tools/ as a member, and cargo loads every member's manifest and
+# targets before building; only the product package is compiled (`-p event-exporter`), and the
+# final image holds nothing but its binary.
 COPY Cargo.toml Cargo.lock ./
+COPY tools/Cargo.toml ./tools/Cargo.toml
+COPY tools/src ./tools/src
 COPY src ./src
 COPY sql ./sql
 # Cache mounts keep the crate registry and target/ between builds; the binary is copied out of
 # the cache in the same step.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked \
+    cargo build --release --locked -p event-exporter \
     && install -m 0755 target/release/event-exporter /event-exporter
 
 FROM gcr.io/distroless/cc-debian12:nonroot

@@ -33,22 +33,6 @@ pub enum Command {
     /// the datastore environment (when DATASTORE_PROVIDER is set); print the effective settings
     /// with secrets redacted. Exits 2 when anything is invalid. Makes no connection.
     CheckConfig(CheckConfigArgs),
-    /// Run a reference CloudEvents sink with an OAuth2 token endpoint (for development and
-    /// tests): the sink contract of NVSentinel's Event Exporter configuration guide (POST,
-    /// `application/cloudevents+json`, Bearer token, 2xx), deduplication, and fault injection.
-    Sink(Box<crate::commands::sink::SinkArgs>),
-    /// Write realistic NVSentinel health events into the PostgreSQL datastore named by the
-    /// `DATASTORE_*` environment (DATASTORE_HOST, DATASTORE_PORT, DATASTORE_DATABASE,
-    /// DATASTORE_USERNAME, DATASTORE_PASSWORD, DATASTORE_SSLMODE, …), as the exporter reads it.
-    Generate(crate::commands::generate::GenerateArgs),
-    /// Run the whole job on this machine: PostgreSQL, sink and token endpoint, history, live
-    /// events, the exporter with backfill; ends with a summary.
-    Demo(crate::commands::demo::DemoArgs),
-    /// Benchmark the exporter against the local PostgreSQL and the reference sink (run a release
-    /// build): streaming (events/s, write-to-sink latency), an unlimited backfill (events/s),
-    /// rate-limited backfills (how closely each limit is held), with the exporter's CPU and peak
-    /// memory for each; `--stream-events 0`, `--events 0` or `--rates 0` skip a scenario.
-    Bench(crate::commands::bench::BenchArgs),
     /// Read the resume token, the changelog head, how far behind the token is, and an
     /// unfinished backfill from the datastore (same DATASTORE_* environment and config file
     /// as the exporter); exits 0 healthy, 1 behind by more than --max-behind, 2 bad input.
@@ -118,6 +102,39 @@ pub struct CheckConfigArgs {
 pub enum LogFormat {
     Json,
     Text,
+}
+
+/// Sets up logging (`level`: debug, info, warn or error) and a multi-threaded tokio runtime,
+/// runs `job`, and maps its result to the process exit status: 0 on success, 2 for a bad log
+/// level, 1 when the runtime cannot start, else [`ExitError::code`](crate::exporter::ExitError::code).
+/// Used by the `event-exporter` binary and by the development tools' binary.
+pub fn run_job(
+    level: &str,
+    format: LogFormat,
+    job: impl std::future::Future<Output = Result<(), crate::exporter::ExitError>>,
+) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    if let Err(error) = crate::logging::init(level, format) {
+        crate::logging::print_stderr(&format!("--log-level: {error}"));
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            crate::logging::print_stderr(&format!("cannot start the async runtime: {error}"));
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(job) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(error = %error, "stopped with an error");
+            ExitCode::from(error.code())
+        }
+    }
 }
 
 pub fn parse_duration(text: &str) -> Result<Duration, String> {

@@ -7,6 +7,9 @@
 //! says where each rule lives (`Holes`, `SequenceTracker`, the dispatcher, the reconnect
 //! backoff, the backfill `Pacer`, the watchdog, the reset rule).
 //!
+//! Public surface: what the `event-exporter` binary, the development tools (`tools/`, package
+//! `event-exporter-dev`) and the integration tests use; every other module is `pub(crate)`.
+//!
 //! No panic is reachable from input (issue 14): the lints below deny `unwrap`/`expect`, explicit
 //! panics, indexing and slicing, and unchecked integer and time arithmetic in the product code,
 //! so a value from a document, an HTTP answer, the configuration, the environment or the token
@@ -37,7 +40,7 @@
     )
 )]
 
-pub mod backfill;
+pub(crate) mod backfill;
 pub mod cli;
 pub mod clock;
 pub mod cloudevent;
@@ -45,14 +48,14 @@ pub mod commands;
 pub mod config;
 pub mod datastore;
 pub mod exporter;
-pub mod filter;
+pub(crate) mod filter;
 pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod panics;
-pub mod pipeline;
+pub(crate) mod pipeline;
 pub mod reconnect;
-pub mod server;
+pub(crate) mod server;
 pub mod sink;
-pub mod tls;
-pub mod watchdog;
+pub(crate) mod tls;
+pub(crate) mod watchdog;

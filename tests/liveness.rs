@@ -62,14 +62,7 @@ impl Piped {
     }
 
     async fn get(&self, path: &str) -> Option<(u16, String)> {
-        let response = support::tls::plain_reqwest_client()
-            .get(format!("http://127.0.0.1:{}{path}", self.port))
-            .timeout(Duration::from_secs(2))
-            .send()
-            .await
-            .ok()?;
-        let status = response.status().as_u16();
-        Some((status, response.text().await.unwrap_or_default()))
+        support::exporter::http_get(self.port, path).await
     }
 
     fn try_status(&mut self) -> Option<ExitStatus> {

@@ -34,6 +34,7 @@ impl SequenceTracker {
     }
 
     /// Marks `position` finished; returns whether the contiguous prefix grew.
+    #[cfg(test)]
     pub fn finish(&mut self, position: u64, changed_at: Option<DateTime<Utc>>) -> bool {
         self.finish_span(position, position, changed_at)
     }

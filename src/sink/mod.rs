@@ -1,13 +1,13 @@
 //! Delivery to the sink: an HTTP client that POSTs each CloudEvent (`http`), an OAuth2
 //! client-credentials token cache (`auth`), and upstream's retry schedule (`retry`).
 
-pub mod auth;
-pub mod dead_letter;
-pub mod http;
+pub(crate) mod auth;
+pub(crate) mod dead_letter;
+pub(crate) mod http;
 pub mod retry;
 
-pub use auth::TokenProvider;
-pub use http::{PublishError, Publisher};
+pub(crate) use auth::TokenProvider;
+pub(crate) use http::{PublishError, Publisher};
 
 use std::path::Path;
 use std::time::Duration;

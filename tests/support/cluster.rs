@@ -7,7 +7,6 @@
 //! The pg_ctl calls are blocking; prefer `#[tokio::test(flavor = "multi_thread")]`
 //! in tests that stop or restart a cluster while the exporter runs.
 
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Mutex;
@@ -46,48 +45,10 @@ pub fn require() {
     );
 }
 
-/// Directory holding initdb and pg_ctl: `$PG_BINDIR`, `pg_config --bindir`,
-/// the Debian PostgreSQL 15 path, or whatever `initdb` on PATH resolves to.
-pub fn pg_bindir() -> Option<PathBuf> {
-    let has_initdb = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
-    let mut candidates: Vec<PathBuf> = Vec::new();
-    if let Some(dir) = std::env::var_os("PG_BINDIR") {
-        candidates.push(dir.into());
-    }
-    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
-        if out.status.success() {
-            candidates.push(String::from_utf8_lossy(&out.stdout).trim().into());
-        }
-    }
-    candidates.push("/usr/lib/postgresql/15/bin".into());
-    if let Some(path) = std::env::var_os("PATH") {
-        candidates.extend(std::env::split_paths(&path));
-    }
-    candidates.into_iter().find(|dir| has_initdb(dir))
-}
-
-/// uid/gid of the `postgres` OS user when this process runs as root (the only
-/// case where files must be handed over to it); `None` otherwise.
-pub fn postgres_owner() -> Option<(u32, u32)> {
-    if !running_as_root() {
-        return None;
-    }
-    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
-    passwd.lines().find_map(|line| {
-        let fields: Vec<&str> = line.split(':').collect();
-        match fields.as_slice() {
-            ["postgres", _, uid, gid, ..] => Some((uid.parse().ok()?, gid.parse().ok()?)),
-            _ => None,
-        }
-    })
-}
-
-fn running_as_root() -> bool {
-    // /proc/self belongs to the effective uid of the reading process.
-    std::fs::metadata("/proc/self")
-        .map(|m| m.uid() == 0)
-        .unwrap_or(false)
-}
+/// Directory holding initdb and pg_ctl; uid/gid of the `postgres` OS user when running as
+/// root: the development tools' implementations (`tools/src/local_postgres.rs`), which the
+/// demo's throwaway cluster uses too.
+pub use event_exporter_dev::local_postgres::{postgres_owner, server_bindir as pg_bindir};
 
 /// A port the kernel just handed out on 127.0.0.1. Another process could
 /// take it before PostgreSQL binds it; `Cluster::start` retries on failure.
@@ -413,11 +374,5 @@ impl Drop for Cluster {
 
 /// A command that runs `program` as the `postgres` OS user when we are root.
 fn as_postgres(program: &Path) -> Command {
-    if postgres_owner().is_some() {
-        let mut cmd = Command::new("runuser");
-        cmd.args(["-u", "postgres", "--"]).arg(program);
-        cmd
-    } else {
-        Command::new(program)
-    }
+    event_exporter_dev::local_postgres::pg_command(postgres_owner().is_some(), program)
 }

@@ -120,6 +120,19 @@ pub struct Exporter {
     status: Option<ExitStatus>,
 }
 
+/// `GET http://127.0.0.1:{port}{path}` within 2 s: status and body, `None` when nothing
+/// answered (the exporter's probes and metrics).
+pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let response = super::tls::plain_reqwest_client()
+        .get(format!("http://127.0.0.1:{port}{path}"))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .ok()?;
+    let status = response.status().as_u16();
+    Some((status, response.text().await.unwrap_or_default()))
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -127,8 +140,12 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// The binary of the package under test: `event-exporter` for the product's tests,
+/// `event-exporter-dev` for the tools' tests (which include this harness by path).
 pub fn binary() -> &'static str {
-    env!("CARGO_BIN_EXE_event-exporter")
+    option_env!("CARGO_BIN_EXE_event-exporter")
+        .or(option_env!("CARGO_BIN_EXE_event-exporter-dev"))
+        .expect("cargo sets CARGO_BIN_EXE_<name> for the package's binaries")
 }
 
 impl Exporter {
@@ -192,15 +209,7 @@ impl Exporter {
     }
 
     async fn get(&self, path: &str) -> Option<(u16, String)> {
-        let url = format!("http://127.0.0.1:{}{path}", self.metrics_port);
-        let response = super::tls::plain_reqwest_client()
-            .get(url)
-            .timeout(Duration::from_secs(2))
-            .send()
-            .await
-            .ok()?;
-        let status = response.status().as_u16();
-        Some((status, response.text().await.unwrap_or_default()))
+        http_get(self.metrics_port, path).await
     }
 
     pub async fn wait_ready(&mut self, timeout: Duration) {

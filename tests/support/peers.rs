@@ -29,6 +29,33 @@ pub struct Seen {
 }
 
 impl Seen {
+    /// The record of one request, its status still 0 (set once the answer is known).
+    pub fn new(
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body: &[u8],
+        received_at: Instant,
+    ) -> Seen {
+        Seen {
+            method: method.to_string(),
+            path: uri.path().to_string(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.as_str().to_ascii_lowercase(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect(),
+            json: serde_json::from_slice(body).ok(),
+            body: body.to_vec(),
+            status: 0,
+            received_at,
+        }
+    }
+
     /// First value of header `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
         let name = name.to_ascii_lowercase();
@@ -148,23 +175,7 @@ async fn handler(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let mut seen = Seen {
-        method: method.to_string(),
-        path: uri.path().to_string(),
-        headers: headers
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.as_str().to_ascii_lowercase(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                )
-            })
-            .collect(),
-        json: serde_json::from_slice(&body).ok(),
-        body: body.to_vec(),
-        status: 0,
-        received_at: Instant::now(),
-    };
+    let mut seen = Seen::new(&method, &uri, &headers, &body, Instant::now());
     let response = (state.responder)(&seen);
     seen.status = response.status().as_u16();
     state.seen.lock().expect("peer mutex").push(seen);

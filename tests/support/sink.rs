@@ -51,34 +51,9 @@ impl Scripted {
     }
 }
 
-/// One request as the sink saw it, with the status it answered.
-#[derive(Clone, Debug)]
-pub struct RecordedRequest {
-    pub method: String,
-    pub path: String,
-    /// Header names lower-cased, in arrival order (repeats kept).
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-    /// The body parsed as JSON, when it is JSON.
-    pub json: Option<Value>,
-    pub status: u16,
-    pub received_at: Instant,
-}
-
-impl RecordedRequest {
-    /// First value of header `name` (case-insensitive).
-    pub fn header(&self, name: &str) -> Option<&str> {
-        let name = name.to_ascii_lowercase();
-        self.headers
-            .iter()
-            .find(|(k, _)| *k == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    pub fn is_success(&self) -> bool {
-        (200..300).contains(&self.status)
-    }
-}
+/// One request as the sink saw it, with the status it answered (the same record the
+/// misbehaving peers keep).
+pub type RecordedRequest = super::peers::Seen;
 
 struct SinkState {
     token_registry: Mutex<Option<Arc<TokenRegistry>>>,
@@ -266,23 +241,8 @@ async fn sink_handler(
     }
     let (status, retry_after, body_json) = decide(&state, &method, &uri, &headers).await;
 
-    let recorded = RecordedRequest {
-        method: method.to_string(),
-        path: uri.path().to_string(),
-        headers: headers
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.as_str().to_ascii_lowercase(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                )
-            })
-            .collect(),
-        json: serde_json::from_slice(&body).ok(),
-        body: body.to_vec(),
-        status: status.as_u16(),
-        received_at,
-    };
+    let mut recorded = RecordedRequest::new(&method, &uri, &headers, &body, received_at);
+    recorded.status = status.as_u16();
     state.requests.lock().expect("sink mutex").push(recorded);
 
     let mut response = (status, body_json.to_string()).into_response();
@@ -337,7 +297,7 @@ async fn decide(
         let bearer = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+            .and_then(event_exporter_dev::sink::bearer_token);
         if !bearer.is_some_and(|t| registry.is_valid(t)) {
             return (
                 StatusCode::UNAUTHORIZED,

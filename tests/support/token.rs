@@ -2,10 +2,10 @@
 //! 127.0.0.1, checking requests as strictly as a production IdP, with knobs for
 //! expiry, revocation, secret rotation and outages.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -18,49 +18,10 @@ use serde_json::{json, Value};
 use super::tls::{serve, ServerHandle, TestPki};
 
 /// Tokens issued by a [`TokenServer`]; a [`super::sink::SinkServer`] given the
-/// same registry accepts exactly the tokens that are issued and unexpired.
-#[derive(Default)]
-pub struct TokenRegistry {
-    tokens: Mutex<HashMap<String, Instant>>,
-}
-
-impl TokenRegistry {
-    pub fn new() -> Arc<TokenRegistry> {
-        Arc::new(TokenRegistry::default())
-    }
-
-    /// Issues a random token valid for `ttl`.
-    pub fn issue(&self, ttl: Duration) -> String {
-        let token = format!("tok-{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-        self.lock().insert(token.clone(), Instant::now() + ttl);
-        token
-    }
-
-    /// True when `token` was issued, is not revoked and has not expired.
-    pub fn is_valid(&self, token: &str) -> bool {
-        self.lock()
-            .get(token)
-            .is_some_and(|expiry| Instant::now() < *expiry)
-    }
-
-    /// Invalidates every token issued so far (the next request must refetch).
-    pub fn revoke_all(&self) {
-        self.lock().clear();
-    }
-
-    /// Number of tokens currently known (issued minus revoked; expired included).
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
-        self.tokens.lock().expect("token registry mutex poisoned")
-    }
-}
+/// same registry accepts exactly the tokens that are issued and unexpired. The reference
+/// sink's token store (one implementation, in `tools/`): `issue_for(ttl)`, `is_valid`,
+/// `revoke_all`.
+pub type TokenRegistry = event_exporter_dev::sink::TokenIssuer;
 
 /// What the token endpoint accepts and how long its tokens live.
 #[derive(Clone, Debug)]
@@ -137,7 +98,8 @@ impl TokenServer {
             secret: Mutex::new(config.client_secret),
             scope: config.scope,
             expires_in: AtomicU64::new(config.expires_in),
-            registry: TokenRegistry::new(),
+            // Each token gets the lifetime `expires_in` says when it is issued (`issue_for`).
+            registry: Arc::new(TokenRegistry::new(Duration::ZERO)),
             requests: AtomicUsize::new(0),
             log: Mutex::new(Vec::new()),
             failures: Mutex::new(VecDeque::new()),
@@ -327,7 +289,7 @@ fn decide(
         return (StatusCode::BAD_REQUEST, json!({"error": "invalid_scope"}));
     }
     let expires_in = state.expires_in.load(Ordering::SeqCst);
-    let token = state.registry.issue(Duration::from_secs(expires_in));
+    let token = state.registry.issue_for(Duration::from_secs(expires_in));
     let mut answer =
         json!({"access_token": token, "token_type": "Bearer", "expires_in": expires_in});
     match state
@@ -347,66 +309,6 @@ fn decide(
     (StatusCode::OK, answer)
 }
 
-/// Decodes an `application/x-www-form-urlencoded` body (`+` is a space).
-pub fn parse_form(body: &[u8]) -> Vec<(String, String)> {
-    String::from_utf8_lossy(body)
-        .split('&')
-        .filter(|pair| !pair.is_empty())
-        .map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (percent_decode(k), percent_decode(v))
-        })
-        .collect()
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                let hex = |c: u8| (c as char).to_digit(16);
-                match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                    (Some(hi), Some(lo)) => {
-                        out.push((hi * 16 + lo) as u8);
-                        i += 2;
-                    }
-                    _ => out.push(b'%'),
-                }
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Standard base64 (with or without padding); `None` on invalid input.
-pub fn base64_decode(input: &str) -> Option<Vec<u8>> {
-    fn value(c: u8) -> Option<u32> {
-        match c {
-            b'A'..=b'Z' => Some(u32::from(c - b'A')),
-            b'a'..=b'z' => Some(u32::from(c - b'a') + 26),
-            b'0'..=b'9' => Some(u32::from(c - b'0') + 52),
-            b'+' => Some(62),
-            b'/' => Some(63),
-            _ => None,
-        }
-    }
-    let data = input.trim_end_matches('=').as_bytes();
-    if data.len() % 4 == 1 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(data.len() * 3 / 4);
-    for chunk in data.chunks(4) {
-        let mut acc = 0u32;
-        for (i, &c) in chunk.iter().enumerate() {
-            acc |= value(c)? << (18 - 6 * i);
-        }
-        let bytes = acc.to_be_bytes();
-        out.extend_from_slice(&bytes[1..chunk.len()]);
-    }
-    Some(out)
-}
+/// The reference sink's decoders (one implementation, in `tools/`): form bodies (`+` is a
+/// space) and standard base64 with or without padding (`None` on invalid input).
+pub use event_exporter_dev::sink::{base64_decode, parse_form};

@@ -103,17 +103,9 @@ pub struct FreshStart {
 
 impl ChangelogReader {
     /// Opens the reader at the position the token gives (the caller has checked the schema with
-    /// `Connector::check_schema`). Fails if PostgreSQL is unreachable.
-    pub async fn open(
-        connector: Connector,
-        start: StartPoint,
-        wake: Arc<Notify>,
-    ) -> Result<ChangelogReader, DatastoreError> {
-        Self::open_bounded(connector, start, wake, ResetWindow::default()).await
-    }
-
-    /// `open`, with the window that bounds a restart after the changelog's ids went back
-    /// (the backfill's `max_age` and `max_events`).
+    /// `Connector::check_schema`), with the window that bounds a restart after the changelog's
+    /// ids went back (the backfill's `max_age` and `max_events`). Fails if PostgreSQL is
+    /// unreachable.
     pub async fn open_bounded(
         connector: Connector,
         start: StartPoint,

@@ -4,12 +4,12 @@
 mod changelog;
 mod holes;
 mod listener;
-pub mod reset;
-pub mod settings;
+pub(crate) mod reset;
+pub(crate) mod settings;
 mod token;
 
-pub use changelog::{describe_conversion, ChangelogReader, FreshStart};
-pub use listener::spawn_listener;
+pub(crate) use changelog::{describe_conversion, ChangelogReader, FreshStart};
+pub(crate) use listener::spawn_listener;
 pub use settings::{PgSettings, SslMode};
 pub use token::{StartPoint, TokenStore};
 

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use event_exporter::commands::demo::{run_demo, DemoArgs};
+use event_exporter_dev::demo::{run_demo, DemoArgs};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn demo_delivers_every_event_it_writes() {
@@ -56,7 +56,7 @@ async fn demo_delivers_every_event_it_writes() {
 /// as whole lines, never `\r` rewrites.
 #[test]
 fn demo_command_prints_a_summary_and_leaves_nothing_behind() {
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_event-exporter"))
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_event-exporter-dev"))
         .args([
             "demo",
             "--history",

@@ -22,7 +22,7 @@ use super::{SinkArgs, SinkError};
 const MAX_EVENT_BYTES: usize = 1 << 20;
 /// Largest token request body read.
 const MAX_FORM_BYTES: usize = 16 << 10;
-const EVENT_CONTENT_TYPE: &str = crate::cloudevent::CONTENT_TYPE;
+const EVENT_CONTENT_TYPE: &str = event_exporter::cloudevent::CONTENT_TYPE;
 
 /// Everything the handlers share.
 pub(super) struct Shared {

@@ -1,5 +1,6 @@
-//! `event-exporter generate` against a real PostgreSQL database.
+//! `event-exporter-dev generate` against a real PostgreSQL database.
 
+#[path = "../../tests/support/mod.rs"]
 mod support;
 
 use std::process::Command;
@@ -7,7 +8,7 @@ use std::process::Command;
 use support::pg::{self, TestDb};
 
 fn generate(db: &TestDb, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_event-exporter"))
+    Command::new(env!("CARGO_BIN_EXE_event-exporter-dev"))
         .arg("generate")
         .args(args)
         .envs(db.env())

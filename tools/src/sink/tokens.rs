@@ -144,8 +144,9 @@ impl Client {
     }
 }
 
-/// Tokens issued and when each expires.
-pub(super) struct TokenIssuer {
+/// Tokens issued and when each expires: the reference sink's token store, and the test
+/// harness's (`tests/support/token.rs` issues with [`TokenIssuer::issue_for`] and revokes).
+pub struct TokenIssuer {
     lifetime: Duration,
     tokens: RwLock<HashMap<String, Instant>>,
 }
@@ -166,12 +167,26 @@ impl TokenIssuer {
     /// A new random token valid for the configured lifetime; expired ones are forgotten here
     /// (token requests are rare, event requests are not).
     pub fn issue(&self) -> String {
+        self.issue_for(self.lifetime)
+    }
+
+    /// A new random token valid for `lifetime` (not the configured one); expired ones are
+    /// forgotten here.
+    pub fn issue_for(&self, lifetime: Duration) -> String {
         let token = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
         let now = Instant::now();
         let mut tokens = self.tokens.write().unwrap_or_else(PoisonError::into_inner);
         tokens.retain(|_, expiry| *expiry > now);
-        tokens.insert(token.clone(), now + self.lifetime);
+        tokens.insert(token.clone(), now + lifetime);
         token
+    }
+
+    /// Invalidates every token issued so far (the next event request must refetch one).
+    pub fn revoke_all(&self) {
+        self.tokens
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
     }
 
     /// True when `token` was issued here and has not expired.
@@ -184,7 +199,7 @@ impl TokenIssuer {
 }
 
 /// The token of an `Authorization: Bearer <token>` header (scheme case-insensitive).
-pub(super) fn bearer_token(authorization: &str) -> Option<&str> {
+pub fn bearer_token(authorization: &str) -> Option<&str> {
     let (scheme, token) = authorization.trim().split_once(' ')?;
     let token = token.trim();
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
@@ -215,72 +230,29 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Decodes an `application/x-www-form-urlencoded` body into its pairs, in order.
-fn parse_form(body: &[u8]) -> Vec<(String, String)> {
-    String::from_utf8_lossy(body)
-        .split('&')
-        .filter(|pair| !pair.is_empty())
-        .map(|pair| {
-            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            (form_decode(key), form_decode(value))
-        })
-        .collect()
+/// Decodes an `application/x-www-form-urlencoded` body into its pairs, in order (`+` is a
+/// space; a malformed escape is kept literally), with the `form_urlencoded` crate.
+pub fn parse_form(body: &[u8]) -> Vec<(String, String)> {
+    form_urlencoded::parse(body).into_owned().collect()
 }
 
-/// Percent-decoding with `+` as a space; a malformed escape is kept literally.
+/// One form-encoded component (`+` is a space, `%XX` a byte; a malformed escape is kept
+/// literally), decoded with the `percent-encoding` crate; invalid UTF-8 becomes U+FFFD.
 fn form_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' => match (
-                bytes.get(i + 1).and_then(|&c| hex_value(c)),
-                bytes.get(i + 2).and_then(|&c| hex_value(c)),
-            ) {
-                (Some(high), Some(low)) => {
-                    out.push(high << 4 | low);
-                    i += 2;
-                }
-                _ => out.push(b'%'),
-            },
-            other => out.push(other),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_encoding::percent_decode_str(&text.replace('+', " "))
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
-fn hex_value(c: u8) -> Option<u8> {
-    (c as char).to_digit(16).map(|digit| digit as u8)
-}
-
-/// Standard base64, padding optional; `None` for anything else.
-fn base64_decode(input: &str) -> Option<Vec<u8>> {
-    fn sextet(c: u8) -> Option<u32> {
-        match c {
-            b'A'..=b'Z' => Some(u32::from(c - b'A')),
-            b'a'..=b'z' => Some(u32::from(c - b'a') + 26),
-            b'0'..=b'9' => Some(u32::from(c - b'0') + 52),
-            b'+' => Some(62),
-            b'/' => Some(63),
-            _ => None,
-        }
-    }
-    let data = input.trim_end_matches('=').as_bytes();
-    if data.len() % 4 == 1 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(data.len() * 3 / 4);
-    for chunk in data.chunks(4) {
-        let mut bits = 0u32;
-        for (i, &c) in chunk.iter().enumerate() {
-            bits |= sextet(c)? << (18 - 6 * i);
-        }
-        out.extend_from_slice(&bits.to_be_bytes()[1..chunk.len()]);
-    }
-    Some(out)
+/// Standard base64 (RFC 4648 §4), padding optional; `None` for anything else.
+pub fn base64_decode(input: &str) -> Option<Vec<u8>> {
+    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+    use base64::Engine as _;
+    const STANDARD_PADDING_OPTIONAL: GeneralPurpose = GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+    );
+    STANDARD_PADDING_OPTIONAL.decode(input).ok()
 }
 
 #[cfg(test)]

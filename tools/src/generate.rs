@@ -1,4 +1,4 @@
-//! `event-exporter generate`: writes realistic NVSentinel health events into the PostgreSQL
+//! `event-exporter-dev generate`: writes realistic NVSentinel health events into the PostgreSQL
 //! datastore, as NVSentinel's platform connectors do (the same columns, documents in both
 //! spellings), at a given rate or count. `--init-schema` applies NVSentinel's schema to an
 //! empty database for development and tests; the exporter itself never runs DDL.
@@ -10,9 +10,9 @@ use clap::Args;
 use serde_json::{json, Map, Value};
 use tokio_postgres::Client;
 
-use crate::datastore::postgres::{Connector, PgSettings};
-use crate::datastore::DatastoreError;
-use crate::exporter::ExitError;
+use event_exporter::datastore::postgres::{Connector, PgSettings};
+use event_exporter::datastore::DatastoreError;
+use event_exporter::exporter::ExitError;
 
 /// NVSentinel's schema as migrations 1–3 leave it.
 pub const SCHEMA_SQL: &str = include_str!("../../sql/nvsentinel-schema.sql");
@@ -29,7 +29,7 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 64)]
     pub nodes: u32,
     /// Spread `created_at` over this long before now (history for a backfill) instead of now.
-    #[arg(long, value_parser = crate::cli::parse_duration)]
+    #[arg(long, value_parser = event_exporter::cli::parse_duration)]
     pub history: Option<Duration>,
     /// Fraction (0–1) of documents written in MongoDB's lowercase spelling.
     #[arg(long, default_value_t = 0.1)]
@@ -360,7 +360,7 @@ pub async fn run(args: GenerateArgs) -> Result<(), ExitError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::decode_document;
+    use event_exporter::model::decode_document;
 
     #[test]
     fn documents_decode_in_both_spellings() {

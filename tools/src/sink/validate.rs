@@ -2,7 +2,7 @@
 //! the optional ones, so a malformed event is caught at the sink's door with a 400 naming the
 //! attribute instead of being stored.
 
-use crate::model::json_kind;
+use event_exporter::model::json_kind;
 use serde_json::{Map, Value};
 
 /// A context attribute the sink checks.

@@ -1,4 +1,4 @@
-//! `event-exporter sink`: a reference CloudEvents sink with an OAuth2 client-credentials token
+//! `event-exporter-dev sink`: a reference CloudEvents sink with an OAuth2 client-credentials token
 //! endpoint, implementing every sink requirement of the spec, so operators, tests, the demo and
 //! benchmarks have a real receiver to deliver to.
 //!
@@ -27,11 +27,11 @@ use clap::Args;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::exporter::ExitError;
+use event_exporter::exporter::ExitError;
 
 pub use stats::{Reason, SinkStats};
 pub use store::ReceivedEvent;
-pub use tokens::TOKEN_PATH;
+pub use tokens::{base64_decode, bearer_token, parse_form, TokenIssuer, TOKEN_PATH};
 pub use validate::{validate_event, Attribute, Invalid, ValidEvent};
 
 #[derive(Clone, Args)]
@@ -63,13 +63,13 @@ pub struct SinkArgs {
     #[arg(long, default_value = "events:write")]
     pub scope: String,
     /// Lifetime of issued tokens.
-    #[arg(long, default_value = "1h", value_parser = crate::cli::parse_duration)]
+    #[arg(long, default_value = "1h", value_parser = event_exporter::cli::parse_duration)]
     pub token_lifetime: Duration,
     /// Test switch: delay every answer by this long.
-    #[arg(long, default_value = "0s", value_parser = crate::cli::parse_duration)]
+    #[arg(long, default_value = "0s", value_parser = event_exporter::cli::parse_duration)]
     pub latency: Duration,
     /// Test switch: add a uniformly random extra delay of up to this long.
-    #[arg(long, default_value = "0s", value_parser = crate::cli::parse_duration)]
+    #[arg(long, default_value = "0s", value_parser = event_exporter::cli::parse_duration)]
     pub latency_jitter: Duration,
     /// Test switch: fraction (0–1) of valid requests answered with --fail-status.
     #[arg(long, default_value_t = 0.0)]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio_postgres::NoTls;
 
-use crate::datastore::postgres::{Connector, PgSettings, SslMode};
+use event_exporter::datastore::postgres::{Connector, PgSettings, SslMode};
 
 pub enum LocalServer {
     /// A server that was already running.
@@ -115,7 +115,7 @@ impl LocalServer {
     pub async fn schema_client(&self, database: &str) -> Result<tokio_postgres::Client, String> {
         let connector = Connector::new(self.settings(database)).map_err(|e| e.to_string())?;
         let client = connector.connect().await.map_err(|e| e.to_string())?;
-        super::generate::init_schema(&client)
+        crate::generate::init_schema(&client)
             .await
             .map_err(|e| e.to_string())?;
         Ok(client)
@@ -149,27 +149,58 @@ impl LocalServer {
     }
 }
 
-/// Where `initdb` and `pg_ctl` are: `pg_config --bindir`, else the newest Debian install.
-fn server_bindir() -> Option<PathBuf> {
-    let from_pg_config = Command::new("pg_config")
-        .arg("--bindir")
-        .output()
-        .ok()
-        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
-    if let Some(dir) = from_pg_config.filter(|d| d.join("initdb").is_file()) {
-        return Some(dir);
+/// The directory holding `initdb` and `pg_ctl`: `$PG_BINDIR`, `pg_config --bindir`, the
+/// newest Debian install under `/usr/lib/postgresql/*/bin`, or a directory on `PATH`; `None`
+/// when the server binaries are not installed. (The test harness's throwaway clusters use it
+/// too.)
+pub fn server_bindir() -> Option<PathBuf> {
+    let has_server = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Some(dir) = std::env::var_os("PG_BINDIR") {
+        candidates.push(dir.into());
     }
-    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
-        .filter(|bin| bin.join("initdb").is_file())
-        .collect();
-    versions.sort();
-    versions.pop()
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+        if out.status.success() {
+            candidates.push(String::from_utf8_lossy(&out.stdout).trim().into());
+        }
+    }
+    let mut debian: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|dir| {
+            dir.filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+                .collect()
+        })
+        .unwrap_or_default();
+    debian.sort();
+    candidates.extend(debian.into_iter().rev());
+    if let Some(path) = std::env::var_os("PATH") {
+        candidates.extend(std::env::split_paths(&path));
+    }
+    candidates.into_iter().find(|dir| has_server(dir))
 }
 
-/// initdb refuses to run as root: run the server binaries as `postgres` then.
-fn pg_command(as_postgres: bool, program: &Path) -> Command {
+/// uid and gid of the `postgres` OS user when this process runs as root (initdb refuses to
+/// run as root, so the cluster's files are handed to that user); `None` otherwise, or when
+/// `/etc/passwd` has no such user.
+pub fn postgres_owner() -> Option<(u32, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    // /proc/self belongs to the effective uid of the reading process.
+    let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+    if !root {
+        return None;
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        match fields.as_slice() {
+            ["postgres", _, uid, gid, ..] => Some((uid.parse().ok()?, gid.parse().ok()?)),
+            _ => None,
+        }
+    })
+}
+
+/// A command running the server binary `program` as the `postgres` OS user (through
+/// `runuser`) when `as_postgres`, else as this process's user.
+pub fn pg_command(as_postgres: bool, program: &Path) -> Command {
     if as_postgres {
         let mut command = Command::new("runuser");
         command.args(["-u", "postgres", "--"]).arg(program);
@@ -180,23 +211,11 @@ fn pg_command(as_postgres: bool, program: &Path) -> Command {
 }
 
 fn start_cluster(bindir: PathBuf) -> Result<LocalServer, String> {
-    let as_postgres = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false);
     let dir = std::env::temp_dir().join(format!("event-exporter-demo-pg-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    if as_postgres {
-        let ids = |flag: &str| -> Option<u32> {
-            let out = Command::new("id").args([flag, "postgres"]).output().ok()?;
-            String::from_utf8_lossy(&out.stdout).trim().parse().ok()
-        };
-        let (Some(uid), Some(gid)) = (ids("-u"), ids("-g")) else {
-            return Err(format!(
-                "{INSTALL_HINT} (running as root needs the postgres user)"
-            ));
-        };
+    let owner = postgres_owner();
+    let as_postgres = owner.is_some();
+    if let Some((uid, gid)) = owner {
         std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).map_err(|e| e.to_string())?;
     }
     let data = dir.join("data");

@@ -1,4 +1,4 @@
-//! `event-exporter bench`: measures the backfill against a local sink, in one run on this
+//! `event-exporter-dev bench`: measures the backfill against a local sink, in one run on this
 //! machine, and prints ratios rather than asserting times (machines here are shared).
 //!
 //! Scenarios: an unlimited backfill of `--events` events (events/s, CPU, peak memory of the
@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 
-use super::generate::{self, Generator};
-use super::local_postgres::LocalServer;
-use super::sink::{self, SinkArgs};
-use crate::exporter::ExitError;
+use crate::generate::{self, Generator};
+use crate::local_postgres::LocalServer;
+use crate::sink::{self, SinkArgs};
+use event_exporter::exporter::ExitError;
 
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
@@ -29,13 +29,13 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
     pub rates: Vec<u64>,
     /// How long each rate-limited backfill runs.
-    #[arg(long, default_value = "30s", value_parser = crate::cli::parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = event_exporter::cli::parse_duration)]
     pub rate_run: Duration,
     /// Concurrent publishes.
     #[arg(long, default_value_t = 10)]
     pub workers: usize,
     /// Sink latency per request.
-    #[arg(long, default_value = "0s", value_parser = crate::cli::parse_duration)]
+    #[arg(long, default_value = "0s", value_parser = event_exporter::cli::parse_duration)]
     pub sink_latency: Duration,
 }
 
@@ -77,7 +77,7 @@ pub async fn run(args: BenchArgs) -> Result<(), ExitError> {
     let failed = |e: String| ExitError::Failed(e);
     if cfg!(debug_assertions) {
         eprintln!(
-            "bench: this is a debug build; use `cargo run --release -- bench` for real numbers"
+            "bench: this is a debug build; use `cargo run --release -p event-exporter-dev -- bench` for real numbers"
         );
     }
     let server = LocalServer::find().await.map_err(failed)?;
@@ -337,11 +337,11 @@ async fn wait_for_token(client: &tokio_postgres::Client) -> Result<(), String> {
 
 /// Writes `count` live events as fast as PostgreSQL takes them, in batches of 100.
 async fn write_stream(
-    settings: crate::datastore::postgres::PgSettings,
+    settings: event_exporter::datastore::postgres::PgSettings,
     count: u64,
 ) -> Result<(), String> {
     let connector =
-        crate::datastore::postgres::Connector::new(settings).map_err(|e| e.to_string())?;
+        event_exporter::datastore::postgres::Connector::new(settings).map_err(|e| e.to_string())?;
     let client = connector.connect().await.map_err(|e| e.to_string())?;
     let mut generator = Generator::new(256, 0.1, Some(2));
     let mut written = 0;
@@ -364,7 +364,10 @@ fn spawn_exporter(
     workers: usize,
 ) -> Result<Child, String> {
     let binary = std::env::current_exe().map_err(|e| e.to_string())?;
+    // This binary's hidden `exporter` command runs the product's exporter (same code and
+    // flags as the `event-exporter` binary).
     Command::new(binary)
+        .arg("exporter")
         .arg(format!("--config={}", dir.join("config.toml").display()))
         .arg(format!(
             "--oidc-secret-path={}",

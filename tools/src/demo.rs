@@ -1,4 +1,4 @@
-//! `event-exporter demo`: the whole job on this machine in one command. It finds PostgreSQL
+//! `event-exporter-dev demo`: the whole job on this machine in one command. It finds PostgreSQL
 //! (the local server, else a throwaway cluster from the installed server binaries), creates a
 //! scratch database with NVSentinel's schema, starts the reference sink and token endpoint on
 //! loopback, seeds history, runs the exporter with backfill and live streaming while the
@@ -15,11 +15,11 @@ use chrono::Utc;
 use clap::Args;
 use tokio_util::sync::CancellationToken;
 
-use super::generate::{self, Generator};
-use super::local_postgres;
-use super::sink::{self, SinkArgs};
-use crate::config::Config;
-use crate::exporter::{self, ExitError, Settings};
+use crate::generate::{self, Generator};
+use crate::local_postgres;
+use crate::sink::{self, SinkArgs};
+use event_exporter::config::Config;
+use event_exporter::exporter::{self, ExitError, Settings};
 
 #[derive(Debug, Clone, Args)]
 pub struct DemoArgs {
@@ -30,7 +30,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 200.0)]
     pub rate: f64,
     /// How long live events are written.
-    #[arg(long, default_value = "10s", value_parser = crate::cli::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = event_exporter::cli::parse_duration)]
     pub live_for: Duration,
     /// Concurrent publishes (the exporter's own default).
     #[arg(long, default_value_t = 10)]

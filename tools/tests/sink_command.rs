@@ -3,6 +3,7 @@
 //! `--out` file, and an independent check of the accepted events with the CloudEvents Python SDK
 //! (`tests/validate_cloudevents.py`; the SDK comes from `scripts/test`, and without it the test fails).
 
+#[path = "../../tests/support/mod.rs"]
 mod support;
 
 use std::collections::BTreeMap;
@@ -11,8 +12,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use event_exporter::cloudevent::{Transformer, CONTENT_TYPE};
-use event_exporter::commands::sink::{self, Reason, RunningSink, SinkArgs, SinkError};
 use event_exporter::model::decode_document;
+use event_exporter_dev::sink::{self, Reason, RunningSink, SinkArgs, SinkError};
 use reqwest::header::{HeaderMap, ALLOW, CACHE_CONTROL, RETRY_AFTER, WWW_AUTHENTICATE};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -771,7 +772,7 @@ async fn binary_serves_until_sigterm() {
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log_path).expect("log file"))
         .spawn()
-        .expect("spawn event-exporter sink");
+        .expect("spawn event-exporter-dev sink");
     let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
 
     let http = support::tls::plain_reqwest_client();
