@@ -46,6 +46,8 @@ pub mod config;
 pub mod datastore;
 pub mod exporter;
 pub mod filter;
+pub mod leader;
+pub mod leadership;
 pub mod logging;
 pub mod metrics;
 pub mod model;
