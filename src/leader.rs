@@ -298,7 +298,9 @@ impl Leadership {
     async fn regain(&self, shutdown: &CancellationToken) -> Result<(), LeadershipError> {
         loop {
             let attempt = async {
-                let session = LockSession::open(&self.connector, self.key, &self.identity.to_string()).await?;
+                let session =
+                    LockSession::open(&self.connector, self.key, &self.identity.to_string())
+                        .await?;
                 if !session.try_acquire().await? {
                     return Ok(Err(LeadershipError::Lost(format!(
                         "the lock is held by {}",
@@ -347,7 +349,9 @@ impl Leadership {
         if let Some(session) = self.fence.current() {
             match session.release().await {
                 Ok(()) => tracing::info!(replica = %self.identity, "leadership released"),
-                Err(error) => tracing::warn!(%error, "releasing the leadership lock failed; it ends with the session"),
+                Err(error) => {
+                    tracing::warn!(%error, "releasing the leadership lock failed; it ends with the session")
+                }
             }
         }
     }

@@ -211,7 +211,10 @@ mod tests {
         assert_eq!(pg_locks_ids(1), (0, 1));
         assert_eq!(pg_locks_ids(-1), (u32::MAX, u32::MAX));
         assert_eq!(pg_locks_ids(i64::MIN), (0x8000_0000, 0));
-        assert_eq!(pg_locks_ids(0x0123_4567_89ab_cdef), (0x0123_4567, 0x89ab_cdef));
+        assert_eq!(
+            pg_locks_ids(0x0123_4567_89ab_cdef),
+            (0x0123_4567, 0x89ab_cdef)
+        );
     }
 
     #[test]
@@ -229,8 +232,14 @@ mod tests {
         let t0 = Instant::now();
         let mut lease = Lease::new(VALIDITY);
         assert!(!lease.may_act(t0));
-        assert_eq!(lease.observe(Observation::HeldElsewhere, t0), Transition::Stay);
-        assert_eq!(lease.observe(Observation::SessionLost, t0), Transition::Stay);
+        assert_eq!(
+            lease.observe(Observation::HeldElsewhere, t0),
+            Transition::Stay
+        );
+        assert_eq!(
+            lease.observe(Observation::SessionLost, t0),
+            Transition::Stay
+        );
         assert!(!lease.is_leader());
         assert_eq!(lease.changes(), 0);
         assert_eq!(lease.observe(Observation::Holds, t0), Transition::Promoted);
@@ -275,10 +284,16 @@ mod tests {
         lease.observe(Observation::Holds, t0);
         let resumed = t0 + Duration::from_secs(10);
         assert!(!lease.may_act(resumed));
-        assert_eq!(lease.observe(Observation::Holds, resumed), Transition::Demoted);
+        assert_eq!(
+            lease.observe(Observation::Holds, resumed),
+            Transition::Demoted
+        );
         assert!(!lease.may_act(resumed));
         // ... and a next proof promotes it again, as a fresh leader.
-        assert_eq!(lease.observe(Observation::Holds, resumed), Transition::Promoted);
+        assert_eq!(
+            lease.observe(Observation::Holds, resumed),
+            Transition::Promoted
+        );
         assert!(lease.may_act(resumed));
     }
 

@@ -105,6 +105,19 @@ async fn token_writes(client: &Client) -> Vec<(i64, i64, String, Instant)> {
         .collect()
 }
 
+/// Waits until the stream's resume token exists.
+async fn wait_for_token(db: &TestDb) {
+    let client = db.client().await;
+    let deadline = Instant::now() + WAIT;
+    while pg::read_resume_token(&client, "event-exporter")
+        .await
+        .is_none()
+    {
+        assert!(Instant::now() < deadline, "no resume token saved");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Inserts a health event every 20 ms until stopped; returns the ids written.
 fn start_writer(client: Client) -> (Arc<AtomicBool>, tokio::task::JoinHandle<Vec<String>>) {
     let stop = Arc::new(AtomicBool::new(false));
@@ -193,15 +206,28 @@ async fn check_outcome(
                 *deliveries.entry(id).or_default() += 1;
             }
         }
-        let missing = written.iter().filter(|id| !deliveries.contains_key(*id)).count();
+        let missing = written
+            .iter()
+            .filter(|id| !deliveries.contains_key(*id))
+            .count();
         if missing == 0 {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "{missing} of {} events never reached any sink",
-            written.len()
-        );
+        if Instant::now() >= deadline {
+            let logs: Vec<String> = replicas
+                .iter()
+                .map(|r| {
+                    let log = r.exporter.log();
+                    let lines: Vec<&str> = log.lines().filter(|l| !l.contains("DEBUG")).collect();
+                    format!("--- {}:\n{}", r.name, lines.join("\n"))
+                })
+                .collect();
+            panic!(
+                "{missing} of {} events never reached any sink\n{}",
+                written.len(),
+                logs.join("\n")
+            );
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
@@ -269,7 +295,11 @@ async fn check_outcome(
 async fn cluster(
     db: &TestDb,
     names: &[&'static str],
-) -> (Vec<Replica>, Arc<AtomicBool>, tokio::task::JoinHandle<Vec<String>>) {
+) -> (
+    Vec<Replica>,
+    Arc<AtomicBool>,
+    tokio::task::JoinHandle<Vec<String>>,
+) {
     let mut replicas = Vec::new();
     for name in names {
         let mut r = replica(name, db.env()).await;
@@ -283,12 +313,17 @@ async fn cluster(
     }
     assert_eq!(replicas[0].leader_gauge().await, Some(1));
     let (stop, writer) = start_writer(db.client().await);
-    // Some traffic through the first leader.
+    // Some traffic through the first leader, and its first resume token saved (before that,
+    // a successor would start at the changelog's end, as any first start does).
     replicas[0].sink.wait_for_accepted(20, WAIT).await;
+    wait_for_token(db).await;
     (replicas, stop, writer)
 }
 
-async fn finish_writer(stop: Arc<AtomicBool>, writer: tokio::task::JoinHandle<Vec<String>>) -> Vec<String> {
+async fn finish_writer(
+    stop: Arc<AtomicBool>,
+    writer: tokio::task::JoinHandle<Vec<String>>,
+) -> Vec<String> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, Ordering::SeqCst);
     writer.await.expect("writer")
@@ -314,7 +349,14 @@ async fn kill_9_of_the_leader_hands_over_to_the_standby() {
     println!("take-over after kill -9: {took:?}");
     assert!(took < Duration::from_secs(10), "take-over took {took:?}");
     let written = finish_writer(stop, writer).await;
-    check_outcome(&client, &replicas.iter().collect::<Vec<_>>(), &written, "replica-a", killed).await;
+    check_outcome(
+        &client,
+        &replicas.iter().collect::<Vec<_>>(),
+        &written,
+        "replica-a",
+        killed,
+    )
+    .await;
     assert_eq!(replicas[1].leader_gauge().await, Some(1));
 }
 
@@ -323,8 +365,7 @@ async fn sigterm_releases_the_lock_at_once_and_exits_0() {
     let db = TestDb::create().await;
     let client = db.client().await;
     audit_token_writes(&client).await;
-    let (mut replicas, stop, writer) =
-        cluster(&db, &["replica-a", "replica-b", "replica-c"]).await;
+    let (mut replicas, stop, writer) = cluster(&db, &["replica-a", "replica-b", "replica-c"]).await;
 
     let stopped = Instant::now();
     let status = replicas[0].exporter.terminate().await;
@@ -338,7 +379,14 @@ async fn sigterm_releases_the_lock_at_once_and_exits_0() {
     );
     assert!(took < Duration::from_secs(5), "take-over took {took:?}");
     let written = finish_writer(stop, writer).await;
-    check_outcome(&client, &replicas.iter().collect::<Vec<_>>(), &written, "replica-a", released).await;
+    check_outcome(
+        &client,
+        &replicas.iter().collect::<Vec<_>>(),
+        &written,
+        "replica-a",
+        released,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -346,12 +394,15 @@ async fn a_paused_leader_neither_publishes_nor_writes_after_it_resumes() {
     let db = TestDb::create().await;
     let client = db.client().await;
     audit_token_writes(&client).await;
-    let (mut replicas, stop, writer) =
-        cluster(&db, &["replica-a", "replica-b", "replica-c"]).await;
+    let (mut replicas, stop, writer) = cluster(&db, &["replica-a", "replica-b", "replica-c"]).await;
 
     let pid = replicas[0].exporter.pid().to_string();
     let paused = Instant::now();
-    assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    assert!(std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
     let survivors: Vec<&Replica> = replicas[1..].iter().collect();
     let (_, took) = wait_for_one_leader(&survivors, paused).await;
     println!("take-over while the leader is paused: {took:?}");
@@ -359,11 +410,23 @@ async fn a_paused_leader_neither_publishes_nor_writes_after_it_resumes() {
     tokio::time::sleep(Duration::from_secs(6).saturating_sub(paused.elapsed())).await;
     let published_before = replicas[0].sink.requests().len();
     let resumed = Instant::now();
-    assert!(std::process::Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+    assert!(std::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .unwrap()
+        .success());
     // It notices it lost the leadership and exits 1 (restarted as a standby by Kubernetes).
     let status = replicas[0].exporter.wait_exit(WAIT).await;
-    assert_eq!(status.code(), Some(1), "log:\n{}", replicas[0].exporter.log());
-    println!("the resumed old leader exited after {:?}", resumed.elapsed());
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "log:\n{}",
+        replicas[0].exporter.log()
+    );
+    println!(
+        "the resumed old leader exited after {:?}",
+        resumed.elapsed()
+    );
     assert_eq!(
         replicas[0].sink.requests().len(),
         published_before,
@@ -371,7 +434,14 @@ async fn a_paused_leader_neither_publishes_nor_writes_after_it_resumes() {
     );
     let written = finish_writer(stop, writer).await;
     // The old leader lost when the standby took over.
-    check_outcome(&client, &replicas.iter().collect::<Vec<_>>(), &written, "replica-a", paused + took).await;
+    check_outcome(
+        &client,
+        &replicas.iter().collect::<Vec<_>>(),
+        &written,
+        "replica-a",
+        paused + took,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -392,6 +462,7 @@ async fn a_leader_cut_from_the_datastore_is_replaced_and_stops_publishing() {
     assert_standby(&b).await;
     let (stop, writer) = start_writer(db.client().await);
     a.sink.wait_for_accepted(20, WAIT).await;
+    wait_for_token(&db).await;
 
     let cut = Instant::now();
     proxy.drop_new_connections(true);
@@ -403,7 +474,11 @@ async fn a_leader_cut_from_the_datastore_is_replaced_and_stops_publishing() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let published = a.sink.requests().len();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(a.sink.requests().len(), published, "the cut leader kept publishing");
+    assert_eq!(
+        a.sink.requests().len(),
+        published,
+        "the cut leader kept publishing"
+    );
     // Reconnected, it finds the lock held by the new leader and exits 1.
     proxy.drop_new_connections(false);
     let status = a.exporter.wait_exit(WAIT).await;
@@ -414,7 +489,7 @@ async fn a_leader_cut_from_the_datastore_is_replaced_and_stops_publishing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_config_shows_the_leadership_key() {
-    let sink_config = "[exporter.sink]\nendpoint = \"http://127.0.0.1:1/\"\n[exporter.oidc]\nenabled = false\n";
+    let sink_config = "[exporter.metadata]\ncluster = \"c\"\n[exporter.sink]\nendpoint = \"http://127.0.0.1:1/\"\n[exporter.oidc]\nenabled = false\n";
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.toml");
     std::fs::write(&path, sink_config).unwrap();

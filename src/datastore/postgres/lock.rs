@@ -43,7 +43,8 @@ const HOLDS_LOCK: &str = "EXISTS (SELECT 1 FROM pg_locks \
 
 /// The fenced resume-token upsert: same row format as `TokenStore::save_value`, written only
 /// while the writing session holds the lock (`$3`, `$4`: the key's `pg_locks` halves).
-pub const FENCED_TOKEN_WRITE: &str = "INSERT INTO resume_tokens (client_name, resume_token, last_updated) \
+pub const FENCED_TOKEN_WRITE: &str =
+    "INSERT INTO resume_tokens (client_name, resume_token, last_updated) \
      SELECT $1::text, $2::jsonb, NOW() WHERE EXISTS (SELECT 1 FROM pg_locks \
      WHERE locktype = 'advisory' \
        AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
@@ -99,7 +100,10 @@ impl LockSession {
                  the lock until it resumes"
             );
         }
-        let pid: i32 = client.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
+        let pid: i32 = client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await?
+            .get(0);
         let (classid, objid) = crate::leadership::pg_locks_ids(key);
         Ok(LockSession {
             client,
@@ -173,7 +177,11 @@ impl LockSession {
 
     /// Writes `value` as `client_name`'s resume-token row, only while this session holds the
     /// lock. Returns false (nothing written) when it does not: the caller is no longer leader.
-    pub async fn write_token(&self, client_name: &str, value: &Value) -> Result<bool, DatastoreError> {
+    pub async fn write_token(
+        &self,
+        client_name: &str,
+        value: &Value,
+    ) -> Result<bool, DatastoreError> {
         let written = self
             .client
             .execute(
