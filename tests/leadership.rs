@@ -33,10 +33,21 @@ struct Replica {
 }
 
 async fn replica(name: &'static str, env: Vec<(String, String)>) -> Replica {
+    replica_with(name, env, None).await
+}
+
+async fn replica_with(
+    name: &'static str,
+    env: Vec<(String, String)>,
+    backfill: Option<&str>,
+) -> Replica {
     let sink = SinkServer::start(SinkOptions::default()).await;
     let mut env = env;
     env.push(("HOSTNAME".into(), name.into()));
-    let options = ExporterOptions::new(&sink, None, env);
+    let mut options = ExporterOptions::new(&sink, None, env);
+    if let Some(backfill) = backfill {
+        options.backfill = backfill.into();
+    }
     let exporter = Exporter::spawn(&options);
     Replica {
         name,
@@ -485,6 +496,82 @@ async fn a_leader_cut_from_the_datastore_is_replaced_and_stops_publishing() {
     assert_eq!(status.code(), Some(1), "log:\n{}", a.exporter.log());
     let written = finish_writer(stop, writer).await;
     check_outcome(&client, &[&a, &b], &written, "replica-a", cut).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unfinished_backfill_continues_on_the_new_leader_from_its_cursor() {
+    let db = TestDb::create().await;
+    let client = db.client().await;
+    let mut expected = Vec::new();
+    for i in 0..300 {
+        expected.push(pg::insert_health_event(&client, &pg::health_event_doc("old", i)).await);
+    }
+    // 300 events at 60/s: about 5 s of backfill.
+    let backfill = "enabled = true\nmax_events = 1000\nbatch_size = 50\nrate_limit = 60";
+    let mut a = replica_with("replica-a", db.env(), Some(backfill)).await;
+    a.exporter.wait_ready(WAIT).await;
+    let b = replica_with("replica-b", db.env(), Some(backfill)).await;
+    assert_standby(&b).await;
+    a.sink.wait_for_accepted(100, WAIT).await;
+    // The backfill record has a saved cursor.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let record = pg::read_resume_token(&client, "event-exporter-backfill").await;
+        let delivered = record
+            .as_ref()
+            .and_then(|r| r.get("delivered"))
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0);
+        if delivered >= 50 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no backfill progress saved: {record:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let killed = Instant::now();
+    a.exporter.kill();
+    let before = a.sink.accepted_ids().len();
+    assert!(
+        before < expected.len(),
+        "the backfill finished before the kill; slow it down"
+    );
+    let (_, took) = wait_for_one_leader(&[&b], killed).await;
+    println!("backfill: take-over after kill -9 {took:?}, {before} delivered by the old leader");
+
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut all: Vec<String> = a.sink.accepted_ids();
+        all.extend(b.sink.accepted_ids());
+        all.sort();
+        all.dedup();
+        if expected.iter().all(|id| all.binary_search(id).is_ok()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "backfilled events lost across the hand-over; new leader log:\n{}",
+            b.exporter.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = b.exporter.log();
+    assert!(log.contains("resuming the unfinished backfill"), "{log}");
+    let resent = b
+        .sink
+        .accepted_ids()
+        .iter()
+        .filter(|id| a.sink.accepted_ids().contains(id))
+        .count();
+    println!("backfill: the new leader re-sent {resent} of the {before} the old one delivered");
+    // Restarting from zero would re-send all of them; the cursor is at most one save interval
+    // plus the in-flight window behind.
+    assert!(
+        resent < before,
+        "the new leader restarted the backfill from zero"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
