@@ -177,7 +177,7 @@ pub async fn acquire(
             session = open_and_try(connector, key, &identity) => session,
         };
         match session {
-            Ok(Some(session)) => {
+            Ok(Ok(session)) => {
                 gate().observe(Observation::Holds);
                 tracing::info!(
                     leader = %identity,
@@ -195,8 +195,7 @@ pub async fn acquire(
                     connector: connector.clone(),
                 });
             }
-            Ok(None) => {
-                let holder = holder(connector, key).await;
+            Ok(Err(holder)) => {
                 if announced.as_ref() != Some(&holder) {
                     tracing::info!(
                         replica = %identity,
@@ -218,22 +217,25 @@ pub async fn acquire(
     }
 }
 
-/// One session kept open across standby polls would be nicer, but a fresh one per try also
-/// recovers from a dropped connection without extra state; standbys poll once a second.
+/// Opens a lock session and tries the lock: the session when this replica got it, otherwise
+/// who holds it (`host/pid`). A fresh session per try (standbys try once a second) recovers
+/// from a dropped connection without extra state; one kept open would save the connects.
 async fn open_and_try(
     connector: &Connector,
     key: i64,
     identity: &Identity,
-) -> Result<Option<LockSession>, DatastoreError> {
+) -> Result<Result<LockSession, String>, DatastoreError> {
     let session = LockSession::open(connector, key, &identity.to_string()).await?;
-    Ok(session.try_acquire().await?.then_some(session))
+    if session.try_acquire().await? {
+        return Ok(Ok(session));
+    }
+    Ok(Err(holder(session.client(), key).await))
 }
 
 /// `host/pid` of the replica holding the lock, from its lock session's `application_name`.
-async fn holder(connector: &Connector, key: i64) -> String {
+async fn holder(client: &tokio_postgres::Client, key: i64) -> String {
     let (classid, objid) = crate::leadership::pg_locks_ids(key);
     let query = async {
-        let client = connector.connect().await?;
         let row = client
             .query_opt(
                 "SELECT a.application_name, l.pid FROM pg_locks l JOIN pg_stat_activity a USING (pid) \
@@ -304,7 +306,7 @@ impl Leadership {
                 if !session.try_acquire().await? {
                     return Ok(Err(LeadershipError::Lost(format!(
                         "the lock is held by {}",
-                        holder(&self.connector, self.key).await
+                        holder(session.client(), self.key).await
                     ))));
                 }
                 for (client, value) in self.fence.written() {

@@ -119,6 +119,11 @@ impl LockSession {
         self.key
     }
 
+    /// The session's client (for read-only catalog queries such as "who holds the lock").
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
     /// The session's backend pid (`pg_locks.pid` of the held lock).
     pub fn pid(&self) -> i32 {
         self.pid
