@@ -300,21 +300,45 @@ impl Leadership {
     async fn regain(&self, shutdown: &CancellationToken) -> Result<(), LeadershipError> {
         loop {
             let attempt = async {
-                let session =
-                    LockSession::open(&self.connector, self.key, &self.identity.to_string())
+                // A check that only timed out (a loaded machine) leaves the old session holding
+                // the lock: nobody else can have led, so it is used again.
+                let old = self.fence.current().filter(|old| !old.is_closed());
+                let still_held = match &old {
+                    Some(old) => matches!(
+                        tokio::time::timeout(CHECK_TIMEOUT, old.holds()).await,
+                        Ok(Ok(true))
+                    ),
+                    None => false,
+                };
+                let session = match old {
+                    Some(old) if still_held => old,
+                    old => {
+                        let session = LockSession::open(
+                            &self.connector,
+                            self.key,
+                            &self.identity.to_string(),
+                        )
                         .await?;
-                if !session.try_acquire().await? {
-                    return Ok(Err(LeadershipError::Lost(format!(
-                        "the lock is held by {}",
-                        holder(session.client(), self.key).await
-                    ))));
-                }
+                        if !session.try_acquire().await? {
+                            let own = old.map(|o| o.pid());
+                            if own.is_some() && session.holder_pid().await? == own {
+                                // Our previous session still holds it; it will answer or end.
+                                return Ok(Err(None));
+                            }
+                            return Ok(Err(Some(LeadershipError::Lost(format!(
+                                "the lock is held by {}",
+                                holder(session.client(), self.key).await
+                            )))));
+                        }
+                        Arc::new(session)
+                    }
+                };
                 for (client, value) in self.fence.written() {
                     let stored = session.read_token(&client).await?;
                     if stored.as_ref() != Some(&value) {
-                        return Ok(Err(LeadershipError::Lost(format!(
+                        return Ok(Err(Some(LeadershipError::Lost(format!(
                             "row {client:?} of resume_tokens changed while this replica did not lead"
-                        ))));
+                        )))));
                     }
                 }
                 Ok::<_, DatastoreError>(Ok(session))
@@ -326,13 +350,18 @@ impl Leadership {
             match result {
                 Ok(Ok(session)) => {
                     if let Ok(mut current) = self.fence.session.lock() {
-                        *current = Arc::new(session);
+                        *current = session;
                     }
                     gate().observe(Observation::Holds);
                     tracing::info!(replica = %self.identity, "leadership regained: exporting again");
                     return Ok(());
                 }
-                Ok(Err(lost)) => return Err(lost),
+                Ok(Err(Some(lost))) => return Err(lost),
+                Ok(Err(None)) => {
+                    tracing::warn!(
+                        "the previous lock session still holds the lock; waiting for it"
+                    );
+                }
                 Err(error) => {
                     tracing::warn!(%error, "cannot reach the datastore to regain the leadership lock");
                 }

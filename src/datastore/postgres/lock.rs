@@ -157,6 +157,21 @@ impl LockSession {
         Ok(row.try_get(0)?)
     }
 
+    /// The backend pid of the session holding the lock now, if any.
+    pub async fn holder_pid(&self) -> Result<Option<i32>, DatastoreError> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted \
+                   AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                   AND classid::text::bigint = $1 AND objid::text::bigint = $2 AND objsubid = 1 \
+                 LIMIT 1",
+                &[&self.classid, &self.objid],
+            )
+            .await?;
+        Ok(row.map(|r| r.try_get(0)).transpose()?)
+    }
+
     /// Releases every hold of the lock by this session (graceful hand-over on SIGTERM).
     pub async fn release(&self) -> Result<(), DatastoreError> {
         self.client
