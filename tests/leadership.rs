@@ -575,6 +575,72 @@ async fn an_unfinished_backfill_continues_on_the_new_leader_from_its_cursor() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_replica_rides_out_the_loss_of_its_lock_session() {
+    let db = TestDb::create().await;
+    let client = db.client().await;
+    audit_token_writes(&client).await;
+    let mut a = replica("replica-a", db.env()).await;
+    a.exporter.wait_ready(WAIT).await;
+    let (stop, writer) = start_writer(db.client().await);
+    a.sink.wait_for_accepted(20, WAIT).await;
+    wait_for_token(&db).await;
+    // PostgreSQL ends the lock session (as a failover or an idle-timeout proxy would).
+    let terminated: i64 = client
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name LIKE 'event-exporter-leader %'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(terminated, 1);
+    // It gets the lock back (nobody else wrote the token) and carries on.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let metrics = a.exporter.metrics().await;
+        if metrics.contains("health_events_exporter_leadership_changes_total 3")
+            && metrics.contains("health_events_exporter_leader 1")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not leading again:\n{metrics}\n{}",
+            a.exporter.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(a.exporter.log().contains("leadership regained"));
+    let written = finish_writer(stop, writer).await;
+    let mut sorted = written.clone();
+    sorted.sort();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut got = a.sink.accepted_ids();
+        got.sort();
+        got.dedup();
+        if sorted.iter().all(|id| got.binary_search(id).is_ok()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "events lost after the lock session was lost"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        a.exporter.try_status().is_none(),
+        "the single replica exited"
+    );
+    let writes = token_writes(&client).await;
+    assert!(
+        writes.windows(2).all(|w| w[1].1 >= w[0].1),
+        "token moved backwards"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_config_shows_the_leadership_key() {
     let sink_config = "[exporter.metadata]\ncluster = \"c\"\n[exporter.sink]\nendpoint = \"http://127.0.0.1:1/\"\n[exporter.oidc]\nenabled = false\n";
     let dir = tempfile::tempdir().unwrap();
