@@ -278,10 +278,13 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
         return Ok(());
     };
     let leadership = Arc::new(leadership);
+    // The leader keeps proving the lock until its work is over — through the shutdown grace
+    // period too, so the final token write is still allowed.
+    let keeper_stop = CancellationToken::new();
     let mut keeper = tokio::spawn({
         let leadership = leadership.clone();
-        let shutdown = shutdown.clone();
-        async move { leadership.keep(shutdown).await }
+        let keeper_stop = keeper_stop.clone();
+        async move { leadership.keep(keeper_stop).await }
     });
     let tokens = Arc::new(
         TokenStore::new(connector.clone(), config.client_name.clone())
@@ -293,6 +296,7 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
         opened = open_source(&connector, &tokens, &config, wake.clone(), &leadership.fence) => Some(opened),
     };
     let Some(opened) = opened else {
+        keeper_stop.cancel();
         leadership.release().await;
         server_stop.cancel();
         return Ok(());
@@ -419,6 +423,7 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
     if !listener_done {
         let _ = listener.await;
     }
+    keeper_stop.cancel();
     if !keeper_done {
         let _ = keeper.await;
     }
