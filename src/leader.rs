@@ -240,6 +240,7 @@ async fn holder(client: &tokio_postgres::Client, key: i64) -> String {
             .query_opt(
                 "SELECT a.application_name, l.pid FROM pg_locks l JOIN pg_stat_activity a USING (pid) \
                  WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
+                   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
                    AND l.classid::text::bigint = $1 AND l.objid::text::bigint = $2 LIMIT 1",
                 &[&i64::from(classid), &i64::from(objid)],
             )
