@@ -260,6 +260,7 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
         sink = %config.sink.endpoint,
         datastore = %datastore.describe(),
         client_name = %config.client_name,
+        leadership_key = crate::leadership::lock_key(&config.client_name),
         workers,
         metrics = %address,
         retry_budget = %format_go_duration(sink::retry::total_base_delay(&config.failure_handling)),
@@ -267,16 +268,36 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
     );
 
     let connector = Connector::new(datastore).map_err(|e| ExitError::Config(e.to_string()))?;
-    let tokens = Arc::new(TokenStore::new(
-        connector.clone(),
-        config.client_name.clone(),
-    ));
+    // Leadership (issue 16): wait as a standby (alive, not ready) until this replica holds the
+    // advisory lock; from then on every publish and token write requires a fresh proof.
+    status.set_standby(true);
+    let key = crate::leadership::lock_key(&config.client_name);
+    let Some(leadership) = crate::leader::acquire(&connector, key, &shutdown).await else {
+        status.set_standby(false);
+        server_stop.cancel();
+        return Ok(());
+    };
+    let leadership = Arc::new(leadership);
+    // The leader keeps proving the lock until its work is over — through the shutdown grace
+    // period too, so the final token write is still allowed.
+    let keeper_stop = CancellationToken::new();
+    let mut keeper = tokio::spawn({
+        let leadership = leadership.clone();
+        let keeper_stop = keeper_stop.clone();
+        async move { leadership.keep(keeper_stop).await }
+    });
+    let tokens = Arc::new(
+        TokenStore::new(connector.clone(), config.client_name.clone())
+            .fenced(leadership.fence.clone()),
+    );
     let wake = Arc::new(Notify::new());
     let opened = tokio::select! {
         _ = shutdown.cancelled() => None,
-        opened = open_source(&connector, &tokens, &config, wake.clone()) => Some(opened),
+        opened = open_source(&connector, &tokens, &config, wake.clone(), &leadership.fence) => Some(opened),
     };
     let Some(opened) = opened else {
+        keeper_stop.cancel();
+        leadership.release().await;
         server_stop.cancel();
         return Ok(());
     };
@@ -291,6 +312,7 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
     let listener = spawn_listener(connector.clone(), wake, shutdown.clone());
 
     status.set_running(true);
+    status.set_standby(false);
     // Stream and backfill share the workers; if either fails, both stop.
     let permits = Arc::new(Semaphore::new(workers));
     let stop = shutdown.child_token();
@@ -316,10 +338,13 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
         let Some(plan) = backfill_plan else {
             return Ok(None);
         };
-        let store = Arc::new(TokenStore::new(
-            connector.clone(),
-            backfill::record_name(&config.client_name),
-        ));
+        let store = Arc::new(
+            TokenStore::new(
+                connector.clone(),
+                backfill::record_name(&config.client_name),
+            )
+            .fenced(leadership.fence.clone()),
+        );
         let result = run_backfill(
             store,
             plan,
@@ -342,6 +367,7 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
     let mut server = server;
     let mut listener_done = false;
     let mut server_done = false;
+    let mut keeper_done = false;
     let mut died: Option<String> = None;
     let mut hard_stop: Option<tokio::time::Instant> = None;
     let work = async { tokio::join!(stream, backfill) };
@@ -365,6 +391,22 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
                 server_done = true;
                 died.get_or_insert_with(|| task_ended("the metrics server", joined));
             }
+            kept = &mut keeper, if !keeper_done => {
+                keeper_done = true;
+                match kept {
+                    Ok(Ok(())) => {}
+                    Ok(Err(lost)) => {
+                        // Nothing may be published or saved any more (the gate is closed and
+                        // token writes are fenced): exit now, Kubernetes restarts this replica
+                        // as a standby.
+                        tracing::error!(error = %lost, "exiting with status 1");
+                        std::process::exit(1);
+                    }
+                    Err(joined) => {
+                        died.get_or_insert_with(|| task_ended("the leadership task", Err(joined)));
+                    }
+                }
+            }
             _ = sleep_until_some(hard_stop) => break None,
         }
         if let (Some(reason), None) = (&died, hard_stop) {
@@ -381,6 +423,12 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
     if !listener_done {
         let _ = listener.await;
     }
+    keeper_stop.cancel();
+    if !keeper_done {
+        let _ = keeper.await;
+    }
+    // Graceful hand-over: the final token write is done; a standby takes over at its next try.
+    leadership.release().await;
     server_stop.cancel();
     if !server_done {
         let _ = server.await;
@@ -534,6 +582,7 @@ async fn open_source(
     tokens: &TokenStore,
     config: &Config,
     wake: Arc<Notify>,
+    fence: &Arc<crate::leader::Fence>,
 ) -> Result<Opened, ExitError> {
     let deadline = crate::clock::deadline_after(STARTUP_DATASTORE_WAIT);
     let mut backoff =
@@ -558,7 +607,8 @@ async fn open_source(
             let reader =
                 ChangelogReader::open_bounded(connector.clone(), start, wake.clone(), window)
                     .await?;
-            let backfill = decide_backfill(connector, config, &reader, token.is_some()).await?;
+            let backfill =
+                decide_backfill(connector, config, &reader, token.is_some(), fence).await?;
             Ok::<_, DatastoreError>(Opened {
                 reader,
                 had_token: token.is_some(),
@@ -589,11 +639,13 @@ async fn decide_backfill(
     config: &Config,
     reader: &ChangelogReader,
     had_token: bool,
+    fence: &Arc<crate::leader::Fence>,
 ) -> Result<Option<BackfillPlan>, DatastoreError> {
     let store = TokenStore::new(
         connector.clone(),
         backfill::record_name(&config.client_name),
-    );
+    )
+    .fenced(fence.clone());
     let previous = store
         .load()
         .await?

@@ -49,6 +49,8 @@ pub mod config;
 pub mod datastore;
 pub mod exporter;
 pub(crate) mod filter;
+pub(crate) mod leader;
+pub mod leadership;
 pub mod logging;
 pub mod metrics;
 pub mod model;

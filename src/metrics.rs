@@ -96,6 +96,10 @@ pub struct Metrics {
     pub events_dead_lettered: Family<Labels, Counter>,
     /// Resume tokens found ahead of the changelog's head (ids reset, restored datastore).
     pub resume_token_resets: Family<Labels, Counter>,
+    /// 1 while this replica leads (exports), 0 on a standby (issue 16, `crate::leader`).
+    pub leader: Gauge,
+    /// Promotions and demotions of this replica.
+    pub leadership_changes: Counter,
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -213,6 +217,18 @@ impl Metrics {
             "Times the resume token was ahead of the changelog's head (ids reset by TRUNCATE ... RESTART IDENTITY, a restored or re-created datastore, a bogus token) and reading restarted from the new changelog, by reason (ahead_at_start, ahead_while_running)",
             resume_token_resets.clone(),
         );
+        let leader = Gauge::default();
+        registry.register(
+            "health_events_exporter_leader",
+            "Whether this replica leads and exports (1) or is a standby (0)",
+            leader.clone(),
+        );
+        let leadership_changes = Counter::default();
+        registry.register(
+            "health_events_exporter_leadership_changes",
+            "Times this replica became leader or stopped leading",
+            leadership_changes.clone(),
+        );
         let events_skipped = Family::<Labels, Counter>::default();
         registry.register(
             "health_events_exporter_events_skipped",
@@ -312,6 +328,8 @@ impl Metrics {
             ready,
             events_dead_lettered,
             resume_token_resets,
+            leader,
+            leadership_changes,
         }
     }
 

@@ -19,6 +19,8 @@ pub struct Status {
     running: AtomicBool,
     /// The last changelog read reached the datastore.
     datastore_up: Arc<AtomicBool>,
+    /// A standby waiting for the leadership lock (issue 16): alive, never ready.
+    standby: AtomicBool,
 }
 
 impl Status {
@@ -29,11 +31,14 @@ impl Status {
     pub fn datastore_flag(&self) -> Arc<AtomicBool> {
         self.datastore_up.clone()
     }
+    pub fn set_standby(&self, standby: bool) {
+        self.standby.store(standby, Ordering::Relaxed);
+    }
     pub fn alive(&self) -> bool {
-        self.running.load(Ordering::Relaxed)
+        self.running.load(Ordering::Relaxed) || self.standby.load(Ordering::Relaxed)
     }
     pub fn ready(&self) -> bool {
-        self.alive() && self.datastore_up.load(Ordering::Relaxed)
+        self.running.load(Ordering::Relaxed) && self.datastore_up.load(Ordering::Relaxed)
     }
 }
 

@@ -149,6 +149,10 @@ pub fn check(args: &CheckConfigArgs) -> Result<Report, ExitError> {
         "datastore": datastore,
         "proxies": proxies,
         "connect": connect,
+        "leadership": {
+            "advisoryLockKey": crate::leadership::lock_key(&config.client_name),
+            "derivedFrom": format!("{}{}", crate::leadership::KEY_PREFIX, config.client_name),
+        },
     });
     Ok(Report {
         json: serde_json::to_string_pretty(&report).unwrap_or_default(),

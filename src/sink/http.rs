@@ -134,6 +134,13 @@ impl Publisher {
         let mut attempts: u32 = 0;
         loop {
             attempts = attempts.saturating_add(1);
+            // Only the leader publishes (issue 16): a replica that cannot prove it leads waits.
+            if !crate::leader::gate().may_act() {
+                tokio::select! {
+                    _ = cancel.cancelled() => return Err(PublishError::Cancelled),
+                    _ = crate::leader::gate().leading() => {}
+                }
+            }
             let failure = match self.attempt(body, traceparent).await {
                 Attempt::Delivered(delivery) => return Ok(delivery),
                 Attempt::Failed(failure) => failure,

@@ -304,7 +304,8 @@ def check_deployment(case: str, deployment: dict, configmap: dict, config_text: 
     oidc_enabled = exporter["oidc"]["enabled"]
     certs = values["datastore"]["clientCertificates"]
 
-    check(deployment["spec"]["replicas"] == 1, f"{case}: replicas is not 1")
+    check(deployment["spec"]["replicas"] == values["replicaCount"],
+          f"{case}: replicas is not {values['replicaCount']}")
     expected_args = [
         "--config=/etc/config/config.toml",
         f"--metrics-port={port}",
@@ -458,6 +459,16 @@ def check_deployment(case: str, deployment: dict, configmap: dict, config_text: 
 DEFAULT_METADATA = {"cluster": "my-cluster", "environment": "production"}
 
 Extra = Callable[[str, dict, list[tuple[str, dict]]], None]
+
+
+def extra_two_replicas(case: str, deployment: dict, objects: list) -> None:
+    pdb = one(objects, "PodDisruptionBudget")
+    if check(pdb is not None, f"{case}: no PodDisruptionBudget"):
+        check(pdb["spec"].get("maxUnavailable") == 1,
+              f"{case}: PodDisruptionBudget maxUnavailable is {pdb['spec'].get('maxUnavailable')}")
+        check(pdb["spec"]["selector"]["matchLabels"]
+              == deployment["spec"]["selector"]["matchLabels"],
+              f"{case}: the PodDisruptionBudget selects other pods than the Deployment")
 
 
 def extra_global(case: str, deployment: dict, _objects: list) -> None:
@@ -632,6 +643,9 @@ CASES: list[dict[str, Any]] = [
         "proxy": {"https": "http://proxy.internal:3128", "http": "http://proxy.internal:3128",
                   "noProxy": "localhost,127.0.0.1,.svc,.cluster.local"},
     }},
+    {"name": "two replicas: a leader and a standby, with a PodDisruptionBudget", "values": {
+        "replicaCount": 2,
+    }, "extra": extra_two_replicas},
     {"name": "chart fallbacks for placement", "values": {
         "nodeSelector": {"pool": "cpu"},
         "tolerations": [{"key": "cpu-only", "operator": "Exists"}],
@@ -655,7 +669,7 @@ INVALID: list[tuple[str, dict, str]] = [
     ("OIDC enabled without a token URL", {"exporter": {"oidc": {"tokenUrl": ""}}},
      "exporter.oidc.tokenUrl is required"),
     ("zero workers", {"exporter": {"workers": 0}}, "workers"),
-    ("two replicas", {"replicaCount": 2}, "replicaCount"),
+    ("negative replicas", {"replicaCount": -1}, "replicaCount"),
     ("a subject the exporter lacks",
      {"exporter": {"cloudevent": {"subject": "hostname"}}}, "subject"),
     ("an on_rejected policy the exporter lacks",
@@ -752,6 +766,9 @@ def run_case(binary: Path, defaults: dict, case: dict, chart_dir: Path = CHART,
 
     rendered_cm = next(text for t, text in rendered.items() if t.endswith("/configmap.yaml"))
     check_deployment(name, deployment, configmap, config_text, values, rendered_cm, release)
+    if values["replicaCount"] <= 1:
+        check(one(objects, "PodDisruptionBudget") is None,
+              f"{name}: a PodDisruptionBudget for a single replica")
     if "extra" in case:
         case["extra"](name, deployment, objects)
     print(f"ok: {name}", flush=True)

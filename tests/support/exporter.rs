@@ -278,6 +278,11 @@ impl Exporter {
         self.wait_exit(Duration::from_secs(30)).await
     }
 
+    /// The process id (for `kill -STOP` / `-CONT` in tests/leadership.rs).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL: no chance to save anything.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -4,6 +4,7 @@
 mod changelog;
 mod holes;
 mod listener;
+pub(crate) mod lock;
 pub(crate) mod reset;
 pub(crate) mod settings;
 mod token;
@@ -68,6 +69,23 @@ impl Connector {
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(%error, "PostgreSQL connection closed");
+            }
+        });
+        Ok(client)
+    }
+
+    /// A client (driven by a background task) whose driver configuration `tune` adjusts first
+    /// (the leadership lock session sets short TCP keepalives this way).
+    pub async fn connect_tuned(
+        &self,
+        tune: impl FnOnce(&mut tokio_postgres::Config),
+    ) -> Result<Client, DatastoreError> {
+        let mut config = self.settings.driver_config();
+        tune(&mut config);
+        let (client, connection) = config.connect(self.tls.clone()).await?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "PostgreSQL lock connection closed");
             }
         });
         Ok(client)

@@ -90,6 +90,8 @@ pub struct TokenStore {
     connector: Connector,
     client_name: String,
     client: Mutex<Option<Client>>,
+    /// When set, writes go through the leadership fence (issue 16) instead.
+    fence: Option<std::sync::Arc<crate::leader::Fence>>,
 }
 
 impl TokenStore {
@@ -98,7 +100,14 @@ impl TokenStore {
             connector,
             client_name,
             client: Mutex::new(None),
+            fence: None,
         }
+    }
+
+    /// Writes only as the current leader, on the lock session (`crate::leader::Fence`).
+    pub fn fenced(mut self, fence: std::sync::Arc<crate::leader::Fence>) -> TokenStore {
+        self.fence = Some(fence);
+        self
     }
 
     pub fn client_name(&self) -> &str {
@@ -132,6 +141,9 @@ impl TokenStore {
 
     /// Writes any JSON value as this client's row (the backfill keeps its plan this way).
     pub async fn save_value(&self, value: &Value) -> Result<(), DatastoreError> {
+        if let Some(fence) = &self.fence {
+            return fence.write(&self.client_name, value).await;
+        }
         self.with_client(async |client, name| {
             client
                 .execute(
