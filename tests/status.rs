@@ -238,5 +238,22 @@ async fn caught_up_after_the_real_exporter_delivered_everything() {
     );
     assert!(stdout.contains("caught up (0 ids)"), "{stdout}");
     assert!(stdout.contains("status          OK"), "{stdout}");
+    // Who leads: the running exporter's lock session, by its pid.
+    let (_, json) = json_status(&config, &[], &db.env());
+    let replica = json["leader"]["replica"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(replica.ends_with(&format!("/{}", exporter.pid())), "{json}");
+    assert!(
+        stdout.contains(&format!("leader          {replica}")),
+        "{stdout}"
+    );
     exporter.terminate().await;
+    // Stopped: nobody leads.
+    let (_, stdout, _) = status(&config, &[], &db.env());
+    assert!(
+        stdout.contains("leader          none: no exporter holds the leadership lock"),
+        "{stdout}"
+    );
 }

@@ -14,7 +14,9 @@
 //! yet); 2 bad input (configuration, datastore environment, unreachable datastore, a resume
 //! token that cannot be read).
 //!
-//! Not reported yet: which replica leads (the exporter has no HA mode).
+//! Who leads: the replica whose lock session holds `client_name`'s advisory lock
+//! (`crate::leadership`), read from `pg_locks`; none when no exporter runs or every replica is
+//! a standby that cannot take the lock.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -133,6 +135,17 @@ pub struct BackfillStatus {
     pub saved_at: Option<DateTime<Utc>>,
 }
 
+/// The replica that holds `client_name`'s leadership lock (see `crate::leadership`).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LeaderStatus {
+    /// `host/pid` of the leading exporter (its lock session's `application_name`), or the
+    /// session's whole `application_name` when it is not an exporter's.
+    pub replica: String,
+    /// PostgreSQL backend pid of the lock session.
+    pub backend_pid: i32,
+}
+
 /// Everything `status` reports; the JSON output is this, camelCased.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -147,6 +160,9 @@ pub struct Status {
     pub backfill_enabled: bool,
     /// Absent when no backfill was ever planned for this client.
     pub backfill: Option<BackfillStatus>,
+    /// Who leads now; absent when no session holds the leadership lock (no exporter running,
+    /// or every replica is a standby that cannot take it).
+    pub leader: Option<LeaderStatus>,
     pub max_behind_seconds: f64,
     pub healthy: bool,
     /// Why `healthy` is false (empty when healthy).
@@ -317,6 +333,8 @@ pub async fn query_status(
         })
         .transpose()?;
 
+    let leader = leader_status(client, &client_name).await?;
+
     let mut problems = Vec::new();
     match &behind {
         None => problems.push(format!(
@@ -337,10 +355,42 @@ pub async fn query_status(
         behind,
         backfill_enabled: config.backfill.enabled,
         backfill,
+        leader,
         max_behind_seconds: max_behind.as_secs_f64(),
         healthy: problems.is_empty(),
         problems,
     })
+}
+
+/// The session holding `client_name`'s advisory lock, from `pg_locks` (read-only).
+async fn leader_status(
+    client: &Client,
+    client_name: &str,
+) -> Result<Option<LeaderStatus>, DatastoreError> {
+    let (high, low) = crate::leadership::pg_locks_ids(crate::leadership::lock_key(client_name));
+    let row = client
+        .query_opt(
+            "SELECT coalesce(a.application_name, ''), l.pid FROM pg_locks l \
+               LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
+             WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
+               AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+               AND l.classid::text::bigint = $1 AND l.objid::text::bigint = $2 \
+             LIMIT 1",
+            &[&i64::from(high), &i64::from(low)],
+        )
+        .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let application_name: String = row.try_get(0)?;
+    let replica = application_name
+        .strip_prefix(crate::datastore::postgres::lock::APPLICATION_NAME_PREFIX)
+        .unwrap_or(&application_name)
+        .to_string();
+    Ok(Some(LeaderStatus {
+        replica,
+        backend_pid: row.try_get(1)?,
+    }))
 }
 
 fn backfill_status(plan: &BackfillPlan, saved_at: Option<DateTime<Utc>>) -> BackfillStatus {
@@ -420,6 +470,16 @@ pub fn render_text(status: &Status) -> String {
                 ),
             );
         }
+    }
+    match &status.leader {
+        Some(leader) => line(
+            "leader",
+            format!("{} (backend pid {})", leader.replica, leader.backend_pid),
+        ),
+        None => line(
+            "leader",
+            "none: no exporter holds the leadership lock".into(),
+        ),
     }
     let enabled = if status.backfill_enabled {
         "enabled"
