@@ -211,8 +211,8 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
 
     let auth = match &config.oidc {
         Some(oidc) => {
-            let provider =
-                TokenProvider::new(oidc.clone(), oidc_secret_path.clone()).map_err(failed)?;
+            let provider = TokenProvider::new(oidc.clone(), oidc_secret_path.clone())
+                .map_err(|e| failed(e.to_string()))?;
             provider.check_secret().map_err(|e| failed(e.to_string()))?;
             Some(Arc::new(provider))
         }
@@ -228,7 +228,7 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
         workers,
         "sink",
     )
-    .map_err(failed)?;
+    .map_err(|e| failed(e.to_string()))?;
     let endpoint = reqwest::Url::parse(&config.sink.endpoint).map_err(|e| failed(e.to_string()))?;
     sink::log_proxy("sink", &config.sink.endpoint);
     let publisher = Publisher::new(http, endpoint, auth, config.failure_handling.clone())
@@ -500,7 +500,8 @@ fn dead_letter(
                 config.sink.ca_file.as_deref(),
                 workers,
                 "dead-letter endpoint",
-            )?;
+            )
+            .map_err(|e| e.to_string())?;
             let url = reqwest::Url::parse(url)
                 .map_err(|e| format!("exporter.failure_handling.dead_letter.endpoint: {e}"))?;
             Some((http, url))

@@ -2,7 +2,7 @@
 //! whole process uses one crypto provider (ring), so no configuration depends on a process-wide
 //! default being installed.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -13,6 +13,37 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
+
+/// Why a TLS configuration could not be built; names the file at fault and keeps the cause.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{}: cannot read PEM certificates: {source}", path.display())]
+    ReadCertificates {
+        path: PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("{}: no PEM certificate found", path.display())]
+    NoCertificate { path: PathBuf },
+    #[error("{}: unusable CA certificate: {source}", path.display())]
+    UnusableCa {
+        path: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("{}: cannot read PEM private key: {source}", path.display())]
+    ReadKey {
+        path: PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("client certificate: {0}")]
+    ClientCertificate(#[source] rustls::Error),
+    #[error("cannot build certificate verifier: {0}")]
+    Verifier(#[source] rustls::client::VerifierBuilderError),
+    #[error("{0}")]
+    Protocol(#[source] rustls::Error),
+}
 
 /// The crypto provider used everywhere in this process.
 pub fn provider() -> Arc<CryptoProvider> {
@@ -39,11 +70,11 @@ pub struct ClientIdentity {
 pub fn client_config(
     verification: Verification,
     identity: Option<ClientIdentity>,
-) -> Result<ClientConfig, String> {
+) -> Result<ClientConfig, TlsError> {
     let provider = provider();
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?;
+        .map_err(TlsError::Protocol)?;
     let verifier: Arc<dyn ServerCertVerifier> = match verification {
         Verification::Full(roots) => full_verifier(roots, &provider)?,
         Verification::ChainOnly(roots) => Arc::new(ChainOnly {
@@ -57,7 +88,7 @@ pub fn client_config(
     match identity {
         Some(identity) => builder
             .with_client_auth_cert(identity.chain, identity.key)
-            .map_err(|e| format!("client certificate: {e}")),
+            .map_err(TlsError::ClientCertificate),
         None => Ok(builder.with_no_client_auth()),
     }
 }
@@ -65,14 +96,14 @@ pub fn client_config(
 fn full_verifier(
     roots: RootCertStore,
     provider: &Arc<CryptoProvider>,
-) -> Result<Arc<WebPkiServerVerifier>, String> {
+) -> Result<Arc<WebPkiServerVerifier>, TlsError> {
     WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
-        .map_err(|e| format!("cannot build certificate verifier: {e}"))
+        .map_err(TlsError::Verifier)
 }
 
 /// The operating system's trusted roots, plus the PEM bundle at `extra` when given.
-pub fn system_roots_plus(extra: Option<&Path>) -> Result<RootCertStore, String> {
+pub fn system_roots_plus(extra: Option<&Path>) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
     // Unreadable individual system certificates are not fatal; an empty store is caught
     // later as an unknown-issuer error that names the endpoint.
@@ -86,36 +117,44 @@ pub fn system_roots_plus(extra: Option<&Path>) -> Result<RootCertStore, String> 
 }
 
 /// Only the certificates in the PEM bundle at `path`.
-pub fn roots_from_file(path: &Path) -> Result<RootCertStore, String> {
+pub fn roots_from_file(path: &Path) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
     add_pem_bundle(&mut roots, path)?;
     Ok(roots)
 }
 
-fn add_pem_bundle(roots: &mut RootCertStore, path: &Path) -> Result<(), String> {
+fn add_pem_bundle(roots: &mut RootCertStore, path: &Path) -> Result<(), TlsError> {
     let certs = load_certs(path)?;
     for cert in certs {
-        roots
-            .add(cert)
-            .map_err(|e| format!("{}: unusable CA certificate: {e}", path.display()))?;
+        roots.add(cert).map_err(|source| TlsError::UnusableCa {
+            path: path.to_path_buf(),
+            source,
+        })?;
     }
     Ok(())
 }
 
-pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("{}: cannot read PEM certificates: {e}", path.display()))?;
+        .map_err(|source| TlsError::ReadCertificates {
+            path: path.to_path_buf(),
+            source,
+        })?;
     if certs.is_empty() {
-        return Err(format!("{}: no PEM certificate found", path.display()));
+        return Err(TlsError::NoCertificate {
+            path: path.to_path_buf(),
+        });
     }
     Ok(certs)
 }
 
-pub fn load_identity(cert: &Path, key: &Path) -> Result<ClientIdentity, String> {
+pub fn load_identity(cert: &Path, key: &Path) -> Result<ClientIdentity, TlsError> {
     let chain = load_certs(cert)?;
-    let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| format!("{}: cannot read PEM private key: {e}", key.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|source| TlsError::ReadKey {
+        path: key.to_path_buf(),
+        source,
+    })?;
     Ok(ClientIdentity { chain, key })
 }
 

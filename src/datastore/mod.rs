@@ -94,7 +94,7 @@ pub enum DatastoreError {
     #[error("PostgreSQL: {}", describe_postgres_error(.0))]
     Postgres(#[from] tokio_postgres::Error),
     #[error("PostgreSQL TLS setup: {0}")]
-    Tls(String),
+    Tls(#[from] crate::tls::TlsError),
     #[error("changelog row {id}: {reason}")]
     Row { id: i64, reason: String },
 }

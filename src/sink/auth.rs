@@ -236,7 +236,10 @@ pub struct TokenProvider {
 }
 
 impl TokenProvider {
-    pub fn new(config: OidcConfig, secret_path: PathBuf) -> Result<TokenProvider, String> {
+    pub fn new(
+        config: OidcConfig,
+        secret_path: PathBuf,
+    ) -> Result<TokenProvider, super::HttpClientError> {
         let http = super::http_client(
             TOKEN_REQUEST_TIMEOUT,
             config.insecure_skip_verify,

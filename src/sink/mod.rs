@@ -14,6 +14,19 @@ use std::time::Duration;
 
 use crate::tls::{self, Verification};
 
+/// Why an HTTP client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpClientError {
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("cannot build the HTTP client for the {what}: {source}")]
+    Build {
+        what: String,
+        #[source]
+        source: reqwest::Error,
+    },
+}
+
 /// A reqwest client with this process's TLS settings.
 pub fn http_client(
     timeout: Duration,
@@ -21,7 +34,7 @@ pub fn http_client(
     ca_file: Option<&Path>,
     max_idle_per_host: usize,
     what: &str,
-) -> Result<reqwest::Client, String> {
+) -> Result<reqwest::Client, HttpClientError> {
     let verification = if insecure_skip_verify {
         tracing::warn!(
             target = what,
@@ -43,7 +56,10 @@ pub fn http_client(
         .user_agent(concat!("event-exporter/", env!("CARGO_PKG_VERSION")))
         .redirect(redirect_policy())
         .build()
-        .map_err(|e| format!("cannot build the HTTP client for the {what}: {e}"))
+        .map_err(|source| HttpClientError::Build {
+            what: what.to_string(),
+            source,
+        })
 }
 
 /// The HTTP proxy the clients built by [`http_client`] use for `url`, read from

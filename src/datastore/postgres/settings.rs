@@ -202,8 +202,7 @@ impl PgSettings {
     pub fn tls_connector(
         &self,
     ) -> Result<tokio_postgres_rustls::MakeRustlsConnect, DatastoreError> {
-        let tls_error = |e: String| DatastoreError::Tls(e);
-        let roots = |path: &Path| tls::roots_from_file(path).map_err(tls_error);
+        let roots = |path: &Path| tls::roots_from_file(path).map_err(DatastoreError::Tls);
         let verification = match (self.sslmode, &self.sslrootcert) {
             (SslMode::VerifyFull, Some(ca)) => Verification::Full(roots(ca)?),
             (SslMode::VerifyCa, Some(ca)) => Verification::ChainOnly(roots(ca)?),
@@ -212,10 +211,10 @@ impl PgSettings {
             _ => Verification::None,
         };
         let identity = match (&self.sslcert, &self.sslkey) {
-            (Some(cert), Some(key)) => Some(tls::load_identity(cert, key).map_err(tls_error)?),
+            (Some(cert), Some(key)) => Some(tls::load_identity(cert, key)?),
             _ => None,
         };
-        let config = tls::client_config(verification, identity).map_err(tls_error)?;
+        let config = tls::client_config(verification, identity)?;
         Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
     }
 
