@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::exporter::{Exporter, ExporterOptions};
+use support::exporter::{sample_or_zero, Exporter, ExporterOptions};
 use support::pg::{self, TestDb};
 use support::sink::{SinkOptions, SinkServer};
 use tokio_postgres::Client;
@@ -106,15 +106,6 @@ fn names_changelog_id(line: &str, id: i64) -> bool {
             .next()
             .is_some_and(|c| c.is_ascii_digit())
     })
-}
-
-/// The value of the metric line starting with `series` (0 when absent).
-fn metric(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(series))
-        .and_then(|rest| rest.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 fn options(sink: &SinkServer, db: &TestDb) -> ExporterOptions {
@@ -236,7 +227,7 @@ async fn undecodable_rows_in_the_stream_are_skipped_and_never_block_their_neighb
     let metrics = exporter.metrics().await;
     for reason in ["undecodable", "invalid_time"] {
         let want = bad.iter().filter(|row| row.reason == reason).count() as f64;
-        let got = metric(
+        let got = sample_or_zero(
             &metrics,
             &format!("health_events_exporter_events_skipped_total{{reason=\"{reason}\"}}"),
         );
@@ -348,7 +339,7 @@ async fn changelog_ids_reset_while_running_are_detected_and_new_events_flow() {
     );
     let metrics = exporter.metrics().await;
     assert_eq!(
-        metric(
+        sample_or_zero(
             &metrics,
             "health_events_exporter_resume_token_resets_total{reason=\"ahead_while_running\"}"
         ),
@@ -412,7 +403,7 @@ async fn changelog_ids_reset_across_a_restart_are_detected_at_start() {
     );
     let metrics = exporter.metrics().await;
     assert_eq!(
-        metric(
+        sample_or_zero(
             &metrics,
             "health_events_exporter_resume_token_resets_total{reason=\"ahead_at_start\"}"
         ),

@@ -10,7 +10,7 @@ use std::process::{Child, ChildStderr, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::exporter::{binary, free_port, Exporter, ExporterOptions};
+use support::exporter::{binary, free_port, sample, Exporter, ExporterOptions};
 use support::pg::{self, TestDb};
 use support::sink::{SinkOptions, SinkServer};
 
@@ -114,15 +114,6 @@ impl Drop for Piped {
             let _ = self.child.wait();
         }
     }
-}
-
-/// The value of a sample line (name with labels) in an OpenMetrics text.
-fn sample(metrics: &str, series: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find(|line| line.starts_with(series) && line[series.len()..].starts_with(' '))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse().ok())
 }
 
 /// Waits until the stored resume token's `eventID` is `id`.

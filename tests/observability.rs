@@ -5,20 +5,11 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::exporter::{Exporter, ExporterOptions};
+use support::exporter::{sample, Exporter, ExporterOptions};
 use support::pg::{self, TestDb};
 use support::sink::{Scripted, SinkOptions, SinkServer};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-/// The value of the first sample line starting with `series` (a name with its labels).
-fn sample(metrics: &str, series: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find(|line| line.starts_with(series) && line[series.len()..].starts_with(' '))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse().ok())
-}
 
 #[tokio::test]
 async fn metrics_follow_the_stream() {

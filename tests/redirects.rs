@@ -12,7 +12,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use serde_json::json;
-use support::exporter::{Exporter, ExporterOptions};
+use support::exporter::{sample_or_zero, Exporter, ExporterOptions};
 use support::peers::{answer, Peer, Seen};
 use support::pg::{self, TestDb};
 use support::sink::{SinkOptions, SinkServer, EVENTS_PATH};
@@ -34,16 +34,8 @@ async fn options_for(
     options
 }
 
-/// The value of one sample line (`name{labels}`) in a Prometheus exposition, 0 if absent.
-fn sample(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 fn redirect_failures(metrics: &str) -> f64 {
-    sample(
+    sample_or_zero(
         metrics,
         "health_events_exporter_publish_attempt_failures_total{reason=\"redirect\"}",
     )

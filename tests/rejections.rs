@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::exporter::{Exporter, ExporterOptions};
+use support::exporter::{sample_or_zero, Exporter, ExporterOptions};
 use support::peers::{answer, endless, Peer, Seen};
 use support::pg::{self, TestDb};
 use support::sink::{SinkOptions, SinkServer, EVENTS_PATH};
@@ -51,13 +51,6 @@ async fn options_for(url: String, env: Vec<(String, String)>) -> ExporterOptions
 fn dead_letter_to(options: &mut ExporterOptions, destination: &str) {
     options.failure_extra = "on_rejected = \"dead_letter\"".into();
     options.extra_toml = format!("[exporter.failure_handling.dead_letter]\n{destination}\n");
-}
-
-fn sample(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// Inserts a health event for `node` and returns (record id, its changelog id).
@@ -175,7 +168,7 @@ async fn dead_letter_file_takes_each_permanently_rejected_event_and_the_stream_g
     let metrics = exporter.metrics().await;
     for status in [400, 413, 415, 422] {
         assert_eq!(
-            sample(
+            sample_or_zero(
                 &metrics,
                 &format!(
                     "health_events_exporter_events_dead_lettered_total{{status=\"{status}\"}}"
@@ -186,7 +179,7 @@ async fn dead_letter_file_takes_each_permanently_rejected_event_and_the_stream_g
         );
     }
     assert_eq!(
-        sample(
+        sample_or_zero(
             &metrics,
             "health_events_exporter_publish_attempt_failures_total{reason=\"timeout\"}"
         ),
@@ -280,7 +273,7 @@ async fn already_delivered_statuses_count_as_delivered_at_once() {
     assert_eq!(posts, vec![409], "not retried");
     let metrics = exporter.metrics().await;
     assert_eq!(
-        sample(
+        sample_or_zero(
             &metrics,
             "health_events_exporter_events_published_total{status=\"already_delivered\"}"
         ),

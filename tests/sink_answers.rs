@@ -6,19 +6,12 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::exporter::{Exporter, ExporterOptions};
+use support::exporter::{sample_or_zero, Exporter, ExporterOptions};
 use support::peers::{answer, endless, Peer, Seen};
 use support::pg::{self, TestDb};
 use support::sink::{SinkOptions, SinkServer, EVENTS_PATH};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-fn sample(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
 
 async fn options_for(url: String, env: Vec<(String, String)>) -> ExporterOptions {
     let unused = SinkServer::start(SinkOptions::default()).await;
@@ -64,13 +57,13 @@ async fn endless_bodies_are_cut_without_waiting_for_the_timeout() {
     assert_eq!(accepted, ids, "each delivered by its first POST");
     let metrics = exporter.metrics().await;
     assert_eq!(
-        sample(
+        sample_or_zero(
             &metrics,
             "health_events_exporter_publish_attempt_failures_total{reason=\"timeout\"}"
         ),
         0.0
     );
-    let rss = sample(&metrics, "process_resident_memory_bytes");
+    let rss = sample_or_zero(&metrics, "process_resident_memory_bytes");
     assert!(rss > 0.0 && rss < 200e6, "resident memory {rss}");
     assert_eq!(exporter.terminate().await.code(), Some(0));
     let saved = pg::read_resume_token(&client, pg::EXPORTER_CLIENT_NAME)

@@ -315,3 +315,20 @@ pub fn run_once(args: &[&str], env: &[(String, String)]) -> (Option<i32>, String
             + &String::from_utf8_lossy(&output.stdout),
     )
 }
+
+/// The value of the sample line `series` (a metric name with its `{labels}`, exactly as
+/// exposed) in a Prometheus text exposition; `None` when there is no such line.
+pub fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        line.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// [`sample`], reading an absent series as 0 (a counter not yet created).
+pub fn sample_or_zero(metrics: &str, series: &str) -> f64 {
+    sample(metrics, series).unwrap_or(0.0)
+}
