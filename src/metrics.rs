@@ -291,16 +291,11 @@ impl Metrics {
         let ready = std::sync::Arc::new(OnceLock::new());
         registry.register_collector(Box::new(ReadyCollector(ready.clone())));
         // Every labelled counter at 0 for its known label values (see the module docs).
-        let with_label = |family: &Family<Labels, Counter>, key: &str, values: &[&str]| {
-            for value in values {
-                let _ = family.get_or_create(&vec![(key.to_string(), value.to_string())]);
-            }
-        };
-        with_label(&events_published, "status", PUBLISHED_STATUSES);
-        with_label(&publish_errors, "error_type", PUBLISH_ERROR_TYPES);
-        with_label(&publish_attempt_failures, "reason", ATTEMPT_FAILURE_REASONS);
-        with_label(&events_skipped, "reason", SKIP_REASONS);
-        with_label(&resume_token_resets, "reason", RESUME_TOKEN_RESET_REASONS);
+        create_at_zero(&events_published, "status", PUBLISHED_STATUSES);
+        create_at_zero(&publish_errors, "error_type", PUBLISH_ERROR_TYPES);
+        create_at_zero(&publish_attempt_failures, "reason", ATTEMPT_FAILURE_REASONS);
+        create_at_zero(&events_skipped, "reason", SKIP_REASONS);
+        create_at_zero(&resume_token_resets, "reason", RESUME_TOKEN_RESET_REASONS);
         Metrics {
             registry,
             events_received,
@@ -336,11 +331,7 @@ impl Metrics {
     /// Creates `…_events_dead_lettered_total{status}` at 0 for each status that can be
     /// dead-lettered, so alerts on it work before the first one.
     pub fn dead_letter_statuses(&self, statuses: &[u16]) {
-        for status in statuses {
-            let _ = self
-                .events_dead_lettered
-                .get_or_create(&vec![("status".into(), status.to_string())]);
-        }
+        create_at_zero(&self.events_dead_lettered, "status", statuses);
     }
 
     pub fn dead_lettered(&self, status: u16) {
@@ -538,6 +529,14 @@ impl ProcessStats {
             max_fds,
             start_time_seconds: boot_time + field(22)? / TICKS_PER_SECOND,
         })
+    }
+}
+
+/// Creates the series `key=value` of `family` at 0 for each of `values`, so `rate()` and
+/// `increase()` work before the first event of that kind.
+fn create_at_zero<V: ToString>(family: &Family<Labels, Counter>, key: &str, values: &[V]) {
+    for value in values {
+        let _ = family.get_or_create(&vec![(key.to_string(), value.to_string())]);
     }
 }
 
