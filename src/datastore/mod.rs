@@ -4,6 +4,7 @@
 //! is dense, the pipeline can advance the resume token over the contiguous prefix of finished
 //! positions and never past one it has not seen.
 
+pub mod mongo;
 pub mod postgres;
 
 use chrono::{DateTime, Utc};
@@ -97,6 +98,10 @@ pub enum DatastoreError {
     Tls(#[from] crate::tls::TlsError),
     #[error("changelog row {id}: {reason}")]
     Row { id: i64, reason: String },
+    #[error("MongoDB: {0}")]
+    Mongo(#[from] mongodb::error::Error),
+    #[error("MongoDB settings: {0}")]
+    MongoSettings(#[from] mongo::MongoSettingsError),
 }
 
 impl DatastoreError {
@@ -104,6 +109,9 @@ impl DatastoreError {
     /// too many connections), as opposed to a mistake that retrying cannot fix (a missing table,
     /// a wrong password, no such database).
     pub fn is_transient(&self) -> bool {
+        if let DatastoreError::Mongo(error) = self {
+            return mongo::is_transient(error);
+        }
         let DatastoreError::Postgres(error) = self else {
             return false;
         };
@@ -160,4 +168,57 @@ pub trait CheckpointStore: Send + Sync + 'static {
         &self,
         checkpoint: &Checkpoint,
     ) -> impl std::future::Future<Output = Result<(), DatastoreError>> + Send;
+}
+
+/// Which datastore the exporter reads, from `DATASTORE_PROVIDER` as upstream: `mongodb` or
+/// unset → MongoDB (the chart's default), `postgresql` → PostgreSQL.
+#[derive(Debug, Clone)]
+pub enum DatastoreSettings {
+    Postgres(postgres::PgSettings),
+    Mongo(mongo::MongoSettings),
+}
+
+impl DatastoreSettings {
+    /// Reads the process environment; a variable set but not UTF-8 is an error naming it.
+    pub fn from_process_env() -> Result<DatastoreSettings, DatastoreError> {
+        match std::env::var("DATASTORE_PROVIDER") {
+            Err(std::env::VarError::NotUnicode(_)) => Err(DatastoreError::Settings(
+                "DATASTORE_PROVIDER is set but is not valid UTF-8".into(),
+            )),
+            Ok(value) if is_postgres(&value) => Ok(DatastoreSettings::Postgres(
+                postgres::PgSettings::from_process_env()?,
+            )),
+            _ => DatastoreSettings::from_env(|name| std::env::var(name).ok()),
+        }
+    }
+
+    /// Reads the variables through `get`.
+    pub fn from_env(
+        get: impl Fn(&str) -> Option<String>,
+    ) -> Result<DatastoreSettings, DatastoreError> {
+        let provider = get("DATASTORE_PROVIDER").unwrap_or_default();
+        match provider.trim() {
+            "" | "mongodb" | "mongo" => Ok(DatastoreSettings::Mongo(
+                mongo::MongoSettings::from_env(get)?,
+            )),
+            value if is_postgres(value) => Ok(DatastoreSettings::Postgres(
+                postgres::PgSettings::from_env(get)?,
+            )),
+            other => Err(DatastoreError::Settings(format!(
+                "DATASTORE_PROVIDER={other:?} is not supported (use mongodb or postgresql)"
+            ))),
+        }
+    }
+
+    /// Where the exporter reads from, without credentials (for logs).
+    pub fn describe(&self) -> String {
+        match self {
+            DatastoreSettings::Postgres(settings) => settings.describe(),
+            DatastoreSettings::Mongo(settings) => settings.describe(),
+        }
+    }
+}
+
+fn is_postgres(provider: &str) -> bool {
+    matches!(provider.trim(), "postgresql" | "postgres")
 }
