@@ -136,15 +136,34 @@ impl BackfillPlan {
         serde_json::from_value(value.clone()).ok()
     }
 
-    fn to_value(&self) -> serde_json::Value {
+    pub fn to_value(&self) -> serde_json::Value {
         serde_json::to_value(self).unwrap_or_default()
     }
 }
 
+/// Where a backfill's plan and progress are kept (PostgreSQL: the `resume_tokens` row
+/// `<client>-backfill`; MongoDB: the token document of that client name).
+pub trait PlanStore: Send + Sync + 'static {
+    fn save_plan(
+        &self,
+        plan: &serde_json::Value,
+    ) -> impl std::future::Future<Output = Result<(), DatastoreError>> + Send;
+}
+
+impl PlanStore for TokenStore {
+    async fn save_plan(&self, plan: &serde_json::Value) -> Result<(), DatastoreError> {
+        self.save_value(plan).await
+    }
+}
+
+/// Cursor of every backfill position handed out and not yet checkpointed (shared by a
+/// backfill source and its progress).
+pub type Cursors = Arc<Mutex<BTreeMap<u64, Cursor>>>;
+
 /// Spaces events `1/rate` apart. Slots missed in a short hiccup (a page fetch, a busy worker
 /// pool) are made up, so the rate holds over any window; after a longer stall at most
 /// `CATCH_UP` worth of slots is made up, so a slow sink never turns into a burst.
-struct Pacer {
+pub(crate) struct Pacer {
     interval: Option<Duration>,
     next: tokio::time::Instant,
 }
@@ -152,7 +171,7 @@ struct Pacer {
 const CATCH_UP: Duration = Duration::from_millis(200);
 
 impl Pacer {
-    fn new(rate_per_second: u64) -> Pacer {
+    pub(crate) fn new(rate_per_second: u64) -> Pacer {
         Pacer {
             interval: (rate_per_second > 0)
                 .then(|| Duration::from_secs_f64(1.0 / rate_per_second as f64)),
@@ -161,7 +180,7 @@ impl Pacer {
     }
 
     /// Waits for the next slot, then returns how many events may go now (at least 1).
-    async fn admit(&mut self, wanted: usize) -> usize {
+    pub(crate) async fn admit(&mut self, wanted: usize) -> usize {
         let Some(interval) = self.interval else {
             return wanted;
         };
@@ -195,7 +214,7 @@ pub struct BackfillSource {
     exhausted: bool,
     pacer: Pacer,
     /// Cursor of every position handed out and not yet checkpointed.
-    cursors: Arc<Mutex<BTreeMap<u64, Cursor>>>,
+    cursors: Cursors,
 }
 
 impl ChangeSource for BackfillSource {
@@ -325,10 +344,10 @@ impl BackfillSource {
 }
 
 /// Saves the plan's progress as the pipeline's checkpoint advances, and reports progress.
-pub struct BackfillProgress {
-    store: Arc<TokenStore>,
+pub struct BackfillProgress<S: PlanStore = TokenStore> {
+    store: Arc<S>,
     plan: Mutex<BackfillPlan>,
-    cursors: Arc<Mutex<BTreeMap<u64, Cursor>>>,
+    cursors: Cursors,
     started: Instant,
     first_delivered: u64,
     last_report: Mutex<Instant>,
@@ -337,7 +356,7 @@ pub struct BackfillProgress {
 
 const REPORT_INTERVAL: Duration = Duration::from_secs(5);
 
-impl CheckpointStore for BackfillProgress {
+impl<S: PlanStore> CheckpointStore for BackfillProgress<S> {
     async fn save(&self, checkpoint: &Checkpoint) -> Result<(), DatastoreError> {
         let value = {
             let mut cursors = self.cursors.lock().unwrap_or_else(|e| e.into_inner());
@@ -349,13 +368,26 @@ impl CheckpointStore for BackfillProgress {
             plan.delivered = checkpoint.position;
             plan.to_value()
         };
-        self.store.save_value(&value).await?;
+        self.store.save_plan(&value).await?;
         self.report(checkpoint.position, false);
         Ok(())
     }
 }
 
-impl BackfillProgress {
+impl<S: PlanStore> BackfillProgress<S> {
+    /// The progress of `plan`, saved in `store`; the cursors map is the source's.
+    pub fn new(store: Arc<S>, plan: &BackfillPlan, cursors: Cursors) -> BackfillProgress<S> {
+        BackfillProgress {
+            store,
+            plan: Mutex::new(plan.clone()),
+            cursors,
+            started: Instant::now(),
+            first_delivered: plan.delivered,
+            last_report: Mutex::new(Instant::now()),
+            terminal: std::io::stderr().is_terminal(),
+        }
+    }
+
     /// Marks the plan complete.
     pub async fn finish(&self) -> Result<(), DatastoreError> {
         let value = {
@@ -363,7 +395,7 @@ impl BackfillProgress {
             plan.done = true;
             plan.to_value()
         };
-        self.store.save_value(&value).await?;
+        self.store.save_plan(&value).await?;
         let delivered = self.plan.lock().map(|p| p.delivered).unwrap_or_default();
         self.report(delivered, true);
         if self.terminal {
@@ -424,16 +456,8 @@ pub fn open(
     plan: BackfillPlan,
     config: &BackfillConfig,
 ) -> (BackfillSource, Arc<BackfillProgress>) {
-    let cursors = Arc::new(Mutex::new(BTreeMap::new()));
-    let progress = Arc::new(BackfillProgress {
-        store: store.clone(),
-        plan: Mutex::new(plan.clone()),
-        cursors: cursors.clone(),
-        started: Instant::now(),
-        first_delivered: plan.delivered,
-        last_report: Mutex::new(Instant::now()),
-        terminal: std::io::stderr().is_terminal(),
-    });
+    let cursors = Cursors::default();
+    let progress = Arc::new(BackfillProgress::new(store.clone(), &plan, cursors.clone()));
     let source = BackfillSource {
         store,
         client: None,

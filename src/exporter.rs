@@ -14,7 +14,8 @@ use crate::config::{format_go_duration, Config};
 use crate::datastore::postgres::{
     spawn_listener, ChangelogReader, Connector, PgSettings, StartPoint, TokenStore,
 };
-use crate::datastore::DatastoreError;
+use crate::datastore::mongo::MongoSettings;
+use crate::datastore::{DatastoreError, DatastoreSettings};
 use crate::filter::Filter;
 use crate::pipeline::{EventHandler, Feed, Pipeline, PipelineError, Summary};
 use crate::server::{self, Status};
@@ -49,7 +50,7 @@ pub struct Settings {
     pub workers: usize,
     /// 0 binds an ephemeral port (the demo does).
     pub metrics_port: u16,
-    pub datastore: PgSettings,
+    pub datastore: DatastoreSettings,
     pub oidc_secret_path: std::path::PathBuf,
     pub shutdown_grace: Duration,
 }
@@ -69,7 +70,8 @@ pub fn validate(args: &RunArgs) -> Result<Settings, ExitError> {
         workers,
         metrics_port,
     } = validate_local(args, true)?;
-    let datastore = PgSettings::from_process_env().map_err(|e| ExitError::Config(e.to_string()))?;
+    let datastore =
+        DatastoreSettings::from_process_env().map_err(|e| ExitError::Config(e.to_string()))?;
     Ok(Settings {
         config,
         workers,
@@ -267,77 +269,194 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
         "event exporter starting"
     );
 
-    let connector = Connector::new(datastore).map_err(|e| ExitError::Config(e.to_string()))?;
-    // Leadership (issue 16): wait as a standby (alive, not ready) until this replica holds the
-    // advisory lock; from then on every publish and token write requires a fresh proof.
-    status.set_standby(true);
-    let key = crate::leadership::lock_key(&config.client_name);
-    let Some(leadership) = crate::leader::acquire(&connector, key, &shutdown).await else {
+    // Stream and backfill share the workers; if either fails, both stop.
+    let context = Context {
+        config: &config,
+        handler,
+        permits: Arc::new(Semaphore::new(workers)),
+        grace: shutdown_grace,
+        stop: shutdown.child_token(),
+        shutdown: shutdown.clone(),
+        status: status.clone(),
+    };
+    let started = match datastore {
+        DatastoreSettings::Postgres(settings) => start_postgres(settings, &context).await?,
+        DatastoreSettings::Mongo(settings) => start_mongo(settings, &context).await?,
+    };
+    let Some(started) = started else {
         status.set_standby(false);
         server_stop.cancel();
         return Ok(());
+    };
+    let readiness = status.clone();
+    crate::metrics::get().watch_readiness(move || readiness.ready());
+    status.set_running(true);
+    status.set_standby(false);
+    let Started {
+        work,
+        listener,
+        leadership,
+    } = started;
+    supervise(work, listener, leadership, (server, server_stop), &context).await
+}
+
+/// What every backend's start-up shares: the configuration, the event handler, the worker
+/// permits, the stop signals and the readiness status.
+struct Context<'a> {
+    config: &'a Config,
+    handler: Arc<EventHandler>,
+    permits: Arc<Semaphore>,
+    grace: Duration,
+    /// Stops the pipelines (a failure in one stops the other).
+    stop: CancellationToken,
+    /// SIGTERM/SIGINT.
+    shutdown: CancellationToken,
+    status: Arc<Status>,
+}
+
+type Work = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = (
+                    Result<Summary, PipelineError>,
+                    Result<Option<Summary>, PipelineError>,
+                ),
+            > + Send,
+    >,
+>;
+
+/// A started backend: the stream and backfill pipelines joined, and the background tasks that
+/// must run as long as they do.
+struct Started {
+    work: Work,
+    /// A task that must not end while the exporter runs (PostgreSQL's LISTEN).
+    listener: Option<tokio::task::JoinHandle<()>>,
+    /// PostgreSQL leadership: the lock and the task that keeps proving it.
+    leadership: Option<Held>,
+}
+
+struct Held {
+    leadership: Arc<crate::leader::Leadership>,
+    keeper: tokio::task::JoinHandle<Result<(), crate::leader::LeadershipError>>,
+    keeper_stop: CancellationToken,
+}
+
+impl Context<'_> {
+    /// The stream pipeline and, if `backfill` is given, the backfill's, joined; a failure in
+    /// either stops both.
+    fn work<S, C, B, P>(
+        &self,
+        source: S,
+        checkpoints: Arc<C>,
+        had_token: bool,
+        backfill: Option<(B, Arc<crate::backfill::BackfillProgress<P>>)>,
+    ) -> Work
+    where
+        S: crate::datastore::ChangeSource,
+        C: crate::datastore::CheckpointStore,
+        B: crate::datastore::ChangeSource,
+        P: crate::backfill::PlanStore,
+    {
+        let stop = self.stop.clone();
+        let stream = Pipeline {
+            feed: Feed::Stream,
+            source,
+            checkpoints,
+            handler: self.handler.clone(),
+            permits: self.permits.clone(),
+            grace: self.grace,
+            had_token,
+            save_interval: self.config.resume_token_save_interval,
+        }
+        .run(stop.clone());
+        let stream = {
+            let stop = stop.clone();
+            async move {
+                let result = stream.await;
+                if result.is_err() {
+                    stop.cancel();
+                }
+                result
+            }
+        };
+        let backfill = backfill.map(|(source, progress)| {
+            run_backfill(
+                source,
+                progress,
+                self.handler.clone(),
+                self.permits.clone(),
+                self.grace,
+                self.config.resume_token_save_interval,
+                stop.clone(),
+            )
+        });
+        Box::pin(async move {
+            let backfill = async move {
+                let Some(backfill) = backfill else {
+                    return Ok(None);
+                };
+                let result = backfill.await;
+                if result.is_err() {
+                    stop.cancel();
+                }
+                result.map(Some)
+            };
+            tokio::join!(stream, backfill)
+        })
+    }
+}
+
+/// PostgreSQL: wait for leadership, read the token, open the changelog reader and LISTEN.
+/// `None` when a shutdown came first.
+async fn start_postgres(
+    settings: PgSettings,
+    context: &Context<'_>,
+) -> Result<Option<Started>, ExitError> {
+    let config = context.config;
+    let connector = Connector::new(settings).map_err(|e| ExitError::Config(e.to_string()))?;
+    // Leadership (issue 16): wait as a standby (alive, not ready) until this replica holds the
+    // advisory lock; from then on every publish and token write requires a fresh proof.
+    context.status.set_standby(true);
+    let key = crate::leadership::lock_key(&config.client_name);
+    let Some(leadership) = crate::leader::acquire(&connector, key, &context.shutdown).await else {
+        return Ok(None);
     };
     let leadership = Arc::new(leadership);
     // The leader keeps proving the lock until its work is over — through the shutdown grace
     // period too, so the final token write is still allowed.
     let keeper_stop = CancellationToken::new();
-    let mut keeper = tokio::spawn({
+    let keeper = tokio::spawn({
         let leadership = leadership.clone();
         let keeper_stop = keeper_stop.clone();
         async move { leadership.keep(keeper_stop).await }
     });
+    let held = Held {
+        leadership: leadership.clone(),
+        keeper,
+        keeper_stop,
+    };
     let tokens = Arc::new(
         TokenStore::new(connector.clone(), config.client_name.clone())
             .fenced(leadership.fence.clone()),
     );
     let wake = Arc::new(Notify::new());
     let opened = tokio::select! {
-        _ = shutdown.cancelled() => None,
-        opened = open_source(&connector, &tokens, &config, wake.clone(), &leadership.fence) => Some(opened),
+        _ = context.shutdown.cancelled() => None,
+        opened = open_source(&connector, &tokens, config, wake.clone(), &leadership.fence) => Some(opened),
     };
     let Some(opened) = opened else {
-        keeper_stop.cancel();
+        held.keeper_stop.cancel();
         leadership.release().await;
-        server_stop.cancel();
-        return Ok(());
+        return Ok(None);
     };
     let Opened {
         mut reader,
         had_token,
         backfill: backfill_plan,
     } = opened?;
-    reader.report_connection(status.datastore_flag());
-    let readiness = status.clone();
-    crate::metrics::get().watch_readiness(move || readiness.ready());
-    let listener = spawn_listener(connector.clone(), wake, shutdown.clone());
-
-    status.set_running(true);
-    status.set_standby(false);
-    // Stream and backfill share the workers; if either fails, both stop.
-    let permits = Arc::new(Semaphore::new(workers));
-    let stop = shutdown.child_token();
-    let stream = Pipeline {
-        feed: Feed::Stream,
-        source: reader,
-        checkpoints: tokens,
-        handler: handler.clone(),
-        permits: permits.clone(),
-        grace: shutdown_grace,
-        had_token,
-        save_interval: config.resume_token_save_interval,
-    }
-    .run(stop.clone());
-    let stream = async {
-        let result = stream.await;
-        if result.is_err() {
-            stop.cancel();
-        }
-        result
-    };
-    let backfill = async {
-        let Some(plan) = backfill_plan else {
-            return Ok(None);
-        };
+    reader.report_connection(context.status.datastore_flag());
+    let listener = spawn_listener(connector.clone(), wake, context.shutdown.clone());
+    let backfill = backfill_plan.map(|plan| {
         let store = Arc::new(
             TokenStore::new(
                 connector.clone(),
@@ -345,33 +464,89 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
             )
             .fenced(leadership.fence.clone()),
         );
-        let result = run_backfill(
-            store,
-            plan,
-            &config,
-            handler.clone(),
-            permits.clone(),
-            shutdown_grace,
-            stop.clone(),
-        )
-        .await;
-        if result.is_err() {
-            stop.cancel();
+        backfill::open(store, plan, &config.backfill)
+    });
+    Ok(Some(Started {
+        work: context.work(reader, tokens, had_token, backfill),
+        listener: Some(listener),
+        leadership: Some(held),
+    }))
+}
+
+/// MongoDB: connect, read the token, open the change stream (and plan the backfill), waiting a
+/// while for a datastore that is not reachable yet. `None` when a shutdown came first.
+async fn start_mongo(
+    settings: MongoSettings,
+    context: &Context<'_>,
+) -> Result<Option<Started>, ExitError> {
+    let options = settings
+        .client_options()
+        .await
+        .map_err(|e| ExitError::Config(e.to_string()))?;
+    let client = mongodb::Client::with_options(options)
+        .map_err(|e| ExitError::Config(format!("MONGODB_URI: {e}")))?;
+    let deadline = crate::clock::deadline_after(STARTUP_DATASTORE_WAIT);
+    let mut backoff =
+        crate::reconnect::Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
+    let opened = loop {
+        let attempt = tokio::select! {
+            _ = context.shutdown.cancelled() => return Ok(None),
+            opened = crate::datastore::mongo::open(&client, &settings, context.config) => opened,
+        };
+        match attempt {
+            Ok(opened) => break opened,
+            Err(error) if error.is_transient() && tokio::time::Instant::now() < deadline => {
+                let wait = backoff.failed(tokio::time::Instant::now());
+                tracing::warn!(%error, retry_in = ?wait, "datastore not reachable yet");
+                tokio::time::sleep(wait).await;
+            }
+            Err(error) => {
+                return Err(ExitError::Failed(format!(
+                    "cannot start from datastore {}: {error}",
+                    settings.describe()
+                )))
+            }
         }
-        result.map(Some)
     };
-    // Supervision: a panic anywhere, or a background task ending while the exporter runs, is
-    // fatal — the work is stopped (in-flight events get the grace period, the resume token is
-    // saved over what was delivered) and the exporter exits 1 so Kubernetes restarts it.
+    let crate::datastore::mongo::Opened {
+        mut stream,
+        tokens,
+        had_token,
+        backfill,
+    } = opened;
+    stream.report_connection(context.status.datastore_flag());
+    if backfill.is_some() {
+        crate::metrics::get().backfill_in_progress.set(1);
+    }
+    Ok(Some(Started {
+        work: context.work(stream, tokens, had_token, backfill),
+        listener: None,
+        leadership: None,
+    }))
+}
+
+/// Runs the work to its end under supervision: a panic anywhere, or a background task ending
+/// while the exporter runs, is fatal — the work is stopped (in-flight events get the grace
+/// period, the resume token is saved over what was delivered) and the exporter exits 1 so
+/// Kubernetes restarts it.
+async fn supervise(
+    work: Work,
+    listener: Option<tokio::task::JoinHandle<()>>,
+    leadership: Option<Held>,
+    (server, server_stop): (tokio::task::JoinHandle<()>, CancellationToken),
+    context: &Context<'_>,
+) -> Result<(), ExitError> {
+    let (shutdown, stop) = (&context.shutdown, &context.stop);
     let mut listener = listener;
     let mut server = server;
-    let mut listener_done = false;
+    let (mut keeper, keeper_stop, leadership) = match leadership {
+        Some(held) => (Some(held.keeper), Some(held.keeper_stop), Some(held.leadership)),
+        None => (None, None, None),
+    };
     let mut server_done = false;
-    let mut keeper_done = false;
     let mut died: Option<String> = None;
     let mut hard_stop: Option<tokio::time::Instant> = None;
-    let work = async { tokio::join!(stream, backfill) };
-    tokio::pin!(work);
+    let mut work = work;
     let results = loop {
         tokio::select! {
             results = &mut work => break Some(results),
@@ -381,8 +556,8 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
                     crate::panics::first_panic().unwrap_or("no message")
                 ));
             }
-            joined = &mut listener, if !listener_done => {
-                listener_done = true;
+            joined = join_some(&mut listener) => {
+                listener = None;
                 if !shutdown.is_cancelled() {
                     died.get_or_insert_with(|| task_ended("the changelog LISTEN task", joined));
                 }
@@ -391,8 +566,8 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
                 server_done = true;
                 died.get_or_insert_with(|| task_ended("the metrics server", joined));
             }
-            kept = &mut keeper, if !keeper_done => {
-                keeper_done = true;
+            kept = join_some(&mut keeper) => {
+                keeper = None;
                 match kept {
                     Ok(Ok(())) => {}
                     Ok(Err(lost)) => {
@@ -414,25 +589,41 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
             crate::watchdog::global().task_died(reason.clone());
             stop.cancel();
             hard_stop = Some(crate::clock::deadline_after(
-                shutdown_grace.saturating_add(Duration::from_secs(10)),
+                context.grace.saturating_add(Duration::from_secs(10)),
             ));
         }
     };
-    status.set_running(false);
+    context.status.set_running(false);
     shutdown.cancel();
-    if !listener_done {
+    if let Some(listener) = listener {
         let _ = listener.await;
     }
-    keeper_stop.cancel();
-    if !keeper_done {
+    if let Some(keeper_stop) = keeper_stop {
+        keeper_stop.cancel();
+    }
+    if let Some(keeper) = keeper {
         let _ = keeper.await;
     }
     // Graceful hand-over: the final token write is done; a standby takes over at its next try.
-    leadership.release().await;
+    if let Some(leadership) = leadership {
+        leadership.release().await;
+    }
     server_stop.cancel();
     if !server_done {
         let _ = server.await;
     }
+    outcome(died, results)
+}
+
+/// The exit result from why the work ended.
+fn outcome(
+    died: Option<String>,
+    results: Option<(
+        Result<Summary, PipelineError>,
+        Result<Option<Summary>, PipelineError>,
+    )>,
+) -> Result<(), ExitError> {
+    let failed = ExitError::Failed;
     if let Some(reason) = died {
         return Err(failed(format!(
             "{reason}; stopped so that the exporter is restarted (events not yet delivered are re-sent)"
@@ -455,6 +646,16 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
         (Err(error), _) | (_, Err(error)) => Err(failed(format!(
             "{error}; the resume token was not moved past it"
         ))),
+    }
+}
+
+/// Waits for the task if there is one; never completes otherwise.
+async fn join_some<T>(
+    task: &mut Option<tokio::task::JoinHandle<T>>,
+) -> Result<T, tokio::task::JoinError> {
+    match task {
+        Some(task) => task.await,
+        None => std::future::pending().await,
     }
 }
 
@@ -521,19 +722,18 @@ fn dead_letter(
 }
 
 /// Runs one backfill to completion (or until `stop`), marking its plan done when finished.
-async fn run_backfill(
-    store: Arc<TokenStore>,
-    plan: BackfillPlan,
-    config: &Config,
+async fn run_backfill<S: crate::datastore::ChangeSource, P: crate::backfill::PlanStore>(
+    source: S,
+    progress: Arc<crate::backfill::BackfillProgress<P>>,
     handler: Arc<EventHandler>,
     permits: Arc<Semaphore>,
     grace: Duration,
+    save_interval: Duration,
     stop: CancellationToken,
 ) -> Result<Summary, PipelineError> {
     let metrics = crate::metrics::get();
     metrics.backfill_in_progress.set(1);
     let started = std::time::Instant::now();
-    let (source, progress) = backfill::open(store, plan, &config.backfill);
     let result = Pipeline {
         feed: Feed::Backfill,
         source,
@@ -542,7 +742,7 @@ async fn run_backfill(
         permits,
         grace,
         had_token: true,
-        save_interval: config.resume_token_save_interval,
+        save_interval,
     }
     .run(stop)
     .await;

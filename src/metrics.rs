@@ -61,6 +61,7 @@ pub const SKIP_REASONS: &[&str] = &[
     "no_health_event",
     "invalid_time",
     "invalid_cloudevent",
+    "already_exported",
 ];
 /// `reason` values of `health_events_exporter_resume_token_resets_total`.
 pub const RESUME_TOKEN_RESET_REASONS: &[&str] = &["ahead_at_start", "ahead_while_running"];
@@ -96,6 +97,8 @@ pub struct Metrics {
     pub events_dead_lettered: Family<Labels, Counter>,
     /// Resume tokens found ahead of the changelog's head (ids reset, restored datastore).
     pub resume_token_resets: Family<Labels, Counter>,
+    /// Upstream's `change_stream_resume_token_recoveries_total{client, phase}` (MongoDB).
+    pub resume_token_recoveries: Family<Labels, Counter>,
     /// 1 while this replica leads (exports), 0 on a standby (issue 16, `crate::leader`).
     pub leader: Gauge,
     /// Promotions and demotions of this replica.
@@ -217,6 +220,12 @@ impl Metrics {
             "Times the resume token was ahead of the changelog's head (ids reset by TRUNCATE ... RESTART IDENTITY, a restored or re-created datastore, a bogus token) and reading restarted from the new changelog, by reason (ahead_at_start, ahead_while_running)",
             resume_token_resets.clone(),
         );
+        let resume_token_recoveries = Family::<Labels, Counter>::default();
+        registry.register(
+            "change_stream_resume_token_recoveries",
+            "Times a MongoDB change stream's resume token could not be used (history lost: codes 286, 260, 280, 9) and the exporter recovered with a backfill from the last exported createdAt, by client and phase (initialization, runtime)",
+            resume_token_recoveries.clone(),
+        );
         let leader = Gauge::default();
         registry.register(
             "health_events_exporter_leader",
@@ -323,6 +332,7 @@ impl Metrics {
             ready,
             events_dead_lettered,
             resume_token_resets,
+            resume_token_recoveries,
             leader,
             leadership_changes,
         }

@@ -19,7 +19,19 @@ pub struct Change {
     pub through: u64,
     /// When the change was written (changelog `changed_at`), when known; goes into the token.
     pub changed_at: Option<DateTime<Utc>>,
+    /// Where a restart resumes once this position and every one before it are finished, when
+    /// the position itself is not enough (a MongoDB change stream's resume token: the event's
+    /// own `_id`). The sequence tracker carries it into the checkpoint, so no side map
+    /// translates positions into tokens.
+    pub resume: Option<ResumePoint>,
     pub kind: ChangeKind,
+}
+
+/// A backend's own resume point, carried through the pipeline with the position.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ResumePoint {
+    /// A MongoDB change-stream resume token (`{_data: "<hex>"}`), the event's own `_id`.
+    ChangeStream(mongodb::bson::Document),
 }
 
 impl Change {
@@ -28,8 +40,15 @@ impl Change {
             position,
             through: position,
             changed_at,
+            resume: None,
             kind,
         }
+    }
+
+    /// The change with the resume point a restart continues from once it is finished.
+    pub fn resuming_at(mut self, resume: ResumePoint) -> Change {
+        self.resume = Some(resume);
+        self
     }
 
     /// Positions `first..=last`, none of which needs anything.
@@ -38,6 +57,7 @@ impl Change {
             position: first,
             through: last,
             changed_at: None,
+            resume: None,
             kind: ChangeKind::Skip(reason),
         }
     }
@@ -64,6 +84,9 @@ pub enum SkipReason {
     /// A health-event row the driver cannot decode (logged with its changelog id and counted
     /// as `skipped{reason="undecodable"}` where it was found).
     Undecodable,
+    /// A document a MongoDB recovery backfill already delivered, seen again on the new change
+    /// stream (counted as `skipped{reason="already_exported"}`).
+    AlreadyExported,
 }
 
 /// A health event as stored, not yet decoded.
@@ -82,6 +105,8 @@ pub struct RawEvent {
 pub struct Checkpoint {
     pub position: u64,
     pub changed_at: Option<DateTime<Utc>>,
+    /// The resume point of the newest finished position that had one (see `Change::resume`).
+    pub resume: Option<ResumePoint>,
 }
 
 #[derive(Debug, thiserror::Error)]

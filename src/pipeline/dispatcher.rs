@@ -106,8 +106,7 @@ impl Dispatcher {
     fn on_change(&mut self, change: Change, now: Instant) {
         match &change.kind {
             ChangeKind::Skip(_) => {
-                let (first, last, at) = (change.position, change.through, change.changed_at);
-                self.tracker.finish_span(first, last, at);
+                self.tracker.finish_change(&change);
                 self.saver.note(&self.tracker, &self.saved, now);
             }
             ChangeKind::Event(event) => {
@@ -244,7 +243,7 @@ fn record(
         }
     };
     *count = count.saturating_add(1);
-    tracker.finish_span(change.position, change.through, change.changed_at);
+    tracker.finish_change(&change);
     None
 }
 

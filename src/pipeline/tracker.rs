@@ -6,14 +6,24 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 
-use crate::datastore::Checkpoint;
+use crate::datastore::{Change, Checkpoint, ResumePoint};
+
+/// A finished run of positions waiting for the ones before it.
+#[derive(Debug)]
+struct Finished {
+    last: u64,
+    changed_at: Option<DateTime<Utc>>,
+    resume: Option<ResumePoint>,
+}
 
 #[derive(Debug)]
 pub struct SequenceTracker {
     committed: u64,
     committed_time: Option<DateTime<Utc>>,
-    /// Finished spans above `committed` by first position: (last position, change time).
-    finished: BTreeMap<u64, (u64, Option<DateTime<Utc>>)>,
+    /// The resume point of the newest committed position that had one.
+    committed_resume: Option<ResumePoint>,
+    /// Finished spans above `committed` by first position.
+    finished: BTreeMap<u64, Finished>,
 }
 
 impl Default for SequenceTracker {
@@ -29,6 +39,7 @@ impl SequenceTracker {
         SequenceTracker {
             committed: start,
             committed_time: None,
+            committed_resume: None,
             finished: BTreeMap::new(),
         }
     }
@@ -40,25 +51,52 @@ impl SequenceTracker {
     }
 
     /// Marks positions `first..=last` finished; returns whether the contiguous prefix grew.
+    #[cfg(test)]
     pub fn finish_span(
         &mut self,
         first: u64,
         last: u64,
         changed_at: Option<DateTime<Utc>>,
     ) -> bool {
+        self.finish_marked(first, last, changed_at, None)
+    }
+
+    /// Marks `change` (all its positions) finished, with its time and resume point.
+    pub fn finish_change(&mut self, change: &Change) -> bool {
+        self.finish_marked(
+            change.position,
+            change.through,
+            change.changed_at,
+            change.resume.clone(),
+        )
+    }
+
+    fn finish_marked(
+        &mut self,
+        first: u64,
+        last: u64,
+        changed_at: Option<DateTime<Utc>>,
+        resume: Option<ResumePoint>,
+    ) -> bool {
         if last <= self.committed {
             return false;
         }
         self.finished.insert(
             first.max(self.committed.saturating_add(1)),
-            (last, changed_at),
+            Finished {
+                last,
+                changed_at,
+                resume,
+            },
         );
         let before = self.committed;
-        while let Some((last, changed_at)) = self.finished.remove(&self.committed.saturating_add(1))
-        {
-            self.committed = last;
-            if changed_at.is_some() {
-                self.committed_time = changed_at;
+        while let Some(done) = self.finished.remove(&self.committed.saturating_add(1)) {
+            self.committed = done.last;
+            if done.changed_at.is_some() {
+                self.committed_time = done.changed_at;
+            }
+            if done.resume.is_some() {
+                self.committed_resume = done.resume;
             }
         }
         self.committed != before
@@ -68,6 +106,7 @@ impl SequenceTracker {
         Checkpoint {
             position: self.committed,
             changed_at: self.committed_time,
+            resume: self.committed_resume.clone(),
         }
     }
 
@@ -132,9 +171,37 @@ mod tests {
             tracker.checkpoint(),
             Checkpoint {
                 position: 2,
-                changed_at: Some(t)
+                changed_at: Some(t),
+                resume: None,
             }
         );
         assert!(!tracker.finish(1, None), "an old position changes nothing");
+    }
+
+    /// A MongoDB checkpoint is the token of the newest event of the contiguous finished
+    /// prefix, never that of an event finished ahead of an unfinished one.
+    #[test]
+    fn carries_the_resume_point_of_the_contiguous_prefix() {
+        use crate::datastore::{ChangeKind, SkipReason};
+        let token = |n: i32| ResumePoint::ChangeStream(mongodb::bson::doc! {"_data": n});
+        let change = |position: u64, resume: Option<ResumePoint>| {
+            let change = Change::new(position, None, ChangeKind::Skip(SkipReason::Undecodable));
+            match resume {
+                Some(resume) => change.resuming_at(resume),
+                None => change,
+            }
+        };
+        let mut tracker = SequenceTracker::new(0);
+        assert!(!tracker.finish_change(&change(2, Some(token(2)))));
+        assert_eq!(tracker.checkpoint().resume, None, "position 1 is unfinished");
+        assert!(tracker.finish_change(&change(1, Some(token(1)))));
+        assert_eq!(tracker.checkpoint().resume, Some(token(2)));
+        assert!(tracker.finish_change(&change(3, None)));
+        assert_eq!(tracker.checkpoint().position, 3);
+        assert_eq!(
+            tracker.checkpoint().resume,
+            Some(token(2)),
+            "a position without a token keeps the last one"
+        );
     }
 }

@@ -205,7 +205,7 @@ backoff_multiplier = 2.0
         config,
         workers: args.workers.max(1),
         metrics_port: 0,
-        datastore,
+        datastore: event_exporter::datastore::DatastoreSettings::Postgres(datastore),
         oidc_secret_path: secret_path,
         shutdown_grace: Duration::from_secs(10),
     };

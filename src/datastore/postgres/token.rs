@@ -188,6 +188,7 @@ impl CheckpointStore for TokenStore {
         let checkpoint = Checkpoint {
             position: self.connector.positions().id_of(checkpoint.position),
             changed_at: checkpoint.changed_at,
+            resume: None,
         };
         self.save_value(&token_value(&checkpoint)).await
     }
@@ -259,6 +260,7 @@ mod tests {
         let checkpoint = Checkpoint {
             position: 12,
             changed_at: Some(Utc::now()),
+            resume: None,
         };
         let value = token_value(&checkpoint);
         assert_eq!(value["eventID"], 12);
