@@ -11,10 +11,10 @@ use crate::backfill::{self, BackfillPlan};
 use crate::cli::RunArgs;
 use crate::cloudevent::Transformer;
 use crate::config::{format_go_duration, Config};
+use crate::datastore::mongo::MongoSettings;
 use crate::datastore::postgres::{
     spawn_listener, ChangelogReader, Connector, PgSettings, StartPoint, TokenStore,
 };
-use crate::datastore::mongo::MongoSettings;
 use crate::datastore::{DatastoreError, DatastoreSettings};
 use crate::filter::Filter;
 use crate::pipeline::{EventHandler, Feed, Pipeline, PipelineError, Summary};
@@ -314,16 +314,13 @@ struct Context<'a> {
     status: Arc<Status>,
 }
 
-type Work = std::pin::Pin<
-    Box<
-        dyn std::future::Future<
-                Output = (
-                    Result<Summary, PipelineError>,
-                    Result<Option<Summary>, PipelineError>,
-                ),
-            > + Send,
-    >,
->;
+/// How the stream and the backfill (if one ran) ended.
+type Results = (
+    Result<Summary, PipelineError>,
+    Result<Option<Summary>, PipelineError>,
+);
+
+type Work = std::pin::Pin<Box<dyn std::future::Future<Output = Results> + Send>>;
 
 /// A started backend: the stream and backfill pipelines joined, and the background tasks that
 /// must run as long as they do.
@@ -540,7 +537,11 @@ async fn supervise(
     let mut listener = listener;
     let mut server = server;
     let (mut keeper, keeper_stop, leadership) = match leadership {
-        Some(held) => (Some(held.keeper), Some(held.keeper_stop), Some(held.leadership)),
+        Some(held) => (
+            Some(held.keeper),
+            Some(held.keeper_stop),
+            Some(held.leadership),
+        ),
         None => (None, None, None),
     };
     let mut server_done = false;
@@ -616,13 +617,7 @@ async fn supervise(
 }
 
 /// The exit result from why the work ended.
-fn outcome(
-    died: Option<String>,
-    results: Option<(
-        Result<Summary, PipelineError>,
-        Result<Option<Summary>, PipelineError>,
-    )>,
-) -> Result<(), ExitError> {
+fn outcome(died: Option<String>, results: Option<Results>) -> Result<(), ExitError> {
     let failed = ExitError::Failed;
     if let Some(reason) = died {
         return Err(failed(format!(

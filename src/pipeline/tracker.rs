@@ -193,7 +193,11 @@ mod tests {
         };
         let mut tracker = SequenceTracker::new(0);
         assert!(!tracker.finish_change(&change(2, Some(token(2)))));
-        assert_eq!(tracker.checkpoint().resume, None, "position 1 is unfinished");
+        assert_eq!(
+            tracker.checkpoint().resume,
+            None,
+            "position 1 is unfinished"
+        );
         assert!(tracker.finish_change(&change(1, Some(token(1)))));
         assert_eq!(tracker.checkpoint().resume, Some(token(2)));
         assert!(tracker.finish_change(&change(3, None)));

@@ -837,7 +837,14 @@ async def cmd_authenticate(peer: Peer, body: SON, db: str, conn_id: int, peer_ce
     return x509_login(peer, body, peer_cert, conn_id)
 
 
-@command("ping", "endSessions", "create", "createIndexes", "killAllSessions")
+@command("create")
+async def cmd_create(peer: Peer, body: SON, db: str, conn_id: int, peer_cert: Any) -> SON:
+    """Creates an empty collection (listCollections then names it, as a server does)."""
+    peer.collections[(db, body["create"])]  # defaultdict: exists from now on
+    return SON()
+
+
+@command("ping", "endSessions", "createIndexes", "killAllSessions")
 async def cmd_ok(peer: Peer, body: SON, db: str, conn_id: int, peer_cert: Any) -> SON:
     return SON()
 

@@ -124,7 +124,10 @@ mod tests {
         assert_eq!(event.drain_overrides.map(|o| o.skip), Some(true));
         assert_eq!(event.quarantine_overrides, None);
         let generated = event.generated_timestamp.unwrap();
-        assert_eq!((generated.timestamp(), generated.timestamp_subsec_nanos()), (1_700_000_000, 5));
+        assert_eq!(
+            (generated.timestamp(), generated.timestamp_subsec_nanos()),
+            (1_700_000_000, 5)
+        );
     }
 
     #[test]
@@ -154,7 +157,10 @@ mod tests {
         let raw = raw_event(&document).unwrap();
         assert_eq!(raw.record_id, "plain-string-id");
         let event = decode_document(&raw.document).unwrap().unwrap();
-        assert_eq!((event.check_name.as_str(), event.node_name.as_str()), ("NicDown", "n2"));
+        assert_eq!(
+            (event.check_name.as_str(), event.node_name.as_str()),
+            ("NicDown", "n2")
+        );
     }
 
     #[test]

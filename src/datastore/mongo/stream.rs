@@ -29,9 +29,7 @@ use mongodb::Collection;
 
 use super::decode;
 use super::keyset::KeysetReader;
-use crate::datastore::{
-    Change, ChangeKind, ChangeSource, DatastoreError, ResumePoint, SkipReason,
-};
+use crate::datastore::{Change, ChangeKind, ChangeSource, DatastoreError, ResumePoint, SkipReason};
 use crate::metrics;
 use crate::reconnect::Backoff;
 
@@ -189,7 +187,11 @@ impl ChangeStreamSource {
     /// Drops the token; the next open starts from now and then recovers from the last
     /// exported `createdAt` (bounded by `max_age`).
     fn history_lost(&mut self, why: &str) {
-        let phase = if self.opened_once { "runtime" } else { "initialization" };
+        let phase = if self.opened_once {
+            "runtime"
+        } else {
+            "initialization"
+        };
         metrics::get()
             .resume_token_recoveries
             .get_or_create(&vec![

@@ -62,10 +62,11 @@ impl TokenStore {
             Some(Bson::Document(token)) if token.is_empty() => None,
             Some(Bson::Document(token)) => Some(token.clone()),
             Some(Bson::Binary(binary)) if binary.bytes.is_empty() => None,
-            Some(Bson::Binary(binary)) => Some(
-                Document::from_reader(binary.bytes.as_slice())
-                    .map_err(|e| unusable(format!("resumeToken bytes are not a BSON document: {e}")))?,
-            ),
+            Some(Bson::Binary(binary)) => {
+                Some(Document::from_reader(binary.bytes.as_slice()).map_err(|e| {
+                    unusable(format!("resumeToken bytes are not a BSON document: {e}"))
+                })?)
+            }
             Some(other) => {
                 return Err(unusable(format!(
                     "resumeToken is a {:?}, expected a document or binary",
@@ -86,7 +87,10 @@ impl TokenStore {
     /// Upserts fields of this client's document.
     pub async fn set(&self, fields: Document) -> Result<(), DatastoreError> {
         self.collection
-            .update_one(doc! {"clientName": &self.client_name}, doc! {"$set": fields})
+            .update_one(
+                doc! {"clientName": &self.client_name},
+                doc! {"$set": fields},
+            )
             .upsert(true)
             .await?;
         Ok(())

@@ -1,0 +1,451 @@
+//! End to end through the binary with MongoDB, NVSentinel's default datastore: the MongoDB wire
+//! peer (`tests/mongo_peer/peer.py`, a stateful one-node replica set on loopback: no MongoDB
+//! server can be installed here) → the exporter → a real HTTP sink. Events are written with the
+//! official Rust driver, shaped as platform-connectors store them.
+//!
+//! Run with `scripts/test --test mongo` (it installs pymongo for the peer).
+
+#[path = "mongo_peer/launch.rs"]
+mod mongo_peer_launch;
+mod support;
+
+use std::time::Duration;
+
+use mongo_peer_launch::MongoPeer;
+use mongodb::bson::{doc, Bson, DateTime, Document};
+use mongodb::Client;
+use serde_json::{json, Value};
+use support::exporter::{sample_or_zero, Exporter, ExporterOptions};
+use support::sink::{SinkOptions, SinkServer};
+
+const DB: &str = "HealthEventsDatabase";
+const EVENTS: &str = "HealthEvents";
+const TOKENS: &str = "ResumeTokens";
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A peer with NVSentinel's collections, and a driver client to write into it.
+struct Store {
+    peer: MongoPeer,
+    client: Client,
+}
+
+impl Store {
+    async fn start(args: &[&str]) -> Store {
+        let peer = MongoPeer::start(args);
+        let client = Client::with_uri_str(format!(
+            "mongodb://127.0.0.1:{}/?directConnection=true",
+            peer.port
+        ))
+        .await
+        .expect("client");
+        let db = client.database(DB);
+        db.create_collection(EVENTS).await.expect("create events");
+        db.create_collection(TOKENS).await.expect("create tokens");
+        Store { peer, client }
+    }
+
+    fn events(&self) -> mongodb::Collection<Document> {
+        self.client.database(DB).collection(EVENTS)
+    }
+
+    fn tokens(&self) -> mongodb::Collection<Document> {
+        self.client.database(DB).collection(TOKENS)
+    }
+
+    /// The exporter's environment as NVSentinel's chart sets it (no DATASTORE_PROVIDER: MongoDB).
+    fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("MONGODB_URI".into(), self.peer.uri.clone()),
+            ("MONGODB_DATABASE_NAME".into(), DB.into()),
+            ("MONGODB_COLLECTION_NAME".into(), EVENTS.into()),
+            ("MONGODB_TOKEN_COLLECTION_NAME".into(), TOKENS.into()),
+            ("APP_NAME".into(), "event-exporter".into()),
+        ]
+    }
+
+    /// Inserts `health_event(node, i)` for each `i` one by one; returns their `_id` hex.
+    async fn insert(&self, node: &str, range: std::ops::Range<i64>) -> Vec<String> {
+        let mut ids = Vec::new();
+        for i in range {
+            let result = self
+                .events()
+                .insert_one(health_event(node, i))
+                .await
+                .expect("insert");
+            ids.push(match result.inserted_id {
+                Bson::ObjectId(oid) => oid.to_hex(),
+                other => panic!("unexpected _id {other}"),
+            });
+        }
+        ids
+    }
+
+    async fn token_document(&self) -> Option<Document> {
+        self.tokens()
+            .find_one(doc! {"clientName": "event-exporter"})
+            .await
+            .expect("find token")
+    }
+}
+
+/// A document as platform-connectors insert it (Go driver: lowercased field names, int32
+/// enums, `generatedtimestamp` as `{seconds, nanos}`, zero values stored).
+fn health_event(node: &str, i: i64) -> Document {
+    doc! {
+        "createdAt": DateTime::now(),
+        "healthevent": {
+            "version": 1_i32, "agent": "gpu-health-monitor", "componentclass": "GPU",
+            "checkname": "GpuXidError", "isfatal": true, "ishealthy": false,
+            "message": format!("XID 79 #{i}"), "recommendedaction": 24_i32,
+            "errorcode": ["79"],
+            "entitiesimpacted": [{"entitytype": "GPU", "entityvalue": i.to_string()}],
+            "metadata": {"idempotencyKey": format!("{node}#{i}")},
+            "generatedtimestamp": {"seconds": 1_767_225_600_i64 + i, "nanos": 250_000_000_i32},
+            "nodename": node, "quarantineoverrides": Bson::Null, "drainoverrides": Bson::Null,
+            "processingstrategy": 1_i32, "id": "", "customrecommendedaction": "",
+        },
+        "healtheventstatus": Bson::Null,
+    }
+}
+
+fn options(sink: &SinkServer, store: &Store) -> ExporterOptions {
+    ExporterOptions::new(sink, None, store.env())
+}
+
+async fn sink() -> SinkServer {
+    SinkServer::start(SinkOptions {
+        token_registry: None,
+        latency: None,
+    })
+    .await
+}
+
+fn ids(events: &[Value]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| e["id"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+fn sorted(mut ids: Vec<String>) -> Vec<String> {
+    ids.sort();
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivers_a_platform_connector_document_as_upstreams_cloudevent() {
+    let store = Store::start(&[]).await;
+    let sink = sink().await;
+    let mut exporter = Exporter::start(&options(&sink, &store)).await;
+    let id = store.insert("node-7", 3..4).await.remove(0);
+    let events = sink.wait_for_accepted(1, WAIT).await;
+    let expected = json!({
+        "specversion": "1.0",
+        "type": "com.nvidia.nvsentinel.health.v1",
+        "source": "nvsentinel://test-cluster/healthevents",
+        "id": id,
+        "time": "2026-01-01T00:00:03.25Z",
+        "data": {
+            "healthEvent": {
+                "agent": "gpu-health-monitor",
+                "checkName": "GpuXidError",
+                "componentClass": "GPU",
+                "entitiesImpacted": [{"entityType": "GPU", "entityValue": "3"}],
+                "errorCode": ["79"],
+                "generatedTimestamp": "2026-01-01T00:00:03.25Z",
+                "isFatal": true,
+                "isHealthy": false,
+                "message": "XID 79 #3",
+                "metadata": {"idempotencyKey": "node-7#3"},
+                "nodeName": "node-7",
+                "processingStrategy": "EXECUTE_REMEDIATION",
+                "recommendedAction": "RESTART_BM",
+                "version": 1,
+            },
+            "metadata": {"cluster": "test-cluster", "environment": "test"},
+        },
+    });
+    assert_eq!(events[0], expected, "log:\n{}", exporter.log());
+
+    // A clean stop writes upstream's token document: the event's own change-stream _id.
+    let status = exporter.terminate().await;
+    assert_eq!(status.code(), Some(0), "log:\n{}", exporter.log());
+    let token = store
+        .token_document()
+        .await
+        .expect("token document written");
+    let resume = token
+        .get_document("resumeToken")
+        .expect("resumeToken document");
+    assert!(resume.get_str("_data").is_ok(), "{token}");
+    assert!(
+        matches!(token.get("lastExportedAt"), Some(Bson::DateTime(_))),
+        "{token}"
+    );
+    // The stream was opened on inserts only, with updateLookup and the app name.
+    let aggregate = store.peer.commands("aggregate").await;
+    let text = serde_json::to_string(&aggregate).unwrap_or_default();
+    assert!(text.contains("updateLookup"), "{text}");
+    assert!(text.contains("\"insert\""), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resumes_after_a_restart_and_after_kill_9_with_nothing_lost() {
+    let store = Store::start(&[]).await;
+    let sink = sink().await;
+    let mut exporter = Exporter::start(&options(&sink, &store)).await;
+    let first = store.insert("node-1", 0..5).await;
+    sink.wait_for_accepted(5, WAIT).await;
+    assert_eq!(
+        exporter.terminate().await.code(),
+        Some(0),
+        "log:\n{}",
+        exporter.log()
+    );
+
+    // Written while the exporter is down: delivered after the restart, nothing re-sent.
+    let second = store.insert("node-1", 5..10).await;
+    let mut exporter = Exporter::start(&options(&sink, &store)).await;
+    let events = sink.wait_for_accepted(10, WAIT).await;
+    let mut expected = first.clone();
+    expected.extend(second.clone());
+    assert_eq!(sorted(ids(&events)), sorted(expected.clone()));
+
+    // kill -9 mid-stream: every event is delivered after the restart (re-sends allowed).
+    let third = store.insert("node-1", 10..20).await;
+    exporter.kill();
+    let fourth = store.insert("node-1", 20..25).await;
+    let _exporter = Exporter::start(&options(&sink, &store)).await;
+    expected.extend(third);
+    expected.extend(fourth);
+    let delivered = wait_for_ids(&sink, &expected).await;
+    assert!(
+        delivered,
+        "missing events after kill -9: {:?}",
+        ids(&sink.accepted())
+    );
+    // Nothing delivered before the clean stop was sent again (after kill -9 the events since
+    // the last checkpoint write may be: at least once).
+    let accepted = ids(&sink.accepted());
+    for id in &first {
+        assert_eq!(
+            accepted.iter().filter(|a| *a == id).count(),
+            1,
+            "{id} re-sent"
+        );
+    }
+}
+
+/// Waits until every id in `expected` was accepted at least once.
+async fn wait_for_ids(sink: &SinkServer, expected: &[String]) -> bool {
+    let deadline = std::time::Instant::now() + WAIT;
+    while std::time::Instant::now() < deadline {
+        let accepted = ids(&sink.accepted());
+        if expected.iter().all(|id| accepted.contains(id)) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn takes_over_a_go_exporters_token_with_nothing_re_sent() {
+    let store = Store::start(&[]).await;
+    // The Go exporter's state: it exported up to event 2 and stored that event's _id.
+    let mut watch = store
+        .events()
+        .watch()
+        .max_await_time(Duration::from_millis(200))
+        .await
+        .expect("watch");
+    let ids_all = store.insert("node-2", 0..6).await;
+    let mut tokens = Vec::new();
+    while tokens.len() < 3 {
+        if let Some(event) = watch.next_if_any().await.expect("next") {
+            tokens.push(event.id);
+        }
+    }
+    drop(watch);
+    let token = mongodb::bson::to_bson(&tokens[2]).expect("token as BSON");
+    store
+        .tokens()
+        .insert_one(doc! {"clientName": "event-exporter", "resumeToken": token})
+        .await
+        .expect("Go token");
+    let sink = sink().await;
+    let mut exporter = Exporter::start(&options(&sink, &store)).await;
+    let events = sink.wait_for_accepted(3, WAIT).await;
+    assert_eq!(
+        sorted(ids(&events)),
+        sorted(ids_all[3..].to_vec()),
+        "log:\n{}",
+        exporter.log()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        sink.accepted().len(),
+        3,
+        "nothing before the Go token is re-sent"
+    );
+    assert_eq!(exporter.terminate().await.code(), Some(0));
+    assert_eq!(
+        store
+            .tokens()
+            .count_documents(doc! {"clientName": "event-exporter"})
+            .await
+            .expect("count"),
+        1,
+        "the token document is upserted, not duplicated"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_stream_reconnects_and_readiness_follows() {
+    let store = Store::start(&[]).await;
+    let sink = sink().await;
+    let exporter = Exporter::start(&options(&sink, &store)).await;
+    store.insert("node-3", 0..2).await;
+    sink.wait_for_accepted(2, WAIT).await;
+    // A dropped connection, then a primary stepping down on the next getMores.
+    store
+        .peer
+        .control("POST", "/drop-connections", Some(json!({})))
+        .await;
+    store.insert("node-3", 2..4).await;
+    sink.wait_for_accepted(4, WAIT).await;
+    store
+        .peer
+        .control(
+            "POST",
+            "/fail",
+            Some(json!({"commands": ["getMore", "aggregate"], "code": 10107, "times": 3})),
+        )
+        .await;
+    store.insert("node-3", 4..6).await;
+    let events = sink.wait_for_accepted(6, WAIT).await;
+    assert_eq!(events.len(), 6, "log:\n{}", exporter.log());
+    // Failing for good: /readyz turns 503 while the stream cannot be opened.
+    store
+        .peer
+        .control(
+            "POST",
+            "/fail",
+            Some(json!({"commands": ["getMore", "aggregate"], "closeConnection": true, "alwaysOn": true})),
+        )
+        .await;
+    let mut saw_unready = false;
+    for _ in 0..100 {
+        if let Some((503, _)) = exporter.probe("/readyz").await {
+            saw_unready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        saw_unready,
+        "readyz stayed 200 while the stream failed; log:\n{}",
+        exporter.log()
+    );
+    store.peer.control("POST", "/fail/off", None).await;
+    store.insert("node-3", 6..7).await;
+    sink.wait_for_accepted(7, WAIT).await;
+    let metrics = exporter.metrics().await;
+    assert!(
+        sample_or_zero(
+            &metrics,
+            "health_events_exporter_datastore_reconnects_total"
+        ) >= 1.0,
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_history_is_recovered_by_a_backfill_from_the_last_exported_event() {
+    let store = Store::start(&["--oplog-size", "50"]).await;
+    let sink = sink().await;
+    let mut exporter = Exporter::start(&options(&sink, &store)).await;
+    let before = store.insert("node-4", 0..3).await;
+    sink.wait_for_accepted(3, WAIT).await;
+    assert_eq!(exporter.terminate().await.code(), Some(0));
+    // Down long enough for the oplog to roll past the stored token (upstream: silent loss).
+    let missed = store.insert("node-4", 3..80).await;
+    store
+        .peer
+        .control("POST", "/trim", Some(json!({"keep": 10})))
+        .await;
+    let exporter = Exporter::start(&options(&sink, &store)).await;
+    let after = store.insert("node-4", 80..83).await;
+    let mut expected = missed.clone();
+    expected.extend(after);
+    assert!(
+        wait_for_ids(&sink, &expected).await,
+        "events lost with the history; log:\n{}",
+        exporter.log()
+    );
+    let accepted = ids(&sink.accepted());
+    for id in &expected {
+        assert_eq!(
+            accepted.iter().filter(|a| *a == id).count(),
+            1,
+            "{id} delivered twice"
+        );
+    }
+    // The recovery re-reads from 2 s (writers' clock margin) before the last exported event:
+    // events written that close to it may be sent once more, nothing older.
+    for id in &before {
+        assert!(
+            accepted.iter().filter(|a| *a == id).count() <= 2,
+            "{id} sent 3 times"
+        );
+    }
+    let metrics = exporter.metrics().await;
+    assert_eq!(
+        sample_or_zero(
+            &metrics,
+            "change_stream_resume_token_recoveries_total{client=\"event-exporter\",phase=\"initialization\"}"
+        ),
+        1.0,
+        "{metrics}"
+    );
+    assert!(exporter.log().contains("history"), "the loss is logged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_start_backfills_stored_events_and_hands_off_to_the_stream() {
+    let store = Store::start(&[]).await;
+    let old = store.insert("node-5", 0..25).await;
+    let sink = sink().await;
+    let mut options = options(&sink, &store);
+    options.backfill = "enabled = true\nmax_age = \"1h\"\nmax_events = 20\nbatch_size = 7".into();
+    let mut exporter = Exporter::start(&options).await;
+    let new = store.insert("node-5", 25..30).await;
+    let mut expected = old[5..].to_vec();
+    expected.extend(new);
+    assert!(
+        wait_for_ids(&sink, &expected).await,
+        "log:\n{}",
+        exporter.log()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let accepted = ids(&sink.accepted());
+    assert_eq!(
+        sorted(accepted.clone()),
+        sorted(expected),
+        "newest max_events, no duplicates"
+    );
+    assert_eq!(exporter.terminate().await.code(), Some(0));
+    let record = store
+        .tokens()
+        .find_one(doc! {"clientName": "event-exporter-backfill"})
+        .await
+        .expect("find")
+        .expect("backfill record");
+    let plan = record.get_document("plan").expect("plan");
+    assert_eq!(plan.get_bool("done"), Ok(true), "{record}");
+
+    // A restart with a token does not backfill again.
+    let _exporter = Exporter::start(&options).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(sink.accepted().len(), accepted.len());
+}
