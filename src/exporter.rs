@@ -255,6 +255,7 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
     });
 
     crate::metrics::get().set_feature_flag("backfill_enabled", config.backfill.enabled);
+    crate::lag::global().set_client(&config.client_name);
     tracing::info!(
         module = "event-exporter",
         version = env!("CARGO_PKG_VERSION"),

@@ -49,6 +49,7 @@ pub mod config;
 pub mod datastore;
 pub mod exporter;
 pub(crate) mod filter;
+pub(crate) mod lag;
 pub(crate) mod leader;
 pub mod leadership;
 pub mod logging;

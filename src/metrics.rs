@@ -297,6 +297,7 @@ impl Metrics {
             .get_or_create(&vec![("version".into(), env!("CARGO_PKG_VERSION").into())])
             .set(1);
         registry.register_collector(Box::new(ProcessCollector));
+        registry.register_collector(Box::new(crate::lag::LagCollector));
         let ready = std::sync::Arc::new(OnceLock::new());
         registry.register_collector(Box::new(ReadyCollector(ready.clone())));
         // Every labelled counter at 0 for its known label values (see the module docs).

@@ -70,6 +70,24 @@ async fn delivers_each_new_event_as_upstreams_cloudevent_and_stops_cleanly() {
         },
     });
     assert_eq!(event, &expected);
+    // Upstream's lag metrics, PostgreSQL side: known after the first poll.
+    let metrics = exporter.metrics().await;
+    assert_eq!(
+        support::exporter::sample_or_zero(
+            &metrics,
+            "change_stream_lag_known{client=\"event-exporter\"}"
+        ),
+        1.0,
+        "{metrics}"
+    );
+    assert!(
+        support::exporter::sample(
+            &metrics,
+            "change_stream_lag_seconds{client=\"event-exporter\"}"
+        )
+        .is_some_and(|l| (0.0..60.0).contains(&l)),
+        "{metrics}"
+    );
 
     // Wire details: key order as upstream's Go struct, headers as the spec requires.
     let request = sink

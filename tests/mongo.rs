@@ -166,6 +166,16 @@ async fn delivers_a_platform_connector_document_as_upstreams_cloudevent() {
         },
     });
     assert_eq!(events[0], expected, "log:\n{}", exporter.log());
+    // Upstream's lag metrics: known once the stream read an event or an empty batch.
+    let metrics = exporter.metrics().await;
+    let client = "{client=\"event-exporter\"}";
+    assert_eq!(
+        sample_or_zero(&metrics, &format!("change_stream_lag_known{client}")),
+        1.0,
+        "{metrics}"
+    );
+    let lag = support::exporter::sample(&metrics, &format!("change_stream_lag_seconds{client}"));
+    assert!(lag.is_some_and(|l| (0.0..60.0).contains(&l)), "{metrics}");
 
     // A clean stop writes upstream's token document: the event's own change-stream _id.
     let status = exporter.terminate().await;

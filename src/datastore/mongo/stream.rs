@@ -327,9 +327,17 @@ impl ChangeSource for ChangeStreamSource {
             match stream.next_if_any().await {
                 Ok(Some(event)) => {
                     self.backoff.reset();
+                    if let Ok(time) = event.get_timestamp("clusterTime") {
+                        if let Some(at) = DateTime::from_timestamp(i64::from(time.time), 0) {
+                            crate::lag::global().event(at);
+                        }
+                    }
                     return Ok(Some(vec![self.change_of(event)]));
                 }
-                Ok(None) => self.backoff.reset(),
+                Ok(None) => {
+                    self.backoff.reset();
+                    crate::lag::global().caught_up();
+                }
                 Err(error) => self.failed(error).await?,
             }
         }

@@ -369,6 +369,14 @@ impl ChangelogReader {
         };
         let result = self.poll_with(&client).await;
         self.client = Some(client);
+        if let Ok(changes) = &result {
+            // change_stream_lag_seconds: an empty poll is caught up now (see `crate::lag`).
+            match changes.iter().filter_map(|change| change.changed_at).max() {
+                Some(newest) => crate::lag::global().event(newest),
+                None if changes.is_empty() => crate::lag::global().caught_up(),
+                None => {}
+            }
+        }
         result
     }
 
