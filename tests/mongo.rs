@@ -459,3 +459,79 @@ async fn first_start_backfills_stored_events_and_hands_off_to_the_stream() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(sink.accepted().len(), accepted.len());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_lost_while_running_recovers_without_a_restart() {
+    let store = Store::start(&[]).await;
+    let sink = sink().await;
+    let exporter = Exporter::start(&options(&sink, &store)).await;
+    let mut expected = store.insert("node-6", 0..3).await;
+    sink.wait_for_accepted(3, WAIT).await;
+    // The open cursor fell behind the oplog: the next getMore fails with 286.
+    store
+        .peer
+        .control(
+            "POST",
+            "/fail",
+            Some(json!({"commands": ["getMore"], "code": 286, "times": 1})),
+        )
+        .await;
+    expected.extend(store.insert("node-6", 3..8).await);
+    assert!(
+        wait_for_ids(&sink, &expected).await,
+        "events lost after a runtime 286; log:\n{}",
+        exporter.log()
+    );
+    expected.extend(store.insert("node-6", 8..10).await);
+    assert!(
+        wait_for_ids(&sink, &expected).await,
+        "the new stream delivers"
+    );
+    let metrics = exporter.metrics().await;
+    assert_eq!(
+        sample_or_zero(
+            &metrics,
+            "change_stream_resume_token_recoveries_total{client=\"event-exporter\",phase=\"runtime\"}"
+        ),
+        1.0,
+        "{metrics}"
+    );
+    let accepted = ids(&sink.accepted());
+    for id in &expected[3..] {
+        assert_eq!(
+            accepted.iter().filter(|a| *a == id).count(),
+            1,
+            "{id} twice"
+        );
+    }
+}
+
+/// Against a real replica set: runs only with `MONGODB_URI` set (`cargo test --test mongo --
+/// --ignored`); CI exercises MongoDB through the wire peer only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs MONGODB_URI of a real replica set (CI has none)"]
+async fn a_real_replica_set_when_mongodb_uri_is_set() {
+    let uri = std::env::var("MONGODB_URI").expect("MONGODB_URI of a real replica set");
+    let client = Client::with_uri_str(&uri).await.expect("client");
+    let database = format!("ExporterTest{}", std::process::id());
+    let db = client.database(&database);
+    db.create_collection(EVENTS).await.expect("create events");
+    db.create_collection(TOKENS).await.expect("create tokens");
+    let sink = sink().await;
+    let env = vec![
+        ("MONGODB_URI".to_string(), uri.clone()),
+        ("MONGODB_DATABASE_NAME".to_string(), database.clone()),
+    ];
+    let mut exporter = Exporter::start(&ExporterOptions::new(&sink, None, env)).await;
+    let collection = db.collection::<Document>(EVENTS);
+    for i in 0..5 {
+        collection
+            .insert_one(health_event("real-node", i))
+            .await
+            .expect("insert");
+    }
+    let events = sink.wait_for_accepted(5, WAIT).await;
+    assert_eq!(events.len(), 5);
+    assert_eq!(exporter.terminate().await.code(), Some(0));
+    db.drop().await.expect("drop the test database");
+}

@@ -13,7 +13,11 @@
 //! logged and counted, a fresh stream is opened **first**, and then every stored document from
 //! the last exported `createdAt` (bounded by `max_age`) is read in keyset pages before the new
 //! stream's events — so each event still in the collection is delivered. Documents the
-//! recovery read that the new stream delivers again are recognised by `_id` and passed over.
+//! recovery reads that this process already received, and documents the new stream delivers
+//! again after the recovery read them, are recognised by `_id` and passed over (counted as
+//! `skipped{reason="already_exported"}`). After a restart the recovery starts 2 s (writers'
+//! clock margin) before the last exported `createdAt`, so events that close to it are sent
+//! again: at least once, bounded.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -80,6 +84,9 @@ pub struct ChangeStreamSource {
     /// `_id`s a recovery delivered that the new stream may deliver again, and from when.
     recovered: HashSet<String>,
     recovered_since: Option<DateTime<Utc>>,
+    /// `_id`s this process received with `createdAt` within [`CLOCK_MARGIN`] of
+    /// `received_until`: a recovery re-reading that margin passes over them.
+    recent: std::collections::HashMap<String, DateTime<Utc>>,
     /// Whether any stream was opened yet (the recovery metric's `phase`).
     opened_once: bool,
     up: Arc<AtomicBool>,
@@ -106,6 +113,7 @@ impl ChangeStreamSource {
             recovery: None,
             recovered: HashSet::new(),
             recovered_since: None,
+            recent: std::collections::HashMap::new(),
             opened_once: false,
             up: Arc::new(AtomicBool::new(false)),
             backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
@@ -247,7 +255,16 @@ impl ChangeStreamSource {
             let created_at = decode::created_at(&document);
             let position = self.advance();
             let change = match decode::raw_event(&document) {
+                Ok(event) if self.recent.contains_key(&event.record_id) => {
+                    metrics::get().skipped("already_exported");
+                    Change::new(
+                        position,
+                        created_at,
+                        ChangeKind::Skip(SkipReason::AlreadyExported),
+                    )
+                }
                 Ok(event) => {
+                    self.remember(&event.record_id, created_at);
                     if self
                         .recovered_since
                         .is_some_and(|since| created_at.is_some_and(|t| t >= since))
@@ -266,6 +283,26 @@ impl ChangeStreamSource {
         Ok(Some(changes))
     }
 
+    /// Remembers an event received, forgetting those older than the margin.
+    fn remember(&mut self, id: &str, created_at: Option<DateTime<Utc>>) {
+        let Some(created_at) = created_at else {
+            return;
+        };
+        let newest = self
+            .received_until
+            .map_or(created_at, |r| r.max(created_at));
+        let margin = chrono::Duration::from_std(CLOCK_MARGIN).unwrap_or_default();
+        let Some(oldest) = newest.checked_sub_signed(margin) else {
+            return;
+        };
+        if created_at >= oldest {
+            self.recent.insert(id.to_string(), created_at);
+        }
+        if self.recent.len() > 1024 {
+            self.recent.retain(|_, t| *t >= oldest);
+        }
+    }
+
     fn advance(&mut self) -> u64 {
         self.next_position = self.next_position.saturating_add(1);
         self.next_position
@@ -282,7 +319,10 @@ impl ChangeStreamSource {
                 metrics::get().skipped("already_exported");
                 ChangeKind::Skip(SkipReason::AlreadyExported)
             }
-            Some(Ok(raw)) => ChangeKind::Event(raw),
+            Some(Ok(raw)) => {
+                self.remember(&raw.record_id, created_at);
+                ChangeKind::Event(raw)
+            }
             Some(Err(error)) => undecodable(position, &error).kind,
             None => undecodable(position, &decode::DocumentError::NoFullDocument).kind,
         };
