@@ -31,7 +31,7 @@ use tokio_postgres::Client;
 
 use crate::backfill::{self, BackfillPlan};
 use crate::config::{format_go_duration, Config, ConfigError};
-use crate::datastore::postgres::{Connector, PgSettings, StartPoint};
+use crate::datastore::postgres::{Connector, StartPoint};
 use crate::datastore::DatastoreError;
 
 #[derive(Debug, Args)]
@@ -75,6 +75,12 @@ pub enum StatusError {
     },
     #[error("cannot start the async runtime: {0}")]
     Runtime(#[source] std::io::Error),
+    #[error(
+        "datastore {0}: `status` reads PostgreSQL only in this version (DATASTORE_PROVIDER is \
+         mongodb or unset); for MongoDB read the exporter's change_stream_lag_seconds and \
+         health_events_exporter_* metrics, or the token document in MONGODB_TOKEN_COLLECTION_NAME"
+    )]
+    Unsupported(String),
 }
 
 /// The resume token row of `exporter.client_name`.
@@ -197,7 +203,12 @@ pub fn main(args: &StatusArgs) -> ExitCode {
 /// Loads the configuration and the datastore environment, then queries the datastore.
 pub fn read_status(args: &StatusArgs) -> Result<Status, StatusError> {
     let config = Config::load(&args.config)?;
-    let settings = PgSettings::from_process_env()?;
+    let settings = match crate::datastore::DatastoreSettings::from_process_env()? {
+        crate::datastore::DatastoreSettings::Postgres(settings) => settings,
+        crate::datastore::DatastoreSettings::Mongo(settings) => {
+            return Err(StatusError::Unsupported(settings.describe()))
+        }
+    };
     let datastore = settings.describe();
     let connector = Connector::new(settings)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
