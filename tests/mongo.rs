@@ -535,3 +535,50 @@ async fn a_real_replica_set_when_mongodb_uri_is_set() {
     assert_eq!(exporter.terminate().await.code(), Some(0));
     db.drop().await.expect("drop the test database");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_killed_midway_continues_where_it_stopped() {
+    let store = Store::start(&[]).await;
+    let old = store.insert("node-8", 0..100).await;
+    let sink = sink().await;
+    let mut options = options(&sink, &store);
+    options.backfill =
+        "enabled = true\nmax_age = \"1h\"\nmax_events = 1000\nbatch_size = 10\nrate_limit = 20"
+            .into();
+    let mut exporter = Exporter::start(&options).await;
+    sink.wait_for_accepted(25, WAIT).await;
+    // Let the progress record catch up with a few deliveries, then kill -9.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    exporter.kill();
+    let before_restart = sink.accepted().len();
+    assert!(
+        before_restart < 100,
+        "the backfill finished before the kill: slow it down"
+    );
+    let record = store
+        .tokens()
+        .find_one(doc! {"clientName": "event-exporter-backfill"})
+        .await
+        .expect("find")
+        .expect("backfill record");
+    let plan = record.get_document("plan").expect("plan");
+    assert_eq!(plan.get_bool("done"), Ok(false), "{record}");
+    let delivered = plan
+        .get_i64("delivered")
+        .map(|d| d as usize)
+        .unwrap_or_else(|_| plan.get_i32("delivered").map(|d| d as usize).unwrap_or(0));
+    assert!(delivered > 0, "progress was saved: {record}");
+
+    let _exporter = Exporter::start(&options).await;
+    assert!(
+        wait_for_ids(&sink, &old).await,
+        "every stored event delivered after the restart"
+    );
+    let accepted = ids(&sink.accepted());
+    // Only what was delivered after the last saved progress is sent again, not the whole plan.
+    let resent = accepted.len() - old.len();
+    assert!(
+        resent <= before_restart - delivered,
+        "re-sent {resent}, delivered {before_restart} before the kill, progress said {delivered}"
+    );
+}

@@ -103,6 +103,14 @@ pub async fn open(
     );
     stream.open().await?;
     let started_at = chrono::Utc::now();
+    if !had_token {
+        // The stream's start point is saved at once: a restart before any event arrived
+        // resumes from here (no gap between this run's start and the next) and finds the
+        // unfinished backfill to continue, instead of planning a new one from scratch.
+        if let Some(token) = stream.start_token() {
+            tokens.set(doc! {"resumeToken": token}).await?;
+        }
+    }
     let store = std::sync::Arc::new(TokenStore::new(
         token_collection,
         crate::backfill::record_name(&config.client_name),

@@ -126,6 +126,16 @@ impl ChangeStreamSource {
         self.up = up;
     }
 
+    /// The open stream's own resume token (its start point before any event arrived), as
+    /// BSON; `None` before `open` or when the server sent none.
+    pub fn start_token(&self) -> Option<Document> {
+        let token = self.stream.as_ref()?.resume_token()?;
+        match mongodb::bson::to_bson(&token) {
+            Ok(Bson::Document(document)) => Some(document),
+            _ => None,
+        }
+    }
+
     /// Opens the stream now (start-up: so that a backfill starting after this misses nothing).
     /// Errors: only those retrying cannot fix.
     pub async fn open(&mut self) -> Result<(), DatastoreError> {
