@@ -499,10 +499,11 @@ async fn start_mongo(
                 tokio::time::sleep(wait).await;
             }
             Err(error) => {
+                tracing::error!(retry = %error.retry(), "cannot start from the datastore");
                 return Err(ExitError::Failed(format!(
                     "cannot start from datastore {}: {error}",
                     settings.describe()
-                )))
+                )));
             }
         }
     };
@@ -820,10 +821,11 @@ async fn open_source(
                 tokio::time::sleep(wait).await;
             }
             Err(error) => {
+                tracing::error!(retry = %error.retry(), "cannot start from the datastore");
                 return Err(ExitError::Failed(format!(
                     "cannot start from datastore {}: {error}",
                     connector.settings().describe()
-                )))
+                )));
             }
         }
     }

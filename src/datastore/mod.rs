@@ -129,7 +129,66 @@ pub enum DatastoreError {
     MongoSettings(#[from] mongo::MongoSettingsError),
 }
 
+/// Whether retrying can help with a [`DatastoreError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// Later, the same request can succeed (a lost connection, a primary stepping down).
+    Transient,
+    /// The deployment is wrong (settings, credentials, a missing table or collection):
+    /// an operator must change something.
+    Configuration,
+    /// Neither: the data or the server refuses it for good (an unreadable token).
+    Permanent,
+}
+
+impl std::fmt::Display for Retry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Retry::Transient => "transient",
+            Retry::Configuration => "configuration",
+            Retry::Permanent => "permanent",
+        })
+    }
+}
+
+/// PostgreSQL SQLSTATEs an operator fixes: bad password or role, no such database, no
+/// privilege, no such table.
+const PG_CONFIGURATION_STATES: &[&str] = &["28000", "28P01", "3D000", "42501", "42P01"];
+
+/// MongoDB codes an operator fixes: authentication failed, unauthorized, no such namespace.
+const MONGO_CONFIGURATION_CODES: &[i32] = &[18, 13, 26, 11];
+
 impl DatastoreError {
+    /// Whether retrying can help, and if not, whether the deployment must change.
+    pub fn retry(&self) -> Retry {
+        if self.is_transient() {
+            return Retry::Transient;
+        }
+        match self {
+            DatastoreError::Settings(_)
+            | DatastoreError::MongoSettings(_)
+            | DatastoreError::Tls(_)
+            | DatastoreError::Schema(_) => Retry::Configuration,
+            DatastoreError::Postgres(error)
+                if error
+                    .code()
+                    .is_some_and(|c| PG_CONFIGURATION_STATES.contains(&c.code())) =>
+            {
+                Retry::Configuration
+            }
+            DatastoreError::Mongo(error) => match error.kind.as_ref() {
+                mongodb::error::ErrorKind::Authentication { .. } => Retry::Configuration,
+                mongodb::error::ErrorKind::Command(c)
+                    if MONGO_CONFIGURATION_CODES.contains(&c.code) =>
+                {
+                    Retry::Configuration
+                }
+                _ => Retry::Permanent,
+            },
+            _ => Retry::Permanent,
+        }
+    }
+
     /// Whether retrying later can help (a lost connection, a server starting or shutting down,
     /// too many connections), as opposed to a mistake that retrying cannot fix (a missing table,
     /// a wrong password, no such database).
@@ -246,4 +305,32 @@ impl DatastoreSettings {
 
 fn is_postgres(provider: &str) -> bool {
     matches!(provider.trim(), "postgresql" | "postgres")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_say_whether_retrying_can_help() {
+        let io = mongodb::error::Error::from(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "reset",
+        ));
+        assert_eq!(DatastoreError::Mongo(io).retry(), Retry::Transient);
+        assert_eq!(
+            DatastoreError::Settings("DATASTORE_PORT".into()).retry(),
+            Retry::Configuration
+        );
+        assert_eq!(
+            DatastoreError::Schema("no collection".into()).retry(),
+            Retry::Configuration
+        );
+        let token = DatastoreError::Token {
+            client: "event-exporter".into(),
+            reason: "garbage".into(),
+        };
+        assert_eq!(token.retry(), Retry::Permanent);
+        assert_eq!(Retry::Configuration.to_string(), "configuration");
+    }
 }
