@@ -1,14 +1,17 @@
 //! `event-exporter check-config`: runs the exporter's own start-up validation with the same
 //! flags (configuration file, flags, filter, OIDC secret file, CA files, and the datastore
-//! environment when `DATASTORE_PROVIDER` is set), without connecting anywhere, and prints the
-//! effective settings, secrets redacted.
+//! environment: `DATASTORE_*` with `DATASTORE_PROVIDER=postgresql`, else — `mongodb` or unset,
+//! NVSentinel's default — `MONGODB_*`), without connecting anywhere, and prints the effective
+//! settings, secrets (passwords, the URI's password) redacted.
 //!
 //! Unknown keys make it fail (exit 2) although the exporter only warns about them: a misspelled
 //! key silently changes behaviour (`max_retires = 17` leaves `max_retries` at 0), and this
 //! command is where an operator looks for that.
 //!
 //! `--connect` then tries what the exporter connects to, with the exporter's own code: the
-//! datastore (`Connector::connect` and `check_schema`: SELECTs only, never DDL), the OIDC token
+//! datastore (PostgreSQL: `Connector::connect` and `check_schema`, SELECTs only, never DDL;
+//! MongoDB: the exporter's client options, `ping`, `listCollections` for the two collections;
+//! a CA file not mounted yet is not waited for), the OIDC token
 //! endpoint (`TokenProvider::token`, a real client-credentials grant with the configured client
 //! authentication and secret file) and the sink (an `OPTIONS` request with the sink's TLS
 //! settings and proxy; any HTTP answer, 405 included, means reachable; no event is sent). Each
@@ -22,7 +25,9 @@ use serde_json::{json, Value};
 
 use crate::cli::{CheckConfigArgs, RunArgs};
 use crate::config::{format_go_duration, Config};
+use crate::datastore::mongo::MongoSettings;
 use crate::datastore::postgres::{Connector, PgSettings};
+use crate::datastore::DatastoreSettings;
 use crate::exporter::{validate_local, ExitError, LocalSettings};
 use crate::logging;
 
@@ -86,12 +91,18 @@ pub fn check(args: &CheckConfigArgs) -> Result<Report, ExitError> {
         workers,
         metrics_port,
     } = validate_local(run, !args.skip_files)?;
-    let datastore = if std::env::var_os("DATASTORE_PROVIDER").is_some() {
-        let settings =
-            PgSettings::from_process_env().map_err(|e| ExitError::Config(e.to_string()))?;
-        serde_json::to_value(settings).unwrap_or_default()
-    } else {
-        json!("not checked: DATASTORE_PROVIDER is not set")
+    let datastore = match DatastoreSettings::from_process_env()
+        .map_err(|e| ExitError::Config(datastore_error(&e.to_string())))?
+    {
+        DatastoreSettings::Postgres(settings) => serde_json::to_value(settings).unwrap_or_default(),
+        DatastoreSettings::Mongo(settings) => {
+            let mut report = settings.report();
+            if std::env::var_os("DATASTORE_PROVIDER").is_none() {
+                report["providerFrom"] =
+                    json!("DATASTORE_PROVIDER is not set: MongoDB, NVSentinel's default");
+            }
+            report
+        }
     };
     // Shown as used: the flag or the file's value, else the default.
     config.workers = Some(workers);
@@ -264,13 +275,95 @@ async fn bounded(check: impl std::future::Future<Output = Probe>) -> Probe {
         })
 }
 
-/// Connects with the `DATASTORE_*` environment, as the exporter does, and checks that the
-/// tables it reads exist (`Connector::check_schema`: one SELECT).
+/// A datastore settings error, saying which backend an unset `DATASTORE_PROVIDER` chose.
+fn datastore_error(error: &str) -> String {
+    if std::env::var_os("DATASTORE_PROVIDER").is_none() {
+        format!("{error} (DATASTORE_PROVIDER is not set: MongoDB, NVSentinel's default)")
+    } else {
+        error.to_string()
+    }
+}
+
+/// Connects to the datastore the environment names, as the exporter does, and checks that what
+/// it reads exists.
 async fn check_datastore() -> Probe {
-    let settings = match PgSettings::from_env(|name| std::env::var(name).ok()) {
-        Ok(settings) => settings,
-        Err(error) => return Probe::failed(error.to_string()),
+    match DatastoreSettings::from_process_env() {
+        Ok(DatastoreSettings::Postgres(settings)) => check_postgres(settings).await,
+        Ok(DatastoreSettings::Mongo(settings)) => {
+            let probe = check_mongo(settings).await;
+            if probe.outcome == Outcome::Failed {
+                Probe::failed(datastore_error(&probe.detail))
+            } else {
+                probe
+            }
+        }
+        Err(error) => Probe::failed(datastore_error(&error.to_string())),
+    }
+}
+
+/// MongoDB: the exporter's client options (a CA not mounted yet fails at once instead of being
+/// waited for, and server selection is bounded below [`CONNECT_TIMEOUT`]), `ping`, and
+/// `listCollections` for the health-events and token collections.
+async fn check_mongo(mut settings: MongoSettings) -> Probe {
+    use mongodb::bson::doc;
+    settings.tls.ca_mount_timeout = Duration::ZERO;
+    let target = settings.describe();
+    let mut options = match settings.client_options().await {
+        Ok(options) => options,
+        Err(error) => return Probe::failed(format!("{target}: {error}")),
     };
+    let bound = CONNECT_TIMEOUT.saturating_sub(Duration::from_secs(2));
+    options.server_selection_timeout = Some(settings.ping_timeout.min(bound));
+    options.connect_timeout = Some(settings.ping_timeout.min(bound));
+    let client = match mongodb::Client::with_options(options) {
+        Ok(client) => client,
+        Err(error) => return Probe::failed(format!("{target}: {error}")),
+    };
+    let database = client.database(&settings.database);
+    let probe = async {
+        database.run_command(doc! {"ping": 1}).await?;
+        database.list_collection_names().await
+    }
+    .await;
+    let probe = match probe {
+        Err(error) => Probe::failed(format!(
+            "{target}: {}",
+            crate::datastore::mongo::settings::redact_uri(&error.to_string())
+        )),
+        Ok(names) => {
+            let missing: Vec<String> = [
+                ("MONGODB_COLLECTION_NAME", &settings.collection),
+                ("MONGODB_TOKEN_COLLECTION_NAME", &settings.token_collection),
+            ]
+            .into_iter()
+            .filter(|(_, name)| !names.iter().any(|n| n == *name))
+            .map(|(variable, name)| format!("{name:?} ({variable})"))
+            .collect();
+            if missing.is_empty() {
+                Probe::ok(format!(
+                    "connected to {target} ({}); collections {:?} and {:?} present",
+                    settings.tls_mode(),
+                    settings.collection,
+                    settings.token_collection
+                ))
+            } else {
+                Probe::failed(format!(
+                    "{target}: database {:?} has no collection {} (NVSentinel's MongoDB setup \
+                     job creates them; the exporter never does)",
+                    settings.database,
+                    missing.join(" and ")
+                ))
+            }
+        }
+    };
+    drop(database);
+    client.shutdown().await;
+    probe
+}
+
+/// PostgreSQL: connects with the `DATASTORE_*` environment, as the exporter does, and checks
+/// that the tables it reads exist (`Connector::check_schema`: one SELECT).
+async fn check_postgres(settings: PgSettings) -> Probe {
     let target = settings.describe();
     let connector = match Connector::new(settings) {
         Ok(connector) => connector,
