@@ -298,12 +298,14 @@ fn bad_flags_and_datastore_environment_exit_2_naming_them() {
         "--metrics-port",
         Some("abc"),
     );
+    // Unset DATASTORE_PROVIDER now means MongoDB (NVSentinel's default, tests/mongo.rs); an
+    // unknown provider is refused, naming it.
     expect_rejected(
         VALID,
         &[],
-        &with_env(env.clone(), "DATASTORE_PROVIDER", None),
+        &with_env(env.clone(), "DATASTORE_PROVIDER", Some("mysql")),
         "DATASTORE_PROVIDER",
-        None,
+        Some("mysql"),
     );
     expect_rejected(
         VALID,
