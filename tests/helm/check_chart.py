@@ -426,8 +426,17 @@ def check_deployment(case: str, deployment: dict, configmap: dict, config_text: 
         check("dead-letter" not in volumes and "dead-letter" not in mounts,
               f"{case}: a dead-letter volume without deadLetterVolume")
 
+    global_datastore = (values.get("global") or {}).get("datastore") or {}
+    mongo = (global_datastore.get("provider") or "postgresql").lower() == "mongodb"
+    check_mongo_wiring(case, values, main, env, volumes, mounts, mongo)
+
     init = container(deployment, "fix-cert-permissions", init=True)
-    if certs["enabled"]:
+    if mongo:
+        check(init is None and "client-certs-fixed" not in volumes
+              and "postgresql-client-cert-original" not in volumes
+              and "POSTGRESQL_CLIENT_CERT_MOUNT_PATH" not in env,
+              f"{case}: MongoDB datastore but the PostgreSQL client certificates are wired")
+    elif certs["enabled"]:
         path = certs["mountPath"]
         if check(init is not None, f"{case}: no fix-cert-permissions init container"):
             script = " ".join(init.get("command") or [])
@@ -451,6 +460,50 @@ def check_deployment(case: str, deployment: dict, configmap: dict, config_text: 
         check(init is None and "client-certs-fixed" not in volumes
               and "POSTGRESQL_CLIENT_CERT_MOUNT_PATH" not in env,
               f"{case}: client certificates disabled but still wired")
+
+
+def check_mongo_wiring(case: str, values: dict, main: dict, env: dict, volumes: dict,
+                       mounts: dict, mongo: bool) -> None:
+    """MongoDB as upstream's chart wires it: DATASTORE_PROVIDER, APP_NAME, the client-certificate
+    mount (optional Secret, "" for managed databases), MONGODB_URI from a Secret via envFrom."""
+    if not mongo:
+        check("MONGODB_CLIENT_CERT_MOUNT_PATH" not in env and "mongo-client-cert" not in volumes
+              and "mongo-tmp" not in volumes,
+              f"{case}: PostgreSQL datastore but MongoDB wiring rendered")
+        return
+    store = values.get("mongodbStore") or {}
+    path = store.get("clientCertMountPath", "/etc/ssl/mongo-client") or ""
+    check(env.get("DATASTORE_PROVIDER") == "mongodb", f"{case}: DATASTORE_PROVIDER is "
+                                                      f"{env.get('DATASTORE_PROVIDER')!r}")
+    check(env.get("APP_NAME") == "event-exporter", f"{case}: APP_NAME {env.get('APP_NAME')!r}")
+    check(env.get("MONGODB_CLIENT_CERT_MOUNT_PATH") == path,
+          f"{case}: MONGODB_CLIENT_CERT_MOUNT_PATH {env.get('MONGODB_CLIENT_CERT_MOUNT_PATH')!r}"
+          f" != {path!r}")
+    if path:
+        secret = (volumes.get("mongo-client-cert") or {}).get("secret") or {}
+        check(secret.get("secretName") == store.get("clientCertSecretName",
+                                                    "mongo-app-client-cert-secret"),
+              f"{case}: MongoDB client-certificate Secret {secret}")
+        check(secret.get("optional") is (not store.get("clientCertSecretRequired", False)),
+              f"{case}: MongoDB client-certificate Secret optional={secret.get('optional')}")
+        check(mounts.get("mongo-client-cert", {}).get("mountPath") == path
+              and mounts["mongo-client-cert"].get("readOnly") is True,
+              f"{case}: MongoDB client certificate not mounted read-only at {path}")
+        check((volumes.get("mongo-tmp") or {}).get("emptyDir", {}).get("medium") == "Memory"
+              and mounts.get("mongo-tmp", {}).get("mountPath") == "/tmp",
+              f"{case}: no in-memory /tmp for the combined client certificate and key")
+    else:
+        check("mongo-client-cert" not in volumes and "mongo-client-cert" not in mounts,
+              f"{case}: clientCertMountPath is empty but a client certificate is mounted")
+    secret_name = ((values.get("global") or {}).get("datastore") or {}) \
+        .get("credentialsFromSecret", {}).get("name")
+    secret_refs = [e["secretRef"]["name"] for e in main.get("envFrom") or [] if "secretRef" in e]
+    if secret_name:
+        check(secret_name in secret_refs,
+              f"{case}: MONGODB_URI Secret {secret_name} not in envFrom: {main.get('envFrom')}")
+    else:
+        check(not secret_refs or values.get("extraEnvFrom"),
+              f"{case}: envFrom has a Secret nobody asked for: {secret_refs}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -609,6 +662,19 @@ CASES: list[dict[str, Any]] = [
         },
         "nodeSelector": {"pool": "ignored"},
     }, "extra": extra_global},
+    {"name": "MongoDB with the in-cluster client certificate", "values": {
+        "global": {"datastore": {"provider": "mongodb"}}}},
+    {"name": "MongoDB, external with X.509 (required Secret) and the URI from a Secret",
+     "values": {
+         "global": {"datastore": {"provider": "mongodb",
+                                  "credentialsFromSecret": {"name": "mongo-uri"}}},
+         "mongodbStore": {"clientCertMountPath": "/etc/ssl/mongo-x509",
+                          "clientCertSecretName": "mongo-x509",
+                          "clientCertSecretRequired": True}}},
+    {"name": "MongoDB managed database (no mount, SCRAM in the URI Secret)", "values": {
+        "global": {"datastore": {"provider": "mongodb",
+                                 "credentialsFromSecret": {"name": "documentdb-uri"}}},
+        "mongodbStore": {"clientCertMountPath": ""}}},
     {"name": "dead letter file on a PersistentVolumeClaim, already-delivered 409", "values": {
         "exporter": {"failureHandling": {
             "onRejected": "dead_letter", "rejectedStatuses": [400, 422],
@@ -711,8 +777,8 @@ INVALID: list[tuple[str, dict, str]] = [
      {"proxy": {"https": "http://proxy:3128"},
       "extraEnv": [{"name": "HTTPS_PROXY", "value": "http://other:3128"}]},
      "extraEnv sets HTTPS_PROXY"),
-    ("a MongoDB datastore", {"global": {"datastore": {"provider": "mongodb"}}},
-     "PostgreSQL datastore only"),
+    ("an unknown datastore provider", {"global": {"datastore": {"provider": "mysql"}}},
+     "use postgresql or mongodb"),
     ("a threshold on an alert without one",
      {"prometheusRule": {"enabled": True,
                          "alerts": {"EventExporterPublishFailing": {"threshold": 3}}}},
