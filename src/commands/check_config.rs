@@ -97,9 +97,14 @@ pub fn check(args: &CheckConfigArgs) -> Result<Report, ExitError> {
         DatastoreSettings::Postgres(settings) => serde_json::to_value(settings).unwrap_or_default(),
         DatastoreSettings::Mongo(settings) => {
             let mut report = settings.report();
-            if std::env::var_os("DATASTORE_PROVIDER").is_none() {
-                report["providerFrom"] =
-                    json!("DATASTORE_PROVIDER is not set: MongoDB, NVSentinel's default");
+            if let (None, Some(map)) = (
+                std::env::var_os("DATASTORE_PROVIDER"),
+                report.as_object_mut(),
+            ) {
+                map.insert(
+                    "providerFrom".into(),
+                    json!("DATASTORE_PROVIDER is not set: MongoDB, NVSentinel's default"),
+                );
             }
             report
         }

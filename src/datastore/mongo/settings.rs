@@ -42,7 +42,7 @@ pub enum MongoSettingsError {
         uri: String,
         detail: String,
         #[source]
-        source: mongodb::error::Error,
+        source: Box<mongodb::error::Error>,
     },
     #[error(
         "{name}: CA certificate {} did not appear within {}s (CA_CERT_MOUNT_TIMEOUT_TOTAL_SECONDS)",
@@ -345,7 +345,7 @@ impl MongoSettings {
                 .map_err(|source| MongoSettingsError::Uri {
                     uri: redact_uri(&self.uri),
                     detail: redact_text(&source.to_string(), &self.uri),
-                    source,
+                    source: Box::new(source),
                 })?;
         if let Some(app_name) = &self.app_name {
             options.app_name = Some(app_name.clone());
