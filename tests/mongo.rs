@@ -582,3 +582,56 @@ async fn a_backfill_killed_midway_continues_where_it_stopped() {
         "re-sent {resent}, delivered {before_restart} before the kill, progress said {delivered}"
     );
 }
+
+/// As a platform connector writes them, with pymongo (a second, independent client): each is
+/// delivered once, with the document's `_id` as the CloudEvent id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_written_with_pymongo_are_delivered() {
+    let store = Store::start(&[]).await;
+    let sink = sink().await;
+    let exporter = Exporter::start(&options(&sink, &store)).await;
+    let script = r#"
+import sys, datetime
+from pymongo import MongoClient
+client = MongoClient(sys.argv[1])
+coll = client["HealthEventsDatabase"]["HealthEvents"]
+docs = [{
+    "createdAt": datetime.datetime.now(datetime.timezone.utc),
+    "healthevent": {"agent": "syslog-health-monitor", "componentclass": "NIC",
+                    "checkname": "SysLogsXIDError", "isfatal": False, "ishealthy": False,
+                    "message": "link down %d" % i, "recommendedaction": 5,
+                    "generatedtimestamp": {"seconds": 1767225600 + i, "nanos": 0},
+                    "nodename": "py-node", "processingstrategy": 2},
+    "healtheventstatus": None,
+} for i in range(4)]
+result = coll.insert_many(docs)
+print(" ".join(str(i) for i in result.inserted_ids))
+"#;
+    let output = std::process::Command::new(mongo_peer_launch::python())
+        .args(["-c", script, &store.peer.uri])
+        .output()
+        .expect("run pymongo");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let written: Vec<String> = String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(written.len(), 4);
+    let events = sink.wait_for_accepted(4, WAIT).await;
+    assert_eq!(
+        sorted(ids(&events)),
+        sorted(written),
+        "log:\n{}",
+        exporter.log()
+    );
+    for event in &events {
+        let health = &event["data"]["healthEvent"];
+        assert_eq!(health["recommendedAction"], "CONTACT_SUPPORT", "{event}");
+        assert_eq!(health["processingStrategy"], "STORE_ONLY", "{event}");
+        assert_eq!(health["componentClass"], "NIC", "{event}");
+    }
+}
