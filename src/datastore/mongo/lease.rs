@@ -182,7 +182,7 @@ impl LeaseDocument {
             .list_collection_names()
             .filter(doc! {"name": &name})
             .await?;
-        if names.iter().any(|n| *n == name) {
+        if names.contains(&name) {
             return Ok(());
         }
         Err(DatastoreError::Schema(format!(
