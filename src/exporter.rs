@@ -329,12 +329,12 @@ struct Started {
     work: Work,
     /// A task that must not end while the exporter runs (PostgreSQL's LISTEN).
     listener: Option<tokio::task::JoinHandle<()>>,
-    /// PostgreSQL leadership: the lock and the task that keeps proving it.
+    /// Leadership (PostgreSQL's lock, MongoDB's lease) and the task that keeps proving it.
     leadership: Option<Held>,
 }
 
 struct Held {
-    leadership: Arc<crate::leader::Leadership>,
+    leadership: Arc<dyn crate::leader::Release>,
     keeper: tokio::task::JoinHandle<Result<(), crate::leader::LeadershipError>>,
     keeper_stop: CancellationToken,
 }
@@ -471,8 +471,9 @@ async fn start_postgres(
     }))
 }
 
-/// MongoDB: connect, read the token, open the change stream (and plan the backfill), waiting a
-/// while for a datastore that is not reachable yet. `None` when a shutdown came first.
+/// MongoDB: wait for leadership (the lease document, `crate::datastore::mongo::lease`), then
+/// connect, read the token, open the change stream (and plan the backfill), waiting a while for
+/// a datastore that is not reachable yet. `None` when a shutdown came first.
 async fn start_mongo(
     settings: MongoSettings,
     context: &Context<'_>,
@@ -483,23 +484,67 @@ async fn start_mongo(
         .map_err(|e| ExitError::Config(e.to_string()))?;
     let client = mongodb::Client::with_options(options)
         .map_err(|e| ExitError::Config(format!("MONGODB_URI: {e}")))?;
+    // Leadership (issue 16): a standby (alive, not ready) until this replica holds the lease.
+    context.status.set_standby(true);
+    let leases = client
+        .database(&settings.database)
+        .collection::<mongodb::bson::Document>(&settings.token_collection);
+    let leadership = crate::datastore::mongo::lease::acquire(
+        leases,
+        &context.config.client_name,
+        &context.shutdown,
+    )
+    .await
+    .map_err(|error| {
+        ExitError::Failed(format!(
+            "cannot take the leadership lease in {}: {error}",
+            settings.describe()
+        ))
+    })?;
+    let Some(leadership) = leadership else {
+        return Ok(None);
+    };
+    let leadership = Arc::new(leadership);
+    // Renewed until the work is over — through the shutdown grace period too, so the final
+    // token write is still allowed.
+    let keeper_stop = CancellationToken::new();
+    let keeper = tokio::spawn({
+        let leadership = leadership.clone();
+        let keeper_stop = keeper_stop.clone();
+        async move { leadership.keep(keeper_stop).await }
+    });
+    let held = Held {
+        leadership: leadership.clone(),
+        keeper,
+        keeper_stop,
+    };
+    let give_up = |held: Held| async move {
+        held.keeper_stop.cancel();
+        let _ = held.keeper.await;
+        held.leadership.release().await;
+    };
     let deadline = crate::clock::deadline_after(STARTUP_DATASTORE_WAIT);
     let mut backoff =
         crate::reconnect::Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
     let opened = loop {
         let attempt = tokio::select! {
-            _ = context.shutdown.cancelled() => return Ok(None),
-            opened = crate::datastore::mongo::open(&client, &settings, context.config) => opened,
+            _ = context.shutdown.cancelled() => None,
+            opened = crate::datastore::mongo::open(&client, &settings, context.config) => Some(opened),
         };
         match attempt {
-            Ok(opened) => break opened,
-            Err(error) if error.is_transient() && tokio::time::Instant::now() < deadline => {
+            None => {
+                give_up(held).await;
+                return Ok(None);
+            }
+            Some(Ok(opened)) => break opened,
+            Some(Err(error)) if error.is_transient() && tokio::time::Instant::now() < deadline => {
                 let wait = backoff.failed(tokio::time::Instant::now());
                 tracing::warn!(%error, retry_in = ?wait, "datastore not reachable yet");
                 tokio::time::sleep(wait).await;
             }
-            Err(error) => {
+            Some(Err(error)) => {
                 tracing::error!(retry = %error.retry(), "cannot start from the datastore");
+                give_up(held).await;
                 return Err(ExitError::Failed(format!(
                     "cannot start from datastore {}: {error}",
                     settings.describe()
@@ -520,7 +565,7 @@ async fn start_mongo(
     Ok(Some(Started {
         work: context.work(stream, tokens, had_token, backfill),
         listener: None,
-        leadership: None,
+        leadership: Some(held),
     }))
 }
 

@@ -14,6 +14,10 @@
 //! replica leads or led: this one exits with status 1 so that Kubernetes restarts it — it then
 //! comes back as a standby and, when it leads again, starts from the stored resume token.
 //!
+//! MongoDB (`crate::datastore::mongo::lease`) feeds the same [`Gate`] from a lease document
+//! renewed every [`CHECK_INTERVAL`], shares the standby loop ([`wait_as_standby`]) and is handed
+//! over through [`Release`].
+//!
 //! Without `run` (the unit tests, the dev tools) the gate is open: leadership only applies to
 //! the exporter's main job.
 
@@ -76,7 +80,9 @@ impl Gate {
         }
     }
 
-    fn observe(&self, observation: Observation) -> Transition {
+    /// Applies one observation of this replica's lock or lease (the only way leadership
+    /// changes): sets `health_events_exporter_leader` and counts the change.
+    pub(crate) fn observe(&self, observation: Observation) -> Transition {
         self.enforced
             .store(true, std::sync::atomic::Ordering::Release);
         let transition = match self.lease.lock() {
@@ -168,32 +174,60 @@ pub async fn acquire(
     shutdown: &CancellationToken,
 ) -> Option<Leadership> {
     let identity = Identity::from_process();
+    let waited = wait_as_standby(&identity, key, false, shutdown, || {
+        open_and_try(connector, key, &identity)
+    })
+    .await;
+    let session = match waited {
+        Ok(Some(session)) => session,
+        Ok(None) | Err(_) => return None,
+    };
+    tracing::info!(
+        leader = %identity,
+        leadership_key = key,
+        lock_session_pid = session.pid(),
+        "this replica leads: exporting"
+    );
+    Some(Leadership {
+        fence: Arc::new(Fence {
+            session: Mutex::new(Arc::new(session)),
+            written: Mutex::new(HashMap::new()),
+        }),
+        key,
+        identity,
+        connector: connector.clone(),
+    })
+}
+
+/// The standby loop every backend shares: calls `try_once` every [`CHECK_INTERVAL`] until it
+/// returns what this replica holds (`Ok(Ok(held))`: the gate is then promoted) or `shutdown`
+/// (`Ok(None)`). `Ok(Err(holder))` means another replica leads: logged once per holder.
+/// Datastore errors are logged and retried; with `stop_on_permanent`, an error that retrying
+/// cannot cure (`DatastoreError::is_transient` false: a missing collection, bad credentials)
+/// is returned instead.
+pub(crate) async fn wait_as_standby<T, F, Fut>(
+    identity: &Identity,
+    key: impl tracing::Value + Copy,
+    stop_on_permanent: bool,
+    shutdown: &CancellationToken,
+    mut try_once: F,
+) -> Result<Option<T>, DatastoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Result<T, String>, DatastoreError>>,
+{
     let metrics = crate::metrics::get();
     metrics.leader.set(0);
     let mut announced: Option<String> = None;
     loop {
-        let session = tokio::select! {
-            _ = shutdown.cancelled() => return None,
-            session = open_and_try(connector, key, &identity) => session,
+        let attempt = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            attempt = try_once() => attempt,
         };
-        match session {
-            Ok(Ok(session)) => {
+        match attempt {
+            Ok(Ok(held)) => {
                 gate().observe(Observation::Holds);
-                tracing::info!(
-                    leader = %identity,
-                    leadership_key = key,
-                    lock_session_pid = session.pid(),
-                    "this replica leads: exporting"
-                );
-                return Some(Leadership {
-                    fence: Arc::new(Fence {
-                        session: Mutex::new(Arc::new(session)),
-                        written: Mutex::new(HashMap::new()),
-                    }),
-                    key,
-                    identity,
-                    connector: connector.clone(),
-                });
+                return Ok(Some(held));
             }
             Ok(Err(holder)) => {
                 if announced.as_ref() != Some(&holder) {
@@ -206,12 +240,13 @@ pub async fn acquire(
                     announced = Some(holder);
                 }
             }
+            Err(error) if stop_on_permanent && !error.is_transient() => return Err(error),
             Err(error) => {
                 tracing::warn!(%error, "standby: cannot reach the datastore to try the leadership lock");
             }
         }
         tokio::select! {
-            _ = shutdown.cancelled() => return None,
+            _ = shutdown.cancelled() => return Ok(None),
             _ = tokio::time::sleep(CHECK_INTERVAL) => {}
         }
     }
@@ -381,5 +416,18 @@ impl Leadership {
                 }
             }
         }
+    }
+}
+
+/// A held leadership that a graceful stop hands over (the exporter's supervisor calls it after
+/// the final token write): PostgreSQL's advisory lock, MongoDB's lease document.
+pub trait Release: Send + Sync {
+    /// Closes the gate, then gives the lock or lease up so that a standby leads at its next try.
+    fn release(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>>;
+}
+
+impl Release for Leadership {
+    fn release(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(Leadership::release(self))
     }
 }

@@ -3,8 +3,8 @@
 //! Several replicas may run against one datastore; exactly one of them, the leader, may publish
 //! events and write the resume token. On PostgreSQL the leader is whoever holds the
 //! session-level advisory lock [`lock_key`] on its dedicated lock connection
-//! (`crate::datastore::postgres::lock`); a MongoDB lease document would plug in behind the same
-//! [`Lease`] rule (not implemented: the exporter reads PostgreSQL only).
+//! (`crate::datastore::postgres::lock`); on MongoDB whoever a lease document names
+//! (`crate::datastore::mongo::lease`), and its renewals feed the same [`Lease`] rule.
 //!
 //! The invariant this module teaches: **a replica acts as leader only while it has proved,
 //! recently, that it holds the lock.** Holding the lock at some time in the past proves nothing

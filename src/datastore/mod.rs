@@ -127,6 +127,9 @@ pub enum DatastoreError {
     Mongo(#[from] mongodb::error::Error),
     #[error("MongoDB settings: {0}")]
     MongoSettings(#[from] mongo::MongoSettingsError),
+    /// An operation that did not answer in time (transient).
+    #[error("{0}")]
+    Timeout(String),
 }
 
 /// Whether retrying can help with a [`DatastoreError`].
@@ -195,6 +198,9 @@ impl DatastoreError {
     pub fn is_transient(&self) -> bool {
         if let DatastoreError::Mongo(error) = self {
             return mongo::is_transient(error);
+        }
+        if let DatastoreError::Timeout(_) = self {
+            return true;
         }
         let DatastoreError::Postgres(error) = self else {
             return false;

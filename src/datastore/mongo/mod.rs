@@ -5,6 +5,7 @@
 mod backfill;
 pub mod decode;
 mod keyset;
+pub mod lease;
 pub(crate) mod settings;
 mod stream;
 mod token;

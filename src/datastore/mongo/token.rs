@@ -84,8 +84,12 @@ impl TokenStore {
         }))
     }
 
-    /// Upserts fields of this client's document.
+    /// Upserts fields of this client's document, only while this replica may act as leader
+    /// (`crate::leader::gate`, fed by the lease in `super::lease`). Errors:
+    /// `DatastoreError::Token` naming the client when it cannot prove it leads (nothing
+    /// written), the datastore's.
     pub async fn set(&self, fields: Document) -> Result<(), DatastoreError> {
+        self.check_leading()?;
         self.collection
             .update_one(
                 doc! {"clientName": &self.client_name},
@@ -98,10 +102,21 @@ impl TokenStore {
 
     /// Removes this client's document (a backfill record that is no longer wanted).
     pub async fn delete(&self) -> Result<(), DatastoreError> {
+        self.check_leading()?;
         self.collection
             .delete_one(doc! {"clientName": &self.client_name})
             .await?;
         Ok(())
+    }
+
+    fn check_leading(&self) -> Result<(), DatastoreError> {
+        if crate::leader::gate().may_act() {
+            return Ok(());
+        }
+        Err(DatastoreError::Token {
+            client: self.client_name.clone(),
+            reason: "not written: this replica cannot prove it leads now".into(),
+        })
     }
 
     /// The whole document of this client (the backfill keeps its plan in one).
