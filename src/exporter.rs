@@ -339,6 +339,33 @@ struct Held {
     keeper_stop: CancellationToken,
 }
 
+impl Held {
+    /// Starts the task that keeps proving `leadership` until the work is over — through the
+    /// shutdown grace period too, so the final token write is still allowed.
+    fn start<L, F>(leadership: Arc<L>, keep: impl FnOnce(Arc<L>, CancellationToken) -> F) -> Held
+    where
+        L: crate::leader::Release + 'static,
+        F: std::future::Future<Output = Result<(), crate::leader::LeadershipError>>
+            + Send
+            + 'static,
+    {
+        let keeper_stop = CancellationToken::new();
+        let keeper = tokio::spawn(keep(leadership.clone(), keeper_stop.clone()));
+        Held {
+            leadership,
+            keeper,
+            keeper_stop,
+        }
+    }
+
+    /// Start-up stopped before any work: stop proving and hand the leadership over.
+    async fn give_up(self) {
+        self.keeper_stop.cancel();
+        let _ = self.keeper.await;
+        self.leadership.release().await;
+    }
+}
+
 impl Context<'_> {
     /// The stream pipeline and, if `backfill` is given, the backfill's, joined; a failure in
     /// either stops both.
@@ -420,19 +447,9 @@ async fn start_postgres(
         return Ok(None);
     };
     let leadership = Arc::new(leadership);
-    // The leader keeps proving the lock until its work is over — through the shutdown grace
-    // period too, so the final token write is still allowed.
-    let keeper_stop = CancellationToken::new();
-    let keeper = tokio::spawn({
-        let leadership = leadership.clone();
-        let keeper_stop = keeper_stop.clone();
-        async move { leadership.keep(keeper_stop).await }
+    let held = Held::start(leadership.clone(), |leadership, stop| async move {
+        leadership.keep(stop).await
     });
-    let held = Held {
-        leadership: leadership.clone(),
-        keeper,
-        keeper_stop,
-    };
     let tokens = Arc::new(
         TokenStore::new(connector.clone(), config.client_name.clone())
             .fenced(leadership.fence.clone()),
@@ -443,8 +460,7 @@ async fn start_postgres(
         opened = open_source(&connector, &tokens, config, wake.clone(), &leadership.fence) => Some(opened),
     };
     let Some(opened) = opened else {
-        held.keeper_stop.cancel();
-        leadership.release().await;
+        held.give_up().await;
         return Ok(None);
     };
     let Opened {
@@ -505,24 +521,9 @@ async fn start_mongo(
         return Ok(None);
     };
     let leadership = Arc::new(leadership);
-    // Renewed until the work is over — through the shutdown grace period too, so the final
-    // token write is still allowed.
-    let keeper_stop = CancellationToken::new();
-    let keeper = tokio::spawn({
-        let leadership = leadership.clone();
-        let keeper_stop = keeper_stop.clone();
-        async move { leadership.keep(keeper_stop).await }
+    let held = Held::start(leadership.clone(), |leadership, stop| async move {
+        leadership.keep(stop).await
     });
-    let held = Held {
-        leadership: leadership.clone(),
-        keeper,
-        keeper_stop,
-    };
-    let give_up = |held: Held| async move {
-        held.keeper_stop.cancel();
-        let _ = held.keeper.await;
-        held.leadership.release().await;
-    };
     let deadline = crate::clock::deadline_after(STARTUP_DATASTORE_WAIT);
     let mut backoff =
         crate::reconnect::Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
@@ -533,7 +534,7 @@ async fn start_mongo(
         };
         match attempt {
             None => {
-                give_up(held).await;
+                held.give_up().await;
                 return Ok(None);
             }
             Some(Ok(opened)) => break opened,
@@ -544,7 +545,7 @@ async fn start_mongo(
             }
             Some(Err(error)) => {
                 tracing::error!(retry = %error.retry(), "cannot start from the datastore");
-                give_up(held).await;
+                held.give_up().await;
                 return Err(ExitError::Failed(format!(
                     "cannot start from datastore {}: {error}",
                     settings.describe()

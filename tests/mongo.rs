@@ -11,56 +11,21 @@ mod support;
 
 use std::time::Duration;
 
-use mongo_peer_launch::MongoPeer;
+use mongo_peer_launch::{Store, EVENTS, TOKENS};
 use mongodb::bson::{doc, Bson, DateTime, Document};
 use mongodb::Client;
 use serde_json::{json, Value};
 use support::exporter::{sample_or_zero, Exporter, ExporterOptions};
 use support::sink::{SinkOptions, SinkServer};
 
-const DB: &str = "HealthEventsDatabase";
-const EVENTS: &str = "HealthEvents";
-const TOKENS: &str = "ResumeTokens";
 const WAIT: Duration = Duration::from_secs(30);
 
-/// A peer with NVSentinel's collections, and a driver client to write into it.
-struct Store {
-    peer: MongoPeer,
-    client: Client,
-}
-
 impl Store {
-    async fn start(args: &[&str]) -> Store {
-        let peer = MongoPeer::start(args);
-        let client = Client::with_uri_str(format!(
-            "mongodb://127.0.0.1:{}/?directConnection=true",
-            peer.port
-        ))
-        .await
-        .expect("client");
-        let db = client.database(DB);
-        db.create_collection(EVENTS).await.expect("create events");
-        db.create_collection(TOKENS).await.expect("create tokens");
-        Store { peer, client }
-    }
-
-    fn events(&self) -> mongodb::Collection<Document> {
-        self.client.database(DB).collection(EVENTS)
-    }
-
-    fn tokens(&self) -> mongodb::Collection<Document> {
-        self.client.database(DB).collection(TOKENS)
-    }
-
-    /// The exporter's environment as NVSentinel's chart sets it (no DATASTORE_PROVIDER: MongoDB).
-    fn env(&self) -> Vec<(String, String)> {
-        vec![
-            ("MONGODB_URI".into(), self.peer.uri.clone()),
-            ("MONGODB_DATABASE_NAME".into(), DB.into()),
-            ("MONGODB_COLLECTION_NAME".into(), EVENTS.into()),
-            ("MONGODB_TOKEN_COLLECTION_NAME".into(), TOKENS.into()),
-            ("APP_NAME".into(), "event-exporter".into()),
-        ]
+    /// The chart's environment, with `APP_NAME` as the chart sets it.
+    fn exporter_env(&self) -> Vec<(String, String)> {
+        let mut env = self.env();
+        env.push(("APP_NAME".into(), "event-exporter".into()));
+        env
     }
 
     /// Inserts `health_event(node, i)` for each `i` one by one; returns their `_id` hex.
@@ -109,7 +74,7 @@ fn health_event(node: &str, i: i64) -> Document {
 }
 
 fn options(sink: &SinkServer, store: &Store) -> ExporterOptions {
-    ExporterOptions::new(sink, None, store.env())
+    ExporterOptions::new(sink, None, store.exporter_env())
 }
 
 async fn sink() -> SinkServer {

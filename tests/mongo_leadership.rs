@@ -19,56 +19,24 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mongo_peer_launch::MongoPeer;
+use mongo_peer_launch::Store;
 use mongodb::bson::{doc, Bson, DateTime, Document};
-use mongodb::{Client, Collection};
+use mongodb::Collection;
 use support::exporter::{Exporter, ExporterOptions};
 use support::sink::{SinkOptions, SinkServer};
 
-const DB: &str = "HealthEventsDatabase";
-const EVENTS: &str = "HealthEvents";
-const TOKENS: &str = "ResumeTokens";
 const WAIT: Duration = Duration::from_secs(40);
 /// The lease document's validity (`event_exporter::datastore::mongo::lease::VALIDITY`).
 const VALIDITY: Duration = event_exporter::datastore::mongo::lease::VALIDITY;
 
 /// The peer with NVSentinel's two collections and a driver client on it.
-struct Mongo {
-    peer: MongoPeer,
-    client: Client,
-}
+type Mongo = Store;
 
-impl Mongo {
-    async fn start() -> Mongo {
-        let peer = MongoPeer::start(&[]);
-        let client = Client::with_uri_str(format!(
-            "mongodb://127.0.0.1:{}/?directConnection=true",
-            peer.port
-        ))
-        .await
-        .expect("client");
-        let db = client.database(DB);
-        db.create_collection(EVENTS).await.expect("create events");
-        db.create_collection(TOKENS).await.expect("create tokens");
-        Mongo { peer, client }
-    }
-
-    fn events(&self) -> Collection<Document> {
-        self.client.database(DB).collection(EVENTS)
-    }
-
-    fn tokens(&self) -> Collection<Document> {
-        self.client.database(DB).collection(TOKENS)
-    }
-
-    fn env(&self, hostname: &str) -> Vec<(String, String)> {
-        vec![
-            ("MONGODB_URI".into(), self.peer.uri.clone()),
-            ("MONGODB_DATABASE_NAME".into(), DB.into()),
-            ("MONGODB_COLLECTION_NAME".into(), EVENTS.into()),
-            ("MONGODB_TOKEN_COLLECTION_NAME".into(), TOKENS.into()),
-            ("HOSTNAME".into(), hostname.into()),
-        ]
+impl Store {
+    fn replica_env(&self, hostname: &str) -> Vec<(String, String)> {
+        let mut env = self.env();
+        env.push(("HOSTNAME".into(), hostname.into()));
+        env
     }
 
     async fn lease(&self) -> Option<Document> {
@@ -157,7 +125,7 @@ struct Replica {
 impl Replica {
     async fn spawn(name: &'static str, mongo: &Mongo) -> Replica {
         let sink = SinkServer::start(SinkOptions::default()).await;
-        let exporter = Exporter::spawn(&ExporterOptions::new(&sink, None, mongo.env(name)));
+        let exporter = Exporter::spawn(&ExporterOptions::new(&sink, None, mongo.replica_env(name)));
         Replica {
             name,
             sink,
@@ -287,7 +255,7 @@ async fn assert_all_delivered(replicas: &[&Replica], written: &[String]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_of_two_replicas_exports_and_the_standby_takes_over_after_kill_9() {
-    let mongo = Mongo::start().await;
+    let mongo = Mongo::start(&[]).await;
     let (mut a, b, stop, writer) = two_replicas(&mongo).await;
     // While both run, each event is delivered once, by the leader only.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -330,7 +298,7 @@ async fn one_of_two_replicas_exports_and_the_standby_takes_over_after_kill_9() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_releases_the_lease_and_the_standby_leads_at_its_next_try() {
-    let mongo = Mongo::start().await;
+    let mongo = Mongo::start(&[]).await;
     let (mut a, b, stop, writer) = two_replicas(&mongo).await;
     let stopped = Instant::now();
     let status = a.exporter.terminate().await;
@@ -358,7 +326,7 @@ async fn sigterm_releases_the_lease_and_the_standby_leads_at_its_next_try() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_leader_does_not_publish_after_it_resumes_and_exits_1() {
-    let mongo = Mongo::start().await;
+    let mongo = Mongo::start(&[]).await;
     let (mut a, mut b, stop, writer) = two_replicas(&mongo).await;
     let pid = a.exporter.pid().to_string();
     let paused = Instant::now();

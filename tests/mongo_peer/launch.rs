@@ -173,3 +173,55 @@ impl Drop for MongoPeer {
         let _ = self.child.wait();
     }
 }
+
+/// NVSentinel's MongoDB collections, as the exporter's tests use them.
+pub const DB: &str = "HealthEventsDatabase";
+pub const EVENTS: &str = "HealthEvents";
+pub const TOKENS: &str = "ResumeTokens";
+
+/// A peer holding NVSentinel's two collections (created empty, as its setup job does), and a
+/// driver client on it to write events and read tokens.
+pub struct Store {
+    pub peer: MongoPeer,
+    pub client: mongodb::Client,
+}
+
+impl Store {
+    /// Starts a peer with `args` (see `MongoPeer::start`) and creates the collections.
+    pub async fn start(args: &[&str]) -> Store {
+        let peer = MongoPeer::start(args);
+        let client = mongodb::Client::with_uri_str(format!(
+            "mongodb://127.0.0.1:{}/?directConnection=true",
+            peer.port
+        ))
+        .await
+        .expect("client");
+        let db = client.database(DB);
+        db.create_collection(EVENTS).await.expect("create events");
+        db.create_collection(TOKENS).await.expect("create tokens");
+        Store { peer, client }
+    }
+
+    pub fn events(&self) -> mongodb::Collection<mongodb::bson::Document> {
+        self.client.database(DB).collection(EVENTS)
+    }
+
+    pub fn tokens(&self) -> mongodb::Collection<mongodb::bson::Document> {
+        self.client.database(DB).collection(TOKENS)
+    }
+
+    /// The exporter's environment as NVSentinel's chart sets it (no DATASTORE_PROVIDER:
+    /// MongoDB).
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("MONGODB_URI".into(), self.uri()),
+            ("MONGODB_DATABASE_NAME".into(), DB.into()),
+            ("MONGODB_COLLECTION_NAME".into(), EVENTS.into()),
+            ("MONGODB_TOKEN_COLLECTION_NAME".into(), TOKENS.into()),
+        ]
+    }
+
+    fn uri(&self) -> String {
+        self.peer.uri.clone()
+    }
+}
