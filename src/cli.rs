@@ -137,7 +137,8 @@ pub fn run_job(
     }
 }
 
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+/// clap's value parser for duration flags (`--shutdown-grace=20s`): a Go duration string.
+pub fn parse_duration(text: &str) -> Result<Duration, crate::config::DurationError> {
     crate::config::parse_go_duration(text)
 }
 

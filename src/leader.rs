@@ -199,9 +199,19 @@ pub async fn acquire(
     })
 }
 
+/// One try at the leadership lock or lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Holder<T> {
+    /// This replica got it: the lock session, or `()` for MongoDB's lease.
+    Held(T),
+    /// Another replica holds it: who, for the log (`host/pid …`).
+    Other(String),
+}
+
 /// The standby loop every backend shares: calls `try_once` every [`CHECK_INTERVAL`] until it
-/// returns what this replica holds (`Ok(Ok(held))`: the gate is then promoted) or `shutdown`
-/// (`Ok(None)`). `Ok(Err(holder))` means another replica leads: logged once per holder.
+/// returns what this replica holds (`Ok(Holder::Held(held))`: the gate is then promoted) or
+/// `shutdown` (`Ok(None)`). `Ok(Holder::Other(holder))` means another replica leads: logged
+/// once per holder.
 /// Datastore errors are logged and retried; with `stop_on_permanent`, an error that retrying
 /// cannot cure (`DatastoreError::is_transient` false: a missing collection, bad credentials)
 /// is returned instead.
@@ -214,7 +224,7 @@ pub(crate) async fn wait_as_standby<T, F, Fut>(
 ) -> Result<Option<T>, DatastoreError>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<Result<T, String>, DatastoreError>>,
+    Fut: std::future::Future<Output = Result<Holder<T>, DatastoreError>>,
 {
     let metrics = crate::metrics::get();
     metrics.leader.set(0);
@@ -225,11 +235,11 @@ where
             attempt = try_once() => attempt,
         };
         match attempt {
-            Ok(Ok(held)) => {
+            Ok(Holder::Held(held)) => {
                 gate().observe(Observation::Holds);
                 return Ok(Some(held));
             }
-            Ok(Err(holder)) => {
+            Ok(Holder::Other(holder)) => {
                 if announced.as_ref() != Some(&holder) {
                     tracing::info!(
                         replica = %identity,
@@ -259,12 +269,12 @@ async fn open_and_try(
     connector: &Connector,
     key: i64,
     identity: &Identity,
-) -> Result<Result<LockSession, String>, DatastoreError> {
+) -> Result<Holder<LockSession>, DatastoreError> {
     let session = LockSession::open(connector, key, &identity.to_string()).await?;
     if session.try_acquire().await? {
-        return Ok(Ok(session));
+        return Ok(Holder::Held(session));
     }
-    Ok(Err(holder(session.client(), key).await))
+    Ok(Holder::Other(holder(session.client(), key).await))
 }
 
 /// `host/pid` of the replica holding the lock, from its lock session's `application_name`.

@@ -26,18 +26,26 @@ use tracing_subscriber::EnvFilter;
 
 use crate::cli::LogFormat;
 
-/// Installs the global subscriber. `level` is upstream's `LOG_LEVEL` vocabulary.
-pub fn init(level: &str, format: LogFormat) -> Result<(), String> {
+/// Why logging could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum LogInitError {
+    /// `--log-level`/`LOG_LEVEL` is not in upstream's vocabulary (the level, lower-cased).
+    #[error("log level {0:?} is not one of debug, info, warn, error")]
+    Level(String),
+    /// A global subscriber is already installed (tracing-subscriber's boxed error).
+    #[error(transparent)]
+    Install(Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Installs the global subscriber. `level` is upstream's `LOG_LEVEL` vocabulary. Errors:
+/// [`LogInitError`].
+pub fn init(level: &str, format: LogFormat) -> Result<(), LogInitError> {
     let directive = match level.trim().to_ascii_lowercase().as_str() {
         "debug" => "debug",
         "" | "info" => "info",
         "warn" | "warning" => "warn",
         "error" => "error",
-        other => {
-            return Err(format!(
-                "log level {other:?} is not one of debug, info, warn, error"
-            ))
-        }
+        other => return Err(LogInitError::Level(other.to_string())),
     };
     // Dependencies stay at warn unless debugging this crate.
     let filter = EnvFilter::new(format!("warn,event_exporter={directive}"));
@@ -54,7 +62,7 @@ pub fn init(level: &str, format: LogFormat) -> Result<(), String> {
         LogFormat::Json => builder.event_format(SlogJson).try_init(),
         LogFormat::Text => builder.try_init(),
     };
-    result.map_err(|e| e.to_string())
+    result.map_err(LogInitError::Install)
 }
 
 /// Log lines that could not be written (dropped), for `/metrics`.

@@ -4,19 +4,39 @@
 
 use std::time::Duration;
 
-/// Parses a Go duration string. The error says what is wrong with it.
-pub fn parse_go_duration(text: &str) -> Result<Duration, String> {
+/// What is wrong with a Go duration string.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    #[error("negative durations are not allowed")]
+    Negative,
+    #[error("empty duration")]
+    Empty,
+    #[error("expected a number before each unit")]
+    MissingNumber,
+    #[error("missing unit (use ns, us, ms, s, m or h)")]
+    MissingUnit,
+    #[error("unknown unit {0:?} (use ns, us, ms, s, m or h)")]
+    UnknownUnit(String),
+    #[error("number too large")]
+    NumberTooLarge,
+    /// Beyond Go's range: an int64 of nanoseconds (about 292 years).
+    #[error("duration too large")]
+    TooLarge,
+}
+
+/// Parses a Go duration string. Errors: [`DurationError`], saying what is wrong with it.
+pub fn parse_go_duration(text: &str) -> Result<Duration, DurationError> {
     let mut rest = text;
     if let Some(stripped) = rest.strip_prefix('+') {
         rest = stripped;
     } else if rest.starts_with('-') {
-        return Err("negative durations are not allowed".into());
+        return Err(DurationError::Negative);
     }
     if rest == "0" {
         return Ok(Duration::ZERO);
     }
     if rest.is_empty() {
-        return Err("empty duration".into());
+        return Err(DurationError::Empty);
     }
     let mut total_nanos: u128 = 0;
     while !rest.is_empty() {
@@ -25,7 +45,7 @@ pub fn parse_go_duration(text: &str) -> Result<Duration, String> {
             .unwrap_or(rest.len());
         let (number, after) = rest.split_at(number_len);
         if number.is_empty() || number == "." || number.matches('.').count() > 1 {
-            return Err("expected a number before each unit".into());
+            return Err(DurationError::MissingNumber);
         }
         let unit_len = after
             .find(|c: char| c.is_ascii_digit() || c == '.')
@@ -38,22 +58,18 @@ pub fn parse_go_duration(text: &str) -> Result<Duration, String> {
             "s" => 1_000_000_000,
             "m" => 60 * 1_000_000_000,
             "h" => 3_600 * 1_000_000_000,
-            "" => return Err("missing unit (use ns, us, ms, s, m or h)".into()),
-            other => {
-                return Err(format!(
-                    "unknown unit {other:?} (use ns, us, ms, s, m or h)"
-                ))
-            }
+            "" => return Err(DurationError::MissingUnit),
+            other => return Err(DurationError::UnknownUnit(other.to_string())),
         };
         let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
         let whole: u128 = if whole.is_empty() {
             0
         } else {
-            whole.parse().map_err(|_| "number too large".to_string())?
+            whole.parse().map_err(|_| DurationError::NumberTooLarge)?
         };
         let mut nanos = whole
             .checked_mul(unit_nanos)
-            .ok_or_else(|| "duration too large".to_string())?;
+            .ok_or(DurationError::TooLarge)?;
         // Fractions are truncated to whole nanoseconds, as Go does.
         let mut scale = unit_nanos;
         for digit in fraction.chars() {
@@ -64,11 +80,11 @@ pub fn parse_go_duration(text: &str) -> Result<Duration, String> {
             nanos = u128::from(digit.to_digit(10).unwrap_or(0))
                 .checked_mul(scale)
                 .and_then(|part| nanos.checked_add(part))
-                .ok_or_else(|| "duration too large".to_string())?;
+                .ok_or(DurationError::TooLarge)?;
         }
         total_nanos = total_nanos
             .checked_add(nanos)
-            .ok_or_else(|| "duration too large".to_string())?;
+            .ok_or(DurationError::TooLarge)?;
         rest = after;
     }
     // Go's limit is the range of an int64 of nanoseconds (about 292 years).
@@ -76,7 +92,7 @@ pub fn parse_go_duration(text: &str) -> Result<Duration, String> {
         .ok()
         .and_then(|nanos| u64::try_from(nanos).ok())
         .map(Duration::from_nanos)
-        .ok_or_else(|| "duration too large".into())
+        .ok_or(DurationError::TooLarge)
 }
 
 /// Formats a duration the way Go prints one (`1h30m0s`, `500ms`, `0s`), for logs and
@@ -168,7 +184,7 @@ mod tests {
         // whole × 1e6 fits a u128; adding the fraction's 999 999 ns does not.
         assert_eq!(
             parse_go_duration("340282366920938463463374607431768.999999ms"),
-            Err("duration too large".to_string())
+            Err(DurationError::TooLarge)
         );
         assert_eq!(
             parse_go_duration("9223372036.854775807s"),
@@ -176,7 +192,7 @@ mod tests {
         );
         assert_eq!(
             parse_go_duration("9223372036.854775808s"),
-            Err("duration too large".to_string())
+            Err(DurationError::TooLarge)
         );
     }
 

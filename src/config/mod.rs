@@ -13,7 +13,7 @@ mod duration;
 mod keys;
 mod raw;
 
-pub use duration::{format_go_duration, parse_go_duration};
+pub use duration::{format_go_duration, parse_go_duration, DurationError};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use serde::de::{Deserialize, Deserializer, Error as _, MapAccess, Visitor};
 
-use super::{parse_go_duration, TRANSIENT_STATUSES};
+use super::{parse_go_duration, DurationError, TRANSIENT_STATUSES};
 
 /// The whole file: only `[exporter]` is read.
 #[derive(Debug, Default, serde::Deserialize)]
@@ -148,15 +148,40 @@ impl<'de> Deserialize<'de> for Metadata {
     }
 }
 
-/// `"expected {expected}, got {TOML type} {value}"`, e.g. `expected a string, got integer 3`.
-fn wrong_type(expected: &str, found: &toml::Value) -> String {
-    format!("expected {expected}, got {} {found}", found.type_str())
+/// What is wrong with one TOML value; its text is the key's message.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum ValueError {
+    /// `expected a string, got integer 3`.
+    #[error("expected {expected}, got {} {found}", .found.type_str())]
+    WrongType {
+        expected: &'static str,
+        found: toml::Value,
+    },
+    /// A float where an integer goes, whose value is not integral (`1.5`).
+    #[error("expected an integer, got float {0}")]
+    NotIntegral(f64),
+    #[error("invalid duration {text:?}: {source} (examples: \"30s\", \"1h30m\")")]
+    Duration {
+        text: String,
+        #[source]
+        source: DurationError,
+    },
+    /// An entry of a list of statuses that a rejection policy cannot name.
+    #[error(
+        "{0} is not allowed: each entry must be a 4xx status other than 401, 407, 408 and 429 \
+         (those and 5xx are always retried)"
+    )]
+    Status(toml::Value),
+}
+
+fn wrong_type(expected: &'static str, found: toml::Value) -> ValueError {
+    ValueError::WrongType { expected, found }
 }
 
 /// Reads one TOML value and converts it, the error text becoming the key's message.
 fn leaf<'de, D: Deserializer<'de>, T>(
     deserializer: D,
-    convert: impl FnOnce(toml::Value) -> Result<T, String>,
+    convert: impl FnOnce(toml::Value) -> Result<T, ValueError>,
 ) -> Result<T, D::Error> {
     convert(toml::Value::deserialize(deserializer)?).map_err(D::Error::custom)
 }
@@ -169,7 +194,7 @@ impl<'de> Deserialize<'de> for Text {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         leaf(deserializer, |value| match value {
             toml::Value::String(text) => Ok(Text(text)),
-            other => Err(wrong_type("a string", &other)),
+            other => Err(wrong_type("a string", other)),
         })
     }
 }
@@ -182,7 +207,7 @@ impl<'de> Deserialize<'de> for Flag {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         leaf(deserializer, |value| match value {
             toml::Value::Boolean(flag) => Ok(Flag(flag)),
-            other => Err(wrong_type("true or false", &other)),
+            other => Err(wrong_type("true or false", other)),
         })
     }
 }
@@ -209,9 +234,9 @@ impl<'de> Deserialize<'de> for Int {
                     value,
                     written_as_float: Some(float),
                 }),
-                None => Err(format!("expected an integer, got float {float}")),
+                None => Err(ValueError::NotIntegral(float)),
             },
-            other => Err(wrong_type("an integer", &other)),
+            other => Err(wrong_type("an integer", other)),
         })
     }
 }
@@ -233,7 +258,7 @@ impl<'de> Deserialize<'de> for Number {
         leaf(deserializer, |value| match value {
             toml::Value::Float(value) => Ok(Number(value)),
             toml::Value::Integer(value) => Ok(Number(value as f64)),
-            other => Err(wrong_type("a number", &other)),
+            other => Err(wrong_type("a number", other)),
         })
     }
 }
@@ -245,10 +270,11 @@ pub(super) struct GoDuration(pub Duration);
 impl<'de> Deserialize<'de> for GoDuration {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         leaf(deserializer, |value| match value {
-            toml::Value::String(text) => parse_go_duration(&text).map(GoDuration).map_err(|e| {
-                format!("invalid duration {text:?}: {e} (examples: \"30s\", \"1h30m\")")
-            }),
-            other => Err(wrong_type("a string", &other)),
+            toml::Value::String(text) => match parse_go_duration(&text) {
+                Ok(duration) => Ok(GoDuration(duration)),
+                Err(source) => Err(ValueError::Duration { text, source }),
+            },
+            other => Err(wrong_type("a string", other)),
         })
     }
 }
@@ -262,7 +288,7 @@ impl<'de> Deserialize<'de> for Statuses {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         leaf(deserializer, |value| {
             let toml::Value::Array(items) = value else {
-                return Err(wrong_type("a list of HTTP statuses", &value));
+                return Err(wrong_type("a list of HTTP statuses", value));
             };
             items
                 .iter()
@@ -270,14 +296,9 @@ impl<'de> Deserialize<'de> for Statuses {
                     item.as_integer()
                         .and_then(|n| u16::try_from(n).ok())
                         .filter(|n| (400..500).contains(n) && !TRANSIENT_STATUSES.contains(n))
-                        .ok_or_else(|| {
-                            format!(
-                                "{item} is not allowed: each entry must be a 4xx status other \
-                                 than 401, 407, 408 and 429 (those and 5xx are always retried)"
-                            )
-                        })
+                        .ok_or_else(|| ValueError::Status(item.clone()))
                 })
-                .collect::<Result<Vec<u16>, String>>()
+                .collect::<Result<Vec<u16>, ValueError>>()
                 .map(Statuses)
         })
     }

@@ -29,7 +29,7 @@ use mongodb::Collection;
 use tokio_util::sync::CancellationToken;
 
 use crate::datastore::DatastoreError;
-use crate::leader::{gate, LeadershipError, CHECK_INTERVAL, CHECK_TIMEOUT};
+use crate::leader::{gate, Holder, LeadershipError, CHECK_INTERVAL, CHECK_TIMEOUT};
 use crate::leadership::{Identity, Observation, Transition};
 
 /// How long one write of the lease document keeps it: `expiresAt` = the writer's now + this.
@@ -99,10 +99,10 @@ impl LeaseDocument {
         &self.holder
     }
 
-    /// Takes the lease if it is free or already this process's: `Ok(Ok(()))`, else who holds
-    /// it. Errors: the datastore's; `DatastoreError::Schema` when the token collection does not
+    /// Takes the lease if it is free or already this process's: `Ok(Holder::Held(()))`, else
+    /// who holds it (`Holder::Other`). Errors: the datastore's; `DatastoreError::Schema` when the token collection does not
     /// exist (the exporter never creates collections).
-    pub async fn try_take(&self) -> Result<Result<(), String>, DatastoreError> {
+    pub async fn try_take(&self) -> Result<Holder<()>, DatastoreError> {
         let now = DateTime::now();
         let taken = self
             .collection
@@ -112,10 +112,10 @@ impl LeaseDocument {
             )
             .await?;
         if taken.matched_count == 1 {
-            return Ok(Ok(()));
+            return Ok(Holder::Held(()));
         }
         if let Some(current) = self.collection.find_one(doc! {"_id": &self.id}).await? {
-            return Ok(Err(describe_holder(&current, now)));
+            return Ok(Holder::Other(describe_holder(&current, now)));
         }
         self.check_collection().await?;
         let inserted = self
@@ -125,14 +125,14 @@ impl LeaseDocument {
             )
             .await;
         match inserted {
-            Ok(_) => Ok(Ok(())),
+            Ok(_) => Ok(Holder::Held(())),
             Err(error) if is_duplicate_key(&error) => {
                 let current = self.collection.find_one(doc! {"_id": &self.id}).await?;
-                Ok(Err(current
-                    .map(|c| describe_holder(&c, now))
-                    .unwrap_or_else(|| {
-                        "another replica (it just took the lease)".into()
-                    })))
+                Ok(Holder::Other(
+                    current
+                        .map(|c| describe_holder(&c, now))
+                        .unwrap_or_else(|| "another replica (it just took the lease)".into()),
+                ))
             }
             Err(error) => Err(error.into()),
         }
