@@ -80,7 +80,9 @@ pub async fn run(args: BenchArgs) -> Result<(), ExitError> {
             "bench: this is a debug build; use `cargo run --release -p event-exporter-dev -- bench` for real numbers"
         );
     }
-    let server = LocalServer::find().await.map_err(failed)?;
+    let server = LocalServer::find()
+        .await
+        .map_err(|e| failed(e.to_string()))?;
     let result = run_scenarios(&args, &server).await;
     server.stop();
     result
@@ -176,9 +178,15 @@ async fn scenario(
 ) -> Result<Measured, ExitError> {
     let failed = |e: String| ExitError::Failed(e);
     let database = format!("event_exporter_bench_{}", std::process::id());
-    server.create_database(&database).await.map_err(failed)?;
+    server
+        .create_database(&database)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
     let result = async {
-        let client = server.schema_client(&database).await.map_err(failed)?;
+        let client = server
+            .schema_client(&database)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
         if let Scenario::Backfill { count, .. } = scenario {
             eprintln!("bench: writing {count} events");
             let mut generator = Generator::new(256, 0.1, Some(1));

@@ -115,9 +115,14 @@ async fn run_in(
     let failed = |e: String| ExitError::Failed(e);
 
     say("finding PostgreSQL");
-    let server = local_postgres::LocalServer::find().await.map_err(failed)?;
+    let server = local_postgres::LocalServer::find()
+        .await
+        .map_err(|e| failed(e.to_string()))?;
     let database = format!("event_exporter_demo_{}", std::process::id());
-    server.create_database(&database).await.map_err(failed)?;
+    server
+        .create_database(&database)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
     let result = run_with_database(args, &server, &database, received_file).await;
     if let Err(error) = server.drop_database(&database).await {
         eprintln!("could not drop the scratch database {database}: {error}");
@@ -136,7 +141,10 @@ async fn run_with_database(
 ) -> Result<DemoSummary, ExitError> {
     let failed = |e: String| ExitError::Failed(e);
     let datastore = server.settings(database);
-    let client = server.schema_client(database).await.map_err(failed)?;
+    let client = server
+        .schema_client(database)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
 
     let live_total = (args.rate * args.live_for.as_secs_f64()).round() as u64;
     let written = args.history + live_total;
