@@ -31,7 +31,10 @@ use event_exporter::exporter::ExitError;
 
 pub use stats::{Reason, SinkStats};
 pub use store::ReceivedEvent;
-pub use tokens::{base64_decode, bearer_token, parse_form, TokenIssuer, TOKEN_PATH};
+pub use tokens::{
+    base64_decode, bearer_token, parse_form, token_router, Client, GrantError, TokenEndpoint,
+    TokenIssuer, TokenRequest, TOKEN_PATH,
+};
 pub use validate::{validate_event, Attribute, Invalid, ValidEvent};
 
 #[derive(Clone, Args)]
@@ -320,8 +323,14 @@ fn announce(sink: &RunningSink) {
         Some(token_url) => eprintln!(
             "sink: listening on {} (token endpoint {token_url}, client id {:?}, scope {:?})",
             sink.events_url(),
-            sink.shared.auth.as_ref().map_or("", |a| a.client.id()),
-            sink.shared.auth.as_ref().map_or("", |a| a.client.scope()),
+            sink.shared
+                .auth
+                .as_ref()
+                .map_or("", |a| a.endpoint.client().id()),
+            sink.shared
+                .auth
+                .as_ref()
+                .map_or("", |a| a.endpoint.client().scope()),
         ),
         None => eprintln!(
             "sink: listening on {} (no authentication)",

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use super::stats::{Counters, Reason};
 use super::store::{EventStore, Stored};
-use super::tokens::{bearer_token, Client, TokenIssuer, TOKEN_PATH};
+use super::tokens::{bearer_token, Client, TokenEndpoint, TokenIssuer, TOKEN_PATH};
 use super::validate::validate_event;
 use super::{SinkArgs, SinkError};
 
@@ -35,8 +35,7 @@ pub(super) struct Shared {
 }
 
 pub(super) struct Auth {
-    pub client: Client,
-    pub issuer: TokenIssuer,
+    pub endpoint: TokenEndpoint,
 }
 
 /// The test switches: delays and injected failures.
@@ -57,8 +56,11 @@ impl Shared {
             }
         })?;
         let auth = (!args.no_auth).then(|| Auth {
-            client: Client::new(&args.client_id, &args.client_secret, &args.scope),
-            issuer: TokenIssuer::new(args.token_lifetime),
+            endpoint: TokenEndpoint::new(
+                Client::new(&args.client_id, &args.client_secret, &args.scope),
+                Arc::new(TokenIssuer::new(args.token_lifetime)),
+                args.token_lifetime,
+            ),
         });
         let fail_status = StatusCode::from_u16(args.fail_status).map_err(|_| {
             SinkError::InvalidArgs(format!(
@@ -242,7 +244,7 @@ fn check_bearer(shared: &Shared, headers: &HeaderMap) -> Result<(), Rejection> {
             Reason::Unauthorized,
             format!("an Authorization: Bearer token from {TOKEN_PATH} is required"),
         )),
-        Some(token) if auth.issuer.is_valid(token) => Ok(()),
+        Some(token) if auth.endpoint.issuer().is_valid(token) => Ok(()),
         Some(_) => Err(Rejection::new(
             Reason::Unauthorized,
             "the Bearer token was not issued by this sink or has expired",
@@ -316,44 +318,19 @@ async fn issue_token(shared: &Shared, auth: &Auth, request: Request) -> Response
             .get(name)
             .and_then(|value| value.to_str().ok())
     };
-    let granted = match axum::body::to_bytes(body, MAX_FORM_BYTES).await {
-        Ok(body) => auth.client.authorize(
-            header_text(header::AUTHORIZATION),
-            header_text(header::CONTENT_TYPE),
-            &body,
-        ),
-        Err(_) => Err(super::tokens::GrantError::InvalidRequest(
-            "the body could not be read or is too large",
-        )),
-    };
-    let (status, body) = match granted {
-        Ok(()) => {
-            shared.counters.count_token_issued();
-            let body = json!({
-                "access_token": auth.issuer.issue(),
-                "token_type": "Bearer",
-                "expires_in": auth.issuer.expires_in(),
-            });
-            (StatusCode::OK, body)
-        }
-        Err(error) => {
-            shared.counters.count_token_error();
-            tracing::debug!(error = error.code(), "sink: token request refused");
-            let body = json!({"error": error.code(), "error_description": error.description()});
-            (error.status(), body)
-        }
-    };
-    let mut response = json_response(status, &body);
-    let headers = response.headers_mut();
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
-    if status == StatusCode::UNAUTHORIZED {
-        headers.insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Basic realm=\"event-exporter-sink\""),
-        );
+    let body = axum::body::to_bytes(body, MAX_FORM_BYTES).await.ok();
+    let (status, answer) = auth.endpoint.answer(
+        header_text(header::AUTHORIZATION),
+        header_text(header::CONTENT_TYPE),
+        body.as_deref(),
+    );
+    if status.is_success() {
+        shared.counters.count_token_issued();
+    } else {
+        shared.counters.count_token_error();
+        tracing::debug!(error = %answer["error"], "sink: token request refused");
     }
-    response
+    TokenEndpoint::response(status, &answer)
 }
 
 fn json_response(status: StatusCode, body: &Value) -> Response {

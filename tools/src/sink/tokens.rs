@@ -3,26 +3,36 @@
 //!
 //! Tokens are 128 random bits from `fastrand`: unguessable enough for a development and test
 //! sink, not a production identity provider.
+//!
+//! [`TokenEndpoint`] is the one token endpoint: the sink serves it beside its events path, the
+//! integration tests serve it alone ([`token_router`]) and use its knobs (secret rotation,
+//! scripted failures, odd `expires_in`, padded answers, a request log).
 
-use std::collections::HashMap;
-use std::sync::{PoisonError, RwLock};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use axum::http::StatusCode;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use serde_json::{json, Value};
 
 /// Where the token endpoint is served (beside the events path).
 pub const TOKEN_PATH: &str = "/oauth2/token";
 
-/// The one client the token endpoint knows.
-pub(super) struct Client {
+/// The one client the token endpoint knows; its secret can be rotated.
+pub struct Client {
     id: String,
-    secret: String,
+    secret: RwLock<String>,
     scope: String,
 }
 
 /// Why a token request was refused, as RFC 6749 §5.2 names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum GrantError {
+pub enum GrantError {
     InvalidRequest(&'static str),
     InvalidClient,
     UnsupportedGrantType,
@@ -62,9 +72,22 @@ impl Client {
     pub fn new(id: &str, secret: &str, scope: &str) -> Client {
         Client {
             id: id.to_string(),
-            secret: secret.to_string(),
+            secret: RwLock::new(secret.to_string()),
             scope: scope.to_string(),
         }
+    }
+
+    /// The secret accepted now.
+    pub fn secret(&self) -> String {
+        self.secret
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Rotates the secret: the old one is refused (`invalid_client`) from now on.
+    pub fn set_secret(&self, secret: &str) {
+        *self.secret.write().unwrap_or_else(PoisonError::into_inner) = secret.to_string();
     }
 
     pub fn id(&self) -> &str {
@@ -139,7 +162,7 @@ impl Client {
     fn matches(&self, id: &str, secret: &str) -> bool {
         // Both comparisons always run, so the timing does not tell which one failed.
         let id_ok = constant_time_eq(id.as_bytes(), self.id.as_bytes());
-        let secret_ok = constant_time_eq(secret.as_bytes(), self.secret.as_bytes());
+        let secret_ok = constant_time_eq(secret.as_bytes(), self.secret().as_bytes());
         id_ok & secret_ok
     }
 }
@@ -161,7 +184,7 @@ impl TokenIssuer {
 
     /// `expires_in` for the token answer: whole seconds, rounded up.
     pub fn expires_in(&self) -> u64 {
-        self.lifetime.as_secs() + u64::from(self.lifetime.subsec_nanos() > 0)
+        whole_seconds(self.lifetime)
     }
 
     /// A new random token valid for the configured lifetime; expired ones are forgotten here
@@ -196,6 +219,209 @@ impl TokenIssuer {
             .get(token)
             .is_some_and(|expiry| Instant::now() < *expiry)
     }
+}
+
+/// One token request as the endpoint saw it, with the status it got.
+#[derive(Clone, Debug)]
+pub struct TokenRequest {
+    pub content_type: Option<String>,
+    pub authorization: Option<String>,
+    /// Decoded form fields, in order.
+    pub form: Vec<(String, String)>,
+    pub status: u16,
+}
+
+/// Requests kept in [`TokenEndpoint::request_log`] (the oldest go first).
+const LOG_LIMIT: usize = 10_000;
+
+/// What the endpoint does besides the grant (all off by default).
+#[derive(Default)]
+struct Knobs {
+    /// Statuses for the next requests, answered before any check.
+    failures: VecDeque<u16>,
+    /// `Some(v)`: the `expires_in` sent instead of the lifetime's (`v = None` omits it).
+    expires_in_json: Option<Option<Value>>,
+    /// Bytes of filler in every answer (`padding` of a grant, `error_description` else).
+    padding: usize,
+}
+
+/// The token endpoint: the client credentials grant for one [`Client`], tokens from a
+/// [`TokenIssuer`] living `lifetime` (changeable), and the test knobs.
+pub struct TokenEndpoint {
+    client: Client,
+    issuer: Arc<TokenIssuer>,
+    lifetime: Mutex<Duration>,
+    knobs: Mutex<Knobs>,
+    log: Mutex<VecDeque<TokenRequest>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Whole seconds, rounded up (`expires_in` of a token answer).
+fn whole_seconds(duration: Duration) -> u64 {
+    duration.as_secs() + u64::from(duration.subsec_nanos() > 0)
+}
+
+impl TokenEndpoint {
+    /// An endpoint granting `client` tokens of `issuer` that live `lifetime`.
+    pub fn new(client: Client, issuer: Arc<TokenIssuer>, lifetime: Duration) -> TokenEndpoint {
+        TokenEndpoint {
+            client,
+            issuer,
+            lifetime: Mutex::new(lifetime),
+            knobs: Mutex::default(),
+            log: Mutex::default(),
+        }
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The issued tokens (an events endpoint accepts exactly the valid ones).
+    pub fn issuer(&self) -> &Arc<TokenIssuer> {
+        &self.issuer
+    }
+
+    /// The answer to one request (`body`: `None` when it could not be read), logged.
+    pub fn answer(
+        &self,
+        authorization: Option<&str>,
+        content_type: Option<&str>,
+        body: Option<&[u8]>,
+    ) -> (StatusCode, Value) {
+        let (status, mut answer) = self.decide(authorization, content_type, body);
+        let padding = lock(&self.knobs).padding;
+        if padding > 0 {
+            let member = if status.is_success() {
+                "padding"
+            } else {
+                "error_description"
+            };
+            answer[member] = Value::String("x".repeat(padding));
+        }
+        let mut log = lock(&self.log);
+        if log.len() >= LOG_LIMIT {
+            log.pop_front();
+        }
+        log.push_back(TokenRequest {
+            content_type: content_type.map(str::to_string),
+            authorization: authorization.map(str::to_string),
+            form: body.map(parse_form).unwrap_or_default(),
+            status: status.as_u16(),
+        });
+        (status, answer)
+    }
+
+    fn decide(
+        &self,
+        authorization: Option<&str>,
+        content_type: Option<&str>,
+        body: Option<&[u8]>,
+    ) -> (StatusCode, Value) {
+        let scripted = lock(&self.knobs).failures.pop_front();
+        if let Some(status) = scripted.and_then(|code| StatusCode::from_u16(code).ok()) {
+            return (status, json!({"error": "temporarily_unavailable"}));
+        }
+        let granted = match body {
+            Some(body) => self.client.authorize(authorization, content_type, body),
+            None => Err(GrantError::InvalidRequest(
+                "the body could not be read or is too large",
+            )),
+        };
+        if let Err(error) = granted {
+            let body = json!({"error": error.code(), "error_description": error.description()});
+            return (error.status(), body);
+        }
+        let lifetime = *lock(&self.lifetime);
+        let mut answer = json!({
+            "access_token": self.issuer.issue_for(lifetime),
+            "token_type": "Bearer",
+            "expires_in": whole_seconds(lifetime),
+        });
+        match lock(&self.knobs).expires_in_json.clone() {
+            None => {}
+            Some(None) => {
+                if let Some(object) = answer.as_object_mut() {
+                    object.remove("expires_in");
+                }
+            }
+            Some(Some(value)) => answer["expires_in"] = value,
+        }
+        (StatusCode::OK, answer)
+    }
+
+    /// The HTTP response for an answer: JSON, never cached, a Basic challenge with 401.
+    pub fn response(status: StatusCode, body: &Value) -> Response {
+        let mut response = (status, body.to_string()).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+        if status == StatusCode::UNAUTHORIZED {
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"event-exporter-sink\""),
+            );
+        }
+        response
+    }
+
+    /// Lifetime (and `expires_in`) of the tokens issued from now on.
+    pub fn set_lifetime(&self, lifetime: Duration) {
+        *lock(&self.lifetime) = lifetime;
+    }
+
+    /// What grants say in `expires_in` from now on: `Some(Some(v))` sends `v` as is (a string,
+    /// a huge or negative number…), `Some(None)` leaves the member out, `None` goes back to
+    /// the lifetime in seconds. Tokens still live the lifetime.
+    pub fn set_expires_in_json(&self, value: Option<Option<Value>>) {
+        lock(&self.knobs).expires_in_json = value;
+    }
+
+    /// Pads every answer with `bytes` of filler (0 = none).
+    pub fn set_padding(&self, bytes: usize) {
+        lock(&self.knobs).padding = bytes;
+    }
+
+    /// The next `n` requests get `status` (e.g. 503) and no token, before any check.
+    pub fn fail_next(&self, n: usize, status: u16) {
+        lock(&self.knobs)
+            .failures
+            .extend(std::iter::repeat_n(status, n));
+    }
+
+    /// Requests answered so far (any outcome; the log keeps the last 10 000).
+    pub fn requests(&self) -> Vec<TokenRequest> {
+        lock(&self.log).iter().cloned().collect()
+    }
+}
+
+/// A router serving only `endpoint` at [`TOKEN_PATH`] (POST), for a token endpoint apart from
+/// any sink.
+pub fn token_router(endpoint: Arc<TokenEndpoint>) -> Router {
+    Router::new()
+        .route(TOKEN_PATH, post(serve_token))
+        .with_state(endpoint)
+}
+
+async fn serve_token(
+    State(endpoint): State<Arc<TokenEndpoint>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let text = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+    let (status, answer) = endpoint.answer(
+        text(header::AUTHORIZATION),
+        text(header::CONTENT_TYPE),
+        Some(&body),
+    );
+    TokenEndpoint::response(status, &answer)
 }
 
 /// The token of an `Authorization: Bearer <token>` header (scheme case-insensitive).
