@@ -340,56 +340,12 @@ impl Leadership {
     /// token row this replica wrote is unchanged (nobody else wrote meanwhile).
     async fn regain(&self, shutdown: &CancellationToken) -> Result<(), LeadershipError> {
         loop {
-            let attempt = async {
-                // A check that only timed out (a loaded machine) leaves the old session holding
-                // the lock: nobody else can have led, so it is used again.
-                let old = self.fence.current().filter(|old| !old.is_closed());
-                let still_held = match &old {
-                    Some(old) => matches!(
-                        tokio::time::timeout(CHECK_TIMEOUT, old.holds()).await,
-                        Ok(Ok(true))
-                    ),
-                    None => false,
-                };
-                let session = match old {
-                    Some(old) if still_held => old,
-                    old => {
-                        let session = LockSession::open(
-                            &self.connector,
-                            self.key,
-                            &self.identity.to_string(),
-                        )
-                        .await?;
-                        if !session.try_acquire().await? {
-                            let own = old.map(|o| o.pid());
-                            if own.is_some() && session.holder_pid().await? == own {
-                                // Our previous session still holds it; it will answer or end.
-                                return Ok(Err(None));
-                            }
-                            return Ok(Err(Some(LeadershipError::Lost(format!(
-                                "the lock is held by {}",
-                                holder(session.client(), self.key).await
-                            )))));
-                        }
-                        Arc::new(session)
-                    }
-                };
-                for (client, value) in self.fence.written() {
-                    let stored = session.read_token(&client).await?;
-                    if stored.as_ref() != Some(&value) {
-                        return Ok(Err(Some(LeadershipError::Lost(format!(
-                            "row {client:?} of resume_tokens changed while this replica did not lead"
-                        )))));
-                    }
-                }
-                Ok::<_, DatastoreError>(Ok(session))
-            };
             let result = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
-                result = attempt => result,
+                result = self.try_regain() => result,
             };
             match result {
-                Ok(Ok(session)) => {
+                Ok(Regain::Held(session)) => {
                     if let Ok(mut current) = self.fence.session.lock() {
                         *current = session;
                     }
@@ -397,8 +353,8 @@ impl Leadership {
                     tracing::info!(replica = %self.identity, "leadership regained: exporting again");
                     return Ok(());
                 }
-                Ok(Err(Some(lost))) => return Err(lost),
-                Ok(Err(None)) => {
+                Ok(Regain::Lost(lost)) => return Err(lost),
+                Ok(Regain::OldSessionHolds) => {
                     tracing::warn!(
                         "the previous lock session still holds the lock; waiting for it"
                     );
@@ -414,6 +370,49 @@ impl Leadership {
         }
     }
 
+    /// One try of [`Leadership::regain`]: a session holding the lock, then the written rows
+    /// compared.
+    async fn try_regain(&self) -> Result<Regain, DatastoreError> {
+        let session = match self.session_holding_lock().await? {
+            Regain::Held(session) => session,
+            other => return Ok(other),
+        };
+        for (client, value) in self.fence.written() {
+            let stored = session.read_token(&client).await?;
+            if stored.as_ref() != Some(&value) {
+                return Ok(Regain::Lost(LeadershipError::Lost(format!(
+                    "row {client:?} of resume_tokens changed while this replica did not lead"
+                ))));
+            }
+        }
+        Ok(Regain::Held(session))
+    }
+
+    /// The old session when it still holds the lock (a check that only timed out on a loaded
+    /// machine: nobody else can have led), else a new one that took it.
+    async fn session_holding_lock(&self) -> Result<Regain, DatastoreError> {
+        let old = self.fence.current().filter(|old| !old.is_closed());
+        if let Some(old) = &old {
+            if let Ok(Ok(true)) = tokio::time::timeout(CHECK_TIMEOUT, old.holds()).await {
+                return Ok(Regain::Held(old.clone()));
+            }
+        }
+        let session =
+            LockSession::open(&self.connector, self.key, &self.identity.to_string()).await?;
+        if session.try_acquire().await? {
+            return Ok(Regain::Held(Arc::new(session)));
+        }
+        let own = old.map(|o| o.pid());
+        if own.is_some() && session.holder_pid().await? == own {
+            // Our previous session still holds it; it will answer or end.
+            return Ok(Regain::OldSessionHolds);
+        }
+        Ok(Regain::Lost(LeadershipError::Lost(format!(
+            "the lock is held by {}",
+            holder(session.client(), self.key).await
+        ))))
+    }
+
     /// Releases the lock (graceful hand-over on SIGTERM: a standby takes over at its next
     /// try, within `CHECK_INTERVAL`).
     pub async fn release(&self) {
@@ -427,6 +426,16 @@ impl Leadership {
             }
         }
     }
+}
+
+/// The outcome of one try to get the lock back after a demotion.
+enum Regain {
+    /// A session holding the lock, every written row unchanged.
+    Held(Arc<LockSession>),
+    /// Another replica leads or led.
+    Lost(LeadershipError),
+    /// This replica's previous session still holds the lock: wait for it to answer or end.
+    OldSessionHolds,
 }
 
 /// A held leadership that a graceful stop hands over (the exporter's supervisor calls it after

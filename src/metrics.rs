@@ -22,7 +22,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 type Labels = Vec<(String, String)>;
 
@@ -107,236 +107,272 @@ pub struct Metrics {
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
 
+/// Registers `metric` as `name` (a handle: the registry's clone is the same series).
+fn add<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: &M) {
+    registry.register(name, help, metric.clone());
+}
+
 /// The process's metrics.
 pub fn get() -> &'static Metrics {
     METRICS.get_or_init(Metrics::new)
 }
 
 impl Metrics {
+    /// Every series, registered in exposition order, labelled counters created at 0.
     fn new() -> Metrics {
-        let mut registry = Registry::default();
+        let mut metrics = Metrics::unregistered();
+        let registry = &mut metrics.registry;
         registry.register(
             "health_events_exporter_log_write_errors",
             "Log lines dropped because stderr could not take them (closed, broken pipe)",
             crate::logging::write_errors().clone(),
         );
         registry.register_collector(Box::new(crate::watchdog::Collector));
-        let events_received = Counter::default();
-        registry.register(
+        metrics.register_upstream_publishing();
+        metrics.register_backfill();
+        metrics.register_attempts_and_leadership();
+        metrics.register_stream();
+        metrics.register_info_and_collectors();
+        metrics.create_known_labels_at_zero();
+        metrics
+    }
+
+    /// The handles, not yet in the registry.
+    fn unregistered() -> Metrics {
+        Metrics {
+            registry: Registry::default(),
+            events_received: Counter::default(),
+            events_published: Family::<Labels, Counter>::default(),
+            publish_duration: Histogram::new([
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+            transform_errors: Counter::default(),
+            publish_errors: Family::<Labels, Counter>::default(),
+            token_refresh_errors: Counter::default(),
+            resume_token_update_timestamp: Gauge::<f64, AtomicU64>::default(),
+            backfill_in_progress: Gauge::default(),
+            backfill_events_processed: Counter::default(),
+            backfill_duration: Histogram::new([
+                1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0,
+            ]),
+            backfill_remaining: Gauge::default(),
+            feature_flag: Family::<Labels, Gauge>::default(),
+            publish_attempt_failures: Family::<Labels, Counter>::default(),
+            events_in_flight: Gauge::default(),
+            datastore_reconnects: Counter::default(),
+            resume_token_resets: Family::<Labels, Counter>::default(),
+            resume_token_recoveries: Family::<Labels, Counter>::default(),
+            leader: Gauge::default(),
+            leadership_changes: Counter::default(),
+            events_skipped: Family::<Labels, Counter>::default(),
+            events_filtered: Counter::default(),
+            filter_errors: Counter::default(),
+            stream_lag_seconds: Gauge::<f64, AtomicU64>::default(),
+            changelog_head_id: Gauge::default(),
+            changelog_ids_behind: Gauge::default(),
+            changelog_open_ids: Gauge::default(),
+            events_dead_lettered: Family::<Labels, Counter>::default(),
+            ready: std::sync::Arc::new(OnceLock::new()),
+        }
+    }
+
+    /// Registers upstream's publishing series.
+    fn register_upstream_publishing(&mut self) {
+        let registry = &mut self.registry;
+        add(
+            registry,
             "health_events_exporter_events_received",
             "Total number of events received from change stream",
-            events_received.clone(),
+            &self.events_received,
         );
-        let events_published = Family::<Labels, Counter>::default();
-        registry.register(
+        add(
+            registry,
             "health_events_exporter_events_published",
             "Total number of events published to sink",
-            events_published.clone(),
+            &self.events_published,
         );
-        let publish_duration = Histogram::new([
-            0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-        ]);
-        registry.register(
+        add(
+            registry,
             "health_events_exporter_publish_duration_seconds",
             "Time taken to publish events to sink, including retries",
-            publish_duration.clone(),
+            &self.publish_duration,
         );
-        let transform_errors = Counter::default();
-        registry.register(
+        add(
+            registry,
             "health_events_exporter_transform_errors",
             "Total number of transformation errors",
-            transform_errors.clone(),
+            &self.transform_errors,
         );
-        let publish_errors = Family::<Labels, Counter>::default();
-        registry.register(
+        add(
+            registry,
             "health_events_exporter_publish_errors",
             "Total number of publish errors by type",
-            publish_errors.clone(),
+            &self.publish_errors,
         );
-        let token_refresh_errors = Counter::default();
-        registry.register(
+        add(
+            registry,
             "health_events_exporter_token_refresh_errors",
             "Total number of token refresh errors",
-            token_refresh_errors.clone(),
+            &self.token_refresh_errors,
         );
-        let resume_token_update_timestamp = Gauge::<f64, AtomicU64>::default();
-        registry.register(
+        add(
+            registry,
             "health_events_exporter_resume_token_update_timestamp",
             "Unix timestamp of the last resume token update",
-            resume_token_update_timestamp.clone(),
+            &self.resume_token_update_timestamp,
         );
-        let backfill_in_progress = Gauge::default();
-        registry.register(
+    }
+
+    /// Registers backfill and feature flags.
+    fn register_backfill(&mut self) {
+        let registry = &mut self.registry;
+        add(
+            registry,
             "health_events_exporter_backfill_in_progress",
             "Whether a backfill is running (1) or not (0)",
-            backfill_in_progress.clone(),
+            &self.backfill_in_progress,
         );
-        let backfill_events_processed = Counter::default();
-        registry.register(
+        add(
+            registry,
             "health_events_exporter_backfill_events_processed",
             "Total number of events processed during backfill",
-            backfill_events_processed.clone(),
+            &self.backfill_events_processed,
         );
-        let backfill_duration =
-            Histogram::new([1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0]);
-        registry.register(
+        add(
+            registry,
             "health_events_exporter_backfill_duration_seconds",
             "Duration of completed backfills",
-            backfill_duration.clone(),
+            &self.backfill_duration,
         );
-        let backfill_remaining = Gauge::default();
-        registry.register(
+        add(
+            registry,
             "health_events_exporter_backfill_remaining",
             "Events the running backfill has still to deliver",
-            backfill_remaining.clone(),
+            &self.backfill_remaining,
         );
-        let feature_flag = Family::<Labels, Gauge>::default();
-        registry.register(
+        add(
+            registry,
             "nvsentinel_feature_flag_enabled",
             "Whether a feature flag is enabled (1) or not (0)",
-            feature_flag.clone(),
+            &self.feature_flag,
         );
-        let publish_attempt_failures = Family::<Labels, Counter>::default();
-        registry.register(
+    }
+
+    /// Registers publish attempts, the datastore connection, resume-token resets and recoveries, leadership.
+    fn register_attempts_and_leadership(&mut self) {
+        let registry = &mut self.registry;
+        add(
+            registry,
             "health_events_exporter_publish_attempt_failures",
             "Failed publish attempts (each retry counts) by reason",
-            publish_attempt_failures.clone(),
+            &self.publish_attempt_failures,
         );
-        let events_in_flight = Gauge::default();
-        registry.register(
+        add(
+            registry,
             "health_events_exporter_events_in_flight",
             "Events being transformed or published right now",
-            events_in_flight.clone(),
+            &self.events_in_flight,
         );
-        let datastore_reconnects = Counter::default();
-        registry.register(
+        add(
+            registry,
             "health_events_exporter_datastore_reconnects",
             "Times the changelog reader lost its datastore connection and reconnected",
-            datastore_reconnects.clone(),
+            &self.datastore_reconnects,
         );
-        let resume_token_resets = Family::<Labels, Counter>::default();
-        registry.register(
-            "health_events_exporter_resume_token_resets",
-            "Times the resume token was ahead of the changelog's head (ids reset by TRUNCATE ... RESTART IDENTITY, a restored or re-created datastore, a bogus token) and reading restarted from the new changelog, by reason (ahead_at_start, ahead_while_running)",
-            resume_token_resets.clone(),
-        );
-        let resume_token_recoveries = Family::<Labels, Counter>::default();
-        registry.register(
-            "change_stream_resume_token_recoveries",
-            "Times a MongoDB change stream's resume token could not be used (history lost: codes 286, 260, 280, 9) and the exporter recovered with a backfill from the last exported createdAt, by client and phase (initialization, runtime)",
-            resume_token_recoveries.clone(),
-        );
-        let leader = Gauge::default();
-        registry.register(
+        add(registry, "health_events_exporter_resume_token_resets", "Times the resume token was ahead of the changelog's head (ids reset by TRUNCATE ... RESTART IDENTITY, a restored or re-created datastore, a bogus token) and reading restarted from the new changelog, by reason (ahead_at_start, ahead_while_running)", &self.resume_token_resets);
+        add(registry, "change_stream_resume_token_recoveries", "Times a MongoDB change stream's resume token could not be used (history lost: codes 286, 260, 280, 9) and the exporter recovered with a backfill from the last exported createdAt, by client and phase (initialization, runtime)", &self.resume_token_recoveries);
+        add(
+            registry,
             "health_events_exporter_leader",
             "Whether this replica leads and exports (1) or is a standby (0)",
-            leader.clone(),
+            &self.leader,
         );
-        let leadership_changes = Counter::default();
-        registry.register(
+        add(
+            registry,
             "health_events_exporter_leadership_changes",
             "Times this replica became leader or stopped leading",
-            leadership_changes.clone(),
+            &self.leadership_changes,
         );
-        let events_skipped = Family::<Labels, Counter>::default();
-        registry.register(
+    }
+
+    /// Registers skips, the filter, the stream's lag, the changelog and the dead letter.
+    fn register_stream(&mut self) {
+        let registry = &mut self.registry;
+        add(
+            registry,
             "health_events_exporter_events_skipped",
             "Health events not published, by reason (undecodable, no health event)",
-            events_skipped.clone(),
+            &self.events_skipped,
         );
         // Upstream's help texts; prometheus-client adds the final period.
-        let events_filtered = Counter::default();
-        registry.register(
+        add(
+            registry,
             "health_events_exporter_events_filtered",
             "Total number of events not published because the filter expression evaluated false",
-            events_filtered.clone(),
+            &self.events_filtered,
         );
-        let filter_errors = Counter::default();
-        registry.register(
+        add(
+            registry,
             "health_events_exporter_filter_errors",
             "Total number of filter evaluation errors. The event is exported anyway",
-            filter_errors.clone(),
+            &self.filter_errors,
         );
-        let stream_lag_seconds = Gauge::<f64, AtomicU64>::default();
-        registry.register(
+        add(
+            registry,
             "health_events_exporter_stream_lag_seconds",
             "Age of the oldest received stream event not yet delivered (0 when caught up)",
-            stream_lag_seconds.clone(),
+            &self.stream_lag_seconds,
         );
-        let changelog_head_id = Gauge::default();
-        registry.register(
+        add(
+            registry,
             "health_events_exporter_changelog_head_id",
             "Highest datastore_changelog id at the last read",
-            changelog_head_id.clone(),
+            &self.changelog_head_id,
         );
-        let changelog_ids_behind = Gauge::default();
-        registry.register(
+        add(
+            registry,
             "health_events_exporter_changelog_ids_behind",
             "Changelog ids between the resume token and the head of the changelog",
-            changelog_ids_behind.clone(),
+            &self.changelog_ids_behind,
         );
-        let changelog_open_ids = Gauge::default();
-        registry.register(
-            "health_events_exporter_changelog_open_ids",
-            "Changelog ids below the head not yet visible (transactions still open, or never committed); they hold the resume token back",
-            changelog_open_ids.clone(),
-        );
-        let events_dead_lettered = Family::<Labels, Counter>::default();
-        registry.register(
-            "health_events_exporter_events_dead_lettered",
-            "Events the sink permanently rejected, written to the dead letter, by the sink's HTTP status",
-            events_dead_lettered.clone(),
-        );
+        add(registry, "health_events_exporter_changelog_open_ids", "Changelog ids below the head not yet visible (transactions still open, or never committed); they hold the resume token back", &self.changelog_open_ids);
+        add(registry, "health_events_exporter_events_dead_lettered", "Events the sink permanently rejected, written to the dead letter, by the sink's HTTP status", &self.events_dead_lettered);
+    }
+
+    /// Registers the build information and the collectors read at scrape time.
+    fn register_info_and_collectors(&mut self) {
         let build_info = Family::<Labels, Gauge>::default();
-        registry.register(
+        add(
+            &mut self.registry,
             "health_events_exporter_build_info",
             "Build information; the value is always 1",
-            build_info.clone(),
+            &build_info,
         );
         build_info
             .get_or_create(&vec![("version".into(), env!("CARGO_PKG_VERSION").into())])
             .set(1);
-        registry.register_collector(Box::new(ProcessCollector));
-        registry.register_collector(Box::new(crate::lag::LagCollector));
-        let ready = std::sync::Arc::new(OnceLock::new());
-        registry.register_collector(Box::new(ReadyCollector(ready.clone())));
-        // Every labelled counter at 0 for its known label values (see the module docs).
-        create_at_zero(&events_published, "status", PUBLISHED_STATUSES);
-        create_at_zero(&publish_errors, "error_type", PUBLISH_ERROR_TYPES);
-        create_at_zero(&publish_attempt_failures, "reason", ATTEMPT_FAILURE_REASONS);
-        create_at_zero(&events_skipped, "reason", SKIP_REASONS);
-        create_at_zero(&resume_token_resets, "reason", RESUME_TOKEN_RESET_REASONS);
-        Metrics {
-            registry,
-            events_received,
-            events_published,
-            publish_duration,
-            transform_errors,
-            publish_errors,
-            token_refresh_errors,
-            resume_token_update_timestamp,
-            backfill_in_progress,
-            backfill_events_processed,
-            backfill_duration,
-            backfill_remaining,
-            feature_flag,
-            publish_attempt_failures,
-            events_in_flight,
-            datastore_reconnects,
-            events_skipped,
-            events_filtered,
-            filter_errors,
-            stream_lag_seconds,
-            changelog_head_id,
-            changelog_ids_behind,
-            changelog_open_ids,
-            ready,
-            events_dead_lettered,
-            resume_token_resets,
-            resume_token_recoveries,
-            leader,
-            leadership_changes,
-        }
+        self.registry.register_collector(Box::new(ProcessCollector));
+        self.registry
+            .register_collector(Box::new(crate::lag::LagCollector));
+        self.registry
+            .register_collector(Box::new(ReadyCollector(self.ready.clone())));
+    }
+
+    /// Every labelled counter at 0 for its known label values (see the module docs).
+    fn create_known_labels_at_zero(&self) {
+        create_at_zero(&self.events_published, "status", PUBLISHED_STATUSES);
+        create_at_zero(&self.publish_errors, "error_type", PUBLISH_ERROR_TYPES);
+        create_at_zero(
+            &self.publish_attempt_failures,
+            "reason",
+            ATTEMPT_FAILURE_REASONS,
+        );
+        create_at_zero(&self.events_skipped, "reason", SKIP_REASONS);
+        create_at_zero(
+            &self.resume_token_resets,
+            "reason",
+            RESUME_TOKEN_RESET_REASONS,
+        );
     }
 
     /// Creates `…_events_dead_lettered_total{status}` at 0 for each status that can be

@@ -91,9 +91,47 @@ pub fn check(args: &CheckConfigArgs) -> Result<Report, ExitError> {
         workers,
         metrics_port,
     } = validate_local(run, !args.skip_files)?;
-    let datastore = match DatastoreSettings::from_process_env()
-        .map_err(|e| ExitError::Config(datastore_error(&e.to_string())))?
-    {
+    let datastore = datastore_report()?;
+    // Shown as used: the flag or the file's value, else the default.
+    config.workers = Some(workers);
+    let connect = if args.connect {
+        ConnectReport::from_probes(connect_checks(&config, run)?)
+    } else {
+        ConnectReport::not_tried()
+    };
+    let report = json!({
+        "config": run.config.display().to_string(),
+        "exporter": config,
+        "files": if args.skip_files {
+            "not checked: --skip-files"
+        } else {
+            "checked: the OIDC secret file and CA files are readable"
+        },
+        "flags": flags_report(&config, run, metrics_port),
+        "unknownKeys": config.unknown_keys,
+        "warnings": config.warnings,
+        "datastore": datastore,
+        "proxies": proxies_report(&config),
+        "connect": connect.json,
+        "leadership": {
+            "advisoryLockKey": crate::leadership::lock_key(&config.client_name),
+            "derivedFrom": format!("{}{}", crate::leadership::KEY_PREFIX, config.client_name),
+        },
+    });
+    Ok(Report {
+        json: serde_json::to_string_pretty(&report).unwrap_or_default(),
+        unknown_keys: config.unknown_key_messages(),
+        connect_lines: connect.lines,
+        connect_failed: connect.failed,
+    })
+}
+
+/// The datastore settings from the environment, as the report shows them. Errors: exit 2
+/// naming the variable.
+fn datastore_report() -> Result<Value, ExitError> {
+    let settings = DatastoreSettings::from_process_env()
+        .map_err(|e| ExitError::Config(datastore_error(&e.to_string())))?;
+    Ok(match settings {
         DatastoreSettings::Postgres(settings) => serde_json::to_value(settings).unwrap_or_default(),
         DatastoreSettings::Mongo(settings) => {
             let mut report = settings.report();
@@ -108,10 +146,24 @@ pub fn check(args: &CheckConfigArgs) -> Result<Report, ExitError> {
             }
             report
         }
-    };
-    // Shown as used: the flag or the file's value, else the default.
-    config.workers = Some(workers);
-    // The proxy each endpoint is reached through (HTTPS_PROXY / HTTP_PROXY / NO_PROXY).
+    })
+}
+
+/// The flags as used.
+fn flags_report(config: &Config, run: &RunArgs, metrics_port: u16) -> Value {
+    json!({
+        "metrics_port": metrics_port,
+        "oidc_secret_path": if config.oidc.is_some() {
+            json!(run.oidc_secret_path.display().to_string())
+        } else {
+            json!("not used: exporter.oidc.enabled = false")
+        },
+        "shutdown_grace": format_go_duration(run.shutdown_grace),
+    })
+}
+
+/// The proxy each endpoint is reached through (HTTPS_PROXY / HTTP_PROXY / NO_PROXY).
+fn proxies_report(config: &Config) -> serde_json::Map<String, Value> {
     let proxy = |url: &str| match crate::sink::proxy_in_effect(url) {
         Some(proxy) => json!(proxy),
         None => json!("none (direct)"),
@@ -121,8 +173,26 @@ pub fn check(args: &CheckConfigArgs) -> Result<Report, ExitError> {
     if let Some(oidc) = &config.oidc {
         proxies.insert("oidcTokenEndpoint".into(), proxy(&oidc.token_url));
     }
-    let (connect, connect_lines, connect_failed) = if args.connect {
-        let probes = connect_checks(&config, run)?;
+    proxies
+}
+
+/// The `--connect` part of the report: JSON, one line per check, and whether one failed.
+struct ConnectReport {
+    json: Value,
+    lines: Vec<String>,
+    failed: bool,
+}
+
+impl ConnectReport {
+    fn not_tried() -> ConnectReport {
+        ConnectReport {
+            json: json!("not tried: pass --connect"),
+            lines: Vec::new(),
+            failed: false,
+        }
+    }
+
+    fn from_probes(probes: Vec<(&'static str, Probe)>) -> ConnectReport {
         let failed = probes
             .iter()
             .any(|(_, probe)| probe.outcome == Outcome::Failed);
@@ -139,43 +209,12 @@ pub fn check(args: &CheckConfigArgs) -> Result<Report, ExitError> {
                 )
             })
             .collect();
-        (Value::Object(map), lines, failed)
-    } else {
-        (json!("not tried: pass --connect"), Vec::new(), false)
-    };
-    let report = json!({
-        "config": run.config.display().to_string(),
-        "exporter": config,
-        "files": if args.skip_files {
-            "not checked: --skip-files"
-        } else {
-            "checked: the OIDC secret file and CA files are readable"
-        },
-        "flags": {
-            "metrics_port": metrics_port,
-            "oidc_secret_path": if config.oidc.is_some() {
-                json!(run.oidc_secret_path.display().to_string())
-            } else {
-                json!("not used: exporter.oidc.enabled = false")
-            },
-            "shutdown_grace": format_go_duration(run.shutdown_grace),
-        },
-        "unknownKeys": config.unknown_keys,
-        "warnings": config.warnings,
-        "datastore": datastore,
-        "proxies": proxies,
-        "connect": connect,
-        "leadership": {
-            "advisoryLockKey": crate::leadership::lock_key(&config.client_name),
-            "derivedFrom": format!("{}{}", crate::leadership::KEY_PREFIX, config.client_name),
-        },
-    });
-    Ok(Report {
-        json: serde_json::to_string_pretty(&report).unwrap_or_default(),
-        unknown_keys: config.unknown_key_messages(),
-        connect_lines,
-        connect_failed,
-    })
+        ConnectReport {
+            json: Value::Object(map),
+            lines,
+            failed,
+        }
+    }
 }
 
 /// The result of one `--connect` check.

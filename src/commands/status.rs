@@ -247,117 +247,15 @@ pub async fn query_status(
     max_behind: Duration,
 ) -> Result<Status, DatastoreError> {
     let client_name = config.client_name.clone();
-    let head = client
-        .query_opt(
-            "SELECT id, changed_at FROM datastore_changelog ORDER BY id DESC LIMIT 1",
-            &[],
-        )
-        .await?;
-    // try_get throughout: a column of an unexpected type is an error, not a panic.
-    let changelog_head = match &head {
-        Some(row) => HeadStatus {
-            id: to_u64(row.try_get(0)?),
-            changed_at: row.try_get(1)?,
-        },
-        None => HeadStatus {
-            id: 0,
-            changed_at: None,
-        },
-    };
-
-    let token_row = client
-        .query_opt(
-            "SELECT resume_token, last_updated FROM resume_tokens WHERE client_name = $1",
-            &[&client_name],
-        )
-        .await?;
-    let resume_token = match token_row {
-        None => None,
-        Some(row) => {
-            let value: Value = row.try_get(0)?;
-            let saved_at: Option<DateTime<Utc>> = row.try_get(1)?;
-            let (position, kind) = match StartPoint::from_token(&client_name, &value)? {
-                StartPoint::Contiguous(id) => (id, "contiguous"),
-                StartPoint::Keyset { id, .. } => (id, "keyset"),
-                StartPoint::EventId(id) => (id, "eventId"),
-                StartPoint::End => (changelog_head.id, "end"),
-            };
-            let changed_at = match client
-                .query_opt(
-                    "SELECT changed_at FROM datastore_changelog WHERE id = $1",
-                    &[&to_i64(position)],
-                )
-                .await?
-            {
-                Some(row) => row.try_get::<_, Option<DateTime<Utc>>>(0)?,
-                None => None,
-            };
-            Some(TokenStatus {
-                position,
-                kind,
-                changed_at,
-                saved_at,
-                value,
-            })
-        }
-    };
-
+    let changelog_head = head_status(client).await?;
+    let resume_token = token_status(client, &client_name, changelog_head.id).await?;
     let behind = match &resume_token {
         None => None,
-        Some(token) => {
-            let row = client
-                .query_one(
-                    "SELECT count(*), min(changed_at), \
-                            coalesce(extract(epoch FROM now() - min(changed_at))::float8, 0) \
-                     FROM datastore_changelog WHERE id > $1",
-                    &[&to_i64(token.position)],
-                )
-                .await?;
-            let waiting_rows = to_u64(row.try_get(0)?);
-            let ids = changelog_head.id.saturating_sub(token.position);
-            let seconds: f64 = row.try_get(2)?;
-            Some(BehindStatus {
-                ids,
-                seconds: seconds.max(0.0),
-                waiting_rows,
-                open_ids: ids.saturating_sub(waiting_rows),
-                oldest_waiting_changed_at: row.try_get(1)?,
-            })
-        }
+        Some(token) => Some(behind_status(client, token.position, changelog_head.id).await?),
     };
-
-    let backfill = client
-        .query_opt(
-            "SELECT resume_token, last_updated FROM resume_tokens WHERE client_name = $1",
-            &[&backfill::record_name(&client_name)],
-        )
-        .await?
-        .map(|row| -> Result<BackfillStatus, DatastoreError> {
-            let value: Value = row.try_get(0)?;
-            let saved_at: Option<DateTime<Utc>> = row.try_get(1)?;
-            BackfillPlan::from_value(&value)
-                .map(|plan| backfill_status(&plan, saved_at))
-                .ok_or_else(|| DatastoreError::Token {
-                    client: backfill::record_name(&client_name),
-                    reason: format!("not a backfill record: {value}"),
-                })
-        })
-        .transpose()?;
-
+    let backfill = backfill_record(client, &client_name).await?;
     let leader = leader_status(client, &client_name).await?;
-
-    let mut problems = Vec::new();
-    match &behind {
-        None => problems.push(format!(
-            "no resume token for client {client_name:?}: the exporter has not saved a position yet"
-        )),
-        Some(behind) if behind.seconds > max_behind.as_secs_f64() => problems.push(format!(
-            "the oldest changelog row not yet exported is {} old (more than --max-behind {})",
-            format_seconds(behind.seconds),
-            format_go_duration(max_behind)
-        )),
-        Some(_) => {}
-    }
+    let problems = problems(&client_name, behind.as_ref(), max_behind);
     Ok(Status {
         client_name,
         datastore,
@@ -371,6 +269,138 @@ pub async fn query_status(
         healthy: problems.is_empty(),
         problems,
     })
+}
+
+/// The changelog's newest row (id 0 when it is empty).
+async fn head_status(client: &Client) -> Result<HeadStatus, DatastoreError> {
+    let head = client
+        .query_opt(
+            "SELECT id, changed_at FROM datastore_changelog ORDER BY id DESC LIMIT 1",
+            &[],
+        )
+        .await?;
+    // try_get throughout: a column of an unexpected type is an error, not a panic.
+    Ok(match &head {
+        Some(row) => HeadStatus {
+            id: to_u64(row.try_get(0)?),
+            changed_at: row.try_get(1)?,
+        },
+        None => HeadStatus {
+            id: 0,
+            changed_at: None,
+        },
+    })
+}
+
+/// `client_name`'s resume token, the position it stands for (`head` for an `end` token) and
+/// that changelog row's time.
+async fn token_status(
+    client: &Client,
+    client_name: &str,
+    head: u64,
+) -> Result<Option<TokenStatus>, DatastoreError> {
+    let token_row = client
+        .query_opt(
+            "SELECT resume_token, last_updated FROM resume_tokens WHERE client_name = $1",
+            &[&client_name],
+        )
+        .await?;
+    let Some(row) = token_row else {
+        return Ok(None);
+    };
+    let value: Value = row.try_get(0)?;
+    let saved_at: Option<DateTime<Utc>> = row.try_get(1)?;
+    let (position, kind) = match StartPoint::from_token(client_name, &value)? {
+        StartPoint::Contiguous(id) => (id, "contiguous"),
+        StartPoint::Keyset { id, .. } => (id, "keyset"),
+        StartPoint::EventId(id) => (id, "eventId"),
+        StartPoint::End => (head, "end"),
+    };
+    let changed_at = match client
+        .query_opt(
+            "SELECT changed_at FROM datastore_changelog WHERE id = $1",
+            &[&to_i64(position)],
+        )
+        .await?
+    {
+        Some(row) => row.try_get::<_, Option<DateTime<Utc>>>(0)?,
+        None => None,
+    };
+    Ok(Some(TokenStatus {
+        position,
+        kind,
+        changed_at,
+        saved_at,
+        value,
+    }))
+}
+
+/// How far the changelog is past `position`: ids, rows waiting, and the oldest one's age.
+async fn behind_status(
+    client: &Client,
+    position: u64,
+    head: u64,
+) -> Result<BehindStatus, DatastoreError> {
+    let row = client
+        .query_one(
+            "SELECT count(*), min(changed_at), \
+                    coalesce(extract(epoch FROM now() - min(changed_at))::float8, 0) \
+             FROM datastore_changelog WHERE id > $1",
+            &[&to_i64(position)],
+        )
+        .await?;
+    let waiting_rows = to_u64(row.try_get(0)?);
+    let ids = head.saturating_sub(position);
+    let seconds: f64 = row.try_get(2)?;
+    Ok(BehindStatus {
+        ids,
+        seconds: seconds.max(0.0),
+        waiting_rows,
+        open_ids: ids.saturating_sub(waiting_rows),
+        oldest_waiting_changed_at: row.try_get(1)?,
+    })
+}
+
+/// `client_name`'s backfill record, when there is one. Errors: `DatastoreError::Token` naming
+/// the record when it is not a backfill plan.
+async fn backfill_record(
+    client: &Client,
+    client_name: &str,
+) -> Result<Option<BackfillStatus>, DatastoreError> {
+    let record = backfill::record_name(client_name);
+    let Some(row) = client
+        .query_opt(
+            "SELECT resume_token, last_updated FROM resume_tokens WHERE client_name = $1",
+            &[&record],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    let value: Value = row.try_get(0)?;
+    let saved_at: Option<DateTime<Utc>> = row.try_get(1)?;
+    match BackfillPlan::from_value(&value) {
+        Some(plan) => Ok(Some(backfill_status(&plan, saved_at))),
+        None => Err(DatastoreError::Token {
+            client: record,
+            reason: format!("not a backfill record: {value}"),
+        }),
+    }
+}
+
+/// What makes the status unhealthy: no resume token, or rows waiting longer than `max_behind`.
+fn problems(client_name: &str, behind: Option<&BehindStatus>, max_behind: Duration) -> Vec<String> {
+    match behind {
+        None => vec![format!(
+            "no resume token for client {client_name:?}: the exporter has not saved a position yet"
+        )],
+        Some(behind) if behind.seconds > max_behind.as_secs_f64() => vec![format!(
+            "the oldest changelog row not yet exported is {} old (more than --max-behind {})",
+            format_seconds(behind.seconds),
+            format_go_duration(max_behind)
+        )],
+        Some(_) => Vec::new(),
+    }
 }
 
 /// The session holding `client_name`'s advisory lock, from `pg_locks` (read-only).
@@ -438,97 +468,95 @@ fn format_seconds(seconds: f64) -> String {
 
 /// The report for people.
 pub fn render_text(status: &Status) -> String {
-    let mut out = String::new();
-    let mut line = |key: &str, value: String| out.push_str(&format!("{key:<15} {value}\n"));
-    line(
-        "client",
-        format!("{} ({})", status.client_name, status.datastore),
-    );
-    match &status.resume_token {
-        Some(token) => line(
-            "resume token",
+    let mut lines = vec![
+        (
+            "client",
+            format!("{} ({})", status.client_name, status.datastore),
+        ),
+        ("resume token", token_text(status.resume_token.as_ref())),
+        (
+            "changelog head",
             format!(
-                "changelog id {} ({}), row changed at {}, saved at {}",
-                token.position,
-                token.kind,
-                time(token.changed_at),
-                time(token.saved_at)
+                "id {}, changed at {}",
+                status.changelog_head.id,
+                time(status.changelog_head.changed_at)
             ),
         ),
-        None => line("resume token", "none saved".into()),
-    }
-    line(
-        "changelog head",
-        format!(
-            "id {}, changed at {}",
-            status.changelog_head.id,
-            time(status.changelog_head.changed_at)
-        ),
-    );
+    ];
     if let Some(behind) = &status.behind {
-        if behind.ids == 0 {
-            line("behind", "caught up (0 ids)".into());
-        } else {
-            line(
-                "behind",
-                format!(
-                    "{} ids: {} rows waiting, {} open ids; oldest waiting {} ({})",
-                    behind.ids,
-                    behind.waiting_rows,
-                    behind.open_ids,
-                    format_seconds(behind.seconds),
-                    time(behind.oldest_waiting_changed_at)
-                ),
-            );
+        lines.push(("behind", behind_text(behind)));
+    }
+    lines.push(("leader", leader_text(status.leader.as_ref())));
+    lines.push(("backfill", backfill_text(status)));
+    if status.healthy {
+        let ok = format!(
+            "OK (max behind {})",
+            format_seconds(status.max_behind_seconds)
+        );
+        lines.push(("status", ok));
+    } else {
+        for problem in &status.problems {
+            lines.push(("status", format!("UNHEALTHY: {problem}")));
         }
     }
-    match &status.leader {
-        Some(leader) => line(
-            "leader",
-            format!("{} (backend pid {})", leader.replica, leader.backend_pid),
+    lines
+        .iter()
+        .map(|(key, value)| format!("{key:<15} {value}\n"))
+        .collect()
+}
+
+fn token_text(token: Option<&TokenStatus>) -> String {
+    match token {
+        Some(token) => format!(
+            "changelog id {} ({}), row changed at {}, saved at {}",
+            token.position,
+            token.kind,
+            time(token.changed_at),
+            time(token.saved_at)
         ),
-        None => line(
-            "leader",
-            "none: no exporter holds the leadership lock".into(),
-        ),
+        None => "none saved".into(),
     }
+}
+
+fn behind_text(behind: &BehindStatus) -> String {
+    if behind.ids == 0 {
+        return "caught up (0 ids)".into();
+    }
+    format!(
+        "{} ids: {} rows waiting, {} open ids; oldest waiting {} ({})",
+        behind.ids,
+        behind.waiting_rows,
+        behind.open_ids,
+        format_seconds(behind.seconds),
+        time(behind.oldest_waiting_changed_at)
+    )
+}
+
+fn leader_text(leader: Option<&LeaderStatus>) -> String {
+    match leader {
+        Some(leader) => format!("{} (backend pid {})", leader.replica, leader.backend_pid),
+        None => "none: no exporter holds the leadership lock".into(),
+    }
+}
+
+fn backfill_text(status: &Status) -> String {
     let enabled = if status.backfill_enabled {
         "enabled"
     } else {
         "disabled"
     };
     match &status.backfill {
-        None => line("backfill", format!("none recorded ({enabled})")),
-        Some(b) if b.done => line(
-            "backfill",
-            format!("complete: {} events ({enabled})", b.delivered),
-        ),
-        Some(b) => line(
-            "backfill",
-            format!(
-                "unfinished: {}/{} delivered ({:.1}%), {} remaining, window {} .. {}, saved at {} ({enabled})",
-                b.delivered,
-                b.total,
-                b.percent,
-                b.remaining,
-                time(Some(b.from)),
-                time(Some(b.started_at)),
-                time(b.saved_at)
-            ),
+        None => format!("none recorded ({enabled})"),
+        Some(b) if b.done => format!("complete: {} events ({enabled})", b.delivered),
+        Some(b) => format!(
+            "unfinished: {}/{} delivered ({:.1}%), {} remaining, window {} .. {}, saved at {} ({enabled})",
+            b.delivered,
+            b.total,
+            b.percent,
+            b.remaining,
+            time(Some(b.from)),
+            time(Some(b.started_at)),
+            time(b.saved_at)
         ),
     }
-    if status.healthy {
-        line(
-            "status",
-            format!(
-                "OK (max behind {})",
-                format_seconds(status.max_behind_seconds)
-            ),
-        );
-    } else {
-        for problem in &status.problems {
-            line("status", format!("UNHEALTHY: {problem}"));
-        }
-    }
-    out
 }

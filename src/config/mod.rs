@@ -282,16 +282,8 @@ impl Config {
     fn from_raw(raw: RawExporter) -> Result<Config, ConfigError> {
         let mut warnings = Vec::new();
         let metadata = metadata(raw.metadata)?;
-        let client_name = raw
-            .client_name
-            .map_or_else(|| DEFAULT_CLIENT_NAME.to_string(), |name| name.0);
-        if client_name.trim().is_empty() {
-            return Err(invalid("exporter.client_name", "must not be empty"));
-        }
-        let workers = match int("exporter.workers", raw.workers, &mut warnings) {
-            None => None,
-            Some(n) => Some(in_range("exporter.workers", n, 1, MAX_WORKERS)? as usize),
-        };
+        let client_name = client_name(raw.client_name)?;
+        let workers = workers(raw.workers, &mut warnings)?;
         let sink = sink(raw.sink)?;
         let oidc = oidc(raw.oidc)?;
         let backfill = backfill(raw.backfill, &mut warnings)?;
@@ -302,42 +294,11 @@ impl Config {
             .expression
             .map(|text| text.0)
             .filter(|e| !e.trim().is_empty());
-        let mut resume_token = BTreeMap::new();
-        for (key, value) in [
-            ("database", raw.resume_token.database),
-            ("collection", raw.resume_token.collection),
-        ] {
-            if let Some(value) = value {
-                resume_token.insert(key.to_string(), value.0);
-            }
-        }
         let resume_token_save_interval = raw
             .resume_token
             .save_interval
             .map_or(Duration::from_millis(100), |d| d.0);
-        let liveness_timeout = match raw.liveness_timeout.map(|d| d.0) {
-            None => crate::watchdog::default_liveness_timeout(
-                sink.timeout,
-                failure_handling.max_backoff,
-            ),
-            Some(timeout) if timeout < Duration::from_secs(1) => {
-                return Err(invalid(
-                    "exporter.liveness_timeout",
-                    format!("must be at least 1s, got {}", format_go_duration(timeout)),
-                ))
-            }
-            Some(timeout) => timeout,
-        };
-        let subject = match raw.cloudevent.subject.as_ref().map(|t| t.0.as_str()) {
-            None | Some("none") => crate::cloudevent::Subject::None,
-            Some("node_name") => crate::cloudevent::Subject::NodeName,
-            Some(other) => {
-                return Err(invalid(
-                    "exporter.cloudevent.subject",
-                    format!("must be \"none\" or \"node_name\", got {other:?}"),
-                ))
-            }
-        };
+        let liveness_timeout = liveness_timeout(raw.liveness_timeout, &sink, &failure_handling)?;
         Ok(Config {
             metadata,
             client_name,
@@ -349,9 +310,9 @@ impl Config {
             rejections,
             resume_token_save_interval,
             filter_expression,
-            resume_token,
+            resume_token: resume_token_location(raw.resume_token),
             liveness_timeout,
-            subject,
+            subject: subject(raw.cloudevent)?,
             unknown_keys: Vec::new(),
             did_you_mean: BTreeMap::new(),
             warnings,
@@ -364,6 +325,69 @@ impl Config {
             .get("cluster")
             .map(String::as_str)
             .unwrap_or("")
+    }
+}
+
+/// `exporter.client_name`: upstream's default when absent, never blank.
+fn client_name(raw: Option<raw::Text>) -> Result<String, ConfigError> {
+    let client_name = raw.map_or_else(|| DEFAULT_CLIENT_NAME.to_string(), |name| name.0);
+    if client_name.trim().is_empty() {
+        return Err(invalid("exporter.client_name", "must not be empty"));
+    }
+    Ok(client_name)
+}
+
+/// `exporter.workers`: from 1 to [`MAX_WORKERS`] when set.
+fn workers(
+    raw: Option<raw::Int>,
+    warnings: &mut Vec<String>,
+) -> Result<Option<usize>, ConfigError> {
+    match int("exporter.workers", raw, warnings) {
+        None => Ok(None),
+        Some(n) => Ok(Some(
+            in_range("exporter.workers", n, 1, MAX_WORKERS)? as usize
+        )),
+    }
+}
+
+/// `[exporter.resume_token]`'s `database` and `collection` (upstream's MongoDB location),
+/// kept for the report.
+fn resume_token_location(raw: raw::RawResumeToken) -> BTreeMap<String, String> {
+    [("database", raw.database), ("collection", raw.collection)]
+        .into_iter()
+        .filter_map(|(key, value)| value.map(|value| (key.to_string(), value.0)))
+        .collect()
+}
+
+/// `exporter.liveness_timeout`: at least 1s; by default derived from the sink timeout and the
+/// retry cap (`crate::watchdog::default_liveness_timeout`).
+fn liveness_timeout(
+    raw: Option<raw::GoDuration>,
+    sink: &SinkConfig,
+    retry: &RetryPolicy,
+) -> Result<Duration, ConfigError> {
+    match raw.map(|d| d.0) {
+        None => Ok(crate::watchdog::default_liveness_timeout(
+            sink.timeout,
+            retry.max_backoff,
+        )),
+        Some(timeout) if timeout < Duration::from_secs(1) => Err(invalid(
+            "exporter.liveness_timeout",
+            format!("must be at least 1s, got {}", format_go_duration(timeout)),
+        )),
+        Some(timeout) => Ok(timeout),
+    }
+}
+
+/// `exporter.cloudevent.subject`: `none` (default) or `node_name`.
+fn subject(raw: raw::RawCloudEvent) -> Result<crate::cloudevent::Subject, ConfigError> {
+    match raw.subject.as_ref().map(|t| t.0.as_str()) {
+        None | Some("none") => Ok(crate::cloudevent::Subject::None),
+        Some("node_name") => Ok(crate::cloudevent::Subject::NodeName),
+        Some(other) => Err(invalid(
+            "exporter.cloudevent.subject",
+            format!("must be \"none\" or \"node_name\", got {other:?}"),
+        )),
     }
 }
 
@@ -405,50 +429,14 @@ fn sink(raw: raw::RawSink) -> Result<SinkConfig, ConfigError> {
 /// `[exporter.oidc]`: every key is type-checked; the endpoint keys are required only while
 /// `enabled` (default true).
 fn oidc(raw: raw::RawOidc) -> Result<Option<OidcConfig>, ConfigError> {
-    let client_auth_method = match raw.client_auth_method {
-        None => ClientAuthMethod::ClientSecretBasicRaw,
-        Some(raw::Text(name)) => ClientAuthMethod::from_name(name.trim()).ok_or_else(|| {
-            invalid(
-                "exporter.oidc.client_auth_method",
-                format!(
-                    "unknown method {name:?}; expected one of {}",
-                    ClientAuthMethod::NAMES.join(", ")
-                ),
-            )
-        })?,
-    };
-    let default_token_lifetime = raw
-        .default_token_lifetime
-        .map_or(DEFAULT_TOKEN_LIFETIME, |d| d.0);
-    if default_token_lifetime.is_zero() || default_token_lifetime > MAX_TOKEN_LIFETIME {
-        return Err(invalid(
-            "exporter.oidc.default_token_lifetime",
-            format!(
-                "must be greater than 0 and at most {}, got {}",
-                format_go_duration(MAX_TOKEN_LIFETIME),
-                format_go_duration(default_token_lifetime)
-            ),
-        ));
-    }
+    let client_auth_method = client_auth_method(raw.client_auth_method)?;
+    let default_token_lifetime = default_token_lifetime(raw.default_token_lifetime)?;
     if !raw.enabled.is_none_or(|f| f.0) {
         return Ok(None);
     }
-    let token_url = raw.token_url.map(|t| t.0).unwrap_or_default();
-    let client_id = raw.client_id.map(|t| t.0).unwrap_or_default();
-    let scope = raw.scope.map(|t| t.0).unwrap_or_default();
-    for (key, value) in [
-        ("token_url", &token_url),
-        ("client_id", &client_id),
-        ("scope", &scope),
-    ] {
-        if value.trim().is_empty() {
-            return Err(invalid(
-                &format!("exporter.oidc.{key}"),
-                "is required while exporter.oidc.enabled is true \
-                 (set enabled = false for a sink without authentication)",
-            ));
-        }
-    }
+    let token_url = required_oidc_key("token_url", raw.token_url)?;
+    let client_id = required_oidc_key("client_id", raw.client_id)?;
+    let scope = required_oidc_key("scope", raw.scope)?;
     check_http_url("exporter.oidc.token_url", &token_url)?;
     Ok(Some(OidcConfig {
         token_url,
@@ -459,6 +447,51 @@ fn oidc(raw: raw::RawOidc) -> Result<Option<OidcConfig>, ConfigError> {
         client_auth_method,
         default_token_lifetime,
     }))
+}
+
+/// `exporter.oidc.client_auth_method`: one of [`ClientAuthMethod::NAMES`].
+fn client_auth_method(raw: Option<raw::Text>) -> Result<ClientAuthMethod, ConfigError> {
+    let Some(raw::Text(name)) = raw else {
+        return Ok(ClientAuthMethod::ClientSecretBasicRaw);
+    };
+    ClientAuthMethod::from_name(name.trim()).ok_or_else(|| {
+        invalid(
+            "exporter.oidc.client_auth_method",
+            format!(
+                "unknown method {name:?}; expected one of {}",
+                ClientAuthMethod::NAMES.join(", ")
+            ),
+        )
+    })
+}
+
+/// `exporter.oidc.default_token_lifetime`: above 0, at most [`MAX_TOKEN_LIFETIME`].
+fn default_token_lifetime(raw: Option<raw::GoDuration>) -> Result<Duration, ConfigError> {
+    let lifetime = raw.map_or(DEFAULT_TOKEN_LIFETIME, |d| d.0);
+    if lifetime.is_zero() || lifetime > MAX_TOKEN_LIFETIME {
+        return Err(invalid(
+            "exporter.oidc.default_token_lifetime",
+            format!(
+                "must be greater than 0 and at most {}, got {}",
+                format_go_duration(MAX_TOKEN_LIFETIME),
+                format_go_duration(lifetime)
+            ),
+        ));
+    }
+    Ok(lifetime)
+}
+
+/// `exporter.oidc.<key>`, required (not blank) while OIDC is enabled.
+fn required_oidc_key(key: &str, raw: Option<raw::Text>) -> Result<String, ConfigError> {
+    let value = raw.map(|t| t.0).unwrap_or_default();
+    if value.trim().is_empty() {
+        return Err(invalid(
+            &format!("exporter.oidc.{key}"),
+            "is required while exporter.oidc.enabled is true \
+             (set enabled = false for a sink without authentication)",
+        ));
+    }
+    Ok(value)
 }
 
 fn backfill(
@@ -541,20 +574,12 @@ fn retry_policy(
     })
 }
 
+const ON_REJECTED: &str = "exporter.failure_handling.on_rejected";
+const DEAD_LETTER: &str = "exporter.failure_handling.dead_letter";
+
 /// `on_rejected`, the status lists and `[dead_letter]` of `[exporter.failure_handling]`.
 fn rejection_policy(raw: raw::RawFailureHandling) -> Result<RejectionPolicy, ConfigError> {
-    const ON_REJECTED: &str = "exporter.failure_handling.on_rejected";
-    const DEAD_LETTER: &str = "exporter.failure_handling.dead_letter";
-    let on_rejected = match raw.on_rejected.as_ref().map(|t| t.0.as_str()) {
-        None | Some("stop") => OnRejected::Stop,
-        Some("dead_letter") => OnRejected::DeadLetter,
-        Some(other) => {
-            return Err(invalid(
-                ON_REJECTED,
-                format!("must be \"stop\" or \"dead_letter\", got {other:?}"),
-            ))
-        }
-    };
+    let on_rejected = on_rejected(raw.on_rejected)?;
     let rejected_statuses = raw
         .rejected_statuses
         .map_or_else(|| DEFAULT_REJECTED_STATUSES.to_vec(), |s| s.0);
@@ -572,28 +597,44 @@ fn rejection_policy(raw: raw::RawFailureHandling) -> Result<RejectionPolicy, Con
         ));
     }
     let dead_letter = raw.dead_letter.map(dead_letter).transpose()?;
-    match (on_rejected, &dead_letter) {
-        (OnRejected::DeadLetter, None) => {
-            return Err(invalid(
-                ON_REJECTED,
-                format!("\"dead_letter\" needs a [{DEAD_LETTER}] table with file and/or endpoint"),
-            ))
-        }
-        (OnRejected::Stop, Some(_)) => {
-            return Err(invalid(
-                DEAD_LETTER,
-                "is only used with on_rejected = \"dead_letter\" (the default \"stop\" never \
-                 writes it)",
-            ))
-        }
-        _ => {}
-    }
+    check_dead_letter_use(on_rejected, dead_letter.as_ref())?;
     Ok(RejectionPolicy {
         on_rejected,
         rejected_statuses,
         already_delivered_statuses,
         dead_letter,
     })
+}
+
+/// `exporter.failure_handling.on_rejected`: `stop` (default) or `dead_letter`.
+fn on_rejected(raw: Option<raw::Text>) -> Result<OnRejected, ConfigError> {
+    match raw.as_ref().map(|t| t.0.as_str()) {
+        None | Some("stop") => Ok(OnRejected::Stop),
+        Some("dead_letter") => Ok(OnRejected::DeadLetter),
+        Some(other) => Err(invalid(
+            ON_REJECTED,
+            format!("must be \"stop\" or \"dead_letter\", got {other:?}"),
+        )),
+    }
+}
+
+/// A `[dead_letter]` table exactly when `on_rejected = "dead_letter"`.
+fn check_dead_letter_use(
+    on_rejected: OnRejected,
+    dead_letter: Option<&DeadLetterConfig>,
+) -> Result<(), ConfigError> {
+    match (on_rejected, dead_letter) {
+        (OnRejected::DeadLetter, None) => Err(invalid(
+            ON_REJECTED,
+            format!("\"dead_letter\" needs a [{DEAD_LETTER}] table with file and/or endpoint"),
+        )),
+        (OnRejected::Stop, Some(_)) => Err(invalid(
+            DEAD_LETTER,
+            "is only used with on_rejected = \"dead_letter\" (the default \"stop\" never \
+             writes it)",
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// `[exporter.failure_handling.dead_letter]`: at least one of `file` and `endpoint`.
