@@ -6,6 +6,7 @@
 
 pub mod mongo;
 pub mod postgres;
+pub mod start;
 
 use chrono::{DateTime, Utc};
 

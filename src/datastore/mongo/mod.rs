@@ -7,11 +7,13 @@ pub mod decode;
 mod keyset;
 pub mod lease;
 pub(crate) mod settings;
+mod start;
 mod stream;
 mod token;
 
 pub use keyset::KeysetReader;
 pub use settings::{MongoSettings, MongoSettingsError};
+pub(crate) use start::start;
 pub use stream::{history_lost, ChangeStreamSource, StreamOptions, HISTORY_LOST_CODES};
 pub use token::{StoredToken, TokenStore};
 
@@ -43,18 +45,14 @@ const TRANSIENT_CODES: &[i32] = &[
     6, 7, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436, 63, 150, 234, 133,
 ];
 
-/// What start-up opened: the change stream (already open, so a backfill misses nothing), the
-/// token store, and the backfill to run, if any.
-pub struct Opened {
-    pub stream: ChangeStreamSource,
-    pub tokens: std::sync::Arc<TokenStore>,
-    /// Whether a resume token was stored (else the stream starts now).
-    pub had_token: bool,
-    pub backfill: Option<(
-        backfill::BackfillSource,
-        std::sync::Arc<crate::backfill::BackfillProgress<TokenStore>>,
-    )>,
-}
+/// What [`open`] hands the pipeline: the change stream (already open, so a backfill misses
+/// nothing), the token store, and the backfill to run, if any.
+pub type Opened = crate::datastore::start::Feeds<
+    ChangeStreamSource,
+    TokenStore,
+    backfill::BackfillSource,
+    TokenStore,
+>;
 
 /// Connects, checks that the collections exist, reads the resume token, opens the change
 /// stream and decides the backfill. Errors: transient ones (retry) or permanent ones (a
@@ -120,7 +118,7 @@ pub async fn open(
     let backfill = plan.map(|plan| backfill::open(events, store, plan, &config.backfill));
     Ok(Opened {
         stream,
-        tokens,
+        checkpoints: tokens,
         had_token,
         backfill,
     })

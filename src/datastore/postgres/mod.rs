@@ -7,11 +7,13 @@ mod listener;
 pub(crate) mod lock;
 pub(crate) mod reset;
 pub(crate) mod settings;
+mod start;
 mod token;
 
 pub(crate) use changelog::{describe_conversion, ChangelogReader, FreshStart};
 pub(crate) use listener::spawn_listener;
 pub use settings::{PgSettings, SslMode};
+pub(crate) use start::start;
 pub use token::{StartPoint, TokenStore};
 
 use tokio_postgres::tls::MakeTlsConnect;
