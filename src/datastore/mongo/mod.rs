@@ -50,7 +50,7 @@ const TRANSIENT_CODES: &[i32] = &[
 pub type Opened = crate::datastore::start::Feeds<
     ChangeStreamSource,
     TokenStore,
-    backfill::BackfillSource,
+    crate::backfill::PagedBackfill<backfill::Pages>,
     TokenStore,
 >;
 

@@ -1,6 +1,7 @@
 //! NVSentinel's PostgreSQL datastore: the `datastore_changelog` feed (read gaplessly, see
 //! `changelog`), LISTEN/NOTIFY wake-ups, and the `resume_tokens` row.
 
+mod backfill;
 mod changelog;
 mod holes;
 mod listener;

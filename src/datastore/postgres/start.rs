@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use tokio::sync::Notify;
 
+use super::backfill as pages;
 use super::{spawn_listener, ChangelogReader, Connector, PgSettings, StartPoint, TokenStore};
 use crate::backfill::{self, BackfillPlan};
 use crate::config::{format_go_duration, Config};
@@ -58,7 +59,7 @@ pub(crate) async fn start<L: Launch>(
     let listener = spawn_listener(connector.clone(), wake, startup.shutdown.clone());
     let backfill = plan.map(|plan| {
         let store = Arc::new(backfill_store(&connector, config, &leadership.fence));
-        backfill::open(store, plan, &config.backfill)
+        pages::open(store, plan, &config.backfill)
     });
     let feeds = Feeds {
         stream: reader,
@@ -143,7 +144,7 @@ async fn decide_backfill(
         return Ok(None);
     };
     let client = store.connect().await?;
-    let plan = BackfillPlan::make(&client, &config.backfill, start).await?;
+    let plan = pages::make_plan(&client, &config.backfill, start).await?;
     // The plan is saved before the stream can write its token, so a restart either starts
     // afresh or finds this plan.
     store
