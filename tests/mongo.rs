@@ -11,8 +11,8 @@ mod support;
 
 use std::time::Duration;
 
-use mongo_peer_launch::{Store, EVENTS, TOKENS};
-use mongodb::bson::{doc, Bson, DateTime, Document};
+use mongo_peer_launch::{health_event, Store, EVENTS, TOKENS};
+use mongodb::bson::{doc, Bson, Document};
 use mongodb::Client;
 use serde_json::{json, Value};
 use support::exporter::{sample_or_zero, Exporter, ExporterOptions};
@@ -28,48 +28,11 @@ impl Store {
         env
     }
 
-    /// Inserts `health_event(node, i)` for each `i` one by one; returns their `_id` hex.
-    async fn insert(&self, node: &str, range: std::ops::Range<i64>) -> Vec<String> {
-        let mut ids = Vec::new();
-        for i in range {
-            let result = self
-                .events()
-                .insert_one(health_event(node, i))
-                .await
-                .expect("insert");
-            ids.push(match result.inserted_id {
-                Bson::ObjectId(oid) => oid.to_hex(),
-                other => panic!("unexpected _id {other}"),
-            });
-        }
-        ids
-    }
-
     async fn token_document(&self) -> Option<Document> {
         self.tokens()
             .find_one(doc! {"clientName": "event-exporter"})
             .await
             .expect("find token")
-    }
-}
-
-/// A document as platform-connectors insert it (Go driver: lowercased field names, int32
-/// enums, `generatedtimestamp` as `{seconds, nanos}`, zero values stored).
-fn health_event(node: &str, i: i64) -> Document {
-    doc! {
-        "createdAt": DateTime::now(),
-        "healthevent": {
-            "version": 1_i32, "agent": "gpu-health-monitor", "componentclass": "GPU",
-            "checkname": "GpuXidError", "isfatal": true, "ishealthy": false,
-            "message": format!("XID 79 #{i}"), "recommendedaction": 24_i32,
-            "errorcode": ["79"],
-            "entitiesimpacted": [{"entitytype": "GPU", "entityvalue": i.to_string()}],
-            "metadata": {"idempotencyKey": format!("{node}#{i}")},
-            "generatedtimestamp": {"seconds": 1_767_225_600_i64 + i, "nanos": 250_000_000_i32},
-            "nodename": node, "quarantineoverrides": Bson::Null, "drainoverrides": Bson::Null,
-            "processingstrategy": 1_i32, "id": "", "customrecommendedaction": "",
-        },
-        "healtheventstatus": Bson::Null,
     }
 }
 

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mongo_peer_launch::Store;
+use mongo_peer_launch::{health_event, Store};
 use mongodb::bson::{doc, Bson, DateTime, Document};
 use mongodb::Collection;
 use support::exporter::{Exporter, ExporterOptions};
@@ -65,22 +65,6 @@ impl Store {
     }
 }
 
-/// A health event as platform-connectors store it (the fields the exporter needs).
-fn health_event(i: u32) -> Document {
-    doc! {
-        "createdAt": DateTime::now(),
-        "healthevent": {
-            "version": 1_i32, "agent": "gpu-health-monitor", "componentclass": "GPU",
-            "checkname": "GpuXidError", "isfatal": true, "ishealthy": false,
-            "message": format!("XID 79 #{i}"), "recommendedaction": 24_i32,
-            "entitiesimpacted": [{"entitytype": "GPU", "entityvalue": i.to_string()}],
-            "generatedtimestamp": {"seconds": 1_767_225_600_i64 + i64::from(i), "nanos": 0_i32},
-            "nodename": "ha-node", "processingstrategy": 1_i32,
-        },
-        "healtheventstatus": Bson::Null,
-    }
-}
-
 /// Inserts a health event every 25 ms until stopped; returns the `_id`s (the CloudEvent ids).
 fn start_writer(
     events: Collection<Document>,
@@ -92,7 +76,10 @@ fn start_writer(
             let mut ids = Vec::new();
             let mut i = 0u32;
             while !stop.load(Ordering::SeqCst) {
-                let inserted = events.insert_one(health_event(i)).await.expect("insert");
+                let inserted = events
+                    .insert_one(health_event("ha-node", i64::from(i)))
+                    .await
+                    .expect("insert");
                 match inserted.inserted_id {
                     Bson::ObjectId(id) => ids.push(id.to_hex()),
                     other => panic!("unexpected _id {other}"),
