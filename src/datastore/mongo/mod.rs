@@ -55,12 +55,13 @@ pub type Opened = crate::datastore::start::Feeds<
 >;
 
 /// Connects, checks that the collections exist, reads the resume token, opens the change
-/// stream and decides the backfill. Errors: transient ones (retry) or permanent ones (a
+/// stream and decides the backfill; token writes are fenced with the lease `epoch`. Errors: transient ones (retry) or permanent ones (a
 /// missing collection, bad credentials) — see `DatastoreError::is_transient`.
 pub async fn open(
     client: &mongodb::Client,
     settings: &MongoSettings,
     config: &crate::config::Config,
+    epoch: token::Epoch,
 ) -> Result<Opened, crate::datastore::DatastoreError> {
     use mongodb::bson::{doc, Document};
     let database = client.database(&settings.database);
@@ -80,10 +81,9 @@ pub async fn open(
     }
     let events = database.collection::<Document>(&settings.collection);
     let token_collection = database.collection::<Document>(&settings.token_collection);
-    let tokens = std::sync::Arc::new(TokenStore::new(
-        token_collection.clone(),
-        config.client_name.clone(),
-    ));
+    let tokens = std::sync::Arc::new(
+        TokenStore::new(token_collection.clone(), config.client_name.clone()).fenced(epoch.clone()),
+    );
     let stored = tokens.load().await?.unwrap_or_default();
     let had_token = stored.resume_token.is_some();
     match &stored.resume_token {
@@ -110,10 +110,13 @@ pub async fn open(
             tokens.set(doc! {"resumeToken": token}).await?;
         }
     }
-    let store = std::sync::Arc::new(TokenStore::new(
-        token_collection,
-        crate::backfill::record_name(&config.client_name),
-    ));
+    let store = std::sync::Arc::new(
+        TokenStore::new(
+            token_collection,
+            crate::backfill::record_name(&config.client_name),
+        )
+        .fenced(epoch),
+    );
     let plan = decide_backfill(&events, &store, config, had_token, started_at).await?;
     let backfill = plan.map(|plan| backfill::open(events, store, plan, &config.backfill));
     Ok(Opened {

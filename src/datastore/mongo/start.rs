@@ -32,11 +32,12 @@ pub(crate) async fn start<L: Launch>(
     let Some(leadership) = leadership else {
         return Ok(None);
     };
+    let epoch = leadership.epoch();
     let held = Held::start(Arc::new(leadership), |leadership, stop| async move {
         leadership.keep(stop).await
     });
     let opened = open_patiently(startup.shutdown, || {
-        super::open(&client, &settings, startup.config)
+        super::open(&client, &settings, startup.config, epoch.clone())
     })
     .await;
     let mut feeds = match opened {
