@@ -1,30 +1,37 @@
 //! Backfill: on a first start (no resume token), export the health events that already exist,
-//! through the same worker pool, retry policy and transform as the live stream.
+//! through the same worker pool, retry policy and transform as the live stream. This module
+//! holds what every backend's backfill shares; the queries live with their backend
+//! (`crate::datastore::postgres::backfill`, `crate::datastore::mongo::backfill`).
 //!
-//! - **Gapless hand-off.** The stream's start snapshot is taken first (`FreshStart`). The
-//!   backfill covers exactly the rows the stream passes over: created before that snapshot's
-//!   clock and not owned by the stream (changelog id above the stream's start, or a row of a
-//!   transaction that was still open then). Nothing is sent twice and nothing falls between.
-//! - **Window.** `created_at` in `[start − max_age, start)`; the newest `max_events` of them,
+//! - **Gapless hand-off.** The stream is opened first; the backfill covers exactly what the
+//!   stream passes over (each backend's module says how it draws that line).
+//! - **Window.** Created in `[start − max_age, start)`; the newest `max_events` of them,
 //!   delivered oldest first in keyset pages of `batch_size` over `(created_at, id)`.
-//! - **Rate.** `rate_limit` events per second (0 = unlimited), spaced evenly without bursts.
-//! - **Resumable.** The plan and the last contiguous `(created_at, id)` delivered are kept in
-//!   `resume_tokens` under `<client>-backfill`; a restart continues from there.
+//! - **Rate.** `rate_limit` events per second (0 = unlimited), spaced evenly without bursts
+//!   ([`Pacer`]).
+//! - **Resumable.** The plan ([`BackfillPlan`]) and the last contiguous [`Cursor`] delivered are
+//!   kept in the backend's token store under `<client>-backfill`; a restart continues from
+//!   there. Each row handed to the pipeline carries its cursor as its resume point
+//!   (`ResumePoint::Keyset`), so the sequence tracker yields the cursor of the contiguous
+//!   delivered prefix: no side map from positions to cursors.
+//!
+//! [`PagedBackfill`] is the one change source over any backend's keyset pages ([`PageReader`]):
+//! it retries transient page failures with backoff, paces, numbers the rows and skips (counted)
+//! the rows that cannot be read — only those rows.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
+use std::future::Future;
 use std::io::{IsTerminal, Write};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use tokio_postgres::Client;
 
 use crate::config::BackfillConfig;
-use crate::datastore::postgres::{FreshStart, TokenStore};
 use crate::datastore::{
     Change, ChangeKind, ChangeSource, Checkpoint, CheckpointStore, DatastoreError, RawEvent,
-    SkipReason,
+    ResumePoint, SkipReason,
 };
 use crate::metrics;
 
@@ -64,74 +71,7 @@ pub fn record_name(client_name: &str) -> String {
     format!("{client_name}-backfill")
 }
 
-/// Rows in the window that the stream does not own. `$1` from, `$2` started_at,
-/// `$3` changelog_end, `$4` open_ids.
-const DOMAIN: &str = "h.created_at >= $1 AND h.created_at < $2 \
-     AND NOT EXISTS (SELECT 1 FROM datastore_changelog c \
-                     WHERE c.table_name = 'health_events' AND c.operation = 'INSERT' \
-                       AND c.record_id = h.id AND (c.id > $3 OR c.id = ANY($4)))";
-
 impl BackfillPlan {
-    /// Plans a backfill for a stream that started at `start`.
-    pub async fn make(
-        client: &Client,
-        config: &BackfillConfig,
-        start: &FreshStart,
-    ) -> Result<BackfillPlan, DatastoreError> {
-        // A window reaching before the representable range covers everything.
-        let from = chrono::Duration::from_std(config.max_age)
-            .ok()
-            .and_then(|age| start.started_at.checked_sub_signed(age))
-            .unwrap_or(DateTime::<Utc>::MIN_UTC);
-        let end = to_bigint(start.changelog_end);
-        let open: Vec<i64> = start.open_ids.iter().map(|id| to_bigint(*id)).collect();
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
-            [&from, &start.started_at, &end, &open];
-        let count: i64 = client
-            .query_one(
-                &format!("SELECT count(*) FROM health_events h WHERE {DOMAIN}"),
-                &params,
-            )
-            .await?
-            .get(0);
-        let mut total = u64::try_from(count).unwrap_or(0);
-        let mut first = None;
-        if total > config.max_events {
-            // Keep the newest max_events: find the oldest of them.
-            let row = client
-                .query_one(
-                    &format!(
-                        "SELECT h.created_at, h.id::text FROM health_events h WHERE {DOMAIN} \
-                         ORDER BY h.created_at DESC, h.id DESC OFFSET $5 LIMIT 1"
-                    ),
-                    &[
-                        &from,
-                        &start.started_at,
-                        &end,
-                        &open,
-                        &to_bigint(config.max_events.saturating_sub(1)),
-                    ],
-                )
-                .await?;
-            first = Some(Cursor {
-                created_at: row.get(0),
-                id: row.get(1),
-            });
-            total = config.max_events;
-        }
-        Ok(BackfillPlan {
-            started_at: start.started_at,
-            from,
-            first,
-            changelog_end: start.changelog_end,
-            open_ids: start.open_ids.clone(),
-            total,
-            delivered: 0,
-            cursor: None,
-            done: false,
-        })
-    }
-
     pub fn from_value(value: &serde_json::Value) -> Option<BackfillPlan> {
         serde_json::from_value(value.clone()).ok()
     }
@@ -149,16 +89,6 @@ pub trait PlanStore: Send + Sync + 'static {
         plan: &serde_json::Value,
     ) -> impl std::future::Future<Output = Result<(), DatastoreError>> + Send;
 }
-
-impl PlanStore for TokenStore {
-    async fn save_plan(&self, plan: &serde_json::Value) -> Result<(), DatastoreError> {
-        self.save_value(plan).await
-    }
-}
-
-/// Cursor of every backfill position handed out and not yet checkpointed (shared by a
-/// backfill source and its progress).
-pub type Cursors = Arc<Mutex<BTreeMap<u64, Cursor>>>;
 
 /// Spaces events `1/rate` apart. Slots missed in a short hiccup (a page fetch, a busy worker
 /// pool) are made up, so the rate holds over any window; after a longer stall at most
@@ -200,43 +130,123 @@ impl Pacer {
     }
 }
 
-/// Rows of the plan, page by page, as a finite change source.
-pub struct BackfillSource {
-    store: Arc<TokenStore>,
-    client: Option<Client>,
-    plan: BackfillPlan,
-    batch_size: i64,
-    /// Last row read (not necessarily delivered).
-    read_cursor: Option<Cursor>,
-    next_position: u64,
-    /// Rows read, with their document or why the driver could not decode it.
-    page: VecDeque<(Cursor, Result<serde_json::Value, String>)>,
-    exhausted: bool,
-    pacer: Pacer,
-    /// Cursor of every position handed out and not yet checkpointed.
-    cursors: Cursors,
+/// One row of a backfill page.
+pub enum PageRow {
+    /// A row to export, at its keyset position.
+    Event { cursor: Cursor, event: RawEvent },
+    /// A row that cannot be read (its document does not decode, its `createdAt` is missing):
+    /// skipped and counted; its cursor, when known, still moves the resume point past it.
+    Unreadable {
+        cursor: Option<Cursor>,
+        /// The stored id, for the log line.
+        record_id: Option<String>,
+        error: RowError,
+    },
 }
 
-impl ChangeSource for BackfillSource {
-    fn start_position(&self) -> u64 {
-        self.plan.delivered
+/// Why one row could not be read (logged, never fatal).
+pub type RowError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A backend's keyset pages over a plan's window, oldest first.
+pub trait PageReader: Send + 'static {
+    /// The next page after the last row read; fewer than a page's size (or none) at the end.
+    fn next_page(&mut self) -> impl Future<Output = Result<Vec<PageRow>, DatastoreError>> + Send;
+    /// Whether the last page was the window's last.
+    fn is_exhausted(&self) -> bool;
+    /// Called after a transient failure, before the retry (e.g. to drop a broken connection).
+    fn reset(&mut self) {}
+}
+
+/// The rows of a plan as a finite change source (see the module docs).
+pub struct PagedBackfill<R> {
+    reader: R,
+    page: VecDeque<PageRow>,
+    /// The position of the last row handed out; positions continue the plan's `delivered`.
+    position: u64,
+    pacer: Pacer,
+    backoff: crate::reconnect::Backoff,
+}
+
+impl<R: PageReader> PagedBackfill<R> {
+    /// Reads `plan`'s rows through `reader` (already positioned after `plan.cursor`).
+    pub fn new(reader: R, plan: &BackfillPlan, config: &BackfillConfig) -> PagedBackfill<R> {
+        PagedBackfill {
+            reader,
+            page: VecDeque::new(),
+            position: plan.delivered,
+            pacer: Pacer::new(config.rate_limit),
+            backoff: crate::reconnect::Backoff::new(
+                Duration::from_millis(250),
+                Duration::from_secs(30),
+            ),
+        }
     }
 
-    async fn next_batch(&mut self) -> Result<Option<Vec<Change>>, DatastoreError> {
-        let mut backoff =
-            crate::reconnect::Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
-        while self.page.is_empty() && !self.exhausted {
-            match self.fetch_page().await {
-                Ok(()) => backoff.reset(),
+    /// Fills the page unless the window is read; transient failures are retried.
+    async fn fill(&mut self) -> Result<(), DatastoreError> {
+        while self.page.is_empty() && !self.reader.is_exhausted() {
+            match self.reader.next_page().await {
+                Ok(rows) => {
+                    self.backoff.reset();
+                    self.page.extend(rows);
+                }
                 Err(error) if error.is_transient() => {
-                    let wait = backoff.failed(tokio::time::Instant::now());
-                    tracing::warn!(%error, retry_in = ?wait, "backfill query failed; reconnecting");
-                    self.client = None;
+                    let wait = self.backoff.failed(tokio::time::Instant::now());
+                    tracing::warn!(%error, retry_in = ?wait, "backfill query failed; retrying");
+                    self.reader.reset();
                     tokio::time::sleep(wait).await;
                 }
                 Err(error) => return Err(error),
             }
         }
+        Ok(())
+    }
+
+    /// The change for the next row, at the next position.
+    fn change_of(&mut self, row: PageRow) -> Change {
+        self.position = self.position.saturating_add(1);
+        match row {
+            PageRow::Event { cursor, event } => Change::new(
+                self.position,
+                Some(cursor.created_at),
+                ChangeKind::Event(event),
+            )
+            .resuming_at(ResumePoint::Keyset(cursor)),
+            // One bad row never costs its neighbours: it takes its position and is passed.
+            PageRow::Unreadable {
+                cursor,
+                record_id,
+                error,
+            } => {
+                tracing::warn!(
+                    record_id = record_id.as_deref().unwrap_or("-"),
+                    backfill_position = self.position,
+                    %error,
+                    "backfill: health event cannot be read; skipping it"
+                );
+                metrics::get().skipped("undecodable");
+                let created_at = cursor.as_ref().map(|c| c.created_at);
+                let change = Change::new(
+                    self.position,
+                    created_at,
+                    ChangeKind::Skip(SkipReason::Undecodable),
+                );
+                match cursor {
+                    Some(cursor) => change.resuming_at(ResumePoint::Keyset(cursor)),
+                    None => change,
+                }
+            }
+        }
+    }
+}
+
+impl<R: PageReader> ChangeSource for PagedBackfill<R> {
+    fn start_position(&self) -> u64 {
+        self.position
+    }
+
+    async fn next_batch(&mut self) -> Result<Option<Vec<Change>>, DatastoreError> {
+        self.fill().await?;
         if self.page.is_empty() {
             return Ok(None);
         }
@@ -246,108 +256,17 @@ impl ChangeSource for BackfillSource {
             .admit(self.page.len().min(100))
             .await
             .min(self.page.len());
-        let mut changes = Vec::with_capacity(admitted);
-        let mut cursors = self.cursors.lock().unwrap_or_else(|e| e.into_inner());
-        for (cursor, document) in self.page.drain(..admitted) {
-            self.next_position = self.next_position.saturating_add(1);
-            cursors.insert(self.next_position, cursor.clone());
-            let kind = match document {
-                Ok(document) => ChangeKind::Event(RawEvent {
-                    record_id: cursor.id,
-                    document,
-                    created_at: Some(cursor.created_at),
-                }),
-                // One bad row never costs its neighbours: it takes its position and is passed.
-                Err(error) => {
-                    tracing::warn!(
-                        record_id = %cursor.id,
-                        backfill_position = self.next_position,
-                        %error,
-                        "backfill: health_events document cannot be decoded; skipping it"
-                    );
-                    metrics::get().skipped("undecodable");
-                    ChangeKind::Skip(SkipReason::Undecodable)
-                }
-            };
-            changes.push(Change::new(
-                self.next_position,
-                Some(cursor.created_at),
-                kind,
-            ));
-        }
-        Ok(Some(changes))
-    }
-}
-
-impl BackfillSource {
-    async fn fetch_page(&mut self) -> Result<(), DatastoreError> {
-        let client = match self.client.take() {
-            Some(client) if !client.is_closed() => client,
-            _ => self.store.connect().await?,
-        };
-        let end = to_bigint(self.plan.changelog_end);
-        let open: Vec<i64> = self.plan.open_ids.iter().map(|id| to_bigint(*id)).collect();
-        // After the last row read; on the first page, from the plan's first row (inclusive).
-        let (bound, operator) = match (&self.read_cursor, &self.plan.first) {
-            (Some(cursor), _) => (Some(cursor), ">"),
-            (None, Some(first)) => (Some(first), ">="),
-            (None, None) => (None, ">"),
-        };
-        let bound_time = bound.map(|c| c.created_at).unwrap_or(self.plan.from);
-        let bound_id = bound
-            .map(|c| c.id.clone())
-            .unwrap_or_else(|| "00000000-0000-0000-0000-000000000000".into());
-        let rows = client
-            .query(
-                &format!(
-                    "SELECT h.id::text, h.document, h.created_at FROM health_events h \
-                     WHERE {DOMAIN} AND (h.created_at, h.id) {operator} ($5, $6::text::uuid) \
-                     ORDER BY h.created_at, h.id LIMIT $7"
-                ),
-                &[
-                    &self.plan.from,
-                    &self.plan.started_at,
-                    &end,
-                    &open,
-                    &bound_time,
-                    &bound_id,
-                    &self.batch_size,
-                ],
-            )
-            .await;
-        self.client = Some(client);
-        let rows = rows?;
-        if i64::try_from(rows.len()).unwrap_or(i64::MAX) < self.batch_size {
-            self.exhausted = true;
-        }
-        for row in rows {
-            // `id` (the primary key) and `created_at` (bounded by the query) are never NULL.
-            let cursor = Cursor {
-                id: row.try_get(0).map_err(|e| {
-                    DatastoreError::Schema(format!("backfill: unreadable health_events.id: {e}"))
-                })?,
-                created_at: row.try_get(2).map_err(|e| {
-                    DatastoreError::Schema(format!(
-                        "backfill: unreadable health_events.created_at: {e}"
-                    ))
-                })?,
-            };
-            let document = match row.try_get::<_, Option<serde_json::Value>>(1) {
-                Ok(document) => Ok(document.unwrap_or(serde_json::Value::Null)),
-                Err(e) => Err(crate::datastore::postgres::describe_conversion(&e)),
-            };
-            self.read_cursor = Some(cursor.clone());
-            self.page.push_back((cursor, document));
-        }
-        Ok(())
+        let rows: Vec<PageRow> = self.page.drain(..admitted).collect();
+        Ok(Some(
+            rows.into_iter().map(|row| self.change_of(row)).collect(),
+        ))
     }
 }
 
 /// Saves the plan's progress as the pipeline's checkpoint advances, and reports progress.
-pub struct BackfillProgress<S: PlanStore = TokenStore> {
+pub struct BackfillProgress<S: PlanStore> {
     store: Arc<S>,
     plan: Mutex<BackfillPlan>,
-    cursors: Cursors,
     started: Instant,
     first_delivered: u64,
     last_report: Mutex<Instant>,
@@ -359,12 +278,10 @@ const REPORT_INTERVAL: Duration = Duration::from_secs(5);
 impl<S: PlanStore> CheckpointStore for BackfillProgress<S> {
     async fn save(&self, checkpoint: &Checkpoint) -> Result<(), DatastoreError> {
         let value = {
-            let mut cursors = self.cursors.lock().unwrap_or_else(|e| e.into_inner());
             let mut plan = self.plan.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(cursor) = cursors.get(&checkpoint.position) {
+            if let Some(ResumePoint::Keyset(cursor)) = &checkpoint.resume {
                 plan.cursor = Some(cursor.clone());
             }
-            *cursors = cursors.split_off(&checkpoint.position.saturating_add(1));
             plan.delivered = checkpoint.position;
             plan.to_value()
         };
@@ -375,12 +292,11 @@ impl<S: PlanStore> CheckpointStore for BackfillProgress<S> {
 }
 
 impl<S: PlanStore> BackfillProgress<S> {
-    /// The progress of `plan`, saved in `store`; the cursors map is the source's.
-    pub fn new(store: Arc<S>, plan: &BackfillPlan, cursors: Cursors) -> BackfillProgress<S> {
+    /// The progress of `plan`, saved in `store`.
+    pub fn new(store: Arc<S>, plan: &BackfillPlan) -> BackfillProgress<S> {
         BackfillProgress {
             store,
             plan: Mutex::new(plan.clone()),
-            cursors,
             started: Instant::now(),
             first_delivered: plan.delivered,
             last_report: Mutex::new(Instant::now()),
@@ -408,7 +324,7 @@ impl<S: PlanStore> BackfillProgress<S> {
         let total = self.plan.lock().map(|p| p.total).unwrap_or_default();
         metrics::get()
             .backfill_remaining
-            .set(to_bigint(total.saturating_sub(delivered)));
+            .set(i64::try_from(total.saturating_sub(delivered)).unwrap_or(i64::MAX));
         let mut last = self.last_report.lock().unwrap_or_else(|e| e.into_inner());
         if !force && last.elapsed() < REPORT_INTERVAL && !self.terminal {
             return;
@@ -450,38 +366,146 @@ impl<S: PlanStore> BackfillProgress<S> {
     }
 }
 
-/// The source and checkpoint store of one backfill run over `plan`.
-pub fn open(
-    store: Arc<TokenStore>,
-    plan: BackfillPlan,
-    config: &BackfillConfig,
-) -> (BackfillSource, Arc<BackfillProgress>) {
-    let cursors = Cursors::default();
-    let progress = Arc::new(BackfillProgress::new(store.clone(), &plan, cursors.clone()));
-    let source = BackfillSource {
-        store,
-        client: None,
-        read_cursor: plan.cursor.clone(),
-        next_position: plan.delivered,
-        plan,
-        batch_size: config.batch_size.clamp(1, 100_000) as i64,
-        page: VecDeque::new(),
-        exhausted: false,
-        pacer: Pacer::new(config.rate_limit),
-        cursors,
-    };
-    (source, progress)
-}
-
-/// A changelog id or count as a PostgreSQL `bigint` parameter. Ids come from a `bigint`
-/// column, so they fit; anything larger saturates at `i64::MAX` rather than wrapping negative.
-fn to_bigint(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Pages scripted in memory: the rule under test is the paging, not a datastore.
+    struct Script {
+        answers: VecDeque<Result<Vec<PageRow>, DatastoreError>>,
+        resets: usize,
+    }
+
+    impl PageReader for Script {
+        async fn next_page(&mut self) -> Result<Vec<PageRow>, DatastoreError> {
+            self.answers.pop_front().unwrap_or(Ok(Vec::new()))
+        }
+        fn is_exhausted(&self) -> bool {
+            self.answers.is_empty()
+        }
+        fn reset(&mut self) {
+            self.resets += 1;
+        }
+    }
+
+    fn cursor(id: &str) -> Cursor {
+        Cursor {
+            created_at: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+            id: id.into(),
+        }
+    }
+
+    fn event(id: &str) -> PageRow {
+        PageRow::Event {
+            cursor: cursor(id),
+            event: RawEvent {
+                record_id: id.into(),
+                document: serde_json::json!({}),
+                created_at: None,
+            },
+        }
+    }
+
+    fn plan(delivered: u64) -> BackfillPlan {
+        BackfillPlan {
+            started_at: Utc::now(),
+            from: Utc::now(),
+            first: None,
+            changelog_end: 0,
+            open_ids: vec![],
+            total: 10,
+            delivered,
+            cursor: None,
+            done: false,
+        }
+    }
+
+    fn config() -> BackfillConfig {
+        BackfillConfig {
+            enabled: true,
+            max_age: Duration::from_secs(3600),
+            max_events: 10,
+            batch_size: 2,
+            rate_limit: 0,
+        }
+    }
+
+    async fn drain(source: &mut PagedBackfill<Script>) -> Result<Vec<Change>, DatastoreError> {
+        let mut all = Vec::new();
+        while let Some(batch) = source.next_batch().await? {
+            all.extend(batch);
+        }
+        Ok(all)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rows_continue_the_plans_positions_and_carry_their_cursor() {
+        let script = Script {
+            answers: VecDeque::from([Ok(vec![event("a"), event("b")]), Ok(vec![event("c")])]),
+            resets: 0,
+        };
+        let mut source = PagedBackfill::new(script, &plan(4), &config());
+        assert_eq!(source.start_position(), 4);
+        let changes = drain(&mut source).await.unwrap();
+        let positions: Vec<u64> = changes.iter().map(|c| c.position).collect();
+        assert_eq!(positions, vec![5, 6, 7]);
+        assert_eq!(
+            changes.last().and_then(|c| c.resume.clone()),
+            Some(ResumePoint::Keyset(cursor("c")))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unreadable_row_takes_its_position_and_only_it_is_skipped() {
+        let bad = PageRow::Unreadable {
+            cursor: Some(cursor("b")),
+            record_id: Some("b".into()),
+            error: "not JSON".into(),
+        };
+        let lost = PageRow::Unreadable {
+            cursor: None,
+            record_id: None,
+            error: "no _id".into(),
+        };
+        let script = Script {
+            answers: VecDeque::from([Ok(vec![event("a"), bad, lost, event("d")])]),
+            resets: 0,
+        };
+        let mut source = PagedBackfill::new(script, &plan(0), &config());
+        let changes = drain(&mut source).await.unwrap();
+        let kinds: Vec<bool> = changes
+            .iter()
+            .map(|c| matches!(c.kind, ChangeKind::Event(_)))
+            .collect();
+        assert_eq!(kinds, vec![true, false, false, true]);
+        // A skipped row with a known cursor still moves the resume point past it.
+        assert_eq!(changes[1].resume, Some(ResumePoint::Keyset(cursor("b"))));
+        assert_eq!(changes[2].resume, None);
+        assert!(matches!(
+            changes[1].kind,
+            ChangeKind::Skip(SkipReason::Undecodable)
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn transient_failures_are_retried_after_a_reset_and_permanent_ones_end_it() {
+        let script = Script {
+            answers: VecDeque::from([
+                Err(DatastoreError::Timeout("slow".into())),
+                Err(DatastoreError::Timeout("slow".into())),
+                Ok(vec![event("a")]),
+                Err(DatastoreError::Schema("no table".into())),
+                Ok(vec![event("b")]),
+            ]),
+            resets: 0,
+        };
+        let mut source = PagedBackfill::new(script, &plan(0), &config());
+        let first = source.next_batch().await.unwrap().unwrap();
+        assert_eq!(first.len(), 1);
+        assert_eq!(source.reader.resets, 2);
+        let error = source.next_batch().await.unwrap_err();
+        assert!(matches!(error, DatastoreError::Schema(_)), "{error}");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn pacer_spaces_events_without_bursts() {

@@ -4,25 +4,19 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::backfill::{self, BackfillPlan};
 use crate::cli::RunArgs;
 use crate::cloudevent::Transformer;
 use crate::config::{format_go_duration, Config};
-use crate::datastore::mongo::MongoSettings;
-use crate::datastore::postgres::{
-    spawn_listener, ChangelogReader, Connector, PgSettings, StartPoint, TokenStore,
-};
-use crate::datastore::{DatastoreError, DatastoreSettings};
+use crate::datastore::start::{Background, Feeds, Launch, Startup};
+use crate::datastore::DatastoreSettings;
 use crate::filter::Filter;
+use crate::leader::Held;
 use crate::pipeline::{EventHandler, Feed, Pipeline, PipelineError, Summary};
 use crate::server::{self, Status};
 use crate::sink::{self, Publisher, TokenProvider};
-
-/// How long start-up waits for an unreachable datastore before giving up.
-const STARTUP_DATASTORE_WAIT: Duration = Duration::from_secs(60);
 
 /// Why the exporter stopped unsuccessfully; each maps to an exit status.
 #[derive(Debug, thiserror::Error)]
@@ -280,10 +274,19 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
         shutdown: shutdown.clone(),
         status: status.clone(),
     };
-    let started = match datastore {
-        DatastoreSettings::Postgres(settings) => start_postgres(settings, &context).await?,
-        DatastoreSettings::Mongo(settings) => start_mongo(settings, &context).await?,
+    let startup = Startup {
+        config: &config,
+        shutdown: &shutdown,
+        status: &status,
     };
+    let started =
+        datastore
+            .start(&startup, &context)
+            .await
+            .map_err(|e| match e.is_configuration() {
+                true => ExitError::Config(e.to_string()),
+                false => ExitError::Failed(e.to_string()),
+            })?;
     let Some(started) = started else {
         status.set_standby(false);
         server_stop.cancel();
@@ -330,62 +333,31 @@ struct Started {
     /// A task that must not end while the exporter runs (PostgreSQL's LISTEN).
     listener: Option<tokio::task::JoinHandle<()>>,
     /// Leadership (PostgreSQL's lock, MongoDB's lease) and the task that keeps proving it.
-    leadership: Option<Held>,
+    leadership: Held,
 }
 
-struct Held {
-    leadership: Arc<dyn crate::leader::Release>,
-    keeper: tokio::task::JoinHandle<Result<(), crate::leader::LeadershipError>>,
-    keeper_stop: CancellationToken,
-}
+impl Launch for Context<'_> {
+    type Running = Started;
 
-impl Held {
-    /// Starts the task that keeps proving `leadership` until the work is over — through the
-    /// shutdown grace period too, so the final token write is still allowed.
-    fn start<L, F>(leadership: Arc<L>, keep: impl FnOnce(Arc<L>, CancellationToken) -> F) -> Held
-    where
-        L: crate::leader::Release + 'static,
-        F: std::future::Future<Output = Result<(), crate::leader::LeadershipError>>
-            + Send
-            + 'static,
-    {
-        let keeper_stop = CancellationToken::new();
-        let keeper = tokio::spawn(keep(leadership.clone(), keeper_stop.clone()));
-        Held {
-            leadership,
-            keeper,
-            keeper_stop,
-        }
-    }
-
-    /// Start-up stopped before any work: stop proving and hand the leadership over.
-    async fn give_up(self) {
-        self.keeper_stop.cancel();
-        let _ = self.keeper.await;
-        self.leadership.release().await;
-    }
-}
-
-impl Context<'_> {
-    /// The stream pipeline and, if `backfill` is given, the backfill's, joined; a failure in
-    /// either stops both.
-    fn work<S, C, B, P>(
-        &self,
-        source: S,
-        checkpoints: Arc<C>,
-        had_token: bool,
-        backfill: Option<(B, Arc<crate::backfill::BackfillProgress<P>>)>,
-    ) -> Work
+    /// The stream pipeline and, if the backend planned one, the backfill's, joined; a failure
+    /// in either stops both.
+    fn launch<S, C, B, P>(&self, feeds: Feeds<S, C, B, P>, background: Background) -> Started
     where
         S: crate::datastore::ChangeSource,
         C: crate::datastore::CheckpointStore,
         B: crate::datastore::ChangeSource,
         P: crate::backfill::PlanStore,
     {
+        let Feeds {
+            stream,
+            checkpoints,
+            had_token,
+            backfill,
+        } = feeds;
         let stop = self.stop.clone();
         let stream = Pipeline {
             feed: Feed::Stream,
-            source,
+            source: stream,
             checkpoints,
             handler: self.handler.clone(),
             permits: self.permits.clone(),
@@ -394,180 +366,49 @@ impl Context<'_> {
             save_interval: self.config.resume_token_save_interval,
         }
         .run(stop.clone());
-        let stream = {
-            let stop = stop.clone();
-            async move {
-                let result = stream.await;
-                if result.is_err() {
-                    stop.cancel();
-                }
-                result
-            }
-        };
+        let stream = stop_all_on_error(stream, stop.clone());
         let backfill = backfill.map(|(source, progress)| {
-            run_backfill(
-                source,
-                progress,
-                self.handler.clone(),
-                self.permits.clone(),
-                self.grace,
-                self.config.resume_token_save_interval,
-                stop.clone(),
+            crate::metrics::get().backfill_in_progress.set(1);
+            stop_all_on_error(
+                run_backfill(
+                    source,
+                    progress,
+                    self.handler.clone(),
+                    self.permits.clone(),
+                    self.grace,
+                    self.config.resume_token_save_interval,
+                    stop.clone(),
+                ),
+                stop,
             )
         });
-        Box::pin(async move {
+        let work = Box::pin(async move {
             let backfill = async move {
-                let Some(backfill) = backfill else {
-                    return Ok(None);
-                };
-                let result = backfill.await;
-                if result.is_err() {
-                    stop.cancel();
+                match backfill {
+                    Some(backfill) => backfill.await.map(Some),
+                    None => Ok(None),
                 }
-                result.map(Some)
             };
             tokio::join!(stream, backfill)
-        })
-    }
-}
-
-/// PostgreSQL: wait for leadership, read the token, open the changelog reader and LISTEN.
-/// `None` when a shutdown came first.
-async fn start_postgres(
-    settings: PgSettings,
-    context: &Context<'_>,
-) -> Result<Option<Started>, ExitError> {
-    let config = context.config;
-    let connector = Connector::new(settings).map_err(|e| ExitError::Config(e.to_string()))?;
-    // Leadership (issue 16): wait as a standby (alive, not ready) until this replica holds the
-    // advisory lock; from then on every publish and token write requires a fresh proof.
-    context.status.set_standby(true);
-    let key = crate::leadership::lock_key(&config.client_name);
-    let Some(leadership) = crate::leader::acquire(&connector, key, &context.shutdown).await else {
-        return Ok(None);
-    };
-    let leadership = Arc::new(leadership);
-    let held = Held::start(leadership.clone(), |leadership, stop| async move {
-        leadership.keep(stop).await
-    });
-    let tokens = Arc::new(
-        TokenStore::new(connector.clone(), config.client_name.clone())
-            .fenced(leadership.fence.clone()),
-    );
-    let wake = Arc::new(Notify::new());
-    let opened = tokio::select! {
-        _ = context.shutdown.cancelled() => None,
-        opened = open_source(&connector, &tokens, config, wake.clone(), &leadership.fence) => Some(opened),
-    };
-    let Some(opened) = opened else {
-        held.give_up().await;
-        return Ok(None);
-    };
-    let Opened {
-        mut reader,
-        had_token,
-        backfill: backfill_plan,
-    } = opened?;
-    reader.report_connection(context.status.datastore_flag());
-    let listener = spawn_listener(connector.clone(), wake, context.shutdown.clone());
-    let backfill = backfill_plan.map(|plan| {
-        let store = Arc::new(
-            TokenStore::new(
-                connector.clone(),
-                backfill::record_name(&config.client_name),
-            )
-            .fenced(leadership.fence.clone()),
-        );
-        backfill::open(store, plan, &config.backfill)
-    });
-    Ok(Some(Started {
-        work: context.work(reader, tokens, had_token, backfill),
-        listener: Some(listener),
-        leadership: Some(held),
-    }))
-}
-
-/// MongoDB: wait for leadership (the lease document, `crate::datastore::mongo::lease`), then
-/// connect, read the token, open the change stream (and plan the backfill), waiting a while for
-/// a datastore that is not reachable yet. `None` when a shutdown came first.
-async fn start_mongo(
-    settings: MongoSettings,
-    context: &Context<'_>,
-) -> Result<Option<Started>, ExitError> {
-    let options = settings
-        .client_options()
-        .await
-        .map_err(|e| ExitError::Config(e.to_string()))?;
-    let client = mongodb::Client::with_options(options)
-        .map_err(|e| ExitError::Config(format!("MONGODB_URI: {e}")))?;
-    // Leadership (issue 16): a standby (alive, not ready) until this replica holds the lease.
-    context.status.set_standby(true);
-    let leases = client
-        .database(&settings.database)
-        .collection::<mongodb::bson::Document>(&settings.token_collection);
-    let leadership = crate::datastore::mongo::lease::acquire(
-        leases,
-        &context.config.client_name,
-        &context.shutdown,
-    )
-    .await
-    .map_err(|error| {
-        ExitError::Failed(format!(
-            "cannot take the leadership lease in {}: {error}",
-            settings.describe()
-        ))
-    })?;
-    let Some(leadership) = leadership else {
-        return Ok(None);
-    };
-    let leadership = Arc::new(leadership);
-    let held = Held::start(leadership.clone(), |leadership, stop| async move {
-        leadership.keep(stop).await
-    });
-    let deadline = crate::clock::deadline_after(STARTUP_DATASTORE_WAIT);
-    let mut backoff =
-        crate::reconnect::Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
-    let opened = loop {
-        let attempt = tokio::select! {
-            _ = context.shutdown.cancelled() => None,
-            opened = crate::datastore::mongo::open(&client, &settings, context.config) => Some(opened),
-        };
-        match attempt {
-            None => {
-                held.give_up().await;
-                return Ok(None);
-            }
-            Some(Ok(opened)) => break opened,
-            Some(Err(error)) if error.is_transient() && tokio::time::Instant::now() < deadline => {
-                let wait = backoff.failed(tokio::time::Instant::now());
-                tracing::warn!(%error, retry_in = ?wait, "datastore not reachable yet");
-                tokio::time::sleep(wait).await;
-            }
-            Some(Err(error)) => {
-                tracing::error!(retry = %error.retry(), "cannot start from the datastore");
-                held.give_up().await;
-                return Err(ExitError::Failed(format!(
-                    "cannot start from datastore {}: {error}",
-                    settings.describe()
-                )));
-            }
+        });
+        Started {
+            work,
+            listener: background.listener,
+            leadership: background.leadership,
         }
-    };
-    let crate::datastore::mongo::Opened {
-        mut stream,
-        tokens,
-        had_token,
-        backfill,
-    } = opened;
-    stream.report_connection(context.status.datastore_flag());
-    if backfill.is_some() {
-        crate::metrics::get().backfill_in_progress.set(1);
     }
-    Ok(Some(Started {
-        work: context.work(stream, tokens, had_token, backfill),
-        listener: None,
-        leadership: Some(held),
-    }))
+}
+
+/// `work`, cancelling `stop` (and so every pipeline) when it fails.
+async fn stop_all_on_error<T>(
+    work: impl std::future::Future<Output = Result<T, PipelineError>>,
+    stop: CancellationToken,
+) -> Result<T, PipelineError> {
+    let result = work.await;
+    if result.is_err() {
+        stop.cancel();
+    }
+    result
 }
 
 /// Runs the work to its end under supervision: a panic anywhere, or a background task ending
@@ -577,21 +418,15 @@ async fn start_mongo(
 async fn supervise(
     work: Work,
     listener: Option<tokio::task::JoinHandle<()>>,
-    leadership: Option<Held>,
+    leadership: Held,
     (server, server_stop): (tokio::task::JoinHandle<()>, CancellationToken),
     context: &Context<'_>,
 ) -> Result<(), ExitError> {
     let (shutdown, stop) = (&context.shutdown, &context.stop);
     let mut listener = listener;
     let mut server = server;
-    let (mut keeper, keeper_stop, leadership) = match leadership {
-        Some(held) => (
-            Some(held.keeper),
-            Some(held.keeper_stop),
-            Some(held.leadership),
-        ),
-        None => (None, None, None),
-    };
+    let (keeper, keeper_stop, leadership) = leadership.into_parts();
+    let mut keeper = Some(keeper);
     let mut server_done = false;
     let mut died: Option<String> = None;
     let mut hard_stop: Option<tokio::time::Instant> = None;
@@ -647,16 +482,12 @@ async fn supervise(
     if let Some(listener) = listener {
         let _ = listener.await;
     }
-    if let Some(keeper_stop) = keeper_stop {
-        keeper_stop.cancel();
-    }
+    keeper_stop.cancel();
     if let Some(keeper) = keeper {
         let _ = keeper.await;
     }
     // Graceful hand-over: the final token write is done; a standby takes over at its next try.
-    if let Some(leadership) = leadership {
-        leadership.release().await;
-    }
+    leadership.release().await;
     server_stop.cancel();
     if !server_done {
         let _ = server.await;
@@ -810,137 +641,6 @@ async fn run_backfill<S: crate::datastore::ChangeSource, P: crate::backfill::Pla
         );
     }
     Ok(summary)
-}
-
-/// What start-up found in the datastore.
-struct Opened {
-    reader: ChangelogReader,
-    had_token: bool,
-    backfill: Option<BackfillPlan>,
-}
-
-/// Reads the resume token and opens the changelog reader, waiting a while for a datastore that
-/// is not reachable yet.
-async fn open_source(
-    connector: &Connector,
-    tokens: &TokenStore,
-    config: &Config,
-    wake: Arc<Notify>,
-    fence: &Arc<crate::leader::Fence>,
-) -> Result<Opened, ExitError> {
-    let deadline = crate::clock::deadline_after(STARTUP_DATASTORE_WAIT);
-    let mut backoff =
-        crate::reconnect::Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
-    loop {
-        let attempt = async {
-            // The schema first: a missing table is a clear, final error, not a retry.
-            connector.check_schema(&connector.connect().await?).await?;
-            let token = tokens.load().await?;
-            let start = match &token {
-                Some(value) => StartPoint::from_token(tokens.client_name(), value)?,
-                None => StartPoint::End,
-            };
-            if let Some(value) = &token {
-                tracing::info!(token = %value, "resuming from the stored resume token");
-            }
-            // A token ahead of the changelog's head restarts within the backfill window.
-            let window = crate::datastore::postgres::reset::ResetWindow {
-                max_age: config.backfill.max_age,
-                max_events: config.backfill.max_events,
-            };
-            let reader =
-                ChangelogReader::open_bounded(connector.clone(), start, wake.clone(), window)
-                    .await?;
-            let backfill =
-                decide_backfill(connector, config, &reader, token.is_some(), fence).await?;
-            Ok::<_, DatastoreError>(Opened {
-                reader,
-                had_token: token.is_some(),
-                backfill,
-            })
-        };
-        match attempt.await {
-            Ok(opened) => return Ok(opened),
-            Err(error) if error.is_transient() && tokio::time::Instant::now() < deadline => {
-                let wait = backoff.failed(tokio::time::Instant::now());
-                tracing::warn!(%error, retry_in = ?wait, "datastore not reachable yet");
-                tokio::time::sleep(wait).await;
-            }
-            Err(error) => {
-                tracing::error!(retry = %error.retry(), "cannot start from the datastore");
-                return Err(ExitError::Failed(format!(
-                    "cannot start from datastore {}: {error}",
-                    connector.settings().describe()
-                )));
-            }
-        }
-    }
-}
-
-/// Whether a backfill runs: a new one on a first start (no resume token), the unfinished one
-/// after a restart mid-backfill, none otherwise.
-async fn decide_backfill(
-    connector: &Connector,
-    config: &Config,
-    reader: &ChangelogReader,
-    had_token: bool,
-    fence: &Arc<crate::leader::Fence>,
-) -> Result<Option<BackfillPlan>, DatastoreError> {
-    let store = TokenStore::new(
-        connector.clone(),
-        backfill::record_name(&config.client_name),
-    )
-    .fenced(fence.clone());
-    let previous = store
-        .load()
-        .await?
-        .and_then(|v| BackfillPlan::from_value(&v));
-    let unfinished = previous.filter(|plan| !plan.done);
-    if !config.backfill.enabled {
-        match unfinished {
-            Some(plan) => tracing::warn!(
-                delivered = plan.delivered,
-                total = plan.total,
-                "backfill disabled in configuration; an unfinished backfill is left as it is"
-            ),
-            None => tracing::info!("backfill disabled in configuration"),
-        }
-        return Ok(None);
-    }
-    if had_token {
-        return Ok(match unfinished {
-            Some(plan) => {
-                tracing::info!(
-                    delivered = plan.delivered,
-                    total = plan.total,
-                    "resuming the unfinished backfill"
-                );
-                Some(plan)
-            }
-            None => {
-                tracing::info!("backfill skipped: a resume token exists");
-                None
-            }
-        });
-    }
-    let Some(start) = reader.fresh_start() else {
-        return Ok(None);
-    };
-    let client = store.connect().await?;
-    let plan = BackfillPlan::make(&client, &config.backfill, start).await?;
-    // The plan is saved before the stream can write its token, so a restart either starts
-    // afresh or finds this plan.
-    store
-        .save_value(&serde_json::to_value(&plan).unwrap_or_default())
-        .await?;
-    tracing::info!(
-        total = plan.total,
-        max_age = %format_go_duration(config.backfill.max_age),
-        max_events = config.backfill.max_events,
-        rate_limit = config.backfill.rate_limit,
-        "no resume token: backfilling existing events while streaming new ones"
-    );
-    Ok(Some(plan))
 }
 
 /// Why a background task that should run until shutdown ended.

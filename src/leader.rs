@@ -450,3 +450,51 @@ impl Release for Leadership {
         Box::pin(Leadership::release(self))
     }
 }
+
+/// Leadership held by this replica and the task that keeps proving it.
+pub struct Held {
+    leadership: Arc<dyn Release>,
+    keeper: tokio::task::JoinHandle<Result<(), LeadershipError>>,
+    keeper_stop: CancellationToken,
+}
+
+impl Held {
+    /// Starts the task that keeps proving `leadership` until the work is over — through the
+    /// shutdown grace period too, so the final token write is still allowed.
+    pub fn start<L, F>(
+        leadership: Arc<L>,
+        keep: impl FnOnce(Arc<L>, CancellationToken) -> F,
+    ) -> Held
+    where
+        L: Release + 'static,
+        F: std::future::Future<Output = Result<(), LeadershipError>> + Send + 'static,
+    {
+        let keeper_stop = CancellationToken::new();
+        let keeper = tokio::spawn(keep(leadership.clone(), keeper_stop.clone()));
+        Held {
+            leadership,
+            keeper,
+            keeper_stop,
+        }
+    }
+
+    /// The keeper task, its stop switch and the leadership to release after the work (the
+    /// exporter's supervision watches the keeper: a lost leadership ends the process).
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn into_parts(
+        self,
+    ) -> (
+        tokio::task::JoinHandle<Result<(), LeadershipError>>,
+        CancellationToken,
+        Arc<dyn Release>,
+    ) {
+        (self.keeper, self.keeper_stop, self.leadership)
+    }
+
+    /// Start-up stopped before any work: stop proving and hand the leadership over.
+    pub async fn give_up(self) {
+        self.keeper_stop.cancel();
+        let _ = self.keeper.await;
+        self.leadership.release().await;
+    }
+}

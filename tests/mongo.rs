@@ -11,8 +11,8 @@ mod support;
 
 use std::time::Duration;
 
-use mongo_peer_launch::{Store, EVENTS, TOKENS};
-use mongodb::bson::{doc, Bson, DateTime, Document};
+use mongo_peer_launch::{health_event, Store, EVENTS, TOKENS};
+use mongodb::bson::{doc, Bson, Document};
 use mongodb::Client;
 use serde_json::{json, Value};
 use support::exporter::{sample_or_zero, Exporter, ExporterOptions};
@@ -28,48 +28,11 @@ impl Store {
         env
     }
 
-    /// Inserts `health_event(node, i)` for each `i` one by one; returns their `_id` hex.
-    async fn insert(&self, node: &str, range: std::ops::Range<i64>) -> Vec<String> {
-        let mut ids = Vec::new();
-        for i in range {
-            let result = self
-                .events()
-                .insert_one(health_event(node, i))
-                .await
-                .expect("insert");
-            ids.push(match result.inserted_id {
-                Bson::ObjectId(oid) => oid.to_hex(),
-                other => panic!("unexpected _id {other}"),
-            });
-        }
-        ids
-    }
-
     async fn token_document(&self) -> Option<Document> {
         self.tokens()
             .find_one(doc! {"clientName": "event-exporter"})
             .await
             .expect("find token")
-    }
-}
-
-/// A document as platform-connectors insert it (Go driver: lowercased field names, int32
-/// enums, `generatedtimestamp` as `{seconds, nanos}`, zero values stored).
-fn health_event(node: &str, i: i64) -> Document {
-    doc! {
-        "createdAt": DateTime::now(),
-        "healthevent": {
-            "version": 1_i32, "agent": "gpu-health-monitor", "componentclass": "GPU",
-            "checkname": "GpuXidError", "isfatal": true, "ishealthy": false,
-            "message": format!("XID 79 #{i}"), "recommendedaction": 24_i32,
-            "errorcode": ["79"],
-            "entitiesimpacted": [{"entitytype": "GPU", "entityvalue": i.to_string()}],
-            "metadata": {"idempotencyKey": format!("{node}#{i}")},
-            "generatedtimestamp": {"seconds": 1_767_225_600_i64 + i, "nanos": 250_000_000_i32},
-            "nodename": node, "quarantineoverrides": Bson::Null, "drainoverrides": Bson::Null,
-            "processingstrategy": 1_i32, "id": "", "customrecommendedaction": "",
-        },
-        "healtheventstatus": Bson::Null,
     }
 }
 
@@ -427,24 +390,40 @@ async fn first_start_backfills_stored_events_and_hands_off_to_the_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_lost_while_running_recovers_without_a_restart() {
+    // The open cursor fell behind the oplog: the next getMore fails with 286.
+    history_lost_while_running(286).await;
+}
+
+/// The other codes that mean the same (InvalidResumeToken 260, ChangeStreamFatalError 280) take
+/// the same recovery: one rule, checked through the binary for each code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_resume_token_while_running_recovers_too() {
+    history_lost_while_running(260).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn change_stream_fatal_error_while_running_recovers_too() {
+    history_lost_while_running(280).await;
+}
+
+async fn history_lost_while_running(code: i32) {
     let store = Store::start(&[]).await;
     let sink = sink().await;
     let exporter = Exporter::start(&options(&sink, &store)).await;
     let mut expected = store.insert("node-6", 0..3).await;
     sink.wait_for_accepted(3, WAIT).await;
-    // The open cursor fell behind the oplog: the next getMore fails with 286.
     store
         .peer
         .control(
             "POST",
             "/fail",
-            Some(json!({"commands": ["getMore"], "code": 286, "times": 1})),
+            Some(json!({"commands": ["getMore"], "code": code, "times": 1})),
         )
         .await;
     expected.extend(store.insert("node-6", 3..8).await);
     assert!(
         wait_for_ids(&sink, &expected).await,
-        "events lost after a runtime 286; log:\n{}",
+        "events lost after a runtime {code}; log:\n{}",
         exporter.log()
     );
     expected.extend(store.insert("node-6", 8..10).await);
@@ -469,6 +448,45 @@ async fn history_lost_while_running_recovers_without_a_restart() {
             "{id} twice"
         );
     }
+}
+
+/// A stored token the server refuses at start (code 9, FailedToParse: a token of another
+/// server version or a corrupted one) is history lost too: recovery from the last exported
+/// `createdAt`, not upstream's silent start from now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_the_server_cannot_parse_at_start_is_recovered() {
+    let store = Store::start(&[]).await;
+    let sink = sink().await;
+    let mut exporter = Exporter::start(&options(&sink, &store)).await;
+    store.insert("node-8", 0..3).await;
+    sink.wait_for_accepted(3, WAIT).await;
+    assert_eq!(exporter.terminate().await.code(), Some(0));
+    let missed = store.insert("node-8", 3..9).await;
+    store
+        .peer
+        .control(
+            "POST",
+            "/fail",
+            Some(json!({"commands": ["aggregate"], "code": 9, "times": 1})),
+        )
+        .await;
+    let exporter = Exporter::start(&options(&sink, &store)).await;
+    let mut expected = missed;
+    expected.extend(store.insert("node-8", 9..11).await);
+    assert!(
+        wait_for_ids(&sink, &expected).await,
+        "events lost after code 9 at start; log:\n{}",
+        exporter.log()
+    );
+    let metrics = exporter.metrics().await;
+    assert_eq!(
+        sample_or_zero(
+            &metrics,
+            "change_stream_resume_token_recoveries_total{client=\"event-exporter\",phase=\"initialization\"}"
+        ),
+        1.0,
+        "{metrics}"
+    );
 }
 
 /// Against a real replica set: runs only with `MONGODB_URI` set (`cargo test --test mongo --

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mongo_peer_launch::Store;
+use mongo_peer_launch::{health_event, Store};
 use mongodb::bson::{doc, Bson, DateTime, Document};
 use mongodb::Collection;
 use support::exporter::{Exporter, ExporterOptions};
@@ -65,22 +65,6 @@ impl Store {
     }
 }
 
-/// A health event as platform-connectors store it (the fields the exporter needs).
-fn health_event(i: u32) -> Document {
-    doc! {
-        "createdAt": DateTime::now(),
-        "healthevent": {
-            "version": 1_i32, "agent": "gpu-health-monitor", "componentclass": "GPU",
-            "checkname": "GpuXidError", "isfatal": true, "ishealthy": false,
-            "message": format!("XID 79 #{i}"), "recommendedaction": 24_i32,
-            "entitiesimpacted": [{"entitytype": "GPU", "entityvalue": i.to_string()}],
-            "generatedtimestamp": {"seconds": 1_767_225_600_i64 + i64::from(i), "nanos": 0_i32},
-            "nodename": "ha-node", "processingstrategy": 1_i32,
-        },
-        "healtheventstatus": Bson::Null,
-    }
-}
-
 /// Inserts a health event every 25 ms until stopped; returns the `_id`s (the CloudEvent ids).
 fn start_writer(
     events: Collection<Document>,
@@ -92,7 +76,10 @@ fn start_writer(
             let mut ids = Vec::new();
             let mut i = 0u32;
             while !stop.load(Ordering::SeqCst) {
-                let inserted = events.insert_one(health_event(i)).await.expect("insert");
+                let inserted = events
+                    .insert_one(health_event("ha-node", i64::from(i)))
+                    .await
+                    .expect("insert");
                 match inserted.inserted_id {
                     Bson::ObjectId(id) => ids.push(id.to_hex()),
                     other => panic!("unexpected _id {other}"),
@@ -367,4 +354,73 @@ async fn a_paused_leader_does_not_publish_after_it_resumes_and_exits_1() {
     let written = finish_writer(stop, writer).await;
     assert_all_delivered(&[&a, &b], &written).await;
     assert!(b.exporter.try_status().is_none(), "the new leader exited");
+}
+
+/// The fence behind the lease: once a newer leader (a higher lease epoch) has written the token
+/// document, a deposed leader's token write matches nothing — the token does not move back —
+/// and that replica exits 1 naming both epochs. Every take of the lease raises the epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_leader_cannot_move_the_token_back() {
+    let mongo = Mongo::start(&[]).await;
+    let sink = SinkServer::start(SinkOptions {
+        token_registry: None,
+        latency: None,
+    })
+    .await;
+    let mut options = ExporterOptions::new(&sink, None, mongo.replica_env("fenced-0"));
+    options.max_retries = 0;
+    let mut exporter = Exporter::start(&options).await;
+    mongo.insert("fence-node", 0..3).await;
+    sink.wait_for_accepted(3, WAIT).await;
+    mongo.wait_for_token().await;
+    let lease = mongo.lease().await.expect("lease document");
+    let epoch = lease.get_i64("epoch").expect("the lease counts takes");
+    assert!(epoch >= 1, "{lease}");
+    let token = mongo
+        .tokens()
+        .find_one(doc! {"clientName": "event-exporter"})
+        .await
+        .expect("read")
+        .expect("token");
+    assert_eq!(token.get_i64("leaderEpoch"), Ok(epoch), "{token}");
+
+    // A newer leader's write, as it lands while this replica is paused or cut off.
+    let newer = doc! {"resumeToken": {"_data": "newer-leaders-token"}, "leaderEpoch": epoch + 1};
+    mongo
+        .tokens()
+        .update_one(doc! {"clientName": "event-exporter"}, doc! {"$set": newer})
+        .await
+        .expect("newer leader's write");
+    mongo.insert("fence-node", 3..5).await;
+    let status = exporter.wait_exit(WAIT).await;
+    assert_eq!(status.code(), Some(1), "log:\n{}", exporter.log());
+    let after = mongo
+        .tokens()
+        .find_one(doc! {"clientName": "event-exporter"})
+        .await
+        .expect("read")
+        .expect("token");
+    assert_eq!(
+        after.get_document("resumeToken").ok(),
+        Some(&doc! {"_data": "newer-leaders-token"}),
+        "the deposed leader moved the token: {after}"
+    );
+    assert_eq!(after.get_i64("leaderEpoch"), Ok(epoch + 1));
+    assert!(
+        exporter
+            .log()
+            .contains(&format!("lease epoch {}", epoch + 1)),
+        "the refusal names the epochs; log:\n{}",
+        exporter.log()
+    );
+
+    // The next take starts above every epoch seen, the token documents' included.
+    let mut next = Exporter::start(&options).await;
+    next.wait_ready(WAIT).await;
+    let lease = mongo.lease().await.expect("lease document");
+    assert!(
+        lease.get_i64("epoch").is_ok_and(|e| e > epoch + 1),
+        "{lease}"
+    );
+    assert_eq!(next.terminate().await.code(), Some(0));
 }

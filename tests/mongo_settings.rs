@@ -16,11 +16,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use event_exporter::datastore::mongo::MongoSettings;
-use mongo_peer_launch::MongoPeer;
+use mongo_peer_launch::{MongoPeer, Store, EVENTS, TOKENS};
 use mongodb::bson::doc;
 use mongodb::Client;
 use serde_json::Value;
-use support::exporter::run_once;
+use support::exporter::{run_once, Exporter, ExporterOptions};
+use support::sink::{SinkOptions, SinkServer};
 use support::tls::{PkiPaths, TestPki};
 
 const DB: &str = "HealthEventsDatabase";
@@ -208,6 +209,68 @@ async fn ca_only_tls_with_scram_credentials_in_the_uri() {
         logins(&peer).await
     );
     shutdown(client).await;
+}
+
+/// The managed-database case end to end through the binary: CA-only TLS with SCRAM credentials
+/// in `MONGODB_URI`, as the chart wires it (the client certificate paths name missing files);
+/// every event written is delivered once and the token is saved over that connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exporter_over_ca_only_tls_delivers_every_event() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let paths = pki(dir.path());
+    let peer = tls_peer(&paths, &["--user", "app:s3cret", "--require-auth"]);
+    let ca_dir = tempfile::tempdir().expect("ca dir");
+    std::fs::copy(&paths.ca_cert, ca_dir.path().join("ca.crt")).expect("copy ca.crt");
+    let ca = ca_dir.path().join("ca.crt").display().to_string();
+    let uri = peer
+        .uri
+        .replacen("mongodb://", "mongodb://app:s3cret@", 1)
+        .replace("?", &format!("{DB}?authSource=admin&"));
+    let writer_uri = format!("{uri}&tlsCAFile={ca}&directConnection=true");
+    let store = Store::on(peer, &writer_uri).await;
+    let sink = SinkServer::start(SinkOptions {
+        token_registry: None,
+        latency: None,
+    })
+    .await;
+    let file = |name: &str| ca_dir.path().join(name).display().to_string();
+    let env = vec![
+        ("MONGODB_URI".to_string(), uri),
+        ("MONGODB_DATABASE_NAME".into(), DB.into()),
+        ("MONGODB_COLLECTION_NAME".into(), EVENTS.into()),
+        ("MONGODB_TOKEN_COLLECTION_NAME".into(), TOKENS.into()),
+        ("MONGODB_CA_CERT_PATH".into(), file("ca.crt")),
+        ("MONGODB_CLIENT_CERT_PATH".into(), file("tls.crt")),
+        ("MONGODB_CLIENT_KEY_PATH".into(), file("tls.key")),
+    ];
+    let mut exporter = Exporter::start(&ExporterOptions::new(&sink, None, env)).await;
+    let written = store.insert("tls-node", 0..5).await;
+    let accepted = sink.wait_for_accepted(5, Duration::from_secs(30)).await;
+    let mut ids: Vec<String> = accepted
+        .iter()
+        .filter_map(|e| e["id"].as_str().map(str::to_string))
+        .collect();
+    ids.sort();
+    let mut expected = written.clone();
+    expected.sort();
+    assert_eq!(ids, expected, "log:\n{}", exporter.log());
+    assert_eq!(exporter.terminate().await.code(), Some(0));
+    let token = store
+        .tokens()
+        .find_one(doc! {"clientName": "event-exporter"})
+        .await
+        .expect("find token")
+        .expect("token saved over CA-only TLS");
+    assert!(token.get("resumeToken").is_some(), "{token}");
+    assert!(
+        logins(&store.peer)
+            .await
+            .iter()
+            .all(|(user, mechanism)| user == "app" && mechanism.starts_with("SCRAM")),
+        "{:?}",
+        logins(&store.peer).await
+    );
+    assert!(!exporter.log().contains("s3cret"), "the password is logged");
 }
 
 /// Without any CA and with the default mount absent, TLS is as the URI says: the peer's private

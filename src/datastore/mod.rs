@@ -6,6 +6,7 @@
 
 pub mod mongo;
 pub mod postgres;
+pub mod start;
 
 use chrono::{DateTime, Utc};
 
@@ -32,6 +33,8 @@ pub struct Change {
 pub enum ResumePoint {
     /// A MongoDB change-stream resume token (`{_data: "<hex>"}`), the event's own `_id`.
     ChangeStream(mongodb::bson::Document),
+    /// A backfill row's `(created_at, id)` keyset position.
+    Keyset(crate::backfill::Cursor),
 }
 
 impl Change {

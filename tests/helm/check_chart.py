@@ -427,7 +427,7 @@ def check_deployment(case: str, deployment: dict, configmap: dict, config_text: 
               f"{case}: a dead-letter volume without deadLetterVolume")
 
     global_datastore = (values.get("global") or {}).get("datastore") or {}
-    mongo = (global_datastore.get("provider") or "postgresql").lower() == "mongodb"
+    mongo = (global_datastore.get("provider") or "mongodb").lower() == "mongodb"
     check_mongo_wiring(case, values, main, env, volumes, mounts, mongo)
 
     init = container(deployment, "fix-cert-permissions", init=True)
@@ -1126,7 +1126,9 @@ def run_umbrella(binary: Path, defaults: dict) -> None:
         sub = {"exporter": {"metadata": {"cluster": "gb200-east"},
                             "backfill": CASES[1]["values"]["exporter"]["backfill"]}}
         case = {"name": "as the event-exporter subchart of an umbrella chart",
-                "values": deep_merge(sub, {"global": {"metricsPort": 9100}}),
+                # The umbrella's values.yaml sets global.datastore.provider: postgresql.
+                "values": deep_merge(sub, {"global": {"metricsPort": 9100,
+                                                      "datastore": {"provider": "postgresql"}}}),
                 "metadata": {"cluster": "gb200-east", "environment": "production"}}
         run_case(binary, defaults, case, chart_dir=root,
                  wrap=lambda _: {"global": {"metricsPort": 9100}, "event-exporter": sub})

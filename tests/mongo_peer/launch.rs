@@ -12,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use mongodb::bson::{doc, Bson, DateTime, Document};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -190,12 +191,16 @@ impl Store {
     /// Starts a peer with `args` (see `MongoPeer::start`) and creates the collections.
     pub async fn start(args: &[&str]) -> Store {
         let peer = MongoPeer::start(args);
-        let client = mongodb::Client::with_uri_str(format!(
-            "mongodb://127.0.0.1:{}/?directConnection=true",
-            peer.port
-        ))
-        .await
-        .expect("client");
+        let uri = format!("mongodb://127.0.0.1:{}/?directConnection=true", peer.port);
+        Store::on(peer, &uri).await
+    }
+
+    /// A store on a peer already started, reached through `client_uri` (with TLS options and
+    /// credentials when the peer needs them); creates the collections.
+    pub async fn on(peer: MongoPeer, client_uri: &str) -> Store {
+        let client = mongodb::Client::with_uri_str(client_uri)
+            .await
+            .expect("client");
         let db = client.database(DB);
         db.create_collection(EVENTS).await.expect("create events");
         db.create_collection(TOKENS).await.expect("create tokens");
@@ -223,5 +228,42 @@ impl Store {
 
     fn uri(&self) -> String {
         self.peer.uri.clone()
+    }
+
+    /// Inserts `health_event(node, i)` for each `i` one by one; returns their `_id` hex.
+    pub async fn insert(&self, node: &str, range: std::ops::Range<i64>) -> Vec<String> {
+        let mut ids = Vec::new();
+        for i in range {
+            let result = self
+                .events()
+                .insert_one(health_event(node, i))
+                .await
+                .expect("insert");
+            ids.push(match result.inserted_id {
+                Bson::ObjectId(oid) => oid.to_hex(),
+                other => panic!("unexpected _id {other}"),
+            });
+        }
+        ids
+    }
+}
+
+/// A document as platform-connectors insert it (Go driver: lowercased field names, int32
+/// enums, `generatedtimestamp` as `{seconds, nanos}`, zero values stored).
+pub fn health_event(node: &str, i: i64) -> Document {
+    doc! {
+        "createdAt": DateTime::now(),
+        "healthevent": {
+            "version": 1_i32, "agent": "gpu-health-monitor", "componentclass": "GPU",
+            "checkname": "GpuXidError", "isfatal": true, "ishealthy": false,
+            "message": format!("XID 79 #{i}"), "recommendedaction": 24_i32,
+            "errorcode": ["79"],
+            "entitiesimpacted": [{"entitytype": "GPU", "entityvalue": i.to_string()}],
+            "metadata": {"idempotencyKey": format!("{node}#{i}")},
+            "generatedtimestamp": {"seconds": 1_767_225_600_i64 + i, "nanos": 250_000_000_i32},
+            "nodename": node, "quarantineoverrides": Bson::Null, "drainoverrides": Bson::Null,
+            "processingstrategy": 1_i32, "id": "", "customrecommendedaction": "",
+        },
+        "healtheventstatus": Bson::Null,
     }
 }

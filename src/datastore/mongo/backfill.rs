@@ -1,5 +1,5 @@
 //! Backfill from MongoDB on a first start (no resume token), with the guarantees of the
-//! PostgreSQL one (`crate::backfill`): the change stream is opened **first**, then the window
+//! PostgreSQL one (`crate::backfill`, whose `PagedBackfill` reads these pages): the change stream is opened **first**, then the window
 //! `createdAt` in `[start − max_age, start)` (start = the clock read right after the stream
 //! opened) is read oldest first in keyset pages of `batch_size` over `(createdAt, _id)`, the
 //! newest `max_events` of it, at `rate_limit` events per second, through the same pipeline.
@@ -10,7 +10,6 @@
 //! deduplicating on `id` sees one). Plan and progress are kept in the token collection under
 //! `<client>-backfill` (`{clientName, plan}`), so a restart continues where it stopped.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -20,9 +19,11 @@ use mongodb::Collection;
 use super::decode;
 use super::keyset::KeysetReader;
 use super::token::TokenStore;
-use crate::backfill::{BackfillPlan, BackfillProgress, Cursor, Cursors, Pacer, PlanStore};
+use crate::backfill::{
+    BackfillPlan, BackfillProgress, Cursor, PageReader, PageRow, PagedBackfill, PlanStore,
+};
 use crate::config::BackfillConfig;
-use crate::datastore::{Change, ChangeKind, ChangeSource, DatastoreError, SkipReason};
+use crate::datastore::DatastoreError;
 
 impl PlanStore for TokenStore {
     async fn save_plan(&self, plan: &serde_json::Value) -> Result<(), DatastoreError> {
@@ -96,15 +97,46 @@ fn stored_id(id: &str) -> Bson {
     }
 }
 
-/// The documents of a plan, page by page, as a finite change source.
-pub struct BackfillSource {
+/// The plan's documents, keyset page by keyset page.
+pub struct Pages {
     collection: Collection<Document>,
     reader: KeysetReader,
-    next_position: u64,
-    page: VecDeque<Document>,
-    pacer: Pacer,
-    cursors: Cursors,
-    backoff: crate::reconnect::Backoff,
+}
+
+impl PageReader for Pages {
+    async fn next_page(&mut self) -> Result<Vec<PageRow>, DatastoreError> {
+        let page = self.reader.next_page(&self.collection).await?;
+        Ok(page.iter().map(row).collect())
+    }
+
+    fn is_exhausted(&self) -> bool {
+        self.reader.is_exhausted()
+    }
+}
+
+/// One document as a page row: without `_id` or a `createdAt` date it cannot be exported (nor
+/// placed on the keyset), so it is skipped.
+fn row(document: &Document) -> PageRow {
+    let event = decode::raw_event(document);
+    match (event, decode::created_at(document)) {
+        (Ok(event), Some(created_at)) => PageRow::Event {
+            cursor: Cursor {
+                created_at,
+                id: event.record_id.clone(),
+            },
+            event,
+        },
+        (Ok(event), None) => PageRow::Unreadable {
+            cursor: None,
+            record_id: Some(event.record_id),
+            error: Box::new(decode::DocumentError::NoCreatedAt),
+        },
+        (Err(error), _) => PageRow::Unreadable {
+            cursor: None,
+            record_id: None,
+            error: Box::new(error),
+        },
+    }
 }
 
 /// The source and checkpoint store of one backfill run over `plan`.
@@ -113,86 +145,14 @@ pub fn open(
     store: Arc<TokenStore>,
     plan: BackfillPlan,
     config: &BackfillConfig,
-) -> (BackfillSource, Arc<BackfillProgress<TokenStore>>) {
-    let cursors = Cursors::default();
-    let progress = Arc::new(BackfillProgress::new(store, &plan, cursors.clone()));
+) -> (PagedBackfill<Pages>, Arc<BackfillProgress<TokenStore>>) {
+    let progress = Arc::new(BackfillProgress::new(store, &plan));
     let reader = KeysetReader::new(plan.from, Some(plan.started_at), config.batch_size);
     let reader = match (&plan.cursor, &plan.first) {
         (Some(cursor), _) => reader.after(cursor.created_at, stored_id(&cursor.id)),
         (None, Some(first)) => reader.starting_at(first.created_at, stored_id(&first.id)),
         (None, None) => reader,
     };
-    let source = BackfillSource {
-        collection,
-        reader,
-        next_position: plan.delivered,
-        page: VecDeque::new(),
-        pacer: Pacer::new(config.rate_limit),
-        cursors,
-        backoff: crate::reconnect::Backoff::new(
-            std::time::Duration::from_millis(250),
-            std::time::Duration::from_secs(30),
-        ),
-    };
+    let source = PagedBackfill::new(Pages { collection, reader }, &plan, config);
     (source, progress)
-}
-
-impl ChangeSource for BackfillSource {
-    fn start_position(&self) -> u64 {
-        self.next_position
-    }
-
-    async fn next_batch(&mut self) -> Result<Option<Vec<Change>>, DatastoreError> {
-        while self.page.is_empty() && !self.reader.is_exhausted() {
-            match self.reader.next_page(&self.collection).await {
-                Ok(page) => {
-                    self.backoff.reset();
-                    self.page.extend(page);
-                }
-                Err(error) if error.is_transient() => {
-                    let wait = self.backoff.failed(tokio::time::Instant::now());
-                    tracing::warn!(%error, retry_in = ?wait, "backfill query failed; retrying");
-                    tokio::time::sleep(wait).await;
-                }
-                Err(error) => return Err(error),
-            }
-        }
-        if self.page.is_empty() {
-            return Ok(None);
-        }
-        let admitted = self
-            .pacer
-            .admit(self.page.len().min(100))
-            .await
-            .min(self.page.len());
-        let mut changes = Vec::with_capacity(admitted);
-        let mut cursors = self.cursors.lock().unwrap_or_else(|e| e.into_inner());
-        for document in self.page.drain(..admitted) {
-            self.next_position = self.next_position.saturating_add(1);
-            let created_at = decode::created_at(&document);
-            let kind = match (decode::raw_event(&document), created_at) {
-                (Ok(event), Some(created_at)) => {
-                    cursors.insert(
-                        self.next_position,
-                        Cursor {
-                            created_at,
-                            id: event.record_id.clone(),
-                        },
-                    );
-                    ChangeKind::Event(event)
-                }
-                (result, _) => {
-                    tracing::warn!(
-                        backfill_position = self.next_position,
-                        error = ?result.err(),
-                        "backfill: health event document without _id or createdAt date; skipping it"
-                    );
-                    crate::metrics::get().skipped("undecodable");
-                    ChangeKind::Skip(SkipReason::Undecodable)
-                }
-            };
-            changes.push(Change::new(self.next_position, created_at, kind));
-        }
-        Ok(Some(changes))
-    }
 }

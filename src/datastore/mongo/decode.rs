@@ -17,6 +17,8 @@ use crate::datastore::RawEvent;
 pub enum DocumentError {
     #[error("the document has no _id")]
     NoId,
+    #[error("the document has no createdAt date")]
+    NoCreatedAt,
     #[error("the change event has no fullDocument (was the document deleted before it was read?)")]
     NoFullDocument,
 }

@@ -17,10 +17,13 @@
 //! is what the pods' wall clocks may differ by: `expiresAt` is written with the leader's clock
 //! and compared with the standby's.
 //!
-//! Unlike PostgreSQL's fenced upsert, the resume-token write is not conditional on the lease in
-//! the same statement (that would need a transaction across two documents): it is refused when
-//! the gate is closed ([`super::TokenStore::set`]), so only a process paused between that check
-//! and the write could still write an older token — which causes re-sends, never a loss.
+//! **Fencing.** The lease document also counts takes: `epoch` grows by one each time a replica
+//! takes the lease (a compare-and-set on the epoch it read), and starts above any `leaderEpoch`
+//! already in the client's token documents (a deleted lease document cannot reset it). Token
+//! writes carry that epoch and are refused once a newer epoch has written
+//! ([`super::token::fenced_filter`]), so a replica paused between its gate check and its write
+//! cannot move the token back after the next leader wrote: the second line of defence, as
+//! PostgreSQL's fenced upsert is.
 
 use std::time::Duration;
 
@@ -28,6 +31,7 @@ use mongodb::bson::{doc, Bson, DateTime, Document};
 use mongodb::Collection;
 use tokio_util::sync::CancellationToken;
 
+use super::token::{Epoch, EPOCH_FIELD};
 use crate::datastore::DatastoreError;
 use crate::leader::{gate, Holder, LeadershipError, CHECK_INTERVAL, CHECK_TIMEOUT};
 use crate::leadership::{Identity, Observation, Transition};
@@ -79,11 +83,34 @@ pub fn describe_holder(document: &Document, now: DateTime) -> String {
     }
 }
 
+/// The epoch a take writes: one above both the lease document's and every `leaderEpoch` of the
+/// client's token documents.
+pub fn next_epoch(lease_epoch: i64, token_epochs: &[i64]) -> i64 {
+    token_epochs
+        .iter()
+        .copied()
+        .fold(lease_epoch, i64::max)
+        .saturating_add(1)
+}
+
+/// An integer field, as the driver or another writer stored it (0 when absent).
+fn epoch_of(document: &Document, field: &str) -> i64 {
+    match document.get(field) {
+        Some(Bson::Int64(n)) => *n,
+        Some(Bson::Int32(n)) => i64::from(*n),
+        _ => 0,
+    }
+}
+
 /// The lease document of one `client_name`, as seen by this process.
 pub struct LeaseDocument {
     collection: Collection<Document>,
     id: String,
     holder: String,
+    /// The token documents whose `leaderEpoch` the epoch must exceed.
+    token_clients: [String; 2],
+    /// The epoch of this process's take (0 before), shared with its token stores.
+    epoch: Epoch,
 }
 
 impl LeaseDocument {
@@ -92,7 +119,32 @@ impl LeaseDocument {
             collection,
             id: lease_id(client_name),
             holder,
+            token_clients: [
+                client_name.to_string(),
+                crate::backfill::record_name(client_name),
+            ],
+            epoch: Epoch::default(),
         }
+    }
+
+    /// The lease epoch token writes are fenced with (set when the lease is taken).
+    pub fn epoch(&self) -> Epoch {
+        self.epoch.clone()
+    }
+
+    /// The newest `leaderEpoch` of the client's token documents.
+    async fn token_epochs(&self) -> Result<Vec<i64>, DatastoreError> {
+        let mut epochs = Vec::with_capacity(2);
+        for client in &self.token_clients {
+            if let Some(document) = self
+                .collection
+                .find_one(doc! {"clientName": client})
+                .await?
+            {
+                epochs.push(epoch_of(&document, EPOCH_FIELD));
+            }
+        }
+        Ok(epochs)
     }
 
     pub fn holder(&self) -> &str {
@@ -100,42 +152,56 @@ impl LeaseDocument {
     }
 
     /// Takes the lease if it is free or already this process's: `Ok(Holder::Held(()))`, else
-    /// who holds it (`Holder::Other`). Errors: the datastore's; `DatastoreError::Schema` when the token collection does not
-    /// exist (the exporter never creates collections).
+    /// who holds it (`Holder::Other`). Errors: the datastore's; `DatastoreError::Schema` when
+    /// the token collection does not exist (the exporter never creates collections).
     pub async fn try_take(&self) -> Result<Holder<()>, DatastoreError> {
         let now = DateTime::now();
-        let taken = self
-            .collection
-            .update_one(
-                take_filter(&self.id, &self.holder, now),
-                doc! {"$set": {"holder": &self.holder, "expiresAt": expires_at(now)}},
-            )
-            .await?;
-        if taken.matched_count == 1 {
-            return Ok(Holder::Held(()));
-        }
-        if let Some(current) = self.collection.find_one(doc! {"_id": &self.id}).await? {
+        let current = self.collection.find_one(doc! {"_id": &self.id}).await?;
+        let free = current.as_ref().is_none_or(|c| {
+            c.get_str("holder") == Ok(self.holder.as_str())
+                || matches!(c.get("expiresAt"), Some(Bson::DateTime(at)) if *at < now)
+        });
+        if !free {
+            let current = current.unwrap_or_default();
             return Ok(Holder::Other(describe_holder(&current, now)));
         }
-        self.check_collection().await?;
-        let inserted = self
-            .collection
-            .insert_one(
-                doc! {"_id": &self.id, "holder": &self.holder, "expiresAt": expires_at(now)},
-            )
-            .await;
-        match inserted {
-            Ok(_) => Ok(Holder::Held(())),
-            Err(error) if is_duplicate_key(&error) => {
-                let current = self.collection.find_one(doc! {"_id": &self.id}).await?;
-                Ok(Holder::Other(
-                    current
-                        .map(|c| describe_holder(&c, now))
-                        .unwrap_or_else(|| "another replica (it just took the lease)".into()),
-                ))
-            }
-            Err(error) => Err(error.into()),
+        if current.is_none() {
+            self.check_collection().await?;
         }
+        let read = current.as_ref().map(|c| epoch_of(c, "epoch"));
+        let epoch = next_epoch(read.unwrap_or(0), &self.token_epochs().await?);
+        let lease = doc! {"holder": &self.holder, "expiresAt": expires_at(now), "epoch": epoch};
+        let taken = match read {
+            // Compare-and-set on what was read: one of two replicas racing wins.
+            Some(read) => {
+                let mut filter = take_filter(&self.id, &self.holder, now);
+                filter.insert("epoch", read_filter(read));
+                let updated = self
+                    .collection
+                    .update_one(filter, doc! {"$set": lease})
+                    .await?;
+                updated.matched_count == 1
+            }
+            None => {
+                let mut document = doc! {"_id": &self.id};
+                document.extend(lease);
+                match self.collection.insert_one(document).await {
+                    Ok(_) => true,
+                    Err(error) if is_duplicate_key(&error) => false,
+                    Err(error) => return Err(error.into()),
+                }
+            }
+        };
+        if taken {
+            self.epoch.set(epoch);
+            return Ok(Holder::Held(()));
+        }
+        let current = self.collection.find_one(doc! {"_id": &self.id}).await?;
+        Ok(Holder::Other(current
+            .map(|c| describe_holder(&c, now))
+            .unwrap_or_else(|| {
+                "another replica (it just took the lease)".into()
+            })))
     }
 
     /// Extends the lease while the document still names this process: true when it did
@@ -194,6 +260,16 @@ impl LeaseDocument {
     }
 }
 
+/// Matches the `epoch` a take read: the value, or no field when it read 0 (a lease document
+/// written before epochs, or by a version without them).
+fn read_filter(read: i64) -> Bson {
+    if read == 0 {
+        Bson::Document(doc! {"$in": [0_i64, Bson::Null]})
+    } else {
+        Bson::Int64(read)
+    }
+}
+
 fn is_duplicate_key(error: &mongodb::error::Error) -> bool {
     use mongodb::error::{ErrorKind, WriteFailure};
     match error.kind.as_ref() {
@@ -248,13 +324,22 @@ pub async fn acquire(
 }
 
 impl MongoLeadership {
-    /// Renews the lease every second until `shutdown` (Ok) or until the document names another
-    /// holder (`LeadershipError::Lost`). A failed or late renewal closes the gate; the next one
+    /// The lease epoch this replica's token writes are fenced with.
+    pub fn epoch(&self) -> Epoch {
+        self.lease.epoch()
+    }
+
+    /// Renews the lease every second until `shutdown` (Ok), or until the document names another
+    /// holder or a token write finds a newer leader's epoch (`LeadershipError::Lost`). A failed or late renewal closes the gate; the next one
     /// that still finds this process as holder opens it again (nobody else can have led).
     pub async fn keep(&self, shutdown: CancellationToken) -> Result<(), LeadershipError> {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
+                reason = self.lease.epoch.deposed() => {
+                    gate().observe(Observation::HeldElsewhere);
+                    return Err(LeadershipError::Lost(reason));
+                }
                 _ = tokio::time::sleep(CHECK_INTERVAL) => {}
             }
             let observation = match tokio::time::timeout(CHECK_TIMEOUT, self.lease.renew()).await {
@@ -315,6 +400,16 @@ mod tests {
         let stops_acting = CHECK_TIMEOUT + crate::leader::LEASE;
         assert!(VALIDITY >= stops_acting + Duration::from_secs(3));
         assert!(VALIDITY >= CHECK_INTERVAL * 4);
+    }
+
+    #[test]
+    fn the_epoch_grows_past_the_lease_and_every_token_document() {
+        assert_eq!(next_epoch(0, &[]), 1);
+        assert_eq!(next_epoch(4, &[]), 5);
+        // A deleted (re-created) lease document cannot reset the epoch below a token's.
+        assert_eq!(next_epoch(0, &[7, 3]), 8);
+        assert_eq!(next_epoch(9, &[7]), 10);
+        assert_eq!(next_epoch(i64::MAX, &[]), i64::MAX);
     }
 
     #[test]

@@ -7,11 +7,13 @@ pub mod decode;
 mod keyset;
 pub mod lease;
 pub(crate) mod settings;
+mod start;
 mod stream;
 mod token;
 
 pub use keyset::KeysetReader;
 pub use settings::{MongoSettings, MongoSettingsError};
+pub(crate) use start::start;
 pub use stream::{history_lost, ChangeStreamSource, StreamOptions, HISTORY_LOST_CODES};
 pub use token::{StoredToken, TokenStore};
 
@@ -43,26 +45,23 @@ const TRANSIENT_CODES: &[i32] = &[
     6, 7, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436, 63, 150, 234, 133,
 ];
 
-/// What start-up opened: the change stream (already open, so a backfill misses nothing), the
-/// token store, and the backfill to run, if any.
-pub struct Opened {
-    pub stream: ChangeStreamSource,
-    pub tokens: std::sync::Arc<TokenStore>,
-    /// Whether a resume token was stored (else the stream starts now).
-    pub had_token: bool,
-    pub backfill: Option<(
-        backfill::BackfillSource,
-        std::sync::Arc<crate::backfill::BackfillProgress<TokenStore>>,
-    )>,
-}
+/// What [`open`] hands the pipeline: the change stream (already open, so a backfill misses
+/// nothing), the token store, and the backfill to run, if any.
+pub type Opened = crate::datastore::start::Feeds<
+    ChangeStreamSource,
+    TokenStore,
+    crate::backfill::PagedBackfill<backfill::Pages>,
+    TokenStore,
+>;
 
 /// Connects, checks that the collections exist, reads the resume token, opens the change
-/// stream and decides the backfill. Errors: transient ones (retry) or permanent ones (a
+/// stream and decides the backfill; token writes are fenced with the lease `epoch`. Errors: transient ones (retry) or permanent ones (a
 /// missing collection, bad credentials) — see `DatastoreError::is_transient`.
 pub async fn open(
     client: &mongodb::Client,
     settings: &MongoSettings,
     config: &crate::config::Config,
+    epoch: token::Epoch,
 ) -> Result<Opened, crate::datastore::DatastoreError> {
     use mongodb::bson::{doc, Document};
     let database = client.database(&settings.database);
@@ -82,10 +81,9 @@ pub async fn open(
     }
     let events = database.collection::<Document>(&settings.collection);
     let token_collection = database.collection::<Document>(&settings.token_collection);
-    let tokens = std::sync::Arc::new(TokenStore::new(
-        token_collection.clone(),
-        config.client_name.clone(),
-    ));
+    let tokens = std::sync::Arc::new(
+        TokenStore::new(token_collection.clone(), config.client_name.clone()).fenced(epoch.clone()),
+    );
     let stored = tokens.load().await?.unwrap_or_default();
     let had_token = stored.resume_token.is_some();
     match &stored.resume_token {
@@ -112,15 +110,18 @@ pub async fn open(
             tokens.set(doc! {"resumeToken": token}).await?;
         }
     }
-    let store = std::sync::Arc::new(TokenStore::new(
-        token_collection,
-        crate::backfill::record_name(&config.client_name),
-    ));
+    let store = std::sync::Arc::new(
+        TokenStore::new(
+            token_collection,
+            crate::backfill::record_name(&config.client_name),
+        )
+        .fenced(epoch),
+    );
     let plan = decide_backfill(&events, &store, config, had_token, started_at).await?;
     let backfill = plan.map(|plan| backfill::open(events, store, plan, &config.backfill));
     Ok(Opened {
         stream,
-        tokens,
+        checkpoints: tokens,
         had_token,
         backfill,
     })

@@ -7,6 +7,16 @@
 //! Beside it the exporter keeps `lastExportedAt` (the newest finished event's `createdAt`, a
 //! BSON date): when the token's history is lost (code 286 and friends), the recovery backfill
 //! starts there instead of upstream's silent "start from now". Go ignores the extra field.
+//!
+//! **Fencing.** A write also stores `leaderEpoch`, the epoch of the leadership lease under
+//! which it was made (`super::lease`: every take of the lease increments it), and succeeds only
+//! while the stored `leaderEpoch` is not above the writer's ([`fenced_filter`]). Once a newer
+//! leader has written, a deposed one that wakes up (paused, cut off) cannot move the token back:
+//! its write matches nothing and fails naming both epochs. A document without `leaderEpoch` (the
+//! Go exporter's) is taken over by the first write.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use mongodb::bson::{doc, Bson, Document};
@@ -23,11 +33,63 @@ pub struct StoredToken {
     pub last_exported_at: Option<DateTime<Utc>>,
 }
 
+/// The field holding the lease epoch of the write.
+pub const EPOCH_FIELD: &str = "leaderEpoch";
+
+/// The lease epoch under which this process writes (0 until it holds the lease), shared by the
+/// lease, which sets it when taken, and the token stores, which write under it. A write the
+/// fence refuses proves that another replica took the lease since: the store reports it here
+/// and the lease's keeper ends this replica's leadership (exit 1, back as a standby).
+#[derive(Debug, Default)]
+pub struct EpochFence {
+    epoch: AtomicI64,
+    deposed: tokio_util::sync::CancellationToken,
+    reason: std::sync::Mutex<Option<String>>,
+}
+
+impl EpochFence {
+    pub fn set(&self, epoch: i64) {
+        self.epoch.store(epoch, Ordering::SeqCst);
+    }
+
+    pub fn get(&self) -> i64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// A newer leader wrote: this replica no longer leads.
+    pub fn depose(&self, reason: String) {
+        let mut slot = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        slot.get_or_insert(reason);
+        self.deposed.cancel();
+    }
+
+    /// Waits until [`EpochFence::depose`]; returns why.
+    pub async fn deposed(&self) -> String {
+        self.deposed.cancelled().await;
+        let slot = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        slot.clone().unwrap_or_default()
+    }
+}
+
+/// A shared [`EpochFence`].
+pub type Epoch = Arc<EpochFence>;
+
+/// The filter of a write to `client_name`'s document under lease epoch `epoch`: the document
+/// was last written under this epoch or an older one (or by a writer without epochs).
+pub fn fenced_filter(client_name: &str, epoch: i64) -> Document {
+    doc! {
+        "clientName": client_name,
+        "$or": [{EPOCH_FIELD: {"$lte": epoch}}, {EPOCH_FIELD: {"$exists": false}}],
+    }
+}
+
 /// Reads and writes one client's token document.
 #[derive(Clone)]
 pub struct TokenStore {
     collection: Collection<Document>,
     client_name: String,
+    /// The lease epoch writes are fenced with; `None` writes unfenced (tools, tests).
+    epoch: Option<Epoch>,
 }
 
 impl TokenStore {
@@ -35,7 +97,14 @@ impl TokenStore {
         TokenStore {
             collection,
             client_name,
+            epoch: None,
         }
+    }
+
+    /// Fences every write with the lease epoch `epoch` (see the module docs).
+    pub fn fenced(mut self, epoch: Epoch) -> TokenStore {
+        self.epoch = Some(epoch);
+        self
     }
 
     pub fn client_name(&self) -> &str {
@@ -90,23 +159,78 @@ impl TokenStore {
     /// written), the datastore's.
     pub async fn set(&self, fields: Document) -> Result<(), DatastoreError> {
         self.check_leading()?;
-        self.collection
+        let Some(epoch) = self.current_epoch() else {
+            self.collection
+                .update_one(
+                    doc! {"clientName": &self.client_name},
+                    doc! {"$set": fields},
+                )
+                .upsert(true)
+                .await?;
+            return Ok(());
+        };
+        let mut fields = fields;
+        fields.insert(EPOCH_FIELD, epoch);
+        let updated = self
+            .collection
             .update_one(
-                doc! {"clientName": &self.client_name},
-                doc! {"$set": fields},
+                fenced_filter(&self.client_name, epoch),
+                doc! {"$set": fields.clone()},
             )
-            .upsert(true)
             .await?;
+        if updated.matched_count == 1 {
+            return Ok(());
+        }
+        match self.load_document().await? {
+            // No document yet: the first write creates it. (No upsert: with a fenced filter an
+            // upsert would insert a second document beside a newer leader's.)
+            None => {
+                let mut document = doc! {"clientName": &self.client_name};
+                document.extend(fields);
+                self.collection.insert_one(document).await?;
+                Ok(())
+            }
+            Some(current) => {
+                let error = self.fenced_out(epoch, &current);
+                if let Some(fence) = &self.epoch {
+                    fence.depose(error.to_string());
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Removes this client's document (a backfill record that is no longer wanted), under the
+    /// same fence as [`TokenStore::set`].
+    pub async fn delete(&self) -> Result<(), DatastoreError> {
+        self.check_leading()?;
+        let filter = match self.current_epoch() {
+            Some(epoch) => fenced_filter(&self.client_name, epoch),
+            None => doc! {"clientName": &self.client_name},
+        };
+        self.collection.delete_one(filter).await?;
         Ok(())
     }
 
-    /// Removes this client's document (a backfill record that is no longer wanted).
-    pub async fn delete(&self) -> Result<(), DatastoreError> {
-        self.check_leading()?;
-        self.collection
-            .delete_one(doc! {"clientName": &self.client_name})
-            .await?;
-        Ok(())
+    /// The epoch to write under, when fenced.
+    fn current_epoch(&self) -> Option<i64> {
+        self.epoch.as_ref().map(|e| e.get())
+    }
+
+    /// The error of a write refused by the fence.
+    fn fenced_out(&self, epoch: i64, current: &Document) -> DatastoreError {
+        let newer = match current.get(EPOCH_FIELD) {
+            Some(Bson::Int64(n)) => n.to_string(),
+            Some(Bson::Int32(n)) => n.to_string(),
+            _ => "unknown".into(),
+        };
+        DatastoreError::Token {
+            client: self.client_name.clone(),
+            reason: format!(
+                "not written: a newer leader (lease epoch {newer}) wrote it since this replica \
+                 took the lease (epoch {epoch}); this replica no longer leads"
+            ),
+        }
     }
 
     fn check_leading(&self) -> Result<(), DatastoreError> {
@@ -143,5 +267,20 @@ impl CheckpointStore for TokenStore {
             return Ok(());
         }
         self.set(fields).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fence_admits_own_and_older_epochs_and_go_documents_only() {
+        assert_eq!(
+            fenced_filter("event-exporter", 7),
+            doc! {"clientName": "event-exporter", "$or": [
+                {"leaderEpoch": {"$lte": 7_i64}}, {"leaderEpoch": {"$exists": false}}
+            ]}
+        );
     }
 }

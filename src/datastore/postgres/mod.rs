@@ -1,17 +1,20 @@
 //! NVSentinel's PostgreSQL datastore: the `datastore_changelog` feed (read gaplessly, see
 //! `changelog`), LISTEN/NOTIFY wake-ups, and the `resume_tokens` row.
 
+mod backfill;
 mod changelog;
 mod holes;
 mod listener;
 pub(crate) mod lock;
 pub(crate) mod reset;
 pub(crate) mod settings;
+mod start;
 mod token;
 
 pub(crate) use changelog::{describe_conversion, ChangelogReader, FreshStart};
 pub(crate) use listener::spawn_listener;
 pub use settings::{PgSettings, SslMode};
+pub(crate) use start::start;
 pub use token::{StartPoint, TokenStore};
 
 use tokio_postgres::tls::MakeTlsConnect;
