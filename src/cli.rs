@@ -131,7 +131,7 @@ pub fn run_job(
     match runtime.block_on(job) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!(error = %error, "stopped with an error");
+            tracing::error!(error = %error.report(), "stopped with an error");
             ExitCode::from(error.code())
         }
     }

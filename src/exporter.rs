@@ -18,23 +18,91 @@ use crate::pipeline::{EventHandler, Feed, Pipeline, PipelineError, Summary};
 use crate::server::{self, Status};
 use crate::sink::{self, Publisher, TokenProvider};
 
-/// Why the exporter stopped unsuccessfully; each maps to an exit status.
+/// The cause an [`ExitError`] keeps: any error, or a message (`String` converts).
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why the exporter stopped unsuccessfully; each maps to an exit status. Keeps its cause:
+/// `Display` is the context (when there is one) and the cause's text, `source()` the cause;
+/// [`ExitError::report`] is the whole chain as printed at exit.
 #[derive(Debug, thiserror::Error)]
 pub enum ExitError {
     /// Invalid configuration, flags or datastore environment: exit 2.
-    #[error("{0}")]
-    Config(String),
+    #[error("{}", with_context(.context, .source))]
+    Config {
+        context: Option<String>,
+        #[source]
+        source: Cause,
+    },
     /// Anything else: exit 1.
-    #[error("{0}")]
-    Failed(String),
+    #[error("{}", with_context(.context, .source))]
+    Failed {
+        context: Option<String>,
+        #[source]
+        source: Cause,
+    },
+}
+
+fn with_context(context: &Option<String>, source: &Cause) -> String {
+    match context {
+        Some(context) => format!("{context}: {source}"),
+        None => source.to_string(),
+    }
 }
 
 impl ExitError {
+    /// Exit 2 for `cause` (an error naming the key, flag or variable, or a message).
+    pub fn config(cause: impl Into<Cause>) -> ExitError {
+        ExitError::Config {
+            context: None,
+            source: cause.into(),
+        }
+    }
+
+    /// Exit 2: `context` (the key or flag) and the error that makes it invalid.
+    pub fn config_with(context: impl Into<String>, cause: impl Into<Cause>) -> ExitError {
+        ExitError::Config {
+            context: Some(context.into()),
+            source: cause.into(),
+        }
+    }
+
+    /// Exit 1 for `cause`.
+    pub fn failed(cause: impl Into<Cause>) -> ExitError {
+        ExitError::Failed {
+            context: None,
+            source: cause.into(),
+        }
+    }
+
+    /// Exit 1: what failed, and why.
+    pub fn failed_with(context: impl Into<String>, cause: impl Into<Cause>) -> ExitError {
+        ExitError::Failed {
+            context: Some(context.into()),
+            source: cause.into(),
+        }
+    }
+
     pub fn code(&self) -> u8 {
         match self {
-            ExitError::Config(_) => 2,
-            ExitError::Failed(_) => 1,
+            ExitError::Config { .. } => 2,
+            ExitError::Failed { .. } => 1,
         }
+    }
+
+    /// The message and every cause below it, `: `-separated; a cause whose text the message
+    /// already shows (errors that print their source) is not repeated.
+    pub fn report(&self) -> String {
+        let mut text = self.to_string();
+        let mut cause = std::error::Error::source(self).and_then(|s| s.source());
+        while let Some(error) = cause {
+            let line = error.to_string();
+            if !text.contains(&line) {
+                text.push_str(": ");
+                text.push_str(&line);
+            }
+            cause = error.source();
+        }
+        text
     }
 }
 
@@ -64,8 +132,7 @@ pub fn validate(args: &RunArgs) -> Result<Settings, ExitError> {
         workers,
         metrics_port,
     } = validate_local(args, true)?;
-    let datastore =
-        DatastoreSettings::from_process_env().map_err(|e| ExitError::Config(e.to_string()))?;
+    let datastore = DatastoreSettings::from_process_env().map_err(ExitError::config)?;
     Ok(Settings {
         config,
         workers,
@@ -83,7 +150,7 @@ pub fn validate(args: &RunArgs) -> Result<Settings, ExitError> {
 /// `check_files = false` skips the files the pod mounts (secret, CA files), for checking a
 /// rendered configuration outside the pod.
 pub fn validate_local(args: &RunArgs, check_files: bool) -> Result<LocalSettings, ExitError> {
-    let config = Config::load(&args.config).map_err(|e| ExitError::Config(e.to_string()))?;
+    let config = Config::load(&args.config).map_err(ExitError::config)?;
     for key in &config.unknown_keys {
         match config.did_you_mean.get(key) {
             Some(known) => tracing::warn!(
@@ -99,7 +166,7 @@ pub fn validate_local(args: &RunArgs, check_files: bool) -> Result<LocalSettings
     }
     let workers = match (args.workers, config.workers) {
         (Some(n), _) if n < 0 => {
-            return Err(ExitError::Config(format!(
+            return Err(ExitError::config(format!(
                 "--workers: must not be negative, got {n}"
             )))
         }
@@ -108,7 +175,7 @@ pub fn validate_local(args: &RunArgs, check_files: bool) -> Result<LocalSettings
             1
         }
         (Some(n), _) if n > crate::config::MAX_WORKERS => {
-            return Err(ExitError::Config(format!(
+            return Err(ExitError::config(format!(
                 "--workers: must be at most {}, got {n}",
                 crate::config::MAX_WORKERS
             )))
@@ -118,7 +185,7 @@ pub fn validate_local(args: &RunArgs, check_files: bool) -> Result<LocalSettings
         (None, None) => 10,
     };
     let metrics_port = args.metrics_port.trim().parse::<u16>().map_err(|_| {
-        ExitError::Config(format!(
+        ExitError::config(format!(
             "--metrics-port: {:?} is not a port number",
             args.metrics_port
         ))
@@ -143,8 +210,7 @@ pub fn validate_local(args: &RunArgs, check_files: bool) -> Result<LocalSettings
     ];
     for (key, path) in ca_files {
         if let Some(path) = path {
-            crate::tls::roots_from_file(path)
-                .map_err(|e| ExitError::Config(format!("{key}: {e}")))?;
+            crate::tls::roots_from_file(path).map_err(|e| ExitError::config_with(key, e))?;
         }
     }
     Ok(LocalSettings {
@@ -159,12 +225,12 @@ pub fn validate_local(args: &RunArgs, check_files: bool) -> Result<LocalSettings
 fn check_secret_file(path: &std::path::Path) -> Result<(), ExitError> {
     match std::fs::read_to_string(path) {
         Ok(text) if !text.trim().is_empty() => Ok(()),
-        Ok(_) => Err(ExitError::Config(format!(
+        Ok(_) => Err(ExitError::config(format!(
             "--oidc-secret-path: {} is empty (the oidc-client-secret key of the Secret named by \
              oidcSecretName)",
             path.display()
         ))),
-        Err(error) => Err(ExitError::Config(format!(
+        Err(error) => Err(ExitError::config(format!(
             "--oidc-secret-path: cannot read {}: {error} (mount the Secret named by \
              oidcSecretName, or set exporter.oidc.enabled = false for a sink without \
              authentication)",
@@ -177,7 +243,7 @@ fn check_secret_file(path: &std::path::Path) -> Result<(), ExitError> {
 /// expression is a configuration error, as upstream.
 pub fn compile_filter(config: &Config) -> Result<Option<Filter>, ExitError> {
     Filter::compile(config.filter_expression.as_deref().unwrap_or_default())
-        .map_err(|e| ExitError::Config(format!("exporter.filter.expression: {e}")))
+        .map_err(|e| ExitError::config_with("exporter.filter.expression", e))
 }
 
 /// Runs the exporter until SIGTERM/SIGINT (Ok) or a failure.
@@ -198,18 +264,20 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
         oidc_secret_path,
         shutdown_grace,
     } = settings;
-    let failed = |e: String| ExitError::Failed(e);
+    let failed = |e: String| ExitError::failed(e);
     let status = Arc::new(Status::default());
     let server_stop = CancellationToken::new();
     let (address, server) = server::start(metrics_port, status.clone(), server_stop.clone())
         .await
-        .map_err(|e| failed(format!("cannot listen on metrics port {metrics_port}: {e}")))?;
+        .map_err(|e| {
+            ExitError::failed_with(format!("cannot listen on metrics port {metrics_port}"), e)
+        })?;
 
     let auth = match &config.oidc {
         Some(oidc) => {
             let provider = TokenProvider::new(oidc.clone(), oidc_secret_path.clone())
-                .map_err(|e| failed(e.to_string()))?;
-            provider.check_secret().map_err(|e| failed(e.to_string()))?;
+                .map_err(ExitError::failed)?;
+            provider.check_secret().map_err(ExitError::failed)?;
             Some(Arc::new(provider))
         }
         None => {
@@ -224,8 +292,8 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
         workers,
         "sink",
     )
-    .map_err(|e| failed(e.to_string()))?;
-    let endpoint = reqwest::Url::parse(&config.sink.endpoint).map_err(|e| failed(e.to_string()))?;
+    .map_err(ExitError::failed)?;
+    let endpoint = reqwest::Url::parse(&config.sink.endpoint).map_err(ExitError::failed)?;
     sink::log_proxy("sink", &config.sink.endpoint);
     let publisher = Publisher::new(http, endpoint, auth, config.failure_handling.clone())
         .with_statuses(
@@ -284,8 +352,8 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
             .start(&startup, &context)
             .await
             .map_err(|e| match e.is_configuration() {
-                true => ExitError::Config(e.to_string()),
-                false => ExitError::Failed(e.to_string()),
+                true => ExitError::config(e),
+                false => ExitError::failed(e),
             })?;
     let Some(started) = started else {
         status.set_standby(false);
@@ -497,7 +565,7 @@ async fn supervise(
 
 /// The exit result from why the work ended.
 fn outcome(died: Option<String>, results: Option<Results>) -> Result<(), ExitError> {
-    let failed = ExitError::Failed;
+    let failed = |e: String| ExitError::failed(e);
     if let Some(reason) = died {
         return Err(failed(format!(
             "{reason}; stopped so that the exporter is restarted (events not yet delivered are re-sent)"
@@ -675,4 +743,29 @@ fn spawn_signal_handler(shutdown: CancellationToken) {
         }
         shutdown.cancel();
     });
+}
+
+#[cfg(test)]
+mod exit_error_tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn keeps_the_cause_and_reports_the_chain_once() {
+        let io = || std::io::Error::other("disk gone");
+        let error = ExitError::failed_with("writing the token", Outer(io()));
+        assert_eq!(error.code(), 1);
+        assert_eq!(error.to_string(), "writing the token: outer");
+        assert_eq!(error.report(), "writing the token: outer: disk gone");
+        assert!(std::error::Error::source(&error).is_some());
+        let message = ExitError::config("exporter.workers: must be from 1 to 1000");
+        assert_eq!(message.code(), 2);
+        assert_eq!(message.report(), "exporter.workers: must be from 1 to 1000");
+        // A cause that already prints its source is not repeated.
+        let shown = ExitError::config(std::io::Error::other(format!("x: {}", io())));
+        assert_eq!(shown.report(), "x: disk gone");
+    }
 }

@@ -77,7 +77,7 @@ pub fn main(args: &CheckConfigArgs) -> ExitCode {
             }
         }
         Err(error) => {
-            logging::print_stderr(&format!("invalid configuration: {error}"));
+            logging::print_stderr(&format!("invalid configuration: {}", error.report()));
             ExitCode::from(error.code())
         }
     }
@@ -130,7 +130,7 @@ pub fn check(args: &CheckConfigArgs) -> Result<Report, ExitError> {
 /// naming the variable.
 fn datastore_report() -> Result<Value, ExitError> {
     let settings = DatastoreSettings::from_process_env()
-        .map_err(|e| ExitError::Config(datastore_error(&e.to_string())))?;
+        .map_err(|e| ExitError::config(datastore_error(&e.to_string())))?;
     Ok(match settings {
         DatastoreSettings::Postgres(settings) => serde_json::to_value(settings).unwrap_or_default(),
         DatastoreSettings::Mongo(settings) => {
@@ -277,7 +277,7 @@ pub fn connect_checks(
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| ExitError::Failed(format!("cannot start the async runtime: {e}")))?;
+        .map_err(|e| ExitError::failed_with("cannot start the async runtime", e))?;
     let dead_letter = config
         .rejections
         .dead_letter

@@ -74,7 +74,7 @@ struct Measured {
 }
 
 pub async fn run(args: BenchArgs) -> Result<(), ExitError> {
-    let failed = |e: String| ExitError::Failed(e);
+    let failed = |e: String| ExitError::failed(e);
     if cfg!(debug_assertions) {
         eprintln!(
             "bench: this is a debug build; use `cargo run --release -p event-exporter-dev -- bench` for real numbers"
@@ -176,7 +176,7 @@ async fn scenario(
     server: &LocalServer,
     scenario: Scenario,
 ) -> Result<Measured, ExitError> {
-    let failed = |e: String| ExitError::Failed(e);
+    let failed = |e: String| ExitError::failed(e);
     let database = format!("event_exporter_bench_{}", std::process::id());
     server
         .create_database(&database)
@@ -213,7 +213,7 @@ async fn measure(
     client: &tokio_postgres::Client,
     scenario: Scenario,
 ) -> Result<Measured, ExitError> {
-    let failed = |e: String| ExitError::Failed(e);
+    let failed = |e: String| ExitError::failed(e);
     let count = scenario.count();
     let (backfill, rate_limit) = match scenario {
         Scenario::Backfill { rate_limit, .. } => (true, rate_limit),

@@ -77,7 +77,7 @@ pub async fn run(args: DemoArgs) -> Result<(), ExitError> {
         }
     }
     if summary.missing > 0 {
-        return Err(ExitError::Failed(format!(
+        return Err(ExitError::failed(format!(
             "{} events were not delivered",
             summary.missing
         )));
@@ -87,7 +87,7 @@ pub async fn run(args: DemoArgs) -> Result<(), ExitError> {
 
 /// Runs the demo and returns its numbers (the end-to-end test calls this).
 pub async fn run_demo(args: DemoArgs) -> Result<DemoSummary, ExitError> {
-    let failed = |e: String| ExitError::Failed(e);
+    let failed = |e: String| ExitError::failed(e);
     // Without --output the received events go to a scratch directory removed at the end.
     let (output, keep) = match &args.output {
         Some(dir) => (dir.clone(), true),
@@ -112,17 +112,15 @@ async fn run_in(
     args: &DemoArgs,
     received_file: &std::path::Path,
 ) -> Result<DemoSummary, ExitError> {
-    let failed = |e: String| ExitError::Failed(e);
-
     say("finding PostgreSQL");
     let server = local_postgres::LocalServer::find()
         .await
-        .map_err(|e| failed(e.to_string()))?;
+        .map_err(ExitError::failed)?;
     let database = format!("event_exporter_demo_{}", std::process::id());
     server
         .create_database(&database)
         .await
-        .map_err(|e| failed(e.to_string()))?;
+        .map_err(ExitError::failed)?;
     let result = run_with_database(args, &server, &database, received_file).await;
     if let Err(error) = server.drop_database(&database).await {
         eprintln!("could not drop the scratch database {database}: {error}");
@@ -139,12 +137,11 @@ async fn run_with_database(
     database: &str,
     received_file: &std::path::Path,
 ) -> Result<DemoSummary, ExitError> {
-    let failed = |e: String| ExitError::Failed(e);
     let datastore = server.settings(database);
     let client = server
         .schema_client(database)
         .await
-        .map_err(|e| failed(e.to_string()))?;
+        .map_err(ExitError::failed)?;
 
     let live_total = (args.rate * args.live_for.as_secs_f64()).round() as u64;
     let written = args.history + live_total;
@@ -157,7 +154,7 @@ async fn run_with_database(
         ..SinkArgs::default()
     })
     .await
-    .map_err(|e| failed(e.to_string()))?;
+    .map_err(ExitError::failed)?;
     let token_url = running_sink.token_url().unwrap_or_default();
     say(&format!(
         "sink and token endpoint on http://{}",
@@ -173,11 +170,11 @@ async fn run_with_database(
         Some(Duration::from_secs(24 * 3600)),
     )
     .await
-    .map_err(|e| failed(e.to_string()))?;
+    .map_err(ExitError::failed)?;
 
     let scratch = tempdir()?;
     let secret_path = scratch.join("oidc-client-secret");
-    std::fs::write(&secret_path, &secret).map_err(|e| failed(e.to_string()))?;
+    std::fs::write(&secret_path, &secret).map_err(ExitError::failed)?;
     let config = Config::parse(&format!(
         r#"
 [exporter.metadata]
@@ -208,7 +205,7 @@ backoff_multiplier = 2.0
 "#,
         sink = running_sink.events_url(),
     ))
-    .map_err(|e| failed(e.to_string()))?;
+    .map_err(ExitError::failed)?;
     let settings = Settings {
         config,
         workers: args.workers.max(1),
@@ -239,7 +236,7 @@ backoff_multiplier = 2.0
                 .collect();
             generate::insert(&client, &rows)
                 .await
-                .map_err(|e| failed(e.to_string()))?;
+                .map_err(ExitError::failed)?;
             live_written = due;
         }
         progress(&running_sink, written, &mut last_progress);
@@ -259,14 +256,11 @@ backoff_multiplier = 2.0
     }
     say(&format!("delivered {}/{written}", running_sink.accepted()));
     shutdown.cancel();
-    let exported = exporter.await.map_err(|e| failed(e.to_string()))?;
+    let exported = exporter.await.map_err(ExitError::failed)?;
     let _ = std::fs::remove_dir_all(&scratch);
 
     let events = running_sink.events();
-    let stats = running_sink
-        .shutdown()
-        .await
-        .map_err(|e| failed(e.to_string()))?;
+    let stats = running_sink.shutdown().await.map_err(ExitError::failed)?;
     exported?;
     let unique: HashSet<String> = events
         .iter()
@@ -307,6 +301,6 @@ fn tempdir() -> Result<PathBuf, ExitError> {
         fastrand::u64(..)
     ));
     std::fs::create_dir_all(&dir)
-        .map_err(|e| ExitError::Failed(format!("{}: {e}", dir.display())))?;
+        .map_err(|e| ExitError::failed(format!("{}: {e}", dir.display())))?;
     Ok(dir)
 }

@@ -303,10 +303,10 @@ pub async fn write_history(
 }
 
 pub async fn run(args: GenerateArgs) -> Result<(), ExitError> {
-    let settings = PgSettings::from_env(|name| std::env::var(name).ok())
-        .map_err(|e| ExitError::Config(e.to_string()))?;
-    let connector = Connector::new(settings).map_err(|e| ExitError::Config(e.to_string()))?;
-    let failed = |e: DatastoreError| ExitError::Failed(e.to_string());
+    let settings =
+        PgSettings::from_env(|name| std::env::var(name).ok()).map_err(ExitError::config)?;
+    let connector = Connector::new(settings).map_err(ExitError::config)?;
+    let failed = |e: DatastoreError| ExitError::failed(e);
     let client = connector.connect().await.map_err(failed)?;
     if args.init_schema {
         if init_schema(&client).await.map_err(failed)? {

@@ -7,7 +7,7 @@
 //! - [`demo`]: the whole job on this machine in one command;
 //! - [`bench`]: streaming and backfill benchmarks of the exporter;
 //! - [`local_postgres`]: the local PostgreSQL, or a throwaway cluster started with `initdb` and
-//!   `pg_ctl` when none answers.
+//!   `pg_ctl` when none answers (the integration tests' clusters, with TLS and restarts, too).
 //!
 //! The exporter itself comes from the product crate (`event_exporter`), used as a library.
 

@@ -159,8 +159,8 @@ pub enum SinkError {
 impl From<SinkError> for ExitError {
     fn from(error: SinkError) -> Self {
         match error {
-            SinkError::InvalidArgs(_) => ExitError::Config(error.to_string()),
-            other => ExitError::Failed(other.to_string()),
+            SinkError::InvalidArgs(_) => ExitError::config(error),
+            other => ExitError::failed(other),
         }
     }
 }

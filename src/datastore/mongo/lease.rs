@@ -197,11 +197,11 @@ impl LeaseDocument {
             return Ok(Holder::Held(()));
         }
         let current = self.collection.find_one(doc! {"_id": &self.id}).await?;
-        Ok(Holder::Other(current
-            .map(|c| describe_holder(&c, now))
-            .unwrap_or_else(|| {
-                "another replica (it just took the lease)".into()
-            })))
+        Ok(Holder::Other(
+            current
+                .map(|c| describe_holder(&c, now))
+                .unwrap_or_else(|| "another replica (it just took the lease)".into()),
+        ))
     }
 
     /// Extends the lease while the document still names this process: true when it did
