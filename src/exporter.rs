@@ -185,7 +185,11 @@ pub async fn run(args: RunArgs) -> Result<(), ExitError> {
     let settings = validate(&args)?;
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
-    run_with(settings, shutdown).await
+    run_with(settings, shutdown).await?;
+    if let Some(reason) = crate::restart::requested() {
+        tracing::info!(%reason, "stopped cleanly; restarting in place");
+    }
+    Ok(())
 }
 
 /// Runs the exporter with validated settings until `shutdown` (Ok) or a failure.
@@ -443,7 +447,7 @@ async fn supervise(
             joined = join_some(&mut listener) => {
                 listener = None;
                 if !shutdown.is_cancelled() {
-                    died.get_or_insert_with(|| task_ended("the changelog LISTEN task", joined));
+                    died.get_or_insert_with(|| task_ended("the datastore background task (LISTEN, certificate watcher)", joined));
                 }
             }
             joined = &mut server, if !server_done => {
