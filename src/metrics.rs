@@ -97,6 +97,9 @@ pub struct Metrics {
     pub events_dead_lettered: Family<Labels, Counter>,
     /// Resume tokens found ahead of the changelog's head (ids reset, restored datastore).
     pub resume_token_resets: Family<Labels, Counter>,
+    /// Handles of the known label values of the per-event families, so counting an event
+    /// looks up no labels (a `Family` lookup builds, hashes and locks a label set).
+    cached: Cached,
     /// Upstream's `change_stream_resume_token_recoveries_total{client, phase}` (MongoDB).
     pub resume_token_recoveries: Family<Labels, Counter>,
     /// 1 while this replica leads (exports), 0 on a standby (issue 16, `crate::leader`).
@@ -301,10 +304,16 @@ impl Metrics {
         let ready = std::sync::Arc::new(OnceLock::new());
         registry.register_collector(Box::new(ReadyCollector(ready.clone())));
         // Every labelled counter at 0 for its known label values (see the module docs).
-        create_at_zero(&events_published, "status", PUBLISHED_STATUSES);
-        create_at_zero(&publish_errors, "error_type", PUBLISH_ERROR_TYPES);
-        create_at_zero(&publish_attempt_failures, "reason", ATTEMPT_FAILURE_REASONS);
-        create_at_zero(&events_skipped, "reason", SKIP_REASONS);
+        let cached = Cached {
+            published: Handles::new(&events_published, "status", PUBLISHED_STATUSES),
+            publish_errors: Handles::new(&publish_errors, "error_type", PUBLISH_ERROR_TYPES),
+            attempt_failures: Handles::new(
+                &publish_attempt_failures,
+                "reason",
+                ATTEMPT_FAILURE_REASONS,
+            ),
+            skipped: Handles::new(&events_skipped, "reason", SKIP_REASONS),
+        };
         create_at_zero(&resume_token_resets, "reason", RESUME_TOKEN_RESET_REASONS);
         Metrics {
             registry,
@@ -333,6 +342,7 @@ impl Metrics {
             ready,
             events_dead_lettered,
             resume_token_resets,
+            cached,
             resume_token_recoveries,
             leader,
             leadership_changes,
@@ -359,21 +369,33 @@ impl Metrics {
     }
 
     pub fn published(&self, status: &str) {
-        self.events_published
-            .get_or_create(&vec![("status".into(), status.into())])
-            .inc();
+        match self.cached.published.get(status) {
+            Some(counter) => counter.inc(),
+            None => self
+                .events_published
+                .get_or_create(&vec![("status".into(), status.into())])
+                .inc(),
+        };
     }
 
     pub fn publish_error(&self, error_type: &str) {
-        self.publish_errors
-            .get_or_create(&vec![("error_type".into(), error_type.into())])
-            .inc();
+        match self.cached.publish_errors.get(error_type) {
+            Some(counter) => counter.inc(),
+            None => self
+                .publish_errors
+                .get_or_create(&vec![("error_type".into(), error_type.into())])
+                .inc(),
+        };
     }
 
     pub fn record_attempt_failure(&self, reason: &str) {
-        self.publish_attempt_failures
-            .get_or_create(&vec![("reason".into(), reason.into())])
-            .inc();
+        match self.cached.attempt_failures.get(reason) {
+            Some(counter) => counter.inc(),
+            None => self
+                .publish_attempt_failures
+                .get_or_create(&vec![("reason".into(), reason.into())])
+                .inc(),
+        };
     }
 
     pub fn resume_token_reset(&self, reason: &str) {
@@ -383,9 +405,13 @@ impl Metrics {
     }
 
     pub fn skipped(&self, reason: &str) {
-        self.events_skipped
-            .get_or_create(&vec![("reason".into(), reason.into())])
-            .inc();
+        match self.cached.skipped.get(reason) {
+            Some(counter) => counter.inc(),
+            None => self
+                .events_skipped
+                .get_or_create(&vec![("reason".into(), reason.into())])
+                .inc(),
+        };
     }
 
     pub fn set_feature_flag(&self, flag: &str, enabled: bool) {
@@ -545,6 +571,41 @@ impl ProcessStats {
 
 /// Creates the series `key=value` of `family` at 0 for each of `values`, so `rate()` and
 /// `increase()` work before the first event of that kind.
+/// See `Metrics::cached`.
+struct Cached {
+    published: Handles,
+    publish_errors: Handles,
+    attempt_failures: Handles,
+    skipped: Handles,
+}
+
+/// A family's counters for a fixed list of label values, created at 0 (a `Counter` clone
+/// shares the series).
+struct Handles {
+    values: &'static [&'static str],
+    counters: Vec<Counter>,
+}
+
+impl Handles {
+    fn new(family: &Family<Labels, Counter>, key: &str, values: &'static [&'static str]) -> Self {
+        let counters = values
+            .iter()
+            .map(|value| {
+                family
+                    .get_or_create(&vec![(key.to_string(), value.to_string())])
+                    .clone()
+            })
+            .collect();
+        Handles { values, counters }
+    }
+
+    /// The counter of label value `value`, if it is one of the fixed list.
+    fn get(&self, value: &str) -> Option<&Counter> {
+        let index = self.values.iter().position(|known| *known == value)?;
+        self.counters.get(index)
+    }
+}
+
 fn create_at_zero<V: ToString>(family: &Family<Labels, Counter>, key: &str, values: &[V]) {
     for value in values {
         let _ = family.get_or_create(&vec![(key.to_string(), value.to_string())]);
@@ -554,6 +615,27 @@ fn create_at_zero<V: ToString>(family: &Family<Labels, Counter>, key: &str, valu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cached_handles_count_into_the_exposed_series() {
+        let metrics = Metrics::new();
+        metrics.published("already_delivered");
+        metrics.published("already_delivered");
+        metrics.skipped("a_reason_not_in_the_list");
+        let text = metrics.encode();
+        assert!(
+            text.contains(
+                "health_events_exporter_events_published_total{status=\"already_delivered\"} 2"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "health_events_exporter_events_skipped_total{reason=\"a_reason_not_in_the_list\"} 1"
+            ),
+            "{text}"
+        );
+    }
 
     #[test]
     fn exposition_has_upstream_names_and_process_metrics() {
