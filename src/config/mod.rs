@@ -103,6 +103,33 @@ pub struct SinkConfig {
     pub insecure_skip_verify: bool,
     /// Extra PEM CA bundle trusted for the sink (private PKI), besides the system roots.
     pub ca_file: Option<PathBuf>,
+    /// `exporter.sink.concurrency` (default [`ConcurrencyMode::Fixed`]): how many requests
+    /// may be in flight.
+    pub concurrency: ConcurrencyMode,
+}
+
+/// How many requests to the sink may be in flight (`exporter.sink.concurrency`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConcurrencyMode {
+    /// Always `workers` (upstream's behaviour).
+    Fixed,
+    /// `workers` is the ceiling; the limit follows the sink's latency and back-pressure
+    /// answers (AIMD, see `crate::sink::concurrency`).
+    Adaptive,
+}
+
+impl ConcurrencyMode {
+    /// Every accepted config value.
+    pub const NAMES: [&'static str; 2] = ["fixed", "adaptive"];
+
+    fn from_name(name: &str) -> Option<ConcurrencyMode> {
+        match name {
+            "fixed" => Some(ConcurrencyMode::Fixed),
+            "adaptive" => Some(ConcurrencyMode::Adaptive),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -394,11 +421,24 @@ fn sink(raw: raw::RawSink) -> Result<SinkConfig, ConfigError> {
         return Err(invalid("exporter.sink.timeout", "must be greater than 0"));
     }
     duration_at_most("exporter.sink.timeout", timeout, MAX_WAIT)?;
+    let concurrency = match raw.concurrency {
+        None => ConcurrencyMode::Fixed,
+        Some(raw::Text(name)) => ConcurrencyMode::from_name(name.trim()).ok_or_else(|| {
+            invalid(
+                "exporter.sink.concurrency",
+                format!(
+                    "unknown mode {name:?}; expected one of {}",
+                    ConcurrencyMode::NAMES.join(", ")
+                ),
+            )
+        })?,
+    };
     Ok(SinkConfig {
         endpoint,
         timeout,
         insecure_skip_verify: raw.insecure_skip_verify.is_some_and(|f| f.0),
         ca_file: raw.ca_file.map(|t| PathBuf::from(t.0)),
+        concurrency,
     })
 }
 

@@ -50,6 +50,7 @@ pub(super) struct RawSink {
     pub timeout: Option<GoDuration>,
     pub insecure_skip_verify: Option<Flag>,
     pub ca_file: Option<Text>,
+    pub concurrency: Option<Text>,
 }
 
 /// `[exporter.oidc]`.

@@ -27,7 +27,7 @@ use chrono::{DateTime, Utc};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -37,6 +37,7 @@ use crate::datastore::{Change, ChangeSource, CheckpointStore, DatastoreError, Ra
 use crate::filter::Filter;
 use crate::metrics;
 use crate::model::{decode_document, traceparent, HealthEvent};
+use crate::sink::concurrency::Concurrency;
 use crate::sink::dead_letter::{self, DeadLetter};
 use crate::sink::http::Delivery;
 use crate::sink::{PublishError, Publisher};
@@ -290,8 +291,9 @@ pub struct Pipeline<S, C> {
     pub source: S,
     pub checkpoints: Arc<C>,
     pub handler: Arc<EventHandler>,
-    /// Concurrent publishes, shared by the stream and a running backfill.
-    pub permits: Arc<Semaphore>,
+    /// Concurrent publishes (`workers`, or the adaptive limit), shared by the stream and a
+    /// running backfill.
+    pub permits: Arc<Concurrency>,
     /// How long in-flight publishes may finish after intake stops.
     pub grace: Duration,
     /// Whether a resume token existed at start; if not, the first checkpoint is written even
@@ -472,7 +474,7 @@ impl<C: CheckpointStore> Io<'_, C> {
         dispatcher: &mut Dispatcher,
         workers: &mut Workers,
         reader: &mut ReaderTask,
-        permits: &Arc<Semaphore>,
+        permits: &Concurrency,
     ) {
         let first_tick = after(tokio::time::Instant::now(), LAG_INTERVAL);
         let mut tick = tokio::time::interval_at(first_tick, LAG_INTERVAL);
@@ -489,7 +491,7 @@ impl<C: CheckpointStore> Io<'_, C> {
                     dispatcher.on_result(change, outcome, now())
                 }
                 // Waiting for a worker is one arm, so results and saves go on meanwhile.
-                permit = permits.clone().acquire_owned(), if dispatcher.has_waiting() => {
+                permit = permits.acquire(), if dispatcher.has_waiting() => {
                     match (permit, dispatcher.next_event()) {
                         (Ok(permit), Some((change, event))) => {
                             workers.spawn(permit, change, event);

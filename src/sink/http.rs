@@ -20,6 +20,7 @@ use reqwest::StatusCode;
 use tokio_util::sync::CancellationToken;
 
 use super::auth::{AuthError, TokenProvider};
+use super::concurrency::{Concurrency, Signal};
 use super::retry::Backoff;
 use crate::cloudevent::CONTENT_TYPE as CLOUDEVENTS_JSON;
 use crate::config::RetryPolicy;
@@ -80,6 +81,21 @@ enum Attempt {
     Failed(AttemptFailure),
 }
 
+impl Attempt {
+    /// What the attempt says about the sink's load: 429, 503 and timeouts are back-pressure;
+    /// any other answer is a round trip; no answer (connect, token) says nothing.
+    fn signal(&self) -> Signal {
+        match self {
+            Attempt::Delivered(_) => Signal::Answered,
+            Attempt::Failed(failure) => match (failure.status, failure.reason) {
+                (Some(429 | 503), _) | (_, "timeout") => Signal::Backpressure,
+                (Some(_), _) => Signal::Answered,
+                (None, _) => Signal::Ignored,
+            },
+        }
+    }
+}
+
 pub struct Publisher {
     http: reqwest::Client,
     endpoint: reqwest::Url,
@@ -87,6 +103,8 @@ pub struct Publisher {
     policy: RetryPolicy,
     rejected_statuses: Vec<u16>,
     already_delivered_statuses: Vec<u16>,
+    /// Told each attempt's round trip and outcome (adaptive concurrency).
+    concurrency: Option<Arc<Concurrency>>,
 }
 
 impl Publisher {
@@ -103,7 +121,15 @@ impl Publisher {
             policy,
             rejected_statuses: Vec::new(),
             already_delivered_statuses: Vec::new(),
+            concurrency: None,
         }
+    }
+
+    /// Reports every attempt's round trip and outcome to `concurrency`, whose adaptive limit
+    /// follows them.
+    pub fn with_concurrency(mut self, concurrency: Arc<Concurrency>) -> Publisher {
+        self.concurrency = Some(concurrency);
+        self
     }
 
     /// Sets which final statuses mean "the sink will never take this event"
@@ -141,7 +167,12 @@ impl Publisher {
                     _ = crate::leader::gate().leading() => {}
                 }
             }
-            let failure = match self.attempt(body, traceparent).await {
+            let sent = Instant::now();
+            let attempt = self.attempt(body, traceparent).await;
+            if let Some(concurrency) = &self.concurrency {
+                concurrency.observe(sent.elapsed(), attempt.signal());
+            }
+            let failure = match attempt {
                 Attempt::Delivered(delivery) => return Ok(delivery),
                 Attempt::Failed(failure) => failure,
             };
