@@ -797,3 +797,35 @@ fn cloudevent_subject_is_none_unless_asked_for() {
     assert!(error.starts_with("exporter.cloudevent.subject:"), "{error}");
     assert!(error.contains("node_name"), "{error}");
 }
+
+#[test]
+fn sink_concurrency_is_fixed_unless_adaptive_is_asked_for() {
+    let config = Config::parse(FULL).expect("valid config");
+    assert_eq!(config.sink.concurrency, ConcurrencyMode::Fixed);
+    let adaptive = FULL.replace(
+        "timeout = \"10s\"",
+        "timeout = \"10s\"\nconcurrency = \"adaptive\"",
+    );
+    let config = Config::parse(&adaptive).expect("valid config");
+    assert_eq!(config.sink.concurrency, ConcurrencyMode::Adaptive);
+    let shown = serde_json::to_value(&config.sink).expect("serializable");
+    assert_eq!(shown["concurrency"], "adaptive");
+
+    let unknown = FULL.replace(
+        "timeout = \"10s\"",
+        "timeout = \"10s\"\nconcurrency = \"aimd\"",
+    );
+    assert_eq!(
+        error_of(&unknown),
+        "exporter.sink.concurrency: unknown mode \"aimd\"; expected one of fixed, adaptive"
+    );
+    let misspelled = FULL.replace(
+        "timeout = \"10s\"",
+        "timeout = \"10s\"\nconcurency = \"adaptive\"",
+    );
+    let config = Config::parse(&misspelled).expect("unknown keys are not fatal");
+    assert_eq!(
+        config.unknown_key_messages(),
+        vec!["exporter.sink.concurency: unknown key (did you mean exporter.sink.concurrency?)"]
+    );
+}

@@ -2,6 +2,7 @@
 //! and can be scripted to fail, throttle or slow down.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -61,6 +62,9 @@ struct SinkState {
     scripted: Mutex<VecDeque<Scripted>>,
     fail_always: Mutex<Option<u16>>,
     requests: Mutex<Vec<RecordedRequest>>,
+    /// Requests being answered right now, and the most there ever were at once.
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
 }
 
 /// The running sink. Dropping it shuts the server down (idle keep-alive
@@ -89,6 +93,8 @@ impl SinkServer {
             scripted: Mutex::new(VecDeque::new()),
             fail_always: Mutex::new(None),
             requests: Mutex::new(Vec::new()),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: AtomicUsize::new(0),
         });
         // Every request goes through one handler so 404/405s are recorded too.
         let router = Router::new()
@@ -157,6 +163,11 @@ impl SinkServer {
     /// Forgets recorded requests.
     pub fn clear_requests(&self) {
         self.state.requests.lock().expect("sink mutex").clear();
+    }
+
+    /// The most requests the sink was answering at once so far.
+    pub fn max_in_flight(&self) -> usize {
+        self.state.max_in_flight.load(Ordering::SeqCst)
     }
 
     /// Every request so far, in the order answered.
@@ -235,11 +246,13 @@ async fn sink_handler(
     body: Bytes,
 ) -> Response {
     let received_at = Instant::now();
+    let counted = InFlight::enter(&state);
     let latency = *state.latency.lock().expect("sink mutex");
     if let Some(latency) = latency {
         tokio::time::sleep(latency).await;
     }
     let (status, retry_after, body_json) = decide(&state, &method, &uri, &headers).await;
+    drop(counted);
 
     let mut recorded = RecordedRequest::new(&method, &uri, &headers, &body, received_at);
     recorded.status = status.as_u16();
@@ -264,6 +277,23 @@ async fn sink_handler(
         _ => {}
     }
     response
+}
+
+/// Counts one request as being answered until dropped (also when the client hangs up).
+struct InFlight<'a>(&'a SinkState);
+
+impl<'a> InFlight<'a> {
+    fn enter(state: &'a SinkState) -> InFlight<'a> {
+        let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        state.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        InFlight(state)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Status, optional Retry-After and JSON body for one request, in check order:
