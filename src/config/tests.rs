@@ -583,7 +583,13 @@ fn cluster_must_be_a_uri_host() {
 fn known_keys_are_the_serde_field_names() {
     assert_eq!(
         keys::fields::<raw::RawSink>(),
-        ["endpoint", "timeout", "insecure_skip_verify", "ca_file"]
+        [
+            "endpoint",
+            "timeout",
+            "insecure_skip_verify",
+            "ca_file",
+            "concurrency"
+        ]
     );
     assert_eq!(keys::table_keys(""), Some(&["exporter"][..]));
     assert_eq!(keys::table_keys("exporter.metadata"), Some(&[][..]));

@@ -202,6 +202,7 @@ def expected_effective(values: dict, metadata: dict[str, str]) -> dict:
             "timeout": go_duration_ns(sink["timeout"]),
             "insecure_skip_verify": sink["insecureSkipVerify"],
             "ca_file": sink.get("caFile") or None,
+            "concurrency": sink.get("concurrency") or "fixed",
         },
         "oidc": None if not oidc["enabled"] else {
             "token_url": oidc["tokenUrl"],
@@ -588,6 +589,8 @@ CASES: list[dict[str, Any]] = [
         "enabled": True, "maxAge": "2160h", "maxEvents": 5000000, "batchSize": 1000,
         "rateLimit": 5000}}}},
     {"name": "disabled backfill", "values": {"exporter": {"backfill": {"enabled": False}}}},
+    {"name": "adaptive sink concurrency", "values": {"exporter": {"sink": {
+        "concurrency": "adaptive"}}}},
     {"name": "fast retries", "values": {"exporter": {"failureHandling": {
         "maxRetries": 10, "initialBackoff": "100ms", "maxBackoff": "10s",
         "backoffMultiplier": 1.5}}}},
