@@ -254,6 +254,7 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
         publisher,
         filter,
         dead_letter,
+        batch: (config.sink.mode == crate::config::SinkMode::Batch).then_some(config.sink.batch),
     });
 
     crate::metrics::get().set_feature_flag("backfill_enabled", config.backfill.enabled);

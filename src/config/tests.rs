@@ -588,7 +588,11 @@ fn known_keys_are_the_serde_field_names() {
             "timeout",
             "insecure_skip_verify",
             "ca_file",
-            "concurrency"
+            "concurrency",
+            "mode",
+            "batch_max_events",
+            "batch_max_bytes",
+            "batch_linger"
         ]
     );
     assert_eq!(keys::table_keys(""), Some(&["exporter"][..]));
@@ -834,4 +838,43 @@ fn sink_concurrency_is_fixed_unless_adaptive_is_asked_for() {
         config.unknown_key_messages(),
         vec!["exporter.sink.concurency: unknown key (did you mean exporter.sink.concurrency?)"]
     );
+}
+
+#[test]
+fn sink_mode_is_structured_unless_batch_is_asked_for() {
+    let config = Config::parse(FULL).expect("valid config");
+    assert_eq!(config.sink.mode, SinkMode::Structured);
+    assert_eq!(config.sink.batch, DEFAULT_BATCH);
+    let with =
+        |extra: &str| FULL.replace("timeout = \"10s\"", &format!("timeout = \"10s\"\n{extra}"));
+    let config = Config::parse(&with(
+        "mode = \"batch\"\nbatch_max_events = 500\nbatch_max_bytes = 65536\nbatch_linger = \"50ms\"",
+    ))
+    .expect("valid config");
+    assert_eq!(config.sink.mode, SinkMode::Batch);
+    assert_eq!(
+        config.sink.batch,
+        BatchLimits {
+            max_events: 500,
+            max_bytes: 65536,
+            linger: Duration::from_millis(50)
+        }
+    );
+    for (extra, message) in [
+        (
+            "mode = \"binary\"",
+            "exporter.sink.mode: unknown mode \"binary\"; expected one of structured, batch",
+        ),
+        (
+            "batch_max_events = 0",
+            "exporter.sink.batch_max_events: must be from 1 to 10000, got 0",
+        ),
+        (
+            "batch_max_bytes = 10",
+            "exporter.sink.batch_max_bytes: must be from 1024 to 67108864, got 10",
+        ),
+    ] {
+        assert_eq!(error_of(&with(extra)), message);
+    }
+    assert!(error_of(&with("batch_linger = \"2s\"")).starts_with("exporter.sink.batch_linger:"));
 }

@@ -25,6 +25,9 @@ use super::retry::Backoff;
 use crate::cloudevent::CONTENT_TYPE as CLOUDEVENTS_JSON;
 use crate::config::RetryPolicy;
 
+/// The CloudEvents HTTP binding's batched content mode: a JSON array of structured events.
+pub const CLOUDEVENTS_BATCH_JSON: &str = "application/cloudevents-batch+json";
+
 /// At most this many bytes of a sink response body are read.
 pub const BODY_LIMIT: usize = 4 * 1024;
 
@@ -155,6 +158,20 @@ impl Publisher {
         traceparent: Option<&str>,
         cancel: &CancellationToken,
     ) -> Result<Delivery, PublishError> {
+        self.publish_as(body, CLOUDEVENTS_JSON, event_id, traceparent, cancel)
+            .await
+    }
+
+    /// [`Publisher::publish`] with another content type (`application/cloudevents-batch+json`
+    /// for a batch, whose `event_id` names its first event in logs).
+    pub async fn publish_as(
+        &self,
+        body: &[u8],
+        content_type: &'static str,
+        event_id: &str,
+        traceparent: Option<&str>,
+        cancel: &CancellationToken,
+    ) -> Result<Delivery, PublishError> {
         let started = Instant::now();
         let mut backoff = Backoff::new(&self.policy);
         let mut attempts: u32 = 0;
@@ -168,7 +185,7 @@ impl Publisher {
                 }
             }
             let sent = Instant::now();
-            let attempt = self.attempt(body, traceparent).await;
+            let attempt = self.attempt(body, content_type, traceparent).await;
             if let Some(concurrency) = &self.concurrency {
                 concurrency.observe(sent.elapsed(), attempt.signal());
             }
@@ -213,7 +230,12 @@ impl Publisher {
     }
 
     /// One attempt, including at most one immediate retry after a 401 with a fresh token.
-    async fn attempt(&self, body: &[u8], traceparent: Option<&str>) -> Attempt {
+    async fn attempt(
+        &self,
+        body: &[u8],
+        content_type: &'static str,
+        traceparent: Option<&str>,
+    ) -> Attempt {
         let mut refreshed = false;
         loop {
             let token = match &self.auth {
@@ -226,7 +248,7 @@ impl Publisher {
             let mut request = self
                 .http
                 .post(self.endpoint.clone())
-                .header(CONTENT_TYPE, HeaderValue::from_static(CLOUDEVENTS_JSON))
+                .header(CONTENT_TYPE, HeaderValue::from_static(content_type))
                 .body(body.to_vec());
             if let Some(token) = &token {
                 request = request.header(AUTHORIZATION, format!("Bearer {token}"));

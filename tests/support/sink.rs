@@ -19,8 +19,11 @@ use super::token::TokenRegistry;
 /// The only path the sink accepts events on.
 pub const EVENTS_PATH: &str = "/api/v1/events";
 
-/// The only content type accepted (structured-mode CloudEvents, no parameters).
+/// The content type of one event (structured-mode CloudEvents, no parameters).
 pub const CLOUDEVENTS_JSON: &str = "application/cloudevents+json";
+
+/// The content type of a batch (a JSON array of structured events, no parameters).
+pub const CLOUDEVENTS_BATCH_JSON: &str = "application/cloudevents-batch+json";
 
 /// How the sink behaves at start; everything can be changed later too.
 #[derive(Clone, Default)]
@@ -175,12 +178,16 @@ impl SinkServer {
         self.state.requests.lock().expect("sink mutex").clone()
     }
 
-    /// Parsed bodies of requests answered 2xx.
+    /// Parsed events of requests answered 2xx (a batch's events one by one).
     pub fn accepted(&self) -> Vec<Value> {
         self.requests()
             .into_iter()
             .filter(RecordedRequest::is_success)
             .filter_map(|r| r.json)
+            .flat_map(|json| match json {
+                Value::Array(events) => events,
+                event => vec![event],
+            })
             .collect()
     }
 
@@ -315,11 +322,13 @@ async fn decide(
         );
     }
     let content_type = headers.get(header::CONTENT_TYPE).map(HeaderValue::as_bytes);
-    if content_type != Some(CLOUDEVENTS_JSON.as_bytes()) {
+    if content_type != Some(CLOUDEVENTS_JSON.as_bytes())
+        && content_type != Some(CLOUDEVENTS_BATCH_JSON.as_bytes())
+    {
         return (
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             None,
-            json!({"error": format!("content-type must be {CLOUDEVENTS_JSON}")}),
+            json!({"error": format!("content-type must be {CLOUDEVENTS_JSON} or {CLOUDEVENTS_BATCH_JSON}")}),
         );
     }
     let registry = state.token_registry.lock().expect("sink mutex").clone();

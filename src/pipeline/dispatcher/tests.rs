@@ -32,7 +32,14 @@ fn saved_position(d: &Dispatcher) -> Option<u64> {
 
 /// Hands out every waiting event, as workers would take them.
 fn take_all(d: &mut Dispatcher) -> Vec<Change> {
-    std::iter::from_fn(|| d.next_event().map(|(change, _)| change)).collect()
+    let mut changes = Vec::new();
+    loop {
+        let batch = d.next_events();
+        if batch.is_empty() {
+            return changes;
+        }
+        changes.extend(batch.into_iter().map(|(change, _)| change));
+    }
 }
 
 #[test]
