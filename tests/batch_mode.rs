@@ -6,8 +6,9 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use event_exporter_dev::sink::SinkArgs;
 use serde_json::Value;
 use support::exporter::{Exporter, ExporterOptions};
 use support::pg::{self, TestDb};
@@ -144,4 +145,51 @@ async fn the_token_stops_below_a_batch_that_was_not_delivered() {
         "{}",
         exporter.log()
     );
+}
+
+/// The reference sink (`event-exporter-dev sink`, started in-process) takes the exporter's
+/// batches: every event arrives, none is refused.
+#[tokio::test]
+async fn the_exporter_in_batch_mode_delivers_everything_to_the_reference_sink() {
+    let sink = event_exporter_dev::sink::start(SinkArgs {
+        listen: "127.0.0.1:0".parse().expect("address"),
+        no_auth: true,
+        ..SinkArgs::default()
+    })
+    .await
+    .expect("the reference sink starts");
+    let db = TestDb::create().await;
+    let unused = SinkServer::start(SinkOptions::default()).await;
+    let mut options = ExporterOptions::new(&unused, None, db.env());
+    options.sink_url = sink.events_url();
+    options.sink_extra = "mode = \"batch\"\nbatch_max_events = 7".into();
+    let mut exporter = Exporter::start(&options).await;
+    let client = db.client().await;
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let doc = pg::health_event_doc("node-ref", i);
+        ids.push(pg::insert_health_event(&client, &doc).await);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sink.accepted() < 40 {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of 40 arrived; log:\n{}",
+            sink.accepted(),
+            exporter.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(exporter.terminate().await.code(), Some(0));
+    let mut received: Vec<String> = sink
+        .events()
+        .into_iter()
+        .map(|r| r.event["id"].as_str().expect("id").to_string())
+        .collect();
+    received.sort();
+    ids.sort();
+    assert_eq!(received, ids);
+    assert_eq!(sink.rejected(), 0);
+    let exported = unused.requests();
+    assert!(exported.is_empty(), "nothing went to the unused sink");
 }
