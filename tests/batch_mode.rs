@@ -193,3 +193,57 @@ async fn the_exporter_in_batch_mode_delivers_everything_to_the_reference_sink() 
     let exported = unused.requests();
     assert!(exported.is_empty(), "nothing went to the unused sink");
 }
+
+#[tokio::test]
+async fn a_permanently_rejected_batch_goes_to_the_dead_letter_event_by_event() {
+    let db = TestDb::create().await;
+    let sink = SinkServer::start(SinkOptions::default()).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("dead-letter.ndjson");
+    let mut options = batch_options(&sink, &db, 10, "1s");
+    options.workers = 1;
+    options.max_retries = 1;
+    options.failure_extra = "on_rejected = \"dead_letter\"".into();
+    options.extra_toml = format!(
+        "[exporter.failure_handling.dead_letter]\nfile = \"{}\"\n",
+        file.display()
+    );
+    sink.push_responses(vec![Scripted::status(422), Scripted::status(422)]);
+    let mut exporter = Exporter::start(&options).await;
+    let rejected = insert_together(&db, "rejected", 3).await;
+    let deadline = Instant::now() + WAIT;
+    let lines = loop {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("JSON line"))
+            .collect();
+        if lines.len() >= rejected.len() {
+            break lines;
+        }
+        assert!(Instant::now() < deadline, "dead letter: {lines:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let written: Vec<&str> = lines
+        .iter()
+        .map(|l| l["event_id"].as_str().expect("event_id"))
+        .collect();
+    assert_eq!(written, rejected, "each event of the batch, in order");
+    for line in &lines {
+        assert_eq!(line["status"], 422);
+        assert_eq!(line["event"]["id"], line["event_id"], "the event itself");
+    }
+    // The stream goes on, and the token passes the dead-lettered batch.
+    let delivered = insert_together(&db, "after", 2).await;
+    sink.wait_for_accepted(2, WAIT).await;
+    assert_eq!(sink.accepted_ids(), delivered);
+    assert_eq!(exporter.terminate().await.code(), Some(0));
+    let client = db.client().await;
+    let saved = pg::read_resume_token(&client, pg::EXPORTER_CLIENT_NAME)
+        .await
+        .expect("token");
+    assert_eq!(
+        saved["eventID"],
+        serde_json::json!(pg::changelog_max_id(&client).await)
+    );
+}
