@@ -30,11 +30,17 @@ fn batch_options(
 
 /// Inserts `n` events in one transaction (so they become visible together); their ids.
 async fn insert_together(db: &TestDb, node: &str, n: u32) -> Vec<String> {
+    let documents: Vec<Value> = (0..n).map(|i| pg::health_event_doc(node, i)).collect();
+    insert_documents(db, &documents).await
+}
+
+/// Inserts `documents` in one transaction; their ids.
+async fn insert_documents(db: &TestDb, documents: &[Value]) -> Vec<String> {
     let mut client = db.client().await;
     let transaction = client.transaction().await.expect("begin");
     let mut ids = Vec::new();
-    for i in 0..n {
-        ids.push(pg::insert_health_event(&transaction, &pg::health_event_doc(node, i)).await);
+    for document in documents {
+        ids.push(pg::insert_health_event(&transaction, document).await);
     }
     transaction.commit().await.expect("commit");
     ids
@@ -56,7 +62,10 @@ async fn a_batch_is_one_json_array_of_the_events_in_order() {
     let mut options = batch_options(&sink, &db, 3, "1s");
     options.workers = 1;
     let mut exporter = Exporter::start(&options).await;
-    let ids = insert_together(&db, "batch-node", 3).await;
+    let documents: Vec<Value> = (0..3)
+        .map(|i| pg::health_event_doc("batch-node", i))
+        .collect();
+    let ids = insert_documents(&db, &documents).await;
     sink.wait_for_accepted(3, WAIT).await;
     let requests = sink.requests();
     assert_eq!(requests.len(), 1, "three events, one request");
@@ -71,6 +80,24 @@ async fn a_batch_is_one_json_array_of_the_events_in_order() {
     );
     let array = request.json.as_ref().expect("JSON body");
     assert_eq!(ids_of(array), ids, "the events, in changelog order");
+    // Byte for byte: `[`, the structured-mode bodies joined by `,`, `]`.
+    let transformer = event_exporter::cloudevent::Transformer::new(
+        [("cluster", "test-cluster"), ("environment", "test")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    );
+    let structured: Vec<String> = ids
+        .iter()
+        .zip(&documents)
+        .map(|(id, document)| {
+            let event = event_exporter::model::decode_document(document)
+                .expect("decodes")
+                .expect("a health event");
+            String::from_utf8(transformer.encode(id, &event, None)).expect("UTF-8")
+        })
+        .collect();
+    assert_eq!(body, format!("[{}]", structured.join(",")));
     for event in array.as_array().expect("array") {
         assert_eq!(event["specversion"], "1.0");
         assert!(event["data"].is_object(), "{event}");
