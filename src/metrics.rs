@@ -85,6 +85,8 @@ pub struct Metrics {
     pub feature_flag: Family<Labels, Gauge>,
     pub publish_attempt_failures: Family<Labels, Counter>,
     pub events_in_flight: Gauge,
+    /// Requests the sink may have in flight: `workers`, or the adaptive limit.
+    pub concurrency_limit: Gauge,
     pub datastore_reconnects: Counter,
     pub events_skipped: Family<Labels, Counter>,
     pub events_filtered: Counter,
@@ -211,6 +213,12 @@ impl Metrics {
             "Events being transformed or published right now",
             events_in_flight.clone(),
         );
+        let concurrency_limit = Gauge::default();
+        registry.register(
+            "health_events_exporter_concurrency_limit",
+            "Requests the sink may have in flight: workers, or the adaptive limit (exporter.sink.concurrency = \"adaptive\")",
+            concurrency_limit.clone(),
+        );
         let datastore_reconnects = Counter::default();
         registry.register(
             "health_events_exporter_datastore_reconnects",
@@ -331,6 +339,7 @@ impl Metrics {
             feature_flag,
             publish_attempt_failures,
             events_in_flight,
+            concurrency_limit,
             datastore_reconnects,
             events_skipped,
             events_filtered,
