@@ -14,7 +14,6 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use serde_json::{json, Map, Value};
 
 use crate::model::{in_rfc3339_range, HealthEvent};
 
@@ -27,12 +26,12 @@ pub struct CloudEvent<'a> {
     pub specversion: &'static str,
     #[serde(rename = "type")]
     pub event_type: &'static str,
-    pub source: String,
-    pub id: String,
+    pub source: &'a str,
+    pub id: &'a str,
     pub time: String,
     /// Absent unless `exporter.cloudevent.subject` asks for it (upstream never sends one).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub subject: Option<String>,
+    pub subject: Option<&'a str>,
     pub data: Data<'a>,
 }
 
@@ -51,13 +50,60 @@ pub enum Subject {
 #[derive(Debug, Serialize)]
 pub struct Data<'a> {
     #[serde(rename = "healthEvent")]
-    pub health_event: Map<String, Value>,
+    pub health_event: HealthEventData<'a>,
     pub metadata: &'a BTreeMap<String, String>,
+}
+
+/// `data.healthEvent`, serialized straight from the decoded event (no intermediate JSON
+/// tree). The fields are declared in the order Go's `encoding/json` writes a map's keys
+/// (sorted), which is upstream's order; empty optional keys are left out as upstream does.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthEventData<'a> {
+    pub agent: &'a str,
+    pub check_name: &'a str,
+    pub component_class: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub custom_recommended_action: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drain_overrides: Option<OverridesData>,
+    pub entities_impacted: Vec<EntityData<'a>>,
+    pub error_code: &'a [String],
+    /// The CloudEvent's `time` (RFC 3339, Go's nanosecond form).
+    pub generated_timestamp: String,
+    pub is_fatal: bool,
+    pub is_healthy: bool,
+    pub message: &'a str,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: &'a BTreeMap<String, String>,
+    pub node_name: &'a str,
+    pub processing_strategy: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quarantine_overrides: Option<OverridesData>,
+    pub recommended_action: &'a str,
+    pub version: u64,
+}
+
+/// `{"force": …, "skip": …}`.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct OverridesData {
+    pub force: bool,
+    pub skip: bool,
+}
+
+/// `{"entityType": …, "entityValue": …}`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EntityData<'a> {
+    pub entity_type: &'a str,
+    pub entity_value: &'a str,
 }
 
 /// Builds CloudEvents for one cluster.
 pub struct Transformer {
     source: String,
+    /// `validate`'s verdict on `source`, taken once (the source is the same for every event).
+    source_error: Option<InvalidCloudEvent>,
     metadata: BTreeMap<String, String>,
     subject: Subject,
 }
@@ -66,8 +112,10 @@ impl Transformer {
     /// `metadata` must hold `cluster` (config validation guarantees it).
     pub fn new(metadata: BTreeMap<String, String>) -> Transformer {
         let cluster = metadata.get("cluster").cloned().unwrap_or_default();
+        let source = format!("nvsentinel://{cluster}/healthevents");
         Transformer {
-            source: format!("nvsentinel://{cluster}/healthevents"),
+            source_error: check_source(&source).err(),
+            source,
             metadata,
             subject: Subject::None,
         }
@@ -87,8 +135,8 @@ impl Transformer {
     /// missing `generatedTimestamp`, so a redelivery is identical; upstream uses "now".
     pub fn event<'a>(
         &'a self,
-        record_id: &str,
-        event: &HealthEvent,
+        record_id: &'a str,
+        event: &'a HealthEvent,
         fallback_time: Option<DateTime<Utc>>,
     ) -> CloudEvent<'a> {
         let time = go_rfc3339_nano(
@@ -100,15 +148,15 @@ impl Transformer {
         CloudEvent {
             specversion: SPEC_VERSION,
             event_type: EVENT_TYPE,
-            source: self.source.clone(),
-            id: record_id.to_string(),
+            source: &self.source,
+            id: record_id,
             time: time.clone(),
             subject: match self.subject {
                 Subject::None => None,
-                Subject::NodeName => Some(event.node_name.clone()).filter(|n| !n.is_empty()),
+                Subject::NodeName => Some(event.node_name.as_str()).filter(|n| !n.is_empty()),
             },
             data: Data {
-                health_event: health_event_object(event, time),
+                health_event: HealthEventData::of(event, time),
                 metadata: &self.metadata,
             },
         }
@@ -122,7 +170,7 @@ impl Transformer {
         fallback_time: Option<DateTime<Utc>>,
     ) -> Vec<u8> {
         // Serializing plain strings, maps and numbers cannot fail.
-        serde_json::to_vec(&self.event(record_id, event, fallback_time)).unwrap_or_default()
+        to_body(&self.event(record_id, event, fallback_time)).unwrap_or_default()
     }
 
     /// Like `encode`, but checks the event first (see the module docs); the error names the
@@ -134,16 +182,65 @@ impl Transformer {
         fallback_time: Option<DateTime<Utc>>,
     ) -> Result<Vec<u8>, InvalidCloudEvent> {
         let cloud_event = self.event(record_id, event, fallback_time);
-        validate(&cloud_event)?;
-        serde_json::to_vec(&cloud_event).map_err(|e| InvalidCloudEvent {
+        check_id(cloud_event.id)?;
+        if let Some(error) = &self.source_error {
+            return Err(error.clone());
+        }
+        check_time(&cloud_event.time)?;
+        to_body(&cloud_event).map_err(|e| InvalidCloudEvent {
             attribute: "data",
             reason: e.to_string(),
         })
     }
 }
 
+/// Bodies are a little under 1 KiB: one allocation is usually enough.
+fn to_body(event: &CloudEvent<'_>) -> Result<Vec<u8>, serde_json::Error> {
+    let mut body = Vec::with_capacity(1024);
+    serde_json::to_writer(&mut body, event)?;
+    Ok(body)
+}
+
+impl<'a> HealthEventData<'a> {
+    /// Borrows `event`'s fields; `generatedTimestamp` is `time` (what the CloudEvent says).
+    fn of(event: &'a HealthEvent, time: String) -> HealthEventData<'a> {
+        let overrides = |o: &Option<crate::model::Overrides>| {
+            o.map(|o| OverridesData {
+                force: o.force,
+                skip: o.skip,
+            })
+        };
+        HealthEventData {
+            agent: &event.agent,
+            check_name: &event.check_name,
+            component_class: &event.component_class,
+            custom_recommended_action: &event.custom_recommended_action,
+            drain_overrides: overrides(&event.drain_overrides),
+            entities_impacted: event
+                .entities_impacted
+                .iter()
+                .map(|e| EntityData {
+                    entity_type: &e.entity_type,
+                    entity_value: &e.entity_value,
+                })
+                .collect(),
+            error_code: &event.error_code,
+            generated_timestamp: time,
+            is_fatal: event.is_fatal,
+            is_healthy: event.is_healthy,
+            message: &event.message,
+            metadata: &event.metadata,
+            node_name: &event.node_name,
+            processing_strategy: &event.processing_strategy,
+            quarantine_overrides: overrides(&event.quarantine_overrides),
+            recommended_action: &event.recommended_action,
+            version: event.version,
+        }
+    }
+}
+
 /// A CloudEvent this exporter built that a conforming sink would reject.
-#[derive(Debug, thiserror::Error, PartialEq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
 #[error("invalid CloudEvent attribute {attribute}: {reason}")]
 pub struct InvalidCloudEvent {
     /// `id`, `source` or `time`.
@@ -155,20 +252,33 @@ pub struct InvalidCloudEvent {
 /// URI-reference (ours is always absolute, `nvsentinel://<cluster>/healthevents`), and `time`
 /// an RFC 3339 timestamp (4-digit year).
 pub fn validate(event: &CloudEvent<'_>) -> Result<(), InvalidCloudEvent> {
-    let bad = |attribute, reason: String| Err(InvalidCloudEvent { attribute, reason });
-    if event.id.is_empty() {
+    check_id(event.id)?;
+    check_source(event.source)?;
+    check_time(&event.time)
+}
+
+fn bad(attribute: &'static str, reason: String) -> Result<(), InvalidCloudEvent> {
+    Err(InvalidCloudEvent { attribute, reason })
+}
+
+fn check_id(id: &str) -> Result<(), InvalidCloudEvent> {
+    if id.is_empty() {
         return bad("id", "is empty".into());
     }
-    match reqwest::Url::parse(&event.source) {
-        Ok(url) if url.host_str().is_some_and(|h| !h.is_empty()) => {}
-        Ok(_) => return bad("source", format!("{:?} has no host", event.source)),
-        Err(e) => return bad("source", format!("{:?} is not a URI: {e}", event.source)),
+    Ok(())
+}
+
+fn check_source(source: &str) -> Result<(), InvalidCloudEvent> {
+    match reqwest::Url::parse(source) {
+        Ok(url) if url.host_str().is_some_and(|h| !h.is_empty()) => Ok(()),
+        Ok(_) => bad("source", format!("{source:?} has no host")),
+        Err(e) => bad("source", format!("{source:?} is not a URI: {e}")),
     }
-    if !is_rfc3339(&event.time) {
-        return bad(
-            "time",
-            format!("{:?} is not an RFC 3339 timestamp", event.time),
-        );
+}
+
+fn check_time(time: &str) -> Result<(), InvalidCloudEvent> {
+    if !is_rfc3339(time) {
+        return bad("time", format!("{time:?} is not an RFC 3339 timestamp"));
     }
     Ok(())
 }
@@ -184,63 +294,36 @@ fn is_rfc3339(text: &str) -> bool {
     digits(0..4) && bytes.get(4) == Some(&b'-') && DateTime::parse_from_rfc3339(text).is_ok()
 }
 
-fn health_event_object(event: &HealthEvent, time: String) -> Map<String, Value> {
-    let mut object = Map::new();
-    object.insert("agent".into(), json!(event.agent));
-    object.insert("checkName".into(), json!(event.check_name));
-    object.insert("componentClass".into(), json!(event.component_class));
-    if !event.custom_recommended_action.is_empty() {
-        object.insert(
-            "customRecommendedAction".into(),
-            json!(event.custom_recommended_action),
-        );
-    }
-    if let Some(overrides) = event.drain_overrides {
-        object.insert(
-            "drainOverrides".into(),
-            json!({"force": overrides.force, "skip": overrides.skip}),
-        );
-    }
-    let entities: Vec<Value> = event
-        .entities_impacted
-        .iter()
-        .map(|e| json!({"entityType": e.entity_type, "entityValue": e.entity_value}))
-        .collect();
-    object.insert("entitiesImpacted".into(), Value::Array(entities));
-    object.insert("errorCode".into(), json!(event.error_code));
-    object.insert("generatedTimestamp".into(), json!(time));
-    object.insert("isFatal".into(), json!(event.is_fatal));
-    object.insert("isHealthy".into(), json!(event.is_healthy));
-    object.insert("message".into(), json!(event.message));
-    if !event.metadata.is_empty() {
-        object.insert("metadata".into(), json!(event.metadata));
-    }
-    object.insert("nodeName".into(), json!(event.node_name));
-    object.insert(
-        "processingStrategy".into(),
-        json!(event.processing_strategy),
-    );
-    if let Some(overrides) = event.quarantine_overrides {
-        object.insert(
-            "quarantineOverrides".into(),
-            json!({"force": overrides.force, "skip": overrides.skip}),
-        );
-    }
-    object.insert("recommendedAction".into(), json!(event.recommended_action));
-    object.insert("version".into(), json!(event.version));
-    object
-}
-
 /// Go's `time.RFC3339Nano` in UTC: the fraction keeps only significant digits, and a whole
 /// second has none (`2025-01-15T10:30:00Z`, `…:00.5Z`).
 pub fn go_rfc3339_nano(time: DateTime<Utc>) -> String {
-    let base = time.format("%Y-%m-%dT%H:%M:%S").to_string();
-    let nanos = time.timestamp_subsec_nanos();
-    if nanos == 0 {
-        return format!("{base}Z");
+    use chrono::{Datelike, Timelike};
+    use std::fmt::Write;
+    let nanos = time.nanosecond();
+    // chrono writes a year past 9999 with a sign and a leap second as `:60`: its own format.
+    let mut text = if (0..=9999).contains(&time.year()) && nanos < 1_000_000_000 {
+        let mut text = String::with_capacity(32);
+        let _ = write!(
+            text,
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
+            time.year(),
+            time.month(),
+            time.day(),
+            time.hour(),
+            time.minute(),
+            time.second()
+        );
+        text
+    } else {
+        time.format("%Y-%m-%dT%H:%M:%S").to_string()
+    };
+    if nanos != 0 {
+        let fraction = format!("{nanos:09}");
+        text.push('.');
+        text.push_str(fraction.trim_end_matches('0'));
     }
-    let fraction = format!("{nanos:09}");
-    format!("{base}.{}Z", fraction.trim_end_matches('0'))
+    text.push('Z');
+    text
 }
 
 #[cfg(test)]
@@ -248,6 +331,7 @@ mod tests {
     use super::*;
     use crate::model::{Entity, Overrides};
     use chrono::TimeZone;
+    use serde_json::{json, Value};
 
     fn sample() -> HealthEvent {
         HealthEvent {
@@ -446,6 +530,25 @@ mod tests {
             "-001-01-01T00:00:00Z",
         ] {
             assert!(!is_rfc3339(bad), "{bad}");
+        }
+    }
+
+    proptest::proptest! {
+        /// The fixed-width fast path writes what chrono's format string writes, for every
+        /// time in years 0001-9999.
+        #[test]
+        fn fast_formatting_matches_chrono(
+            seconds in -62_135_596_800i64..=253_402_300_799,
+            nanos in 0u32..1_000_000_000,
+        ) {
+            let time = Utc.timestamp_opt(seconds, nanos).unwrap();
+            let base = time.format("%Y-%m-%dT%H:%M:%S").to_string();
+            let fraction = format!("{nanos:09}");
+            let expected = match fraction.trim_end_matches('0') {
+                "" => format!("{base}Z"),
+                digits => format!("{base}.{digits}Z"),
+            };
+            proptest::prop_assert_eq!(go_rfc3339_nano(time), expected);
         }
     }
 

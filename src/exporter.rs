@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::RunArgs;
@@ -251,7 +250,11 @@ pub async fn run(args: RunArgs) -> Result<(), ExitError> {
     let settings = validate(&args)?;
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
-    run_with(settings, shutdown).await
+    run_with(settings, shutdown).await?;
+    if let Some(reason) = crate::restart::requested() {
+        tracing::info!(%reason, "stopped cleanly; restarting in place");
+    }
+    Ok(())
 }
 
 /// Runs the exporter with validated settings until `shutdown` (Ok) or a failure.
@@ -295,11 +298,13 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
     .map_err(ExitError::failed)?;
     let endpoint = reqwest::Url::parse(&config.sink.endpoint).map_err(ExitError::failed)?;
     sink::log_proxy("sink", &config.sink.endpoint);
+    let permits = sink::concurrency::Concurrency::new(workers, config.sink.concurrency);
     let publisher = Publisher::new(http, endpoint, auth, config.failure_handling.clone())
         .with_statuses(
             config.rejections.rejected_statuses.clone(),
             config.rejections.already_delivered_statuses.clone(),
-        );
+        )
+        .with_concurrency(permits.clone());
     let dead_letter = dead_letter(&config, workers).map_err(failed)?;
     configure_watchdog(&config);
     let filter = compile_filter(&config)?;
@@ -314,6 +319,7 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
         publisher,
         filter,
         dead_letter,
+        batch: (config.sink.mode == crate::config::SinkMode::Batch).then_some(config.sink.batch),
     });
 
     crate::metrics::get().set_feature_flag("backfill_enabled", config.backfill.enabled);
@@ -336,7 +342,7 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
     let context = Context {
         config: &config,
         handler,
-        permits: Arc::new(Semaphore::new(workers)),
+        permits,
         grace: shutdown_grace,
         stop: shutdown.child_token(),
         shutdown: shutdown.clone(),
@@ -377,7 +383,7 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
 struct Context<'a> {
     config: &'a Config,
     handler: Arc<EventHandler>,
-    permits: Arc<Semaphore>,
+    permits: Arc<sink::concurrency::Concurrency>,
     grace: Duration,
     /// Stops the pipelines (a failure in one stops the other).
     stop: CancellationToken,
@@ -511,7 +517,7 @@ async fn supervise(
             joined = join_some(&mut listener) => {
                 listener = None;
                 if !shutdown.is_cancelled() {
-                    died.get_or_insert_with(|| task_ended("the changelog LISTEN task", joined));
+                    died.get_or_insert_with(|| task_ended("the datastore background task (LISTEN, certificate watcher)", joined));
                 }
             }
             joined = &mut server, if !server_done => {
@@ -668,7 +674,7 @@ async fn run_backfill<S: crate::datastore::ChangeSource, P: crate::backfill::Pla
     source: S,
     progress: Arc<crate::backfill::BackfillProgress<P>>,
     handler: Arc<EventHandler>,
-    permits: Arc<Semaphore>,
+    permits: Arc<sink::concurrency::Concurrency>,
     grace: Duration,
     save_interval: Duration,
     stop: CancellationToken,

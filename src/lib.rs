@@ -58,6 +58,7 @@ pub mod model;
 pub mod panics;
 pub(crate) mod pipeline;
 pub mod reconnect;
+pub mod restart;
 pub(crate) mod server;
 pub mod sink;
 pub(crate) mod tls;

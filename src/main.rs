@@ -28,7 +28,15 @@ fn main() -> ExitCode {
         Some(Command::Status(args)) => status::main(&args),
         None => {
             let args = cli.run.clone();
-            run_async(&cli.run, exporter::run(args))
+            let code = run_async(&cli.run, exporter::run(args));
+            match event_exporter::restart::requested() {
+                Some(_) if code == ExitCode::SUCCESS => {
+                    let error = event_exporter::restart::exec_self();
+                    eprintln!("cannot restart in place: {error}; exiting so that Kubernetes restarts the exporter");
+                    ExitCode::from(1)
+                }
+                _ => code,
+            }
         }
     }
 }

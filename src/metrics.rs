@@ -85,6 +85,8 @@ pub struct Metrics {
     pub feature_flag: Family<Labels, Gauge>,
     pub publish_attempt_failures: Family<Labels, Counter>,
     pub events_in_flight: Gauge,
+    /// Requests the sink may have in flight: `workers`, or the adaptive limit.
+    pub concurrency_limit: Gauge,
     pub datastore_reconnects: Counter,
     pub events_skipped: Family<Labels, Counter>,
     pub events_filtered: Counter,
@@ -97,6 +99,9 @@ pub struct Metrics {
     pub events_dead_lettered: Family<Labels, Counter>,
     /// Resume tokens found ahead of the changelog's head (ids reset, restored datastore).
     pub resume_token_resets: Family<Labels, Counter>,
+    /// Handles of the known label values of the per-event families, so counting an event
+    /// looks up no labels (a `Family` lookup builds, hashes and locks a label set).
+    cached: Cached,
     /// Upstream's `change_stream_resume_token_recoveries_total{client, phase}` (MongoDB).
     pub resume_token_recoveries: Family<Labels, Counter>,
     /// 1 while this replica leads (exports), 0 on a standby (issue 16, `crate::leader`).
@@ -159,6 +164,7 @@ impl Metrics {
             feature_flag: Family::<Labels, Gauge>::default(),
             publish_attempt_failures: Family::<Labels, Counter>::default(),
             events_in_flight: Gauge::default(),
+            concurrency_limit: Gauge::default(),
             datastore_reconnects: Counter::default(),
             resume_token_resets: Family::<Labels, Counter>::default(),
             resume_token_recoveries: Family::<Labels, Counter>::default(),
@@ -173,6 +179,7 @@ impl Metrics {
             changelog_open_ids: Gauge::default(),
             events_dead_lettered: Family::<Labels, Counter>::default(),
             ready: std::sync::Arc::new(OnceLock::new()),
+            cached: Cached::default(),
         }
     }
 
@@ -275,6 +282,12 @@ impl Metrics {
         );
         add(
             registry,
+            "health_events_exporter_concurrency_limit",
+            "Requests the sink may have in flight: workers, or the adaptive limit (exporter.sink.concurrency = \"adaptive\")",
+            &self.concurrency_limit,
+        );
+        add(
+            registry,
             "health_events_exporter_datastore_reconnects",
             "Times the changelog reader lost its datastore connection and reconnected",
             &self.datastore_reconnects,
@@ -359,15 +372,18 @@ impl Metrics {
     }
 
     /// Every labelled counter at 0 for its known label values (see the module docs).
-    fn create_known_labels_at_zero(&self) {
-        create_at_zero(&self.events_published, "status", PUBLISHED_STATUSES);
-        create_at_zero(&self.publish_errors, "error_type", PUBLISH_ERROR_TYPES);
-        create_at_zero(
-            &self.publish_attempt_failures,
-            "reason",
-            ATTEMPT_FAILURE_REASONS,
-        );
-        create_at_zero(&self.events_skipped, "reason", SKIP_REASONS);
+    /// The per-event counters are kept as cached handles (no label lookup per event).
+    fn create_known_labels_at_zero(&mut self) {
+        self.cached = Cached {
+            published: Handles::new(&self.events_published, "status", PUBLISHED_STATUSES),
+            publish_errors: Handles::new(&self.publish_errors, "error_type", PUBLISH_ERROR_TYPES),
+            attempt_failures: Handles::new(
+                &self.publish_attempt_failures,
+                "reason",
+                ATTEMPT_FAILURE_REASONS,
+            ),
+            skipped: Handles::new(&self.events_skipped, "reason", SKIP_REASONS),
+        };
         create_at_zero(
             &self.resume_token_resets,
             "reason",
@@ -395,21 +411,33 @@ impl Metrics {
     }
 
     pub fn published(&self, status: &str) {
-        self.events_published
-            .get_or_create(&vec![("status".into(), status.into())])
-            .inc();
+        match self.cached.published.get(status) {
+            Some(counter) => counter.inc(),
+            None => self
+                .events_published
+                .get_or_create(&vec![("status".into(), status.into())])
+                .inc(),
+        };
     }
 
     pub fn publish_error(&self, error_type: &str) {
-        self.publish_errors
-            .get_or_create(&vec![("error_type".into(), error_type.into())])
-            .inc();
+        match self.cached.publish_errors.get(error_type) {
+            Some(counter) => counter.inc(),
+            None => self
+                .publish_errors
+                .get_or_create(&vec![("error_type".into(), error_type.into())])
+                .inc(),
+        };
     }
 
     pub fn record_attempt_failure(&self, reason: &str) {
-        self.publish_attempt_failures
-            .get_or_create(&vec![("reason".into(), reason.into())])
-            .inc();
+        match self.cached.attempt_failures.get(reason) {
+            Some(counter) => counter.inc(),
+            None => self
+                .publish_attempt_failures
+                .get_or_create(&vec![("reason".into(), reason.into())])
+                .inc(),
+        };
     }
 
     pub fn resume_token_reset(&self, reason: &str) {
@@ -419,9 +447,13 @@ impl Metrics {
     }
 
     pub fn skipped(&self, reason: &str) {
-        self.events_skipped
-            .get_or_create(&vec![("reason".into(), reason.into())])
-            .inc();
+        match self.cached.skipped.get(reason) {
+            Some(counter) => counter.inc(),
+            None => self
+                .events_skipped
+                .get_or_create(&vec![("reason".into(), reason.into())])
+                .inc(),
+        };
     }
 
     pub fn set_feature_flag(&self, flag: &str, enabled: bool) {
@@ -579,6 +611,43 @@ impl ProcessStats {
     }
 }
 
+/// See `Metrics::cached`.
+#[derive(Default)]
+struct Cached {
+    published: Handles,
+    publish_errors: Handles,
+    attempt_failures: Handles,
+    skipped: Handles,
+}
+
+/// A family's counters for a fixed list of label values, created at 0 (a `Counter` clone
+/// shares the series).
+#[derive(Default)]
+struct Handles {
+    values: &'static [&'static str],
+    counters: Vec<Counter>,
+}
+
+impl Handles {
+    fn new(family: &Family<Labels, Counter>, key: &str, values: &'static [&'static str]) -> Self {
+        let counters = values
+            .iter()
+            .map(|value| {
+                family
+                    .get_or_create(&vec![(key.to_string(), value.to_string())])
+                    .clone()
+            })
+            .collect();
+        Handles { values, counters }
+    }
+
+    /// The counter of label value `value`, if it is one of the fixed list.
+    fn get(&self, value: &str) -> Option<&Counter> {
+        let index = self.values.iter().position(|known| *known == value)?;
+        self.counters.get(index)
+    }
+}
+
 /// Creates the series `key=value` of `family` at 0 for each of `values`, so `rate()` and
 /// `increase()` work before the first event of that kind.
 fn create_at_zero<V: ToString>(family: &Family<Labels, Counter>, key: &str, values: &[V]) {
@@ -590,6 +659,27 @@ fn create_at_zero<V: ToString>(family: &Family<Labels, Counter>, key: &str, valu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cached_handles_count_into_the_exposed_series() {
+        let metrics = Metrics::new();
+        metrics.published("already_delivered");
+        metrics.published("already_delivered");
+        metrics.skipped("a_reason_not_in_the_list");
+        let text = metrics.encode();
+        assert!(
+            text.contains(
+                "health_events_exporter_events_published_total{status=\"already_delivered\"} 2"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "health_events_exporter_events_skipped_total{reason=\"a_reason_not_in_the_list\"} 1"
+            ),
+            "{text}"
+        );
+    }
 
     #[test]
     fn exposition_has_upstream_names_and_process_metrics() {

@@ -101,45 +101,52 @@ pub fn decode_document(document: &Value) -> Result<Option<HealthEvent>, DecodeEr
             ))
         }
     };
-    let get = |camel: &str| field(event, camel, &camel.to_ascii_lowercase());
+    // Both spellings are literals: no lower-casing (an allocation) per field and event.
+    let get = |(camel, lower): (&str, &str)| field(event, camel, lower);
     Ok(Some(HealthEvent {
-        version: match get("version") {
+        version: match get(("version", "version")) {
             None | Some(Value::Null) => 0,
             Some(v) => v.as_u64().ok_or_else(|| {
                 error("healthevent.version", format!("expected a number, got {v}"))
             })?,
         },
-        agent: string(get("agent"), "healthevent.agent")?,
-        component_class: string(get("componentClass"), "healthevent.componentClass")?,
-        check_name: string(get("checkName"), "healthevent.checkName")?,
-        is_fatal: boolean(get("isFatal"), "healthevent.isFatal")?,
-        is_healthy: boolean(get("isHealthy"), "healthevent.isHealthy")?,
-        message: string(get("message"), "healthevent.message")?,
+        agent: string(get(("agent", "agent")), "healthevent.agent")?,
+        component_class: string(
+            get(("componentClass", "componentclass")),
+            "healthevent.componentClass",
+        )?,
+        check_name: string(get(("checkName", "checkname")), "healthevent.checkName")?,
+        is_fatal: boolean(get(("isFatal", "isfatal")), "healthevent.isFatal")?,
+        is_healthy: boolean(get(("isHealthy", "ishealthy")), "healthevent.isHealthy")?,
+        message: string(get(("message", "message")), "healthevent.message")?,
         recommended_action: enum_name(
-            get("recommendedAction"),
+            get(("recommendedAction", "recommendedaction")),
             RECOMMENDED_ACTIONS,
             "healthevent.recommendedAction",
         )?,
-        error_code: string_list(get("errorCode"), "healthevent.errorCode")?,
-        entities_impacted: entities(get("entitiesImpacted"))?,
-        metadata: string_map(get("metadata"), "healthevent.metadata")?,
+        error_code: string_list(get(("errorCode", "errorcode")), "healthevent.errorCode")?,
+        entities_impacted: entities(get(("entitiesImpacted", "entitiesimpacted")))?,
+        metadata: string_map(get(("metadata", "metadata")), "healthevent.metadata")?,
         generated_timestamp: timestamp(
-            get("generatedTimestamp"),
+            get(("generatedTimestamp", "generatedtimestamp")),
             "healthevent.generatedTimestamp",
         )?,
-        node_name: string(get("nodeName"), "healthevent.nodeName")?,
+        node_name: string(get(("nodeName", "nodename")), "healthevent.nodeName")?,
         quarantine_overrides: overrides(
-            get("quarantineOverrides"),
+            get(("quarantineOverrides", "quarantineoverrides")),
             "healthevent.quarantineOverrides",
         )?,
-        drain_overrides: overrides(get("drainOverrides"), "healthevent.drainOverrides")?,
+        drain_overrides: overrides(
+            get(("drainOverrides", "drainoverrides")),
+            "healthevent.drainOverrides",
+        )?,
         processing_strategy: enum_name(
-            get("processingStrategy"),
+            get(("processingStrategy", "processingstrategy")),
             PROCESSING_STRATEGIES,
             "healthevent.processingStrategy",
         )?,
         custom_recommended_action: string(
-            get("customRecommendedAction"),
+            get(("customRecommendedAction", "customrecommendedaction")),
             "healthevent.customRecommendedAction",
         )?,
     }))
@@ -271,22 +278,23 @@ fn entities(value: Option<&Value>) -> Result<Vec<Entity>, DecodeError> {
             .iter()
             .enumerate()
             .map(|(i, item)| {
-                let at = format!("{name}[{i}]");
+                // Field names are formatted only for an error, not for every entity.
+                let at = || format!("{name}[{i}]");
                 let Value::Object(entity) = item else {
                     return Err(error(
-                        &at,
+                        &at(),
                         format!("expected an object, got {}", json_kind(item)),
                     ));
                 };
+                let text = |camel: &str, lower: &str| {
+                    string(field(entity, camel, lower), "").map_err(|e| DecodeError {
+                        field: format!("{}.{camel}", at()),
+                        ..e
+                    })
+                };
                 Ok(Entity {
-                    entity_type: string(
-                        field(entity, "entityType", "entitytype"),
-                        &format!("{at}.entityType"),
-                    )?,
-                    entity_value: string(
-                        field(entity, "entityValue", "entityvalue"),
-                        &format!("{at}.entityValue"),
-                    )?,
+                    entity_type: text("entityType", "entitytype")?,
+                    entity_value: text("entityValue", "entityvalue")?,
                 })
             })
             .collect(),
@@ -384,10 +392,18 @@ fn timestamp_any(value: Option<&Value>, name: &str) -> Result<Option<DateTime<Ut
 fn overrides(value: Option<&Value>, name: &str) -> Result<Option<Overrides>, DecodeError> {
     match value {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::Object(parts)) => Ok(Some(Overrides {
-            force: boolean(parts.get("force"), &format!("{name}.force"))?,
-            skip: boolean(parts.get("skip"), &format!("{name}.skip"))?,
-        })),
+        Some(Value::Object(parts)) => {
+            let flag = |key: &str| {
+                boolean(parts.get(key), "").map_err(|e| DecodeError {
+                    field: format!("{name}.{key}"),
+                    ..e
+                })
+            };
+            Ok(Some(Overrides {
+                force: flag("force")?,
+                skip: flag("skip")?,
+            }))
+        }
         Some(other) => Err(error(
             name,
             format!("expected an object, got {}", json_kind(other)),

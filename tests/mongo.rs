@@ -618,3 +618,73 @@ print(" ".join(str(i) for i in result.inserted_ids))
         assert_eq!(health["componentClass"], "NIC", "{event}");
     }
 }
+
+/// `status` on MongoDB: no token → unhealthy (exit 1); while the exporter leads and is caught up
+/// → exit 0 with the token, `lastExportedAt`, 0 waiting and the lease holder; events stored
+/// after the last exported one while it is down → counted as waiting, unhealthy past
+/// `--max-behind`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reports_token_lag_and_leader() {
+    let store = Store::start(&[]).await;
+    let sink = sink().await;
+    let options = options(&sink, &store);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, options.config_toml()).expect("config");
+    let status = |args: &[&str]| -> (i32, Value) {
+        let output = std::process::Command::new(support::exporter::binary())
+            .arg("status")
+            .arg(format!("--config={}", config.display()))
+            .arg("--output=json")
+            .args(args)
+            .env_clear()
+            .envs(store.exporter_env())
+            .output()
+            .expect("run status");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+            panic!(
+                "not JSON ({e}): {stdout}\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        });
+        (output.status.code().unwrap_or(-1), value)
+    };
+    let (code, report) = status(&[]);
+    assert_eq!(code, 1, "{report}");
+    assert!(report["resumeToken"].is_null(), "{report}");
+
+    let mut exporter = Exporter::start(&options).await;
+    store.insert("node-s", 0..3).await;
+    sink.wait_for_accepted(3, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (code, report) = status(&[]);
+    assert_eq!(code, 0, "{report}");
+    assert!(
+        report["resumeToken"]["resumeToken"]["_data"].is_string(),
+        "{report}"
+    );
+    assert!(
+        report["resumeToken"]["lastExportedAt"].is_string(),
+        "{report}"
+    );
+    assert_eq!(report["behind"]["waitingEvents"], 0, "{report}");
+    assert!(report["leader"]["replica"].is_string(), "{report}");
+    assert_eq!(exporter.terminate().await.code(), Some(0));
+
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    store.insert("node-s", 3..5).await;
+    let (code, report) = status(&["--max-behind=1h"]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(report["behind"]["waitingEvents"], 2, "{report}");
+    assert!(report["leader"].is_null(), "released on SIGTERM: {report}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (code, report) = status(&["--max-behind=100ms"]);
+    assert_eq!(code, 1, "{report}");
+    assert!(
+        report["problems"][0]
+            .as_str()
+            .is_some_and(|p| p.contains("--max-behind")),
+        "{report}"
+    );
+}

@@ -273,6 +273,100 @@ async fn an_exporter_over_ca_only_tls_delivers_every_event() {
     assert!(!exporter.log().contains("s3cret"), "the password is logged");
 }
 
+/// `MONGODB_ENABLE_CERT_ROTATION`: the client certificate in the mount is replaced (a new one
+/// from the same CA, another CN); the exporter restarts in place — same process, no exit — logs
+/// in with the new certificate, and every event, before and after, is delivered exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_client_certificate_is_used_after_an_in_place_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = TestPki::generate_with_client_cn("mongo-client");
+    let paths = pki.write_to(dir.path());
+    let ca = paths.ca_cert.display().to_string();
+    let peer = tls_peer(
+        &paths,
+        &["--tls-client-ca", &ca, "--tls-client-cert", "required"],
+    );
+    let mount = tempfile::tempdir().expect("mount");
+    for (from, name) in [
+        (&paths.ca_cert, "ca.crt"),
+        (&paths.client_cert, "tls.crt"),
+        (&paths.client_key, "tls.key"),
+    ] {
+        std::fs::copy(from, mount.path().join(name)).expect("mount file");
+    }
+    let writer_uri = format!(
+        "{}&tlsCAFile={ca}&tlsCertificateKeyFile={}&directConnection=true",
+        peer.uri,
+        combined_pem(dir.path(), &paths).display()
+    );
+    let store = Store::on(peer, &writer_uri).await;
+    let sink = SinkServer::start(SinkOptions {
+        token_registry: None,
+        latency: None,
+    })
+    .await;
+    let mut env = store.env();
+    env.push((
+        "MONGODB_CLIENT_CERT_MOUNT_PATH".into(),
+        mount.path().display().to_string(),
+    ));
+    env.push(("MONGODB_ENABLE_CERT_ROTATION".into(), "true".into()));
+    env.push(("MONGODB_CERT_ROTATION_CHECK_SECONDS".into(), "1".into()));
+    let mut exporter = Exporter::start(&ExporterOptions::new(&sink, None, env)).await;
+    let mut written = store.insert("rotating", 0..3).await;
+    sink.wait_for_accepted(3, Duration::from_secs(30)).await;
+
+    let (cert, key) = pki.issue_client("mongo-client-rotated");
+    std::fs::write(mount.path().join("tls.crt"), cert).expect("rotate tls.crt");
+    std::fs::write(mount.path().join("tls.key"), key).expect("rotate tls.key");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !logins(&store.peer)
+        .await
+        .iter()
+        .any(|(user, _)| user == "CN=mongo-client-rotated")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no login with the rotated certificate; log:\n{}",
+            exporter.log()
+        );
+        assert!(
+            exporter.try_status().is_none(),
+            "the exporter exited; log:\n{}",
+            exporter.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    written.extend(store.insert("rotating", 3..6).await);
+    let accepted = sink.wait_for_accepted(6, Duration::from_secs(30)).await;
+    let mut ids: Vec<String> = accepted
+        .iter()
+        .filter_map(|e| e["id"].as_str().map(str::to_string))
+        .collect();
+    ids.sort();
+    written.sort();
+    assert_eq!(ids, written, "log:\n{}", exporter.log());
+    assert!(
+        exporter.try_status().is_none(),
+        "restarted in place, not exited"
+    );
+    assert!(
+        exporter.log().contains("restarting in place"),
+        "log:\n{}",
+        exporter.log()
+    );
+    assert_eq!(exporter.terminate().await.code(), Some(0));
+}
+
+/// The client certificate and key in one PEM file, as the Rust driver reads them.
+fn combined_pem(dir: &Path, paths: &PkiPaths) -> PathBuf {
+    let pem = dir.join("writer.pem");
+    let cert = std::fs::read_to_string(&paths.client_cert).expect("tls.crt");
+    let key = std::fs::read_to_string(&paths.client_key).expect("tls.key");
+    std::fs::write(&pem, format!("{cert}{key}")).expect("writer.pem");
+    pem
+}
+
 /// Without any CA and with the default mount absent, TLS is as the URI says: the peer's private
 /// CA is then unknown and the connection is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -410,6 +504,8 @@ async fn half_a_client_certificate_and_bad_values_name_the_variable() {
         ("MONGODB_PING_TIMEOUT_TOTAL_SECONDS", "-3"),
         ("CA_CERT_MOUNT_TIMEOUT_TOTAL_SECONDS", "six minutes"),
         ("MONGODB_CHANGE_STREAM_RETRY_INTERVAL_SECONDS", "0"),
+        ("MONGODB_ENABLE_CERT_ROTATION", "enabled"),
+        ("MONGODB_CERT_ROTATION_CHECK_SECONDS", "0"),
     ] {
         let text = try_settings(&[(variable, value.into())])
             .expect_err(variable)

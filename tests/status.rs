@@ -186,8 +186,14 @@ async fn bad_input_exits_2_naming_the_fault() {
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("exporter.metadata.cluster"), "{stderr}");
 
-    // No datastore environment.
-    let (code, _, stderr) = status(&config, &[], &[]);
+    // No datastore environment: MongoDB at its default address (as upstream), not reachable.
+    let (code, _, stderr) = status(&config, &["--timeout=2s"], &[]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("mongodb localhost:27017"), "{stderr}");
+
+    // PostgreSQL named without its variables.
+    let provider = [("DATASTORE_PROVIDER".to_string(), "postgresql".to_string())];
+    let (code, _, stderr) = status(&config, &[], &provider);
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("DATASTORE_"), "{stderr}");
 

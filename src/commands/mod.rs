@@ -4,3 +4,4 @@
 
 pub mod check_config;
 pub mod status;
+pub mod status_mongo;

@@ -14,6 +14,8 @@
 //! yet); 2 bad input (configuration, datastore environment, unreachable datastore, a resume
 //! token that cannot be read).
 //!
+//! MongoDB: `super::status_mongo` (the same exit statuses).
+//!
 //! Who leads: the replica whose lock session holds `client_name`'s advisory lock
 //! (`crate::leadership`), read from `pg_locks`; none when no exporter runs or every replica is
 //! a standby that cannot take the lock.
@@ -75,12 +77,6 @@ pub enum StatusError {
     },
     #[error("cannot start the async runtime: {0}")]
     Runtime(#[source] std::io::Error),
-    #[error(
-        "datastore {0}: `status` reads PostgreSQL only in this version (DATASTORE_PROVIDER is \
-         mongodb or unset); for MongoDB read the exporter's change_stream_lag_seconds and \
-         health_events_exporter_* metrics, or the token document in MONGODB_TOKEN_COLLECTION_NAME"
-    )]
-    Unsupported(String),
 }
 
 /// The resume token row of `exporter.client_name`.
@@ -177,6 +173,11 @@ pub struct Status {
 
 /// Runs the command: prints the status and returns 0, 1 or 2 (see the module docs).
 pub fn main(args: &StatusArgs) -> ExitCode {
+    if let Ok(crate::datastore::DatastoreSettings::Mongo(settings)) =
+        crate::datastore::DatastoreSettings::from_process_env()
+    {
+        return super::status_mongo::main(args, settings);
+    }
     match read_status(args) {
         Ok(status) => {
             let text = match args.output {
@@ -205,8 +206,12 @@ pub fn read_status(args: &StatusArgs) -> Result<Status, StatusError> {
     let config = Config::load(&args.config)?;
     let settings = match crate::datastore::DatastoreSettings::from_process_env()? {
         crate::datastore::DatastoreSettings::Postgres(settings) => settings,
+        // `main` hands MongoDB to `super::status_mongo` before this.
         crate::datastore::DatastoreSettings::Mongo(settings) => {
-            return Err(StatusError::Unsupported(settings.describe()))
+            return Err(StatusError::Datastore(DatastoreError::Settings(format!(
+                "{}: read with `status_mongo::read`",
+                settings.describe()
+            ))))
         }
     };
     let datastore = settings.describe();
@@ -434,7 +439,10 @@ async fn leader_status(
     }))
 }
 
-fn backfill_status(plan: &BackfillPlan, saved_at: Option<DateTime<Utc>>) -> BackfillStatus {
+pub(crate) fn backfill_status(
+    plan: &BackfillPlan,
+    saved_at: Option<DateTime<Utc>>,
+) -> BackfillStatus {
     let delivered = plan.delivered.min(plan.total);
     BackfillStatus {
         done: plan.done,
@@ -452,13 +460,13 @@ fn backfill_status(plan: &BackfillPlan, saved_at: Option<DateTime<Utc>>) -> Back
     }
 }
 
-fn time(t: Option<DateTime<Utc>>) -> String {
+pub(crate) fn time(t: Option<DateTime<Utc>>) -> String {
     t.map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true))
         .unwrap_or_else(|| "-".into())
 }
 
 /// `12.3s`, `4m5s`, `2h0m0s`.
-fn format_seconds(seconds: f64) -> String {
+pub(crate) fn format_seconds(seconds: f64) -> String {
     if seconds < 60.0 {
         format!("{seconds:.1}s")
     } else {

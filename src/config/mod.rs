@@ -103,6 +103,67 @@ pub struct SinkConfig {
     pub insecure_skip_verify: bool,
     /// Extra PEM CA bundle trusted for the sink (private PKI), besides the system roots.
     pub ca_file: Option<PathBuf>,
+    /// `exporter.sink.concurrency` (default [`ConcurrencyMode::Fixed`]): how many requests
+    /// may be in flight.
+    pub concurrency: ConcurrencyMode,
+    /// `exporter.sink.mode`: one event per request (`structured`, default) or JSON arrays.
+    pub mode: SinkMode,
+    /// `batch_max_events`, `batch_max_bytes`, `batch_linger` (used in batch mode).
+    pub batch: BatchLimits,
+}
+
+/// The CloudEvents HTTP content mode (`exporter.sink.mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SinkMode {
+    /// One event per request, `application/cloudevents+json` (upstream's behaviour).
+    Structured,
+    /// A JSON array of events per request, `application/cloudevents-batch+json`.
+    Batch,
+}
+
+/// How big a batch may grow and how long a worker waits to fill it (batch mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct BatchLimits {
+    /// At most this many events per request (1–10,000, default 100).
+    pub max_events: usize,
+    /// At most this many body bytes per request (default 1 MiB, at least 1 KiB); one event
+    /// larger than this goes alone.
+    pub max_bytes: usize,
+    /// How long fewer than `max_events` waiting events wait for more (default 10ms, at most 1s).
+    #[serde(serialize_with = "serialize_duration")]
+    pub linger: Duration,
+}
+
+/// Defaults of `batch_max_events`, `batch_max_bytes`, `batch_linger`.
+pub const DEFAULT_BATCH: BatchLimits = BatchLimits {
+    max_events: 100,
+    max_bytes: 1024 * 1024,
+    linger: Duration::from_millis(10),
+};
+
+/// How many requests to the sink may be in flight (`exporter.sink.concurrency`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConcurrencyMode {
+    /// Always `workers` (upstream's behaviour).
+    Fixed,
+    /// `workers` is the ceiling; the limit follows the sink's latency and back-pressure
+    /// answers (AIMD, see `crate::sink::concurrency`).
+    Adaptive,
+}
+
+impl ConcurrencyMode {
+    /// Every accepted config value.
+    pub const NAMES: [&'static str; 2] = ["fixed", "adaptive"];
+
+    fn from_name(name: &str) -> Option<ConcurrencyMode> {
+        match name {
+            "fixed" => Some(ConcurrencyMode::Fixed),
+            "adaptive" => Some(ConcurrencyMode::Adaptive),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -284,7 +345,7 @@ impl Config {
         let metadata = metadata(raw.metadata)?;
         let client_name = client_name(raw.client_name)?;
         let workers = workers(raw.workers, &mut warnings)?;
-        let sink = sink(raw.sink)?;
+        let sink = sink(raw.sink, &mut warnings)?;
         let oidc = oidc(raw.oidc)?;
         let backfill = backfill(raw.backfill, &mut warnings)?;
         let failure_handling = retry_policy(&raw.failure_handling, &mut warnings)?;
@@ -407,7 +468,50 @@ fn metadata(raw: raw::Metadata) -> Result<BTreeMap<String, String>, ConfigError>
     Ok(metadata)
 }
 
-fn sink(raw: raw::RawSink) -> Result<SinkConfig, ConfigError> {
+/// `exporter.sink.mode` and the batch limits.
+fn sink_mode(
+    raw: &raw::RawSink,
+    warnings: &mut Vec<String>,
+) -> Result<(SinkMode, BatchLimits), ConfigError> {
+    let mode = match raw.mode.as_ref().map(|t| t.0.trim()) {
+        None | Some("structured") => SinkMode::Structured,
+        Some("batch") => SinkMode::Batch,
+        Some(other) => {
+            return Err(invalid(
+                "exporter.sink.mode",
+                format!("unknown mode {other:?}; expected one of structured, batch"),
+            ))
+        }
+    };
+    let mut batch = DEFAULT_BATCH;
+    if let Some(n) = int(
+        "exporter.sink.batch_max_events",
+        raw.batch_max_events,
+        warnings,
+    ) {
+        batch.max_events = in_range("exporter.sink.batch_max_events", n, 1, 10_000)? as usize;
+    }
+    if let Some(n) = int(
+        "exporter.sink.batch_max_bytes",
+        raw.batch_max_bytes,
+        warnings,
+    ) {
+        let max = 64 * 1024 * 1024;
+        batch.max_bytes = in_range("exporter.sink.batch_max_bytes", n, 1024, max)? as usize;
+    }
+    if let Some(linger) = &raw.batch_linger {
+        duration_at_most(
+            "exporter.sink.batch_linger",
+            linger.0,
+            Duration::from_secs(1),
+        )?;
+        batch.linger = linger.0;
+    }
+    Ok((mode, batch))
+}
+
+fn sink(raw: raw::RawSink, warnings: &mut Vec<String>) -> Result<SinkConfig, ConfigError> {
+    let (mode, batch) = sink_mode(&raw, warnings)?;
     let endpoint = raw.endpoint.map(|t| t.0).unwrap_or_default();
     if endpoint.trim().is_empty() {
         return Err(invalid("exporter.sink.endpoint", "is required"));
@@ -418,11 +522,26 @@ fn sink(raw: raw::RawSink) -> Result<SinkConfig, ConfigError> {
         return Err(invalid("exporter.sink.timeout", "must be greater than 0"));
     }
     duration_at_most("exporter.sink.timeout", timeout, MAX_WAIT)?;
+    let concurrency = match raw.concurrency {
+        None => ConcurrencyMode::Fixed,
+        Some(raw::Text(name)) => ConcurrencyMode::from_name(name.trim()).ok_or_else(|| {
+            invalid(
+                "exporter.sink.concurrency",
+                format!(
+                    "unknown mode {name:?}; expected one of {}",
+                    ConcurrencyMode::NAMES.join(", ")
+                ),
+            )
+        })?,
+    };
     Ok(SinkConfig {
         endpoint,
         timeout,
         insecure_skip_verify: raw.insecure_skip_verify.is_some_and(|f| f.0),
         ca_file: raw.ca_file.map(|t| PathBuf::from(t.0)),
+        concurrency,
+        mode,
+        batch,
     })
 }
 

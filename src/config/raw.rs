@@ -50,6 +50,11 @@ pub(super) struct RawSink {
     pub timeout: Option<GoDuration>,
     pub insecure_skip_verify: Option<Flag>,
     pub ca_file: Option<Text>,
+    pub concurrency: Option<Text>,
+    pub mode: Option<Text>,
+    pub batch_max_events: Option<Int>,
+    pub batch_max_bytes: Option<Int>,
+    pub batch_linger: Option<GoDuration>,
 }
 
 /// `[exporter.oidc]`.

@@ -583,7 +583,17 @@ fn cluster_must_be_a_uri_host() {
 fn known_keys_are_the_serde_field_names() {
     assert_eq!(
         keys::fields::<raw::RawSink>(),
-        ["endpoint", "timeout", "insecure_skip_verify", "ca_file"]
+        [
+            "endpoint",
+            "timeout",
+            "insecure_skip_verify",
+            "ca_file",
+            "concurrency",
+            "mode",
+            "batch_max_events",
+            "batch_max_bytes",
+            "batch_linger"
+        ]
     );
     assert_eq!(keys::table_keys(""), Some(&["exporter"][..]));
     assert_eq!(keys::table_keys("exporter.metadata"), Some(&[][..]));
@@ -796,4 +806,75 @@ fn cloudevent_subject_is_none_unless_asked_for() {
     ));
     assert!(error.starts_with("exporter.cloudevent.subject:"), "{error}");
     assert!(error.contains("node_name"), "{error}");
+}
+
+#[test]
+fn sink_concurrency_is_fixed_unless_adaptive_is_asked_for() {
+    let config = Config::parse(FULL).expect("valid config");
+    assert_eq!(config.sink.concurrency, ConcurrencyMode::Fixed);
+    let adaptive = FULL.replace(
+        "timeout = \"10s\"",
+        "timeout = \"10s\"\nconcurrency = \"adaptive\"",
+    );
+    let config = Config::parse(&adaptive).expect("valid config");
+    assert_eq!(config.sink.concurrency, ConcurrencyMode::Adaptive);
+    let shown = serde_json::to_value(&config.sink).expect("serializable");
+    assert_eq!(shown["concurrency"], "adaptive");
+
+    let unknown = FULL.replace(
+        "timeout = \"10s\"",
+        "timeout = \"10s\"\nconcurrency = \"aimd\"",
+    );
+    assert_eq!(
+        error_of(&unknown),
+        "exporter.sink.concurrency: unknown mode \"aimd\"; expected one of fixed, adaptive"
+    );
+    let misspelled = FULL.replace(
+        "timeout = \"10s\"",
+        "timeout = \"10s\"\nconcurency = \"adaptive\"",
+    );
+    let config = Config::parse(&misspelled).expect("unknown keys are not fatal");
+    assert_eq!(
+        config.unknown_key_messages(),
+        vec!["exporter.sink.concurency: unknown key (did you mean exporter.sink.concurrency?)"]
+    );
+}
+
+#[test]
+fn sink_mode_is_structured_unless_batch_is_asked_for() {
+    let config = Config::parse(FULL).expect("valid config");
+    assert_eq!(config.sink.mode, SinkMode::Structured);
+    assert_eq!(config.sink.batch, DEFAULT_BATCH);
+    let with =
+        |extra: &str| FULL.replace("timeout = \"10s\"", &format!("timeout = \"10s\"\n{extra}"));
+    let config = Config::parse(&with(
+        "mode = \"batch\"\nbatch_max_events = 500\nbatch_max_bytes = 65536\nbatch_linger = \"50ms\"",
+    ))
+    .expect("valid config");
+    assert_eq!(config.sink.mode, SinkMode::Batch);
+    assert_eq!(
+        config.sink.batch,
+        BatchLimits {
+            max_events: 500,
+            max_bytes: 65536,
+            linger: Duration::from_millis(50)
+        }
+    );
+    for (extra, message) in [
+        (
+            "mode = \"binary\"",
+            "exporter.sink.mode: unknown mode \"binary\"; expected one of structured, batch",
+        ),
+        (
+            "batch_max_events = 0",
+            "exporter.sink.batch_max_events: must be from 1 to 10000, got 0",
+        ),
+        (
+            "batch_max_bytes = 10",
+            "exporter.sink.batch_max_bytes: must be from 1024 to 67108864, got 10",
+        ),
+    ] {
+        assert_eq!(error_of(&with(extra)), message);
+    }
+    assert!(error_of(&with("batch_linger = \"2s\"")).starts_with("exporter.sink.batch_linger:"));
 }

@@ -44,7 +44,8 @@ pub struct Feeds<S, C, B, P: PlanStore> {
 
 /// The background tasks that must live as long as the feeds.
 pub struct Background {
-    /// A task that must not end while the exporter runs (PostgreSQL's LISTEN).
+    /// A task that must not end while the exporter runs (PostgreSQL's LISTEN, MongoDB's
+    /// client-certificate watcher), except after cancelling the shutdown token itself.
     pub listener: Option<JoinHandle<()>>,
     /// The leadership held (PostgreSQL's lock, MongoDB's lease) and the task proving it.
     pub leadership: Held,

@@ -4,7 +4,9 @@
 //! asks the dispatcher what to do; time is passed in, so the rules are tested without sleeping.
 //!
 //! Rules:
-//! - Skips finish at once; events wait for a worker, and no new batch is taken while one waits.
+//! - Skips finish at once; events wait for a worker, and no new batch is taken while one waits
+//!   (batch mode: while `batch` wait). A worker takes up to `batch` waiting events at once;
+//!   fewer than `batch` wait at most `linger` for more, unless the source ran out.
 //! - A failed event stops intake (`Flow::Stop`); its position stays unfinished, so the
 //!   checkpoint stops below it. A cancelled event also stays unfinished.
 //! - The checkpoint written is the sequence tracker's contiguous prefix, written as soon as it
@@ -47,6 +49,12 @@ pub(super) struct Dispatcher {
     failure: Option<PipelineError>,
     /// The source ran out.
     finished: bool,
+    /// Events one worker takes at once (1 unless batch mode).
+    batch: usize,
+    /// How long fewer than `batch` waiting events wait for more.
+    linger: Duration,
+    /// When the oldest waiting event began to wait.
+    waiting_since: Option<Instant>,
 }
 
 impl Dispatcher {
@@ -65,22 +73,52 @@ impl Dispatcher {
             unfinished: BTreeMap::new(),
             failure: None,
             finished: false,
+            batch: 1,
+            linger: Duration::ZERO,
+            waiting_since: None,
         }
     }
 
-    /// Whether a new batch may be taken: only when no event waits for a worker.
+    /// Batch mode: a worker takes up to `batch` events (at least 1); fewer wait up to `linger`.
+    pub fn with_batching(mut self, batch: usize, linger: Duration) -> Self {
+        self.batch = batch.max(1);
+        self.linger = linger;
+        self
+    }
+
+    /// Whether a new batch may be taken: only while fewer than `batch` events wait for a
+    /// worker (one: none waits) and the source has not ended.
     pub fn accepts_changes(&self) -> bool {
-        self.waiting.is_empty()
+        self.waiting.len() < self.batch && !self.finished
     }
 
-    /// Whether an event waits for a worker.
-    pub fn has_waiting(&self) -> bool {
-        !self.waiting.is_empty()
+    /// Whether events wait for a worker and may go now: `batch` of them, or the oldest waited
+    /// `linger`, or the source ended.
+    pub fn has_waiting(&self, now: Instant) -> bool {
+        !self.waiting.is_empty() && self.linger_due().is_none_or(|due| now >= due)
     }
 
-    /// The next event for a worker.
-    pub fn next_event(&mut self) -> Option<(Change, RawEvent)> {
-        self.waiting.pop_front()
+    /// When waiting events stop lingering for more (`None`: nothing lingers).
+    pub fn linger_due(&self) -> Option<Instant> {
+        if self.waiting.len() >= self.batch || self.finished {
+            return None;
+        }
+        self.waiting_since.map(|since| after(since, self.linger))
+    }
+
+    /// The next events for a worker: at most `batch`, in order.
+    pub fn next_events(&mut self) -> Vec<(Change, RawEvent)> {
+        let take = self.batch.min(self.waiting.len());
+        let events: Vec<_> = self.waiting.drain(..take).collect();
+        if self.waiting.is_empty() {
+            self.waiting_since = None;
+        }
+        events
+    }
+
+    /// Whether intake is over: the source ended and nothing waits for a worker.
+    pub fn intake_done(&self) -> bool {
+        self.finished && self.waiting.is_empty()
     }
 
     /// A batch from the reader (or its end or error).
@@ -89,7 +127,12 @@ impl Dispatcher {
             Some(Ok(Some(changes))) => changes,
             Some(Ok(None)) => {
                 self.finished = true;
-                return Flow::Stop;
+                // Events still waiting go to workers first.
+                return if self.waiting.is_empty() {
+                    Flow::Stop
+                } else {
+                    Flow::Continue
+                };
             }
             Some(Err(error)) => return self.fail(PipelineError::Source(error)),
             None => {
@@ -118,6 +161,7 @@ impl Dispatcher {
                 }
                 let event = event.clone();
                 crate::watchdog::global().received();
+                self.waiting_since.get_or_insert(now);
                 self.waiting.push_back((change, event));
             }
         }

@@ -14,6 +14,7 @@
 //! the events finished behind an earlier one still in flight, and the events finished within
 //! the last `save_interval` (plus the duration of one token write).
 
+mod batch;
 mod dispatcher;
 mod tracker;
 
@@ -27,7 +28,7 @@ use chrono::{DateTime, Utc};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -37,6 +38,7 @@ use crate::datastore::{Change, ChangeSource, CheckpointStore, DatastoreError, Ra
 use crate::filter::Filter;
 use crate::metrics;
 use crate::model::{decode_document, traceparent, HealthEvent};
+use crate::sink::concurrency::Concurrency;
 use crate::sink::dead_letter::{self, DeadLetter};
 use crate::sink::http::Delivery;
 use crate::sink::{PublishError, Publisher};
@@ -82,6 +84,8 @@ pub struct EventHandler {
     pub filter: Option<Filter>,
     /// Where permanently rejected events go (`on_rejected = "dead_letter"`); `None` stops.
     pub dead_letter: Option<DeadLetter>,
+    /// `Some` in batch mode (`exporter.sink.mode = "batch"`): events go as JSON arrays.
+    pub batch: Option<crate::config::BatchLimits>,
 }
 
 impl EventHandler {
@@ -290,8 +294,9 @@ pub struct Pipeline<S, C> {
     pub source: S,
     pub checkpoints: Arc<C>,
     pub handler: Arc<EventHandler>,
-    /// Concurrent publishes, shared by the stream and a running backfill.
-    pub permits: Arc<Semaphore>,
+    /// Concurrent publishes (`workers`, or the adaptive limit), shared by the stream and a
+    /// running backfill.
+    pub permits: Arc<Concurrency>,
     /// How long in-flight publishes may finish after intake stops.
     pub grace: Duration,
     /// Whether a resume token existed at start; if not, the first checkpoint is written even
@@ -333,6 +338,9 @@ impl<S: ChangeSource + 'static, C: CheckpointStore> Pipeline<S, C> {
         let now = tokio::time::Instant::now();
         let start = source.start_position();
         let mut dispatcher = Dispatcher::new(feed, start, had_token, save_interval, now);
+        if let Some(limits) = handler.batch {
+            dispatcher = dispatcher.with_batching(limits.max_events, limits.linger);
+        }
         let mut reader = ReaderTask::spawn(source);
         let mut workers = Workers::new(handler, feed);
         let io = Io {
@@ -412,7 +420,8 @@ impl Workers {
         }
     }
 
-    fn spawn(&mut self, permit: OwnedSemaphorePermit, change: Change, event: RawEvent) {
+    /// One worker for `events` (one, or a batch in batch mode).
+    fn spawn(&mut self, permit: OwnedSemaphorePermit, events: Vec<(Change, RawEvent)>) {
         let Some(results) = self.results_tx.clone() else {
             return; // closed: intake is over
         };
@@ -420,12 +429,24 @@ impl Workers {
         self.in_flight.spawn(async move {
             let _permit = permit;
             let gauge = &metrics::get().events_in_flight;
-            gauge.inc();
+            let count = i64::try_from(events.len()).unwrap_or(i64::MAX);
+            gauge.inc_by(count);
             crate::panics::debug_panic_point("publish");
-            let outcome = handler.handle(feed, change.position, &event, &cancel).await;
-            gauge.dec();
-            crate::watchdog::global().finished();
-            let _ = results.send((change, outcome));
+            let outcomes = match handler.batch {
+                Some(limits) => batch::handle(&handler, feed, &events, limits, &cancel).await,
+                None => {
+                    let mut outcomes = Vec::with_capacity(events.len());
+                    for (change, event) in &events {
+                        outcomes.push(handler.handle(feed, change.position, event, &cancel).await);
+                    }
+                    outcomes
+                }
+            };
+            gauge.dec_by(count);
+            for ((change, _), outcome) in events.into_iter().zip(outcomes) {
+                crate::watchdog::global().finished();
+                let _ = results.send((change, outcome));
+            }
         });
     }
 
@@ -472,7 +493,7 @@ impl<C: CheckpointStore> Io<'_, C> {
         dispatcher: &mut Dispatcher,
         workers: &mut Workers,
         reader: &mut ReaderTask,
-        permits: &Arc<Semaphore>,
+        permits: &Concurrency,
     ) {
         let first_tick = after(tokio::time::Instant::now(), LAG_INTERVAL);
         let mut tick = tokio::time::interval_at(first_tick, LAG_INTERVAL);
@@ -489,15 +510,18 @@ impl<C: CheckpointStore> Io<'_, C> {
                     dispatcher.on_result(change, outcome, now())
                 }
                 // Waiting for a worker is one arm, so results and saves go on meanwhile.
-                permit = permits.clone().acquire_owned(), if dispatcher.has_waiting() => {
-                    match (permit, dispatcher.next_event()) {
-                        (Ok(permit), Some((change, event))) => {
-                            workers.spawn(permit, change, event);
-                            Flow::Continue
+                permit = permits.acquire(), if dispatcher.has_waiting(now()) => {
+                    let events = dispatcher.next_events();
+                    match permit {
+                        Ok(permit) if !events.is_empty() => {
+                            workers.spawn(permit, events);
+                            if dispatcher.intake_done() { Flow::Stop } else { Flow::Continue }
                         }
                         _ => Flow::Stop,
                     }
                 }
+                // Fewer than a batch waiting: they go once the linger is over.
+                _ = sleep_until_some(dispatcher.linger_due()) => Flow::Continue,
                 received = reader.changes.recv(), if dispatcher.accepts_changes() => {
                     dispatcher.on_received(received, now())
                 }

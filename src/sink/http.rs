@@ -20,9 +20,13 @@ use reqwest::StatusCode;
 use tokio_util::sync::CancellationToken;
 
 use super::auth::{AuthError, TokenProvider};
+use super::concurrency::{Concurrency, Signal};
 use super::retry::Backoff;
 use crate::cloudevent::CONTENT_TYPE as CLOUDEVENTS_JSON;
 use crate::config::RetryPolicy;
+
+/// The CloudEvents HTTP binding's batched content mode: a JSON array of structured events.
+pub const CLOUDEVENTS_BATCH_JSON: &str = "application/cloudevents-batch+json";
 
 /// At most this many bytes of a sink response body are read.
 pub const BODY_LIMIT: usize = 4 * 1024;
@@ -80,6 +84,21 @@ enum Attempt {
     Failed(AttemptFailure),
 }
 
+impl Attempt {
+    /// What the attempt says about the sink's load: 429, 503 and timeouts are back-pressure;
+    /// any other answer is a round trip; no answer (connect, token) says nothing.
+    fn signal(&self) -> Signal {
+        match self {
+            Attempt::Delivered(_) => Signal::Answered,
+            Attempt::Failed(failure) => match (failure.status, failure.reason) {
+                (Some(429 | 503), _) | (_, "timeout") => Signal::Backpressure,
+                (Some(_), _) => Signal::Answered,
+                (None, _) => Signal::Ignored,
+            },
+        }
+    }
+}
+
 pub struct Publisher {
     http: reqwest::Client,
     endpoint: reqwest::Url,
@@ -87,6 +106,8 @@ pub struct Publisher {
     policy: RetryPolicy,
     rejected_statuses: Vec<u16>,
     already_delivered_statuses: Vec<u16>,
+    /// Told each attempt's round trip and outcome (adaptive concurrency).
+    concurrency: Option<Arc<Concurrency>>,
 }
 
 impl Publisher {
@@ -103,7 +124,15 @@ impl Publisher {
             policy,
             rejected_statuses: Vec::new(),
             already_delivered_statuses: Vec::new(),
+            concurrency: None,
         }
+    }
+
+    /// Reports every attempt's round trip and outcome to `concurrency`, whose adaptive limit
+    /// follows them.
+    pub fn with_concurrency(mut self, concurrency: Arc<Concurrency>) -> Publisher {
+        self.concurrency = Some(concurrency);
+        self
     }
 
     /// Sets which final statuses mean "the sink will never take this event"
@@ -129,6 +158,20 @@ impl Publisher {
         traceparent: Option<&str>,
         cancel: &CancellationToken,
     ) -> Result<Delivery, PublishError> {
+        self.publish_as(body, CLOUDEVENTS_JSON, event_id, traceparent, cancel)
+            .await
+    }
+
+    /// [`Publisher::publish`] with another content type (`application/cloudevents-batch+json`
+    /// for a batch, whose `event_id` names its first event in logs).
+    pub async fn publish_as(
+        &self,
+        body: &[u8],
+        content_type: &'static str,
+        event_id: &str,
+        traceparent: Option<&str>,
+        cancel: &CancellationToken,
+    ) -> Result<Delivery, PublishError> {
         let started = Instant::now();
         let mut backoff = Backoff::new(&self.policy);
         let mut attempts: u32 = 0;
@@ -141,7 +184,12 @@ impl Publisher {
                     _ = crate::leader::gate().leading() => {}
                 }
             }
-            let failure = match self.attempt(body, traceparent).await {
+            let sent = Instant::now();
+            let attempt = self.attempt(body, content_type, traceparent).await;
+            if let Some(concurrency) = &self.concurrency {
+                concurrency.observe(sent.elapsed(), attempt.signal());
+            }
+            let failure = match attempt {
                 Attempt::Delivered(delivery) => return Ok(delivery),
                 Attempt::Failed(failure) => failure,
             };
@@ -182,7 +230,12 @@ impl Publisher {
     }
 
     /// One attempt, including at most one immediate retry after a 401 with a fresh token.
-    async fn attempt(&self, body: &[u8], traceparent: Option<&str>) -> Attempt {
+    async fn attempt(
+        &self,
+        body: &[u8],
+        content_type: &'static str,
+        traceparent: Option<&str>,
+    ) -> Attempt {
         let mut refreshed = false;
         loop {
             let token = match &self.auth {
@@ -195,7 +248,7 @@ impl Publisher {
             let mut request = self
                 .http
                 .post(self.endpoint.clone())
-                .header(CONTENT_TYPE, HeaderValue::from_static(CLOUDEVENTS_JSON))
+                .header(CONTENT_TYPE, HeaderValue::from_static(content_type))
                 .body(body.to_vec());
             if let Some(token) = &token {
                 request = request.header(AUTHORIZATION, format!("Bearer {token}"));

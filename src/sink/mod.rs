@@ -1,7 +1,9 @@
 //! Delivery to the sink: an HTTP client that POSTs each CloudEvent (`http`), an OAuth2
-//! client-credentials token cache (`auth`), and upstream's retry schedule (`retry`).
+//! client-credentials token cache (`auth`), upstream's retry schedule (`retry`), and how many
+//! requests may be in flight (`concurrency`).
 
 pub(crate) mod auth;
+pub mod concurrency;
 pub(crate) mod dead_letter;
 pub(crate) mod http;
 pub mod retry;

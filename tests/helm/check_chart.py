@@ -202,6 +202,13 @@ def expected_effective(values: dict, metadata: dict[str, str]) -> dict:
             "timeout": go_duration_ns(sink["timeout"]),
             "insecure_skip_verify": sink["insecureSkipVerify"],
             "ca_file": sink.get("caFile") or None,
+            "concurrency": sink.get("concurrency") or "fixed",
+            "mode": sink.get("mode") or "structured",
+            "batch": {
+                "max_events": sink.get("batchMaxEvents") or 100,
+                "max_bytes": sink.get("batchMaxBytes") or 1048576,
+                "linger": go_duration_ns(sink.get("batchLinger") or "10ms"),
+            },
         },
         "oidc": None if not oidc["enabled"] else {
             "token_url": oidc["tokenUrl"],
@@ -250,6 +257,7 @@ def expected_effective(values: dict, metadata: dict[str, str]) -> dict:
 def normalise_effective(report: dict) -> dict:
     """check-config's `exporter` object with durations in nanoseconds."""
     effective = copy.deepcopy(report["exporter"])
+    effective["sink"]["batch"]["linger"] = go_duration_ns(effective["sink"]["batch"]["linger"])
     for section, keys in (("sink", ["timeout"]), ("backfill", ["max_age"]),
                           ("failure_handling", ["initial_backoff", "max_backoff"])):
         for key in keys:
@@ -588,6 +596,11 @@ CASES: list[dict[str, Any]] = [
         "enabled": True, "maxAge": "2160h", "maxEvents": 5000000, "batchSize": 1000,
         "rateLimit": 5000}}}},
     {"name": "disabled backfill", "values": {"exporter": {"backfill": {"enabled": False}}}},
+    {"name": "adaptive sink concurrency", "values": {"exporter": {"sink": {
+        "concurrency": "adaptive"}}}},
+    {"name": "batched sink mode", "values": {"exporter": {"sink": {
+        "mode": "batch", "batchMaxEvents": 500, "batchMaxBytes": 262144,
+        "batchLinger": "50ms"}}}},
     {"name": "fast retries", "values": {"exporter": {"failureHandling": {
         "maxRetries": 10, "initialBackoff": "100ms", "maxBackoff": "10s",
         "backoffMultiplier": 1.5}}}},

@@ -2,6 +2,7 @@
 //! and can be scripted to fail, throttle or slow down.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,8 +19,11 @@ use super::token::TokenRegistry;
 /// The only path the sink accepts events on.
 pub const EVENTS_PATH: &str = "/api/v1/events";
 
-/// The only content type accepted (structured-mode CloudEvents, no parameters).
+/// The content type of one event (structured-mode CloudEvents, no parameters).
 pub const CLOUDEVENTS_JSON: &str = "application/cloudevents+json";
+
+/// The content type of a batch (a JSON array of structured events, no parameters).
+pub const CLOUDEVENTS_BATCH_JSON: &str = "application/cloudevents-batch+json";
 
 /// How the sink behaves at start; everything can be changed later too.
 #[derive(Clone, Default)]
@@ -61,6 +65,9 @@ struct SinkState {
     scripted: Mutex<VecDeque<Scripted>>,
     fail_always: Mutex<Option<u16>>,
     requests: Mutex<Vec<RecordedRequest>>,
+    /// Requests being answered right now, and the most there ever were at once.
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
 }
 
 /// The running sink. Dropping it shuts the server down (idle keep-alive
@@ -89,6 +96,8 @@ impl SinkServer {
             scripted: Mutex::new(VecDeque::new()),
             fail_always: Mutex::new(None),
             requests: Mutex::new(Vec::new()),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: AtomicUsize::new(0),
         });
         // Every request goes through one handler so 404/405s are recorded too.
         let router = Router::new()
@@ -159,17 +168,26 @@ impl SinkServer {
         self.state.requests.lock().expect("sink mutex").clear();
     }
 
+    /// The most requests the sink was answering at once so far.
+    pub fn max_in_flight(&self) -> usize {
+        self.state.max_in_flight.load(Ordering::SeqCst)
+    }
+
     /// Every request so far, in the order answered.
     pub fn requests(&self) -> Vec<RecordedRequest> {
         self.state.requests.lock().expect("sink mutex").clone()
     }
 
-    /// Parsed bodies of requests answered 2xx.
+    /// Parsed events of requests answered 2xx (a batch's events one by one).
     pub fn accepted(&self) -> Vec<Value> {
         self.requests()
             .into_iter()
             .filter(RecordedRequest::is_success)
             .filter_map(|r| r.json)
+            .flat_map(|json| match json {
+                Value::Array(events) => events,
+                event => vec![event],
+            })
             .collect()
     }
 
@@ -235,11 +253,13 @@ async fn sink_handler(
     body: Bytes,
 ) -> Response {
     let received_at = Instant::now();
+    let counted = InFlight::enter(&state);
     let latency = *state.latency.lock().expect("sink mutex");
     if let Some(latency) = latency {
         tokio::time::sleep(latency).await;
     }
     let (status, retry_after, body_json) = decide(&state, &method, &uri, &headers).await;
+    drop(counted);
 
     let mut recorded = RecordedRequest::new(&method, &uri, &headers, &body, received_at);
     recorded.status = status.as_u16();
@@ -266,6 +286,23 @@ async fn sink_handler(
     response
 }
 
+/// Counts one request as being answered until dropped (also when the client hangs up).
+struct InFlight<'a>(&'a SinkState);
+
+impl<'a> InFlight<'a> {
+    fn enter(state: &'a SinkState) -> InFlight<'a> {
+        let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        state.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        InFlight(state)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Status, optional Retry-After and JSON body for one request, in check order:
 /// path, method, content type, bearer token, scripted/failing answers, 202.
 async fn decide(
@@ -285,11 +322,13 @@ async fn decide(
         );
     }
     let content_type = headers.get(header::CONTENT_TYPE).map(HeaderValue::as_bytes);
-    if content_type != Some(CLOUDEVENTS_JSON.as_bytes()) {
+    if content_type != Some(CLOUDEVENTS_JSON.as_bytes())
+        && content_type != Some(CLOUDEVENTS_BATCH_JSON.as_bytes())
+    {
         return (
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             None,
-            json!({"error": format!("content-type must be {CLOUDEVENTS_JSON}")}),
+            json!({"error": format!("content-type must be {CLOUDEVENTS_JSON} or {CLOUDEVENTS_BATCH_JSON}")}),
         );
     }
     let registry = state.token_registry.lock().expect("sink mutex").clone();

@@ -46,6 +46,21 @@ impl Pair {
     }
 }
 
+/// The test CA's parameters (the same every time, so a CA key can sign again later).
+fn ca_params() -> CertificateParams {
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params must build");
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "event-exporter test CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    ca_params
+}
+
 /// Where [`TestPki::write_to`] put the files. Names follow NVSentinel's mounts:
 /// the client secret `postgresql-client-cert` holds `tls.crt`, `tls.key`, `ca.crt`.
 #[derive(Clone, Debug)]
@@ -67,17 +82,7 @@ impl TestPki {
     /// Same as [`TestPki::generate`] with another client CN (e.g. to test that
     /// PostgreSQL rejects a certificate for the wrong user).
     pub fn generate_with_client_cn(client_cn: &str) -> Self {
-        let mut ca_params =
-            CertificateParams::new(Vec::<String>::new()).expect("CA params must build");
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "event-exporter test CA");
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        let ca_params = ca_params();
         let ca_key = KeyPair::generate().expect("generate CA key");
         let ca_key_pem = ca_key.serialize_pem();
         let ca_key_der = ca_key.serialize_der();
@@ -117,6 +122,23 @@ impl TestPki {
             server,
             client,
         }
+    }
+
+    /// A new client certificate (and key, PEM) with CN `cn`, signed by this CA: a rotated
+    /// client certificate, as cert-manager issues it.
+    pub fn issue_client(&self, cn: &str) -> (String, String) {
+        let ca_key = KeyPair::from_pem(&self.ca.key_pem).expect("CA key");
+        let issuer = rcgen::Issuer::new(ca_params(), ca_key);
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("leaf params");
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate().expect("generate leaf key");
+        let cert = params.signed_by(&key, &issuer).expect("sign leaf cert");
+        (cert.pem(), key.serialize_pem())
     }
 
     pub fn ca_cert_pem(&self) -> &str {

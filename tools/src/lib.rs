@@ -5,7 +5,8 @@
 //!   and fault switches (operators, the tests, the demo and the benchmarks deliver to it);
 //! - [`generate`]: writes realistic NVSentinel health events into the PostgreSQL datastore;
 //! - [`demo`]: the whole job on this machine in one command;
-//! - [`bench`]: streaming and backfill benchmarks of the exporter;
+//! - [`bench`]: the benchmarks (drain vs a `wrk` → nginx ceiling, a slow sink, latency,
+//!   backfills, CPU per event, callgrind instructions per event);
 //! - [`local_postgres`]: the local PostgreSQL, or a throwaway cluster started with `initdb` and
 //!   `pg_ctl` when none answers (the integration tests' clusters, with TLS and restarts, too).
 //!

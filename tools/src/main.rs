@@ -39,7 +39,8 @@ struct LogArgs {
 enum Command {
     /// Run a reference CloudEvents sink with an OAuth2 token endpoint (for development and
     /// tests): the sink contract of NVSentinel's Event Exporter configuration guide (POST,
-    /// `application/cloudevents+json`, Bearer token, 2xx), deduplication, and fault injection.
+    /// `application/cloudevents+json` or batches as `application/cloudevents-batch+json`, Bearer
+    /// token, 2xx), deduplication, and fault injection.
     Sink(Box<sink::SinkArgs>),
     /// Write realistic NVSentinel health events into the PostgreSQL datastore named by the
     /// `DATASTORE_*` environment (DATASTORE_HOST, DATASTORE_PORT, DATASTORE_DATABASE,

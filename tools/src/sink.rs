@@ -4,10 +4,12 @@
 //!
 //! An event request meets the rules in this order (the first one broken decides the answer):
 //! POST at `--path` (else 405, other paths 404); a Bearer token this server issued and that has
-//! not expired (401, unless `--no-auth`); `Content-Type: application/cloudevents+json` (415); a
-//! CloudEvents 1.0 JSON event (400 naming the problem); then the fault injection switches; then
-//! 202 `{"status":"accepted"}`. Events are deduplicated on `source` + `id` and each new one is
-//! appended as one JSON line to `--out`.
+//! not expired (401, unless `--no-auth`); `Content-Type: application/cloudevents+json` or, for
+//! the batched content mode, `application/cloudevents-batch+json` (else 415); a CloudEvents 1.0
+//! JSON event, or a JSON array whose every element is one (else 400 naming the problem and, in
+//! a batch, the element); then the fault injection switches (one roll per request); then 202
+//! `{"status":"accepted"}` (a batch: with `accepted` and `duplicates` counts). Events are
+//! deduplicated on `source` + `id` and each new one is appended as one JSON line to `--out`.
 //!
 //! [`start`] runs the server in-process (the `sink` command, the demo and the benchmarks use
 //! it); [`run`] is the command: it adds the signal handling and the running count on stderr.

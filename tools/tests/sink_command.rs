@@ -244,7 +244,7 @@ async fn content_type_must_be_cloudevents_json() {
         None,
         Some("application/json"),
         Some("text/plain"),
-        Some("application/cloudevents-batch+json"),
+        Some("application/cloudevents-batch+json; charset=latin1"),
         Some("application/cloudevents+json; charset=latin1"),
     ] {
         let a = h.post_event(Some(&token), content_type, body.clone()).await;
@@ -872,4 +872,60 @@ fn binary_refuses_bad_flags_with_status_2() {
     let (code, output) = support::exporter::run_once(&["sink", "--fail-rate", "1.5"], &[]);
     assert_eq!(code, Some(2), "{output}");
     assert!(output.contains("--fail-rate"), "{output}");
+}
+
+const BATCH_CONTENT_TYPE: &str = "application/cloudevents-batch+json";
+
+#[tokio::test]
+async fn batches_are_validated_whole_deduplicated_and_stored_event_by_event() {
+    let h = Harness::start(|_| {}).await;
+    let token = h.token().await;
+    let events: Vec<Value> = (0..4)
+        .map(|i| serde_json::from_slice(&exporter_event("node-batch", i).1).expect("JSON"))
+        .collect();
+    let batch = |events: &[Value]| serde_json::to_vec(events).expect("serializable");
+    let a = h
+        .post_event(Some(&token), Some(BATCH_CONTENT_TYPE), batch(&events[..3]))
+        .await;
+    assert_eq!(a.status, StatusCode::ACCEPTED, "{}", a.body);
+    assert_eq!(
+        a.body,
+        json!({"status": "accepted", "accepted": 3, "duplicates": 0})
+    );
+    // A re-sent batch overlapping the first: the known events are duplicates.
+    let a = h
+        .post_event(Some(&token), Some(BATCH_CONTENT_TYPE), batch(&events[2..]))
+        .await;
+    assert_eq!(
+        a.body,
+        json!({"status": "accepted", "accepted": 1, "duplicates": 1})
+    );
+    assert_eq!((h.sink.accepted(), h.sink.duplicates()), (4, 1));
+    let kept: Vec<Value> = h.sink.events().into_iter().map(|r| r.event).collect();
+    assert_eq!(kept, events, "each event stored once, in order");
+
+    // One bad element refuses the whole batch, naming it; nothing of it is stored.
+    let mut bad = events.clone();
+    bad[1]["specversion"] = json!("0.3");
+    let a = h
+        .post_event(Some(&token), Some(BATCH_CONTENT_TYPE), batch(&bad))
+        .await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST, "{}", a.body);
+    assert!(
+        a.body["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("batch element 1:")),
+        "{}",
+        a.body
+    );
+    let a = h
+        .post_event(Some(&token), Some(BATCH_CONTENT_TYPE), b"{}".to_vec())
+        .await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST, "{}", a.body);
+    // A structured body sent as a batch, or a batch sent as one event, is refused too.
+    let a = h
+        .post_event(Some(&token), Some(CONTENT_TYPE), batch(&events[..1]))
+        .await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST, "{}", a.body);
+    assert_eq!(h.sink.accepted(), 4);
 }

@@ -6,6 +6,7 @@ mod backfill;
 pub mod decode;
 mod keyset;
 pub mod lease;
+mod rotation;
 pub(crate) mod settings;
 mod start;
 mod stream;

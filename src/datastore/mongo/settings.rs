@@ -103,6 +103,10 @@ pub struct TlsFiles {
     pub ca_mount_timeout: Duration,
     /// `CA_CERT_READ_INTERVAL_SECONDS` (5 s).
     pub ca_read_interval: Duration,
+    /// `MONGODB_ENABLE_CERT_ROTATION` (upstream's; true/false as Go's `strconv.ParseBool`):
+    /// watch the client certificate and key and restart in place when they change, every
+    /// `MONGODB_CERT_ROTATION_CHECK_SECONDS` (this exporter's; 10 s). `None` when off.
+    pub rotation_check: Option<Duration>,
 }
 
 /// Everything the exporter needs to open its MongoDB client.
@@ -221,6 +225,15 @@ impl MongoSettings {
         }
         let (ca_mount_timeout, _) = seconds(&["CA_CERT_MOUNT_TIMEOUT_TOTAL_SECONDS"], 360)?;
         let (ca_read_interval, _) = seconds(&["CA_CERT_READ_INTERVAL_SECONDS"], 5)?;
+        const ROTATION: &str = "MONGODB_ENABLE_CERT_ROTATION";
+        let rotation = match var(ROTATION) {
+            None => false,
+            Some(text) => parse_bool(&text).ok_or_else(|| MongoSettingsError::Invalid {
+                name: ROTATION,
+                reason: format!("{text:?} is not true or false"),
+            })?,
+        };
+        let (rotation_check, _) = seconds(&["MONGODB_CERT_ROTATION_CHECK_SECONDS"], 10)?;
 
         // The mount directory: set → waited for; set but blank → none; unset → the default,
         // used only if its files are there.
@@ -251,6 +264,7 @@ impl MongoSettings {
             key: named("MONGODB_CLIENT_KEY_PATH")?.or_else(|| in_mount("tls.key")),
             ca_mount_timeout,
             ca_read_interval,
+            rotation_check: rotation.then_some(rotation_check),
         };
 
         let uri = var("MONGODB_URI").unwrap_or_else(|| DEFAULT_URI.into());
@@ -318,6 +332,7 @@ impl MongoSettings {
                 "clientKey": file(&self.tls.key),
                 "caMountTimeoutSeconds": self.tls.ca_mount_timeout.as_secs(),
                 "caReadIntervalSeconds": self.tls.ca_read_interval.as_secs(),
+                "certRotationCheckSeconds": self.tls.rotation_check.map(|d| d.as_secs()),
                 "mode": self.tls_mode(),
             },
         })
@@ -491,7 +506,8 @@ fn readable(file: &NamedFile) -> Result<String, MongoSettingsError> {
 /// Writes the combined certificate and key to `client-<n>.pem` (mode 0600) in a directory of
 /// this process's own (mode 0700) under the temporary directory (`TMPDIR`, else `/tmp`; the
 /// chart mounts a memory-backed `emptyDir` there). The file stays for the life of the process:
-/// the driver reads it whenever a client is built from the options.
+/// the driver reads it whenever a client is built from the options. A file of the same name
+/// left by this process's previous image (an in-place restart keeps the pid) is replaced.
 fn write_key_copy(pem: &str) -> Result<PathBuf, MongoSettingsError> {
     use std::io::Write;
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -511,12 +527,21 @@ fn write_key_copy(pem: &str) -> Result<PathBuf, MongoSettingsError> {
         "client-{}.pem",
         NEXT.fetch_add(1, Ordering::Relaxed)
     ));
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .map_err(io(&path))?;
+    let create = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+    };
+    let mut file = match create() {
+        // Left by this process before it restarted in place (`crate::restart`: same pid).
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
+            std::fs::remove_file(&path).map_err(io(&path))?;
+            create().map_err(io(&path))?
+        }
+        opened => opened.map_err(io(&path))?,
+    };
     file.write_all(pem.as_bytes()).map_err(io(&path))?;
     Ok(path)
 }
@@ -559,6 +584,16 @@ fn redact_text(text: &str, uri: &str) -> String {
         out = out.replace(&decoded, "***");
     }
     out
+}
+
+/// A boolean as Go's `strconv.ParseBool` reads it (`1 t T TRUE true True`, `0 f F FALSE false
+/// False`); `None` otherwise.
+pub fn parse_bool(text: &str) -> Option<bool> {
+    match text {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

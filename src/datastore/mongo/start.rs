@@ -58,7 +58,7 @@ pub(crate) async fn start<L: Launch>(
         .stream
         .report_connection(startup.status.datastore_flag());
     let background = Background {
-        listener: None,
+        listener: super::rotation::spawn(&settings, startup.shutdown),
         leadership: held,
     };
     Ok(Some(launch.launch(feeds, background)))

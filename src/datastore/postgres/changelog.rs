@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use tokio::sync::Notify;
-use tokio_postgres::{Client, Row};
+use tokio_postgres::{Client, Row, Statement};
 
 use super::holes::{self, Holes, Span};
 use super::reset::{self, ResetWindow, Restart};
@@ -50,9 +50,44 @@ const ROW_COLUMNS: &str = "c.id, c.table_name, c.operation, c.changed_at, c.reco
      CASE WHEN c.table_name = 'health_events' AND c.operation = 'INSERT' \
           THEN c.new_values->>'created_at' END";
 
+/// The two statements of a poll, prepared once per connection (a `Statement` is a cheap
+/// handle; preparing costs a round trip and a parse on the server).
+#[derive(Clone)]
+struct Statements {
+    /// `read_new_sql`.
+    read_new: Statement,
+    /// `reread_holes_sql`.
+    reread_holes: Statement,
+}
+
+/// New rows above `$1` (at most `$2`), with the snapshot's `xmin` and the changelog's head
+/// (`$3`: the id sequence's name or NULL) in one statement: one snapshot.
+fn read_new_sql() -> String {
+    format!(
+        "SELECT pg_snapshot_xmin(s.snap)::text, s.head, \
+                {ROW_COLUMNS} \
+         FROM (SELECT pg_current_snapshot() AS snap, {HEAD} AS head) s \
+         LEFT JOIN LATERAL (SELECT * FROM datastore_changelog \
+                            WHERE id > $1 ORDER BY id LIMIT $2) c ON true"
+    )
+}
+
+/// The rows inside the id spans `$1[i]..=$2[i]` (the holes).
+fn reread_holes_sql() -> String {
+    format!(
+        "SELECT {ROW_COLUMNS} FROM datastore_changelog c \
+         JOIN unnest($1::bigint[], $2::bigint[]) AS h(first, last) \
+           ON c.id BETWEEN h.first AND h.last \
+         ORDER BY c.id"
+    )
+}
+
 pub struct ChangelogReader {
     connector: Connector,
     client: Option<Client>,
+    /// The statements every poll runs, prepared on `client` (`None` until the first poll on a
+    /// connection: a new connection prepares them again).
+    statements: Option<Statements>,
     /// Highest id seen.
     read_pos: u64,
     /// Runs of ids below `read_pos` not yet visible, with their tags (the rule: `holes`).
@@ -117,6 +152,7 @@ impl ChangelogReader {
         let mut reader = ChangelogReader {
             connector,
             client: None,
+            statements: None,
             read_pos: 0,
             holes: Holes::default(),
             exported_before: None,
@@ -355,6 +391,7 @@ impl ChangelogReader {
                     tracing::warn!(%error, retry_in = ?wait, "reading the changelog failed; reconnecting");
                     crate::metrics::get().datastore_reconnects.inc();
                     self.client = None;
+                    self.statements = None;
                     tokio::time::sleep(wait).await;
                 }
                 Err(error) => return Err(error),
@@ -365,7 +402,10 @@ impl ChangelogReader {
     async fn poll(&mut self) -> Result<Vec<Change>, DatastoreError> {
         let client = match self.client.take() {
             Some(client) if !client.is_closed() => client,
-            _ => self.connector.connect().await?,
+            _ => {
+                self.statements = None;
+                self.connector.connect().await?
+            }
         };
         let result = self.poll_with(&client).await;
         self.client = Some(client);
@@ -402,6 +442,19 @@ impl ChangelogReader {
         Ok(changes)
     }
 
+    /// The poll statements on `client`, prepared on the first poll of a connection.
+    async fn statements(&mut self, client: &Client) -> Result<Statements, DatastoreError> {
+        if let Some(statements) = &self.statements {
+            return Ok(statements.clone());
+        }
+        let statements = Statements {
+            read_new: client.prepare(&read_new_sql()).await?,
+            reread_holes: client.prepare(&reread_holes_sql()).await?,
+        };
+        self.statements = Some(statements.clone());
+        Ok(statements)
+    }
+
     /// Reads rows above `read_pos` and the snapshot they were read under (one statement, one
     /// snapshot), tags the gaps they leave as holes, and returns the snapshot's `xmin` with
     /// the changes; `None` after a changelog reset.
@@ -409,15 +462,10 @@ impl ChangelogReader {
         &mut self,
         client: &Client,
     ) -> Result<Option<(u64, Vec<Change>)>, DatastoreError> {
+        let statement = self.statements(client).await?.read_new;
         let rows = client
             .query(
-                &format!(
-                    "SELECT pg_snapshot_xmin(s.snap)::text, s.head, \
-                            {ROW_COLUMNS} \
-                     FROM (SELECT pg_current_snapshot() AS snap, {HEAD} AS head) s \
-                     LEFT JOIN LATERAL (SELECT * FROM datastore_changelog \
-                                        WHERE id > $1 ORDER BY id LIMIT $2) c ON true"
-                ),
+                &statement,
                 &[&to_sql_id(self.read_pos), &self.batch_size, &self.sequence],
             )
             .await?;
@@ -478,17 +526,8 @@ impl ChangelogReader {
         let spans = self.holes.spans();
         let firsts: Vec<i64> = spans.iter().map(|&(first, _)| to_sql_id(first)).collect();
         let lasts: Vec<i64> = spans.iter().map(|&(_, last)| to_sql_id(last)).collect();
-        let found = client
-            .query(
-                &format!(
-                    "SELECT {ROW_COLUMNS} FROM datastore_changelog c \
-                     JOIN unnest($1::bigint[], $2::bigint[]) AS h(first, last) \
-                       ON c.id BETWEEN h.first AND h.last \
-                     ORDER BY c.id"
-                ),
-                &[&firsts, &lasts],
-            )
-            .await?;
+        let statement = self.statements(client).await?.reread_holes;
+        let found = client.query(&statement, &[&firsts, &lasts]).await?;
         let found = found
             .iter()
             .map(|row| self.change_from_row(row, 0))

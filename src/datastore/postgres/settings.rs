@@ -91,8 +91,9 @@ impl PgSettings {
             Some("postgresql") | Some("postgres") => {}
             Some("mongodb") => {
                 return Err(settings_error(
-                    "DATASTORE_PROVIDER=mongodb: this build exports from PostgreSQL only; \
-                     set DATASTORE_PROVIDER=postgresql",
+                    "DATASTORE_PROVIDER=mongodb names MongoDB, but PostgreSQL settings were \
+                     asked for here (this command reads PostgreSQL only); set \
+                     DATASTORE_PROVIDER=postgresql",
                 ))
             }
             Some(other) => {

@@ -32,7 +32,14 @@ fn saved_position(d: &Dispatcher) -> Option<u64> {
 
 /// Hands out every waiting event, as workers would take them.
 fn take_all(d: &mut Dispatcher) -> Vec<Change> {
-    std::iter::from_fn(|| d.next_event().map(|(change, _)| change)).collect()
+    let mut changes = Vec::new();
+    loop {
+        let batch = d.next_events();
+        if batch.is_empty() {
+            return changes;
+        }
+        changes.extend(batch.into_iter().map(|(change, _)| change));
+    }
 }
 
 #[test]
@@ -246,4 +253,61 @@ proptest! {
         let expected = unfinished.first().map_or(n, |lowest| lowest - 1);
         prop_assert_eq!(last, expected);
     }
+}
+
+fn positions(events: Vec<(Change, RawEvent)>) -> Vec<u64> {
+    events.into_iter().map(|(c, _)| c.position).collect()
+}
+
+#[test]
+fn batch_mode_takes_up_to_a_batch_and_lingers_for_more_only_while_short() {
+    let t0 = Instant::now();
+    let mut d = dispatcher(t0).with_batching(3, 10 * MS);
+    d.on_received(batch(vec![event(1)]), t0);
+    assert!(
+        d.accepts_changes(),
+        "fewer than a batch wait: more may come"
+    );
+    assert!(!d.has_waiting(t0), "one event lingers for more");
+    assert_eq!(d.linger_due(), Some(t0 + 10 * MS));
+    d.on_received(batch(vec![event(2), event(3), event(4)]), t0 + MS);
+    assert!(!d.accepts_changes(), "a full batch waits: no more changes");
+    assert_eq!(d.linger_due(), None, "a full batch goes at once");
+    assert!(d.has_waiting(t0 + MS));
+    assert_eq!(positions(d.next_events()), [1, 2, 3]);
+    // The one left has waited since t0: its linger is over at t0 + 10 ms.
+    assert!(!d.has_waiting(t0 + 2 * MS));
+    assert!(d.has_waiting(t0 + 10 * MS));
+    assert_eq!(positions(d.next_events()), [4]);
+    assert!(d.next_events().is_empty());
+    assert_eq!(d.linger_due(), None);
+}
+
+#[test]
+fn batch_mode_hands_out_what_waits_when_the_source_ends() {
+    let t0 = Instant::now();
+    let mut d = dispatcher(t0).with_batching(10, SEC);
+    d.on_received(batch(vec![event(1), event(2)]), t0);
+    assert_eq!(
+        d.on_received(Some(Ok(None)), t0),
+        Flow::Continue,
+        "the waiting events still go out"
+    );
+    assert!(!d.accepts_changes());
+    assert!(d.has_waiting(t0), "no lingering after the end");
+    assert!(!d.intake_done());
+    assert_eq!(positions(d.next_events()), [1, 2]);
+    assert!(d.intake_done());
+}
+
+#[test]
+fn structured_mode_takes_one_event_at_a_time_without_lingering() {
+    let t0 = Instant::now();
+    let mut d = dispatcher(t0);
+    d.on_received(batch(vec![event(1), event(2)]), t0);
+    assert!(d.has_waiting(t0));
+    assert_eq!(d.linger_due(), None);
+    assert_eq!(positions(d.next_events()), [1]);
+    assert_eq!(positions(d.next_events()), [2]);
+    assert_eq!(d.on_received(Some(Ok(None)), t0), Flow::Stop);
 }

@@ -22,7 +22,11 @@ use super::{SinkArgs, SinkError};
 const MAX_EVENT_BYTES: usize = 1 << 20;
 /// Largest token request body read.
 const MAX_FORM_BYTES: usize = 16 << 10;
+/// Largest batch body read (the exporter's `batch_max_bytes` is at most 64 MiB).
+const MAX_BATCH_BYTES: usize = 64 << 20;
 const EVENT_CONTENT_TYPE: &str = event_exporter::cloudevent::CONTENT_TYPE;
+/// The batched content mode: a JSON array of structured events.
+const BATCH_CONTENT_TYPE: &str = "application/cloudevents-batch+json";
 
 /// Everything the handlers share.
 pub(super) struct Shared {
@@ -206,8 +210,11 @@ fn with_allow_post(mut response: Response) -> Response {
 async fn receive_event(shared: &Shared, request: Request) -> Result<Response, Rejection> {
     let (parts, body) = request.into_parts();
     check_bearer(shared, &parts.headers)?;
-    check_content_type(&parts.headers)?;
-    let body = read_body(&parts.headers, body).await?;
+    if check_content_type(&parts.headers)? == Mode::Batch {
+        let body = read_body(&parts.headers, body, MAX_BATCH_BYTES).await?;
+        return receive_batch(shared, &body);
+    }
+    let body = read_body(&parts.headers, body, MAX_EVENT_BYTES).await?;
     let event = validate_event(&body)
         .map_err(|invalid| Rejection::new(Reason::from(&invalid), invalid.to_string()))?;
     if let Some(failure) = shared.faults.roll() {
@@ -228,6 +235,61 @@ async fn receive_event(shared: &Shared, request: Request) -> Result<Response, Re
             json!({"status": "accepted", "duplicate": true})
         }
     };
+    Ok(json_response(StatusCode::ACCEPTED, &body))
+}
+
+/// A batch (`application/cloudevents-batch+json`): a JSON array whose every element is a
+/// valid event, else the whole batch is refused naming the first bad element; then one fault
+/// roll for the request; then each event is stored (duplicates are accepted again, counted).
+fn receive_batch(shared: &Shared, body: &[u8]) -> Result<Response, Rejection> {
+    let elements: Vec<Value> = match serde_json::from_slice(body) {
+        Ok(Value::Array(elements)) => elements,
+        Ok(_) => {
+            return Err(Rejection::new(
+                Reason::NotAnObject,
+                "a batch must be a JSON array of events",
+            ))
+        }
+        Err(error) => {
+            return Err(Rejection::new(
+                Reason::InvalidJson,
+                format!("the batch is not JSON: {error}"),
+            ))
+        }
+    };
+    let mut events = Vec::with_capacity(elements.len());
+    for (index, element) in elements.iter().enumerate() {
+        let bytes = serde_json::to_vec(element).unwrap_or_default();
+        let event = validate_event(&bytes).map_err(|invalid| {
+            Rejection::new(
+                Reason::from(&invalid),
+                format!("batch element {index}: {invalid}"),
+            )
+        })?;
+        events.push((event, bytes));
+    }
+    if let Some(failure) = shared.faults.roll() {
+        shared.counters.count_injected_failure();
+        return Ok(failure);
+    }
+    let (mut accepted, mut duplicates) = (0u64, 0u64);
+    for (event, bytes) in events {
+        let stored = shared.store.accept(event, &bytes).map_err(|error| {
+            tracing::error!(%error, "sink: cannot append the event to --out");
+            Rejection::new(Reason::OutputFailed, "the sink could not store the batch")
+        })?;
+        match stored {
+            Stored::New => {
+                shared.counters.count_accepted();
+                accepted += 1;
+            }
+            Stored::Duplicate => {
+                shared.counters.count_duplicate();
+                duplicates += 1;
+            }
+        }
+    }
+    let body = json!({"status": "accepted", "accepted": accepted, "duplicates": duplicates});
     Ok(json_response(StatusCode::ACCEPTED, &body))
 }
 
@@ -252,28 +314,44 @@ fn check_bearer(shared: &Shared, headers: &HeaderMap) -> Result<(), Rejection> {
     }
 }
 
-/// `application/cloudevents+json`, optionally with `charset=utf-8` (JSON is UTF-8 anyway).
-fn check_content_type(headers: &HeaderMap) -> Result<(), Rejection> {
+/// One event per request or a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Structured,
+    Batch,
+}
+
+/// `application/cloudevents+json` or `application/cloudevents-batch+json`, optionally with
+/// `charset=utf-8` (JSON is UTF-8 anyway).
+fn check_content_type(headers: &HeaderMap) -> Result<Mode, Rejection> {
     let value = headers
         .get(header::CONTENT_TYPE)
         .and_then(|value| value.to_str().ok());
-    if value.is_some_and(is_cloudevents_json) {
-        return Ok(());
+    if value.is_some_and(|v| is_media_type(v, EVENT_CONTENT_TYPE)) {
+        return Ok(Mode::Structured);
+    }
+    if value.is_some_and(|v| is_media_type(v, BATCH_CONTENT_TYPE)) {
+        return Ok(Mode::Batch);
     }
     Err(Rejection::new(
         Reason::UnsupportedMediaType,
         format!(
-            "Content-Type must be {EVENT_CONTENT_TYPE}, got {}",
+            "Content-Type must be {EVENT_CONTENT_TYPE} or {BATCH_CONTENT_TYPE}, got {}",
             value.map_or_else(|| "none".to_string(), |v| format!("{v:?}"))
         ),
     ))
 }
 
+#[cfg(test)]
 fn is_cloudevents_json(value: &str) -> bool {
+    is_media_type(value, EVENT_CONTENT_TYPE)
+}
+
+fn is_media_type(value: &str, wanted: &str) -> bool {
     let mut parts = value.split(';');
     let media_type_ok = parts
         .next()
-        .is_some_and(|media| media.trim().eq_ignore_ascii_case(EVENT_CONTENT_TYPE));
+        .is_some_and(|media| media.trim().eq_ignore_ascii_case(wanted));
     media_type_ok
         && parts.all(|parameter| {
             let Some((name, value)) = parameter.split_once('=') else {
@@ -284,8 +362,12 @@ fn is_cloudevents_json(value: &str) -> bool {
         })
 }
 
-/// The body, refusing more than [`MAX_EVENT_BYTES`] (early when `Content-Length` says so).
-async fn read_body(headers: &HeaderMap, body: Body) -> Result<axum::body::Bytes, Rejection> {
+/// The body, refusing more than `limit` bytes (early when `Content-Length` says so).
+async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<axum::body::Bytes, Rejection> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok())
@@ -293,20 +375,18 @@ async fn read_body(headers: &HeaderMap, body: Body) -> Result<axum::body::Bytes,
     let too_large = || {
         Rejection::new(
             Reason::PayloadTooLarge,
-            format!("an event body may be at most {MAX_EVENT_BYTES} bytes"),
+            format!("a body may be at most {limit} bytes here"),
         )
     };
-    if declared.is_some_and(|length| length > MAX_EVENT_BYTES) {
+    if declared.is_some_and(|length| length > limit) {
         return Err(too_large());
     }
-    axum::body::to_bytes(body, MAX_EVENT_BYTES)
-        .await
-        .map_err(|error| {
-            Rejection::new(
-                Reason::UnreadableBody,
-                format!("cannot read the body: {error}"),
-            )
-        })
+    axum::body::to_bytes(body, limit).await.map_err(|error| {
+        Rejection::new(
+            Reason::UnreadableBody,
+            format!("cannot read the body: {error}"),
+        )
+    })
 }
 
 /// The token endpoint: a token for the configured client, or an RFC 6749 error.

@@ -1,0 +1,347 @@
+//! `event-exporter status` on MongoDB: where the exporter stands, read from the token
+//! collection and the health-events collection (read-only), with the exit status of the
+//! PostgreSQL report (0 healthy, 1 unhealthy, 2 bad input).
+//!
+//! **What "behind" means here.** A change-stream resume token is opaque: it cannot be compared
+//! with stored documents. The exporter also keeps `lastExportedAt` in the token document (the
+//! `createdAt` of the newest event of the delivered prefix), so the events *waiting* are those
+//! stored with a later `createdAt`, and the lag is the age of the oldest of them (`now −
+//! createdAt`, the reader's clock against the writers'), 0 when none waits. Events written by
+//! clocks behind the last exported one can be missed by this count (not by the exporter); it is
+//! the datastore's view of `change_stream_lag_seconds`, with no running exporter needed.
+//!
+//! Who leads: the lease document `leader:<client>` (`crate::datastore::mongo::lease`), when
+//! its `expiresAt` is in the future.
+
+use std::process::ExitCode;
+
+use chrono::{DateTime, Utc};
+use mongodb::bson::{doc, Bson, Document};
+use serde::Serialize;
+
+use super::status::{
+    backfill_status, format_seconds, time, BackfillStatus, StatusArgs, StatusError, StatusOutput,
+};
+use crate::backfill::BackfillPlan;
+use crate::config::{format_go_duration, Config};
+use crate::datastore::mongo::{decode, MongoSettings};
+use crate::datastore::DatastoreError;
+
+/// The token document of `exporter.client_name`.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MongoTokenStatus {
+    /// The stored resume token, as relaxed extended JSON (`{"_data": "…"}`).
+    pub resume_token: serde_json::Value,
+    /// `createdAt` of the newest exported event (absent in a Go exporter's document).
+    pub last_exported_at: Option<DateTime<Utc>>,
+    /// The lease epoch of the last write (absent in a Go exporter's document).
+    pub leader_epoch: Option<i64>,
+}
+
+/// Events stored after the last exported one.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MongoBehindStatus {
+    pub waiting_events: u64,
+    /// Age in seconds of the oldest waiting event (0 when none waits).
+    pub seconds: f64,
+    pub oldest_waiting_created_at: Option<DateTime<Utc>>,
+}
+
+/// The replica the lease document names while it is valid.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MongoLeaderStatus {
+    /// `HOSTNAME/pid/nonce` of the leading exporter.
+    pub replica: String,
+    pub expires_at: DateTime<Utc>,
+    pub epoch: Option<i64>,
+}
+
+/// Everything `status` reports on MongoDB; the JSON output is this, camelCased.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MongoStatus {
+    pub client_name: String,
+    pub datastore: String,
+    pub resume_token: Option<MongoTokenStatus>,
+    /// Absent without `lastExportedAt` (no token, or a Go exporter's token).
+    pub behind: Option<MongoBehindStatus>,
+    pub backfill_enabled: bool,
+    pub backfill: Option<BackfillStatus>,
+    pub leader: Option<MongoLeaderStatus>,
+    pub max_behind_seconds: f64,
+    pub healthy: bool,
+    pub problems: Vec<String>,
+}
+
+/// Runs the command on MongoDB: prints the status and returns 0, 1 or 2.
+pub fn main(args: &StatusArgs, settings: MongoSettings) -> ExitCode {
+    match read(args, settings) {
+        Ok(status) => {
+            let text = match args.output {
+                StatusOutput::Json => {
+                    serde_json::to_string_pretty(&status).unwrap_or_default() + "\n"
+                }
+                StatusOutput::Text => render_text(&status),
+            };
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
+            if status.healthy {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(error) => {
+            eprintln!("event-exporter status: {error}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Loads the configuration, connects with the exporter's own client options, and queries.
+pub fn read(args: &StatusArgs, settings: MongoSettings) -> Result<MongoStatus, StatusError> {
+    let config = Config::load(&args.config)?;
+    let datastore = settings.describe();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(StatusError::Runtime)?;
+    runtime.block_on(async {
+        let query = async {
+            let options = settings
+                .client_options()
+                .await
+                .map_err(DatastoreError::MongoSettings)?;
+            let client = mongodb::Client::with_options(options).map_err(DatastoreError::Mongo)?;
+            let status = query(&client, &settings, &config, datastore.clone(), args).await;
+            // No stream is open: the driver's shutdown does not wait on one.
+            client.shutdown().await;
+            status
+        };
+        tokio::time::timeout(args.timeout, query)
+            .await
+            .map_err(|_| StatusError::Timeout {
+                datastore: datastore.clone(),
+                timeout: args.timeout,
+            })?
+            .map_err(StatusError::from)
+    })
+}
+
+async fn query(
+    client: &mongodb::Client,
+    settings: &MongoSettings,
+    config: &Config,
+    datastore: String,
+    args: &StatusArgs,
+) -> Result<MongoStatus, DatastoreError> {
+    let database = client.database(&settings.database);
+    let tokens = database.collection::<Document>(&settings.token_collection);
+    let events = database.collection::<Document>(&settings.collection);
+    let client_name = config.client_name.clone();
+    let token = tokens
+        .find_one(doc! {"clientName": &client_name})
+        .await?
+        .and_then(|d| token_status(&d));
+    let behind = match token.as_ref().and_then(|t| t.last_exported_at) {
+        Some(at) => Some(behind(&events, at).await?),
+        None => None,
+    };
+    let backfill = tokens
+        .find_one(doc! {"clientName": crate::backfill::record_name(&client_name)})
+        .await?
+        .and_then(|d| d.get("plan").map(|p| p.clone().into_relaxed_extjson()))
+        .and_then(|plan| BackfillPlan::from_value(&plan))
+        .map(|plan| backfill_status(&plan, None));
+    let lease_id = crate::datastore::mongo::lease::lease_id(&client_name);
+    let leader = tokens
+        .find_one(doc! {"_id": lease_id})
+        .await?
+        .and_then(|d| leader_status(&d, Utc::now()));
+    let problems = problems(&client_name, token.as_ref(), behind.as_ref(), args);
+    Ok(MongoStatus {
+        client_name,
+        datastore,
+        resume_token: token,
+        behind,
+        backfill_enabled: config.backfill.enabled,
+        backfill,
+        leader,
+        max_behind_seconds: args.max_behind.as_secs_f64(),
+        healthy: problems.is_empty(),
+        problems,
+    })
+}
+
+/// The token document's fields; `None` when it holds no resume token.
+fn token_status(document: &Document) -> Option<MongoTokenStatus> {
+    let token = match document.get("resumeToken") {
+        None | Some(Bson::Null) => return None,
+        Some(token) => token.clone().into_relaxed_extjson(),
+    };
+    Some(MongoTokenStatus {
+        resume_token: token,
+        last_exported_at: match document.get("lastExportedAt") {
+            Some(Bson::DateTime(at)) => Some(at.to_chrono()),
+            _ => None,
+        },
+        leader_epoch: integer(document, "leaderEpoch"),
+    })
+}
+
+fn integer(document: &Document, field: &str) -> Option<i64> {
+    match document.get(field) {
+        Some(Bson::Int64(n)) => Some(*n),
+        Some(Bson::Int32(n)) => Some(i64::from(*n)),
+        _ => None,
+    }
+}
+
+/// Events stored after `last_exported_at`, and the oldest of them.
+async fn behind(
+    events: &mongodb::Collection<Document>,
+    last_exported_at: DateTime<Utc>,
+) -> Result<MongoBehindStatus, DatastoreError> {
+    let after = doc! {"createdAt": {"$gt": mongodb::bson::DateTime::from_chrono(last_exported_at)}};
+    let waiting = events.count_documents(after.clone()).await?;
+    let oldest = events
+        .find_one(after)
+        .sort(doc! {"createdAt": 1, "_id": 1})
+        .await?
+        .and_then(|d| decode::created_at(&d));
+    let seconds = oldest
+        .map(|at| {
+            Utc::now()
+                .signed_duration_since(at)
+                .num_milliseconds()
+                .max(0) as f64
+                / 1000.0
+        })
+        .unwrap_or(0.0);
+    Ok(MongoBehindStatus {
+        waiting_events: waiting,
+        seconds,
+        oldest_waiting_created_at: oldest,
+    })
+}
+
+/// The lease's holder while it is valid at `now`.
+fn leader_status(lease: &Document, now: DateTime<Utc>) -> Option<MongoLeaderStatus> {
+    let expires_at = match lease.get("expiresAt") {
+        Some(Bson::DateTime(at)) => at.to_chrono(),
+        _ => return None,
+    };
+    (expires_at > now).then(|| MongoLeaderStatus {
+        replica: lease.get_str("holder").unwrap_or("unknown").to_string(),
+        expires_at,
+        epoch: integer(lease, "epoch"),
+    })
+}
+
+fn problems(
+    client_name: &str,
+    token: Option<&MongoTokenStatus>,
+    behind: Option<&MongoBehindStatus>,
+    args: &StatusArgs,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    match (token, behind) {
+        (None, _) => problems.push(format!(
+            "no resume token for client {client_name:?}: the exporter has not saved a position yet"
+        )),
+        (Some(_), Some(behind)) if behind.seconds > args.max_behind.as_secs_f64() => {
+            problems.push(format!(
+                "the oldest event not yet exported is {} old (more than --max-behind {})",
+                format_seconds(behind.seconds),
+                format_go_duration(args.max_behind)
+            ))
+        }
+        _ => {}
+    }
+    problems
+}
+
+/// The report for people.
+pub fn render_text(status: &MongoStatus) -> String {
+    let mut out = String::new();
+    let mut line = |key: &str, value: String| out.push_str(&format!("{key:<15} {value}\n"));
+    line(
+        "client",
+        format!("{} ({})", status.client_name, status.datastore),
+    );
+    match &status.resume_token {
+        Some(token) => line(
+            "resume token",
+            format!(
+                "{}, last exported event created at {}, lease epoch {}",
+                token.resume_token,
+                time(token.last_exported_at),
+                token
+                    .leader_epoch
+                    .map_or_else(|| "-".to_string(), |e| e.to_string())
+            ),
+        ),
+        None => line("resume token", "none saved".into()),
+    }
+    match &status.behind {
+        Some(b) if b.waiting_events == 0 => line("behind", "caught up (0 events waiting)".into()),
+        Some(b) => line(
+            "behind",
+            format!(
+                "{} events waiting; oldest {} ({})",
+                b.waiting_events,
+                format_seconds(b.seconds),
+                time(b.oldest_waiting_created_at)
+            ),
+        ),
+        None => line(
+            "behind",
+            "unknown (no lastExportedAt in the token document)".into(),
+        ),
+    }
+    match &status.leader {
+        Some(l) => line(
+            "leader",
+            format!("{} (lease until {})", l.replica, time(Some(l.expires_at))),
+        ),
+        None => line(
+            "leader",
+            "none: no exporter holds the leadership lease".into(),
+        ),
+    }
+    let enabled = if status.backfill_enabled {
+        "enabled"
+    } else {
+        "disabled"
+    };
+    match &status.backfill {
+        None => line("backfill", format!("none recorded ({enabled})")),
+        Some(b) if b.done => line(
+            "backfill",
+            format!("complete: {} events ({enabled})", b.delivered),
+        ),
+        Some(b) => line(
+            "backfill",
+            format!(
+                "unfinished: {}/{} delivered ({:.1}%), {} remaining ({enabled})",
+                b.delivered, b.total, b.percent, b.remaining
+            ),
+        ),
+    }
+    if status.healthy {
+        line(
+            "status",
+            format!(
+                "OK (max behind {})",
+                format_seconds(status.max_behind_seconds)
+            ),
+        );
+    } else {
+        for problem in &status.problems {
+            line("status", format!("UNHEALTHY: {problem}"));
+        }
+    }
+    out
+}

@@ -1,0 +1,267 @@
+//! How many requests to the sink may be in flight (`exporter.sink.concurrency`).
+//!
+//! `fixed` (default): always `workers`, upstream's behaviour. `adaptive`: `workers` is the
+//! ceiling and the limit follows the sink, AIMD on observed round-trip time in the manner of
+//! TCP congestion control:
+//!
+//! - Time is cut into windows about one baseline RTT long (at least [`MIN_WINDOW`]). Each
+//!   request's RTT and outcome is a [`Sample`].
+//! - A window that saw a back-pressure answer (429, 503, a timeout) multiplies the limit by
+//!   [`DECREASE`] (rounded down, so it always drops by at least one, never below 1).
+//! - A window whose mean RTT rose past the baseline (more than [`RTT_RATIO`] × baseline and
+//!   more than [`MIN_RISE`] above it) decreases the same way: the sink is queueing.
+//! - A window whose RTT stayed near the baseline and in which the limit was reached (all
+//!   permits in use: more concurrency could have been used) adds one, up to `workers`.
+//! - The baseline is a moving average of the windows' mean RTT, so a lasting latency step
+//!   becomes the new normal after a few windows instead of pinning the limit at 1.
+//!
+//! Invariant: the limit is always within `1..=workers`. The rule ([`AdaptiveLimit`]) is pure
+//! (time is passed in); [`Concurrency`] applies it to the semaphore the pipelines' workers
+//! take their permits from, and publishes it as `health_events_exporter_concurrency_limit`.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
+
+use crate::config::ConcurrencyMode;
+
+/// The shortest window: below it, loopback jitter would dominate the mean.
+pub const MIN_WINDOW: Duration = Duration::from_millis(10);
+/// The factor applied to the limit on back-pressure or a latency rise.
+pub const DECREASE: f64 = 0.9;
+/// A window's mean RTT above `baseline × RTT_RATIO` is a rise.
+pub const RTT_RATIO: f64 = 1.5;
+/// … and only if it is also this much above the baseline (loopback RTTs are tiny and noisy).
+pub const MIN_RISE: Duration = Duration::from_millis(2);
+/// Weight of the newest window in the baseline's moving average.
+const BASELINE_WEIGHT: f64 = 0.2;
+
+/// What one request to the sink said about its load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// The sink answered (2xx or an error status that is not back-pressure): the RTT counts.
+    Answered,
+    /// 429, 503 or a timeout: the sink asks for less.
+    Backpressure,
+    /// Says nothing about the sink's load (a connect error, a token failure): ignored.
+    Ignored,
+}
+
+/// One finished request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sample {
+    /// From sending the request to the end of the response body.
+    pub rtt: Duration,
+    pub signal: Signal,
+    /// Whether every permit was in use when it finished (the limit was what held intake back).
+    pub at_limit: bool,
+}
+
+/// The current window's observations.
+#[derive(Debug, Default, Clone)]
+struct Window {
+    /// When it began (the first sample's time).
+    start: Option<Duration>,
+    rtt_sum: f64,
+    answered: u32,
+    backpressure: bool,
+    at_limit: bool,
+}
+
+impl Window {
+    fn add(&mut self, sample: &Sample) {
+        match sample.signal {
+            Signal::Answered => {
+                self.rtt_sum += sample.rtt.as_secs_f64();
+                self.answered = self.answered.saturating_add(1);
+            }
+            Signal::Backpressure => self.backpressure = true,
+            Signal::Ignored => {}
+        }
+        self.at_limit |= sample.at_limit;
+    }
+
+    /// Mean RTT in seconds of the answered requests.
+    fn mean(&self) -> Option<f64> {
+        (self.answered > 0).then(|| self.rtt_sum / f64::from(self.answered))
+    }
+}
+
+/// The AIMD rule: fed with samples and the time they finished, keeps a limit in
+/// `1..=ceiling`. Starts at 1 and finds the sink's capacity from there.
+#[derive(Debug, Clone)]
+pub struct AdaptiveLimit {
+    ceiling: usize,
+    limit: usize,
+    /// Moving average of the windows' mean RTT, in seconds.
+    baseline: Option<f64>,
+    window: Window,
+}
+
+impl AdaptiveLimit {
+    /// A limit of 1 that may grow to `ceiling` (at least 1).
+    pub fn new(ceiling: usize) -> AdaptiveLimit {
+        AdaptiveLimit {
+            ceiling: ceiling.max(1),
+            limit: 1,
+            baseline: None,
+            window: Window::default(),
+        }
+    }
+
+    /// The current limit, within `1..=ceiling`.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// The baseline RTT the windows are compared with, once one window closed.
+    pub fn baseline(&self) -> Option<Duration> {
+        self.baseline
+            .and_then(|b| Duration::try_from_secs_f64(b).ok())
+    }
+
+    /// Records a request that finished at `now` (any monotonic origin); closes the window
+    /// when it is long enough. Returns the limit.
+    pub fn observe(&mut self, sample: Sample, now: Duration) -> usize {
+        let start = *self.window.start.get_or_insert(now);
+        self.window.add(&sample);
+        let length = self.baseline().map_or(MIN_WINDOW, |b| b.max(MIN_WINDOW));
+        if now.saturating_sub(start) >= length {
+            self.close_window(now);
+        }
+        self.limit
+    }
+
+    fn close_window(&mut self, now: Duration) {
+        let window = std::mem::take(&mut self.window);
+        self.window.start = Some(now);
+        if window.backpressure {
+            self.decrease();
+            return;
+        }
+        let Some(mean) = window.mean() else {
+            return;
+        };
+        let baseline = *self.baseline.get_or_insert(mean);
+        let rise = mean - baseline;
+        if mean > baseline * RTT_RATIO && rise > MIN_RISE.as_secs_f64() {
+            self.decrease();
+        } else if window.at_limit {
+            self.limit = self.limit.saturating_add(1).min(self.ceiling);
+        }
+        self.baseline = Some(baseline + BASELINE_WEIGHT * (mean - baseline));
+    }
+
+    fn decrease(&mut self) {
+        // ⌊limit × 0.9⌋ is below the limit for every limit ≥ 2.
+        let scaled = (self.limit as f64 * DECREASE).floor() as usize;
+        self.limit = scaled.clamp(1, self.ceiling);
+    }
+}
+
+/// The permits the pipelines' workers take before publishing: `workers` of them in fixed
+/// mode, the adaptive limit's count in adaptive mode. Shared by the stream and a backfill.
+pub struct Concurrency {
+    permits: Arc<Semaphore>,
+    workers: usize,
+    adaptive: Option<Mutex<Adaptive>>,
+}
+
+/// The adaptive state: the rule and how many permits exist now.
+struct Adaptive {
+    rule: AdaptiveLimit,
+    /// Permits in existence (available or held); brought down to the limit as they return.
+    issued: usize,
+    origin: tokio::time::Instant,
+}
+
+impl Concurrency {
+    /// `workers` permits (fixed), or a limit starting at 1 with `workers` as its ceiling.
+    /// Sets the `concurrency_limit` gauge.
+    pub fn new(workers: usize, mode: ConcurrencyMode) -> Arc<Concurrency> {
+        let workers = workers.max(1);
+        let (issued, adaptive) = match mode {
+            ConcurrencyMode::Fixed => (workers, None),
+            ConcurrencyMode::Adaptive => {
+                let rule = AdaptiveLimit::new(workers);
+                let issued = rule.limit();
+                let origin = tokio::time::Instant::now();
+                let state = Adaptive {
+                    rule,
+                    issued,
+                    origin,
+                };
+                (issued, Some(Mutex::new(state)))
+            }
+        };
+        set_gauge(issued);
+        Arc::new(Concurrency {
+            permits: Arc::new(Semaphore::new(issued)),
+            workers,
+            adaptive,
+        })
+    }
+
+    /// The number of requests allowed in flight now.
+    pub fn limit(&self) -> usize {
+        match &self.adaptive {
+            Some(state) => lock(state).rule.limit(),
+            None => self.workers,
+        }
+    }
+
+    /// Waits for a permit; a permit beyond a limit that dropped is retired instead of used.
+    pub async fn acquire(&self) -> Result<OwnedSemaphorePermit, AcquireError> {
+        loop {
+            let permit = self.permits.clone().acquire_owned().await?;
+            let Some(state) = &self.adaptive else {
+                return Ok(permit);
+            };
+            let mut state = lock(state);
+            if state.issued <= state.rule.limit() {
+                return Ok(permit);
+            }
+            permit.forget();
+            state.issued = state.issued.saturating_sub(1);
+        }
+    }
+
+    /// Feeds one finished request to the adaptive rule (no-op in fixed mode) and resizes.
+    pub fn observe(&self, rtt: Duration, signal: Signal) {
+        let Some(state) = &self.adaptive else {
+            return;
+        };
+        let at_limit = self.permits.available_permits() == 0;
+        let mut state = lock(state);
+        let now = tokio::time::Instant::now().saturating_duration_since(state.origin);
+        let sample = Sample {
+            rtt,
+            signal,
+            at_limit,
+        };
+        let limit = state.rule.observe(sample, now);
+        if limit > state.issued {
+            self.permits.add_permits(limit.saturating_sub(state.issued));
+            state.issued = limit;
+        } else if limit < state.issued {
+            let retired = self
+                .permits
+                .forget_permits(state.issued.saturating_sub(limit));
+            state.issued = state.issued.saturating_sub(retired);
+        }
+        set_gauge(limit);
+    }
+}
+
+fn lock(state: &Mutex<Adaptive>) -> std::sync::MutexGuard<'_, Adaptive> {
+    state.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn set_gauge(limit: usize) {
+    let value = i64::try_from(limit).unwrap_or(i64::MAX);
+    crate::metrics::get().concurrency_limit.set(value);
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,136 @@
+//! `exporter.sink.concurrency = "adaptive"` through the binary against the loopback sink:
+//! the limit starts at 1, rises to `workers` while the sink keeps up, falls when the sink's
+//! latency steps up and when it answers 503, never lets more than `workers` requests reach the
+//! sink, and loses nothing. Fixed mode publishes `workers` as the limit. The test waits for
+//! behaviour (the gauge reaching a value); it asserts no timing.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::exporter::{sample, Exporter, ExporterOptions};
+use support::pg::{self, TestDb};
+use support::sink::{SinkOptions, SinkServer};
+
+const LIMIT: &str = "health_events_exporter_concurrency_limit";
+const WAIT: Duration = Duration::from_secs(60);
+
+async fn limit(exporter: &Exporter) -> Option<f64> {
+    sample(&exporter.metrics().await, LIMIT)
+}
+
+/// Polls the gauge until `wanted` holds; panics after [`WAIT`] naming `what`.
+async fn wait_for_limit(exporter: &Exporter, what: &str, wanted: impl Fn(f64) -> bool) -> f64 {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let now = limit(exporter).await;
+        if let Some(value) = now.filter(|v| wanted(*v)) {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the concurrency limit never {what} (last {now:?}); log:\n{}",
+            exporter.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn fixed_mode_shows_workers_and_adaptive_starts_at_one() {
+    let db = TestDb::create().await;
+    let sink = SinkServer::start(SinkOptions::default()).await;
+    let mut options = ExporterOptions::new(&sink, None, db.env());
+    options.workers = 6;
+    let mut exporter = Exporter::start(&options).await;
+    assert_eq!(limit(&exporter).await, Some(6.0));
+    assert_eq!(exporter.terminate().await.code(), Some(0));
+
+    options.sink_extra = "concurrency = \"adaptive\"".into();
+    let mut exporter = Exporter::start(&options).await;
+    assert_eq!(limit(&exporter).await, Some(1.0));
+    assert_eq!(exporter.terminate().await.code(), Some(0));
+}
+
+/// Inserts events until stopped; returns their ids.
+async fn spawn_inserter(
+    db: &TestDb,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<String>> {
+    let client = db.client().await;
+    tokio::spawn(async move {
+        let mut ids = Vec::new();
+        let mut i = 0;
+        while !stop.load(Ordering::SeqCst) {
+            let doc = pg::health_event_doc("adaptive", i);
+            ids.push(pg::insert_health_event(&client, &doc).await);
+            i += 1;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        ids
+    })
+}
+
+#[tokio::test]
+async fn adaptive_limit_rises_on_a_steady_sink_and_falls_on_a_latency_step_and_503s() {
+    let db = TestDb::create().await;
+    let sink = SinkServer::start(SinkOptions {
+        // 8 requests at 50 ms take at most 160 events/s, fewer than the inserter writes.
+        latency: Some(Duration::from_millis(50)),
+        ..SinkOptions::default()
+    })
+    .await;
+    let mut options = ExporterOptions::new(&sink, None, db.env());
+    options.workers = 8;
+    options.sink_extra = "concurrency = \"adaptive\"".into();
+    // Enough retries that no event runs out of attempts while the sink answers 503.
+    options.max_retries = 1000;
+    options.initial_backoff = "50ms".into();
+    options.max_backoff = "200ms".into();
+    let mut exporter = Exporter::start(&options).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let inserter = spawn_inserter(&db, stop.clone()).await;
+
+    // A steady sink with more events than it takes: the limit climbs to the ceiling.
+    wait_for_limit(&exporter, "reached workers (8)", |v| v == 8.0).await;
+
+    // Latency steps from 50 ms to 300 ms: the sink is queueing, the limit falls.
+    sink.set_latency(Some(Duration::from_millis(300)));
+    let stepped = wait_for_limit(&exporter, "fell after the latency step", |v| v < 8.0).await;
+    assert!(stepped >= 1.0);
+
+    // The sink answers 503: the limit falls to 1 and nothing is given up.
+    sink.set_latency(Some(Duration::from_millis(20)));
+    sink.fail_always(503);
+    wait_for_limit(&exporter, "fell to 1 on 503s", |v| v == 1.0).await;
+
+    // The sink recovers: everything inserted arrives, and the limit rises again.
+    sink.clear_failures();
+    sink.set_latency(None);
+    stop.store(true, Ordering::SeqCst);
+    let ids = inserter.await.expect("inserter");
+    sink.wait_for_accepted(ids.len(), WAIT).await;
+    wait_for_limit(&exporter, "rose again after the 503s", |v| v > 1.0).await;
+    let delivered: BTreeSet<String> = sink.accepted_ids().into_iter().collect();
+    let inserted: BTreeSet<String> = ids.into_iter().collect();
+    assert_eq!(delivered, inserted, "every inserted event delivered");
+    assert!(
+        sink.max_in_flight() <= 8,
+        "the sink saw {} requests at once with workers = 8",
+        sink.max_in_flight()
+    );
+    assert!(sink.max_in_flight() > 1, "concurrency was used at all");
+    assert_eq!(exporter.terminate().await.code(), Some(0));
+    let client = db.client().await;
+    let saved = pg::read_resume_token(&client, pg::EXPORTER_CLIENT_NAME)
+        .await
+        .expect("token");
+    assert_eq!(
+        saved["eventID"],
+        serde_json::json!(pg::changelog_max_id(&client).await),
+        "the token reached the last event"
+    );
+}
