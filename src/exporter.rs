@@ -305,7 +305,7 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
             config.rejections.already_delivered_statuses.clone(),
         )
         .with_concurrency(permits.clone());
-    let dead_letter = dead_letter(&config, workers).map_err(failed)?;
+    let dead_letter = dead_letter(&config, workers)?;
     configure_watchdog(&config);
     let filter = compile_filter(&config)?;
     if let Some(filter) = &filter {
@@ -633,7 +633,7 @@ fn configure_watchdog(config: &Config) {
 fn dead_letter(
     config: &Config,
     workers: usize,
-) -> Result<Option<sink::dead_letter::DeadLetter>, String> {
+) -> Result<Option<sink::dead_letter::DeadLetter>, ExitError> {
     if config.rejections.on_rejected != crate::config::OnRejected::DeadLetter {
         return Ok(None);
     }
@@ -650,9 +650,10 @@ fn dead_letter(
                 workers,
                 "dead-letter endpoint",
             )
-            .map_err(|e| e.to_string())?;
-            let url = reqwest::Url::parse(url)
-                .map_err(|e| format!("exporter.failure_handling.dead_letter.endpoint: {e}"))?;
+            .map_err(ExitError::failed)?;
+            let url = reqwest::Url::parse(url).map_err(|e| {
+                ExitError::failed_with("exporter.failure_handling.dead_letter.endpoint", e)
+            })?;
             Some((http, url))
         }
     };
