@@ -267,7 +267,6 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
         oidc_secret_path,
         shutdown_grace,
     } = settings;
-    let failed = |e: String| ExitError::failed(e);
     let status = Arc::new(Status::default());
     let server_stop = CancellationToken::new();
     let (address, server) = server::start(metrics_port, status.clone(), server_stop.clone())
