@@ -178,9 +178,25 @@ pub fn main(args: &StatusArgs) -> ExitCode {
     {
         return super::status_mongo::main(args, settings);
     }
-    match read_status(args) {
+    print_report(
+        read_status(args),
+        args.output,
+        |status| status.healthy,
+        render_text,
+    )
+}
+
+/// Prints a report (JSON or text) and maps it to the exit status: 0 healthy, 1 unhealthy, 2 when
+/// no report could be read. Shared by both backends' reports.
+pub(crate) fn print_report<S: Serialize>(
+    report: Result<S, StatusError>,
+    output: StatusOutput,
+    healthy: impl Fn(&S) -> bool,
+    render_text: impl Fn(&S) -> String,
+) -> ExitCode {
+    match report {
         Ok(status) => {
-            let text = match args.output {
+            let text = match output {
                 StatusOutput::Json => {
                     serde_json::to_string_pretty(&status).unwrap_or_default() + "\n"
                 }
@@ -188,7 +204,7 @@ pub fn main(args: &StatusArgs) -> ExitCode {
             };
             // A closed stdout (`status | head`) must not panic; the exit status still counts.
             let _ = std::io::stdout().write_all(text.as_bytes());
-            if status.healthy {
+            if healthy(&status) {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)

@@ -20,7 +20,7 @@ use mongodb::bson::{doc, Bson, Document};
 use serde::Serialize;
 
 use super::status::{
-    backfill_status, format_seconds, time, BackfillStatus, StatusArgs, StatusError, StatusOutput,
+    backfill_status, format_seconds, print_report, time, BackfillStatus, StatusArgs, StatusError,
 };
 use crate::backfill::BackfillPlan;
 use crate::config::{format_go_duration, Config};
@@ -78,26 +78,12 @@ pub struct MongoStatus {
 
 /// Runs the command on MongoDB: prints the status and returns 0, 1 or 2.
 pub fn main(args: &StatusArgs, settings: MongoSettings) -> ExitCode {
-    match read(args, settings) {
-        Ok(status) => {
-            let text = match args.output {
-                StatusOutput::Json => {
-                    serde_json::to_string_pretty(&status).unwrap_or_default() + "\n"
-                }
-                StatusOutput::Text => render_text(&status),
-            };
-            let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
-            if status.healthy {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            }
-        }
-        Err(error) => {
-            eprintln!("event-exporter status: {error}");
-            ExitCode::from(2)
-        }
-    }
+    print_report(
+        read(args, settings),
+        args.output,
+        |status| status.healthy,
+        render_text,
+    )
 }
 
 /// Loads the configuration, connects with the exporter's own client options, and queries.

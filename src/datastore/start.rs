@@ -144,3 +144,26 @@ where
         }
     }
 }
+
+/// What [`open_patiently`] gave, with the leadership handed over when start-up ends here:
+/// `Ok(None)` on shutdown, `StartError::Open` naming `datastore` on failure.
+pub(crate) async fn opened_or_give_up<T>(
+    opened: Option<Result<T, DatastoreError>>,
+    held: Held,
+    datastore: impl FnOnce() -> String,
+) -> Result<Option<(T, Held)>, StartError> {
+    match opened {
+        Some(Ok(opened)) => Ok(Some((opened, held))),
+        None => {
+            held.give_up().await;
+            Ok(None)
+        }
+        Some(Err(source)) => {
+            held.give_up().await;
+            Err(StartError::Open {
+                datastore: datastore(),
+                source,
+            })
+        }
+    }
+}

@@ -5,7 +5,9 @@
 use std::sync::Arc;
 
 use super::MongoSettings;
-use crate::datastore::start::{open_patiently, Background, Launch, StartError, Startup};
+use crate::datastore::start::{
+    open_patiently, opened_or_give_up, Background, Launch, StartError, Startup,
+};
 use crate::datastore::DatastoreError;
 use crate::leader::Held;
 
@@ -40,19 +42,9 @@ pub(crate) async fn start<L: Launch>(
         super::open(&client, &settings, startup.config, epoch.clone())
     })
     .await;
-    let mut feeds = match opened {
-        None => {
-            held.give_up().await;
-            return Ok(None);
-        }
-        Some(Err(source)) => {
-            held.give_up().await;
-            return Err(StartError::Open {
-                datastore: settings.describe(),
-                source,
-            });
-        }
-        Some(Ok(feeds)) => feeds,
+    let Some((mut feeds, held)) = opened_or_give_up(opened, held, || settings.describe()).await?
+    else {
+        return Ok(None);
     };
     feeds
         .stream

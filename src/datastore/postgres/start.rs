@@ -9,7 +9,9 @@ use super::backfill as pages;
 use super::{spawn_listener, ChangelogReader, Connector, PgSettings, StartPoint, TokenStore};
 use crate::backfill::{self, BackfillPlan};
 use crate::config::{format_go_duration, Config};
-use crate::datastore::start::{open_patiently, Background, Feeds, Launch, StartError, Startup};
+use crate::datastore::start::{
+    open_patiently, opened_or_give_up, Background, Feeds, Launch, StartError, Startup,
+};
 use crate::datastore::DatastoreError;
 use crate::leader::{Fence, Held};
 
@@ -41,19 +43,10 @@ pub(crate) async fn start<L: Launch>(
         open(&connector, &tokens, config, wake.clone(), &leadership.fence)
     })
     .await;
-    let (mut reader, had_token, plan) = match opened {
-        None => {
-            held.give_up().await;
-            return Ok(None);
-        }
-        Some(Err(source)) => {
-            held.give_up().await;
-            return Err(StartError::Open {
-                datastore: connector.settings().describe(),
-                source,
-            });
-        }
-        Some(Ok(opened)) => opened,
+    let Some(((mut reader, had_token, plan), held)) =
+        opened_or_give_up(opened, held, || connector.settings().describe()).await?
+    else {
+        return Ok(None);
     };
     reader.report_connection(startup.status.datastore_flag());
     let listener = spawn_listener(connector.clone(), wake, startup.shutdown.clone());
