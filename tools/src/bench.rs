@@ -48,6 +48,10 @@ pub struct BenchArgs {
     /// How long each latency run writes.
     #[arg(long, default_value = "10s", value_parser = event_exporter::cli::parse_duration)]
     pub stream_run: Duration,
+    /// Latency runs: each resume-token write sleeps this long in PostgreSQL (a trigger), as a
+    /// remote or busy datastore's round trip would; 0 adds none.
+    #[arg(long, default_value = "0s", value_parser = event_exporter::cli::parse_duration)]
+    pub token_write_delay: Duration,
     /// Worker counts to run against the slow sink; 0 entries are skipped.
     #[arg(long, value_delimiter = ',', default_value = "1,10,100")]
     pub slow_workers: Vec<usize>,
@@ -409,6 +413,9 @@ async fn run_plan(server: &LocalServer, plan: Plan, args: &BenchArgs) -> Result<
     let dir = scratch_dir("run");
     let result = async {
         let client = server.schema_client(&database).await?;
+        if matches!(plan.feed, Feed::Stream { .. }) {
+            slow_token_writes(&client, args.token_write_delay).await?;
+        }
         let mut sinks = Sinks::start(plan, args, &dir).await?;
         let result = drive(server, &database, &client, &dir, plan, &mut sinks).await;
         let events = sinks.stop().await;
@@ -633,6 +640,21 @@ fn steady_rate(samples: &[(f64, u64)]) -> Option<f64> {
 }
 
 type Stamp = chrono::DateTime<chrono::Utc>;
+
+/// Makes every resume-token write sleep `delay` in PostgreSQL (nothing for zero).
+async fn slow_token_writes(client: &tokio_postgres::Client, delay: Duration) -> Result<(), String> {
+    if delay.is_zero() {
+        return Ok(());
+    }
+    let sql = format!(
+        "CREATE FUNCTION bench_slow_token() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN PERFORM pg_sleep({}); RETURN NEW; END $$; \
+         CREATE TRIGGER bench_slow_token BEFORE INSERT OR UPDATE ON resume_tokens \
+         FOR EACH ROW EXECUTE FUNCTION bench_slow_token();",
+        delay.as_secs_f64()
+    );
+    client.batch_execute(&sql).await.map_err(|e| e.to_string())
+}
 
 /// When the batch whose `time` is nearest to `time` committed (batches are at least 10 ms
 /// apart, far more than the `time` field's precision).
