@@ -641,7 +641,9 @@ fn steady_rate(samples: &[(f64, u64)]) -> Option<f64> {
 
 type Stamp = chrono::DateTime<chrono::Utc>;
 
-/// Makes every resume-token write sleep `delay` in PostgreSQL (nothing for zero).
+/// Makes every resume-token write sleep `delay` in PostgreSQL (nothing for zero). The token
+/// store writes with `INSERT … ON CONFLICT DO UPDATE`, which fires the BEFORE INSERT trigger
+/// once per write (a BEFORE UPDATE one would fire too on a conflict, doubling the delay).
 async fn slow_token_writes(client: &tokio_postgres::Client, delay: Duration) -> Result<(), String> {
     if delay.is_zero() {
         return Ok(());
@@ -649,7 +651,7 @@ async fn slow_token_writes(client: &tokio_postgres::Client, delay: Duration) -> 
     let sql = format!(
         "CREATE FUNCTION bench_slow_token() RETURNS trigger LANGUAGE plpgsql AS \
          $$ BEGIN PERFORM pg_sleep({}); RETURN NEW; END $$; \
-         CREATE TRIGGER bench_slow_token BEFORE INSERT OR UPDATE ON resume_tokens \
+         CREATE TRIGGER bench_slow_token BEFORE INSERT ON resume_tokens \
          FOR EACH ROW EXECUTE FUNCTION bench_slow_token();",
         delay.as_secs_f64()
     );
