@@ -11,7 +11,9 @@
 //!   checkpoint stops below it. A cancelled event also stays unfinished.
 //! - The checkpoint written is the sequence tracker's contiguous prefix, written as soon as it
 //!   moves, at most one write at a time and two writes at least `save_interval` apart; a failed
-//!   write is retried one interval (at least 100 ms) later.
+//!   write is retried one interval (at least 100 ms) later. A write runs while intake goes on
+//!   (`begin_save` … `saved`): no write is due while one is in flight, and the saved checkpoint
+//!   only moves forward.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
@@ -183,16 +185,19 @@ impl Dispatcher {
         Flow::Stop
     }
 
-    /// When the next checkpoint write is due, if one is owed.
+    /// When the next checkpoint write is due, if one is owed; `None` while one is in flight.
     pub fn save_due(&self) -> Option<Instant> {
-        self.saver.due
+        self.saver.due.filter(|_| !self.saver.in_flight)
     }
 
-    /// A write is due at `now`: the checkpoint to write, or `None` if it has not moved.
+    /// A write is due at `now`: the checkpoint to write, or `None` if it has not moved. A
+    /// returned checkpoint is in flight until [`Dispatcher::saved`] gets its result.
     pub fn begin_save(&mut self, now: Instant) -> Option<Checkpoint> {
         self.saver.due = None;
         self.saver.last = Some(now);
-        self.to_save()
+        let checkpoint = self.to_save();
+        self.saver.in_flight = checkpoint.is_some();
+        checkpoint
     }
 
     /// The checkpoint if it moved past the saved one.
@@ -208,6 +213,7 @@ impl Dispatcher {
     /// The write of `checkpoint` (from `begin_save`) ended; a failed one is retried one
     /// interval (at least 100 ms) after it began.
     pub fn saved(&mut self, checkpoint: Checkpoint, result: Result<(), DatastoreError>) {
+        self.saver.in_flight = false;
         match result {
             Ok(()) => {
                 tracing::debug!(
@@ -217,12 +223,16 @@ impl Dispatcher {
                 );
                 let now = Utc::now().timestamp_millis() as f64 / 1000.0;
                 metrics::get().resume_token_update_timestamp.set(now);
-                self.saved = Some(checkpoint);
+                let behind = |s: &Checkpoint| s.position < checkpoint.position;
+                if self.saved.as_ref().is_none_or(behind) {
+                    self.saved = Some(checkpoint);
+                }
             }
             Err(error) => {
                 tracing::warn!(%error, "saving the resume token failed; will retry");
                 let retry = self.saver.interval.max(Duration::from_millis(100));
-                self.saver.due = self.saver.last.map(|last| after(last, retry));
+                let retry_at = self.saver.last.map(|last| after(last, retry));
+                self.saver.due = self.saver.due.max(retry_at);
             }
         }
     }
@@ -298,6 +308,8 @@ struct Saver {
     last: Option<Instant>,
     /// `Some` while a write is owed.
     due: Option<Instant>,
+    /// A write began and its result has not come back.
+    in_flight: bool,
 }
 
 impl Saver {
@@ -306,6 +318,7 @@ impl Saver {
             interval,
             last: None,
             due: first_write.then(|| after(now, LAG_INTERVAL)),
+            in_flight: false,
         }
     }
 

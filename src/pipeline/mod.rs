@@ -9,8 +9,9 @@
 //! checkpoint is saved up to the failed position, and `run` returns an error.
 //!
 //! Checkpoint writes: as soon as the contiguous prefix advances, the resume token is written,
-//! but at most one write is in flight (the write is awaited in the loop) and two writes are at
-//! least `save_interval` apart. A `kill -9` therefore re-sends at most the events in flight,
+//! but at most one write is in flight and two writes are at least `save_interval` apart. The
+//! write is polled in the loop's `select!` beside intake and results (see [`Saving`]), so a
+//! datastore round trip never holds up dispatch; the final write waits for the one in flight. A `kill -9` therefore re-sends at most the events in flight,
 //! the events finished behind an earlier one still in flight, and the events finished within
 //! the last `save_interval` (plus the duration of one token write).
 
@@ -23,6 +24,8 @@ use dispatcher::{Dispatcher, Flow};
 pub use tracker::SequenceTracker;
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
 
 use chrono::{DateTime, Utc};
 use std::sync::Arc;
@@ -34,7 +37,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::saturating_add as after;
 use crate::cloudevent::Transformer;
-use crate::datastore::{Change, ChangeSource, CheckpointStore, DatastoreError, RawEvent};
+use crate::datastore::{
+    Change, ChangeSource, Checkpoint, CheckpointStore, DatastoreError, RawEvent,
+};
 use crate::filter::Filter;
 use crate::metrics;
 use crate::model::{decode_document, traceparent, HealthEvent};
@@ -343,8 +348,8 @@ impl<S: ChangeSource + 'static, C: CheckpointStore> Pipeline<S, C> {
         }
         let mut reader = ReaderTask::spawn(source);
         let mut workers = Workers::new(handler, feed);
-        let io = Io {
-            checkpoints: &*checkpoints,
+        let mut io = Io {
+            saving: Saving::new(&*checkpoints),
             shutdown: &shutdown,
         };
         io.intake(&mut dispatcher, &mut workers, &mut reader, &permits)
@@ -479,9 +484,59 @@ impl Workers {
     }
 }
 
-/// The pipeline's I/O around the dispatcher: the checkpoint store and the shutdown signal.
+/// A checkpoint write and the checkpoint it writes.
+type SaveFuture<'a> =
+    Pin<Box<dyn Future<Output = (Checkpoint, Result<(), DatastoreError>)> + Send + 'a>>;
+
+/// The checkpoint write in flight (at most one), polled beside intake rather than awaited.
+struct Saving<'a, C> {
+    store: &'a C,
+    in_flight: Option<SaveFuture<'a>>,
+}
+
+impl<'a, C: CheckpointStore> Saving<'a, C> {
+    fn new(store: &'a C) -> Self {
+        Saving {
+            store,
+            in_flight: None,
+        }
+    }
+
+    /// A write is due: starts writing the checkpoint if it moved.
+    fn start(&mut self, dispatcher: &mut Dispatcher) -> Flow {
+        if let Some(checkpoint) = dispatcher.begin_save(tokio::time::Instant::now()) {
+            let store = self.store;
+            self.in_flight = Some(Box::pin(async move {
+                let result = store.save(&checkpoint).await;
+                (checkpoint, result)
+            }));
+        }
+        Flow::Continue
+    }
+
+    /// The write in flight ends: the checkpoint and the result for [`Dispatcher::saved`].
+    /// Pending while none is in flight; cancel-safe (the write stays in flight).
+    async fn done(&mut self) -> (Checkpoint, Result<(), DatastoreError>) {
+        let Some(write) = self.in_flight.as_mut() else {
+            return std::future::pending().await;
+        };
+        let ended = write.await;
+        self.in_flight = None;
+        ended
+    }
+
+    /// Waits for the write in flight, if any, so no older write lands after a newer one.
+    async fn settle(&mut self, dispatcher: &mut Dispatcher) {
+        if self.in_flight.is_some() {
+            let (checkpoint, result) = self.done().await;
+            dispatcher.saved(checkpoint, result);
+        }
+    }
+}
+
+/// The pipeline's I/O around the dispatcher: the checkpoint writes and the shutdown signal.
 struct Io<'a, C> {
-    checkpoints: &'a C,
+    saving: Saving<'a, C>,
     shutdown: &'a CancellationToken,
 }
 
@@ -489,7 +544,7 @@ impl<C: CheckpointStore> Io<'_, C> {
     /// Takes changes and hands events to workers until the dispatcher stops intake (a
     /// failure, the source's end) or shutdown.
     async fn intake(
-        &self,
+        &mut self,
         dispatcher: &mut Dispatcher,
         workers: &mut Workers,
         reader: &mut ReaderTask,
@@ -503,7 +558,11 @@ impl<C: CheckpointStore> Io<'_, C> {
                 biased;
                 _ = self.shutdown.cancelled() => Flow::Stop,
                 // Before results: a steady stream of results must not starve the checkpoint.
-                _ = sleep_until_some(dispatcher.save_due()) => self.save(dispatcher).await,
+                (checkpoint, result) = self.saving.done() => {
+                    dispatcher.saved(checkpoint, result);
+                    Flow::Continue
+                }
+                _ = sleep_until_some(dispatcher.save_due()) => self.saving.start(dispatcher),
                 _ = tick.tick() => { dispatcher.on_tick(); Flow::Continue }
                 Some((change, outcome)) = workers.results.recv() => {
                     workers.reap();
@@ -535,7 +594,7 @@ impl<C: CheckpointStore> Io<'_, C> {
     /// Waits for in-flight publishes: all of them after the source finished (saving progress
     /// as usual), within `grace` after a stop or a failure. Returns whether some were abandoned.
     async fn drain(
-        &self,
+        &mut self,
         dispatcher: &mut Dispatcher,
         workers: &mut Workers,
         grace: Duration,
@@ -554,8 +613,12 @@ impl<C: CheckpointStore> Io<'_, C> {
                     deadline = Some(grace_from_now());
                     (false, false)
                 }
+                (checkpoint, result) = self.saving.done() => {
+                    dispatcher.saved(checkpoint, result);
+                    (false, false)
+                }
                 _ = sleep_until_some(dispatcher.save_due()), if deadline.is_none() => {
-                    self.save(dispatcher).await;
+                    self.saving.start(dispatcher);
                     (false, false)
                 }
                 _ = sleep_until_some(deadline) => {
@@ -572,21 +635,14 @@ impl<C: CheckpointStore> Io<'_, C> {
         }
     }
 
-    /// A due checkpoint write: writes the checkpoint if it moved.
-    async fn save(&self, dispatcher: &mut Dispatcher) -> Flow {
-        if let Some(checkpoint) = dispatcher.begin_save(tokio::time::Instant::now()) {
-            let result = self.checkpoints.save(&checkpoint).await;
-            dispatcher.saved(checkpoint, result);
-        }
-        Flow::Continue
-    }
-
-    /// The last write, whatever the interval: its error is the run's error.
-    async fn final_save(&self, dispatcher: &mut Dispatcher) -> Result<(), DatastoreError> {
+    /// The last write, whatever the interval, after the one in flight: its error is the run's
+    /// error.
+    async fn final_save(&mut self, dispatcher: &mut Dispatcher) -> Result<(), DatastoreError> {
+        self.saving.settle(dispatcher).await;
         let Some(checkpoint) = dispatcher.to_save() else {
             return Ok(());
         };
-        self.checkpoints.save(&checkpoint).await?;
+        self.saving.store.save(&checkpoint).await?;
         dispatcher.saved(checkpoint, Ok(()));
         Ok(())
     }

@@ -12,7 +12,7 @@
 //! - **slow sink**: the reference sink answering after `--slow-latency`, at each of
 //!   `--slow-workers` (ratio to workers/latency);
 //! - **latency**: events written at each of `--stream-rates` events/s while the exporter
-//!   streams; p50/p99 from the writer's timestamp (taken just before its INSERT) to arrival;
+//!   streams; p50/p99 from the commit of the writer's INSERT (when it returned) to arrival;
 //! - **backfill**: a history of `--backfill-events` events backfilled at full speed, and at each
 //!   `--rates` limit (how closely every 10 s window holds it).
 //!
@@ -48,6 +48,10 @@ pub struct BenchArgs {
     /// How long each latency run writes.
     #[arg(long, default_value = "10s", value_parser = event_exporter::cli::parse_duration)]
     pub stream_run: Duration,
+    /// Latency runs: each resume-token write sleeps this long in PostgreSQL (a trigger), as a
+    /// remote or busy datastore's round trip would; 0 adds none.
+    #[arg(long, default_value = "0s", value_parser = event_exporter::cli::parse_duration)]
+    pub token_write_delay: Duration,
     /// Worker counts to run against the slow sink; 0 entries are skipped.
     #[arg(long, value_delimiter = ',', default_value = "1,10,100")]
     pub slow_workers: Vec<usize>,
@@ -138,8 +142,10 @@ struct Measured {
     peak_rss_mib: f64,
     /// (seconds since start, delivered so far), sampled every 100 ms.
     samples: Vec<(f64, u64)>,
-    /// Write-to-sink latency percentiles (p50, p99) of streamed events.
+    /// Commit-to-sink latency percentiles (p50, p99) of streamed events.
     latency: Option<(Duration, Duration)>,
+    /// Streaming: each batch's `time` and when its INSERT committed, in time order.
+    commits: Vec<(Stamp, Stamp)>,
     /// Instructions the exporter executed (callgrind runs).
     instructions: Option<u64>,
 }
@@ -346,7 +352,7 @@ async fn latency(args: &BenchArgs, server: &LocalServer) -> Result<(), String> {
         let measured = run_plan(server, plan, args).await?;
         let (p50, p99) = measured.latency.unwrap_or_default();
         // The writer's INSERTs may not keep the rate on a busy machine: say so, since the
-        // latency then includes each batch's INSERT time at the writer's own limit.
+        // load is then the writer's own limit, not the rate asked for.
         let achieved = measured.events as f64 / measured.seconds;
         let held = if achieved < rate as f64 * 0.95 {
             format!(" (the writer reached only {achieved:.0} events/s)")
@@ -354,7 +360,7 @@ async fn latency(args: &BenchArgs, server: &LocalServer) -> Result<(), String> {
             String::new()
         };
         println!(
-            "stream at {rate} events/s{held}: write-to-sink p50 {p50:.1?}, p99 {p99:.1?}; {}",
+            "stream at {rate} events/s{held}: commit-to-sink p50 {p50:.1?}, p99 {p99:.1?}; {}",
             measured.figures()
         );
     }
@@ -415,12 +421,17 @@ async fn run_plan(server: &LocalServer, plan: Plan, args: &BenchArgs) -> Result<
             .schema_client(&database)
             .await
             .map_err(|e| e.to_string())?;
+        if matches!(plan.feed, Feed::Stream { .. }) {
+            slow_token_writes(&client, args.token_write_delay).await?;
+        }
         let mut sinks = Sinks::start(plan, args, &dir).await?;
         let result = drive(server, &database, &client, &dir, plan, &mut sinks).await;
         let events = sinks.stop().await;
         result.map(|measured| Measured {
             latency: matches!(plan.feed, Feed::Stream { .. }).then(|| {
-                sink::latency_percentiles(&events, chrono::DateTime::<chrono::Utc>::MIN_UTC)
+                sink::latency_percentiles_from(&events, |time| {
+                    committed_at(&measured.commits, time)
+                })
             }),
             ..measured
         })
@@ -532,10 +543,14 @@ async fn drive(
         started = Instant::now();
     }
     let watched = watch(exporter, sinks, plan.feed.count(), started).await;
-    if let Some(writer) = writer {
-        writer.await.map_err(|e| e.to_string())??;
-    }
-    let mut measured = watched?;
+    let commits = match writer {
+        Some(writer) => writer.await.map_err(|e| e.to_string())??,
+        None => Vec::new(),
+    };
+    let mut measured = Measured {
+        commits,
+        ..watched?
+    };
     if plan.callgrind {
         let profile = std::fs::read_to_string(child::callgrind_out(dir)).unwrap_or_default();
         measured.instructions = child::callgrind_instructions(&profile);
@@ -620,6 +635,7 @@ async fn watch(
         peak_rss_mib,
         samples,
         latency: None,
+        commits: Vec::new(),
         instructions: None,
     })
 }
@@ -631,12 +647,45 @@ fn steady_rate(samples: &[(f64, u64)]) -> Option<f64> {
     (t1 > t0).then(|| (a1 - a0) as f64 / (t1 - t0))
 }
 
-/// Writes `count` live events at `rate` events/s (in up to 100 batches a second).
+type Stamp = chrono::DateTime<chrono::Utc>;
+
+/// Makes every resume-token write sleep `delay` in PostgreSQL (nothing for zero). The token
+/// store writes with `INSERT … ON CONFLICT DO UPDATE`, which fires the BEFORE INSERT trigger
+/// once per write (a BEFORE UPDATE one would fire too on a conflict, doubling the delay).
+async fn slow_token_writes(client: &tokio_postgres::Client, delay: Duration) -> Result<(), String> {
+    if delay.is_zero() {
+        return Ok(());
+    }
+    let sql = format!(
+        "CREATE FUNCTION bench_slow_token() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN PERFORM pg_sleep({}); RETURN NEW; END $$; \
+         CREATE TRIGGER bench_slow_token BEFORE INSERT ON resume_tokens \
+         FOR EACH ROW EXECUTE FUNCTION bench_slow_token();",
+        delay.as_secs_f64()
+    );
+    client.batch_execute(&sql).await.map_err(|e| e.to_string())
+}
+
+/// When the batch whose `time` is nearest to `time` committed (batches are at least 10 ms
+/// apart, far more than the `time` field's precision).
+fn committed_at(commits: &[(Stamp, Stamp)], time: Stamp) -> Option<Stamp> {
+    let after = commits.partition_point(|(stamp, _)| *stamp < time);
+    let distance = |i: usize| commits.get(i).map(|(stamp, _)| (*stamp - time).abs());
+    let nearest = match (after.checked_sub(1).and_then(distance), distance(after)) {
+        (Some(before), Some(later)) if before < later => after - 1,
+        (Some(_), None) => after - 1,
+        _ => after,
+    };
+    commits.get(nearest).map(|(_, committed)| *committed)
+}
+
+/// Writes `count` live events at `rate` events/s (in up to 100 batches a second); returns
+/// each batch's `time` and when its INSERT (one autocommit statement) returned.
 async fn write_paced(
     settings: event_exporter::datastore::postgres::PgSettings,
     rate: u64,
     count: u64,
-) -> Result<(), String> {
+) -> Result<Vec<(Stamp, Stamp)>, String> {
     let connector =
         event_exporter::datastore::postgres::Connector::new(settings).map_err(|e| e.to_string())?;
     let client = connector.connect().await.map_err(|e| e.to_string())?;
@@ -645,6 +694,7 @@ async fn write_paced(
     let per_tick = (rate / ticks_per_second).max(1);
     let mut ticks = tokio::time::interval(Duration::from_secs(1) / ticks_per_second.max(1) as u32);
     let mut written = 0;
+    let mut commits = Vec::new();
     while written < count {
         ticks.tick().await;
         let batch = per_tick.min(count - written);
@@ -653,9 +703,10 @@ async fn write_paced(
         generate::insert(&client, &rows)
             .await
             .map_err(|e| e.to_string())?;
+        commits.push((now, chrono::Utc::now()));
         written += batch;
     }
-    Ok(())
+    Ok(commits)
 }
 
 /// The lowest and highest rate (events/s) over every `window`-second span between the first
@@ -728,5 +779,18 @@ mod tests {
         let rate = steady_rate(&samples).expect("deliveries");
         assert!((rate - 1000.0).abs() < 1.0, "{rate}");
         assert_eq!(steady_rate(&[(0.1, 0), (0.2, 0)]), None);
+    }
+
+    #[test]
+    fn committed_at_takes_the_batch_nearest_to_the_time() {
+        let t0 = chrono::Utc::now();
+        let ms = chrono::Duration::milliseconds;
+        let commits = [(t0, t0 + ms(3)), (t0 + ms(10), t0 + ms(40))];
+        // `time` rounded to the millisecond still finds its own batch.
+        assert_eq!(committed_at(&commits, t0 + ms(1)), Some(t0 + ms(3)));
+        assert_eq!(committed_at(&commits, t0 + ms(9)), Some(t0 + ms(40)));
+        assert_eq!(committed_at(&commits, t0 - ms(1)), Some(t0 + ms(3)));
+        assert_eq!(committed_at(&commits, t0 + ms(99)), Some(t0 + ms(40)));
+        assert_eq!(committed_at(&[], t0), None);
     }
 }

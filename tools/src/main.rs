@@ -50,9 +50,9 @@ enum Command {
     /// events, the exporter with backfill; ends with a summary.
     Demo(demo::DemoArgs),
     /// Benchmark the exporter against the local PostgreSQL and the reference sink (run a release
-    /// build): streaming (events/s, write-to-sink latency), an unlimited backfill (events/s),
+    /// build): streaming (events/s, commit-to-sink latency), an unlimited backfill (events/s),
     /// rate-limited backfills (how closely each limit is held), with the exporter's CPU and peak
-    /// memory for each; `--stream-events 0`, `--events 0` or `--rates 0` skip a scenario.
+    /// memory for each; `--stream-rates 0`, `--backfill-events 0` or `--rates 0` skip a scenario.
     Bench(bench::BenchArgs),
     /// Run the exporter itself (the product's code, same flags as `event-exporter`); the
     /// benchmarks start it this way as a child process.

@@ -391,6 +391,15 @@ pub fn latency_percentiles(
     events: &[ReceivedEvent],
     since: chrono::DateTime<chrono::Utc>,
 ) -> (Duration, Duration) {
+    latency_percentiles_from(events, |written| (written >= since).then_some(written))
+}
+
+/// p50 and p99 of arrival − `start(the event's time)` over the events `start` gives a time
+/// for (e.g. the commit of the transaction that wrote the event); zero when there are none.
+pub fn latency_percentiles_from(
+    events: &[ReceivedEvent],
+    start: impl Fn(chrono::DateTime<chrono::Utc>) -> Option<chrono::DateTime<chrono::Utc>>,
+) -> (Duration, Duration) {
     let mut latencies: Vec<Duration> = events
         .iter()
         .filter_map(|received| {
@@ -398,11 +407,8 @@ pub fn latency_percentiles(
             let written = chrono::DateTime::parse_from_rfc3339(time)
                 .ok()?
                 .with_timezone(&chrono::Utc);
-            (written >= since).then(|| {
-                (received.received_at - written)
-                    .to_std()
-                    .unwrap_or_default()
-            })
+            let start = start(written)?;
+            Some((received.received_at - start).to_std().unwrap_or_default())
         })
         .collect();
     latencies.sort();

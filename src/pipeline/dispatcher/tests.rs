@@ -311,3 +311,112 @@ fn structured_mode_takes_one_event_at_a_time_without_lingering() {
     assert_eq!(positions(d.next_events()), [2]);
     assert_eq!(d.on_received(Some(Ok(None)), t0), Flow::Stop);
 }
+
+/// A step of a run with writes in flight: a completion (position, outcome) or a write's end.
+#[derive(Debug, Clone)]
+enum Step {
+    Finish(u64, Outcome),
+    /// The write in flight (if any) ends, failed or not.
+    WriteEnds {
+        failed: bool,
+    },
+}
+
+/// Positions 1..=n in any completion order, with write ends interleaved and time steps (ms).
+fn steps() -> impl Strategy<Value = Vec<(Step, u64)>> {
+    completions().prop_flat_map(|completions| {
+        let ends = proptest::collection::vec(
+            (any::<bool>(), 0u64..200),
+            completions.len()..=completions.len() * 2,
+        );
+        (Just(completions), ends).prop_map(|(completions, ends)| {
+            let mut steps = Vec::new();
+            let mut ends = ends.into_iter();
+            for (position, outcome, ms) in completions {
+                steps.push((Step::Finish(position, outcome), ms));
+                if let Some((failed, ms)) = ends.next() {
+                    steps.push((Step::WriteEnds { failed }, ms));
+                }
+            }
+            steps.extend(ends.map(|(failed, ms)| (Step::WriteEnds { failed }, ms)));
+            steps
+        })
+    })
+}
+
+proptest! {
+    /// With writes running beside intake and ending (or failing) at any time: one write at a
+    /// time, never past an unfinished position, writes only forward and an interval apart,
+    /// and the saved checkpoint only moves forward.
+    #[test]
+    fn writes_in_flight_keep_every_rule(steps in steps()) {
+        let mut now = Instant::now();
+        let interval = SEC / 10;
+        let mut d = Dispatcher::new(Feed::Backfill, 0, true, interval, now);
+        let n = steps.iter().filter(|(s, _)| matches!(s, Step::Finish(..))).count() as u64;
+        d.on_received(batch((1..=n).map(event).collect()), now);
+        let mut events: BTreeMap<u64, Change> =
+            take_all(&mut d).into_iter().map(|c| (c.position, c)).collect();
+        let mut unfinished: BTreeSet<u64> = (1..=n).collect();
+        let mut in_flight: Option<Checkpoint> = None;
+        let mut last_write: Option<(u64, Instant)> = None;
+        for (step, ms) in steps {
+            now += MS * ms as u32;
+            match step {
+                Step::Finish(position, outcome) => {
+                    if !matches!(outcome, Outcome::Cancelled | Outcome::Failed(_)) {
+                        unfinished.remove(&position);
+                    }
+                    if let Some(change) = events.remove(&position) {
+                        d.on_result(change, outcome, now);
+                    }
+                }
+                Step::WriteEnds { failed } => {
+                    let before = saved_position(&d);
+                    if let Some(checkpoint) = in_flight.take() {
+                        let refused = DatastoreError::Schema("read-only".into());
+                        d.saved(checkpoint, if failed { Err(refused) } else { Ok(()) });
+                    }
+                    prop_assert!(saved_position(&d) >= before);
+                }
+            }
+            prop_assert!(in_flight.is_none() || d.save_due().is_none());
+            if d.save_due().is_some_and(|due| due <= now) {
+                if let Some(checkpoint) = d.begin_save(now) {
+                    prop_assert!(in_flight.is_none());
+                    let lowest = unfinished.first().copied().unwrap_or(u64::MAX);
+                    prop_assert!(checkpoint.position < lowest);
+                    if let Some((previous, at)) = last_write {
+                        prop_assert!(checkpoint.position >= previous);
+                        prop_assert!(now >= at + interval);
+                    }
+                    last_write = Some((checkpoint.position, now));
+                    in_flight = Some(checkpoint);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn no_write_is_due_while_one_is_in_flight_and_progress_meanwhile_is_written_next() {
+    let t0 = Instant::now();
+    let mut d = dispatcher(t0);
+    d.on_received(batch(vec![event(1), event(2)]), t0);
+    let mut events = take_all(&mut d).into_iter();
+    if let Some(change) = events.next() {
+        d.on_result(change, Outcome::Published, t0);
+    }
+    let checkpoint = d.begin_save(t0);
+    assert_eq!(checkpoint.as_ref().map(|c| c.position), Some(1));
+    if let Some(change) = events.next() {
+        d.on_result(change, Outcome::Published, t0 + SEC * 2);
+    }
+    assert_eq!(d.save_due(), None, "a write is in flight");
+    if let Some(checkpoint) = checkpoint {
+        d.saved(checkpoint, Ok(()));
+    }
+    assert_eq!(saved_position(&d), Some(1));
+    assert_eq!(d.save_due(), Some(t0 + SEC * 2), "progress made meanwhile");
+    assert_eq!(d.begin_save(t0 + SEC * 2).map(|c| c.position), Some(2));
+}
