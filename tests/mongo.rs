@@ -36,6 +36,15 @@ impl Store {
     }
 }
 
+/// `change_stream_resume_token_recoveries_total{phase}` is exactly 1.
+async fn assert_recovered_once(exporter: &Exporter, phase: &str) {
+    let metrics = exporter.metrics().await;
+    let series = format!(
+        "change_stream_resume_token_recoveries_total{{client=\"event-exporter\",phase=\"{phase}\"}}"
+    );
+    assert_eq!(sample_or_zero(&metrics, &series), 1.0, "{metrics}");
+}
+
 fn options(sink: &SinkServer, store: &Store) -> ExporterOptions {
     ExporterOptions::new(sink, None, store.exporter_env())
 }
@@ -337,15 +346,7 @@ async fn lost_history_is_recovered_by_a_backfill_from_the_last_exported_event() 
             "{id} sent 3 times"
         );
     }
-    let metrics = exporter.metrics().await;
-    assert_eq!(
-        sample_or_zero(
-            &metrics,
-            "change_stream_resume_token_recoveries_total{client=\"event-exporter\",phase=\"initialization\"}"
-        ),
-        1.0,
-        "{metrics}"
-    );
+    assert_recovered_once(&exporter, "initialization").await;
     assert!(exporter.log().contains("history"), "the loss is logged");
 }
 
@@ -431,15 +432,7 @@ async fn history_lost_while_running(code: i32) {
         wait_for_ids(&sink, &expected).await,
         "the new stream delivers"
     );
-    let metrics = exporter.metrics().await;
-    assert_eq!(
-        sample_or_zero(
-            &metrics,
-            "change_stream_resume_token_recoveries_total{client=\"event-exporter\",phase=\"runtime\"}"
-        ),
-        1.0,
-        "{metrics}"
-    );
+    assert_recovered_once(&exporter, "runtime").await;
     let accepted = ids(&sink.accepted());
     for id in &expected[3..] {
         assert_eq!(
@@ -478,15 +471,7 @@ async fn a_token_the_server_cannot_parse_at_start_is_recovered() {
         "events lost after code 9 at start; log:\n{}",
         exporter.log()
     );
-    let metrics = exporter.metrics().await;
-    assert_eq!(
-        sample_or_zero(
-            &metrics,
-            "change_stream_resume_token_recoveries_total{client=\"event-exporter\",phase=\"initialization\"}"
-        ),
-        1.0,
-        "{metrics}"
-    );
+    assert_recovered_once(&exporter, "initialization").await;
 }
 
 /// Against a real replica set: runs only with `MONGODB_URI` set (`cargo test --test mongo --
