@@ -16,12 +16,10 @@ use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{accepted, EventHandler, Feed, Outcome, Rejection};
+use super::{EventHandler, Feed, Outcome};
 use crate::config::BatchLimits;
 use crate::datastore::{Change, RawEvent};
-use crate::metrics;
 use crate::sink::http::CLOUDEVENTS_BATCH_JSON;
-use crate::sink::PublishError;
 
 /// The outcome of each of `events`, in order (always as many outcomes as events).
 pub(super) async fn handle(
@@ -82,32 +80,21 @@ async fn deliver(
         let Some((change, event)) = member(*index) else {
             continue;
         };
-        let outcome = match &published {
-            Ok(delivery) => accepted(feed, change.position, event, *delivery, started),
-            Err(PublishError::Cancelled) => Outcome::Cancelled,
-            Err(PublishError::Rejected {
-                status,
-                attempts,
-                excerpt,
-                last,
-                ..
-            }) if handler.dead_letter.is_some() => {
-                let rejection = Rejection {
-                    status: *status,
-                    attempts: *attempts,
-                    excerpt,
-                    last,
-                };
-                handler
-                    .dead_letter(change.position, event, event_body, rejection)
-                    .await
-            }
-            Err(error) => {
-                let metrics = metrics::get();
-                metrics.published("failure");
-                metrics.publish_error("max_retries_exceeded");
+        let outcome = match handler
+            .outcome(
+                feed,
+                change.position,
+                event,
+                event_body,
+                &published,
+                started,
+            )
+            .await
+        {
+            Outcome::Failed(error) => {
                 Outcome::Failed(format!("its batch was not delivered: {error}"))
             }
+            outcome => outcome,
         };
         outcomes.push((*index, outcome));
     }

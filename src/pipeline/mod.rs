@@ -112,8 +112,24 @@ impl EventHandler {
             .publisher
             .publish(&body, &event.record_id, traceparent.as_deref(), cancel)
             .await;
+        self.outcome(feed, position, event, &body, &published, started)
+            .await
+    }
+
+    /// One event's outcome once its request (alone, or its batch's) ended with `published`:
+    /// accepted; cancelled; written to the dead letter when the sink rejected it for good and
+    /// one is configured; else undelivered.
+    async fn outcome(
+        &self,
+        feed: Feed,
+        position: u64,
+        event: &RawEvent,
+        body: &[u8],
+        published: &Result<Delivery, PublishError>,
+        started: Instant,
+    ) -> Outcome {
         match published {
-            Ok(delivery) => accepted(feed, position, event, delivery, started),
+            Ok(delivery) => accepted(feed, position, event, *delivery, started),
             Err(PublishError::Cancelled) => Outcome::Cancelled,
             Err(PublishError::Rejected {
                 status,
@@ -123,12 +139,12 @@ impl EventHandler {
                 ..
             }) if self.dead_letter.is_some() => {
                 let rejection = Rejection {
-                    status,
-                    attempts,
-                    excerpt: &excerpt,
-                    last: &last,
+                    status: *status,
+                    attempts: *attempts,
+                    excerpt,
+                    last,
                 };
-                self.dead_letter(position, event, &body, rejection).await
+                self.dead_letter(position, event, body, rejection).await
             }
             Err(error) => {
                 let metrics = metrics::get();
