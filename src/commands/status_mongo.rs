@@ -22,9 +22,8 @@ use serde::Serialize;
 use super::status::{
     backfill_status, format_seconds, print_report, time, BackfillStatus, StatusArgs, StatusError,
 };
-use crate::backfill::BackfillPlan;
 use crate::config::{format_go_duration, Config};
-use crate::datastore::mongo::{decode, MongoSettings};
+use crate::datastore::mongo::{decode, load_plan, MongoSettings, StoredToken, TokenStore};
 use crate::datastore::DatastoreError;
 
 /// The token document of `exporter.client_name`.
@@ -127,19 +126,17 @@ async fn query(
     let tokens = database.collection::<Document>(&settings.token_collection);
     let events = database.collection::<Document>(&settings.collection);
     let client_name = config.client_name.clone();
-    let token = tokens
-        .find_one(doc! {"clientName": &client_name})
+    let token = TokenStore::new(tokens.clone(), client_name.clone())
+        .load()
         .await?
-        .and_then(|d| token_status(&d));
+        .and_then(token_status);
     let behind = match token.as_ref().and_then(|t| t.last_exported_at) {
         Some(at) => Some(behind(&events, at).await?),
         None => None,
     };
-    let backfill = tokens
-        .find_one(doc! {"clientName": crate::backfill::record_name(&client_name)})
+    let plans = TokenStore::new(tokens.clone(), crate::backfill::record_name(&client_name));
+    let backfill = load_plan(&plans)
         .await?
-        .and_then(|d| d.get("plan").map(|p| p.clone().into_relaxed_extjson()))
-        .and_then(|plan| BackfillPlan::from_value(&plan))
         .map(|plan| backfill_status(&plan, None));
     let lease_id = crate::datastore::mongo::lease::lease_id(&client_name);
     let leader = tokens
@@ -161,28 +158,14 @@ async fn query(
     })
 }
 
-/// The token document's fields; `None` when it holds no resume token.
-fn token_status(document: &Document) -> Option<MongoTokenStatus> {
-    let token = match document.get("resumeToken") {
-        None | Some(Bson::Null) => return None,
-        Some(token) => token.clone().into_relaxed_extjson(),
-    };
+/// The stored token's fields; `None` when it holds no resume token.
+fn token_status(stored: StoredToken) -> Option<MongoTokenStatus> {
+    let token = stored.resume_token?;
     Some(MongoTokenStatus {
-        resume_token: token,
-        last_exported_at: match document.get("lastExportedAt") {
-            Some(Bson::DateTime(at)) => Some(at.to_chrono()),
-            _ => None,
-        },
-        leader_epoch: integer(document, "leaderEpoch"),
+        resume_token: Bson::Document(token).into_relaxed_extjson(),
+        last_exported_at: stored.last_exported_at,
+        leader_epoch: stored.leader_epoch,
     })
-}
-
-fn integer(document: &Document, field: &str) -> Option<i64> {
-    match document.get(field) {
-        Some(Bson::Int64(n)) => Some(*n),
-        Some(Bson::Int32(n)) => Some(i64::from(*n)),
-        _ => None,
-    }
 }
 
 /// Events stored after `last_exported_at`, and the oldest of them.
@@ -222,7 +205,7 @@ fn leader_status(lease: &Document, now: DateTime<Utc>) -> Option<MongoLeaderStat
     (expires_at > now).then(|| MongoLeaderStatus {
         replica: lease.get_str("holder").unwrap_or("unknown").to_string(),
         expires_at,
-        epoch: integer(lease, "epoch"),
+        epoch: decode::integer(lease, "epoch"),
     })
 }
 

@@ -44,6 +44,15 @@ pub fn raw_event(document: &Document) -> Result<RawEvent, DocumentError> {
     })
 }
 
+/// An integer field as the driver (int64) or another writer (int32) stored it.
+pub fn integer(document: &Document, field: &str) -> Option<i64> {
+    match document.get(field) {
+        Some(Bson::Int64(n)) => Some(*n),
+        Some(Bson::Int32(n)) => Some(i64::from(*n)),
+        _ => None,
+    }
+}
+
 /// `createdAt` when it is a BSON date.
 pub fn created_at(document: &Document) -> Option<DateTime<Utc>> {
     match document.get("createdAt") {

@@ -93,13 +93,9 @@ pub fn next_epoch(lease_epoch: i64, token_epochs: &[i64]) -> i64 {
         .saturating_add(1)
 }
 
-/// An integer field, as the driver or another writer stored it (0 when absent).
+/// An epoch field (0 when absent: written before epochs, or by a version without them).
 fn epoch_of(document: &Document, field: &str) -> i64 {
-    match document.get(field) {
-        Some(Bson::Int64(n)) => *n,
-        Some(Bson::Int32(n)) => i64::from(*n),
-        _ => 0,
-    }
+    super::decode::integer(document, field).unwrap_or(0)
 }
 
 /// The lease document of one `client_name`, as seen by this process.

@@ -12,6 +12,7 @@ mod start;
 mod stream;
 mod token;
 
+pub(crate) use backfill::load_plan;
 pub use keyset::KeysetReader;
 pub use settings::{MongoSettings, MongoSettingsError};
 pub(crate) use start::start;

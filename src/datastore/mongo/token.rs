@@ -31,6 +31,8 @@ pub struct StoredToken {
     pub resume_token: Option<Document>,
     /// `createdAt` of the newest finished event (written by this exporter only).
     pub last_exported_at: Option<DateTime<Utc>>,
+    /// The lease epoch of the last write (`leaderEpoch`; absent in a Go exporter's document).
+    pub leader_epoch: Option<i64>,
 }
 
 /// The field holding the lease epoch of the write.
@@ -150,6 +152,7 @@ impl TokenStore {
         Ok(Some(StoredToken {
             resume_token,
             last_exported_at,
+            leader_epoch: super::decode::integer(&document, EPOCH_FIELD),
         }))
     }
 
@@ -219,11 +222,8 @@ impl TokenStore {
 
     /// The error of a write refused by the fence.
     fn fenced_out(&self, epoch: i64, current: &Document) -> DatastoreError {
-        let newer = match current.get(EPOCH_FIELD) {
-            Some(Bson::Int64(n)) => n.to_string(),
-            Some(Bson::Int32(n)) => n.to_string(),
-            _ => "unknown".into(),
-        };
+        let newer = super::decode::integer(current, EPOCH_FIELD)
+            .map_or_else(|| "unknown".to_string(), |n| n.to_string());
         DatastoreError::Token {
             client: self.client_name.clone(),
             reason: format!(
