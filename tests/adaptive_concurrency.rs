@@ -125,12 +125,5 @@ async fn adaptive_limit_rises_on_a_steady_sink_and_falls_on_a_latency_step_and_5
     assert!(sink.max_in_flight() > 1, "concurrency was used at all");
     assert_eq!(exporter.terminate().await.code(), Some(0));
     let client = db.client().await;
-    let saved = pg::read_resume_token(&client, pg::EXPORTER_CLIENT_NAME)
-        .await
-        .expect("token");
-    assert_eq!(
-        saved["eventID"],
-        serde_json::json!(pg::changelog_max_id(&client).await),
-        "the token reached the last event"
-    );
+    pg::assert_token_at_head(&client, "the token reached the last event").await;
 }

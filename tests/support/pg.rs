@@ -355,6 +355,19 @@ pub async fn read_resume_token<C: GenericClient>(client: &C, client_name: &str) 
 }
 
 /// Upserts a bookmark exactly as NVSentinel does.
+/// The exporter's resume token (`eventID`) is the changelog's newest id: every event was
+/// delivered and the token has no gap. `context` is the assertion's message.
+pub async fn assert_token_at_head<C: GenericClient>(client: &C, context: &str) {
+    let saved = read_resume_token(client, EXPORTER_CLIENT_NAME)
+        .await
+        .expect("token");
+    assert_eq!(
+        saved["eventID"],
+        serde_json::json!(changelog_max_id(client).await),
+        "{context}"
+    );
+}
+
 pub async fn write_resume_token<C: GenericClient>(client: &C, client_name: &str, value: &Value) {
     client
         .execute(
