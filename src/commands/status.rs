@@ -33,7 +33,7 @@ use tokio_postgres::Client;
 
 use crate::backfill::{self, BackfillPlan};
 use crate::config::{format_go_duration, Config, ConfigError};
-use crate::datastore::postgres::{Connector, StartPoint};
+use crate::datastore::postgres::{Connector, PgSettings, StartPoint};
 use crate::datastore::DatastoreError;
 
 #[derive(Debug, Args)]
@@ -173,17 +173,17 @@ pub struct Status {
 
 /// Runs the command: prints the status and returns 0, 1 or 2 (see the module docs).
 pub fn main(args: &StatusArgs) -> ExitCode {
-    if let Ok(crate::datastore::DatastoreSettings::Mongo(settings)) =
-        crate::datastore::DatastoreSettings::from_process_env()
-    {
-        return super::status_mongo::main(args, settings);
-    }
-    print_report(
-        read_status(args),
-        args.output,
-        |status| status.healthy,
-        render_text,
-    )
+    let report = match crate::datastore::DatastoreSettings::from_process_env() {
+        Ok(crate::datastore::DatastoreSettings::Mongo(settings)) => {
+            return super::status_mongo::main(args, settings);
+        }
+        Ok(crate::datastore::DatastoreSettings::Postgres(settings)) => read_status(args, settings),
+        // A configuration error is reported before a datastore one, as `read_status` does.
+        Err(error) => Config::load(&args.config)
+            .map_err(StatusError::from)
+            .and_then(|_| Err(StatusError::from(error))),
+    };
+    print_report(report, args.output, |status| status.healthy, render_text)
 }
 
 /// Prints a report (JSON or text) and maps it to the exit status: 0 healthy, 1 unhealthy, 2 when
@@ -217,19 +217,9 @@ pub(crate) fn print_report<S: Serialize>(
     }
 }
 
-/// Loads the configuration and the datastore environment, then queries the datastore.
-pub fn read_status(args: &StatusArgs) -> Result<Status, StatusError> {
+/// Loads the configuration, then queries PostgreSQL with `settings`.
+pub fn read_status(args: &StatusArgs, settings: PgSettings) -> Result<Status, StatusError> {
     let config = Config::load(&args.config)?;
-    let settings = match crate::datastore::DatastoreSettings::from_process_env()? {
-        crate::datastore::DatastoreSettings::Postgres(settings) => settings,
-        // `main` hands MongoDB to `super::status_mongo` before this.
-        crate::datastore::DatastoreSettings::Mongo(settings) => {
-            return Err(StatusError::Datastore(DatastoreError::Settings(format!(
-                "{}: read with `status_mongo::read`",
-                settings.describe()
-            ))))
-        }
-    };
     let datastore = settings.describe();
     let connector = Connector::new(settings)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
