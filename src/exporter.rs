@@ -441,7 +441,6 @@ impl Launch for Context<'_> {
         .run(stop.clone());
         let stream = stop_all_on_error(stream, stop.clone());
         let backfill = backfill.map(|(source, progress)| {
-            crate::metrics::get().backfill_in_progress.set(1);
             stop_all_on_error(
                 run_backfill(
                     source,
