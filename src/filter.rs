@@ -228,38 +228,16 @@ fn undeclared(root: &IdedExpr) -> Option<String> {
 /// The type of `expr` as far as its syntax tells, in cel-go's spelling; `dyn` when only the
 /// event could tell (a field read, an index).
 fn static_type(expr: &IdedExpr) -> String {
-    let dyn_ = || "dyn".to_string();
     match &expr.expr {
-        Expr::Literal(literal) => match literal {
-            LiteralValue::Boolean(_) => "bool",
-            LiteralValue::Bytes(_) => "bytes",
-            LiteralValue::Double(_) => "double",
-            LiteralValue::Int(_) => "int",
-            LiteralValue::Null => "null_type",
-            LiteralValue::String(_) => "string",
-            LiteralValue::UInt(_) => "uint",
-        }
-        .to_string(),
+        Expr::Literal(literal) => literal_type(literal).to_string(),
         Expr::Ident(name) if name == VARIABLE => "map(string, dyn)".to_string(),
         Expr::Ident(name) if TYPE_NAMES.contains(&name.as_str()) => "type".to_string(),
-        Expr::Ident(_) | Expr::Unspecified => dyn_(),
+        Expr::Ident(_) | Expr::Unspecified => "dyn".to_string(),
         // `has(event.x)` is a presence test; `event.x` is a field read.
         Expr::Select(select) if select.test => "bool".to_string(),
-        Expr::Select(_) => dyn_(),
+        Expr::Select(_) => "dyn".to_string(),
         Expr::List(list) => format!("list({})", common_type(&list.elements)),
-        Expr::Map(map) => {
-            let (keys, values): (Vec<_>, Vec<_>) = map
-                .entries
-                .iter()
-                .filter_map(|entry| match &entry.expr {
-                    cel::common::ast::EntryExpr::MapEntry(e) => {
-                        Some((e.key.clone(), e.value.clone()))
-                    }
-                    cel::common::ast::EntryExpr::StructField(_) => None,
-                })
-                .unzip();
-            format!("map({}, {})", common_type(&keys), common_type(&values))
-        }
+        Expr::Map(map) => map_type(map),
         Expr::Struct(s) => s.type_name.clone(),
         // The macros: `all` and `exists` accumulate a boolean from a boolean literal;
         // `exists_one` compares its count; `map` and `filter` build a list.
@@ -270,48 +248,74 @@ fn static_type(expr: &IdedExpr) -> String {
             },
             _ => static_type(&c.result),
         },
-        Expr::Call(call) => {
-            let args = &call.args;
-            match call.func_name.as_str() {
-                operators::EQUALS
-                | operators::NOT_EQUALS
-                | operators::LESS
-                | operators::LESS_EQUALS
-                | operators::GREATER
-                | operators::GREATER_EQUALS
-                | operators::IN
-                | operators::LOGICAL_AND
-                | operators::LOGICAL_OR
-                | operators::LOGICAL_NOT
-                | operators::NOT_STRICTLY_FALSE => "bool".to_string(),
-                operators::CONDITIONAL if args.len() == 3 => {
-                    common_type(args.get(1..).unwrap_or_default())
-                }
-                operators::ADD
-                | operators::SUBSTRACT
-                | operators::MULTIPLY
-                | operators::DIVIDE
-                | operators::MODULO
-                | operators::NEGATE => common_type(args),
-                // String tests, as member functions; `matches` also as a global one.
-                "contains" | "startsWith" | "endsWith" | "matches" | "hasValue"
-                    if call.target.is_some() =>
-                {
-                    "bool".to_string()
-                }
-                "matches" if args.len() == 2 => "bool".to_string(),
-                "bool" | "int" | "uint" | "double" | "string" | "bytes" | "timestamp"
-                | "duration"
-                    if call.target.is_none() =>
-                {
-                    call.func_name.clone()
-                }
-                "size" => "int".to_string(),
-                "type" if call.target.is_none() => "type".to_string(),
-                name if name.starts_with("get") && call.target.is_some() => "int".to_string(),
-                _ => dyn_(),
-            }
+        Expr::Call(call) => call_type(call),
+    }
+}
+
+fn literal_type(literal: &LiteralValue) -> &'static str {
+    match literal {
+        LiteralValue::Boolean(_) => "bool",
+        LiteralValue::Bytes(_) => "bytes",
+        LiteralValue::Double(_) => "double",
+        LiteralValue::Int(_) => "int",
+        LiteralValue::Null => "null_type",
+        LiteralValue::String(_) => "string",
+        LiteralValue::UInt(_) => "uint",
+    }
+}
+
+/// `map(K, V)` with the common types of the keys and of the values.
+fn map_type(map: &cel::common::ast::MapExpr) -> String {
+    let (keys, values): (Vec<_>, Vec<_>) = map
+        .entries
+        .iter()
+        .filter_map(|entry| match &entry.expr {
+            cel::common::ast::EntryExpr::MapEntry(e) => Some((e.key.clone(), e.value.clone())),
+            cel::common::ast::EntryExpr::StructField(_) => None,
+        })
+        .unzip();
+    format!("map({}, {})", common_type(&keys), common_type(&values))
+}
+
+/// The result type of an operator or a function call (`dyn` when it depends on the data).
+fn call_type(call: &cel::common::ast::CallExpr) -> String {
+    let args = &call.args;
+    let bool_ = || "bool".to_string();
+    match call.func_name.as_str() {
+        operators::EQUALS
+        | operators::NOT_EQUALS
+        | operators::LESS
+        | operators::LESS_EQUALS
+        | operators::GREATER
+        | operators::GREATER_EQUALS
+        | operators::IN
+        | operators::LOGICAL_AND
+        | operators::LOGICAL_OR
+        | operators::LOGICAL_NOT
+        | operators::NOT_STRICTLY_FALSE => bool_(),
+        operators::CONDITIONAL if args.len() == 3 => common_type(args.get(1..).unwrap_or_default()),
+        operators::ADD
+        | operators::SUBSTRACT
+        | operators::MULTIPLY
+        | operators::DIVIDE
+        | operators::MODULO
+        | operators::NEGATE => common_type(args),
+        // String tests, as member functions; `matches` also as a global one.
+        "contains" | "startsWith" | "endsWith" | "matches" | "hasValue"
+            if call.target.is_some() =>
+        {
+            bool_()
         }
+        "matches" if args.len() == 2 => bool_(),
+        "bool" | "int" | "uint" | "double" | "string" | "bytes" | "timestamp" | "duration"
+            if call.target.is_none() =>
+        {
+            call.func_name.clone()
+        }
+        "size" => "int".to_string(),
+        "type" if call.target.is_none() => "type".to_string(),
+        name if name.starts_with("get") && call.target.is_some() => "int".to_string(),
+        _ => "dyn".to_string(),
     }
 }
 

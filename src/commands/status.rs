@@ -148,27 +148,77 @@ pub struct LeaderStatus {
     pub backend_pid: i32,
 }
 
-/// Everything `status` reports; the JSON output is this, camelCased.
+/// Everything `status` reports, for either datastore; the JSON output is this, camelCased,
+/// with the datastore's own part (`D`: [`PgPosition`] or MongoDB's) flattened in.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Status {
+pub struct Report<D> {
     pub client_name: String,
     pub datastore: String,
-    pub resume_token: Option<TokenStatus>,
-    pub changelog_head: HeadStatus,
-    /// Absent without a resume token.
-    pub behind: Option<BehindStatus>,
+    /// Where the resume token stands, how far behind it is, who leads.
+    #[serde(flatten)]
+    pub position: D,
     /// `exporter.backfill.enabled` of the configuration.
     pub backfill_enabled: bool,
     /// Absent when no backfill was ever planned for this client.
     pub backfill: Option<BackfillStatus>,
-    /// Who leads now; absent when no session holds the leadership lock (no exporter running,
-    /// or every replica is a standby that cannot take it).
-    pub leader: Option<LeaderStatus>,
     pub max_behind_seconds: f64,
     pub healthy: bool,
     /// Why `healthy` is false (empty when healthy).
     pub problems: Vec<String>,
+}
+
+/// The PostgreSQL report.
+pub type Status = Report<PgPosition>;
+
+/// A datastore's own part of the report, as `(key, value)` lines for the text output.
+pub trait Position: Serialize {
+    fn lines(&self) -> Vec<(&'static str, String)>;
+}
+
+/// PostgreSQL's part of the report.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PgPosition {
+    pub resume_token: Option<TokenStatus>,
+    pub changelog_head: HeadStatus,
+    /// Absent without a resume token.
+    pub behind: Option<BehindStatus>,
+    /// Who leads now; absent when no session holds the leadership lock (no exporter running,
+    /// or every replica is a standby that cannot take it).
+    pub leader: Option<LeaderStatus>,
+}
+
+/// What the report's shared part is built from.
+pub(crate) struct Verdict<'a> {
+    pub config: &'a Config,
+    pub datastore: String,
+    pub backfill: Option<BackfillStatus>,
+    pub max_behind: Duration,
+    /// Whether a resume token is stored.
+    pub has_token: bool,
+    /// Age in seconds of the oldest change not yet exported, when known.
+    pub waiting_seconds: Option<f64>,
+    /// What a change is called in the messages (`changelog row`, `event`).
+    pub change_noun: &'static str,
+}
+
+impl<D: Position> Report<D> {
+    /// The report, unhealthy without a resume token or when the oldest waiting change is older
+    /// than `max_behind`.
+    pub(crate) fn new(verdict: Verdict<'_>, position: D) -> Report<D> {
+        let problems = problems(&verdict);
+        Report {
+            client_name: verdict.config.client_name.clone(),
+            datastore: verdict.datastore,
+            position,
+            backfill_enabled: verdict.config.backfill.enabled,
+            backfill: verdict.backfill,
+            max_behind_seconds: verdict.max_behind.as_secs_f64(),
+            healthy: problems.is_empty(),
+            problems,
+        }
+    }
 }
 
 /// Runs the command: prints the status and returns 0, 1 or 2 (see the module docs).
@@ -183,16 +233,14 @@ pub fn main(args: &StatusArgs) -> ExitCode {
             .map_err(StatusError::from)
             .and_then(|_| Err(StatusError::from(error))),
     };
-    print_report(report, args.output, |status| status.healthy, render_text)
+    print_report(report, args.output)
 }
 
 /// Prints a report (JSON or text) and maps it to the exit status: 0 healthy, 1 unhealthy, 2 when
 /// no report could be read. Shared by both backends' reports.
-pub(crate) fn print_report<S: Serialize>(
-    report: Result<S, StatusError>,
+pub(crate) fn print_report<D: Position>(
+    report: Result<Report<D>, StatusError>,
     output: StatusOutput,
-    healthy: impl Fn(&S) -> bool,
-    render_text: impl Fn(&S) -> String,
 ) -> ExitCode {
     match report {
         Ok(status) => {
@@ -204,7 +252,7 @@ pub(crate) fn print_report<S: Serialize>(
             };
             // A closed stdout (`status | head`) must not panic; the exit status still counts.
             let _ = std::io::stdout().write_all(text.as_bytes());
-            if healthy(&status) {
+            if status.healthy {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)
@@ -266,20 +314,22 @@ pub async fn query_status(
     };
     let backfill = backfill_record(client, &client_name).await?;
     let leader = leader_status(client, &client_name).await?;
-    let problems = problems(&client_name, behind.as_ref(), max_behind);
-    Ok(Status {
-        client_name,
+    let verdict = Verdict {
+        config,
         datastore,
+        backfill,
+        max_behind,
+        has_token: resume_token.is_some(),
+        waiting_seconds: behind.as_ref().map(|b| b.seconds),
+        change_noun: "changelog row",
+    };
+    let position = PgPosition {
         resume_token,
         changelog_head,
         behind,
-        backfill_enabled: config.backfill.enabled,
-        backfill,
         leader,
-        max_behind_seconds: max_behind.as_secs_f64(),
-        healthy: problems.is_empty(),
-        problems,
-    })
+    };
+    Ok(Report::new(verdict, position))
 }
 
 /// The changelog's newest row (id 0 when it is empty).
@@ -399,18 +449,23 @@ async fn backfill_record(
     }
 }
 
-/// What makes the status unhealthy: no resume token, or rows waiting longer than `max_behind`.
-fn problems(client_name: &str, behind: Option<&BehindStatus>, max_behind: Duration) -> Vec<String> {
-    match behind {
-        None => vec![format!(
+/// What makes the status unhealthy: no resume token, or a change waiting longer than
+/// `max_behind`.
+fn problems(verdict: &Verdict<'_>) -> Vec<String> {
+    let client_name = &verdict.config.client_name;
+    if !verdict.has_token {
+        return vec![format!(
             "no resume token for client {client_name:?}: the exporter has not saved a position yet"
+        )];
+    }
+    match verdict.waiting_seconds {
+        Some(seconds) if seconds > verdict.max_behind.as_secs_f64() => vec![format!(
+            "the oldest {} not yet exported is {} old (more than --max-behind {})",
+            verdict.change_noun,
+            format_seconds(seconds),
+            format_go_duration(verdict.max_behind)
         )],
-        Some(behind) if behind.seconds > max_behind.as_secs_f64() => vec![format!(
-            "the oldest changelog row not yet exported is {} old (more than --max-behind {})",
-            format_seconds(behind.seconds),
-            format_go_duration(max_behind)
-        )],
-        Some(_) => Vec::new(),
+        _ => Vec::new(),
     }
 }
 
@@ -480,27 +535,13 @@ pub(crate) fn format_seconds(seconds: f64) -> String {
     }
 }
 
-/// The report for people.
-pub fn render_text(status: &Status) -> String {
-    let mut lines = vec![
-        (
-            "client",
-            format!("{} ({})", status.client_name, status.datastore),
-        ),
-        ("resume token", token_text(status.resume_token.as_ref())),
-        (
-            "changelog head",
-            format!(
-                "id {}, changed at {}",
-                status.changelog_head.id,
-                time(status.changelog_head.changed_at)
-            ),
-        ),
-    ];
-    if let Some(behind) = &status.behind {
-        lines.push(("behind", behind_text(behind)));
-    }
-    lines.push(("leader", leader_text(status.leader.as_ref())));
+/// The report for people: one `key value` line each, the datastore's own lines in the middle.
+pub fn render_text<D: Position>(status: &Report<D>) -> String {
+    let mut lines = vec![(
+        "client",
+        format!("{} ({})", status.client_name, status.datastore),
+    )];
+    lines.extend(status.position.lines());
     lines.push(("backfill", backfill_text(status)));
     if status.healthy {
         let ok = format!(
@@ -517,6 +558,24 @@ pub fn render_text(status: &Status) -> String {
         .iter()
         .map(|(key, value)| format!("{key:<15} {value}\n"))
         .collect()
+}
+
+impl Position for PgPosition {
+    fn lines(&self) -> Vec<(&'static str, String)> {
+        let head = &self.changelog_head;
+        let mut lines = vec![
+            ("resume token", token_text(self.resume_token.as_ref())),
+            (
+                "changelog head",
+                format!("id {}, changed at {}", head.id, time(head.changed_at)),
+            ),
+        ];
+        if let Some(behind) = &self.behind {
+            lines.push(("behind", behind_text(behind)));
+        }
+        lines.push(("leader", leader_text(self.leader.as_ref())));
+        lines
+    }
 }
 
 fn token_text(token: Option<&TokenStatus>) -> String {
@@ -553,7 +612,7 @@ fn leader_text(leader: Option<&LeaderStatus>) -> String {
     }
 }
 
-fn backfill_text(status: &Status) -> String {
+fn backfill_text<D>(status: &Report<D>) -> String {
     let enabled = if status.backfill_enabled {
         "enabled"
     } else {

@@ -20,9 +20,10 @@ use mongodb::bson::{doc, Bson, Document};
 use serde::Serialize;
 
 use super::status::{
-    backfill_status, format_seconds, print_report, time, BackfillStatus, StatusArgs, StatusError,
+    backfill_status, format_seconds, print_report, time, Position, Report, StatusArgs, StatusError,
+    Verdict,
 };
-use crate::config::{format_go_duration, Config};
+use crate::config::Config;
 use crate::datastore::mongo::{decode, load_plan, MongoSettings, StoredToken, TokenStore};
 use crate::datastore::DatastoreError;
 
@@ -58,31 +59,22 @@ pub struct MongoLeaderStatus {
     pub epoch: Option<i64>,
 }
 
-/// Everything `status` reports on MongoDB; the JSON output is this, camelCased.
+/// MongoDB's part of the report.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct MongoStatus {
-    pub client_name: String,
-    pub datastore: String,
+pub struct MongoPosition {
     pub resume_token: Option<MongoTokenStatus>,
     /// Absent without `lastExportedAt` (no token, or a Go exporter's token).
     pub behind: Option<MongoBehindStatus>,
-    pub backfill_enabled: bool,
-    pub backfill: Option<BackfillStatus>,
     pub leader: Option<MongoLeaderStatus>,
-    pub max_behind_seconds: f64,
-    pub healthy: bool,
-    pub problems: Vec<String>,
 }
+
+/// The MongoDB report.
+pub type MongoStatus = Report<MongoPosition>;
 
 /// Runs the command on MongoDB: prints the status and returns 0, 1 or 2.
 pub fn main(args: &StatusArgs, settings: MongoSettings) -> ExitCode {
-    print_report(
-        read(args, settings),
-        args.output,
-        |status| status.healthy,
-        render_text,
-    )
+    print_report(read(args, settings), args.output)
 }
 
 /// Loads the configuration, connects with the exporter's own client options, and queries.
@@ -143,19 +135,21 @@ async fn query(
         .find_one(doc! {"_id": lease_id})
         .await?
         .and_then(|d| leader_status(&d, Utc::now()));
-    let problems = problems(&client_name, token.as_ref(), behind.as_ref(), args);
-    Ok(MongoStatus {
-        client_name,
+    let verdict = Verdict {
+        config,
         datastore,
+        backfill,
+        max_behind: args.max_behind,
+        has_token: token.is_some(),
+        waiting_seconds: behind.as_ref().map(|b| b.seconds),
+        change_noun: "event",
+    };
+    let position = MongoPosition {
         resume_token: token,
         behind,
-        backfill_enabled: config.backfill.enabled,
-        backfill,
         leader,
-        max_behind_seconds: args.max_behind.as_secs_f64(),
-        healthy: problems.is_empty(),
-        problems,
-    })
+    };
+    Ok(Report::new(verdict, position))
 }
 
 /// The stored token's fields; `None` when it holds no resume token.
@@ -209,108 +203,46 @@ fn leader_status(lease: &Document, now: DateTime<Utc>) -> Option<MongoLeaderStat
     })
 }
 
-fn problems(
-    client_name: &str,
-    token: Option<&MongoTokenStatus>,
-    behind: Option<&MongoBehindStatus>,
-    args: &StatusArgs,
-) -> Vec<String> {
-    let mut problems = Vec::new();
-    match (token, behind) {
-        (None, _) => problems.push(format!(
-            "no resume token for client {client_name:?}: the exporter has not saved a position yet"
-        )),
-        (Some(_), Some(behind)) if behind.seconds > args.max_behind.as_secs_f64() => {
-            problems.push(format!(
-                "the oldest event not yet exported is {} old (more than --max-behind {})",
-                format_seconds(behind.seconds),
-                format_go_duration(args.max_behind)
-            ))
-        }
-        _ => {}
+impl Position for MongoPosition {
+    fn lines(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("resume token", token_text(self.resume_token.as_ref())),
+            ("behind", behind_text(self.behind.as_ref())),
+            ("leader", leader_text(self.leader.as_ref())),
+        ]
     }
-    problems
 }
 
-/// The report for people.
-pub fn render_text(status: &MongoStatus) -> String {
-    let mut out = String::new();
-    let mut line = |key: &str, value: String| out.push_str(&format!("{key:<15} {value}\n"));
-    line(
-        "client",
-        format!("{} ({})", status.client_name, status.datastore),
-    );
-    match &status.resume_token {
-        Some(token) => line(
-            "resume token",
-            format!(
-                "{}, last exported event created at {}, lease epoch {}",
-                token.resume_token,
-                time(token.last_exported_at),
-                token
-                    .leader_epoch
-                    .map_or_else(|| "-".to_string(), |e| e.to_string())
-            ),
+fn token_text(token: Option<&MongoTokenStatus>) -> String {
+    match token {
+        Some(token) => format!(
+            "{}, last exported event created at {}, lease epoch {}",
+            token.resume_token,
+            time(token.last_exported_at),
+            token
+                .leader_epoch
+                .map_or_else(|| "-".to_string(), |e| e.to_string())
         ),
-        None => line("resume token", "none saved".into()),
+        None => "none saved".into(),
     }
-    match &status.behind {
-        Some(b) if b.waiting_events == 0 => line("behind", "caught up (0 events waiting)".into()),
-        Some(b) => line(
-            "behind",
-            format!(
-                "{} events waiting; oldest {} ({})",
-                b.waiting_events,
-                format_seconds(b.seconds),
-                time(b.oldest_waiting_created_at)
-            ),
+}
+
+fn behind_text(behind: Option<&MongoBehindStatus>) -> String {
+    match behind {
+        Some(b) if b.waiting_events == 0 => "caught up (0 events waiting)".into(),
+        Some(b) => format!(
+            "{} events waiting; oldest {} ({})",
+            b.waiting_events,
+            format_seconds(b.seconds),
+            time(b.oldest_waiting_created_at)
         ),
-        None => line(
-            "behind",
-            "unknown (no lastExportedAt in the token document)".into(),
-        ),
+        None => "unknown (no lastExportedAt in the token document)".into(),
     }
-    match &status.leader {
-        Some(l) => line(
-            "leader",
-            format!("{} (lease until {})", l.replica, time(Some(l.expires_at))),
-        ),
-        None => line(
-            "leader",
-            "none: no exporter holds the leadership lease".into(),
-        ),
+}
+
+fn leader_text(leader: Option<&MongoLeaderStatus>) -> String {
+    match leader {
+        Some(l) => format!("{} (lease until {})", l.replica, time(Some(l.expires_at))),
+        None => "none: no exporter holds the leadership lease".into(),
     }
-    let enabled = if status.backfill_enabled {
-        "enabled"
-    } else {
-        "disabled"
-    };
-    match &status.backfill {
-        None => line("backfill", format!("none recorded ({enabled})")),
-        Some(b) if b.done => line(
-            "backfill",
-            format!("complete: {} events ({enabled})", b.delivered),
-        ),
-        Some(b) => line(
-            "backfill",
-            format!(
-                "unfinished: {}/{} delivered ({:.1}%), {} remaining ({enabled})",
-                b.delivered, b.total, b.percent, b.remaining
-            ),
-        ),
-    }
-    if status.healthy {
-        line(
-            "status",
-            format!(
-                "OK (max behind {})",
-                format_seconds(status.max_behind_seconds)
-            ),
-        );
-    } else {
-        for problem in &status.problems {
-            line("status", format!("UNHEALTHY: {problem}"));
-        }
-    }
-    out
 }

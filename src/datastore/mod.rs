@@ -115,7 +115,14 @@ pub struct Checkpoint {
 #[derive(Debug, thiserror::Error)]
 pub enum DatastoreError {
     #[error("datastore settings: {0}")]
-    Settings(String),
+    PgSettings(#[from] postgres::PgSettingsError),
+    #[error("datastore settings: DATASTORE_PROVIDER is set but is not valid UTF-8")]
+    ProviderNotUtf8,
+    #[error(
+        "datastore settings: DATASTORE_PROVIDER={value:?} is not supported (use mongodb or \
+         postgresql)"
+    )]
+    ProviderUnsupported { value: String },
     #[error("{0}")]
     Schema(String),
     #[error("resume token for client {client:?} is unusable: {reason}")]
@@ -171,7 +178,9 @@ impl DatastoreError {
             return Retry::Transient;
         }
         match self {
-            DatastoreError::Settings(_)
+            DatastoreError::PgSettings(_)
+            | DatastoreError::ProviderNotUtf8
+            | DatastoreError::ProviderUnsupported { .. }
             | DatastoreError::MongoSettings(_)
             | DatastoreError::Tls(_)
             | DatastoreError::Schema(_) => Retry::Configuration,
@@ -275,9 +284,7 @@ impl DatastoreSettings {
     /// Reads the process environment; a variable set but not UTF-8 is an error naming it.
     pub fn from_process_env() -> Result<DatastoreSettings, DatastoreError> {
         match std::env::var("DATASTORE_PROVIDER") {
-            Err(std::env::VarError::NotUnicode(_)) => Err(DatastoreError::Settings(
-                "DATASTORE_PROVIDER is set but is not valid UTF-8".into(),
-            )),
+            Err(std::env::VarError::NotUnicode(_)) => Err(DatastoreError::ProviderNotUtf8),
             Ok(value) if is_postgres(&value) => Ok(DatastoreSettings::Postgres(
                 postgres::PgSettings::from_process_env()?,
             )),
@@ -297,9 +304,9 @@ impl DatastoreSettings {
             value if is_postgres(value) => Ok(DatastoreSettings::Postgres(
                 postgres::PgSettings::from_env(get)?,
             )),
-            other => Err(DatastoreError::Settings(format!(
-                "DATASTORE_PROVIDER={other:?} is not supported (use mongodb or postgresql)"
-            ))),
+            other => Err(DatastoreError::ProviderUnsupported {
+                value: other.to_string(),
+            }),
         }
     }
 
@@ -328,7 +335,10 @@ mod tests {
         ));
         assert_eq!(DatastoreError::Mongo(io).retry(), Retry::Transient);
         assert_eq!(
-            DatastoreError::Settings("DATASTORE_PORT".into()).retry(),
+            DatastoreError::from(postgres::PgSettingsError::Missing {
+                name: "DATASTORE_USERNAME"
+            })
+            .retry(),
             Retry::Configuration
         );
         assert_eq!(

@@ -331,33 +331,12 @@ impl TokenProvider {
 
     async fn fetch(&self) -> Result<CachedToken, AuthError> {
         let url = &self.config.token_url;
-        let secret = self.read_secret()?;
         let started = Instant::now();
-        let client_id = self.config.client_id.as_str();
-        let scope = self.config.scope.as_str();
-        let request = self.http.post(url);
-        let request = match self.config.client_auth_method {
-            ClientAuthMethod::ClientSecretBasicRaw => request
-                .basic_auth(client_id, Some(secret))
-                .form(&[("grant_type", "client_credentials"), ("scope", scope)]),
-            ClientAuthMethod::ClientSecretBasic => request
-                .basic_auth(
-                    form_encode_credential(client_id),
-                    Some(form_encode_credential(&secret)),
-                )
-                .form(&[("grant_type", "client_credentials"), ("scope", scope)]),
-            ClientAuthMethod::ClientSecretPost => request.form(&[
-                ("grant_type", "client_credentials"),
-                ("scope", scope),
-                ("client_id", client_id),
-                ("client_secret", secret.as_str()),
-            ]),
-        };
-        let request_error = |e: reqwest::Error| AuthError::Request {
+        let request = self.token_request(&self.read_secret()?);
+        let response = request.send().await.map_err(|e| AuthError::Request {
             url: url.clone(),
             reason: crate::sink::http::describe_reqwest_error(&e),
-        };
-        let response = request.send().await.map_err(request_error)?;
+        })?;
         let status = response.status();
         let body = read_bounded(response, MAX_TOKEN_RESPONSE_BYTES)
             .await
@@ -387,29 +366,58 @@ impl TokenProvider {
         })?;
         let token = parse_token_response(&body, started, self.config.default_token_lifetime)
             .map_err(invalid)?;
-        match token.lifetime_source {
-            LifetimeSource::ExpiresIn => {
-                tracing::info!(
-                    expires_in_seconds = token.lifetime.as_secs_f64(),
-                    "fetched an access token"
-                )
-            }
-            LifetimeSource::Assumed => tracing::info!(
-                assumed_lifetime_seconds = token.lifetime.as_secs_f64(),
-                "fetched an access token without a usable expires_in; assuming \
-                 exporter.oidc.default_token_lifetime (a 401 from the sink still refreshes it)"
-            ),
-            LifetimeSource::Capped => tracing::warn!(
-                lifetime_seconds = token.lifetime.as_secs_f64(),
-                "fetched an access token whose expires_in exceeds 24h; it will be refreshed \
-                 after 24h"
-            ),
-        }
+        log_lifetime(&token);
         Ok(CachedToken {
             value: token.access_token.into(),
             refresh_at: token.refresh_at,
             expires_at: token.expires_at,
         })
+    }
+
+    /// The client-credentials grant request, authenticated as `client_auth_method` says
+    /// (RFC 6749 §2.3.1: HTTP Basic with form-encoded credentials, or in the body).
+    fn token_request(&self, secret: &str) -> reqwest::RequestBuilder {
+        let client_id = self.config.client_id.as_str();
+        let scope = self.config.scope.as_str();
+        let request = self.http.post(&self.config.token_url);
+        let grant = [("grant_type", "client_credentials"), ("scope", scope)];
+        match self.config.client_auth_method {
+            ClientAuthMethod::ClientSecretBasicRaw => {
+                request.basic_auth(client_id, Some(secret)).form(&grant)
+            }
+            ClientAuthMethod::ClientSecretBasic => request
+                .basic_auth(
+                    form_encode_credential(client_id),
+                    Some(form_encode_credential(secret)),
+                )
+                .form(&grant),
+            ClientAuthMethod::ClientSecretPost => request.form(&[
+                ("grant_type", "client_credentials"),
+                ("scope", scope),
+                ("client_id", client_id),
+                ("client_secret", secret),
+            ]),
+        }
+    }
+}
+
+/// Logs a fetched token's lifetime and where it came from (`expires_in`, assumed, capped).
+fn log_lifetime(token: &ParsedToken) {
+    match token.lifetime_source {
+        LifetimeSource::ExpiresIn => tracing::info!(
+            expires_in_seconds = token.lifetime.as_secs_f64(),
+            "fetched an access token"
+        ),
+        LifetimeSource::Assumed => tracing::info!(
+            assumed_lifetime_seconds = token.lifetime.as_secs_f64(),
+            "fetched an access token without a usable expires_in; assuming \
+             exporter.oidc.default_token_lifetime (a 401 from the sink still refreshes it)"
+        ),
+        LifetimeSource::Capped => tracing::warn!(
+            lifetime_seconds = token.lifetime.as_secs_f64(),
+            "fetched an access token whose expires_in exceeds 24h; it will be refreshed \
+             after 24h"
+        ),
     }
 }
 

@@ -146,151 +146,28 @@ impl MongoSettings {
     pub fn from_env(
         get: impl Fn(&str) -> Option<String>,
     ) -> Result<MongoSettings, MongoSettingsError> {
-        let var = |name: &str| {
-            get(name)
-                .map(|v| v.trim().to_string())
-                .filter(|v| !v.is_empty())
-        };
-        let seconds = |names: &[&'static str],
-                       default: u64|
-         -> Result<(Duration, &'static str), MongoSettingsError> {
-            for &name in names {
-                if let Some(text) = var(name) {
-                    return match text.parse::<u64>() {
-                        Ok(n) if n > 0 => Ok((Duration::from_secs(n), name)),
-                        _ => Err(MongoSettingsError::Invalid {
-                            name,
-                            reason: format!("{text:?} is not a positive whole number of seconds"),
-                        }),
-                    };
-                }
-            }
-            Ok((
-                Duration::from_secs(default),
-                names.first().copied().unwrap_or(""),
-            ))
-        };
-        let absolute = |name: &'static str| -> Result<Option<PathBuf>, MongoSettingsError> {
-            match var(name) {
-                None => Ok(None),
-                Some(text) => {
-                    let path = PathBuf::from(&text);
-                    if path.is_absolute() {
-                        Ok(Some(path))
-                    } else {
-                        Err(MongoSettingsError::Invalid {
-                            name,
-                            reason: format!("{text:?} is not an absolute path"),
-                        })
-                    }
-                }
-            }
-        };
-
-        let (ping_timeout, timeout_name) = seconds(&["MONGODB_PING_TIMEOUT_TOTAL_SECONDS"], 30)?;
-        let (ping_interval, interval_name) = seconds(&["MONGODB_PING_INTERVAL_SECONDS"], 5)?;
-        if ping_interval >= ping_timeout {
-            return Err(MongoSettingsError::Invalid {
-                name: interval_name,
-                reason: format!(
-                    "{}s must be less than {timeout_name} ({}s)",
-                    ping_interval.as_secs(),
-                    ping_timeout.as_secs()
-                ),
-            });
-        }
-        let (retry_deadline, deadline_name) = seconds(
-            &[
-                "MONGODB_CHANGE_STREAM_RETRY_DEADLINE_SECONDS",
-                "CHANGE_STREAM_RETRY_DEADLINE_SECONDS",
-            ],
-            60,
-        )?;
-        let (retry_interval, retry_interval_name) = seconds(
-            &[
-                "MONGODB_CHANGE_STREAM_RETRY_INTERVAL_SECONDS",
-                "CHANGE_STREAM_RETRY_INTERVAL_SECONDS",
-            ],
-            3,
-        )?;
-        if retry_interval > retry_deadline {
-            return Err(MongoSettingsError::Invalid {
-                name: retry_interval_name,
-                reason: format!(
-                    "{}s must not exceed {deadline_name} ({}s)",
-                    retry_interval.as_secs(),
-                    retry_deadline.as_secs()
-                ),
-            });
-        }
-        let (ca_mount_timeout, _) = seconds(&["CA_CERT_MOUNT_TIMEOUT_TOTAL_SECONDS"], 360)?;
-        let (ca_read_interval, _) = seconds(&["CA_CERT_READ_INTERVAL_SECONDS"], 5)?;
-        const ROTATION: &str = "MONGODB_ENABLE_CERT_ROTATION";
-        let rotation = match var(ROTATION) {
-            None => false,
-            Some(text) => parse_bool(&text).ok_or_else(|| MongoSettingsError::Invalid {
-                name: ROTATION,
-                reason: format!("{text:?} is not true or false"),
-            })?,
-        };
-        let (rotation_check, _) = seconds(&["MONGODB_CERT_ROTATION_CHECK_SECONDS"], 10)?;
-
-        // The mount directory: set → waited for; set but blank → none; unset → the default,
-        // used only if its files are there.
-        const MOUNT: &str = "MONGODB_CLIENT_CERT_MOUNT_PATH";
-        let (mount, mount_explicit) = match get(MOUNT) {
-            Some(text) if text.trim().is_empty() => (None, false),
-            Some(_) => (absolute(MOUNT)?, true),
-            None => (Some(PathBuf::from(DEFAULT_CLIENT_CERT_MOUNT_PATH)), false),
-        };
-        let in_mount = |file: &str| {
-            mount.as_ref().map(|dir| NamedFile {
-                path: dir.join(file),
-                variable: MOUNT,
-            })
-        };
-        let named = |name: &'static str| -> Result<Option<NamedFile>, MongoSettingsError> {
-            Ok(absolute(name)?.map(|path| NamedFile {
-                path,
-                variable: name,
-            }))
-        };
-        let explicit_ca = named("MONGODB_CA_CERT_PATH")?;
-        let ca_required = explicit_ca.is_some() || mount_explicit;
-        let tls = TlsFiles {
-            ca: explicit_ca.or_else(|| in_mount("ca.crt")),
-            ca_required,
-            cert: named("MONGODB_CLIENT_CERT_PATH")?.or_else(|| in_mount("tls.crt")),
-            key: named("MONGODB_CLIENT_KEY_PATH")?.or_else(|| in_mount("tls.key")),
-            ca_mount_timeout,
-            ca_read_interval,
-            rotation_check: rotation.then_some(rotation_check),
-        };
-
-        let uri = var("MONGODB_URI").unwrap_or_else(|| DEFAULT_URI.into());
-        if !(uri.starts_with("mongodb://") || uri.starts_with("mongodb+srv://")) {
-            return Err(MongoSettingsError::Invalid {
-                name: "MONGODB_URI",
-                reason: format!(
-                    "{} does not start with mongodb:// or mongodb+srv://",
-                    redact_uri(&uri)
-                ),
-            });
-        }
+        let env = Env { get: &get };
+        let (ping_timeout, ping_interval) = env.ping()?;
+        let (change_stream_retry_deadline, change_stream_retry_interval) =
+            env.change_stream_retry()?;
         Ok(MongoSettings {
-            uri,
-            database: var("MONGODB_DATABASE_NAME")
-                .or_else(|| var("DATASTORE_DATABASE"))
+            uri: env.uri()?,
+            database: env
+                .var("MONGODB_DATABASE_NAME")
+                .or_else(|| env.var("DATASTORE_DATABASE"))
                 .unwrap_or_else(|| DEFAULT_DATABASE.into()),
-            collection: var("MONGODB_COLLECTION_NAME").unwrap_or_else(|| DEFAULT_COLLECTION.into()),
-            token_collection: var("MONGODB_TOKEN_COLLECTION_NAME")
+            collection: env
+                .var("MONGODB_COLLECTION_NAME")
+                .unwrap_or_else(|| DEFAULT_COLLECTION.into()),
+            token_collection: env
+                .var("MONGODB_TOKEN_COLLECTION_NAME")
                 .unwrap_or_else(|| DEFAULT_TOKEN_COLLECTION.into()),
-            app_name: var("APP_NAME"),
+            app_name: env.var("APP_NAME"),
             ping_timeout,
             ping_interval,
-            change_stream_retry_deadline: retry_deadline,
-            change_stream_retry_interval: retry_interval,
-            tls,
+            change_stream_retry_deadline,
+            change_stream_retry_interval,
+            tls: env.tls_files()?,
         })
     }
 
@@ -595,6 +472,184 @@ pub fn parse_bool(text: &str) -> Option<bool> {
         _ => None,
     }
 }
+
+/// The environment as `MongoSettings::from_env` reads it: blank values count as unset, and
+/// every error names its variable.
+struct Env<'a, G: Fn(&str) -> Option<String>> {
+    get: &'a G,
+}
+
+impl<G: Fn(&str) -> Option<String>> Env<'_, G> {
+    /// The trimmed value; `None` when unset or blank.
+    fn var(&self, name: &str) -> Option<String> {
+        (self.get)(name)
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+    }
+
+    fn invalid(name: &'static str, reason: String) -> MongoSettingsError {
+        MongoSettingsError::Invalid { name, reason }
+    }
+
+    /// The first of `names` that is set (current name first, then legacy ones), as a positive
+    /// whole number of seconds, with the name it came from; `default` seconds under the first
+    /// name when none is set.
+    fn seconds(
+        &self,
+        names: &[&'static str],
+        default: u64,
+    ) -> Result<(Duration, &'static str), MongoSettingsError> {
+        for &name in names {
+            if let Some(text) = self.var(name) {
+                return match text.parse::<u64>() {
+                    Ok(n) if n > 0 => Ok((Duration::from_secs(n), name)),
+                    _ => Err(Self::invalid(
+                        name,
+                        format!("{text:?} is not a positive whole number of seconds"),
+                    )),
+                };
+            }
+        }
+        let first = names.first().copied().unwrap_or("");
+        Ok((Duration::from_secs(default), first))
+    }
+
+    /// An absolute path, when set.
+    fn absolute(&self, name: &'static str) -> Result<Option<PathBuf>, MongoSettingsError> {
+        let Some(text) = self.var(name) else {
+            return Ok(None);
+        };
+        let path = PathBuf::from(&text);
+        if path.is_absolute() {
+            Ok(Some(path))
+        } else {
+            Err(Self::invalid(
+                name,
+                format!("{text:?} is not an absolute path"),
+            ))
+        }
+    }
+
+    /// `true`/`false` (and the other spellings `parse_bool` takes); `false` when unset.
+    fn flag(&self, name: &'static str) -> Result<bool, MongoSettingsError> {
+        match self.var(name) {
+            None => Ok(false),
+            Some(text) => parse_bool(&text)
+                .ok_or_else(|| Self::invalid(name, format!("{text:?} is not true or false"))),
+        }
+    }
+
+    /// The ping timeout (30 s) and interval (5 s), the interval below the timeout.
+    fn ping(&self) -> Result<(Duration, Duration), MongoSettingsError> {
+        let (timeout, timeout_name) = self.seconds(&["MONGODB_PING_TIMEOUT_TOTAL_SECONDS"], 30)?;
+        let (interval, interval_name) = self.seconds(&["MONGODB_PING_INTERVAL_SECONDS"], 5)?;
+        if interval >= timeout {
+            return Err(Self::invalid(
+                interval_name,
+                format!(
+                    "{}s must be less than {timeout_name} ({}s)",
+                    interval.as_secs(),
+                    timeout.as_secs()
+                ),
+            ));
+        }
+        Ok((timeout, interval))
+    }
+
+    /// The change-stream retry deadline (60 s) and interval (3 s, at most the deadline), under
+    /// their current or legacy names.
+    fn change_stream_retry(&self) -> Result<(Duration, Duration), MongoSettingsError> {
+        let (deadline, deadline_name) = self.seconds(
+            &[
+                "MONGODB_CHANGE_STREAM_RETRY_DEADLINE_SECONDS",
+                "CHANGE_STREAM_RETRY_DEADLINE_SECONDS",
+            ],
+            60,
+        )?;
+        let (interval, interval_name) = self.seconds(
+            &[
+                "MONGODB_CHANGE_STREAM_RETRY_INTERVAL_SECONDS",
+                "CHANGE_STREAM_RETRY_INTERVAL_SECONDS",
+            ],
+            3,
+        )?;
+        if interval > deadline {
+            return Err(Self::invalid(
+                interval_name,
+                format!(
+                    "{}s must not exceed {deadline_name} ({}s)",
+                    interval.as_secs(),
+                    deadline.as_secs()
+                ),
+            ));
+        }
+        Ok((deadline, interval))
+    }
+
+    /// The client-certificate and CA files: explicit paths first, else the mount directory's
+    /// `ca.crt`, `tls.crt`, `tls.key`.
+    fn tls_files(&self) -> Result<TlsFiles, MongoSettingsError> {
+        let (mount, mount_explicit) = self.mount()?;
+        let in_mount = |file: &str| {
+            mount.as_ref().map(|dir| NamedFile {
+                path: dir.join(file),
+                variable: MOUNT,
+            })
+        };
+        let named = |name: &'static str| -> Result<Option<NamedFile>, MongoSettingsError> {
+            Ok(self.absolute(name)?.map(|path| NamedFile {
+                path,
+                variable: name,
+            }))
+        };
+        let explicit_ca = named("MONGODB_CA_CERT_PATH")?;
+        let ca_required = explicit_ca.is_some() || mount_explicit;
+        let (rotation_check, _) = self.seconds(&["MONGODB_CERT_ROTATION_CHECK_SECONDS"], 10)?;
+        Ok(TlsFiles {
+            ca: explicit_ca.or_else(|| in_mount("ca.crt")),
+            ca_required,
+            cert: named("MONGODB_CLIENT_CERT_PATH")?.or_else(|| in_mount("tls.crt")),
+            key: named("MONGODB_CLIENT_KEY_PATH")?.or_else(|| in_mount("tls.key")),
+            ca_mount_timeout: self
+                .seconds(&["CA_CERT_MOUNT_TIMEOUT_TOTAL_SECONDS"], 360)?
+                .0,
+            ca_read_interval: self.seconds(&["CA_CERT_READ_INTERVAL_SECONDS"], 5)?.0,
+            rotation_check: self
+                .flag("MONGODB_ENABLE_CERT_ROTATION")?
+                .then_some(rotation_check),
+        })
+    }
+
+    /// The mount directory and whether it was set: set → waited for; set but blank → none;
+    /// unset → the default, used only if its files are there.
+    fn mount(&self) -> Result<(Option<PathBuf>, bool), MongoSettingsError> {
+        Ok(match (self.get)(MOUNT) {
+            Some(text) if text.trim().is_empty() => (None, false),
+            Some(_) => (self.absolute(MOUNT)?, true),
+            None => (Some(PathBuf::from(DEFAULT_CLIENT_CERT_MOUNT_PATH)), false),
+        })
+    }
+
+    /// `MONGODB_URI`, which must be a `mongodb://` or `mongodb+srv://` URI.
+    fn uri(&self) -> Result<String, MongoSettingsError> {
+        let uri = self
+            .var("MONGODB_URI")
+            .unwrap_or_else(|| DEFAULT_URI.into());
+        if uri.starts_with("mongodb://") || uri.starts_with("mongodb+srv://") {
+            return Ok(uri);
+        }
+        Err(Self::invalid(
+            "MONGODB_URI",
+            format!(
+                "{} does not start with mongodb:// or mongodb+srv://",
+                redact_uri(&uri)
+            ),
+        ))
+    }
+}
+
+/// The client-certificate mount directory's variable.
+const MOUNT: &str = "MONGODB_CLIENT_CERT_MOUNT_PATH";
 
 #[cfg(test)]
 mod tests {

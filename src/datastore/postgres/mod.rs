@@ -13,7 +13,7 @@ mod token;
 
 pub(crate) use changelog::{describe_conversion, ChangelogReader, FreshStart};
 pub(crate) use listener::spawn_listener;
-pub use settings::{PgSettings, SslMode};
+pub use settings::{PgSettings, PgSettingsError, SslMode};
 pub(crate) use start::start;
 pub use token::{StartPoint, TokenStore};
 

@@ -56,15 +56,50 @@ fn redact<S: serde::Serializer>(value: &Option<String>, s: S) -> Result<S::Ok, S
     }
 }
 
-fn settings_error(message: impl Into<String>) -> DatastoreError {
-    DatastoreError::Settings(message.into())
+/// What is wrong with the PostgreSQL settings, naming the variable (exit 2: the deployment must
+/// change).
+#[derive(Debug, thiserror::Error)]
+pub enum PgSettingsError {
+    #[error("{name} is set but is not valid UTF-8")]
+    NotUtf8 { name: String },
+    #[error(
+        "DATASTORE_PROVIDER is not set; set it to postgresql and give DATASTORE_HOST, \
+         DATASTORE_DATABASE and DATASTORE_USERNAME"
+    )]
+    ProviderUnset,
+    #[error(
+        "DATASTORE_PROVIDER=mongodb names MongoDB, but PostgreSQL settings were asked for here \
+         (this command reads PostgreSQL only); set DATASTORE_PROVIDER=postgresql"
+    )]
+    ProviderIsMongo,
+    #[error("DATASTORE_PROVIDER={value:?} is not supported (use postgresql)")]
+    ProviderUnsupported { value: String },
+    #[error("{name} is required")]
+    Missing { name: &'static str },
+    /// A value that does not parse; `expected` says what would.
+    #[error("{name}={value:?} is not {expected}")]
+    Invalid {
+        name: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+    #[error("{name}={}: file not found", path.display())]
+    FileNotFound { name: &'static str, path: PathBuf },
+    #[error("DATASTORE_SSLCERT and DATASTORE_SSLKEY must be given together")]
+    HalfCertificate,
+    #[error(
+        "DATASTORE_SSLMODE={mode} needs a CA certificate: set DATASTORE_SSLROOTCERT or mount \
+         ca.crt under {}",
+        mount.display()
+    )]
+    NoCa { mode: &'static str, mount: PathBuf },
 }
 
 impl PgSettings {
     /// Reads NVSentinel's datastore variables from the process environment. A variable that is
     /// set but not UTF-8 is an error naming it (`std::env::var(..).ok()` would read it as unset:
     /// a password silently dropped, a host silently defaulted).
-    pub fn from_process_env() -> Result<PgSettings, DatastoreError> {
+    pub fn from_process_env() -> Result<PgSettings, PgSettingsError> {
         let not_utf8 = std::cell::RefCell::new(None::<String>);
         let settings = PgSettings::from_env(|name| match std::env::var(name) {
             Ok(value) => Some(value),
@@ -77,104 +112,62 @@ impl PgSettings {
             }
         });
         match not_utf8.into_inner() {
-            Some(name) => Err(settings_error(format!(
-                "{name} is set but is not valid UTF-8"
-            ))),
+            Some(name) => Err(PgSettingsError::NotUtf8 { name }),
             None => settings,
         }
     }
 
-    /// Reads NVSentinel's datastore variables through `get` (normally `std::env::var`).
-    pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<PgSettings, DatastoreError> {
+    /// Reads NVSentinel's datastore variables through `get` (normally `std::env::var`). Blank
+    /// values count as unset, except `DATASTORE_PASSWORD`, where only the empty string does.
+    pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<PgSettings, PgSettingsError> {
         let var = |name: &str| get(name).filter(|v| !v.trim().is_empty());
-        match var("DATASTORE_PROVIDER").as_deref() {
-            Some("postgresql") | Some("postgres") => {}
-            Some("mongodb") => {
-                return Err(settings_error(
-                    "DATASTORE_PROVIDER=mongodb names MongoDB, but PostgreSQL settings were \
-                     asked for here (this command reads PostgreSQL only); set \
-                     DATASTORE_PROVIDER=postgresql",
-                ))
-            }
-            Some(other) => {
-                return Err(settings_error(format!(
-                    "DATASTORE_PROVIDER={other:?} is not supported (use postgresql)"
-                )))
-            }
-            None => {
-                return Err(settings_error(
-                    "DATASTORE_PROVIDER is not set; set it to postgresql and give \
-                     DATASTORE_HOST, DATASTORE_DATABASE and DATASTORE_USERNAME",
-                ))
-            }
-        }
-        let port = match var("DATASTORE_PORT") {
-            None => 5432,
-            Some(text) => text.trim().parse().map_err(|_| {
-                settings_error(format!("DATASTORE_PORT={text:?} is not a port number"))
-            })?,
-        };
-        let user = var("DATASTORE_USERNAME")
-            .ok_or_else(|| settings_error("DATASTORE_USERNAME is required"))?;
-        let sslmode = match var("DATASTORE_SSLMODE") {
-            // lib/pq's default, which the Go exporter inherits.
-            None => SslMode::Require,
-            Some(text) => SslMode::parse(text.trim()).ok_or_else(|| {
-                settings_error(format!(
-                    "DATASTORE_SSLMODE={text:?} is not one of disable, prefer, require, \
-                     verify-ca, verify-full"
-                ))
-            })?,
-        };
+        require_postgres(var("DATASTORE_PROVIDER"))?;
+        let sslmode = sslmode(var("DATASTORE_SSLMODE"))?;
         let mount = PathBuf::from(
             var("POSTGRESQL_CLIENT_CERT_MOUNT_PATH").unwrap_or(DEFAULT_CERT_MOUNT_PATH.into()),
         );
-        // An explicit path must exist; a default under the mount is used only when present.
-        let file = |name: &str, default: &str| -> Result<Option<PathBuf>, DatastoreError> {
-            match var(name) {
-                Some(path) => {
-                    let path = PathBuf::from(path);
-                    if sslmode != SslMode::Disable && !path.is_file() {
-                        return Err(settings_error(format!(
-                            "{name}={}: file not found",
-                            path.display()
-                        )));
-                    }
-                    Ok(Some(path))
-                }
-                None => Ok(Some(mount.join(default)).filter(|p| p.is_file())),
-            }
+        let files = CertFiles {
+            mount: &mount,
+            check_exists: sslmode != SslMode::Disable,
         };
         let settings = PgSettings {
             host: var("DATASTORE_HOST").unwrap_or_else(|| "localhost".into()),
-            port,
+            port: port(var("DATASTORE_PORT"))?,
             database: var("DATASTORE_DATABASE").unwrap_or_else(|| "nvsentinel".into()),
-            user,
+            user: var("DATASTORE_USERNAME").ok_or(PgSettingsError::Missing {
+                name: "DATASTORE_USERNAME",
+            })?,
             password: get("DATASTORE_PASSWORD").filter(|p| !p.is_empty()),
             sslmode,
-            sslcert: file("DATASTORE_SSLCERT", "tls.crt")?,
-            sslkey: file("DATASTORE_SSLKEY", "tls.key")?,
-            sslrootcert: file("DATASTORE_SSLROOTCERT", "ca.crt")?,
+            sslcert: files.resolve("DATASTORE_SSLCERT", var("DATASTORE_SSLCERT"), "tls.crt")?,
+            sslkey: files.resolve("DATASTORE_SSLKEY", var("DATASTORE_SSLKEY"), "tls.key")?,
+            sslrootcert: files.resolve(
+                "DATASTORE_SSLROOTCERT",
+                var("DATASTORE_SSLROOTCERT"),
+                "ca.crt",
+            )?,
         };
-        if settings.sslcert.is_some() != settings.sslkey.is_some() {
-            return Err(settings_error(
-                "DATASTORE_SSLCERT and DATASTORE_SSLKEY must be given together",
-            ));
-        }
-        if matches!(settings.sslmode, SslMode::VerifyCa | SslMode::VerifyFull)
-            && settings.sslrootcert.is_none()
-        {
-            return Err(settings_error(format!(
-                "DATASTORE_SSLMODE={} needs a CA certificate: set DATASTORE_SSLROOTCERT or mount \
-                 ca.crt under {}",
-                match settings.sslmode {
-                    SslMode::VerifyCa => "verify-ca",
-                    _ => "verify-full",
-                },
-                mount.display()
-            )));
-        }
+        settings.check_tls(&mount)?;
         Ok(settings)
+    }
+
+    /// A client certificate needs its key; `verify-ca`/`verify-full` need a CA.
+    fn check_tls(&self, mount: &Path) -> Result<(), PgSettingsError> {
+        if self.sslcert.is_some() != self.sslkey.is_some() {
+            return Err(PgSettingsError::HalfCertificate);
+        }
+        let mode = match self.sslmode {
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+            _ => return Ok(()),
+        };
+        match self.sslrootcert {
+            Some(_) => Ok(()),
+            None => Err(PgSettingsError::NoCa {
+                mode,
+                mount: mount.to_path_buf(),
+            }),
+        }
     }
 
     /// The driver configuration (without TLS, which `tls_connector` supplies).
@@ -225,12 +218,70 @@ impl PgSettings {
     }
 }
 
+/// `DATASTORE_PROVIDER` must name PostgreSQL here.
+fn require_postgres(provider: Option<String>) -> Result<(), PgSettingsError> {
+    match provider.as_deref() {
+        Some("postgresql") | Some("postgres") => Ok(()),
+        Some("mongodb") => Err(PgSettingsError::ProviderIsMongo),
+        Some(other) => Err(PgSettingsError::ProviderUnsupported {
+            value: other.to_string(),
+        }),
+        None => Err(PgSettingsError::ProviderUnset),
+    }
+}
+
+/// `DATASTORE_PORT`, 5432 when unset.
+fn port(text: Option<String>) -> Result<u16, PgSettingsError> {
+    let Some(text) = text else { return Ok(5432) };
+    text.trim().parse().map_err(|_| PgSettingsError::Invalid {
+        name: "DATASTORE_PORT",
+        value: text,
+        expected: "a port number",
+    })
+}
+
+/// `DATASTORE_SSLMODE`, `require` when unset (lib/pq's default, which the Go exporter inherits).
+fn sslmode(text: Option<String>) -> Result<SslMode, PgSettingsError> {
+    let Some(text) = text else {
+        return Ok(SslMode::Require);
+    };
+    SslMode::parse(text.trim()).ok_or(PgSettingsError::Invalid {
+        name: "DATASTORE_SSLMODE",
+        value: text,
+        expected: "one of disable, prefer, require, verify-ca, verify-full",
+    })
+}
+
+/// Where the client-certificate files come from: an explicit path must exist (unless TLS is
+/// off); without one, the file under the mount directory is used only when present.
+struct CertFiles<'a> {
+    mount: &'a Path,
+    check_exists: bool,
+}
+
+impl CertFiles<'_> {
+    fn resolve(
+        &self,
+        name: &'static str,
+        explicit: Option<String>,
+        default: &str,
+    ) -> Result<Option<PathBuf>, PgSettingsError> {
+        let Some(path) = explicit.map(PathBuf::from) else {
+            return Ok(Some(self.mount.join(default)).filter(|p| p.is_file()));
+        };
+        if self.check_exists && !path.is_file() {
+            return Err(PgSettingsError::FileNotFound { name, path });
+        }
+        Ok(Some(path))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::HashMap;
 
-    fn from(vars: &[(&str, &str)]) -> Result<PgSettings, DatastoreError> {
+    fn from(vars: &[(&str, &str)]) -> Result<PgSettings, PgSettingsError> {
         let map: HashMap<String, String> = vars
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
