@@ -270,21 +270,30 @@ pub fn read_status(args: &StatusArgs, settings: PgSettings) -> Result<Status, St
     let config = Config::load(&args.config)?;
     let datastore = settings.describe();
     let connector = Connector::new(settings)?;
+    let query = async {
+        let client = connector.connect().await?;
+        connector.check_schema(&client).await?;
+        query_status(&client, &config, datastore.clone(), args.max_behind).await
+    };
+    run_query(query, &datastore, args.timeout)
+}
+
+/// Runs a datastore's queries on a one-thread runtime, bounded by `timeout` (`--timeout`).
+pub(crate) fn run_query<T>(
+    query: impl std::future::Future<Output = Result<T, DatastoreError>>,
+    datastore: &str,
+    timeout: Duration,
+) -> Result<T, StatusError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(StatusError::Runtime)?;
     runtime.block_on(async {
-        let query = async {
-            let client = connector.connect().await?;
-            connector.check_schema(&client).await?;
-            query_status(&client, &config, datastore.clone(), args.max_behind).await
-        };
-        tokio::time::timeout(args.timeout, query)
+        tokio::time::timeout(timeout, query)
             .await
             .map_err(|_| StatusError::Timeout {
-                datastore: datastore.clone(),
-                timeout: args.timeout,
+                datastore: datastore.to_string(),
+                timeout,
             })?
             .map_err(StatusError::from)
     })

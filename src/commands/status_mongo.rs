@@ -20,8 +20,8 @@ use mongodb::bson::{doc, Bson, Document};
 use serde::Serialize;
 
 use super::status::{
-    backfill_status, format_seconds, print_report, time, Position, Report, StatusArgs, StatusError,
-    Verdict,
+    backfill_status, format_seconds, print_report, run_query, time, Position, Report, StatusArgs,
+    StatusError, Verdict,
 };
 use crate::config::Config;
 use crate::datastore::mongo::{decode, load_plan, MongoSettings, StoredToken, TokenStore};
@@ -81,30 +81,18 @@ pub fn main(args: &StatusArgs, settings: MongoSettings) -> ExitCode {
 pub fn read(args: &StatusArgs, settings: MongoSettings) -> Result<MongoStatus, StatusError> {
     let config = Config::load(&args.config)?;
     let datastore = settings.describe();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(StatusError::Runtime)?;
-    runtime.block_on(async {
-        let query = async {
-            let options = settings
-                .client_options()
-                .await
-                .map_err(DatastoreError::MongoSettings)?;
-            let client = mongodb::Client::with_options(options).map_err(DatastoreError::Mongo)?;
-            let status = query(&client, &settings, &config, datastore.clone(), args).await;
-            // No stream is open: the driver's shutdown does not wait on one.
-            client.shutdown().await;
-            status
-        };
-        tokio::time::timeout(args.timeout, query)
+    let query = async {
+        let options = settings
+            .client_options()
             .await
-            .map_err(|_| StatusError::Timeout {
-                datastore: datastore.clone(),
-                timeout: args.timeout,
-            })?
-            .map_err(StatusError::from)
-    })
+            .map_err(DatastoreError::MongoSettings)?;
+        let client = mongodb::Client::with_options(options).map_err(DatastoreError::Mongo)?;
+        let status = query(&client, &settings, &config, datastore.clone(), args).await;
+        // No stream is open: the driver's shutdown does not wait on one.
+        client.shutdown().await;
+        status
+    };
+    run_query(query, &datastore, args.timeout)
 }
 
 async fn query(
