@@ -70,18 +70,19 @@ impl RecordedRequest {
 
     /// The CloudEvent `id`, when the body is one event.
     pub fn event_id(&self) -> Option<String> {
-        self.json
-            .as_ref()
-            .and_then(|json| json.get("id"))
-            .and_then(Value::as_str)
-            .map(str::to_string)
+        self.string_at("/id")
     }
 
     /// `data.healthEvent.nodeName`, when the body is one NVSentinel health CloudEvent.
     pub fn node_name(&self) -> Option<String> {
+        self.string_at("/data/healthEvent/nodeName")
+    }
+
+    /// The string at JSON `pointer` in the body, if the body is JSON and has one there.
+    fn string_at(&self, pointer: &str) -> Option<String> {
         self.json
             .as_ref()
-            .and_then(|json| json.pointer("/data/healthEvent/nodeName"))
+            .and_then(|json| json.pointer(pointer))
             .and_then(Value::as_str)
             .map(str::to_string)
     }
