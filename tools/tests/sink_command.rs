@@ -1,7 +1,9 @@
 //! The `sink` subcommand with real HTTP clients on 127.0.0.1 (no mocks): every rule of the events
-//! endpoint, the OAuth2 token endpoint, the test switches, the binary's SIGTERM handling and
-//! `--out` file, and an independent check of the accepted events with the CloudEvents Python SDK
-//! (`tests/validate_cloudevents.py`; the SDK comes from `scripts/test`, and without it the test fails).
+//! endpoint, the OAuth2 token endpoint, the test switches, the in-process API the integration
+//! tests use (scripted answers, "fail always", the request registry and its waits, another token
+//! endpoint's tokens, HTTPS), the binary's SIGTERM handling and `--out` file, and an independent
+//! check of the accepted events with the CloudEvents Python SDK (`tests/validate_cloudevents.py`;
+//! the SDK comes from `scripts/test`, and without it the test fails).
 
 #[path = "../../tests/support/mod.rs"]
 mod support;

@@ -33,7 +33,7 @@ const MAX_FORM_BYTES: usize = 16 << 10;
 const MAX_BATCH_BYTES: usize = 64 << 20;
 const EVENT_CONTENT_TYPE: &str = event_exporter::cloudevent::CONTENT_TYPE;
 /// The batched content mode: a JSON array of structured events.
-pub(super) const BATCH_CONTENT_TYPE: &str = "application/cloudevents-batch+json";
+const BATCH_CONTENT_TYPE: &str = "application/cloudevents-batch+json";
 
 /// Everything the handlers share.
 pub(super) struct Shared {
