@@ -20,7 +20,7 @@ async fn delivers_each_new_event_as_upstreams_cloudevent_and_stops_cleanly() {
     let token = TokenServer::start(TokenConfig::default()).await;
     let sink = SinkServer::start(SinkOptions {
         token_registry: Some(token.registry()),
-        latency: None,
+        ..SinkOptions::default()
     })
     .await;
     let mut exporter = Exporter::start(&ExporterOptions::new(&sink, Some(&token), db.env())).await;

@@ -540,8 +540,8 @@ async fn kill_9_run(kill_after: usize) -> KillRun {
     let db = TestDb::create().await;
     let mut observer = db.client().await;
     let sink = SinkServer::start(SinkOptions {
-        token_registry: None,
         latency: Some(KILL_LATENCY),
+        ..SinkOptions::default()
     })
     .await;
     let mut options = ExporterOptions::new(&sink, None, db.env());

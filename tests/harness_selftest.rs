@@ -345,7 +345,7 @@ async fn token_server_and_sink_over_tls() {
     let sink = SinkServer::start_tls(
         SinkOptions {
             token_registry: Some(tokens.registry()),
-            latency: None,
+            ..SinkOptions::default()
         },
         &pki,
     )

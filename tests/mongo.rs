@@ -50,11 +50,7 @@ fn options(sink: &SinkServer, store: &Store) -> ExporterOptions {
 }
 
 async fn sink() -> SinkServer {
-    SinkServer::start(SinkOptions {
-        token_registry: None,
-        latency: None,
-    })
-    .await
+    SinkServer::start(SinkOptions::default()).await
 }
 
 fn ids(events: &[Value]) -> Vec<String> {

@@ -362,11 +362,7 @@ async fn a_paused_leader_does_not_publish_after_it_resumes_and_exits_1() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deposed_leader_cannot_move_the_token_back() {
     let mongo = Mongo::start(&[]).await;
-    let sink = SinkServer::start(SinkOptions {
-        token_registry: None,
-        latency: None,
-    })
-    .await;
+    let sink = SinkServer::start(SinkOptions::default()).await;
     let mut options = ExporterOptions::new(&sink, None, mongo.replica_env("fenced-0"));
     options.max_retries = 0;
     let mut exporter = Exporter::start(&options).await;

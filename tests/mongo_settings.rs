@@ -228,11 +228,7 @@ async fn an_exporter_over_ca_only_tls_delivers_every_event() {
         .replace("?", &format!("{DB}?authSource=admin&"));
     let writer_uri = format!("{uri}&tlsCAFile={ca}&directConnection=true");
     let store = Store::on(peer, &writer_uri).await;
-    let sink = SinkServer::start(SinkOptions {
-        token_registry: None,
-        latency: None,
-    })
-    .await;
+    let sink = SinkServer::start(SinkOptions::default()).await;
     let file = |name: &str| ca_dir.path().join(name).display().to_string();
     let env = vec![
         ("MONGODB_URI".to_string(), uri),
@@ -300,11 +296,7 @@ async fn a_rotated_client_certificate_is_used_after_an_in_place_restart() {
         combined_pem(dir.path(), &paths).display()
     );
     let store = Store::on(peer, &writer_uri).await;
-    let sink = SinkServer::start(SinkOptions {
-        token_registry: None,
-        latency: None,
-    })
-    .await;
+    let sink = SinkServer::start(SinkOptions::default()).await;
     let mut env = store.env();
     env.push((
         "MONGODB_CLIENT_CERT_MOUNT_PATH".into(),

@@ -16,8 +16,8 @@ async fn metrics_follow_the_stream() {
     let db = TestDb::create().await;
     let client = db.client().await;
     let sink = SinkServer::start(SinkOptions {
-        token_registry: None,
         latency: Some(Duration::from_millis(1500)),
+        ..SinkOptions::default()
     })
     .await;
     let mut options = ExporterOptions::new(&sink, None, db.env());
@@ -135,8 +135,8 @@ async fn failure_counters_move_before_the_exporter_stops() {
     // Each answer takes a second, so the second event is still being tried when the first
     // gives up: the exporter then waits for it, with /metrics still served.
     let sink = SinkServer::start(SinkOptions {
-        token_registry: None,
         latency: Some(Duration::from_secs(1)),
+        ..SinkOptions::default()
     })
     .await;
     sink.fail_always(500);

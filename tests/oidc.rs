@@ -29,7 +29,7 @@ impl Setup {
         let token = TokenServer::start(config).await;
         let sink = SinkServer::start(SinkOptions {
             token_registry: Some(token.registry()),
-            latency: None,
+            ..SinkOptions::default()
         })
         .await;
         Setup {

@@ -41,7 +41,7 @@ async fn https_sink_and_token_endpoint_are_reached_through_https_proxy_with_conn
     let sink = SinkServer::start_tls(
         SinkOptions {
             token_registry: Some(token.registry()),
-            latency: None,
+            ..SinkOptions::default()
         },
         &pki,
     )
@@ -109,7 +109,7 @@ async fn http_sink_and_token_endpoint_are_forwarded_by_lowercase_http_proxy() {
     let token = TokenServer::start(TokenConfig::default()).await;
     let sink = SinkServer::start(SinkOptions {
         token_registry: Some(token.registry()),
-        latency: None,
+        ..SinkOptions::default()
     })
     .await;
     let proxy = HttpProxy::start().await;
@@ -144,7 +144,7 @@ async fn no_proxy_bypasses_the_proxy_per_host() {
     let token = TokenServer::start(TokenConfig::default()).await;
     let sink = SinkServer::start(SinkOptions {
         token_registry: Some(token.registry()),
-        latency: None,
+        ..SinkOptions::default()
     })
     .await;
     let proxy = HttpProxy::start().await;

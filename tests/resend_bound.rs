@@ -31,8 +31,8 @@ async fn kill_9_during_a_burst_resends_only_in_flight_and_one_save_interval() {
     let mut client = db.client().await;
     // A little latency so the burst takes a while and the kills land in the middle of it.
     let sink = SinkServer::start(SinkOptions {
-        token_registry: None,
         latency: Some(Duration::from_millis(5)),
+        ..SinkOptions::default()
     })
     .await;
     let mut options = ExporterOptions::new(&sink, None, db.env());

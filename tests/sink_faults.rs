@@ -172,7 +172,7 @@ async fn a_401_refreshes_the_token_and_retries_at_once() {
     let token = TokenServer::start(TokenConfig::default()).await;
     let sink = SinkServer::start(SinkOptions {
         token_registry: Some(token.registry()),
-        latency: None,
+        ..SinkOptions::default()
     })
     .await;
     let mut options = ExporterOptions::new(&sink, Some(&token), db.env());
@@ -227,7 +227,7 @@ async fn short_lived_tokens_are_refreshed_but_not_per_event() {
     .await;
     let sink = SinkServer::start(SinkOptions {
         token_registry: Some(token.registry()),
-        latency: None,
+        ..SinkOptions::default()
     })
     .await;
     let mut exporter = Exporter::start(&ExporterOptions::new(&sink, Some(&token), db.env())).await;
@@ -263,7 +263,7 @@ async fn a_rotated_secret_is_read_on_the_next_refresh_without_restart() {
     let token = TokenServer::start(TokenConfig::default()).await;
     let sink = SinkServer::start(SinkOptions {
         token_registry: Some(token.registry()),
-        latency: None,
+        ..SinkOptions::default()
     })
     .await;
     let mut exporter = Exporter::start(&ExporterOptions::new(&sink, Some(&token), db.env())).await;
@@ -411,7 +411,7 @@ async fn the_client_secret_never_reaches_the_log() {
     let token = TokenServer::start(TokenConfig::default()).await;
     let sink = SinkServer::start(SinkOptions {
         token_registry: Some(token.registry()),
-        latency: None,
+        ..SinkOptions::default()
     })
     .await;
     let mut options = ExporterOptions::new(&sink, Some(&token), db.env());
@@ -540,8 +540,8 @@ async fn sigterm_lets_an_in_flight_publish_finish_and_saves_the_token() {
     let db = TestDb::create().await;
     let client = db.client().await;
     let sink = SinkServer::start(SinkOptions {
-        token_registry: None,
         latency: Some(ms(2000)),
+        ..SinkOptions::default()
     })
     .await;
     let mut options = ExporterOptions::new(&sink, None, db.env());

@@ -25,7 +25,7 @@ async fn https_peers(pki: &TestPki) -> (TokenServer, SinkServer) {
     let sink = SinkServer::start_tls(
         SinkOptions {
             token_registry: Some(token.registry()),
-            latency: None,
+            ..SinkOptions::default()
         },
         pki,
     )

@@ -10,83 +10,12 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, Method, Uri};
 use axum::response::Response;
 use axum::Router;
-use serde_json::Value;
 
 use super::tls::{serve, ServerHandle};
 
-/// One request as the peer saw it.
-#[derive(Clone, Debug)]
-pub struct Seen {
-    pub method: String,
-    pub path: String,
-    /// Header names lower-cased, in arrival order.
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-    pub json: Option<Value>,
-    /// The status the responder answered.
-    pub status: u16,
-    pub received_at: Instant,
-}
-
-impl Seen {
-    /// The record of one request, its status still 0 (set once the answer is known).
-    pub fn new(
-        method: &Method,
-        uri: &Uri,
-        headers: &HeaderMap,
-        body: &[u8],
-        received_at: Instant,
-    ) -> Seen {
-        Seen {
-            method: method.to_string(),
-            path: uri.path().to_string(),
-            headers: headers
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        k.as_str().to_ascii_lowercase(),
-                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                    )
-                })
-                .collect(),
-            json: serde_json::from_slice(body).ok(),
-            body: body.to_vec(),
-            status: 0,
-            received_at,
-        }
-    }
-
-    /// First value of header `name` (case-insensitive).
-    pub fn header(&self, name: &str) -> Option<&str> {
-        let name = name.to_ascii_lowercase();
-        self.headers
-            .iter()
-            .find(|(k, _)| *k == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    /// The CloudEvent `id`, when the body is one.
-    pub fn event_id(&self) -> Option<String> {
-        self.json
-            .as_ref()
-            .and_then(|j| j.get("id"))
-            .and_then(Value::as_str)
-            .map(str::to_string)
-    }
-
-    /// `data.healthEvent.nodeName`, when the body is a CloudEvent.
-    pub fn node_name(&self) -> Option<String> {
-        self.json
-            .as_ref()
-            .and_then(|j| j.pointer("/data/healthEvent/nodeName"))
-            .and_then(Value::as_str)
-            .map(str::to_string)
-    }
-
-    pub fn is_success(&self) -> bool {
-        (200..300).contains(&self.status)
-    }
-}
+/// One request as the peer saw it, with the status it got: the reference sink's record (one
+/// implementation, in `tools/`).
+pub type Seen = event_exporter_dev::sink::RecordedRequest;
 
 type Responder = dyn Fn(&Seen) -> Response + Send + Sync;
 

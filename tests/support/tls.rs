@@ -4,7 +4,6 @@
 //! default), so no test depends on `CryptoProvider::install_default()` and
 //! aws-lc-rs never enters the build.
 
-use std::io;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -15,8 +14,7 @@ use rcgen::{
     KeyPair, KeyUsagePurpose,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -286,105 +284,25 @@ impl Drop for ServerHandle {
     }
 }
 
-/// Serves `router` on a fresh 127.0.0.1 port, over TLS when `tls` is given.
+/// Serves `router` on a fresh 127.0.0.1 port, over TLS when `tls` is given (the reference
+/// sink's server, one implementation).
 pub async fn serve(router: axum::Router, tls: Option<Arc<rustls::ServerConfig>>) -> ServerHandle {
     let tcp = TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind 127.0.0.1:0 for a test server");
     let addr = tcp.local_addr().expect("local_addr of a bound listener");
     let shutdown = CancellationToken::new();
-    let signal = shutdown.clone().cancelled_owned();
-    let task = match tls {
-        None => tokio::spawn(async move {
-            if let Err(e) = axum::serve(tcp, router)
-                .with_graceful_shutdown(signal)
-                .await
-            {
-                eprintln!("test server {addr} failed: {e}");
-            }
-        }),
-        Some(config) => {
-            let listener = TlsListener::new(tcp, config);
-            tokio::spawn(async move {
-                if let Err(e) = axum::serve(listener, router)
-                    .with_graceful_shutdown(signal)
-                    .await
-                {
-                    eprintln!("test TLS server {addr} failed: {e}");
-                }
-            })
+    let server = event_exporter_dev::sink::spawn_server(tcp, router, tls, shutdown.clone());
+    let task = tokio::spawn(async move {
+        match server.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("test server {addr} failed: {e}"),
+            Err(e) => eprintln!("test server {addr} panicked: {e}"),
         }
-    };
+    });
     ServerHandle {
         addr,
         shutdown,
         task: Some(task),
-    }
-}
-
-/// axum listener that terminates TLS. Handshakes run in their own tasks so a
-/// slow or failing client never blocks other connections; failed handshakes
-/// are logged to stderr and dropped.
-struct TlsListener {
-    rx: mpsc::Receiver<(tokio_rustls::server::TlsStream<TcpStream>, SocketAddr)>,
-    local: SocketAddr,
-    accept_task: JoinHandle<()>,
-}
-
-impl TlsListener {
-    fn new(tcp: TcpListener, config: Arc<rustls::ServerConfig>) -> Self {
-        let local = tcp.local_addr().expect("local_addr of a bound listener");
-        let acceptor = tokio_rustls::TlsAcceptor::from(config);
-        let (tx, rx) = mpsc::channel(64);
-        let accept_task = tokio::spawn(async move {
-            loop {
-                let (stream, peer) = match tcp.accept().await {
-                    Ok(conn) => conn,
-                    Err(e) => {
-                        eprintln!("test TLS server {local}: accept failed: {e}");
-                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                        continue;
-                    }
-                };
-                let acceptor = acceptor.clone();
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    match acceptor.accept(stream).await {
-                        Ok(tls) => {
-                            let _ = tx.send((tls, peer)).await;
-                        }
-                        Err(e) => eprintln!("test TLS server {local}: handshake from {peer}: {e}"),
-                    }
-                });
-            }
-        });
-        TlsListener {
-            rx,
-            local,
-            accept_task,
-        }
-    }
-}
-
-impl Drop for TlsListener {
-    fn drop(&mut self) {
-        self.accept_task.abort();
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = tokio_rustls::server::TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.rx.recv().await {
-            Some(conn) => conn,
-            // The accept task only ends when this listener is dropped.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        Ok(self.local)
     }
 }

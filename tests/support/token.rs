@@ -12,8 +12,9 @@ use super::tls::{serve, ServerHandle, TestPki};
 
 /// Tokens issued by a [`TokenServer`]; a [`super::sink::SinkServer`] given the
 /// same registry accepts exactly the tokens that are issued and unexpired. The reference
-/// sink's token store (one implementation, in `tools/`): `issue_for(ttl)`, `is_valid`,
-/// `revoke_all`.
+/// sink's token store (one implementation, in `tools/`: the sink checks Bearer tokens against
+/// its own endpoint's store, or this one through `RunningSink::set_token_registry`):
+/// `issue_for(ttl)`, `is_valid`, `revoke_all`.
 pub type TokenRegistry = event_exporter_dev::sink::TokenIssuer;
 
 /// One request as the token endpoint saw it, with the status it got.

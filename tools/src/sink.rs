@@ -7,14 +7,24 @@
 //! not expired (401, unless `--no-auth`); `Content-Type: application/cloudevents+json` or, for
 //! the batched content mode, `application/cloudevents-batch+json` (else 415); a CloudEvents 1.0
 //! JSON event, or a JSON array whose every element is one (else 400 naming the problem and, in
-//! a batch, the element); then the fault injection switches (one roll per request); then 202
-//! `{"status":"accepted"}` (a batch: with `accepted` and `duplicates` counts). Events are
-//! deduplicated on `source` + `id` and each new one is appended as one JSON line to `--out`.
+//! a batch, the element); then the fault switches (in-process scripted answers, "fail always",
+//! one `--fail-rate` roll per request; see `faults.rs`); then 202 `{"status":"accepted"}` (a
+//! batch: with `accepted` and `duplicates` counts). Events are deduplicated on `source` + `id`
+//! and each new one is appended as one JSON line to `--out`.
 //!
-//! [`start`] runs the server in-process (the `sink` command, the demo and the benchmarks use
-//! it); [`run`] is the command: it adds the signal handling and the running count on stderr.
+//! [`start`] runs the server in-process (the `sink` command, the demo, the benchmarks and the
+//! integration tests use it); [`run`] is the command: it adds the signal handling and the
+//! running count on stderr. In-process users also get what no flag gives: HTTPS from a
+//! `rustls::ServerConfig` ([`SinkArgs::tls`]), the request registry ([`SinkArgs::keep_requests`],
+//! [`RunningSink::requests`], the waits), scripted answers and "fail always"
+//! ([`RunningSink::push_responses`], [`RunningSink::fail_always`]), the latency changed at run
+//! time, and Bearer tokens checked against another token endpoint's issuer
+//! ([`RunningSink::set_token_registry`]).
 
+mod faults;
 mod http;
+mod requests;
+mod serve;
 mod stats;
 mod store;
 mod tokens;
@@ -26,11 +36,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
+use serde_json::Value;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use event_exporter::exporter::ExitError;
 
+pub use faults::Scripted;
+pub use requests::{RecordedRequest, WaitTimeout};
+pub use serve::{spawn_server, TlsListener};
 pub use stats::{Reason, SinkStats};
 pub use store::ReceivedEvent;
 pub use tokens::{
@@ -88,6 +102,13 @@ pub struct SinkArgs {
     /// Keep the last N accepted events in memory for in-process readers (0 keeps none).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_KEEP_EVENTS)]
     pub keep_events: usize,
+    /// In-process only: record the last N requests answered (0, the default, records none);
+    /// see [`RunningSink::requests`].
+    #[arg(skip)]
+    pub keep_requests: usize,
+    /// In-process only: serve HTTPS with this configuration instead of plain HTTP.
+    #[arg(skip)]
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// Enough for the demo and tests to look at every event, small enough for a long benchmark.
@@ -111,6 +132,8 @@ impl std::fmt::Debug for SinkArgs {
             .field("fail_status", &self.fail_status)
             .field("retry_after", &self.retry_after)
             .field("keep_events", &self.keep_events)
+            .field("keep_requests", &self.keep_requests)
+            .field("tls", &self.tls.is_some())
             .finish()
     }
 }
@@ -133,6 +156,8 @@ impl Default for SinkArgs {
             fail_status: 503,
             retry_after: None,
             keep_events: DEFAULT_KEEP_EVENTS,
+            keep_requests: 0,
+            tls: None,
         }
     }
 }
@@ -156,6 +181,14 @@ pub enum SinkError {
     Signal(std::io::Error),
     #[error("the sink server failed: {0}")]
     Server(std::io::Error),
+    /// A scripted or "fail always" status that is not an HTTP status.
+    #[error("{0} is not an HTTP status")]
+    ScriptedStatus(u16),
+    #[error("scripted Retry-After {value:?} is not a header value: {source}")]
+    ScriptedRetryAfter {
+        value: String,
+        source: axum::http::header::InvalidHeaderValue,
+    },
 }
 
 impl From<SinkError> for ExitError {
@@ -173,6 +206,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// A sink serving in this process. Dropping it stops the server (without waiting).
 pub struct RunningSink {
     address: SocketAddr,
+    /// `http` or `https`.
+    scheme: &'static str,
     shared: Arc<http::Shared>,
     stop: CancellationToken,
     server: Option<JoinHandle<std::io::Result<()>>>,
@@ -191,14 +226,11 @@ pub async fn start(args: SinkArgs) -> Result<RunningSink, SinkError> {
     let address = listener.local_addr().map_err(SinkError::Server)?;
     let stop = CancellationToken::new();
     let app = http::router(shared.clone());
-    let stopped = stop.clone().cancelled_owned();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(stopped)
-            .await
-    });
+    let scheme = if args.tls.is_some() { "https" } else { "http" };
+    let server = spawn_server(listener, app, args.tls, stop.clone());
     Ok(RunningSink {
         address,
+        scheme,
         shared,
         stop,
         server: Some(server),
@@ -243,9 +275,14 @@ impl RunningSink {
         self.address
     }
 
+    /// `http://127.0.0.1:PORT` (`https` with [`SinkArgs::tls`]), without a path.
+    pub fn base_url(&self) -> String {
+        format!("{}://{}", self.scheme, self.address)
+    }
+
     /// Full URL events are POSTed to, e.g. `http://127.0.0.1:PORT/api/v1/events`.
     pub fn events_url(&self) -> String {
-        format!("http://{}{}", self.address, self.shared.path)
+        format!("{}{}", self.base_url(), self.shared.path)
     }
 
     /// Full URL of the token endpoint; `None` with `--no-auth`.
@@ -253,7 +290,7 @@ impl RunningSink {
         self.shared
             .auth
             .as_ref()
-            .map(|_| format!("http://{}{TOKEN_PATH}", self.address))
+            .map(|_| format!("{}{TOKEN_PATH}", self.base_url()))
     }
 
     /// New events accepted (duplicates and injected failures not included).
@@ -279,6 +316,90 @@ impl RunningSink {
     /// The last `--keep-events` accepted events, oldest first.
     pub fn events(&self) -> Vec<ReceivedEvent> {
         self.shared.store.events()
+    }
+
+    /// Accepts the Bearer tokens of `registry` from now on, e.g. another token endpoint's
+    /// ([`TokenEndpoint::issuer`]); `None` accepts requests without a token. The sink's own
+    /// token endpoint, if any, keeps issuing tokens of its own.
+    pub fn set_token_registry(&self, registry: Option<Arc<TokenIssuer>>) {
+        self.shared.set_accepted_tokens(registry);
+    }
+
+    /// The fixed delay before every answer from now on (`--latency`; the jitter stays).
+    pub fn set_latency(&self, latency: Duration) {
+        self.shared.faults.set_latency(latency);
+    }
+
+    /// Queues answers for the next valid event requests, used once each, before "fail
+    /// always" and `--fail-rate`; a 2xx still stores the events. Errors (and queues nothing)
+    /// when a status is not an HTTP status or a `Retry-After` is not a header value.
+    pub fn push_responses(&self, responses: Vec<Scripted>) -> Result<(), SinkError> {
+        self.shared.faults.push_scripted(responses)
+    }
+
+    /// Valid event requests answer `status` (no `Retry-After`) until
+    /// [`RunningSink::clear_failures`]; scripted answers are used first.
+    pub fn fail_always(&self, status: u16) -> Result<(), SinkError> {
+        self.shared.faults.fail_always(status)
+    }
+
+    /// Drops "fail always" and the queued scripted answers (`--fail-rate` stays).
+    pub fn clear_failures(&self) {
+        self.shared.faults.clear();
+    }
+
+    /// The recorded requests (the last [`SinkArgs::keep_requests`], token requests left
+    /// out), in the order answered, rejected ones included.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.shared.requests.snapshot()
+    }
+
+    /// Forgets the recorded requests.
+    pub fn clear_requests(&self) {
+        self.shared.requests.clear();
+    }
+
+    /// Requests being answered now (token requests included).
+    pub fn in_flight(&self) -> usize {
+        self.shared.requests.in_flight()
+    }
+
+    /// The most requests answered at once so far.
+    pub fn max_in_flight(&self) -> usize {
+        self.shared.requests.max_in_flight()
+    }
+
+    /// The events of the recorded requests answered 2xx, in the order answered (a batch's one
+    /// by one; duplicates and scripted 2xx included, unlike [`RunningSink::events`]).
+    pub fn accepted_events(&self) -> Vec<Value> {
+        requests::accepted_events(&self.requests())
+    }
+
+    /// The CloudEvent `id`s of [`RunningSink::accepted_events`], in order.
+    pub fn accepted_ids(&self) -> Vec<String> {
+        self.accepted_events()
+            .iter()
+            .filter_map(|event| event.get("id").and_then(Value::as_str).map(str::to_string))
+            .collect()
+    }
+
+    /// Waits until [`RunningSink::accepted_events`] holds at least `n` events and returns
+    /// them; [`WaitTimeout`] after `timeout`, saying how many arrived.
+    pub async fn wait_for_accepted(
+        &self,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Value>, WaitTimeout> {
+        self.shared.requests.wait_for_accepted(n, timeout).await
+    }
+
+    /// Waits until at least `n` requests (any status) were recorded and returns them all.
+    pub async fn wait_for_requests(
+        &self,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<Vec<RecordedRequest>, WaitTimeout> {
+        self.shared.requests.wait_for_requests(n, timeout).await
     }
 
     /// Stops accepting connections, lets in-flight requests finish (for a few seconds at most)

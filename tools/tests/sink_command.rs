@@ -1,7 +1,9 @@
 //! The `sink` subcommand with real HTTP clients on 127.0.0.1 (no mocks): every rule of the events
-//! endpoint, the OAuth2 token endpoint, the test switches, the binary's SIGTERM handling and
-//! `--out` file, and an independent check of the accepted events with the CloudEvents Python SDK
-//! (`tests/validate_cloudevents.py`; the SDK comes from `scripts/test`, and without it the test fails).
+//! endpoint, the OAuth2 token endpoint, the test switches, the in-process API the integration
+//! tests use (scripted answers, "fail always", the request registry and its waits, another token
+//! endpoint's tokens, HTTPS), the binary's SIGTERM handling and `--out` file, and an independent
+//! check of the accepted events with the CloudEvents Python SDK (`tests/validate_cloudevents.py`;
+//! the SDK comes from `scripts/test`, and without it the test fails).
 
 #[path = "../../tests/support/mod.rs"]
 mod support;
@@ -9,11 +11,12 @@ mod support;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use event_exporter::cloudevent::{Transformer, CONTENT_TYPE};
 use event_exporter::model::decode_document;
-use event_exporter_dev::sink::{self, Reason, RunningSink, SinkArgs, SinkError};
+use event_exporter_dev::sink::{self, Reason, RunningSink, Scripted, SinkArgs, SinkError};
 use reqwest::header::{HeaderMap, ALLOW, CACHE_CONTROL, RETRY_AFTER, WWW_AUTHENTICATE};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -709,6 +712,149 @@ async fn no_auth_accepts_without_a_token() {
     )
     .await;
     assert_eq!(a.status, StatusCode::NOT_FOUND, "no token endpoint");
+}
+
+#[tokio::test]
+async fn scripted_answers_then_fail_always_then_accepted() {
+    let h = Harness::start(|args| args.no_auth = true).await;
+    h.sink
+        .push_responses(vec![
+            Scripted {
+                status: 503,
+                retry_after: Some("4".into()),
+                delay: None,
+            },
+            Scripted::status(200),
+        ])
+        .expect("valid script");
+    h.sink.fail_always(500).expect("valid status");
+    let (_, body) = exporter_event("node-s", 1);
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let a = h.post_event(None, Some(CONTENT_TYPE), body.clone()).await;
+        if a.status == StatusCode::SERVICE_UNAVAILABLE {
+            assert_eq!(a.headers.get(RETRY_AFTER).expect("Retry-After"), "4");
+        }
+        statuses.push(a.status.as_u16());
+    }
+    h.sink.clear_failures();
+    let a = h.post_event(None, Some(CONTENT_TYPE), body).await;
+    statuses.push(a.status.as_u16());
+    assert_eq!(statuses, vec![503, 200, 500, 202]);
+    let stats = h.sink.stats();
+    assert_eq!(
+        (stats.accepted, stats.duplicates),
+        (1, 1),
+        "a scripted 200 stores"
+    );
+    assert_eq!(stats.injected_failures, 2);
+    // An unusable script is refused whole.
+    assert!(matches!(
+        h.sink
+            .push_responses(vec![Scripted::status(99), Scripted::status(503)]),
+        Err(SinkError::ScriptedStatus(99))
+    ));
+    assert!(matches!(
+        h.sink.fail_always(1000),
+        Err(SinkError::ScriptedStatus(1000))
+    ));
+}
+
+#[tokio::test]
+async fn the_request_registry_records_every_request_with_its_status() {
+    let h = Harness::start(|args| {
+        args.no_auth = true;
+        args.keep_requests = 100;
+    })
+    .await;
+    let (first, one) = exporter_event("node-r", 1);
+    let (second, two) = exporter_event("node-r", 2);
+    let batch = format!(
+        "[{},{}]",
+        String::from_utf8_lossy(&one),
+        String::from_utf8_lossy(&two)
+    );
+    h.post_event(None, Some(CONTENT_TYPE), one.clone()).await;
+    h.post_event(None, Some("text/plain"), one.clone()).await;
+    answer(h.http.get(h.sink.events_url())).await;
+    answer(h.http.post(h.url("/elsewhere")).body("x")).await;
+    h.post_event(None, Some("application/cloudevents-batch+json"), batch)
+        .await;
+    let requests = h
+        .sink
+        .wait_for_requests(5, Duration::from_secs(10))
+        .await
+        .expect("five requests");
+    let seen: Vec<(&str, &str, u16)> = requests
+        .iter()
+        .map(|r| (r.method.as_str(), r.path.as_str(), r.status))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("POST", "/api/v1/events", 202),
+            ("POST", "/api/v1/events", 415),
+            ("GET", "/api/v1/events", 405),
+            ("POST", "/elsewhere", 404),
+            ("POST", "/api/v1/events", 202),
+        ]
+    );
+    assert_eq!(requests[1].header("Content-Type"), Some("text/plain"));
+    assert_eq!(requests[1].body, one);
+    assert_eq!(requests[3].body, b"x");
+    // Events of the 2xx answers, a batch's one by one, the duplicate included.
+    assert_eq!(h.sink.accepted_ids(), vec![first.clone(), first, second]);
+    assert_eq!(h.sink.accepted(), 2);
+    assert!(h.sink.max_in_flight() >= 1);
+    assert_eq!(h.sink.in_flight(), 0);
+    let timed_out = h
+        .sink
+        .wait_for_accepted(4, Duration::from_millis(50))
+        .await
+        .expect_err("only three events");
+    assert_eq!((timed_out.arrived, timed_out.requests), (3, 5));
+    assert_eq!(timed_out.statuses, vec![202, 404, 405, 415]);
+    h.sink.clear_requests();
+    assert!(h.sink.requests().is_empty());
+}
+
+#[tokio::test]
+async fn tokens_of_another_endpoint_and_https() {
+    let pki = support::tls::TestPki::generate();
+    let h = Harness::start(|args| {
+        args.no_auth = true;
+        args.tls = Some(Arc::new(pki.server_config()));
+    })
+    .await;
+    assert!(h.sink.events_url().starts_with("https://127.0.0.1:"));
+    let http = pki.reqwest_client();
+    let (_, body) = exporter_event("node-t", 1);
+    let post = |token: Option<&str>| {
+        let mut request = http
+            .post(h.sink.events_url())
+            .header("content-type", CONTENT_TYPE)
+            .body(body.clone());
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        answer(request)
+    };
+    let registry = Arc::new(sink::TokenIssuer::new(Duration::from_secs(60)));
+    h.sink.set_token_registry(Some(registry.clone()));
+    assert_eq!(post(None).await.status, StatusCode::UNAUTHORIZED);
+    let token = registry.issue();
+    assert_eq!(post(Some(&token)).await.status, StatusCode::ACCEPTED);
+    registry.revoke_all();
+    assert_eq!(post(Some(&token)).await.status, StatusCode::UNAUTHORIZED);
+    h.sink.set_token_registry(None);
+    assert_eq!(post(None).await.status, StatusCode::ACCEPTED);
+    // Plain HTTP gets no answer from an HTTPS sink.
+    assert!(h
+        .http
+        .post(h.sink.events_url().replace("https", "http"))
+        .send()
+        .await
+        .is_err());
 }
 
 #[tokio::test]

@@ -1,28 +1,35 @@
-//! The sink's HTTP side: one dispatcher for every request (so the latency switch and the JSON
-//! error bodies apply to all answers, 404 and 405 included), the events endpoint and the token
-//! endpoint.
+//! The sink's HTTP side: one dispatcher for every request (so the latency switch, the JSON
+//! error bodies and the request registry apply to all answers, 404 and 405 included), the events
+//! endpoint and the token endpoint.
+//!
+//! Every request but a token request is recorded (when recording is on) with the status it got,
+//! rejected ones included; its body is read in full first (at most [`MAX_BATCH_BYTES`]), and a
+//! body that could not be read is only an error once the checks before it have passed.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Instant;
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use serde_json::{json, Value};
 
+use super::faults::{Faults, Verdict};
+use super::requests::{RecordedRequest, RequestLog};
 use super::stats::{Counters, Reason};
 use super::store::{EventStore, Stored};
 use super::tokens::{bearer_token, Client, TokenEndpoint, TokenIssuer, TOKEN_PATH};
-use super::validate::validate_event;
+use super::validate::{validate_event, ValidEvent};
 use super::{SinkArgs, SinkError};
 
-/// Largest event body read (the exporter's events are a few KiB).
+/// Largest event body accepted (the exporter's events are a few KiB).
 const MAX_EVENT_BYTES: usize = 1 << 20;
 /// Largest token request body read.
 const MAX_FORM_BYTES: usize = 16 << 10;
-/// Largest batch body read (the exporter's `batch_max_bytes` is at most 64 MiB).
+/// Largest body read (a batch: the exporter's `batch_max_bytes` is at most 64 MiB).
 const MAX_BATCH_BYTES: usize = 64 << 20;
 const EVENT_CONTENT_TYPE: &str = event_exporter::cloudevent::CONTENT_TYPE;
 /// The batched content mode: a JSON array of structured events.
@@ -31,24 +38,19 @@ const BATCH_CONTENT_TYPE: &str = "application/cloudevents-batch+json";
 /// Everything the handlers share.
 pub(super) struct Shared {
     pub path: String,
-    /// `None` with `--no-auth`.
+    /// The token endpoint; `None` with `--no-auth`.
     pub auth: Option<Auth>,
+    /// The tokens the events endpoint accepts (`None`: no token needed): the token
+    /// endpoint's, or another endpoint's set at run time.
+    pub accepted_tokens: RwLock<Option<Arc<TokenIssuer>>>,
     pub faults: Faults,
     pub store: EventStore,
     pub counters: Counters,
+    pub requests: RequestLog,
 }
 
 pub(super) struct Auth {
     pub endpoint: TokenEndpoint,
-}
-
-/// The test switches: delays and injected failures.
-pub(super) struct Faults {
-    latency: Duration,
-    jitter: Duration,
-    fail_rate: f64,
-    fail_status: StatusCode,
-    retry_after: Option<u64>,
 }
 
 impl Shared {
@@ -66,58 +68,37 @@ impl Shared {
                 args.token_lifetime,
             ),
         });
-        let fail_status = StatusCode::from_u16(args.fail_status).map_err(|_| {
-            SinkError::InvalidArgs(format!(
-                "--fail-status: {} is not a status",
-                args.fail_status
-            ))
-        })?;
+        let accepted_tokens = auth.as_ref().map(|auth| auth.endpoint.issuer().clone());
         Ok(Shared {
             path: args.path.clone(),
             auth,
-            faults: Faults {
-                latency: args.latency,
-                jitter: args.latency_jitter,
-                fail_rate: args.fail_rate,
-                fail_status,
-                retry_after: args.retry_after,
-            },
+            accepted_tokens: RwLock::new(accepted_tokens),
+            faults: Faults::new(
+                args.latency,
+                args.latency_jitter,
+                args.fail_rate,
+                args.fail_status,
+                args.retry_after,
+            )?,
             store,
             counters: Counters::default(),
+            requests: RequestLog::new(args.keep_requests),
         })
     }
-}
 
-impl Faults {
-    /// Waits `--latency` plus up to `--latency-jitter`, before any answer.
-    async fn delay(&self) {
-        let extra = if self.jitter.is_zero() {
-            Duration::ZERO
-        } else {
-            self.jitter.mul_f64(fastrand::f64())
-        };
-        let total = self.latency + extra;
-        if !total.is_zero() {
-            tokio::time::sleep(total).await;
-        }
+    /// Accepts the tokens of `issuer` from now on (`None`: no token needed).
+    pub fn set_accepted_tokens(&self, issuer: Option<Arc<TokenIssuer>>) {
+        *self
+            .accepted_tokens
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = issuer;
     }
 
-    /// The injected failure for this request, if the dice say so.
-    fn roll(&self) -> Option<Response> {
-        if self.fail_rate <= 0.0 || fastrand::f64() >= self.fail_rate {
-            return None;
-        }
-        let body = json!({
-            "error": "injected_failure",
-            "message": "failure injected by --fail-rate",
-        });
-        let mut response = json_response(self.fail_status, &body);
-        if let Some(seconds) = self.retry_after {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
-        }
-        Some(response)
+    fn accepted_tokens(&self) -> Option<Arc<TokenIssuer>> {
+        self.accepted_tokens
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 }
 
@@ -127,34 +108,60 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
 
 /// Routes by path and method itself (no router patterns, so any `--path` works literally).
 async fn dispatch(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+    let _in_flight = shared.requests.enter();
+    let received_at = Instant::now();
     shared.faults.delay().await;
     let path = request.uri().path();
-    let is_post = request.method() == Method::POST;
-    if path == shared.path {
-        if !is_post {
-            return reject(&shared, Rejection::method_not_allowed());
+    if let Some(auth) = &shared.auth {
+        if path == TOKEN_PATH && path != shared.path {
+            return token_request(&shared, auth, request).await;
         }
-        return match receive_event(&shared, request).await {
-            Ok(response) => response,
-            Err(rejection) => reject(&shared, rejection),
-        };
     }
-    match &shared.auth {
-        Some(auth) if path == TOKEN_PATH => {
-            if !is_post {
-                shared.counters.count_token_error();
-                return with_allow_post(Rejection::method_not_allowed().body());
-            }
-            issue_token(&shared, auth, request).await
-        }
-        _ => reject(
-            &shared,
-            Rejection::new(Reason::NotFound, format!("nothing is served at {path}")),
-        ),
+    let (parts, body) = request.into_parts();
+    let body = read_body(&parts.headers, body, MAX_BATCH_BYTES).await;
+    let response = answer(&shared, &parts, body.clone()).await;
+    if shared.requests.enabled() {
+        let bytes = body.as_deref().unwrap_or_default();
+        let mut recorded = RecordedRequest::new(
+            &parts.method,
+            &parts.uri,
+            &parts.headers,
+            bytes,
+            received_at,
+        );
+        recorded.status = response.status().as_u16();
+        shared.requests.record(recorded);
+    }
+    response
+}
+
+/// The answer to a request that is not a token request: 404, 405, or the events endpoint's.
+async fn answer(shared: &Shared, parts: &Parts, body: Result<Bytes, Rejection>) -> Response {
+    let path = parts.uri.path();
+    if path != shared.path {
+        let rejection = Rejection::new(Reason::NotFound, format!("nothing is served at {path}"));
+        return reject(shared, rejection);
+    }
+    if parts.method != Method::POST {
+        return reject(shared, Rejection::method_not_allowed());
+    }
+    match receive_event(shared, &parts.headers, body).await {
+        Ok(response) => response,
+        Err(rejection) => reject(shared, rejection),
     }
 }
 
+/// The token endpoint (POST only).
+async fn token_request(shared: &Shared, auth: &Auth, request: Request) -> Response {
+    if request.method() != Method::POST {
+        shared.counters.count_token_error();
+        return with_allow_post(Rejection::method_not_allowed().body());
+    }
+    issue_token(shared, auth, request).await
+}
+
 /// An event request turned away: the reason (status and counter) and a message for the body.
+#[derive(Clone)]
 struct Rejection {
     reason: Reason,
     message: String,
@@ -206,42 +213,50 @@ fn with_allow_post(mut response: Response) -> Response {
     response
 }
 
-/// The events endpoint: each check in turn, then fault injection, then storage.
-async fn receive_event(shared: &Shared, request: Request) -> Result<Response, Rejection> {
-    let (parts, body) = request.into_parts();
-    check_bearer(shared, &parts.headers)?;
-    if check_content_type(&parts.headers)? == Mode::Batch {
-        let body = read_body(&parts.headers, body, MAX_BATCH_BYTES).await?;
-        return receive_batch(shared, &body);
-    }
-    let body = read_body(&parts.headers, body, MAX_EVENT_BYTES).await?;
-    let event = validate_event(&body)
-        .map_err(|invalid| Rejection::new(Reason::from(&invalid), invalid.to_string()))?;
-    if let Some(failure) = shared.faults.roll() {
-        shared.counters.count_injected_failure();
-        return Ok(failure);
-    }
-    let stored = shared.store.accept(event, &body).map_err(|error| {
-        tracing::error!(%error, "sink: cannot append the event to --out");
-        Rejection::new(Reason::OutputFailed, "the sink could not store the event")
-    })?;
-    let body = match stored {
-        Stored::New => {
-            shared.counters.count_accepted();
-            json!({"status": "accepted"})
-        }
-        Stored::Duplicate => {
-            shared.counters.count_duplicate();
-            json!({"status": "accepted", "duplicate": true})
+/// The events endpoint: each check in turn, then the fault switches, then storage.
+async fn receive_event(
+    shared: &Shared,
+    headers: &HeaderMap,
+    body: Result<Bytes, Rejection>,
+) -> Result<Response, Rejection> {
+    check_bearer(shared, headers)?;
+    let mode = check_content_type(headers)?;
+    let body = body?;
+    let events = match mode {
+        Mode::Batch => validate_batch(&body)?,
+        Mode::Structured => vec![(validate_structured(&body)?, body)],
+    };
+    let status = match shared.faults.verdict().await {
+        Verdict::Accept(status) => status,
+        Verdict::Fail(failure) => {
+            shared.counters.count_injected_failure();
+            return Ok(failure);
         }
     };
-    Ok(json_response(StatusCode::ACCEPTED, &body))
+    let (accepted, duplicates) = store(shared, events)?;
+    let answer = match mode {
+        Mode::Batch => {
+            json!({"status": "accepted", "accepted": accepted, "duplicates": duplicates})
+        }
+        Mode::Structured if duplicates > 0 => json!({"status": "accepted", "duplicate": true}),
+        Mode::Structured => json!({"status": "accepted"}),
+    };
+    Ok(json_response(status, &answer))
+}
+
+/// One event (`application/cloudevents+json`), at most [`MAX_EVENT_BYTES`].
+fn validate_structured(body: &[u8]) -> Result<ValidEvent, Rejection> {
+    if body.len() > MAX_EVENT_BYTES {
+        return Err(too_large(MAX_EVENT_BYTES));
+    }
+    validate_event(body)
+        .map_err(|invalid| Rejection::new(Reason::from(&invalid), invalid.to_string()))
 }
 
 /// A batch (`application/cloudevents-batch+json`): a JSON array whose every element is a
-/// valid event, else the whole batch is refused naming the first bad element; then one fault
-/// roll for the request; then each event is stored (duplicates are accepted again, counted).
-fn receive_batch(shared: &Shared, body: &[u8]) -> Result<Response, Rejection> {
+/// valid event, else the whole batch is refused naming the first bad element. Returns each
+/// event with its bytes.
+fn validate_batch(body: &[u8]) -> Result<Vec<(ValidEvent, Bytes)>, Rejection> {
     let elements: Vec<Value> = match serde_json::from_slice(body) {
         Ok(Value::Array(elements)) => elements,
         Ok(_) => {
@@ -259,7 +274,7 @@ fn receive_batch(shared: &Shared, body: &[u8]) -> Result<Response, Rejection> {
     };
     let mut events = Vec::with_capacity(elements.len());
     for (index, element) in elements.iter().enumerate() {
-        let bytes = serde_json::to_vec(element).unwrap_or_default();
+        let bytes = Bytes::from(serde_json::to_vec(element).unwrap_or_default());
         let event = validate_event(&bytes).map_err(|invalid| {
             Rejection::new(
                 Reason::from(&invalid),
@@ -268,15 +283,17 @@ fn receive_batch(shared: &Shared, body: &[u8]) -> Result<Response, Rejection> {
         })?;
         events.push((event, bytes));
     }
-    if let Some(failure) = shared.faults.roll() {
-        shared.counters.count_injected_failure();
-        return Ok(failure);
-    }
+    Ok(events)
+}
+
+/// Stores each event (a duplicate is accepted again, counted, not stored); returns how many
+/// were new and how many duplicates.
+fn store(shared: &Shared, events: Vec<(ValidEvent, Bytes)>) -> Result<(u64, u64), Rejection> {
     let (mut accepted, mut duplicates) = (0u64, 0u64);
     for (event, bytes) in events {
         let stored = shared.store.accept(event, &bytes).map_err(|error| {
             tracing::error!(%error, "sink: cannot append the event to --out");
-            Rejection::new(Reason::OutputFailed, "the sink could not store the batch")
+            Rejection::new(Reason::OutputFailed, "the sink could not store the event")
         })?;
         match stored {
             Stored::New => {
@@ -289,12 +306,12 @@ fn receive_batch(shared: &Shared, body: &[u8]) -> Result<Response, Rejection> {
             }
         }
     }
-    let body = json!({"status": "accepted", "accepted": accepted, "duplicates": duplicates});
-    Ok(json_response(StatusCode::ACCEPTED, &body))
+    Ok((accepted, duplicates))
 }
 
+/// A Bearer token of the accepted issuer, unexpired (no check when none is set).
 fn check_bearer(shared: &Shared, headers: &HeaderMap) -> Result<(), Rejection> {
-    let Some(auth) = &shared.auth else {
+    let Some(issuer) = shared.accepted_tokens() else {
         return Ok(());
     };
     let token = headers
@@ -304,12 +321,12 @@ fn check_bearer(shared: &Shared, headers: &HeaderMap) -> Result<(), Rejection> {
     match token {
         None => Err(Rejection::new(
             Reason::Unauthorized,
-            format!("an Authorization: Bearer token from {TOKEN_PATH} is required"),
+            "an Authorization: Bearer token from the token endpoint is required",
         )),
-        Some(token) if auth.endpoint.issuer().is_valid(token) => Ok(()),
+        Some(token) if issuer.is_valid(token) => Ok(()),
         Some(_) => Err(Rejection::new(
             Reason::Unauthorized,
-            "the Bearer token was not issued by this sink or has expired",
+            "the Bearer token was not issued by the token endpoint or has expired",
         )),
     }
 }
@@ -363,23 +380,13 @@ fn is_media_type(value: &str, wanted: &str) -> bool {
 }
 
 /// The body, refusing more than `limit` bytes (early when `Content-Length` says so).
-async fn read_body(
-    headers: &HeaderMap,
-    body: Body,
-    limit: usize,
-) -> Result<axum::body::Bytes, Rejection> {
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, Rejection> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.parse::<usize>().ok());
-    let too_large = || {
-        Rejection::new(
-            Reason::PayloadTooLarge,
-            format!("a body may be at most {limit} bytes here"),
-        )
-    };
     if declared.is_some_and(|length| length > limit) {
-        return Err(too_large());
+        return Err(too_large(limit));
     }
     axum::body::to_bytes(body, limit).await.map_err(|error| {
         Rejection::new(
@@ -387,6 +394,13 @@ async fn read_body(
             format!("cannot read the body: {error}"),
         )
     })
+}
+
+fn too_large(limit: usize) -> Rejection {
+    Rejection::new(
+        Reason::PayloadTooLarge,
+        format!("a body may be at most {limit} bytes here"),
+    )
 }
 
 /// The token endpoint: a token for the configured client, or an RFC 6749 error.
@@ -413,7 +427,7 @@ async fn issue_token(shared: &Shared, auth: &Auth, request: Request) -> Response
     TokenEndpoint::response(status, &answer)
 }
 
-fn json_response(status: StatusCode, body: &Value) -> Response {
+pub(super) fn json_response(status: StatusCode, body: &Value) -> Response {
     (
         status,
         [(header::CONTENT_TYPE, "application/json")],
