@@ -1,7 +1,8 @@
 //! `exporter.sink.concurrency = "adaptive"` through the binary against the loopback sink:
 //! the limit starts at 1, rises to `workers` while the sink keeps up, falls when the sink's
 //! latency steps up and when it answers 503, never lets more than `workers` requests reach the
-//! sink, and loses nothing. Fixed mode publishes `workers` as the limit. The test waits for
+//! sink, holds near the capacity of a sink that queues past a few requests, and loses nothing.
+//! Fixed mode publishes `workers` as the limit. The test waits for
 //! behaviour (the gauge reaching a value); it asserts no timing.
 
 mod support;
@@ -126,4 +127,50 @@ async fn adaptive_limit_rises_on_a_steady_sink_and_falls_on_a_latency_step_and_5
     assert_eq!(exporter.terminate().await.code(), Some(0));
     let client = db.client().await;
     pg::assert_token_at_head(&client, "the token reached the last event").await;
+}
+
+/// A sink with 2 slots of 50 ms each (a saturated server: past 2 requests in flight, each more
+/// queues and adds 25 ms on average to every answer). The limit must hold near the capacity,
+/// where latency stays within the rule's tolerance of the unloaded 50 ms, rather than creep up
+/// to the ceiling (16) as the queue's latency becomes the new normal; nothing is lost.
+#[tokio::test]
+async fn adaptive_limit_holds_near_a_queueing_sinks_capacity() {
+    let db = TestDb::create().await;
+    let sink = SinkServer::start(SinkOptions {
+        latency: Some(Duration::from_millis(50)),
+        ..SinkOptions::default()
+    })
+    .await;
+    sink.set_capacity(Some(2));
+    let mut options = ExporterOptions::new(&sink, None, db.env());
+    options.workers = 16;
+    options.sink_extra = "concurrency = \"adaptive\"".into();
+    let mut exporter = Exporter::start(&options).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    // About 500 events/s against a sink that takes 40/s: there is always a backlog.
+    let inserter = spawn_inserter(&db, stop.clone()).await;
+
+    wait_for_limit(&exporter, "rose above 1", |v| v >= 2.0).await;
+    // Eighty readings, one every 100 ms (the gauge's value at each, not how long anything took).
+    let mut highest = 0.0_f64;
+    for _ in 0..80 {
+        highest = highest.max(limit(&exporter).await.unwrap_or(0.0));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        highest <= 8.0,
+        "the limit reached {highest} against a sink with 2 slots (ceiling 16): it crept up with \
+         the sink's queue; log:\n{}",
+        exporter.log()
+    );
+
+    stop.store(true, Ordering::SeqCst);
+    let ids = inserter.await.expect("inserter");
+    sink.set_capacity(None);
+    sink.set_latency(None);
+    sink.wait_for_accepted(ids.len(), WAIT).await;
+    let delivered: BTreeSet<String> = sink.accepted_ids().into_iter().collect();
+    let inserted: BTreeSet<String> = ids.into_iter().collect();
+    assert_eq!(delivered, inserted, "every inserted event delivered");
+    assert_eq!(exporter.terminate().await.code(), Some(0));
 }

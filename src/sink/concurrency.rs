@@ -12,8 +12,15 @@
 //!   more than [`MIN_RISE`] above it) decreases the same way: the sink is queueing.
 //! - A window whose RTT stayed near the baseline and in which the limit was reached (all
 //!   permits in use: more concurrency could have been used) adds one, up to `workers`.
-//! - The baseline is a moving average of the windows' mean RTT, so a lasting latency step
-//!   becomes the new normal after a few windows instead of pinning the limit at 1.
+//! - The baseline estimates the sink's RTT *without our load*: it follows windows that were
+//!   faster than it (a moving average, so one lucky window does not set it), and never the
+//!   windows that were slower. A baseline that also followed slower windows would let a
+//!   queueing sink's latency become the new normal one step at a time: each +1 adds less than
+//!   [`RTT_RATIO`] to the RTT of the step before, so the limit would creep to the ceiling and
+//!   the sink's queue with it (tests/adaptive_concurrency.rs has such a sink).
+//! - A window that rose while the limit is already 1 cannot be our queue: the sink itself got
+//!   slower, and that RTT becomes the baseline, so a lasting latency step costs one descent to
+//!   1 and a climb back rather than pinning the limit at 1.
 //!
 //! Invariant: the limit is always within `1..=workers`. The rule ([`AdaptiveLimit`]) is pure
 //! (time is passed in); [`Concurrency`] applies it to the semaphore the pipelines' workers
@@ -34,7 +41,7 @@ pub const DECREASE: f64 = 0.9;
 pub const RTT_RATIO: f64 = 1.5;
 /// … and only if it is also this much above the baseline (loopback RTTs are tiny and noisy).
 pub const MIN_RISE: Duration = Duration::from_millis(2);
-/// Weight of the newest window in the baseline's moving average.
+/// Weight of a faster window in the baseline's moving average.
 const BASELINE_WEIGHT: f64 = 0.2;
 
 /// What one request to the sink said about its load.
@@ -94,7 +101,7 @@ impl Window {
 pub struct AdaptiveLimit {
     ceiling: usize,
     limit: usize,
-    /// Moving average of the windows' mean RTT, in seconds.
+    /// The sink's RTT without our load, in seconds (see the module docs for how it moves).
     baseline: Option<f64>,
     window: Window,
 }
@@ -146,11 +153,19 @@ impl AdaptiveLimit {
         let baseline = *self.baseline.get_or_insert(mean);
         let rise = mean - baseline;
         if mean > baseline * RTT_RATIO && rise > MIN_RISE.as_secs_f64() {
-            self.decrease();
-        } else if window.at_limit {
+            if self.limit == 1 {
+                self.baseline = Some(mean);
+            } else {
+                self.decrease();
+            }
+            return;
+        }
+        if window.at_limit {
             self.limit = self.limit.saturating_add(1).min(self.ceiling);
         }
-        self.baseline = Some(baseline + BASELINE_WEIGHT * (mean - baseline));
+        if mean < baseline {
+            self.baseline = Some(baseline + BASELINE_WEIGHT * (mean - baseline));
+        }
     }
 
     fn decrease(&mut self) {

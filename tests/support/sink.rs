@@ -106,6 +106,12 @@ impl SinkServer {
         self.sink.set_latency(latency.unwrap_or_default());
     }
 
+    /// At most `capacity` requests in their latency at once (`None`: no limit): past it the
+    /// sink queues, so its latency grows with the exporter's concurrency.
+    pub fn set_capacity(&self, capacity: Option<usize>) {
+        self.sink.set_capacity(capacity);
+    }
+
     /// Queues answers for the next requests that pass the checks.
     pub fn push_responses(&self, responses: Vec<Scripted>) {
         self.sink

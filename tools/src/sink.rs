@@ -90,6 +90,10 @@ pub struct SinkArgs {
     /// Test switch: add a uniformly random extra delay of up to this long.
     #[arg(long, default_value = "0s", value_parser = event_exporter::cli::parse_duration)]
     pub latency_jitter: Duration,
+    /// Test switch: answer at most N requests at a time (each taking --latency); the others
+    /// wait their turn, so latency grows with concurrency past N, like a saturated server.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub capacity: Option<u32>,
     /// Test switch: fraction (0–1) of valid requests answered with --fail-status.
     #[arg(long, default_value_t = 0.0)]
     pub fail_rate: f64,
@@ -128,6 +132,7 @@ impl std::fmt::Debug for SinkArgs {
             .field("token_lifetime", &self.token_lifetime)
             .field("latency", &self.latency)
             .field("latency_jitter", &self.latency_jitter)
+            .field("capacity", &self.capacity)
             .field("fail_rate", &self.fail_rate)
             .field("fail_status", &self.fail_status)
             .field("retry_after", &self.retry_after)
@@ -152,6 +157,7 @@ impl Default for SinkArgs {
             token_lifetime: Duration::from_secs(3600),
             latency: Duration::ZERO,
             latency_jitter: Duration::ZERO,
+            capacity: None,
             fail_rate: 0.0,
             fail_status: 503,
             retry_after: None,
@@ -328,6 +334,12 @@ impl RunningSink {
     /// The fixed delay before every answer from now on (`--latency`; the jitter stays).
     pub fn set_latency(&self, latency: Duration) {
         self.shared.faults.set_latency(latency);
+    }
+
+    /// At most `capacity` requests in their latency at once from now on (`--capacity`;
+    /// `None`: no limit).
+    pub fn set_capacity(&self, capacity: Option<usize>) {
+        self.shared.faults.set_capacity(capacity);
     }
 
     /// Queues answers for the next valid event requests, used once each, before "fail

@@ -128,6 +128,43 @@ fn a_small_rise_on_a_fast_sink_is_noise() {
     assert_eq!(lowest, 5);
 }
 
+/// A sink with `slots` parallel slots of `service` each: past `slots` requests in flight,
+/// the others queue, so the RTT at limit L is `service × max(1, L / slots)`.
+fn queueing_rtt(service: Duration, slots: usize, limit: usize) -> Duration {
+    service.mul_f64((limit as f64 / slots as f64).max(1.0))
+}
+
+/// Drives the rule against [`queueing_rtt`] for `span`; returns the highest limit seen after
+/// the first `warm_up`.
+fn run_queueing(
+    rule: &mut AdaptiveLimit,
+    service: Duration,
+    slots: usize,
+    warm_up: Duration,
+    span: Duration,
+) -> usize {
+    let mut now = Duration::ZERO;
+    let mut highest = 0;
+    while now < span {
+        let rtt = queueing_rtt(service, slots, rule.limit());
+        // `limit` requests finish per RTT, evenly spread.
+        now += rtt / u32::try_from(rule.limit()).unwrap_or(u32::MAX);
+        let limit = rule.observe(answered(rtt), now);
+        if now >= warm_up {
+            highest = highest.max(limit);
+        }
+    }
+    highest
+}
+
+#[test]
+fn holds_near_the_capacity_of_a_queueing_sink() {
+    let mut rule = AdaptiveLimit::new(100);
+    let highest = run_queueing(&mut rule, ms(50), 4, ms(10_000), ms(600_000));
+    // At 6 in flight the RTT is 1.5 × the unloaded 50 ms: the rule's tolerance.
+    assert!((4..=7).contains(&highest), "highest limit {highest}");
+}
+
 fn signal() -> impl Strategy<Value = Signal> {
     prop_oneof![
         Just(Signal::Answered),
@@ -155,6 +192,20 @@ proptest! {
             let limit = rule.observe(sample, now);
             prop_assert!(limit >= 1 && limit <= ceiling.max(1), "{} not in 1..={}", limit, ceiling);
         }
+    }
+
+    /// Whatever the sink's slots and service time, the limit settles within the RTT tolerance
+    /// of the slots (`RTT_RATIO` × slots, plus the one step that finds the edge) instead of
+    /// creeping to the ceiling with the queue.
+    #[test]
+    fn a_queueing_sink_is_not_pushed_past_its_tolerance(
+        slots in 1usize..20,
+        service in 5u64..300,
+    ) {
+        let mut rule = AdaptiveLimit::new(200);
+        let highest = run_queueing(&mut rule, ms(service), slots, ms(60_000), ms(300_000));
+        let bound = (slots as f64 * RTT_RATIO).floor() as usize + 1;
+        prop_assert!(highest <= bound, "highest {} > {} with {} slots", highest, bound, slots);
     }
 
     #[test]

@@ -1,5 +1,8 @@
 //! The test switches: a delay before every answer (`--latency`, changeable at run time, plus
-//! `--latency-jitter`), and what a valid event request is answered instead of a plain 202.
+//! `--latency-jitter`), a capacity (`--capacity N`: at most N requests are in their delay at
+//! once, the rest wait their turn, so the sink queues like a server with N slots and its
+//! latency grows with the load past N), and what a valid event request is answered instead of
+//! a plain 202.
 //!
 //! The answer of a valid request comes from the first switch that has one, in this order: the
 //! next scripted answer (a queue, each used once), "fail always with status N", one roll of
@@ -7,12 +10,13 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::Response;
 use serde_json::json;
+use tokio::sync::Semaphore;
 
 use super::SinkError;
 
@@ -91,6 +95,9 @@ pub(super) struct Faults {
     fail_status: StatusCode,
     retry_after: Option<u64>,
     run_time: Mutex<RunTime>,
+    /// The slots of `--capacity` (`None`: every request waits its delay at once). Replaced
+    /// whole by [`Faults::set_capacity`]; requests queued on the old slots finish on them.
+    capacity: Mutex<Option<Arc<Semaphore>>>,
 }
 
 impl Faults {
@@ -101,6 +108,7 @@ impl Faults {
         fail_rate: f64,
         fail_status: u16,
         retry_after: Option<u64>,
+        capacity: Option<usize>,
     ) -> Result<Faults, SinkError> {
         let fail_status = StatusCode::from_u16(fail_status).map_err(|_| {
             SinkError::InvalidArgs(format!("--fail-status: {fail_status} is not a status"))
@@ -112,7 +120,13 @@ impl Faults {
             fail_status,
             retry_after,
             run_time: Mutex::default(),
+            capacity: Mutex::new(slots(capacity)),
         })
+    }
+
+    /// At most `capacity` requests in their delay at once from now on (`None`: no limit).
+    pub fn set_capacity(&self, capacity: Option<usize>) {
+        *self.capacity.lock().unwrap_or_else(PoisonError::into_inner) = slots(capacity);
     }
 
     /// The fixed delay before every answer from now on.
@@ -143,8 +157,19 @@ impl Faults {
         *self.lock() = RunTime::default();
     }
 
-    /// Waits the latency plus up to the jitter, before any answer.
+    /// Waits for a slot when a capacity is set, then the latency plus up to the jitter,
+    /// before any answer.
     pub async fn delay(&self) {
+        let slots = self
+            .capacity
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        // A closed semaphore cannot happen (nothing closes it); then there is no slot to wait.
+        let _slot = match slots {
+            Some(slots) => slots.acquire_owned().await.ok(),
+            None => None,
+        };
         let extra = if self.jitter.is_zero() {
             Duration::ZERO
         } else {
@@ -187,6 +212,11 @@ impl Faults {
     }
 }
 
+/// `capacity` slots (at least one), or none.
+fn slots(capacity: Option<usize>) -> Option<Arc<Semaphore>> {
+    capacity.map(|n| Arc::new(Semaphore::new(n.max(1))))
+}
+
 /// Saturates at about 584 years.
 fn nanos(duration: Duration) -> u64 {
     u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
@@ -210,7 +240,7 @@ mod tests {
     use super::*;
 
     fn faults() -> Faults {
-        Faults::new(Duration::ZERO, Duration::ZERO, 0.0, 503, None).expect("valid")
+        Faults::new(Duration::ZERO, Duration::ZERO, 0.0, 503, None, None).expect("valid")
     }
 
     fn status(verdict: Verdict) -> StatusCode {
@@ -253,5 +283,33 @@ mod tests {
         ));
         assert!(faults.lock().scripted.is_empty());
         assert!(faults.fail_always(42).is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn capacity_queues_requests_past_it() {
+        let faults = Arc::new(faults());
+        faults.set_latency(Duration::from_millis(100));
+        faults.set_capacity(Some(2));
+        let started = tokio::time::Instant::now();
+        let waits: Vec<_> = (0..5)
+            .map(|_| {
+                let faults = faults.clone();
+                tokio::spawn(async move {
+                    faults.delay().await;
+                    started.elapsed()
+                })
+            })
+            .collect();
+        let mut finished = Vec::new();
+        for wait in waits {
+            finished.push(wait.await.expect("task").as_millis() / 100);
+        }
+        finished.sort_unstable();
+        // Two slots of 100 ms each: 2 answers after 100 ms, 2 after 200, 1 after 300.
+        assert_eq!(finished, vec![1, 1, 2, 2, 3]);
+        faults.set_capacity(None);
+        let started = tokio::time::Instant::now();
+        faults.delay().await;
+        assert_eq!(started.elapsed().as_millis() / 100, 1);
     }
 }

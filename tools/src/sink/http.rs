@@ -79,6 +79,7 @@ impl Shared {
                 args.fail_rate,
                 args.fail_status,
                 args.retry_after,
+                args.capacity.and_then(|n| usize::try_from(n).ok()),
             )?,
             store,
             counters: Counters::default(),
