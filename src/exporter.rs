@@ -524,18 +524,8 @@ async fn supervise(
             }
             kept = join_some(&mut keeper) => {
                 keeper = None;
-                match kept {
-                    Ok(Ok(())) => {}
-                    Ok(Err(lost)) => {
-                        // Nothing may be published or saved any more (the gate is closed and
-                        // token writes are fenced): exit now, Kubernetes restarts this replica
-                        // as a standby.
-                        tracing::error!(error = %lost, "exiting with status 1");
-                        std::process::exit(1);
-                    }
-                    Err(joined) => {
-                        died.get_or_insert_with(|| task_ended("the leadership task", Err(joined)));
-                    }
+                if let Some(reason) = leadership_ended(kept) {
+                    died.get_or_insert(reason);
                 }
             }
             _ = sleep_until_some(hard_stop) => break None,
@@ -565,6 +555,23 @@ async fn supervise(
         let _ = server.await;
     }
     outcome(died, results)
+}
+
+/// What the end of the leadership keeper means: nothing (it was stopped), why the exporter
+/// stops (it died), or, when leadership was lost, an exit with status 1 right here: nothing
+/// may be published or saved any more (the gate is closed and token writes are fenced), and
+/// Kubernetes restarts this replica as a standby.
+fn leadership_ended<E: std::fmt::Display>(
+    kept: Result<Result<(), E>, tokio::task::JoinError>,
+) -> Option<String> {
+    match kept {
+        Ok(Ok(())) => None,
+        Ok(Err(lost)) => {
+            tracing::error!(error = %lost, "exiting with status 1");
+            std::process::exit(1);
+        }
+        Err(joined) => Some(task_ended("the leadership task", Err(joined))),
+    }
 }
 
 /// The exit result from why the work ended.
