@@ -48,12 +48,12 @@ async fn fixed_mode_shows_workers_and_adaptive_starts_at_one() {
     options.workers = 6;
     let mut exporter = Exporter::start(&options).await;
     assert_eq!(limit(&exporter).await, Some(6.0));
-    assert_eq!(exporter.terminate().await.code(), Some(0));
+    exporter.terminate_cleanly().await;
 
     options.sink_extra = "concurrency = \"adaptive\"".into();
     let mut exporter = Exporter::start(&options).await;
     assert_eq!(limit(&exporter).await, Some(1.0));
-    assert_eq!(exporter.terminate().await.code(), Some(0));
+    exporter.terminate_cleanly().await;
 }
 
 /// Inserts events until stopped; returns their ids.
@@ -124,7 +124,7 @@ async fn adaptive_limit_rises_on_a_steady_sink_and_falls_on_a_latency_step_and_5
         sink.max_in_flight()
     );
     assert!(sink.max_in_flight() > 1, "concurrency was used at all");
-    assert_eq!(exporter.terminate().await.code(), Some(0));
+    exporter.terminate_cleanly().await;
     let client = db.client().await;
     pg::assert_token_at_head(&client, "the token reached the last event").await;
 }
@@ -172,5 +172,5 @@ async fn adaptive_limit_holds_near_a_queueing_sinks_capacity() {
     let delivered: BTreeSet<String> = sink.accepted_ids().into_iter().collect();
     let inserted: BTreeSet<String> = ids.into_iter().collect();
     assert_eq!(delivered, inserted, "every inserted event delivered");
-    assert_eq!(exporter.terminate().await.code(), Some(0));
+    exporter.terminate_cleanly().await;
 }

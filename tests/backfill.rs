@@ -96,7 +96,7 @@ async fn exports_the_newest_max_events_of_the_window_oldest_first() {
         metrics.contains("health_events_exporter_backfill_in_progress 0"),
         "{metrics}"
     );
-    assert_eq!(exporter.terminate().await.code(), Some(0));
+    exporter.terminate_cleanly().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -168,7 +168,7 @@ async fn events_written_during_the_backfill_are_delivered_exactly_once() {
     ids.sort();
     expected.sort();
     assert_eq!(ids, expected, "every historical and live event delivered");
-    assert_eq!(exporter.terminate().await.code(), Some(0));
+    exporter.terminate_cleanly().await;
 }
 
 #[tokio::test]
@@ -214,7 +214,7 @@ async fn resumes_after_kill_9_instead_of_starting_over() {
     );
     eprintln!("kill -9 after {before_restart} delivered: {resent} re-sent");
     assert!(exporter.log().contains("resuming the unfinished backfill"));
-    assert_eq!(exporter.terminate().await.code(), Some(0));
+    exporter.terminate_cleanly().await;
 }
 
 #[tokio::test]
@@ -246,7 +246,7 @@ async fn skipped_when_a_resume_token_exists() {
         "{}",
         exporter.log()
     );
-    assert_eq!(exporter.terminate().await.code(), Some(0));
+    exporter.terminate_cleanly().await;
 }
 
 #[tokio::test]

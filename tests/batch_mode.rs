@@ -102,7 +102,7 @@ async fn a_batch_is_one_json_array_of_the_events_in_order() {
         assert_eq!(event["specversion"], "1.0");
         assert!(event["data"].is_object(), "{event}");
     }
-    assert_eq!(exporter.terminate().await.code(), Some(0));
+    exporter.terminate_cleanly().await;
 }
 
 #[tokio::test]
@@ -131,7 +131,7 @@ async fn a_failed_batch_is_resent_whole_and_nothing_is_lost() {
     }
     let delivered: BTreeSet<String> = sink.accepted_ids().into_iter().collect();
     assert_eq!(delivered, ids.into_iter().collect::<BTreeSet<_>>());
-    assert_eq!(exporter.terminate().await.code(), Some(0));
+    exporter.terminate_cleanly().await;
     let client = db.client().await;
     pg::assert_token_at_head(&client, "no gap: the token reached the last event").await;
 }
@@ -200,7 +200,7 @@ async fn the_exporter_in_batch_mode_delivers_everything_to_the_reference_sink() 
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(exporter.terminate().await.code(), Some(0));
+    exporter.terminate_cleanly().await;
     let mut received: Vec<String> = sink
         .events()
         .into_iter()
@@ -257,7 +257,7 @@ async fn a_permanently_rejected_batch_goes_to_the_dead_letter_event_by_event() {
     let delivered = insert_together(&db, "after", 2).await;
     sink.wait_for_accepted(2, WAIT).await;
     assert_eq!(sink.accepted_ids(), delivered);
-    assert_eq!(exporter.terminate().await.code(), Some(0));
+    exporter.terminate_cleanly().await;
     let client = db.client().await;
     pg::assert_token_at_head(&client, "the token reached the last event").await;
 }

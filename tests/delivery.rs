@@ -147,12 +147,7 @@ async fn resumes_after_a_clean_restart_without_loss_or_duplicates() {
         written.push(pg::insert_health_event(&client, &pg::health_event_doc("node-a", i)).await);
     }
     sink.wait_for_accepted(20, WAIT).await;
-    assert_eq!(
-        exporter.terminate().await.code(),
-        Some(0),
-        "log:\n{}",
-        exporter.log()
-    );
+    exporter.terminate_cleanly().await;
 
     // Written while the exporter is down: must be delivered after the restart.
     for i in 20..40 {
@@ -168,7 +163,7 @@ async fn resumes_after_a_clean_restart_without_loss_or_duplicates() {
     received.sort();
     written.sort();
     assert_eq!(received, written, "every event exactly once");
-    assert_eq!(exporter.terminate().await.code(), Some(0));
+    exporter.terminate_cleanly().await;
 }
 
 #[tokio::test]
@@ -210,7 +205,7 @@ async fn changes_that_are_not_new_health_events_are_passed_over() {
     );
     assert!(ids.contains(&first.as_str()) && ids.contains(&last.as_str()));
     let max_id = pg::changelog_max_id(&client).await;
-    assert_eq!(exporter.terminate().await.code(), Some(0));
+    exporter.terminate_cleanly().await;
     let token_value: Value = pg::read_resume_token(&client, pg::EXPORTER_CLIENT_NAME)
         .await
         .expect("token");
@@ -258,12 +253,7 @@ async fn a_sequence_jump_of_millions_of_ids_is_passed_over_at_once() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(
-        exporter.terminate().await.code(),
-        Some(0),
-        "log:\n{}",
-        exporter.log()
-    );
+    exporter.terminate_cleanly().await;
     let token_value = pg::read_resume_token(&client, pg::EXPORTER_CLIENT_NAME)
         .await
         .expect("token");
@@ -288,5 +278,5 @@ async fn subject_carries_the_node_name_when_asked_for() {
     let events = sink.wait_for_accepted(1, WAIT).await;
     assert_eq!(events[0]["subject"], "node-subject", "{}", events[0]);
     assert_eq!(events[0]["data"]["healthEvent"]["nodeName"], "node-subject");
-    assert_eq!(exporter.terminate().await.code(), Some(0));
+    exporter.terminate_cleanly().await;
 }

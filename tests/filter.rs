@@ -186,7 +186,7 @@ async fn an_expression_that_cannot_be_evaluated_exports_everything_and_counts_er
         "{metrics}"
     );
     let max_id = pg::changelog_max_id(&client).await;
-    assert_eq!(exporter.terminate().await.code(), Some(0));
+    exporter.terminate_cleanly().await;
     let mut delivered = sink.accepted_ids();
     delivered.sort();
     ids.sort();
@@ -259,7 +259,7 @@ async fn the_filter_applies_to_the_backfill() {
         Some((10 - restart_vm.len()) as f64),
         "{metrics}"
     );
-    assert_eq!(exporter.terminate().await.code(), Some(0));
+    exporter.terminate_cleanly().await;
     let mut delivered = sink.accepted_ids();
     delivered.sort();
     restart_vm.sort();

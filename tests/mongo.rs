@@ -139,12 +139,7 @@ async fn resumes_after_a_restart_and_after_kill_9_with_nothing_lost() {
     let mut exporter = Exporter::start(&options(&sink, &store)).await;
     let first = store.insert("node-1", 0..5).await;
     sink.wait_for_accepted(5, WAIT).await;
-    assert_eq!(
-        exporter.terminate().await.code(),
-        Some(0),
-        "log:\n{}",
-        exporter.log()
-    );
+    exporter.terminate_cleanly().await;
 
     // Written while the exporter is down: delivered after the restart, nothing re-sent.
     let second = store.insert("node-1", 5..10).await;
@@ -231,7 +226,7 @@ async fn takes_over_a_go_exporters_token_with_nothing_re_sent() {
         3,
         "nothing before the Go token is re-sent"
     );
-    assert_eq!(exporter.terminate().await.code(), Some(0));
+    exporter.terminate_cleanly().await;
     assert_eq!(
         store
             .tokens()
@@ -310,7 +305,7 @@ async fn lost_history_is_recovered_by_a_backfill_from_the_last_exported_event() 
     let mut exporter = Exporter::start(&options(&sink, &store)).await;
     let before = store.insert("node-4", 0..3).await;
     sink.wait_for_accepted(3, WAIT).await;
-    assert_eq!(exporter.terminate().await.code(), Some(0));
+    exporter.terminate_cleanly().await;
     // Down long enough for the oplog to roll past the stored token (upstream: silent loss).
     let missed = store.insert("node-4", 3..80).await;
     store
@@ -369,7 +364,7 @@ async fn first_start_backfills_stored_events_and_hands_off_to_the_stream() {
         sorted(expected),
         "newest max_events, no duplicates"
     );
-    assert_eq!(exporter.terminate().await.code(), Some(0));
+    exporter.terminate_cleanly().await;
     let record = store
         .tokens()
         .find_one(doc! {"clientName": "event-exporter-backfill"})
@@ -449,7 +444,7 @@ async fn a_token_the_server_cannot_parse_at_start_is_recovered() {
     let mut exporter = Exporter::start(&options(&sink, &store)).await;
     store.insert("node-8", 0..3).await;
     sink.wait_for_accepted(3, WAIT).await;
-    assert_eq!(exporter.terminate().await.code(), Some(0));
+    exporter.terminate_cleanly().await;
     let missed = store.insert("node-8", 3..9).await;
     store
         .peer
@@ -496,7 +491,7 @@ async fn a_real_replica_set_when_mongodb_uri_is_set() {
     }
     let events = sink.wait_for_accepted(5, WAIT).await;
     assert_eq!(events.len(), 5);
-    assert_eq!(exporter.terminate().await.code(), Some(0));
+    exporter.terminate_cleanly().await;
     db.drop().await.expect("drop the test database");
 }
 
@@ -651,7 +646,7 @@ async fn status_reports_token_lag_and_leader() {
     );
     assert_eq!(report["behind"]["waitingEvents"], 0, "{report}");
     assert!(report["leader"]["replica"].is_string(), "{report}");
-    assert_eq!(exporter.terminate().await.code(), Some(0));
+    exporter.terminate_cleanly().await;
 
     tokio::time::sleep(Duration::from_millis(50)).await;
     store.insert("node-s", 3..5).await;

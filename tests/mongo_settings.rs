@@ -250,7 +250,7 @@ async fn an_exporter_over_ca_only_tls_delivers_every_event() {
     let mut expected = written.clone();
     expected.sort();
     assert_eq!(ids, expected, "log:\n{}", exporter.log());
-    assert_eq!(exporter.terminate().await.code(), Some(0));
+    exporter.terminate_cleanly().await;
     let token = store
         .tokens()
         .find_one(doc! {"clientName": "event-exporter"})
@@ -347,7 +347,7 @@ async fn a_rotated_client_certificate_is_used_after_an_in_place_restart() {
         "log:\n{}",
         exporter.log()
     );
-    assert_eq!(exporter.terminate().await.code(), Some(0));
+    exporter.terminate_cleanly().await;
 }
 
 /// The client certificate and key in one PEM file, as the Rust driver reads them.

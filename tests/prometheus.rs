@@ -374,7 +374,7 @@ async fn labelled_counters_exist_at_zero_on_the_first_scrape() {
     let sink = SinkServer::start(SinkOptions::default()).await;
     let mut exporter = Exporter::start(&ExporterOptions::new(&sink, None, db.env())).await;
     assert_first_scrape(&exporter.metrics().await);
-    assert_eq!(exporter.terminate().await.code(), Some(0));
+    exporter.terminate_cleanly().await;
 }
 
 #[tokio::test]

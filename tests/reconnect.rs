@@ -73,5 +73,5 @@ async fn a_listen_connection_dropped_after_a_healthy_period_reconnects_quickly_e
     received.sort();
     written.sort();
     assert_eq!(received, written, "every event delivered once");
-    assert_eq!(exporter.terminate().await.code(), Some(0));
+    exporter.terminate_cleanly().await;
 }

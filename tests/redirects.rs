@@ -94,7 +94,7 @@ async fn moved_found_and_see_other_are_failed_attempts_naming_the_location() {
         );
     }
     let max_id = pg::changelog_max_id(&client).await;
-    assert_eq!(exporter.terminate().await.code(), Some(0));
+    exporter.terminate_cleanly().await;
     let token = pg::read_resume_token(&client, pg::EXPORTER_CLIENT_NAME)
         .await
         .expect("token");
@@ -195,7 +195,7 @@ async fn temporary_and_permanent_redirects_to_the_same_origin_resend_body_and_he
         "followed redirects are not failures"
     );
     let max_id = pg::changelog_max_id(&client).await;
-    assert_eq!(exporter.terminate().await.code(), Some(0));
+    exporter.terminate_cleanly().await;
     let saved = pg::read_resume_token(&client, pg::EXPORTER_CLIENT_NAME)
         .await
         .expect("token");
@@ -245,7 +245,7 @@ async fn a_redirect_to_another_origin_is_not_followed_and_gets_no_credentials() 
         "the message names the other origin's Location:\n{log}"
     );
     let max_id = pg::changelog_max_id(&client).await;
-    assert_eq!(exporter.terminate().await.code(), Some(0));
+    exporter.terminate_cleanly().await;
     let saved = pg::read_resume_token(&client, pg::EXPORTER_CLIENT_NAME)
         .await
         .expect("token");

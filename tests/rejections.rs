@@ -196,7 +196,7 @@ async fn dead_letter_file_takes_each_permanently_rejected_event_and_the_stream_g
         );
     }
     let max_id = pg::changelog_max_id(&client).await;
-    assert_eq!(exporter.terminate().await.code(), Some(0));
+    exporter.terminate_cleanly().await;
     let token = pg::read_resume_token(&client, pg::EXPORTER_CLIENT_NAME)
         .await
         .expect("token");
@@ -241,7 +241,7 @@ async fn statuses_outside_rejected_statuses_stop_even_with_a_dead_letter() {
     assert_eq!(lines[0]["event_id"], json!(id));
     assert_eq!(lines[0]["status"], json!(404));
     let max_id = pg::changelog_max_id(&client).await;
-    assert_eq!(exporter.terminate().await.code(), Some(0));
+    exporter.terminate_cleanly().await;
     let token = pg::read_resume_token(&client, pg::EXPORTER_CLIENT_NAME)
         .await
         .expect("token");
@@ -281,7 +281,7 @@ async fn already_delivered_statuses_count_as_delivered_at_once() {
         "{metrics}"
     );
     let max_id = pg::changelog_max_id(&client).await;
-    assert_eq!(exporter.terminate().await.code(), Some(0));
+    exporter.terminate_cleanly().await;
     let token = pg::read_resume_token(&client, pg::EXPORTER_CLIENT_NAME)
         .await
         .expect("token");
@@ -343,7 +343,7 @@ async fn a_dead_letter_endpoint_gets_the_record_and_its_failure_stops() {
             .any(|s| s.is_success() && s.event_id() == Some(after.clone()))
     })
     .await;
-    assert_eq!(exporter.terminate().await.code(), Some(0));
+    exporter.terminate_cleanly().await;
 
     // The dead-letter endpoint fails: the event is undelivered.
     let db = TestDb::create().await;

@@ -121,5 +121,5 @@ async fn kill_9_during_a_burst_resends_only_in_flight_and_one_save_interval() {
         total += resent.len();
     }
     eprintln!("{total} re-sent over {KILLS} kills");
-    assert_eq!(exporter.terminate().await.code(), Some(0));
+    exporter.terminate_cleanly().await;
 }

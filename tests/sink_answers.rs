@@ -65,7 +65,7 @@ async fn endless_bodies_are_cut_without_waiting_for_the_timeout() {
     );
     let rss = sample_or_zero(&metrics, "process_resident_memory_bytes");
     assert!(rss > 0.0 && rss < 200e6, "resident memory {rss}");
-    assert_eq!(exporter.terminate().await.code(), Some(0));
+    exporter.terminate_cleanly().await;
     pg::assert_token_at_head(&client, "the token reached the last event").await;
 
     // An endless error body: the attempt fails at once with a cut excerpt.
@@ -165,7 +165,7 @@ async fn retry_after_zero_or_past_never_shortens_the_backoff_and_a_future_date_l
     // A date 3 s ahead (whole seconds, so at least 2 s): longer than the backoff, so it wins.
     assert!(gaps[2] >= Duration::from_millis(1990), "{gaps:?}");
     assert!(gaps[2] < Duration::from_secs(5), "{gaps:?}");
-    assert_eq!(exporter.terminate().await.code(), Some(0));
+    exporter.terminate_cleanly().await;
     pg::assert_token_at_head(&client, "the token reached the last event").await;
 }
 
@@ -195,6 +195,6 @@ async fn a_retry_after_beyond_max_backoff_is_capped_but_never_below_the_backoff(
         gap >= Duration::from_millis(990) && gap < Duration::from_millis(2500),
         "Retry-After: 3600 capped at max_backoff 1s, got {gap:?}"
     );
-    assert_eq!(exporter.terminate().await.code(), Some(0));
+    exporter.terminate_cleanly().await;
     pg::assert_token_at_head(&client, "the token reached the last event").await;
 }

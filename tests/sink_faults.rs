@@ -94,12 +94,7 @@ async fn retry_after_on_503_and_429_is_honoured_with_one_stable_event_id() {
         assert!(g >= ms(990), "Retry-After: 1 not honoured, gap {g:?}");
         assert!(g < ms(1100) + SLACK, "gap {g:?} is far above Retry-After");
     }
-    assert_eq!(
-        exporter.terminate().await.code(),
-        Some(0),
-        "log:\n{}",
-        exporter.log()
-    );
+    exporter.terminate_cleanly().await;
 }
 
 #[tokio::test]
@@ -129,7 +124,7 @@ async fn retry_after_above_max_backoff_is_capped_at_max_backoff() {
         g < ms(400) + SLACK + SLACK,
         "Retry-After: 30 not capped at 400ms: {g:?}"
     );
-    assert_eq!(exporter.terminate().await.code(), Some(0));
+    exporter.terminate_cleanly().await;
 }
 
 #[tokio::test]
@@ -162,7 +157,7 @@ async fn server_errors_back_off_exponentially() {
         "second retry did not double the wait: {g2:?}"
     );
     assert!(g2 < ms(440) + SLACK, "second retry far too late: {g2:?}");
-    assert_eq!(exporter.terminate().await.code(), Some(0));
+    exporter.terminate_cleanly().await;
 }
 
 #[tokio::test]
@@ -208,12 +203,7 @@ async fn a_401_refreshes_the_token_and_retries_at_once() {
         "the retry must carry the new token"
     );
     assert_eq!(token.requests(), 2, "exactly one refresh");
-    assert_eq!(
-        exporter.terminate().await.code(),
-        Some(0),
-        "log:\n{}",
-        exporter.log()
-    );
+    exporter.terminate_cleanly().await;
 }
 
 #[tokio::test]
@@ -253,7 +243,7 @@ async fn short_lived_tokens_are_refreshed_but_not_per_event() {
     );
     let unauthorized = sink.requests().iter().filter(|r| r.status == 401).count();
     assert_eq!(unauthorized, 0, "tokens are refreshed before they expire");
-    assert_eq!(exporter.terminate().await.code(), Some(0));
+    exporter.terminate_cleanly().await;
 }
 
 #[tokio::test]
@@ -307,12 +297,7 @@ async fn a_rotated_secret_is_read_on_the_next_refresh_without_restart() {
         );
         assert_eq!(request.status, 200);
     }
-    assert_eq!(
-        exporter.terminate().await.code(),
-        Some(0),
-        "log:\n{}",
-        exporter.log()
-    );
+    exporter.terminate_cleanly().await;
 }
 
 #[tokio::test]
@@ -357,12 +342,7 @@ async fn exhausted_retries_stop_the_exporter_without_moving_the_token() {
     let mut exporter = Exporter::start(&options).await;
     let events = sink.wait_for_accepted(1, WAIT).await;
     assert_eq!(events[0]["id"].as_str(), Some(record_id.as_str()));
-    assert_eq!(
-        exporter.terminate().await.code(),
-        Some(0),
-        "log:\n{}",
-        exporter.log()
-    );
+    exporter.terminate_cleanly().await;
     let stored = pg::read_resume_token(&client, pg::EXPORTER_CLIENT_NAME).await;
     assert_eq!(eventid_of(&stored), Some(changelog_id));
 }
@@ -423,7 +403,7 @@ async fn the_client_secret_never_reaches_the_log() {
     let mut exporter = Exporter::start(&options).await;
     pg::insert_health_event(&client, &pg::health_event_doc("node-s", 1)).await;
     sink.wait_for_accepted(1, WAIT).await;
-    assert_eq!(exporter.terminate().await.code(), Some(0));
+    exporter.terminate_cleanly().await;
     let log = exporter.log();
     assert!(log.contains("fetched an access token"), "log:\n{log}");
     assert!(
@@ -527,12 +507,7 @@ async fn concurrent_workers_share_one_token_fetch_and_one_refresh() {
         2,
         "concurrent 401s must share one refresh"
     );
-    assert_eq!(
-        exporter.terminate().await.code(),
-        Some(0),
-        "log:\n{}",
-        exporter.log()
-    );
+    exporter.terminate_cleanly().await;
 }
 
 #[tokio::test]

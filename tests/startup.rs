@@ -373,7 +373,7 @@ async fn unknown_keys_are_warned_about_and_ignored() {
             "known key {known} reported as unknown; log:\n{log}"
         );
     }
-    assert_eq!(exporter.terminate().await.code(), Some(0));
+    exporter.terminate_cleanly().await;
 }
 
 /// A database without any table, dropped on `Drop` (made with psql like an operator would).
@@ -803,7 +803,7 @@ async fn probes_and_metrics_report_the_running_exporter() {
         metrics.contains("health_events_exporter_events_received_total 1"),
         "{metrics}"
     );
-    assert_eq!(exporter.terminate().await.code(), Some(0));
+    exporter.terminate_cleanly().await;
 }
 
 /// Runs the binary with a time limit (killing it when over); `None` exit code on timeout.

@@ -126,7 +126,7 @@ async fn insecure_skip_verify_delivers_and_warns_loudly() {
     let mut exporter = Exporter::start(&options).await;
     pg::insert_health_event(&client, &pg::health_event_doc("node-insecure", 1)).await;
     sink.wait_for_accepted(1, WAIT).await;
-    assert_eq!(exporter.terminate().await.code(), Some(0));
+    exporter.terminate_cleanly().await;
 
     let log = exporter.log();
     let warnings: Vec<&str> = log

@@ -69,7 +69,7 @@ async fn dropped_and_cut_connections_cost_retries_not_events() {
         failures >= 5.0,
         "the dropped connections were retried:\n{metrics}"
     );
-    assert_eq!(exporter.terminate().await.code(), Some(0));
+    exporter.terminate_cleanly().await;
     let max_id = pg::changelog_max_id(&client).await;
     let token = pg::read_resume_token(&client, pg::EXPORTER_CLIENT_NAME)
         .await

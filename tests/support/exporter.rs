@@ -278,6 +278,12 @@ impl Exporter {
         self.wait_exit(Duration::from_secs(30)).await
     }
 
+    /// SIGTERM, and the exit must be status 0 (the log is shown when it is not).
+    pub async fn terminate_cleanly(&mut self) {
+        let status = self.terminate().await;
+        assert_eq!(status.code(), Some(0), "log:\n{}", self.log());
+    }
+
     /// The process id (for `kill -STOP` / `-CONT` in tests/leadership.rs).
     pub fn pid(&self) -> u32 {
         self.child.id()
