@@ -122,83 +122,39 @@ impl Generator {
     /// Which check fired: 45 % XID errors, 10 % each of DBE, NVLink down, thermal watch and
     /// syslog XID, 15 % healthy.
     fn check(&mut self) -> Check {
-        let check = |agent, class, check, fatal, healthy, action, codes, message| Check {
-            agent,
-            class,
-            check,
-            fatal,
-            healthy,
-            action,
-            codes,
-            message,
-        };
         let gpu = "gpu-health-monitor";
-        match self.rng.u8(0..100) {
+        // One row per kind: (agent, class, check, fatal, healthy, action, codes, message).
+        #[rustfmt::skip]
+        let fields: CheckFields = match self.rng.u8(0..100) {
             0..=44 => {
                 let (code, text, action, fatal) = XIDS[self.rng.usize(0..XIDS.len())];
                 let message = format!("XID {code}: {text}");
-                check(
-                    gpu,
-                    "GPU",
-                    "GpuXidError",
-                    fatal,
-                    false,
-                    action,
-                    vec![code],
-                    message,
-                )
+                (gpu, "GPU", "GpuXidError", fatal, false, action, vec![code], message)
             }
             45..=54 => {
                 let message = "Double bit ECC error detected".to_string();
-                check(
-                    gpu,
-                    "GPU",
-                    "GpuDbeError",
-                    true,
-                    false,
-                    24,
-                    vec!["DBE"],
-                    message,
-                )
+                (gpu, "GPU", "GpuDbeError", true, false, 24, vec!["DBE"], message)
             }
             55..=64 => {
                 let message = format!("NVLink {} is down", self.rng.u8(0..18));
-                let codes = vec!["NVLINK_DOWN"];
-                check(gpu, "NVLink", "NVLinkDown", false, false, 5, codes, message)
+                (gpu, "NVLink", "NVLinkDown", false, false, 5, vec!["NVLINK_DOWN"], message)
             }
             65..=74 => {
                 let celsius = 85 + self.rng.u8(0..15);
                 let message = format!("GPU temperature {celsius} C above slowdown threshold");
-                check(
-                    gpu,
-                    "GPU",
-                    "GpuThermalWatch",
-                    false,
-                    false,
-                    0,
-                    vec![],
-                    message,
-                )
+                (gpu, "GPU", "GpuThermalWatch", false, false, 0, vec![], message)
             }
             75..=84 => {
                 let message = "NVRM: Xid 13 in syslog".to_string();
                 let agent = "syslog-health-monitor";
-                check(
-                    agent,
-                    "GPU",
-                    "SysLogsXIDError",
-                    false,
-                    false,
-                    0,
-                    vec!["13"],
-                    message,
-                )
+                (agent, "GPU", "SysLogsXIDError", false, false, 0, vec!["13"], message)
             }
             _ => {
                 let message = "GPU is healthy".to_string();
-                check(gpu, "GPU", "GpuXidError", false, true, 0, vec![], message)
+                (gpu, "GPU", "GpuXidError", false, true, 0, vec![], message)
             }
-        }
+        };
+        Check::from(fields)
     }
 
     /// The `healthevent` document of `check` on `node`'s `gpu`, in MongoDB's lowercase
@@ -271,6 +227,34 @@ struct Check {
     action: i64,
     codes: Vec<&'static str>,
     message: String,
+}
+
+/// (agent, class, check, fatal, healthy, action, codes, message).
+type CheckFields = (
+    &'static str,
+    &'static str,
+    &'static str,
+    bool,
+    bool,
+    i64,
+    Vec<&'static str>,
+    String,
+);
+
+impl From<CheckFields> for Check {
+    fn from(fields: CheckFields) -> Check {
+        let (agent, class, check, fatal, healthy, action, codes, message) = fields;
+        Check {
+            agent,
+            class,
+            check,
+            fatal,
+            healthy,
+            action,
+            codes,
+            message,
+        }
+    }
 }
 
 /// `entitiesImpacted`: the GPU and its PCI address.
