@@ -181,8 +181,9 @@ struct Measured {
     written: Option<Written>,
     /// Instructions the exporter executed (callgrind runs).
     instructions: Option<u64>,
-    /// Adaptive runs: the exporter's concurrency limit gauge, (last value, highest value).
-    concurrency_limit: Option<(f64, f64)>,
+    /// Adaptive runs: the exporter's concurrency limit gauge, (seconds since start, value),
+    /// read every second and once after the last delivery.
+    concurrency_limits: Vec<(f64, f64)>,
 }
 
 impl Measured {
@@ -367,13 +368,7 @@ impl Bench<'_> {
             ..plan
         };
         self.scenario(plan, |m| {
-            let limit = match m.concurrency_limit {
-                Some((last, highest)) => format!(
-                    "health_events_exporter_concurrency_limit {last:.0} at the end (highest \
-                     {highest:.0}) of the ceiling {ceiling}"
-                ),
-                None => "the exporter's metrics endpoint gave no concurrency limit".into(),
-            };
+            let limit = limit_line(&m.concurrency_limits, ceiling);
             format!(
                 "{latency:?} sink, adaptive concurrency, ceiling {ceiling}: {}; {:.1}% of \
                  ceiling/latency ({ideal:.1}/s); {limit}",
@@ -754,7 +749,7 @@ async fn watch(
 ) -> Result<Measured, BenchError> {
     let mut samples: Vec<(f64, u64)> = Vec::new();
     let (mut cpu_seconds, mut peak_rss_mib) = (0.0, 0.0);
-    let mut limit = Limit::new(scrape);
+    let mut limit = Limit::new(scrape, started);
     let mut last_change = (Instant::now(), 0);
     let mut last_report = Instant::now();
     let outcome = loop {
@@ -795,24 +790,26 @@ async fn watch(
         latency: None,
         written: None,
         instructions: None,
-        concurrency_limit: limit.seen,
+        concurrency_limits: limit.series,
     })
 }
 
 /// The exporter's concurrency limit gauge, read from its metrics port.
 struct Limit {
     port: Option<u16>,
+    started: Instant,
     last_read: Option<Instant>,
-    /// (last value, highest value).
-    seen: Option<(f64, f64)>,
+    /// (seconds since `started`, value).
+    series: Vec<(f64, f64)>,
 }
 
 impl Limit {
-    fn new(port: Option<u16>) -> Limit {
+    fn new(port: Option<u16>, started: Instant) -> Limit {
         Limit {
             port,
+            started,
             last_read: None,
-            seen: None,
+            series: Vec::new(),
         }
     }
 
@@ -829,10 +826,28 @@ impl Limit {
         }
         self.last_read = Some(Instant::now());
         if let Some(value) = child::concurrency_limit(port).await {
-            let highest = self.seen.map_or(value, |(_, highest)| highest.max(value));
-            self.seen = Some((value, highest));
+            self.series
+                .push((self.started.elapsed().as_secs_f64(), value));
         }
     }
+}
+
+/// The adaptive limit at the end of the run, and when it first reached `ceiling`.
+fn limit_line(series: &[(f64, f64)], ceiling: usize) -> String {
+    let Some((_, last)) = series.last() else {
+        return "the exporter's metrics endpoint gave no concurrency limit".into();
+    };
+    let reached = series
+        .iter()
+        .find(|(_, value)| *value >= ceiling as f64)
+        .map_or_else(
+            || {
+                let highest = series.iter().map(|(_, v)| *v).fold(0.0, f64::max);
+                format!("never reached the ceiling (highest {highest:.0})")
+            },
+            |(at, _)| format!("first at the ceiling after {at:.0} s"),
+        );
+    format!("health_events_exporter_concurrency_limit {last:.0} of {ceiling} at the end, {reached}")
 }
 
 /// Events/s between the first sample with a delivery and the last sample.
@@ -935,6 +950,20 @@ mod tests {
         let rate = steady_rate(&samples).expect("deliveries");
         assert!((rate - 1000.0).abs() < 1.0, "{rate}");
         assert_eq!(steady_rate(&[(0.1, 0), (0.2, 0)]), None);
+    }
+
+    #[test]
+    fn limit_line_gives_the_end_and_when_the_ceiling_was_reached() {
+        let rising = [(1.0, 4.0), (2.0, 10.0), (3.0, 9.0)];
+        let line = limit_line(&rising, 10);
+        assert!(line.contains("limit 9 of 10 at the end"), "{line}");
+        assert!(line.contains("first at the ceiling after 2 s"), "{line}");
+        let line = limit_line(&rising[..1], 10);
+        assert!(
+            line.contains("never reached the ceiling (highest 4)"),
+            "{line}"
+        );
+        assert!(limit_line(&[], 10).contains("gave no concurrency limit"));
     }
 
     #[test]
