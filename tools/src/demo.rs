@@ -87,7 +87,6 @@ pub async fn run(args: DemoArgs) -> Result<(), ExitError> {
 
 /// Runs the demo and returns its numbers (the end-to-end test calls this).
 pub async fn run_demo(args: DemoArgs) -> Result<DemoSummary, ExitError> {
-    let failed = |e: String| ExitError::failed(e);
     // Without --output the received events go to a scratch directory removed at the end.
     let (output, keep) = match &args.output {
         Some(dir) => (dir.clone(), true),
@@ -96,7 +95,8 @@ pub async fn run_demo(args: DemoArgs) -> Result<DemoSummary, ExitError> {
             false,
         ),
     };
-    std::fs::create_dir_all(&output).map_err(|e| failed(format!("{}: {e}", output.display())))?;
+    std::fs::create_dir_all(&output)
+        .map_err(|e| ExitError::failed_with(output.display().to_string(), e))?;
     let received_file = output.join("received.ndjson");
     let _ = std::fs::remove_file(&received_file);
     let result = run_in(&args, &received_file).await;
@@ -381,6 +381,6 @@ fn tempdir() -> Result<PathBuf, ExitError> {
         fastrand::u64(..)
     ));
     std::fs::create_dir_all(&dir)
-        .map_err(|e| ExitError::failed(format!("{}: {e}", dir.display())))?;
+        .map_err(|e| ExitError::failed_with(dir.display().to_string(), e))?;
     Ok(dir)
 }
