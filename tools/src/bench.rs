@@ -10,9 +10,12 @@
 //!   sink; `--callgrind` adds a drain of `--callgrind-events` under `valgrind --tool=callgrind`
 //!   and prints instructions per event (repeatable on a busy machine, unlike times);
 //! - **slow sink**: the reference sink answering after `--slow-latency`, at each of
-//!   `--slow-workers` (ratio to workers/latency);
-//! - **latency**: events written at each of `--stream-rates` events/s while the exporter
-//!   streams; p50/p99 from the commit of the writer's INSERT (when it returned) to arrival;
+//!   `--slow-workers` (ratio to workers/latency), and with `exporter.sink.concurrency =
+//!   "adaptive"` and a ceiling of `--adaptive-workers` (ratio to ceiling/latency, and the
+//!   exporter's `health_events_exporter_concurrency_limit` at the end);
+//! - **latency**: events written at each of `--stream-rates` events/s from
+//!   `--stream-connections` connections while the exporter streams; p50/p99 from each row's
+//!   commit (the return of its INSERT) to its arrival, and the rate the writer reached;
 //! - **backfill**: a history of `--backfill-events` events backfilled at full speed, and at each
 //!   `--rates` limit (how closely every 10 s window holds it).
 //!
@@ -20,19 +23,25 @@
 //! /proc) are its own; PostgreSQL, the sinks and the writer share the machine with it.
 
 mod child;
+mod error;
 mod nginx;
+mod seed;
+mod writer;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::Args;
 
-use crate::generate::{self, Generator};
+use crate::generate::Generator;
 use crate::local_postgres::LocalServer;
 use crate::sink::{self, RunningSink, SinkArgs};
 use child::ExporterConfig;
+use error::sql;
+pub use error::BenchError;
 use event_exporter::exporter::ExitError;
 use nginx::Nginx;
+use writer::Written;
 
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
@@ -48,6 +57,10 @@ pub struct BenchArgs {
     /// How long each latency run writes.
     #[arg(long, default_value = "10s", value_parser = event_exporter::cli::parse_duration)]
     pub stream_run: Duration,
+    /// PostgreSQL connections the latency runs' writer writes from (one connection is one
+    /// backend on one core; with NVSentinel's schema it takes well under 10,000 rows/s).
+    #[arg(long, default_value_t = 4)]
+    pub stream_connections: usize,
     /// Latency runs: each resume-token write sleeps this long in PostgreSQL (a trigger), as a
     /// remote or busy datastore's round trip would; 0 adds none.
     #[arg(long, default_value = "0s", value_parser = event_exporter::cli::parse_duration)]
@@ -55,6 +68,9 @@ pub struct BenchArgs {
     /// Worker counts to run against the slow sink; 0 entries are skipped.
     #[arg(long, value_delimiter = ',', default_value = "1,10,100")]
     pub slow_workers: Vec<usize>,
+    /// The ceiling (`workers`) of the adaptive-concurrency run against the slow sink; 0 skips.
+    #[arg(long, default_value_t = 100)]
+    pub adaptive_workers: usize,
     /// The slow sink's latency per request.
     #[arg(long, default_value = "300ms", value_parser = event_exporter::cli::parse_duration)]
     pub slow_latency: Duration,
@@ -91,6 +107,9 @@ pub struct BenchArgs {
 /// Upstream's published numbers (issue #1514, v1.15.0): a 1,000,000-event backlog caught up at
 /// 400–431 events/s using 0.58–0.72 cores and 39–42 MiB.
 const UPSTREAM_EVENTS_PER_SECOND: f64 = 431.0;
+
+/// A streaming writer below this share of its target rate did not reach it.
+const TARGET_REACHED: f64 = 0.95;
 
 /// Where the sink is.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -130,6 +149,20 @@ struct Plan {
     sink: SinkKind,
     workers: usize,
     callgrind: bool,
+    /// `exporter.sink.concurrency = "adaptive"`, `workers` being the ceiling.
+    adaptive: bool,
+}
+
+impl Plan {
+    fn new(feed: Feed, sink: SinkKind, workers: usize) -> Plan {
+        Plan {
+            feed,
+            sink,
+            workers,
+            callgrind: false,
+            adaptive: false,
+        }
+    }
 }
 
 struct Measured {
@@ -144,10 +177,13 @@ struct Measured {
     samples: Vec<(f64, u64)>,
     /// Commit-to-sink latency percentiles (p50, p99) of streamed events.
     latency: Option<(Duration, Duration)>,
-    /// Streaming: each batch's `time` and when its INSERT committed, in time order.
-    commits: Vec<(Stamp, Stamp)>,
+    /// Streaming: what the writer wrote, and when each row committed.
+    written: Option<Written>,
     /// Instructions the exporter executed (callgrind runs).
     instructions: Option<u64>,
+    /// Adaptive runs: the exporter's concurrency limit gauge, (seconds since start, value),
+    /// read every second and once after the last delivery.
+    concurrency_limits: Vec<(f64, f64)>,
 }
 
 impl Measured {
@@ -172,84 +208,261 @@ impl Measured {
 }
 
 pub async fn run(args: BenchArgs) -> Result<(), ExitError> {
-    let failed = |e: String| ExitError::failed(e);
     if cfg!(debug_assertions) {
         eprintln!(
             "bench: this is a debug build; use `cargo run --release -p event-exporter-dev -- bench` for real numbers"
         );
     }
-    let server = LocalServer::find()
-        .await
-        .map_err(|e| failed(e.to_string()))?;
-    let result = run_scenarios(&args, &server).await.map_err(failed);
+    let server = LocalServer::find().await.map_err(ExitError::failed)?;
+    let bench = Bench {
+        args: &args,
+        server: &server,
+    };
+    let result = bench.run_all().await.map_err(ExitError::failed);
     server.stop();
     result
 }
 
-async fn run_scenarios(args: &BenchArgs, server: &LocalServer) -> Result<(), String> {
-    // The load average says how much else ran on the machine (the figures are shared-machine
-    // figures; the ratios compare runs made under the same load).
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    println!(
-        "benchmark: {} workers, {} cores, load average {}, {}; {}",
-        args.workers,
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        load.split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" "),
-        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
-        nginx::NEEDS
-    );
-    if args.drain_events > 0 {
-        drains(args, server).await?;
-    }
-    if args.callgrind && args.callgrind_events > 0 {
-        callgrind(args, server).await?;
-    }
-    slow_sink(args, server).await?;
-    latency(args, server).await?;
-    if args.backfill_events > 0 {
-        backfills(args, server).await?;
-    }
-    Ok(())
+/// The run's arguments and server, shared by every scenario.
+struct Bench<'a> {
+    args: &'a BenchArgs,
+    server: &'a LocalServer,
 }
 
-/// The wrk → nginx ceiling, then the drain into nginx and into the reference sink.
-async fn drains(args: &BenchArgs, server: &LocalServer) -> Result<(), String> {
-    let ceiling = ceiling(args)?;
-    let feed = Feed::Drain {
-        count: args.drain_events,
+impl Bench<'_> {
+    async fn run_all(&self) -> Result<(), BenchError> {
+        let args = self.args;
+        self.print_header();
+        if args.drain_events > 0 {
+            self.drains().await?;
+        }
+        if args.callgrind && args.callgrind_events > 0 {
+            self.callgrind().await?;
+        }
+        self.slow_sink().await?;
+        if args.adaptive_workers > 0 {
+            self.adaptive().await?;
+        }
+        self.latency().await?;
+        if args.backfill_events > 0 {
+            self.backfills().await?;
+        }
+        Ok(())
+    }
+
+    /// The machine and its load average: the figures are shared-machine figures, the ratios
+    /// compare runs made under the same load.
+    fn print_header(&self) {
+        let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        println!(
+            "benchmark: {} workers, {} cores, load average {}, {}; {}",
+            self.args.workers,
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            load.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" "),
+            chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
+            nginx::NEEDS
+        );
+    }
+
+    /// Runs one scenario and prints its result line, `line` of what it measured.
+    async fn scenario(
+        &self,
+        plan: Plan,
+        line: impl FnOnce(&Measured) -> String,
+    ) -> Result<Measured, BenchError> {
+        let measured = run_plan(self.server, plan, self.args).await?;
+        println!("{}", line(&measured));
+        Ok(measured)
+    }
+
+    /// The wrk → nginx ceiling, then the drain into nginx and into the reference sink.
+    async fn drains(&self) -> Result<(), BenchError> {
+        let args = self.args;
+        let ceiling = ceiling(args)?;
+        let feed = Feed::Drain {
+            count: args.drain_events,
+        };
+        let plan = Plan::new(feed, SinkKind::Nginx, args.workers);
+        self.scenario(plan, |m| {
+            let ratio = match ceiling {
+                Some(ceiling) => format!(
+                    "{:.1}% of the wrk → nginx ceiling ({ceiling:.0} POST/s, {} connections)",
+                    m.steady_rate / ceiling * 100.0,
+                    args.workers
+                ),
+                None => format!(
+                    "no ratio to the nginx ceiling: {} is not installed",
+                    args.wrk.display()
+                ),
+            };
+            format!("drain into nginx: {}; {ratio}", m.figures())
+        })
+        .await?;
+        let plan = Plan::new(feed, SinkKind::Reference(Duration::ZERO), args.workers);
+        self.scenario(plan, |m| {
+            format!("drain into the reference sink: {}", m.figures())
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn callgrind(&self) -> Result<(), BenchError> {
+        let feed = Feed::Drain {
+            count: self.args.callgrind_events,
+        };
+        let plan = Plan {
+            callgrind: true,
+            ..Plan::new(feed, SinkKind::Reference(Duration::ZERO), self.args.workers)
+        };
+        self.scenario(plan, |m| match m.instructions {
+            Some(instructions) => format!(
+                "callgrind drain into the reference sink: {} events, {:.1}k instructions/event \
+                 (the whole process, start-up and shutdown included: {instructions})",
+                m.events,
+                instructions as f64 / m.events.max(1) as f64 / 1000.0,
+            ),
+            None => "callgrind drain: no callgrind profile was written".into(),
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// A drain against the slow sink of `workers`/latency × `--slow-run` events, and
+    /// workers/latency (events/s), the most `workers` requests of that latency can carry.
+    fn slow_plan(&self, workers: usize) -> (Plan, f64) {
+        let latency = self.args.slow_latency.as_secs_f64().max(1e-3);
+        let ideal = workers as f64 / latency;
+        let count = (ideal * self.args.slow_run.as_secs_f64()).ceil().max(1.0) as u64;
+        let sink = SinkKind::Reference(self.args.slow_latency);
+        (Plan::new(Feed::Drain { count }, sink, workers), ideal)
+    }
+
+    /// The slow sink at each worker count: ratio to workers/latency.
+    async fn slow_sink(&self) -> Result<(), BenchError> {
+        let latency = self.args.slow_latency;
+        for &workers in self.args.slow_workers.iter().filter(|w| **w > 0) {
+            let (plan, ideal) = self.slow_plan(workers);
+            self.scenario(plan, |m| {
+                format!(
+                    "{latency:?} sink, {workers} workers: {}; {:.1}% of workers/latency \
+                     ({ideal:.1}/s)",
+                    m.figures(),
+                    m.steady_rate / ideal * 100.0,
+                )
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// The slow sink with adaptive concurrency up to `--adaptive-workers`: ratio to
+    /// ceiling/latency and the limit the exporter ended at.
+    async fn adaptive(&self) -> Result<(), BenchError> {
+        let (latency, ceiling) = (self.args.slow_latency, self.args.adaptive_workers);
+        let (plan, ideal) = self.slow_plan(ceiling);
+        let plan = Plan {
+            adaptive: true,
+            ..plan
+        };
+        self.scenario(plan, |m| {
+            let limit = limit_line(&m.concurrency_limits, ceiling);
+            format!(
+                "{latency:?} sink, adaptive concurrency, ceiling {ceiling}: {}; {:.1}% of \
+                 ceiling/latency ({ideal:.1}/s); {limit}",
+                m.figures(),
+                m.steady_rate / ideal * 100.0,
+            )
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Commit-to-sink latency at each streaming rate, with the rate the writer reached.
+    async fn latency(&self) -> Result<(), BenchError> {
+        let args = self.args;
+        for &rate in args.stream_rates.iter().filter(|r| **r > 0) {
+            let count = (rate as f64 * args.stream_run.as_secs_f64()).max(1.0) as u64;
+            let plan = Plan::new(
+                Feed::Stream { rate, count },
+                SinkKind::Reference(Duration::ZERO),
+                args.workers,
+            );
+            self.scenario(plan, |m| {
+                let written = m.written.as_ref().map_or(0.0, Written::rate);
+                let (p50, p99) = m.latency.unwrap_or_default();
+                format!(
+                    "stream at {rate} events/s: {}; commit-to-sink p50 {p50:.1?}, p99 \
+                     {p99:.1?}; {}",
+                    writer_reached(rate, written, args.stream_connections),
+                    m.figures()
+                )
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// The full-speed backfill, then each rate-limited one.
+    async fn backfills(&self) -> Result<(), BenchError> {
+        let args = self.args;
+        let sink = SinkKind::Reference(Duration::ZERO);
+        let plan =
+            |count, rate_limit| Plan::new(Feed::Backfill { count, rate_limit }, sink, args.workers);
+        self.scenario(plan(args.backfill_events, 0), |m| {
+            format!(
+                "backfill, unlimited: {}; {:.1}x upstream's {UPSTREAM_EVENTS_PER_SECOND:.0}/s",
+                m.figures(),
+                m.events as f64 / m.seconds / UPSTREAM_EVENTS_PER_SECOND,
+            )
+        })
+        .await?;
+        for &limit in args.rates.iter().filter(|limit| **limit > 0) {
+            let count = (limit as f64 * args.rate_run.as_secs_f64()) as u64;
+            self.scenario(plan(count, limit), |m| {
+                format!(
+                    "backfill, rate_limit {limit}/s: {}; {}",
+                    m.figures(),
+                    held_limit(&m.samples, limit)
+                )
+            })
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+/// The writer's achieved rate next to its target, saying plainly when it fell short.
+fn writer_reached(target: u64, achieved: f64, connections: usize) -> String {
+    let share = achieved / target.max(1) as f64;
+    let verdict = if share >= TARGET_REACHED {
+        "target reached"
+    } else {
+        "TARGET NOT REACHED: the figures are for the lower rate"
     };
-    let plan = |sink| Plan {
-        feed,
-        sink,
-        workers: args.workers,
-        callgrind: false,
-    };
-    let into_nginx = run_plan(server, plan(SinkKind::Nginx), args).await?;
-    let ratio = match ceiling {
-        Some(ceiling) => format!(
-            "{:.1}% of the wrk → nginx ceiling ({ceiling:.0} POST/s, {} connections)",
-            into_nginx.steady_rate / ceiling * 100.0,
-            args.workers
+    format!(
+        "writer reached {achieved:.0} events/s of the {target}/s target ({:.1}%, {connections} \
+         connections; {verdict})",
+        share * 100.0
+    )
+}
+
+/// How closely the 10 s windows of a rate-limited run held `limit`.
+fn held_limit(samples: &[(f64, u64)], limit: u64) -> String {
+    match window_rates(samples, 10.0) {
+        Some((low, high)) => format!(
+            "10 s windows held {:.1}%–{:.1}% of the limit",
+            low / limit as f64 * 100.0,
+            high / limit as f64 * 100.0
         ),
-        None => format!(
-            "no ratio to the nginx ceiling: {} is not installed",
-            args.wrk.display()
-        ),
-    };
-    println!("drain into nginx: {}; {ratio}", into_nginx.figures());
-    let into_reference = run_plan(server, plan(SinkKind::Reference(Duration::ZERO)), args).await?;
-    println!(
-        "drain into the reference sink: {}",
-        into_reference.figures()
-    );
-    Ok(())
+        None => "no full 10 s window (use --rate-run of 12s or more)".into(),
+    }
 }
 
 /// wrk's POSTs/s into a fresh nginx; `None` (and a line saying so) without wrk.
-fn ceiling(args: &BenchArgs) -> Result<Option<f64>, String> {
+fn ceiling(args: &BenchArgs) -> Result<Option<f64>, BenchError> {
     let dir = scratch_dir("nginx-ceiling");
     let nginx = Nginx::start(&args.nginx, &dir.join("nginx"))?;
     let body = sample_body();
@@ -294,112 +507,6 @@ fn sample_body() -> Vec<u8> {
     )
 }
 
-async fn callgrind(args: &BenchArgs, server: &LocalServer) -> Result<(), String> {
-    let plan = Plan {
-        feed: Feed::Drain {
-            count: args.callgrind_events,
-        },
-        sink: SinkKind::Reference(Duration::ZERO),
-        workers: args.workers,
-        callgrind: true,
-    };
-    let measured = run_plan(server, plan, args).await?;
-    match measured.instructions {
-        Some(instructions) => println!(
-            "callgrind drain into the reference sink: {} events, {:.1}k instructions/event \
-             (the whole process, start-up and shutdown included: {instructions})",
-            measured.events,
-            instructions as f64 / measured.events.max(1) as f64 / 1000.0,
-        ),
-        None => println!("callgrind drain: no callgrind profile was written"),
-    }
-    Ok(())
-}
-
-/// The slow sink at each worker count: ratio to workers/latency.
-async fn slow_sink(args: &BenchArgs, server: &LocalServer) -> Result<(), String> {
-    let latency = args.slow_latency.as_secs_f64().max(1e-3);
-    for &workers in args.slow_workers.iter().filter(|w| **w > 0) {
-        let ideal = workers as f64 / latency;
-        let count = (ideal * args.slow_run.as_secs_f64()).ceil().max(1.0) as u64;
-        let plan = Plan {
-            feed: Feed::Drain { count },
-            sink: SinkKind::Reference(args.slow_latency),
-            workers,
-            callgrind: false,
-        };
-        let measured = run_plan(server, plan, args).await?;
-        println!(
-            "{:?} sink, {workers} workers: {}; {:.1}% of workers/latency ({ideal:.1}/s)",
-            args.slow_latency,
-            measured.figures(),
-            measured.steady_rate / ideal * 100.0,
-        );
-    }
-    Ok(())
-}
-
-/// Commit-to-sink latency at each streaming rate.
-async fn latency(args: &BenchArgs, server: &LocalServer) -> Result<(), String> {
-    for &rate in args.stream_rates.iter().filter(|r| **r > 0) {
-        let count = (rate as f64 * args.stream_run.as_secs_f64()).max(1.0) as u64;
-        let plan = Plan {
-            feed: Feed::Stream { rate, count },
-            sink: SinkKind::Reference(Duration::ZERO),
-            workers: args.workers,
-            callgrind: false,
-        };
-        let measured = run_plan(server, plan, args).await?;
-        let (p50, p99) = measured.latency.unwrap_or_default();
-        // The writer's INSERTs may not keep the rate on a busy machine: say so, since the
-        // load is then the writer's own limit, not the rate asked for.
-        let achieved = measured.events as f64 / measured.seconds;
-        let held = if achieved < rate as f64 * 0.95 {
-            format!(" (the writer reached only {achieved:.0} events/s)")
-        } else {
-            String::new()
-        };
-        println!(
-            "stream at {rate} events/s{held}: commit-to-sink p50 {p50:.1?}, p99 {p99:.1?}; {}",
-            measured.figures()
-        );
-    }
-    Ok(())
-}
-
-/// The full-speed backfill, then each rate-limited one.
-async fn backfills(args: &BenchArgs, server: &LocalServer) -> Result<(), String> {
-    let plan = |count, rate_limit| Plan {
-        feed: Feed::Backfill { count, rate_limit },
-        sink: SinkKind::Reference(Duration::ZERO),
-        workers: args.workers,
-        callgrind: false,
-    };
-    let unlimited = run_plan(server, plan(args.backfill_events, 0), args).await?;
-    println!(
-        "backfill, unlimited: {}; {:.1}x upstream's {UPSTREAM_EVENTS_PER_SECOND:.0}/s",
-        unlimited.figures(),
-        unlimited.events as f64 / unlimited.seconds / UPSTREAM_EVENTS_PER_SECOND,
-    );
-    for &limit in args.rates.iter().filter(|limit| **limit > 0) {
-        let count = (limit as f64 * args.rate_run.as_secs_f64()) as u64;
-        let measured = run_plan(server, plan(count, limit), args).await?;
-        let held = match window_rates(&measured.samples, 10.0) {
-            Some((low, high)) => format!(
-                "10 s windows held {:.1}%–{:.1}% of the limit",
-                low / limit as f64 * 100.0,
-                high / limit as f64 * 100.0
-            ),
-            None => "no full 10 s window (use --rate-run of 12s or more)".into(),
-        };
-        println!(
-            "backfill, rate_limit {limit}/s: {}; {held}",
-            measured.figures()
-        );
-    }
-    Ok(())
-}
-
 /// A temporary directory for one run.
 fn scratch_dir(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!(
@@ -409,30 +516,35 @@ fn scratch_dir(name: &str) -> PathBuf {
 }
 
 /// Runs `plan` against a fresh database, dropped afterwards.
-async fn run_plan(server: &LocalServer, plan: Plan, args: &BenchArgs) -> Result<Measured, String> {
+async fn run_plan(
+    server: &LocalServer,
+    plan: Plan,
+    args: &BenchArgs,
+) -> Result<Measured, BenchError> {
     let database = format!("event_exporter_bench_{}", std::process::id());
-    server
-        .create_database(&database)
-        .await
-        .map_err(|e| e.to_string())?;
+    server.create_database(&database).await?;
     let dir = scratch_dir("run");
     let result = async {
-        let client = server
-            .schema_client(&database)
-            .await
-            .map_err(|e| e.to_string())?;
+        let client = server.schema_client(&database).await?;
         if matches!(plan.feed, Feed::Stream { .. }) {
             slow_token_writes(&client, args.token_write_delay).await?;
         }
         let mut sinks = Sinks::start(plan, args, &dir).await?;
-        let result = drive(server, &database, &client, &dir, plan, &mut sinks).await;
+        let run = Run {
+            server,
+            database: &database,
+            client: &client,
+            dir: &dir,
+            plan,
+            connections: args.stream_connections,
+        };
+        let result = run.drive(&mut sinks).await;
         let events = sinks.stop().await;
         result.map(|measured| Measured {
-            latency: matches!(plan.feed, Feed::Stream { .. }).then(|| {
-                sink::latency_percentiles_from(&events, |time| {
-                    committed_at(&measured.commits, time)
-                })
-            }),
+            latency: measured
+                .written
+                .as_ref()
+                .and_then(|written| writer::commit_to_sink(&events, &written.commits)),
             ..measured
         })
     }
@@ -450,7 +562,11 @@ struct Sinks {
 }
 
 impl Sinks {
-    async fn start(plan: Plan, args: &BenchArgs, dir: &std::path::Path) -> Result<Sinks, String> {
+    async fn start(
+        plan: Plan,
+        args: &BenchArgs,
+        dir: &std::path::Path,
+    ) -> Result<Sinks, BenchError> {
         let (latency, nginx) = match plan.sink {
             SinkKind::Reference(latency) => (latency, None),
             SinkKind::Nginx => (
@@ -470,8 +586,7 @@ impl Sinks {
             keep_events,
             ..SinkArgs::default()
         })
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
         Ok(Sinks { reference, nginx })
     }
 
@@ -500,105 +615,141 @@ impl Sinks {
     }
 }
 
-/// Configures and starts the exporter, feeds it, and watches the sink until every event
-/// arrived.
-async fn drive(
-    server: &LocalServer,
-    database: &str,
-    client: &tokio_postgres::Client,
-    dir: &std::path::Path,
+/// One run's database, scratch directory and plan.
+struct Run<'a> {
+    server: &'a LocalServer,
+    database: &'a str,
+    client: &'a tokio_postgres::Client,
+    dir: &'a std::path::Path,
     plan: Plan,
-    sinks: &mut Sinks,
-) -> Result<Measured, String> {
-    let (backfill, rate_limit) = match plan.feed {
-        Feed::Backfill { rate_limit, .. } => (true, rate_limit),
-        _ => (false, 0),
-    };
-    let sink_url = sinks.events_url();
-    let token_url = sinks.reference.token_url().unwrap_or_default();
-    child::write_config(
-        dir,
-        &ExporterConfig {
-            sink_url: &sink_url,
-            token_url: &token_url,
-            backfill,
-            max_events: plan.feed.count(),
-            rate_limit,
-        },
-    )?;
-    prepare(server, database, client, dir, plan).await?;
-    let mut started = Instant::now();
-    let exporter = child::spawn(dir, server, database, plan.workers, plan.callgrind)?;
-    let mut writer = None;
-    if let Feed::Stream { rate, count } = plan.feed {
-        if let Err(e) = child::wait_for_token(client).await {
-            child::stop(exporter);
-            return Err(e);
-        }
-        writer = Some(tokio::spawn(write_paced(
-            server.settings(database),
-            rate,
-            count,
-        )));
-        started = Instant::now();
-    }
-    let watched = watch(exporter, sinks, plan.feed.count(), started).await;
-    let commits = match writer {
-        Some(writer) => writer.await.map_err(|e| e.to_string())??,
-        None => Vec::new(),
-    };
-    let mut measured = Measured {
-        commits,
-        ..watched?
-    };
-    if plan.callgrind {
-        let profile = std::fs::read_to_string(child::callgrind_out(dir)).unwrap_or_default();
-        measured.instructions = child::callgrind_instructions(&profile);
-    }
-    Ok(measured)
+    /// The streaming writer's connections.
+    connections: usize,
 }
 
-/// Writes what the exporter finds at its start: a backlog above its resume token (written
-/// by a first run of the exporter, then stopped), or a history to backfill.
-async fn prepare(
-    server: &LocalServer,
-    database: &str,
-    client: &tokio_postgres::Client,
-    dir: &std::path::Path,
-    plan: Plan,
-) -> Result<(), String> {
-    let (count, history) = match plan.feed {
-        Feed::Stream { .. } => return Ok(()),
-        Feed::Drain { count } => {
-            let first = child::spawn(dir, server, database, plan.workers, false)?;
-            let started = child::wait_for_token(client).await;
-            child::stop(first);
-            started?;
-            (count, None)
+impl Run<'_> {
+    /// Configures and starts the exporter, feeds it, and watches the sink until every event
+    /// arrived.
+    async fn drive(&self, sinks: &mut Sinks) -> Result<Measured, BenchError> {
+        let plan = self.plan;
+        self.write_config(sinks)?;
+        self.prepare().await?;
+        let metrics_port = nginx::free_port()?.port();
+        let exporter = child::spawn(
+            self.dir,
+            self.server,
+            self.database,
+            plan.workers,
+            metrics_port,
+            plan.callgrind,
+        )?;
+        let (writer, started) = match plan.feed {
+            Feed::Stream { rate, count } => match self.start_writer(rate, count).await {
+                Ok(writer) => (Some(writer), Instant::now()),
+                Err(e) => {
+                    child::stop(exporter);
+                    return Err(e);
+                }
+            },
+            _ => (None, Instant::now()),
+        };
+        let scrape = plan.adaptive.then_some(metrics_port);
+        let watched = watch(exporter, sinks, plan.feed.count(), started, scrape).await;
+        let written = match writer {
+            Some(writer) => Some(writer.await??),
+            None => None,
+        };
+        let mut measured = Measured {
+            written,
+            ..watched?
+        };
+        if plan.callgrind {
+            let profile =
+                std::fs::read_to_string(child::callgrind_out(self.dir)).unwrap_or_default();
+            measured.instructions = child::callgrind_instructions(&profile);
         }
-        Feed::Backfill { count, .. } => (count, Some(Duration::from_secs(24 * 3600))),
-    };
-    eprintln!("bench: writing {count} events");
-    let mut generator = Generator::new(256, 0.1, Some(1));
-    generate::write_history(client, &mut generator, count, history)
-        .await
-        .map_err(|e| e.to_string())?;
-    client
-        .batch_execute("ANALYZE health_events; ANALYZE datastore_changelog")
-        .await
-        .map_err(|e| e.to_string())
+        Ok(measured)
+    }
+
+    fn write_config(&self, sinks: &Sinks) -> Result<(), BenchError> {
+        let (backfill, rate_limit) = match self.plan.feed {
+            Feed::Backfill { rate_limit, .. } => (true, rate_limit),
+            _ => (false, 0),
+        };
+        let sink_url = sinks.events_url();
+        let token_url = sinks.reference.token_url().unwrap_or_default();
+        child::write_config(
+            self.dir,
+            &ExporterConfig {
+                sink_url: &sink_url,
+                token_url: &token_url,
+                backfill,
+                max_events: self.plan.feed.count(),
+                rate_limit,
+                adaptive: self.plan.adaptive,
+            },
+        )
+    }
+
+    /// Once the exporter streams (its resume token is written), starts the paced writer.
+    async fn start_writer(
+        &self,
+        rate: u64,
+        count: u64,
+    ) -> Result<tokio::task::JoinHandle<Result<Written, BenchError>>, BenchError> {
+        child::wait_for_token(self.client).await?;
+        let settings = self.server.settings(self.database);
+        Ok(tokio::spawn(writer::write_paced(
+            settings,
+            rate,
+            count,
+            self.connections,
+        )))
+    }
+
+    /// Writes what the exporter finds at its start: a backlog above its resume token
+    /// (written by a first run of the exporter, then stopped), or a history to backfill.
+    async fn prepare(&self) -> Result<(), BenchError> {
+        let (count, history) = match self.plan.feed {
+            Feed::Stream { .. } => return Ok(()),
+            Feed::Drain { count } => {
+                let first = child::spawn(
+                    self.dir,
+                    self.server,
+                    self.database,
+                    self.plan.workers,
+                    0,
+                    false,
+                )?;
+                let started = child::wait_for_token(self.client).await;
+                child::stop(first);
+                started?;
+                (count, None)
+            }
+            Feed::Backfill { count, .. } => (count, Some(Duration::from_secs(24 * 3600))),
+        };
+        eprintln!("bench: writing {count} events");
+        seed::seed(self.server.settings(self.database), count, history).await?;
+        self.client
+            .batch_execute("ANALYZE health_events; ANALYZE datastore_changelog")
+            .await
+            .map_err(sql("ANALYZE after seeding"))
+    }
 }
 
 /// Samples the sink and the exporter every 100 ms until `count` events arrived, then stops
-/// the exporter. Fails if the exporter exits first or nothing arrives for two minutes.
+/// the exporter; with `scrape`, also reads the exporter's concurrency limit from its metrics
+/// port every second and once at the end. Fails if the exporter exits first or nothing
+/// arrives for two minutes.
 async fn watch(
     mut exporter: std::process::Child,
     sinks: &mut Sinks,
     count: u64,
     started: Instant,
-) -> Result<Measured, String> {
+    scrape: Option<u16>,
+) -> Result<Measured, BenchError> {
     let mut samples: Vec<(f64, u64)> = Vec::new();
     let (mut cpu_seconds, mut peak_rss_mib) = (0.0, 0.0);
+    let mut limit = Limit::new(scrape, started);
     let mut last_change = (Instant::now(), 0);
     let mut last_report = Instant::now();
     let outcome = loop {
@@ -608,16 +759,17 @@ async fn watch(
         if let Some((cpu, rss)) = child::process_usage(exporter.id()) {
             (cpu_seconds, peak_rss_mib) = (cpu, rss);
         }
+        limit.sample(false).await;
         if delivered >= count {
             break Ok(());
         }
         if let Ok(Some(status)) = exporter.try_wait() {
-            break Err(format!("the exporter exited early with {status}"));
+            break Err(BenchError::ExporterExited { status });
         }
         if delivered != last_change.1 {
             last_change = (Instant::now(), delivered);
         } else if last_change.0.elapsed() > Duration::from_secs(120) {
-            break Err(format!("no progress for 2 minutes at {delivered}/{count}"));
+            break Err(BenchError::Stalled { delivered, count });
         }
         if last_report.elapsed() > Duration::from_secs(5) {
             eprintln!("bench: {delivered}/{count}");
@@ -625,6 +777,7 @@ async fn watch(
         }
     };
     let seconds = started.elapsed().as_secs_f64();
+    limit.sample(true).await;
     child::stop(exporter);
     outcome?;
     Ok(Measured {
@@ -635,9 +788,66 @@ async fn watch(
         peak_rss_mib,
         samples,
         latency: None,
-        commits: Vec::new(),
+        written: None,
         instructions: None,
+        concurrency_limits: limit.series,
     })
+}
+
+/// The exporter's concurrency limit gauge, read from its metrics port.
+struct Limit {
+    port: Option<u16>,
+    started: Instant,
+    last_read: Option<Instant>,
+    /// (seconds since `started`, value).
+    series: Vec<(f64, f64)>,
+}
+
+impl Limit {
+    fn new(port: Option<u16>, started: Instant) -> Limit {
+        Limit {
+            port,
+            started,
+            last_read: None,
+            series: Vec::new(),
+        }
+    }
+
+    /// Reads the gauge when a second has passed since the last read, or `now`.
+    async fn sample(&mut self, now: bool) {
+        let Some(port) = self.port else {
+            return;
+        };
+        let due = self
+            .last_read
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(1));
+        if !(now || due) {
+            return;
+        }
+        self.last_read = Some(Instant::now());
+        if let Some(value) = child::concurrency_limit(port).await {
+            self.series
+                .push((self.started.elapsed().as_secs_f64(), value));
+        }
+    }
+}
+
+/// The adaptive limit at the end of the run, and when it first reached `ceiling`.
+fn limit_line(series: &[(f64, f64)], ceiling: usize) -> String {
+    let Some((_, last)) = series.last() else {
+        return "the exporter's metrics endpoint gave no concurrency limit".into();
+    };
+    let reached = series
+        .iter()
+        .find(|(_, value)| *value >= ceiling as f64)
+        .map_or_else(
+            || {
+                let highest = series.iter().map(|(_, v)| *v).fold(0.0, f64::max);
+                format!("never reached the ceiling (highest {highest:.0})")
+            },
+            |(at, _)| format!("first at the ceiling after {at:.0} s"),
+        );
+    format!("health_events_exporter_concurrency_limit {last:.0} of {ceiling} at the end, {reached}")
 }
 
 /// Events/s between the first sample with a delivery and the last sample.
@@ -647,66 +857,27 @@ fn steady_rate(samples: &[(f64, u64)]) -> Option<f64> {
     (t1 > t0).then(|| (a1 - a0) as f64 / (t1 - t0))
 }
 
-type Stamp = chrono::DateTime<chrono::Utc>;
-
 /// Makes every resume-token write sleep `delay` in PostgreSQL (nothing for zero). The token
 /// store writes with `INSERT … ON CONFLICT DO UPDATE`, which fires the BEFORE INSERT trigger
 /// once per write (a BEFORE UPDATE one would fire too on a conflict, doubling the delay).
-async fn slow_token_writes(client: &tokio_postgres::Client, delay: Duration) -> Result<(), String> {
+async fn slow_token_writes(
+    client: &tokio_postgres::Client,
+    delay: Duration,
+) -> Result<(), BenchError> {
     if delay.is_zero() {
         return Ok(());
     }
-    let sql = format!(
+    let sql_text = format!(
         "CREATE FUNCTION bench_slow_token() RETURNS trigger LANGUAGE plpgsql AS \
          $$ BEGIN PERFORM pg_sleep({}); RETURN NEW; END $$; \
          CREATE TRIGGER bench_slow_token BEFORE INSERT ON resume_tokens \
          FOR EACH ROW EXECUTE FUNCTION bench_slow_token();",
         delay.as_secs_f64()
     );
-    client.batch_execute(&sql).await.map_err(|e| e.to_string())
-}
-
-/// When the batch whose `time` is nearest to `time` committed (batches are at least 10 ms
-/// apart, far more than the `time` field's precision).
-fn committed_at(commits: &[(Stamp, Stamp)], time: Stamp) -> Option<Stamp> {
-    let after = commits.partition_point(|(stamp, _)| *stamp < time);
-    let distance = |i: usize| commits.get(i).map(|(stamp, _)| (*stamp - time).abs());
-    let nearest = match (after.checked_sub(1).and_then(distance), distance(after)) {
-        (Some(before), Some(later)) if before < later => after - 1,
-        (Some(_), None) => after - 1,
-        _ => after,
-    };
-    commits.get(nearest).map(|(_, committed)| *committed)
-}
-
-/// Writes `count` live events at `rate` events/s (in up to 100 batches a second); returns
-/// each batch's `time` and when its INSERT (one autocommit statement) returned.
-async fn write_paced(
-    settings: event_exporter::datastore::postgres::PgSettings,
-    rate: u64,
-    count: u64,
-) -> Result<Vec<(Stamp, Stamp)>, String> {
-    let connector =
-        event_exporter::datastore::postgres::Connector::new(settings).map_err(|e| e.to_string())?;
-    let client = connector.connect().await.map_err(|e| e.to_string())?;
-    let mut generator = Generator::new(256, 0.1, Some(2));
-    let ticks_per_second = rate.clamp(1, 100);
-    let per_tick = (rate / ticks_per_second).max(1);
-    let mut ticks = tokio::time::interval(Duration::from_secs(1) / ticks_per_second.max(1) as u32);
-    let mut written = 0;
-    let mut commits = Vec::new();
-    while written < count {
-        ticks.tick().await;
-        let batch = per_tick.min(count - written);
-        let now = chrono::Utc::now();
-        let rows: Vec<_> = (0..batch).map(|_| generator.row(now, None)).collect();
-        generate::insert(&client, &rows)
-            .await
-            .map_err(|e| e.to_string())?;
-        commits.push((now, chrono::Utc::now()));
-        written += batch;
-    }
-    Ok(commits)
+    client
+        .batch_execute(&sql_text)
+        .await
+        .map_err(sql("creating the slow resume-token trigger"))
 }
 
 /// The lowest and highest rate (events/s) over every `window`-second span between the first
@@ -782,15 +953,29 @@ mod tests {
     }
 
     #[test]
-    fn committed_at_takes_the_batch_nearest_to_the_time() {
-        let t0 = chrono::Utc::now();
-        let ms = chrono::Duration::milliseconds;
-        let commits = [(t0, t0 + ms(3)), (t0 + ms(10), t0 + ms(40))];
-        // `time` rounded to the millisecond still finds its own batch.
-        assert_eq!(committed_at(&commits, t0 + ms(1)), Some(t0 + ms(3)));
-        assert_eq!(committed_at(&commits, t0 + ms(9)), Some(t0 + ms(40)));
-        assert_eq!(committed_at(&commits, t0 - ms(1)), Some(t0 + ms(3)));
-        assert_eq!(committed_at(&commits, t0 + ms(99)), Some(t0 + ms(40)));
-        assert_eq!(committed_at(&[], t0), None);
+    fn limit_line_gives_the_end_and_when_the_ceiling_was_reached() {
+        let rising = [(1.0, 4.0), (2.0, 10.0), (3.0, 9.0)];
+        let line = limit_line(&rising, 10);
+        assert!(line.contains("limit 9 of 10 at the end"), "{line}");
+        assert!(line.contains("first at the ceiling after 2 s"), "{line}");
+        let line = limit_line(&rising[..1], 10);
+        assert!(
+            line.contains("never reached the ceiling (highest 4)"),
+            "{line}"
+        );
+        assert!(limit_line(&[], 10).contains("gave no concurrency limit"));
+    }
+
+    #[test]
+    fn writer_line_says_when_the_target_was_not_reached() {
+        let reached = writer_reached(10_000, 9_700.0, 4);
+        assert!(reached.contains("writer reached 9700 events/s of the 10000/s target"));
+        assert!(
+            reached.contains("(97.0%, 4 connections; target reached)"),
+            "{reached}"
+        );
+        let short = writer_reached(10_000, 6_000.0, 4);
+        assert!(short.contains("60.0%"), "{short}");
+        assert!(short.contains("TARGET NOT REACHED"), "{short}");
     }
 }

@@ -87,7 +87,6 @@ pub async fn run(args: DemoArgs) -> Result<(), ExitError> {
 
 /// Runs the demo and returns its numbers (the end-to-end test calls this).
 pub async fn run_demo(args: DemoArgs) -> Result<DemoSummary, ExitError> {
-    let failed = |e: String| ExitError::failed(e);
     // Without --output the received events go to a scratch directory removed at the end.
     let (output, keep) = match &args.output {
         Some(dir) => (dir.clone(), true),
@@ -96,7 +95,8 @@ pub async fn run_demo(args: DemoArgs) -> Result<DemoSummary, ExitError> {
             false,
         ),
     };
-    std::fs::create_dir_all(&output).map_err(|e| failed(format!("{}: {e}", output.display())))?;
+    std::fs::create_dir_all(&output)
+        .map_err(|e| ExitError::failed_with(output.display().to_string(), e))?;
     let received_file = output.join("received.ndjson");
     let _ = std::fs::remove_file(&received_file);
     let result = run_in(&args, &received_file).await;
@@ -137,29 +137,14 @@ async fn run_with_database(
     database: &str,
     received_file: &std::path::Path,
 ) -> Result<DemoSummary, ExitError> {
-    let datastore = server.settings(database);
     let client = server
         .schema_client(database)
         .await
         .map_err(ExitError::failed)?;
-
     let live_total = (args.rate * args.live_for.as_secs_f64()).round() as u64;
     let written = args.history + live_total;
     let secret = format!("demo-{:016x}", fastrand::u64(..));
-    let running_sink = sink::start(SinkArgs {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        out: Some(received_file.to_path_buf()),
-        client_secret: secret.clone(),
-        keep_events: written as usize * 2 + 1_000,
-        ..SinkArgs::default()
-    })
-    .await
-    .map_err(ExitError::failed)?;
-    let token_url = running_sink.token_url().unwrap_or_default();
-    say(&format!(
-        "sink and token endpoint on http://{}",
-        running_sink.local_addr()
-    ));
+    let running_sink = start_sink(received_file, &secret, written).await?;
 
     say(&format!("seeding {} historical events", args.history));
     let mut generator = Generator::new(64, 0.1, None);
@@ -173,9 +158,83 @@ async fn run_with_database(
     .map_err(ExitError::failed)?;
 
     let scratch = tempdir()?;
+    let settings = exporter_settings(
+        args,
+        server.settings(database),
+        &running_sink,
+        &secret,
+        &scratch,
+    )?;
+    let shutdown = CancellationToken::new();
+    let exporter = tokio::spawn(exporter::run_with(settings, shutdown.clone()));
+
+    // Live events while the backfill runs.
+    say(&format!(
+        "exporter running; writing {live_total} live events over {:?}",
+        args.live_for
+    ));
+    let live_started = Utc::now();
+    let mut progress = Progress::new(&running_sink, written);
+    write_live(&client, &mut generator, args, live_total, &mut progress).await?;
+    wait_for_delivery(&exporter, &mut progress).await;
+    say(&format!("delivered {}/{written}", running_sink.accepted()));
+    shutdown.cancel();
+    let exported = exporter.await.map_err(ExitError::failed)?;
+    let _ = std::fs::remove_dir_all(&scratch);
+    summarize(running_sink, written, live_started, exported).await
+}
+
+/// Starts the reference sink on loopback, keeping the received events in `received_file`
+/// and in memory (room for `written` events and their redeliveries), with `secret` as the
+/// token endpoint's client secret.
+async fn start_sink(
+    received_file: &std::path::Path,
+    secret: &str,
+    written: u64,
+) -> Result<sink::RunningSink, ExitError> {
+    let running_sink = sink::start(SinkArgs {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        out: Some(received_file.to_path_buf()),
+        client_secret: secret.to_string(),
+        keep_events: written as usize * 2 + 1_000,
+        ..SinkArgs::default()
+    })
+    .await
+    .map_err(ExitError::failed)?;
+    say(&format!(
+        "sink and token endpoint on http://{}",
+        running_sink.local_addr()
+    ));
+    Ok(running_sink)
+}
+
+/// The exporter's settings: `running_sink` as sink and token endpoint, backfill on, the
+/// client secret written into `scratch`.
+fn exporter_settings(
+    args: &DemoArgs,
+    datastore: event_exporter::datastore::postgres::PgSettings,
+    running_sink: &sink::RunningSink,
+    secret: &str,
+    scratch: &std::path::Path,
+) -> Result<Settings, ExitError> {
     let secret_path = scratch.join("oidc-client-secret");
-    std::fs::write(&secret_path, &secret).map_err(ExitError::failed)?;
-    let config = Config::parse(&format!(
+    std::fs::write(&secret_path, secret).map_err(ExitError::failed)?;
+    let token_url = running_sink.token_url().unwrap_or_default();
+    let config = Config::parse(&demo_config(&running_sink.events_url(), &token_url))
+        .map_err(ExitError::failed)?;
+    Ok(Settings {
+        config,
+        workers: args.workers.max(1),
+        metrics_port: 0,
+        datastore: event_exporter::datastore::DatastoreSettings::Postgres(datastore),
+        oidc_secret_path: secret_path,
+        shutdown_grace: Duration::from_secs(10),
+    })
+}
+
+/// The demo's exporter configuration (TOML) for a sink at `sink` and tokens from `token_url`.
+fn demo_config(sink: &str, token_url: &str) -> String {
+    format!(
         r#"
 [exporter.metadata]
 cluster = "demo"
@@ -202,30 +261,20 @@ max_retries = 5
 initial_backoff = "200ms"
 max_backoff = "5s"
 backoff_multiplier = 2.0
-"#,
-        sink = running_sink.events_url(),
-    ))
-    .map_err(ExitError::failed)?;
-    let settings = Settings {
-        config,
-        workers: args.workers.max(1),
-        metrics_port: 0,
-        datastore: event_exporter::datastore::DatastoreSettings::Postgres(datastore),
-        oidc_secret_path: secret_path,
-        shutdown_grace: Duration::from_secs(10),
-    };
-    let shutdown = CancellationToken::new();
-    let exporter = tokio::spawn(exporter::run_with(settings, shutdown.clone()));
+"#
+    )
+}
 
-    // Live events while the backfill runs.
-    say(&format!(
-        "exporter running; writing {live_total} live events over {:?}",
-        args.live_for
-    ));
-    let live_started = Utc::now();
+/// Writes `live_total` live events at `--rate` (the events due, every 100 ms).
+async fn write_live(
+    client: &tokio_postgres::Client,
+    generator: &mut Generator,
+    args: &DemoArgs,
+    live_total: u64,
+    progress: &mut Progress<'_>,
+) -> Result<(), ExitError> {
     let started = Instant::now();
     let mut live_written = 0u64;
-    let mut last_progress = None;
     while live_written < live_total {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let due = ((started.elapsed().as_secs_f64() * args.rate) as u64).min(live_total);
@@ -234,31 +283,42 @@ backoff_multiplier = 2.0
             let rows: Vec<_> = (live_written..due)
                 .map(|_| generator.row(now, None))
                 .collect();
-            generate::insert(&client, &rows)
+            generate::insert(client, &rows)
                 .await
                 .map_err(ExitError::failed)?;
             live_written = due;
         }
-        progress(&running_sink, written, &mut last_progress);
+        progress.show();
     }
+    Ok(())
+}
 
-    // Wait until everything arrived (or clearly will not).
+/// Waits until every event arrived, the exporter stopped, or two minutes passed.
+async fn wait_for_delivery(
+    exporter: &tokio::task::JoinHandle<Result<(), ExitError>>,
+    progress: &mut Progress<'_>,
+) {
     let deadline = Instant::now() + Duration::from_secs(120);
-    while running_sink.accepted() < written && Instant::now() < deadline {
+    while progress.sink.accepted() < progress.total && Instant::now() < deadline {
         if exporter.is_finished() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-        progress(&running_sink, written, &mut last_progress);
+        progress.show();
     }
     if std::io::stderr().is_terminal() {
         eprintln!();
     }
-    say(&format!("delivered {}/{written}", running_sink.accepted()));
-    shutdown.cancel();
-    let exported = exporter.await.map_err(ExitError::failed)?;
-    let _ = std::fs::remove_dir_all(&scratch);
+}
 
+/// Stops the sink and counts what it received: unique events, duplicates, missing ones, and
+/// the latency of the events written since `live_started`. Fails with the exporter's error.
+async fn summarize(
+    running_sink: sink::RunningSink,
+    written: u64,
+    live_started: chrono::DateTime<Utc>,
+    exported: Result<(), ExitError>,
+) -> Result<DemoSummary, ExitError> {
     let events = running_sink.events();
     let stats = running_sink.shutdown().await.map_err(ExitError::failed)?;
     exported?;
@@ -283,15 +343,35 @@ fn say(message: &str) {
     eprintln!("demo: {message}");
 }
 
-/// Progress on one rewritten line on a terminal; elsewhere (a log file, CI) a plain line at
-/// most every five seconds, so logs do not get one very long line of `\r` updates.
-fn progress(sink: &sink::RunningSink, total: u64, last_line: &mut Option<Instant>) {
-    if std::io::stderr().is_terminal() {
-        eprint!("\rdemo: delivered {}/{total}   ", sink.accepted());
-        *last_line = Some(Instant::now());
-    } else if last_line.is_none_or(|at| at.elapsed() >= Duration::from_secs(5)) {
-        eprintln!("demo: delivered {}/{total}", sink.accepted());
-        *last_line = Some(Instant::now());
+/// Delivery progress: on a terminal one rewritten line; elsewhere (a log file, CI) a plain
+/// line at most every five seconds, so logs do not get one very long line of `\r` updates.
+struct Progress<'a> {
+    sink: &'a sink::RunningSink,
+    total: u64,
+    last_line: Option<Instant>,
+}
+
+impl<'a> Progress<'a> {
+    fn new(sink: &'a sink::RunningSink, total: u64) -> Progress<'a> {
+        Progress {
+            sink,
+            total,
+            last_line: None,
+        }
+    }
+
+    fn show(&mut self) {
+        let total = self.total;
+        if std::io::stderr().is_terminal() {
+            eprint!("\rdemo: delivered {}/{total}   ", self.sink.accepted());
+            self.last_line = Some(Instant::now());
+        } else if self
+            .last_line
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(5))
+        {
+            eprintln!("demo: delivered {}/{total}", self.sink.accepted());
+            self.last_line = Some(Instant::now());
+        }
     }
 }
 
@@ -301,6 +381,6 @@ fn tempdir() -> Result<PathBuf, ExitError> {
         fastrand::u64(..)
     ));
     std::fs::create_dir_all(&dir)
-        .map_err(|e| ExitError::failed(format!("{}: {e}", dir.display())))?;
+        .map_err(|e| ExitError::failed_with(dir.display().to_string(), e))?;
     Ok(dir)
 }

@@ -96,129 +96,10 @@ impl Generator {
     pub fn row(&mut self, at: DateTime<Utc>, created_at: Option<DateTime<Utc>>) -> Row {
         let node = format!("gpu-node-{:04}", self.rng.u32(0..self.nodes));
         let gpu = self.rng.u8(0..8);
-        let pci = format!("0000:{:02x}:00.0", 0x18 + gpu * 0x10);
-        let mut event = Map::new();
-        let (agent, class, check, fatal, healthy, action, codes, message) =
-            match self.rng.u8(0..100) {
-                0..=44 => {
-                    let (code, text, action, fatal) = XIDS[self.rng.usize(0..XIDS.len())];
-                    (
-                        "gpu-health-monitor",
-                        "GPU",
-                        "GpuXidError",
-                        fatal,
-                        false,
-                        action,
-                        vec![code],
-                        format!("XID {code}: {text}"),
-                    )
-                }
-                45..=54 => (
-                    "gpu-health-monitor",
-                    "GPU",
-                    "GpuDbeError",
-                    true,
-                    false,
-                    24,
-                    vec!["DBE"],
-                    "Double bit ECC error detected".to_string(),
-                ),
-                55..=64 => (
-                    "gpu-health-monitor",
-                    "NVLink",
-                    "NVLinkDown",
-                    false,
-                    false,
-                    5,
-                    vec!["NVLINK_DOWN"],
-                    format!("NVLink {} is down", self.rng.u8(0..18)),
-                ),
-                65..=74 => (
-                    "gpu-health-monitor",
-                    "GPU",
-                    "GpuThermalWatch",
-                    false,
-                    false,
-                    0,
-                    vec![],
-                    format!(
-                        "GPU temperature {} C above slowdown threshold",
-                        85 + self.rng.u8(0..15)
-                    ),
-                ),
-                75..=84 => (
-                    "syslog-health-monitor",
-                    "GPU",
-                    "SysLogsXIDError",
-                    false,
-                    false,
-                    0,
-                    vec!["13"],
-                    "NVRM: Xid 13 in syslog".to_string(),
-                ),
-                _ => (
-                    "gpu-health-monitor",
-                    "GPU",
-                    "GpuXidError",
-                    false,
-                    true,
-                    0,
-                    vec![],
-                    "GPU is healthy".to_string(),
-                ),
-            };
+        let check = self.check();
         let strategy = if self.rng.u8(0..10) == 0 { 2 } else { 1 };
         let lowercase = self.rng.f64() < self.lowercase_fraction;
-        let key = |camel: &str| {
-            if lowercase {
-                camel.to_ascii_lowercase()
-            } else {
-                camel.to_string()
-            }
-        };
-        // camelCase documents omit zero values (Go's omitempty); BSON stores them.
-        let mut put = |name: &str, value: Value, zero: bool| {
-            if lowercase || !zero {
-                event.insert(key(name), value);
-            }
-        };
-        put("version", json!(1), false);
-        put("agent", json!(agent), false);
-        put("componentClass", json!(class), false);
-        put("checkName", json!(check), false);
-        put("isFatal", json!(fatal), !fatal);
-        put("isHealthy", json!(healthy), !healthy);
-        put("message", json!(message), false);
-        put("recommendedAction", json!(action), action == 0);
-        put("errorCode", json!(codes), codes.is_empty());
-        let entity = |t: &str, v: &str| {
-            if lowercase {
-                json!({"entitytype": t, "entityvalue": v})
-            } else {
-                json!({"entityType": t, "entityValue": v})
-            }
-        };
-        put(
-            "entitiesImpacted",
-            json!([entity("GPU", &gpu.to_string()), entity("PCI", &pci)]),
-            false,
-        );
-        put(
-            "metadata",
-            json!({
-                "providerID": format!("aws:///us-west-2a/i-{:017x}", self.rng.u64(..)),
-                "topology.kubernetes.io/zone": "us-west-2a",
-                "chassis_serial": format!("CS{:08}", self.rng.u32(0..100_000_000)),
-            }),
-            false,
-        );
-        put(
-            "generatedTimestamp",
-            json!({"seconds": at.timestamp(), "nanos": at.timestamp_subsec_nanos()}),
-            false,
-        );
-        put("nodeName", json!(node), false);
-        put("processingStrategy", json!(strategy), false);
+        let event = self.health_event(&check, &node, gpu, strategy, lowercase, at);
         let document = json!({
             "createdAt": created_at.unwrap_or(at).to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
             "healthevent": event,
@@ -226,17 +107,167 @@ impl Generator {
         });
         Row {
             node_name: node,
-            check_name: check.to_string(),
-            component_class: class.to_string(),
+            check_name: check.check.to_string(),
+            component_class: check.class.to_string(),
             recommended_action: ACTION_NAMES
                 .iter()
-                .find(|(n, _)| *n == action)
+                .find(|(n, _)| *n == check.action)
                 .map(|(_, name)| name.to_string())
                 .unwrap_or_default(),
             document,
             created_at,
         }
     }
+
+    /// Which check fired: 45 % XID errors, 10 % each of DBE, NVLink down, thermal watch and
+    /// syslog XID, 15 % healthy.
+    fn check(&mut self) -> Check {
+        let gpu = "gpu-health-monitor";
+        // One row per kind: (agent, class, check, fatal, healthy, action, codes, message).
+        #[rustfmt::skip]
+        let fields: CheckFields = match self.rng.u8(0..100) {
+            0..=44 => {
+                let (code, text, action, fatal) = XIDS[self.rng.usize(0..XIDS.len())];
+                let message = format!("XID {code}: {text}");
+                (gpu, "GPU", "GpuXidError", fatal, false, action, vec![code], message)
+            }
+            45..=54 => {
+                let message = "Double bit ECC error detected".to_string();
+                (gpu, "GPU", "GpuDbeError", true, false, 24, vec!["DBE"], message)
+            }
+            55..=64 => {
+                let message = format!("NVLink {} is down", self.rng.u8(0..18));
+                (gpu, "NVLink", "NVLinkDown", false, false, 5, vec!["NVLINK_DOWN"], message)
+            }
+            65..=74 => {
+                let celsius = 85 + self.rng.u8(0..15);
+                let message = format!("GPU temperature {celsius} C above slowdown threshold");
+                (gpu, "GPU", "GpuThermalWatch", false, false, 0, vec![], message)
+            }
+            75..=84 => {
+                let message = "NVRM: Xid 13 in syslog".to_string();
+                let agent = "syslog-health-monitor";
+                (agent, "GPU", "SysLogsXIDError", false, false, 0, vec!["13"], message)
+            }
+            _ => {
+                let message = "GPU is healthy".to_string();
+                (gpu, "GPU", "GpuXidError", false, true, 0, vec![], message)
+            }
+        };
+        Check::from(fields)
+    }
+
+    /// The `healthevent` document of `check` on `node`'s `gpu`, in MongoDB's lowercase
+    /// spelling when `lowercase` (zero values stored, as BSON does) or else camelCase (zero
+    /// values omitted, as Go's omitempty does).
+    fn health_event(
+        &mut self,
+        check: &Check,
+        node: &str,
+        gpu: u8,
+        strategy: i64,
+        lowercase: bool,
+        at: DateTime<Utc>,
+    ) -> Map<String, Value> {
+        let mut event = Map::new();
+        let key = |camel: &str| {
+            if lowercase {
+                camel.to_ascii_lowercase()
+            } else {
+                camel.to_string()
+            }
+        };
+        let mut put = |name: &str, value: Value, zero: bool| {
+            if lowercase || !zero {
+                event.insert(key(name), value);
+            }
+        };
+        let (fatal, healthy, action) = (check.fatal, check.healthy, check.action);
+        put("version", json!(1), false);
+        put("agent", json!(check.agent), false);
+        put("componentClass", json!(check.class), false);
+        put("checkName", json!(check.check), false);
+        put("isFatal", json!(fatal), !fatal);
+        put("isHealthy", json!(healthy), !healthy);
+        put("message", json!(check.message), false);
+        put("recommendedAction", json!(action), action == 0);
+        put("errorCode", json!(check.codes), check.codes.is_empty());
+        put("entitiesImpacted", entities(gpu, lowercase), false);
+        put("metadata", self.node_metadata(), false);
+        let seconds = at.timestamp();
+        let nanos = at.timestamp_subsec_nanos();
+        put(
+            "generatedTimestamp",
+            json!({"seconds": seconds, "nanos": nanos}),
+            false,
+        );
+        put("nodeName", json!(node), false);
+        put("processingStrategy", json!(strategy), false);
+        event
+    }
+
+    /// A node's metadata as the platform connector records it.
+    fn node_metadata(&mut self) -> Value {
+        json!({
+            "providerID": format!("aws:///us-west-2a/i-{:017x}", self.rng.u64(..)),
+            "topology.kubernetes.io/zone": "us-west-2a",
+            "chassis_serial": format!("CS{:08}", self.rng.u32(0..100_000_000)),
+        })
+    }
+}
+
+/// What fired: the fields of one kind of health event.
+struct Check {
+    agent: &'static str,
+    class: &'static str,
+    check: &'static str,
+    fatal: bool,
+    healthy: bool,
+    /// The recommended action's number (see [`ACTION_NAMES`]).
+    action: i64,
+    codes: Vec<&'static str>,
+    message: String,
+}
+
+/// (agent, class, check, fatal, healthy, action, codes, message).
+type CheckFields = (
+    &'static str,
+    &'static str,
+    &'static str,
+    bool,
+    bool,
+    i64,
+    Vec<&'static str>,
+    String,
+);
+
+impl From<CheckFields> for Check {
+    fn from(fields: CheckFields) -> Check {
+        let (agent, class, check, fatal, healthy, action, codes, message) = fields;
+        Check {
+            agent,
+            class,
+            check,
+            fatal,
+            healthy,
+            action,
+            codes,
+            message,
+        }
+    }
+}
+
+/// `entitiesImpacted`: the GPU and its PCI address.
+fn entities(gpu: u8, lowercase: bool) -> Value {
+    let pci = format!("0000:{:02x}:00.0", 0x18 + gpu * 0x10);
+    let entity = |t: &str, v: &str| {
+        if lowercase {
+            json!({"entitytype": t, "entityvalue": v})
+        } else {
+            json!({"entityType": t, "entityValue": v})
+        }
+    };
+    json!([entity("GPU", &gpu.to_string()), entity("PCI", &pci)])
 }
 
 /// Applies NVSentinel's schema unless `health_events` already exists; returns whether it did.
@@ -252,29 +283,71 @@ pub async fn init_schema(client: &Client) -> Result<bool, DatastoreError> {
     Ok(true)
 }
 
+/// The INSERT of a batch: one statement over parallel arrays, as a platform connector's batch
+/// (`created_at` defaults to now()).
+const INSERT: &str = "INSERT INTO health_events \
+     (node_name, event_type, severity, recommended_action, document, created_at) \
+     SELECT n, e, s, r, d, coalesce(c, now()) \
+     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::timestamptz[]) \
+          AS t(n, e, s, r, d, c)";
+
 /// Inserts rows in one statement, as a platform connector's batch.
 pub async fn insert(client: &Client, rows: &[Row]) -> Result<(), DatastoreError> {
-    let column = |f: fn(&Row) -> String| rows.iter().map(f).collect::<Vec<String>>();
-    let documents: Vec<Value> = rows.iter().map(|r| r.document.clone()).collect();
-    let created: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.created_at).collect();
-    client
-        .execute(
-            "INSERT INTO health_events (node_name, event_type, severity, recommended_action, document, created_at) \
-             SELECT n, e, s, r, d, coalesce(c, now()) \
-             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::timestamptz[]) \
-                  AS t(n, e, s, r, d, c)",
-            &[
-                &column(|r| r.node_name.clone()),
-                &column(|r| r.check_name.clone()),
-                &column(|r| r.component_class.clone()),
-                &column(|r| r.recommended_action.clone()),
-                &documents,
-                &created,
-            ],
-        )
-        .await?;
+    let columns = Columns::of(rows);
+    client.execute(INSERT, &columns.params()).await?;
     Ok(())
 }
+
+/// [`insert`], returning the new rows' ids (`health_events.id` as text, which is the
+/// CloudEvent `id` the exporter sends), in no particular order.
+pub async fn insert_returning_ids(
+    client: &Client,
+    rows: &[Row],
+) -> Result<Vec<String>, DatastoreError> {
+    let columns = Columns::of(rows);
+    let statement = format!("{INSERT} RETURNING id::text");
+    let returned = client.query(&statement, &columns.params()).await?;
+    Ok(returned.iter().map(|row| row.get(0)).collect())
+}
+
+/// A batch of rows as the INSERT's parallel arrays.
+struct Columns {
+    node_names: Vec<String>,
+    check_names: Vec<String>,
+    component_classes: Vec<String>,
+    recommended_actions: Vec<String>,
+    documents: Vec<Value>,
+    created: Vec<Option<DateTime<Utc>>>,
+}
+
+impl Columns {
+    fn of(rows: &[Row]) -> Columns {
+        let column = |f: fn(&Row) -> String| rows.iter().map(f).collect::<Vec<String>>();
+        Columns {
+            node_names: column(|r| r.node_name.clone()),
+            check_names: column(|r| r.check_name.clone()),
+            component_classes: column(|r| r.component_class.clone()),
+            recommended_actions: column(|r| r.recommended_action.clone()),
+            documents: rows.iter().map(|r| r.document.clone()).collect(),
+            created: rows.iter().map(|r| r.created_at).collect(),
+        }
+    }
+
+    /// `$1`…`$6` of [`INSERT`].
+    fn params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 6] {
+        [
+            &self.node_names,
+            &self.check_names,
+            &self.component_classes,
+            &self.recommended_actions,
+            &self.documents,
+            &self.created,
+        ]
+    }
+}
+
+/// How many rows [`write_history`] writes per INSERT.
+pub const HISTORY_BATCH: u64 = 500;
 
 /// Writes `count` events spread over `history` before now (or at now), in batches.
 pub async fn write_history(
@@ -283,50 +356,93 @@ pub async fn write_history(
     count: u64,
     history: Option<Duration>,
 ) -> Result<(), DatastoreError> {
-    let now = Utc::now();
-    let span = history.map(|h| h.as_millis() as i64).unwrap_or(0);
+    let spread = Spread::new(count, history);
     let mut written = 0;
     while written < count {
-        let batch = (count - written).min(500);
-        let rows: Vec<Row> = (0..batch)
-            .map(|i| {
-                // Oldest first, evenly spread, so created_at follows insertion order.
-                let offset = span - span * (written + i) as i64 / count.max(1) as i64;
-                let at = now - chrono::Duration::milliseconds(offset);
-                generator.row(at, history.map(|_| at))
-            })
-            .collect();
-        insert(client, &rows).await?;
+        let batch = (count - written).min(HISTORY_BATCH);
+        insert(client, &spread.rows(generator, written..written + batch)).await?;
         written += batch;
     }
     Ok(())
 }
 
-pub async fn run(args: GenerateArgs) -> Result<(), ExitError> {
-    let settings =
-        PgSettings::from_env(|name| std::env::var(name).ok()).map_err(ExitError::config)?;
-    let connector = Connector::new(settings).map_err(ExitError::config)?;
-    let failed = |e: DatastoreError| ExitError::failed(e);
-    let client = connector.connect().await.map_err(failed)?;
-    if args.init_schema {
-        if init_schema(&client).await.map_err(failed)? {
-            eprintln!("applied NVSentinel's schema");
-        } else {
-            eprintln!("schema already present; not applied");
+/// `count` events spread evenly over `history` before `now` (or all at `now`), oldest first,
+/// so `created_at` follows the events' order.
+#[derive(Debug, Clone, Copy)]
+pub struct Spread {
+    now: DateTime<Utc>,
+    count: u64,
+    history: Option<Duration>,
+}
+
+impl Spread {
+    pub fn new(count: u64, history: Option<Duration>) -> Spread {
+        Spread {
+            now: Utc::now(),
+            count,
+            history,
         }
-    } else {
-        connector.check_schema(&client).await.map_err(failed)?;
     }
+
+    /// The rows of events `range` (indices into the `count`), from `generator`.
+    pub fn rows(&self, generator: &mut Generator, range: std::ops::Range<u64>) -> Vec<Row> {
+        let span = self.history.map(|h| h.as_millis() as i64).unwrap_or(0);
+        range
+            .map(|i| {
+                let offset = span - span * i as i64 / self.count.max(1) as i64;
+                let at = self.now - chrono::Duration::milliseconds(offset);
+                generator.row(at, self.history.map(|_| at))
+            })
+            .collect()
+    }
+}
+
+pub async fn run(args: GenerateArgs) -> Result<(), ExitError> {
+    let client = connect(&args).await?;
     let mut generator = Generator::new(args.nodes, args.lowercase_fraction, args.seed);
     let started = Instant::now();
     if args.rate <= 0.0 {
         write_history(&client, &mut generator, args.count, args.history)
             .await
-            .map_err(failed)?;
+            .map_err(ExitError::failed)?;
         eprintln!("wrote {} events in {:.1?}", args.count, started.elapsed());
         return Ok(());
     }
-    // Paced: a batch every 100 ms, sized to hold the rate.
+    let written = write_at_rate(&client, &mut generator, &args, started).await?;
+    eprintln!(
+        "wrote {written} events in {:.1?} ({:.0}/s)",
+        started.elapsed(),
+        written as f64 / started.elapsed().as_secs_f64().max(0.001)
+    );
+    Ok(())
+}
+
+/// Connects to the datastore of the `DATASTORE_*` environment and applies (`--init-schema`)
+/// or checks NVSentinel's schema. Errors: exit 2 for the environment, 1 for the rest.
+async fn connect(args: &GenerateArgs) -> Result<Client, ExitError> {
+    let settings =
+        PgSettings::from_env(|name| std::env::var(name).ok()).map_err(ExitError::config)?;
+    let connector = Connector::new(settings).map_err(ExitError::config)?;
+    let failed = |e: DatastoreError| ExitError::failed(e);
+    let client = connector.connect().await.map_err(failed)?;
+    if !args.init_schema {
+        connector.check_schema(&client).await.map_err(failed)?;
+    } else if init_schema(&client).await.map_err(failed)? {
+        eprintln!("applied NVSentinel's schema");
+    } else {
+        eprintln!("schema already present; not applied");
+    }
+    Ok(client)
+}
+
+/// Writes at `--rate` (a batch every 100 ms, sized to hold the rate) until `--count` events
+/// (0: until interrupted) or Ctrl-C; returns how many were written.
+async fn write_at_rate(
+    client: &Client,
+    generator: &mut Generator,
+    args: &GenerateArgs,
+    started: Instant,
+) -> Result<u64, ExitError> {
     let mut written = 0u64;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let stop = tokio::signal::ctrl_c();
@@ -346,15 +462,10 @@ pub async fn run(args: GenerateArgs) -> Result<(), ExitError> {
         }
         let now = Utc::now();
         let rows: Vec<Row> = (0..batch).map(|_| generator.row(now, None)).collect();
-        insert(&client, &rows).await.map_err(failed)?;
+        insert(client, &rows).await.map_err(ExitError::failed)?;
         written += batch;
     }
-    eprintln!(
-        "wrote {written} events in {:.1?} ({:.0}/s)",
-        started.elapsed(),
-        written as f64 / started.elapsed().as_secs_f64().max(0.001)
-    );
-    Ok(())
+    Ok(written)
 }
 
 #[cfg(test)]

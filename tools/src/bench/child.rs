@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use super::error::{io, sql, BenchError};
 use crate::local_postgres::LocalServer;
 
 /// How one exporter run is configured.
@@ -17,17 +18,23 @@ pub struct ExporterConfig<'a> {
     pub max_events: u64,
     /// The backfill's `rate_limit` (0 = none).
     pub rate_limit: u64,
+    /// `exporter.sink.concurrency = "adaptive"` (`workers` is then the ceiling) instead of
+    /// the default `fixed`.
+    pub adaptive: bool,
 }
 
-/// Writes `config.toml` and `secret` for `config` into `dir`.
-pub fn write_config(dir: &Path, config: &ExporterConfig<'_>) -> Result<(), String> {
-    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-    std::fs::write(dir.join("secret"), "bench-secret").map_err(|e| e.to_string())?;
+/// Writes `config.toml` and `secret` for `config` into `dir` (created). Errors:
+/// [`BenchError::Io`] naming the file.
+pub fn write_config(dir: &Path, config: &ExporterConfig<'_>) -> Result<(), BenchError> {
+    std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    let secret = dir.join("secret");
+    std::fs::write(&secret, "bench-secret").map_err(io(format!("writing {}", secret.display())))?;
     let text = format!(
         r#"[exporter.metadata]
 cluster = "bench"
 [exporter.sink]
 endpoint = "{sink}"
+concurrency = "{concurrency}"
 [exporter.oidc]
 token_url = "{token}"
 client_id = "nvsentinel-exporter"
@@ -49,20 +56,24 @@ backoff_multiplier = 2.0
         backfill = config.backfill,
         max_events = config.max_events.max(1),
         rate_limit = config.rate_limit,
+        concurrency = if config.adaptive { "adaptive" } else { "fixed" },
     );
-    std::fs::write(dir.join("config.toml"), text).map_err(|e| e.to_string())
+    let path = dir.join("config.toml");
+    std::fs::write(&path, text).map_err(io(format!("writing {}", path.display())))
 }
 
-/// Starts the exporter with the configuration in `dir` against `database`; under callgrind
-/// (writing `callgrind.out` into `dir`) when `callgrind` is set.
+/// Starts the exporter with the configuration in `dir` against `database`, serving its
+/// metrics on `metrics_port` (0: an ephemeral port nobody reads); under callgrind (writing
+/// `callgrind.out` into `dir`) when `callgrind` is set. Errors: [`BenchError::Spawn`].
 pub fn spawn(
     dir: &Path,
     server: &LocalServer,
     database: &str,
     workers: usize,
+    metrics_port: u16,
     callgrind: bool,
-) -> Result<Child, String> {
-    let binary = std::env::current_exe().map_err(|e| e.to_string())?;
+) -> Result<Child, BenchError> {
+    let binary = std::env::current_exe().map_err(io("finding this program's path"))?;
     let mut command = if callgrind {
         let mut valgrind = Command::new("valgrind");
         valgrind
@@ -85,7 +96,7 @@ pub fn spawn(
             "--oidc-secret-path={}",
             dir.join("secret").display()
         ))
-        .arg("--metrics-port=0")
+        .arg(format!("--metrics-port={metrics_port}"))
         .arg(format!("--workers={workers}"))
         .env("LOG_LEVEL", "warn")
         .env("DATASTORE_PROVIDER", "postgresql")
@@ -99,13 +110,19 @@ pub fn spawn(
     if callgrind {
         command.stderr(Stdio::null());
     }
-    command.spawn().map_err(|e| {
-        let what = if callgrind {
+    command.spawn().map_err(|source| BenchError::Spawn {
+        program: if callgrind {
             "valgrind"
         } else {
             "the exporter"
-        };
-        format!("cannot start {what}: {e}")
+        }
+        .into(),
+        hint: if callgrind {
+            " (`apt-get install valgrind`)"
+        } else {
+            ""
+        },
+        source,
     })
 }
 
@@ -150,8 +167,9 @@ pub fn process_usage(pid: u32) -> Option<(f64, f64)> {
     Some((ticks / 100.0, peak_kib / 1024.0))
 }
 
-/// Waits until the exporter has written its resume token (it is then streaming).
-pub async fn wait_for_token(client: &tokio_postgres::Client) -> Result<(), String> {
+/// Waits until the exporter has written its resume token (it is then streaming). Errors:
+/// [`BenchError::NoResumeToken`] after 60 s, [`BenchError::Sql`] when the query fails.
+pub async fn wait_for_token(client: &tokio_postgres::Client) -> Result<(), BenchError> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while tokio::time::Instant::now() < deadline {
         let row = client
@@ -160,13 +178,48 @@ pub async fn wait_for_token(client: &tokio_postgres::Client) -> Result<(), Strin
                 &[],
             )
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(sql("reading the exporter's resume token"))?;
         if row.is_some() {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    Err("the exporter did not write a resume token within 60 s".into())
+    Err(BenchError::NoResumeToken)
+}
+
+/// The exporter's `health_events_exporter_concurrency_limit` gauge, scraped from its metrics
+/// endpoint on 127.0.0.1:`port` (a plain HTTP/1.0 GET); `None` when the endpoint does not
+/// answer or the gauge is missing.
+pub async fn concurrency_limit(port: u16) -> Option<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let scrape = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .await
+            .ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.ok()?;
+        gauge(&response, "health_events_exporter_concurrency_limit")
+    };
+    tokio::time::timeout(Duration::from_secs(2), scrape)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// The value of the unlabelled sample `name` in a Prometheus text exposition.
+fn gauge(exposition: &str, name: &str) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?;
+        rest.strip_prefix(' ')?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    })
 }
 
 #[cfg(test)]
@@ -185,5 +238,16 @@ mod tests {
                        fn=(1) main\n1 5\nsummary: 123456789\ntotals: 123456789\n";
         assert_eq!(callgrind_instructions(profile), Some(123_456_789));
         assert_eq!(callgrind_instructions("events: Ir\n"), None);
+    }
+
+    #[test]
+    fn reads_an_unlabelled_gauge() {
+        let text = "HTTP/1.0 200 OK\r\n\r\n# HELP health_events_exporter_concurrency_limit x\n\
+                    # TYPE health_events_exporter_concurrency_limit gauge\n\
+                    health_events_exporter_concurrency_limit_other 3\n\
+                    health_events_exporter_concurrency_limit 42\n";
+        let name = "health_events_exporter_concurrency_limit";
+        assert_eq!(gauge(text, name), Some(42.0));
+        assert_eq!(gauge("nothing\n", name), None);
     }
 }

@@ -9,9 +9,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::error::{io, BenchError};
+
 /// What the bench needs from the machine for the nginx scenarios.
 pub const NEEDS: &str = "the nginx scenarios need Debian's nginx (`apt-get install nginx-light`) \
      and, for the ceiling, wrk (`apt-get install wrk`)";
+
+/// Appended to the error when nginx cannot be started.
+const NGINX_HINT: &str =
+    "; the nginx scenarios need Debian's nginx (`apt-get install nginx-light`)";
 
 /// An nginx child process answering `202 Accepted` on `127.0.0.1:<port>`.
 pub struct Nginx {
@@ -24,11 +30,15 @@ pub struct Nginx {
 
 impl Nginx {
     /// Starts `binary` with a generated configuration in `dir` (created; removed by `stop`).
-    pub fn start(binary: &Path, dir: &Path) -> Result<Nginx, String> {
-        std::fs::create_dir_all(dir.join("body")).map_err(|e| e.to_string())?;
+    /// Errors: [`BenchError::Spawn`] (with the install hint) when it cannot be started,
+    /// [`BenchError::NginxExited`] or [`BenchError::NginxNotListening`] when it does not serve.
+    pub fn start(binary: &Path, dir: &Path) -> Result<Nginx, BenchError> {
+        let body = dir.join("body");
+        std::fs::create_dir_all(&body).map_err(io(format!("creating {}", body.display())))?;
         let addr = free_port()?;
         let config = config(dir, addr);
-        std::fs::write(dir.join("nginx.conf"), config).map_err(|e| e.to_string())?;
+        let path = dir.join("nginx.conf");
+        std::fs::write(&path, config).map_err(io(format!("writing {}", path.display())))?;
         let child = Command::new(binary)
             .arg("-p")
             .arg(dir)
@@ -40,7 +50,11 @@ impl Nginx {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .map_err(|e| format!("cannot start {}: {e}; {NEEDS}", binary.display()))?;
+            .map_err(|source| BenchError::Spawn {
+                program: binary.display().to_string(),
+                hint: NGINX_HINT,
+                source,
+            })?;
         let mut nginx = Nginx {
             child,
             addr,
@@ -51,7 +65,7 @@ impl Nginx {
         Ok(nginx)
     }
 
-    fn wait_until_listening(&mut self) -> Result<(), String> {
+    fn wait_until_listening(&mut self) -> Result<(), BenchError> {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if TcpStream::connect(self.addr).is_ok() {
@@ -59,11 +73,11 @@ impl Nginx {
             }
             if let Ok(Some(status)) = self.child.try_wait() {
                 let log = std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default();
-                return Err(format!("nginx exited with {status}: {log}"));
+                return Err(BenchError::NginxExited { status, log });
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Err(format!("nginx did not listen on {} within 10 s", self.addr))
+        Err(BenchError::NginxNotListening { addr: self.addr })
     }
 
     /// The URL events are POSTed to.
@@ -97,9 +111,11 @@ impl Nginx {
     }
 }
 
-fn free_port() -> Result<SocketAddr, String> {
-    let listener = TcpListener::bind(("127.0.0.1", 0)).map_err(|e| e.to_string())?;
-    listener.local_addr().map_err(|e| e.to_string())
+/// A loopback address with a port free right now (the OS picks it; the listener is closed
+/// again, so the program started next can bind it).
+pub fn free_port() -> Result<SocketAddr, BenchError> {
+    let listener = TcpListener::bind(("127.0.0.1", 0)).map_err(io("binding a loopback port"))?;
+    listener.local_addr().map_err(io("reading a loopback port"))
 }
 
 /// One worker (the machine has few cores and the exporter and PostgreSQL need them too);
@@ -127,7 +143,8 @@ http {{
 }
 
 /// `wrk`'s POSTs/s against `url` with `connections` connections for `duration`, sending
-/// `body` as a CloudEvent; `Ok(None)` when `binary` is not installed.
+/// `body` as a CloudEvent; `Ok(None)` when `binary` is not installed. Errors: the script
+/// could not be written, wrk could not run, or printed no `Requests/sec:`.
 pub fn wrk_ceiling(
     binary: &Path,
     url: &str,
@@ -135,7 +152,7 @@ pub fn wrk_ceiling(
     connections: usize,
     duration: Duration,
     dir: &Path,
-) -> Result<Option<f64>, String> {
+) -> Result<Option<f64>, BenchError> {
     let script = dir.join("post.lua");
     let body = String::from_utf8_lossy(body);
     std::fs::write(
@@ -145,7 +162,7 @@ pub fn wrk_ceiling(
             event_exporter::cloudevent::CONTENT_TYPE
         ),
     )
-    .map_err(|e| e.to_string())?;
+    .map_err(io(format!("writing {}", script.display())))?;
     let output = Command::new(binary)
         .args(["-t1", &format!("-c{connections}")])
         .arg(format!("-d{}s", duration.as_secs().max(1)))
@@ -156,12 +173,20 @@ pub fn wrk_ceiling(
     let output = match output {
         Ok(output) => output,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("cannot run {}: {e}", binary.display())),
+        Err(source) => {
+            return Err(BenchError::Spawn {
+                program: binary.display().to_string(),
+                hint: "",
+                source,
+            })
+        }
     };
     let text = String::from_utf8_lossy(&output.stdout);
     requests_per_second(&text)
         .map(Some)
-        .ok_or_else(|| format!("wrk printed no Requests/sec: {text}"))
+        .ok_or_else(|| BenchError::WrkOutput {
+            output: text.into_owned(),
+        })
 }
 
 /// The `Requests/sec:` figure of wrk's summary.
