@@ -44,6 +44,29 @@ fn starts_at_one_and_rises_to_the_ceiling_on_a_fast_steady_sink() {
 }
 
 #[test]
+fn slow_start_doubles_until_the_first_rise_then_adds_one() {
+    let mut rule = AdaptiveLimit::new(100);
+    let mut now = Duration::ZERO;
+    let mut limits = vec![rule.limit()];
+    // 300 ms answers: one window per answer.
+    for _ in 0..8 {
+        now += ms(300);
+        limits.push(rule.observe(answered(ms(300)), now));
+    }
+    // The first answer opens the first window; each later one closes a window and doubles.
+    assert_eq!(limits, vec![1, 1, 2, 4, 8, 16, 32, 64, 100]);
+    now += ms(300);
+    let after_rise = rule.observe(answered(ms(600)), now);
+    assert_eq!(after_rise, 90);
+    now += ms(300);
+    assert_eq!(
+        rule.observe(answered(ms(300)), now),
+        91,
+        "one at a time after a rise"
+    );
+}
+
+#[test]
 fn does_not_rise_while_the_limit_is_not_what_holds_intake_back() {
     let mut rule = AdaptiveLimit::new(10);
     let idle = Sample {
@@ -208,18 +231,25 @@ proptest! {
         prop_assert!(highest <= bound, "highest {} > {} with {} slots", highest, bound, slots);
     }
 
+    /// A window at most doubles the limit (slow start), adds one after the first decrease, and
+    /// takes at most a tenth off.
     #[test]
-    fn one_window_changes_the_limit_by_one_up_or_a_tenth_down(
+    fn one_window_changes_the_limit_by_a_step_up_or_a_tenth_down(
         rtts in prop::collection::vec(0u64..500, 1..200),
     ) {
         let mut rule = AdaptiveLimit::new(100);
         let mut now = Duration::ZERO;
+        // Slow start: on at first, off after a decrease, maybe on again at a limit of 1.
+        let mut slow_start = true;
         for rtt in rtts {
             let before = rule.limit();
+            slow_start |= before == 1;
             now += ms(rtt.max(1));
             let after = rule.observe(answered(ms(rtt)), now);
-            prop_assert!(after <= before.saturating_add(1));
+            let most = if slow_start { before * 2 } else { before + 1 };
+            prop_assert!(after <= most, "{} -> {}", before, after);
             prop_assert!(after >= (before * 9 / 10).max(1));
+            slow_start &= after >= before;
         }
     }
 }
@@ -243,7 +273,8 @@ async fn adaptive_permits_follow_the_limit_up_and_down() {
     let concurrency = Concurrency::new(4, ConcurrencyMode::Adaptive);
     assert_eq!(concurrency.limit(), 1);
     let mut held = Vec::new();
-    // A fast sink at the limit: one more permit per window, up to the ceiling.
+    // A fast sink at the limit: more permits each window (doubling: slow start), up to the
+    // ceiling.
     while concurrency.limit() < 4 {
         while held.len() < concurrency.limit() {
             held.push(concurrency.acquire().await.expect("open semaphore"));
@@ -251,8 +282,9 @@ async fn adaptive_permits_follow_the_limit_up_and_down() {
         tokio::time::advance(MIN_WINDOW).await;
         concurrency.observe(ms(1), Signal::Answered);
     }
-    held.push(concurrency.acquire().await.expect("open semaphore"));
-    assert_eq!(held.len(), 4);
+    while held.len() < 4 {
+        held.push(concurrency.acquire().await.expect("open semaphore"));
+    }
     assert_eq!(concurrency.permits.available_permits(), 0);
     // 503s while all four are out: the limit falls to 1; permits returned beyond it retire.
     while concurrency.limit() > 1 {
