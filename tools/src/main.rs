@@ -49,10 +49,13 @@ enum Command {
     /// Run the whole job on this machine: PostgreSQL, sink and token endpoint, history, live
     /// events, the exporter with backfill; ends with a summary.
     Demo(demo::DemoArgs),
-    /// Benchmark the exporter against the local PostgreSQL and the reference sink (run a release
-    /// build): streaming (events/s, commit-to-sink latency), an unlimited backfill (events/s),
-    /// rate-limited backfills (how closely each limit is held), with the exporter's CPU and peak
-    /// memory for each; `--stream-rates 0`, `--backfill-events 0` or `--rates 0` skip a scenario.
+    /// Benchmark the exporter (run a release build) against the local PostgreSQL, Debian's nginx
+    /// (started by the bench) and the reference sink: the wrk → nginx ceiling, drains into
+    /// nginx and the reference sink (events/s, ratio to the ceiling), with `--callgrind` a
+    /// callgrind drain (instructions per event), a 300 ms sink at fixed workers and in
+    /// adaptive mode (ratio to workers/latency), streaming (commit-to-sink p50/p99), an
+    /// unlimited backfill and rate-limited ones, with the exporter's CPU per event and peak
+    /// memory for each; a size of 0 skips a scenario (`--drain-events 0`, `--stream-rates 0`, `--backfill-events 0`, …).
     Bench(bench::BenchArgs),
     /// Run the exporter itself (the product's code, same flags as `event-exporter`); the
     /// benchmarks start it this way as a child process.
