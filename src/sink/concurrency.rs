@@ -5,7 +5,9 @@
 //! TCP congestion control:
 //!
 //! - Time is cut into windows about one baseline RTT long (at least [`MIN_WINDOW`]). Each
-//!   request's RTT and outcome is a [`Sample`].
+//!   request's RTT and outcome is a [`Sample`]. Only requests *sent* after the limit last
+//!   changed count: one sent before describes the old limit (its answer arrives up to an RTT
+//!   later), and judging the new limit by it would repeat a decrease for one overload.
 //! - A window that saw a back-pressure answer (429, 503, a timeout) multiplies the limit by
 //!   [`DECREASE`] (rounded down, so it always drops by at least one, never below 1).
 //! - A window whose mean RTT rose past the baseline (more than [`RTT_RATIO`] × baseline and
@@ -13,7 +15,10 @@
 //! - A window whose RTT stayed near the baseline and in which the limit was reached (all
 //!   permits in use: more concurrency could have been used) adds one, up to `workers`; until
 //!   the first back-pressure answer or rise (slow start, as TCP's), it doubles instead, so a
-//!   300 ms sink with `workers = 100` is found in about 7 round trips (2 s), not 100 (30 s).
+//!   300 ms sink with `workers = 100` is found in about 14 round trips (two per doubling: one
+//!   to send at the new limit, one to hear back; 4 s), not 200 (60 s). The first back-pressure
+//!   answer or rise in slow start halves the limit (back to the last one that was fine), as
+//!   TCP does; afterwards each takes a tenth off.
 //! - The baseline estimates the sink's RTT *without our load*: it follows windows that were
 //!   faster than it (a moving average, so one lucky window does not set it), and never the
 //!   windows that were slower. A baseline that also followed slower windows would let a
@@ -42,6 +47,10 @@ pub const MIN_WINDOW: Duration = Duration::from_millis(10);
 pub const DECREASE: f64 = 0.9;
 /// A window's mean RTT above `baseline × RTT_RATIO` is a rise.
 pub const RTT_RATIO: f64 = 1.5;
+/// In slow start a smaller rise ends the doubling (as TCP's HyStart leaves slow start on an
+/// RTT increase of an eighth): a doubling overshoots by up to the whole limit, so it must stop
+/// at the first sign of a queue.
+pub const SLOW_START_RTT_RATIO: f64 = 1.125;
 /// … and only if it is also this much above the baseline (loopback RTTs are tiny and noisy).
 pub const MIN_RISE: Duration = Duration::from_millis(2);
 /// Weight of a faster window in the baseline's moving average.
@@ -108,6 +117,9 @@ pub struct AdaptiveLimit {
     baseline: Option<f64>,
     /// Doubling rather than adding one: until the first back-pressure answer or rise.
     slow_start: bool,
+    /// Samples of requests sent before this are ignored: when the limit last changed, plus in
+    /// slow start one baseline RTT for the queue a doubling builds to form.
+    judge_from: Duration,
     window: Window,
 }
 
@@ -119,6 +131,7 @@ impl AdaptiveLimit {
             limit: 1,
             baseline: None,
             slow_start: true,
+            judge_from: Duration::ZERO,
             window: Window::default(),
         }
     }
@@ -137,9 +150,12 @@ impl AdaptiveLimit {
     /// Records a request that finished at `now` (any monotonic origin); closes the window
     /// when it is long enough. Returns the limit.
     pub fn observe(&mut self, sample: Sample, now: Duration) -> usize {
+        if now.saturating_sub(sample.rtt) < self.judge_from {
+            return self.limit;
+        }
         let start = *self.window.start.get_or_insert(now);
         self.window.add(&sample);
-        let length = self.baseline().map_or(MIN_WINDOW, |b| b.max(MIN_WINDOW));
+        let length = self.window_length();
         if now.saturating_sub(start) >= length {
             self.close_window(now);
         }
@@ -147,10 +163,20 @@ impl AdaptiveLimit {
     }
 
     fn close_window(&mut self, now: Duration) {
+        let before = self.limit;
+        self.judge(now);
+        if self.limit != before {
+            self.judge_from = now;
+            // The window restarts with the first sample that counts.
+            self.window = Window::default();
+        }
+    }
+
+    /// Closes the window at `now` and applies the rule to what it saw.
+    fn judge(&mut self, now: Duration) {
         let window = std::mem::take(&mut self.window);
         self.window.start = Some(now);
         if window.backpressure {
-            self.slow_start = false;
             self.decrease();
             return;
         }
@@ -159,12 +185,16 @@ impl AdaptiveLimit {
         };
         let baseline = *self.baseline.get_or_insert(mean);
         let rise = mean - baseline;
-        if mean > baseline * RTT_RATIO && rise > MIN_RISE.as_secs_f64() {
+        let ratio = if self.slow_start {
+            SLOW_START_RTT_RATIO
+        } else {
+            RTT_RATIO
+        };
+        if mean > baseline * ratio && rise > MIN_RISE.as_secs_f64() {
             if self.limit == 1 {
                 self.baseline = Some(mean);
                 self.slow_start = true;
             } else {
-                self.slow_start = false;
                 self.decrease();
             }
             return;
@@ -178,9 +208,24 @@ impl AdaptiveLimit {
         }
     }
 
+    /// One baseline RTT (at least [`MIN_WINDOW`]); two in slow start, so that the answers to
+    /// requests that queued behind a doubling are in the window, not only the first answers,
+    /// which found a free slot.
+    fn window_length(&self) -> Duration {
+        let one = self.baseline().map_or(MIN_WINDOW, |b| b.max(MIN_WINDOW));
+        if self.slow_start {
+            one.saturating_mul(2)
+        } else {
+            one
+        }
+    }
+
+    /// Halves the limit at the end of slow start, else takes a tenth off; never below 1.
     fn decrease(&mut self) {
+        let factor = if self.slow_start { 0.5 } else { DECREASE };
+        self.slow_start = false;
         // ⌊limit × 0.9⌋ is below the limit for every limit ≥ 2.
-        let scaled = (self.limit as f64 * DECREASE).floor() as usize;
+        let scaled = (self.limit as f64 * factor).floor() as usize;
         self.limit = scaled.clamp(1, self.ceiling);
     }
 }

@@ -71,6 +71,11 @@ pub struct BenchArgs {
     /// The ceiling (`workers`) of the adaptive-concurrency run against the slow sink; 0 skips.
     #[arg(long, default_value_t = 100)]
     pub adaptive_workers: usize,
+    /// The saturated sink's capacity: the slow sink answering at most this many requests at
+    /// once (the rest queue), against `--adaptive-workers` fixed workers and the adaptive
+    /// limit with that ceiling; 0 skips.
+    #[arg(long, default_value_t = 10)]
+    pub saturated_capacity: u32,
     /// The slow sink's latency per request.
     #[arg(long, default_value = "300ms", value_parser = event_exporter::cli::parse_duration)]
     pub slow_latency: Duration,
@@ -114,10 +119,24 @@ const TARGET_REACHED: f64 = 0.95;
 /// Where the sink is.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum SinkKind {
-    /// The reference sink, answering after this latency.
-    Reference(Duration),
+    /// The reference sink, answering after `latency`, at most `capacity` requests at a time
+    /// (`--capacity`: the rest queue) when set.
+    Reference {
+        latency: Duration,
+        capacity: Option<u32>,
+    },
     /// The bench's nginx answering 202.
     Nginx,
+}
+
+impl SinkKind {
+    /// The reference sink answering after `latency`, with no capacity limit.
+    fn reference(latency: Duration) -> SinkKind {
+        SinkKind::Reference {
+            latency,
+            capacity: None,
+        }
+    }
 }
 
 /// How the events reach the exporter.
@@ -184,6 +203,8 @@ struct Measured {
     /// Adaptive runs: the exporter's concurrency limit gauge, (seconds since start, value),
     /// read every second and once after the last delivery.
     concurrency_limits: Vec<(f64, f64)>,
+    /// The most requests the reference sink was answering (or queueing) at once.
+    sink_max_in_flight: usize,
 }
 
 impl Measured {
@@ -242,6 +263,9 @@ impl Bench<'_> {
         self.slow_sink().await?;
         if args.adaptive_workers > 0 {
             self.adaptive().await?;
+            if args.saturated_capacity > 0 {
+                self.saturated().await?;
+            }
         }
         self.latency().await?;
         if args.backfill_events > 0 {
@@ -301,7 +325,7 @@ impl Bench<'_> {
             format!("drain into nginx: {}; {ratio}", m.figures())
         })
         .await?;
-        let plan = Plan::new(feed, SinkKind::Reference(Duration::ZERO), args.workers);
+        let plan = Plan::new(feed, SinkKind::reference(Duration::ZERO), args.workers);
         self.scenario(plan, |m| {
             format!("drain into the reference sink: {}", m.figures())
         })
@@ -315,7 +339,7 @@ impl Bench<'_> {
         };
         let plan = Plan {
             callgrind: true,
-            ..Plan::new(feed, SinkKind::Reference(Duration::ZERO), self.args.workers)
+            ..Plan::new(feed, SinkKind::reference(Duration::ZERO), self.args.workers)
         };
         self.scenario(plan, |m| match m.instructions {
             Some(instructions) => format!(
@@ -336,7 +360,7 @@ impl Bench<'_> {
         let latency = self.args.slow_latency.as_secs_f64().max(1e-3);
         let ideal = workers as f64 / latency;
         let count = (ideal * self.args.slow_run.as_secs_f64()).ceil().max(1.0) as u64;
-        let sink = SinkKind::Reference(self.args.slow_latency);
+        let sink = SinkKind::reference(self.args.slow_latency);
         (Plan::new(Feed::Drain { count }, sink, workers), ideal)
     }
 
@@ -369,14 +393,70 @@ impl Bench<'_> {
         };
         self.scenario(plan, |m| {
             let limit = limit_line(&m.concurrency_limits, ceiling);
+            let at_ceiling = m
+                .concurrency_limits
+                .iter()
+                .find(|(_, value)| *value >= ceiling as f64)
+                .and_then(|(at, _)| rate_after(&m.samples, *at))
+                .map_or_else(String::new, |rate| {
+                    format!(
+                        "; from then on {rate:.0}/s = {:.1}% of ceiling/latency",
+                        rate / ideal * 100.0
+                    )
+                });
             format!(
                 "{latency:?} sink, adaptive concurrency, ceiling {ceiling}: {}; {:.1}% of \
-                 ceiling/latency ({ideal:.1}/s); {limit}",
+                 ceiling/latency ({ideal:.1}/s) including the climb from 1; {limit}{at_ceiling}",
                 m.figures(),
                 m.steady_rate / ideal * 100.0,
             )
         })
         .await?;
+        Ok(())
+    }
+
+    /// The slow sink with `--saturated-capacity` slots (past them requests queue, so the sink's
+    /// latency grows with concurrency), first with `--adaptive-workers` fixed workers, then
+    /// with the adaptive limit up to that ceiling: both carry about capacity/latency, and the
+    /// line shows how deep each pushed the sink's queue.
+    async fn saturated(&self) -> Result<(), BenchError> {
+        let (latency, workers) = (self.args.slow_latency, self.args.adaptive_workers);
+        let capacity = self.args.saturated_capacity;
+        let ideal = f64::from(capacity) / latency.as_secs_f64().max(1e-3);
+        let count = (ideal * self.args.slow_run.as_secs_f64()).ceil().max(1.0) as u64;
+        let sink = SinkKind::Reference {
+            latency,
+            capacity: Some(capacity),
+        };
+        for adaptive in [false, true] {
+            let plan = Plan {
+                adaptive,
+                ..Plan::new(Feed::Drain { count }, sink, workers)
+            };
+            let mode = if adaptive {
+                format!("adaptive concurrency, ceiling {workers}")
+            } else {
+                format!("{workers} fixed workers")
+            };
+            self.scenario(plan, |m| {
+                let limit = if adaptive {
+                    format!("; {}", limit_line(&m.concurrency_limits, workers))
+                } else {
+                    String::new()
+                };
+                let queued = m.sink_max_in_flight.saturating_sub(capacity as usize);
+                format!(
+                    "{latency:?} sink with {capacity} slots, {mode}: {}; {:.1}% of \
+                     capacity/latency ({ideal:.1}/s); the sink held up to {} requests at once \
+                     (at the deepest, one waited about {:?} for a slot){limit}",
+                    m.figures(),
+                    m.steady_rate / ideal * 100.0,
+                    m.sink_max_in_flight,
+                    latency.mul_f64(queued as f64 / f64::from(capacity)),
+                )
+            })
+            .await?;
+        }
         Ok(())
     }
 
@@ -387,7 +467,7 @@ impl Bench<'_> {
             let count = (rate as f64 * args.stream_run.as_secs_f64()).max(1.0) as u64;
             let plan = Plan::new(
                 Feed::Stream { rate, count },
-                SinkKind::Reference(Duration::ZERO),
+                SinkKind::reference(Duration::ZERO),
                 args.workers,
             );
             self.scenario(plan, |m| {
@@ -408,7 +488,7 @@ impl Bench<'_> {
     /// The full-speed backfill, then each rate-limited one.
     async fn backfills(&self) -> Result<(), BenchError> {
         let args = self.args;
-        let sink = SinkKind::Reference(Duration::ZERO);
+        let sink = SinkKind::reference(Duration::ZERO);
         let plan =
             |count, rate_limit| Plan::new(Feed::Backfill { count, rate_limit }, sink, args.workers);
         self.scenario(plan(args.backfill_events, 0), |m| {
@@ -568,9 +648,9 @@ impl Sinks {
         dir: &std::path::Path,
     ) -> Result<Sinks, BenchError> {
         let (latency, nginx) = match plan.sink {
-            SinkKind::Reference(latency) => (latency, None),
+            SinkKind::Reference { latency, capacity } => ((latency, capacity), None),
             SinkKind::Nginx => (
-                Duration::ZERO,
+                (Duration::ZERO, None),
                 Some(Nginx::start(&args.nginx, &dir.join("nginx"))?),
             ),
         };
@@ -579,9 +659,11 @@ impl Sinks {
             Feed::Stream { count, .. } => count as usize,
             _ => 0,
         };
+        let (latency, capacity) = latency;
         let reference = sink::start(SinkArgs {
             listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
             latency,
+            capacity,
             client_secret: "bench-secret".into(),
             keep_events,
             ..SinkArgs::default()
@@ -791,6 +873,7 @@ async fn watch(
         written: None,
         instructions: None,
         concurrency_limits: limit.series,
+        sink_max_in_flight: sinks.reference.max_in_flight(),
     })
 }
 
@@ -848,6 +931,14 @@ fn limit_line(series: &[(f64, f64)], ceiling: usize) -> String {
             |(at, _)| format!("first at the ceiling after {at:.0} s"),
         );
     format!("health_events_exporter_concurrency_limit {last:.0} of {ceiling} at the end, {reached}")
+}
+
+/// Events/s from `from` (seconds since the start) to the last sample; `None` without at least
+/// a second of samples after it.
+fn rate_after(samples: &[(f64, u64)], from: f64) -> Option<f64> {
+    let (t0, a0) = *samples.iter().find(|(at, _)| *at >= from)?;
+    let (t1, a1) = *samples.last()?;
+    (t1 - t0 >= 1.0).then(|| a1.saturating_sub(a0) as f64 / (t1 - t0))
 }
 
 /// Events/s between the first sample with a delivery and the last sample.
@@ -929,6 +1020,15 @@ mod tests {
             None,
             "10 s of samples: no full window"
         );
+    }
+
+    #[test]
+    fn rate_after_counts_from_the_given_time() {
+        let samples: Vec<(f64, u64)> = (0..=50).map(|i| (i as f64 * 0.1, i * i)).collect();
+        // From 3.0 s (900 delivered) to 5.0 s (2,500): 1,600 in 2 s.
+        let rate = rate_after(&samples, 3.0).expect("two seconds of samples");
+        assert!((rate - 800.0).abs() < 1e-6, "{rate}");
+        assert_eq!(rate_after(&samples, 4.5), None);
     }
 
     #[test]
