@@ -245,36 +245,10 @@ impl Publisher {
                 },
                 None => None,
             };
-            let mut request = self
-                .http
-                .post(self.endpoint.clone())
-                .header(CONTENT_TYPE, HeaderValue::from_static(content_type))
-                .body(body.to_vec());
-            if let Some(token) = &token {
-                request = request.header(AUTHORIZATION, format!("Bearer {token}"));
-            }
-            if let Some(traceparent) = traceparent {
-                request = request.header("traceparent", traceparent);
-            }
+            let request = self.request(body, content_type, traceparent, token.as_deref());
             let response = match request.send().await {
                 Ok(response) => response,
-                Err(e) => {
-                    return Attempt::Failed(AttemptFailure {
-                        reason: if e.is_timeout() {
-                            "timeout"
-                        } else if e.is_connect() {
-                            "connect"
-                        } else if e.is_redirect() {
-                            "redirect"
-                        } else {
-                            "network"
-                        },
-                        message: describe_reqwest_error(&e),
-                        retry_after: None,
-                        status: None,
-                        excerpt: String::new(),
-                    })
-                }
+                Err(e) => return Attempt::Failed(send_failure(&e)),
             };
             let status = response.status();
             let retry_after = retry_after_header(&response);
@@ -296,34 +270,30 @@ impl Publisher {
                     continue;
                 }
             }
-            let excerpt = excerpt(&text, 1000);
-            if status.is_redirection() {
-                let to = location.as_deref().unwrap_or("(no Location header)");
-                return Attempt::Failed(AttemptFailure {
-                    reason: "redirect",
-                    message: format!(
-                        "sink answered HTTP {} redirecting to {to}, which is not followed \
-                         (only 307/308 to the same origin are); a redirect is not delivery: \
-                         point exporter.sink.endpoint at the final URL",
-                        status.as_u16()
-                    ),
-                    retry_after: None,
-                    status: Some(status.as_u16()),
-                    excerpt,
-                });
-            }
-            return Attempt::Failed(AttemptFailure {
-                reason: status_reason(status),
-                message: format!("sink answered HTTP {}{}", status.as_u16(), snippet(&text)),
-                retry_after: if matches!(status.as_u16(), 429 | 503) {
-                    retry_after
-                } else {
-                    None
-                },
-                status: Some(status.as_u16()),
-                excerpt,
-            });
+            return Attempt::Failed(refusal(status, &text, location, retry_after));
         }
+    }
+
+    /// The POST of one body, with its bearer token and trace context.
+    fn request(
+        &self,
+        body: &[u8],
+        content_type: &'static str,
+        traceparent: Option<&str>,
+        token: Option<&str>,
+    ) -> reqwest::RequestBuilder {
+        let mut request = self
+            .http
+            .post(self.endpoint.clone())
+            .header(CONTENT_TYPE, HeaderValue::from_static(content_type))
+            .body(body.to_vec());
+        if let Some(token) = token {
+            request = request.header(AUTHORIZATION, format!("Bearer {token}"));
+        }
+        if let Some(traceparent) = traceparent {
+            request = request.header("traceparent", traceparent);
+        }
+        request
     }
 }
 
@@ -443,6 +413,63 @@ pub fn describe_reqwest_error(error: &reqwest::Error) -> String {
         source = cause.source();
     }
     message
+}
+
+/// A request that got no answer: timeout, connect, redirect (a loop or too many) or network.
+fn send_failure(e: &reqwest::Error) -> AttemptFailure {
+    let reason = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect"
+    } else if e.is_redirect() {
+        "redirect"
+    } else {
+        "network"
+    };
+    AttemptFailure {
+        reason,
+        message: describe_reqwest_error(e),
+        retry_after: None,
+        status: None,
+        excerpt: String::new(),
+    }
+}
+
+/// An answer that is not delivery: a redirect that is not followed, or an error status
+/// (`Retry-After` kept for 429 and 503 only).
+fn refusal(
+    status: StatusCode,
+    text: &[u8],
+    location: Option<String>,
+    retry_after: Option<Duration>,
+) -> AttemptFailure {
+    let excerpt = excerpt(text, 1000);
+    if status.is_redirection() {
+        let to = location.as_deref().unwrap_or("(no Location header)");
+        return AttemptFailure {
+            reason: "redirect",
+            message: format!(
+                "sink answered HTTP {} redirecting to {to}, which is not followed (only 307/308 \
+                 to the same origin are); a redirect is not delivery: point \
+                 exporter.sink.endpoint at the final URL",
+                status.as_u16()
+            ),
+            retry_after: None,
+            status: Some(status.as_u16()),
+            excerpt,
+        };
+    }
+    AttemptFailure {
+        reason: status_reason(status),
+        message: format!("sink answered HTTP {}{}", status.as_u16(), snippet(text)),
+        retry_after: if matches!(status.as_u16(), 429 | 503) {
+            retry_after
+        } else {
+            None
+        },
+        status: Some(status.as_u16()),
+        excerpt,
+    }
 }
 
 #[cfg(test)]
