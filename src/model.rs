@@ -18,7 +18,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use serde::Deserialize;
 use serde_json::Value;
 
-use visit::{EntityFields, EventFields, Metadata, Shape, SpanIds, Status, Top};
+use visit::{EntityFields, EventFields, Metadata, Shape, SpanIds, Status, Text, Time, Top};
 
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct HealthEvent {
@@ -202,7 +202,7 @@ fn decode_fields(f: EventFields) -> Result<HealthEvent, DecodeError> {
         entities_impacted: entities(f.entities_impacted.chosen())?,
         metadata: metadata(f.metadata, "healthevent.metadata")?,
         generated_timestamp: timestamp(
-            f.generated_timestamp.chosen().as_ref(),
+            f.generated_timestamp.chosen(),
             "healthevent.generatedTimestamp",
         )?,
         node_name: string(f.node_name.chosen(), "healthevent.nodeName")?,
@@ -285,14 +285,11 @@ pub fn json_kind(value: &Value) -> &'static str {
     }
 }
 
-fn string(value: Option<Value>, name: &str) -> Result<String, DecodeError> {
+fn string(value: Option<Text>, name: &str) -> Result<String, DecodeError> {
     match value {
-        None | Some(Value::Null) => Ok(String::new()),
-        Some(Value::String(text)) => Ok(text),
-        Some(other) => Err(error(
-            name,
-            format!("expected a string, got {}", json_kind(&other)),
-        )),
+        None | Some(Text::Null) => Ok(String::new()),
+        Some(Text::String(text)) => Ok(text),
+        Some(Text::Other(kind)) => Err(error(name, format!("expected a string, got {kind}"))),
     }
 }
 
@@ -337,24 +334,20 @@ fn enum_name(
     }
 }
 
-fn string_list(value: Option<Value>, name: &str) -> Result<Vec<String>, DecodeError> {
+fn string_list(value: Option<Shape<Vec<Text>>>, name: &str) -> Result<Vec<String>, DecodeError> {
     match value {
-        None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::Array(items)) => items
+        None | Some(Shape::Null) => Ok(Vec::new()),
+        Some(Shape::Found(items)) => items
             .into_iter()
             .enumerate()
-            .map(|(i, item)| match item {
-                Value::String(text) => Ok(text),
-                other => Err(error(
-                    &format!("{name}[{i}]"),
-                    format!("expected a string, got {}", json_kind(&other)),
-                )),
+            .map(|(i, item)| {
+                string(Some(item), "").map_err(|e| DecodeError {
+                    field: format!("{name}[{i}]"),
+                    ..e
+                })
             })
             .collect(),
-        Some(other) => Err(error(
-            name,
-            format!("expected an array, got {}", json_kind(&other)),
-        )),
+        Some(other) => Err(wrong_kind(name, "an array", &other)),
     }
 }
 
@@ -372,7 +365,7 @@ fn entities(value: Option<Shape<Vec<Shape<EntityFields>>>>) -> Result<Vec<Entity
                     Shape::Found(entity) => entity,
                     other => return Err(wrong_kind(&at(), "an object", &other)),
                 };
-                let text = |value: Option<Value>, camel: &str| {
+                let text = |value: Option<Text>, camel: &str| {
                     string(value, "").map_err(|e| DecodeError {
                         field: format!("{}.{camel}", at()),
                         ..e
@@ -410,7 +403,7 @@ pub fn in_rfc3339_range(time: &DateTime<Utc>) -> bool {
     (1..=9999).contains(&time.year())
 }
 
-fn timestamp(value: Option<&Value>, name: &str) -> Result<Option<DateTime<Utc>>, DecodeError> {
+fn timestamp(value: Option<Time>, name: &str) -> Result<Option<DateTime<Utc>>, DecodeError> {
     let parsed = timestamp_any(value, name)?;
     match parsed {
         Some(time) if !in_rfc3339_range(&time) => Err(error(
@@ -424,15 +417,15 @@ fn timestamp(value: Option<&Value>, name: &str) -> Result<Option<DateTime<Utc>>,
     }
 }
 
-fn timestamp_any(value: Option<&Value>, name: &str) -> Result<Option<DateTime<Utc>>, DecodeError> {
+fn timestamp_any(value: Option<Time>, name: &str) -> Result<Option<DateTime<Utc>>, DecodeError> {
     match value {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(text)) => DateTime::parse_from_rfc3339(text)
+        None | Some(Time::Null) => Ok(None),
+        Some(Time::Text(text)) => DateTime::parse_from_rfc3339(&text)
             .map(|t| Some(t.with_timezone(&Utc)))
             .map_err(|e| error(name, format!("{text:?} is not an RFC 3339 timestamp: {e}"))),
-        Some(Value::Object(parts)) => {
-            let number = |key: &str| -> Result<i64, DecodeError> {
-                match parts.get(key) {
+        Some(Time::Parts(parts)) => {
+            let number = |key: &str, value: Option<Value>| -> Result<i64, DecodeError> {
+                match value {
                     None | Some(Value::Null) => Ok(0),
                     // protojson writes int64 seconds as a string.
                     Some(Value::String(text)) => text
@@ -443,8 +436,8 @@ fn timestamp_any(value: Option<&Value>, name: &str) -> Result<Option<DateTime<Ut
                         .ok_or_else(|| error(name, format!("{key} {v} is not a whole number"))),
                 }
             };
-            let seconds = number("seconds")?;
-            let nanos = number("nanos")?;
+            let seconds = number("seconds", parts.seconds)?;
+            let nanos = number("nanos", parts.nanos)?;
             let nanos = u32::try_from(nanos)
                 .ok()
                 .filter(|n| *n < 1_000_000_000)
@@ -454,12 +447,9 @@ fn timestamp_any(value: Option<&Value>, name: &str) -> Result<Option<DateTime<Ut
                 _ => Err(error(name, format!("seconds {seconds} is out of range"))),
             }
         }
-        Some(other) => Err(error(
+        Some(Time::Other(kind)) => Err(error(
             name,
-            format!(
-                "expected {{seconds, nanos}} or a timestamp string, got {}",
-                json_kind(other)
-            ),
+            format!("expected {{seconds, nanos}} or a timestamp string, got {kind}"),
         )),
     }
 }

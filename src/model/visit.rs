@@ -14,8 +14,9 @@
 //! - a key seen twice keeps its last value (as `Value` does). PostgreSQL's jsonb and a BSON
 //!   document mapped to a tree never hold a key twice.
 //!
-//! Scalar fields are read as `Value`s (a number or a boolean costs no allocation, a string the
-//! one its `String` needs), so the checks and messages of `model`'s field functions stay theirs.
+//! Text fields are read as [`Text`] (the string, or the kind of what stood there instead);
+//! numbers, booleans and the parts of a timestamp as `Value`s (no allocation for a number or a
+//! boolean), so the checks and messages of `model`'s field functions stay theirs.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -181,6 +182,138 @@ impl<'de, T: Expected<'de>> Visitor<'de> for ShapeVisitor<T> {
     }
 }
 
+/// A value read where text is expected: the text, null, or the kind it was instead.
+#[derive(Debug)]
+pub enum Text {
+    Null,
+    String(String),
+    Other(&'static str),
+}
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Text, D::Error> {
+        deserializer.deserialize_any(TextVisitor)
+    }
+}
+
+struct TextVisitor;
+
+impl<'de> Visitor<'de> for TextVisitor {
+    type Value = Text;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Text, E> {
+        Ok(Text::Other("a boolean"))
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Text, E> {
+        Ok(Text::Other("a number"))
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Text, E> {
+        Ok(Text::Other("a number"))
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Text, E> {
+        Ok(Text::Other("a number"))
+    }
+    fn visit_str<E>(self, text: &str) -> Result<Text, E> {
+        Ok(Text::String(text.to_string()))
+    }
+    fn visit_string<E>(self, text: String) -> Result<Text, E> {
+        Ok(Text::String(text))
+    }
+    fn visit_unit<E>(self) -> Result<Text, E> {
+        Ok(Text::Null)
+    }
+    fn visit_none<E>(self) -> Result<Text, E> {
+        Ok(Text::Null)
+    }
+    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Text, D::Error> {
+        Text::deserialize(deserializer)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Text, A::Error> {
+        Skip::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))?;
+        Ok(Text::Other("an array"))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Text, A::Error> {
+        Skip::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+        Ok(Text::Other("an object"))
+    }
+}
+
+/// `generatedTimestamp`: `{seconds, nanos}`, a string, null, or the kind it was instead.
+#[derive(Debug)]
+pub enum Time {
+    Null,
+    Parts(TimeParts),
+    Text(String),
+    Other(&'static str),
+}
+
+/// The parts of a `{seconds, nanos}` timestamp, each as read (other keys are skipped).
+#[derive(Debug, Default)]
+pub struct TimeParts {
+    pub seconds: Option<Value>,
+    pub nanos: Option<Value>,
+}
+
+impl<'de> Deserialize<'de> for Time {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Time, D::Error> {
+        deserializer.deserialize_any(TimeVisitor)
+    }
+}
+
+struct TimeVisitor;
+
+impl<'de> Visitor<'de> for TimeVisitor {
+    type Value = Time;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Time, E> {
+        Ok(Time::Other("a boolean"))
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Time, E> {
+        Ok(Time::Other("a number"))
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Time, E> {
+        Ok(Time::Other("a number"))
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Time, E> {
+        Ok(Time::Other("a number"))
+    }
+    fn visit_str<E>(self, text: &str) -> Result<Time, E> {
+        Ok(Time::Text(text.to_string()))
+    }
+    fn visit_unit<E>(self) -> Result<Time, E> {
+        Ok(Time::Null)
+    }
+    fn visit_none<E>(self) -> Result<Time, E> {
+        Ok(Time::Null)
+    }
+    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Time, D::Error> {
+        Time::deserialize(deserializer)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Time, A::Error> {
+        Skip::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))?;
+        Ok(Time::Other("an array"))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Time, A::Error> {
+        let mut parts = TimeParts::default();
+        while let Some(key) = map.next_key::<Key>()? {
+            match key.as_str() {
+                "seconds" => parts.seconds = Some(map.next_value()?),
+                "nanos" => parts.nanos = Some(map.next_value()?),
+                _ => {
+                    map.next_value::<Skip>()?;
+                }
+            }
+        }
+        Ok(Time::Parts(parts))
+    }
+}
+
 /// The two spellings of one field: camelCase (Go's JSON) and lowercase (BSON).
 #[derive(Debug)]
 pub struct Pair<T> {
@@ -232,22 +365,22 @@ impl<'de> Expected<'de> for Top {
 #[derive(Default)]
 pub struct EventFields {
     pub version: Option<Value>,
-    pub agent: Option<Value>,
-    pub component_class: Pair<Value>,
-    pub check_name: Pair<Value>,
+    pub agent: Option<Text>,
+    pub component_class: Pair<Text>,
+    pub check_name: Pair<Text>,
     pub is_fatal: Pair<Value>,
     pub is_healthy: Pair<Value>,
-    pub message: Option<Value>,
+    pub message: Option<Text>,
     pub recommended_action: Pair<Value>,
-    pub error_code: Pair<Value>,
+    pub error_code: Pair<Shape<Vec<Text>>>,
     pub entities_impacted: Pair<Shape<Vec<Shape<EntityFields>>>>,
     pub metadata: Option<Shape<Metadata>>,
-    pub generated_timestamp: Pair<Value>,
-    pub node_name: Pair<Value>,
+    pub generated_timestamp: Pair<Time>,
+    pub node_name: Pair<Text>,
     pub quarantine_overrides: Pair<Value>,
     pub drain_overrides: Pair<Value>,
     pub processing_strategy: Pair<Value>,
-    pub custom_recommended_action: Pair<Value>,
+    pub custom_recommended_action: Pair<Text>,
 }
 
 impl<'de> Expected<'de> for EventFields {
@@ -298,7 +431,7 @@ impl<'de> Expected<'de> for EventFields {
     }
 }
 
-/// `entitiesImpacted`: an array (each element an object or the kind it was instead).
+/// An array (`entitiesImpacted`, `errorCode`): its elements, each read as `T`.
 impl<'de, T: Deserialize<'de>> Expected<'de> for Vec<T> {
     fn from_seq<A: SeqAccess<'de>>(mut seq: A) -> Result<Option<Vec<T>>, A::Error> {
         let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(16));
@@ -312,8 +445,8 @@ impl<'de, T: Deserialize<'de>> Expected<'de> for Vec<T> {
 /// One entity's fields, each spelling in its slot.
 #[derive(Default)]
 pub struct EntityFields {
-    pub entity_type: Pair<Value>,
-    pub entity_value: Pair<Value>,
+    pub entity_type: Pair<Text>,
+    pub entity_value: Pair<Text>,
 }
 
 impl<'de> Expected<'de> for EntityFields {
