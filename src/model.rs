@@ -179,7 +179,7 @@ fn wrong_kind<T>(name: &str, what: &str, shape: &Shape<T>) -> DecodeError {
 }
 
 /// The health event from its fields; the first wrong one, in declaration order, is the error.
-fn decode_fields(f: EventFields) -> Result<HealthEvent, DecodeError> {
+fn decode_fields(f: Box<EventFields>) -> Result<HealthEvent, DecodeError> {
     Ok(HealthEvent {
         version: match f.version {
             None | Some(Value::Null) => 0,

@@ -340,7 +340,8 @@ impl<T> Pair<T> {
 /// The top level: the health event (`healthevent`, else `healthEvent`) and the status.
 #[derive(Default)]
 pub struct Top {
-    pub event: Pair<Shape<EventFields>>,
+    /// Boxed: the fields are a few KiB, moved through every layer of the visitors otherwise.
+    pub event: Pair<Shape<Box<EventFields>>>,
     pub status: Option<Shape<Status>>,
 }
 
@@ -432,6 +433,15 @@ impl<'de> Expected<'de> for EventFields {
 }
 
 /// An array (`entitiesImpacted`, `errorCode`): its elements, each read as `T`.
+impl<'de, T: Expected<'de>> Expected<'de> for Box<T> {
+    fn from_map<A: MapAccess<'de>>(map: A) -> Result<Option<Box<T>>, A::Error> {
+        Ok(T::from_map(map)?.map(Box::new))
+    }
+    fn from_seq<A: SeqAccess<'de>>(seq: A) -> Result<Option<Box<T>>, A::Error> {
+        Ok(T::from_seq(seq)?.map(Box::new))
+    }
+}
+
 impl<'de, T: Deserialize<'de>> Expected<'de> for Vec<T> {
     fn from_seq<A: SeqAccess<'de>>(mut seq: A) -> Result<Option<Vec<T>>, A::Error> {
         let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(16));
