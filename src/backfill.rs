@@ -400,7 +400,7 @@ mod tests {
             cursor: cursor(id),
             event: RawEvent {
                 record_id: id.into(),
-                document: serde_json::json!({}),
+                document: crate::model::Document::Tree(serde_json::json!({})),
                 created_at: None,
             },
         }

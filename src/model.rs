@@ -2,12 +2,23 @@
 //!
 //! Documents come in two spellings: camelCase keys with `omitempty` (the PostgreSQL path, Go's
 //! JSON) and lowercase keys (MongoDB's BSON). Enums may be numbers or names, timestamps
-//! `{seconds, nanos}` or strings. Unknown keys (`RawEvent`, status fields) are ignored.
+//! `{seconds, nanos}` or strings. Unknown keys (`RawEvent`, status fields) are ignored, but
+//! checked as a JSON parse would check them.
+//!
+//! A document is read in one pass (`visit`): JSON text (PostgreSQL) and a JSON tree (MongoDB's
+//! BSON mapped to JSON, and callers holding a `serde_json::Value`) go through the same visitors
+//! into per-field slots, then the field functions below turn the chosen slots into a
+//! [`HealthEvent`] or a [`DecodeError`] naming the first wrong field, in declaration order.
+
+mod visit;
 
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, TimeZone, Utc};
-use serde_json::{Map, Value};
+use serde::Deserialize;
+use serde_json::Value;
+
+use visit::{EntityFields, EventFields, Metadata, Shape, SpanIds, Status, Text, Time, Top};
 
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct HealthEvent {
@@ -82,107 +93,184 @@ const PROCESSING_STRATEGIES: &[(i64, &str)] = &[
     (3, "STORE_AND_ANALYSE"),
 ];
 
-/// Decodes the `healthevent` of a stored document. `Ok(None)` when the document has no health
-/// event (the Go exporter skips those silently too).
-pub fn decode_document(document: &Value) -> Result<Option<HealthEvent>, DecodeError> {
-    let Value::Object(top) = document else {
-        return Err(error(
-            "document",
-            format!("expected an object, got {}", json_kind(document)),
-        ));
-    };
-    let event = match field(top, "healthevent", "healthEvent") {
-        None | Some(Value::Null) => return Ok(None),
-        Some(Value::Object(event)) => event,
-        Some(other) => {
-            return Err(error(
-                "healthevent",
-                format!("expected an object, got {}", json_kind(other)),
-            ))
+/// A stored health-event document, as its datastore hands it over (not yet decoded).
+#[derive(Debug, Clone)]
+pub enum Document {
+    /// JSON text (PostgreSQL's jsonb as the server sends it): read in one pass, no tree built.
+    Text(String),
+    /// A JSON tree (a MongoDB document mapped to JSON by `datastore::mongo::decode`).
+    Tree(Value),
+}
+
+/// A decoded document: the health event, and the span its trace continues from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decoded {
+    pub event: HealthEvent,
+    /// The span id recorded in `healtheventstatus.spanids` (the platform connector's when
+    /// several; 16 lowercase hex digits), if any.
+    pub recorded_span: Option<String>,
+}
+
+impl Decoded {
+    /// The W3C `traceparent` for delivering the event (see [`traceparent_from`]).
+    pub fn traceparent(&self) -> Option<String> {
+        traceparent_from(&self.event, self.recorded_span.as_deref())
+    }
+}
+
+/// Why a document cannot be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum DocumentError {
+    /// The text is not JSON a parse accepts: a syntax error, nesting deeper than 128 levels
+    /// (in any key, kept or ignored), a number beyond `f64` such as `1e400`, a bad escape.
+    #[error("document: {0}")]
+    Unreadable(#[from] serde_json::Error),
+    /// JSON, but a field the exporter reads has the wrong type or an impossible value.
+    #[error(transparent)]
+    Invalid(#[from] DecodeError),
+}
+
+/// Decodes a stored document. `Ok(None)` when it has no health event (the Go exporter skips
+/// those silently too).
+pub fn decode(document: &Document) -> Result<Option<Decoded>, DocumentError> {
+    let top = match document {
+        Document::Text(text) => {
+            let mut reader = serde_json::Deserializer::from_str(text);
+            let top = Shape::<Top>::deserialize(&mut reader)?;
+            reader.end()?;
+            top
         }
+        Document::Tree(tree) => Shape::<Top>::deserialize(tree)?,
     };
-    // Both spellings are literals: no lower-casing (an allocation) per field and event.
-    let get = |(camel, lower): (&str, &str)| field(event, camel, lower);
-    Ok(Some(HealthEvent {
-        version: match get(("version", "version")) {
+    Ok(decode_top(top)?)
+}
+
+/// Decodes the `healthevent` of a document held as a tree; `Ok(None)` when it has none.
+pub fn decode_document(document: &Value) -> Result<Option<HealthEvent>, DecodeError> {
+    // Every tree deserializes (the visitors accept any value); only field errors remain.
+    let top = Shape::<Top>::deserialize(document).map_err(|e| error("document", e.to_string()))?;
+    Ok(decode_top(top)?.map(|decoded| decoded.event))
+}
+
+fn decode_top(top: Shape<Top>) -> Result<Option<Decoded>, DecodeError> {
+    let top = match top {
+        Shape::Found(top) => top,
+        other => return Err(wrong_kind("document", "an object", &other)),
+    };
+    let fields = match top.event.chosen() {
+        None | Some(Shape::Null) => return Ok(None),
+        Some(Shape::Found(fields)) => fields,
+        Some(other) => return Err(wrong_kind("healthevent", "an object", &other)),
+    };
+    Ok(Some(Decoded {
+        event: decode_fields(fields)?,
+        recorded_span: top.status.and_then(recorded_span),
+    }))
+}
+
+/// "expected {what}, got {kind}" for `name`, where `shape` is not what was expected.
+fn wrong_kind<T>(name: &str, what: &str, shape: &Shape<T>) -> DecodeError {
+    let kind = match shape {
+        Shape::Null => "null",
+        Shape::Other(kind) => kind,
+        Shape::Found(_) => "an unexpected value",
+    };
+    error(name, format!("expected {what}, got {kind}"))
+}
+
+/// The health event from its fields; the first wrong one, in declaration order, is the error.
+fn decode_fields(f: Box<EventFields>) -> Result<HealthEvent, DecodeError> {
+    Ok(HealthEvent {
+        version: match f.version {
             None | Some(Value::Null) => 0,
             Some(v) => v.as_u64().ok_or_else(|| {
                 error("healthevent.version", format!("expected a number, got {v}"))
             })?,
         },
-        agent: string(get(("agent", "agent")), "healthevent.agent")?,
-        component_class: string(
-            get(("componentClass", "componentclass")),
-            "healthevent.componentClass",
-        )?,
-        check_name: string(get(("checkName", "checkname")), "healthevent.checkName")?,
-        is_fatal: boolean(get(("isFatal", "isfatal")), "healthevent.isFatal")?,
-        is_healthy: boolean(get(("isHealthy", "ishealthy")), "healthevent.isHealthy")?,
-        message: string(get(("message", "message")), "healthevent.message")?,
+        agent: string(f.agent, "healthevent.agent")?,
+        component_class: string(f.component_class.chosen(), "healthevent.componentClass")?,
+        check_name: string(f.check_name.chosen(), "healthevent.checkName")?,
+        is_fatal: boolean(f.is_fatal.chosen().as_ref(), "healthevent.isFatal")?,
+        is_healthy: boolean(f.is_healthy.chosen().as_ref(), "healthevent.isHealthy")?,
+        message: string(f.message, "healthevent.message")?,
         recommended_action: enum_name(
-            get(("recommendedAction", "recommendedaction")),
+            f.recommended_action.chosen(),
             RECOMMENDED_ACTIONS,
             "healthevent.recommendedAction",
         )?,
-        error_code: string_list(get(("errorCode", "errorcode")), "healthevent.errorCode")?,
-        entities_impacted: entities(get(("entitiesImpacted", "entitiesimpacted")))?,
-        metadata: string_map(get(("metadata", "metadata")), "healthevent.metadata")?,
+        error_code: string_list(f.error_code.chosen(), "healthevent.errorCode")?,
+        entities_impacted: entities(f.entities_impacted.chosen())?,
+        metadata: metadata(f.metadata, "healthevent.metadata")?,
         generated_timestamp: timestamp(
-            get(("generatedTimestamp", "generatedtimestamp")),
+            f.generated_timestamp.chosen(),
             "healthevent.generatedTimestamp",
         )?,
-        node_name: string(get(("nodeName", "nodename")), "healthevent.nodeName")?,
+        node_name: string(f.node_name.chosen(), "healthevent.nodeName")?,
         quarantine_overrides: overrides(
-            get(("quarantineOverrides", "quarantineoverrides")),
+            f.quarantine_overrides.chosen().as_ref(),
             "healthevent.quarantineOverrides",
         )?,
         drain_overrides: overrides(
-            get(("drainOverrides", "drainoverrides")),
+            f.drain_overrides.chosen().as_ref(),
             "healthevent.drainOverrides",
         )?,
         processing_strategy: enum_name(
-            get(("processingStrategy", "processingstrategy")),
+            f.processing_strategy.chosen(),
             PROCESSING_STRATEGIES,
             "healthevent.processingStrategy",
         )?,
         custom_recommended_action: string(
-            get(("customRecommendedAction", "customrecommendedaction")),
+            f.custom_recommended_action.chosen(),
             "healthevent.customRecommendedAction",
         )?,
-    }))
+    })
+}
+
+/// The W3C `traceparent` for delivering `event` held as a tree `document` (see
+/// [`traceparent_from`]; the recorded span is read as [`decode`] reads it).
+pub fn traceparent(document: &Value, event: &HealthEvent) -> Option<String> {
+    let recorded = document
+        .get("healtheventstatus")
+        .and_then(|status| Shape::<Status>::deserialize(status).ok())
+        .and_then(recorded_span);
+    traceparent_from(event, recorded.as_deref())
 }
 
 /// The W3C `traceparent` for delivering `event`, when a platform connector put a trace id in
-/// its metadata: the parent span is the one recorded in `healtheventstatus.spanids` (the
-/// platform connector's, when several), else a new span id for this delivery.
-pub fn traceparent(document: &Value, event: &HealthEvent) -> Option<String> {
-    let is_hex = |text: &str, len: usize| {
-        text.len() == len
-            && text.bytes().all(|b| b.is_ascii_hexdigit())
-            && text.bytes().any(|b| b != b'0')
-    };
+/// its metadata: the parent span is `recorded_span` (from `healtheventstatus.spanids`), else a
+/// new span id for this delivery.
+pub fn traceparent_from(event: &HealthEvent, recorded_span: Option<&str>) -> Option<String> {
     let trace_id = event.metadata.get("trace_id")?.to_ascii_lowercase();
-    if !is_hex(&trace_id, 32) {
+    if !is_trace_hex(&trace_id, 32) {
         return None;
     }
-    let span_ids = document
-        .get("healtheventstatus")
-        .and_then(|status| status.get("spanids").or_else(|| status.get("spanIds")))
-        .and_then(Value::as_object);
-    let recorded = span_ids.and_then(|ids| {
-        let valid = |(_, v): &(&String, &Value)| v.as_str().is_some_and(|s| is_hex(s, 16));
-        ids.iter()
-            .filter(valid)
-            .find(|(key, _)| key.contains("platform-connector"))
-            .or_else(|| ids.iter().find(valid))
-            .and_then(|(_, v)| v.as_str().map(str::to_ascii_lowercase))
-    });
-    let span_id = recorded.unwrap_or_else(|| format!("{:016x}", fastrand::u64(1..)));
+    let span_id = match recorded_span {
+        Some(span) => span.to_string(),
+        None => format!("{:016x}", fastrand::u64(1..)),
+    };
     Some(format!("00-{trace_id}-{span_id}-01"))
 }
 
-fn field<'a>(object: &'a Map<String, Value>, camel: &str, lower: &str) -> Option<&'a Value> {
-    object.get(camel).or_else(|| object.get(lower))
+/// The recorded parent span: among the valid span ids of `spanids` (else `spanIds`), the first
+/// whose component names a platform connector, else the first; lowercase.
+fn recorded_span(status: Shape<Status>) -> Option<String> {
+    let Shape::Found(status) = status else {
+        return None;
+    };
+    let Some(Shape::Found(SpanIds(ids))) = status.span_ids.chosen() else {
+        return None;
+    };
+    ids.iter()
+        .find(|(component, _)| component.contains("platform-connector"))
+        .or_else(|| ids.first())
+        .map(|(_, span)| span.to_ascii_lowercase())
+}
+
+/// Whether `text` is a W3C trace or span id: `len` hex digits, not all zero.
+fn is_trace_hex(text: &str, len: usize) -> bool {
+    text.len() == len
+        && text.bytes().all(|b| b.is_ascii_hexdigit())
+        && text.bytes().any(|b| b != b'0')
 }
 
 /// "a string", "an object", … for messages about a JSON value of the wrong kind.
@@ -197,14 +285,11 @@ pub fn json_kind(value: &Value) -> &'static str {
     }
 }
 
-fn string(value: Option<&Value>, name: &str) -> Result<String, DecodeError> {
+fn string(value: Option<Text>, name: &str) -> Result<String, DecodeError> {
     match value {
-        None | Some(Value::Null) => Ok(String::new()),
-        Some(Value::String(text)) => Ok(text.clone()),
-        Some(other) => Err(error(
-            name,
-            format!("expected a string, got {}", json_kind(other)),
-        )),
+        None | Some(Text::Null) => Ok(String::new()),
+        Some(Text::String(text)) => Ok(text),
+        Some(Text::Other(kind)) => Err(error(name, format!("expected a string, got {kind}"))),
     }
 }
 
@@ -220,7 +305,7 @@ fn boolean(value: Option<&Value>, name: &str) -> Result<bool, DecodeError> {
 }
 
 fn enum_name(
-    value: Option<&Value>,
+    value: Option<Value>,
     names: &[(i64, &str)],
     name: &str,
 ) -> Result<String, DecodeError> {
@@ -240,91 +325,74 @@ fn enum_name(
             .ok_or_else(|| error(name, format!("expected an enum number, got {n}"))),
         Some(Value::String(text)) => Ok(match text.parse::<i64>() {
             Ok(n) => by_number(n),
-            Err(_) => text.clone(),
+            Err(_) => text,
         }),
         Some(other) => Err(error(
             name,
-            format!("expected an enum, got {}", json_kind(other)),
+            format!("expected an enum, got {}", json_kind(&other)),
         )),
     }
 }
 
-fn string_list(value: Option<&Value>, name: &str) -> Result<Vec<String>, DecodeError> {
+fn string_list(value: Option<Shape<Vec<Text>>>, name: &str) -> Result<Vec<String>, DecodeError> {
     match value {
-        None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::Array(items)) => items
-            .iter()
+        None | Some(Shape::Null) => Ok(Vec::new()),
+        Some(Shape::Found(items)) => items
+            .into_iter()
             .enumerate()
-            .map(|(i, item)| match item {
-                Value::String(text) => Ok(text.clone()),
-                other => Err(error(
-                    &format!("{name}[{i}]"),
-                    format!("expected a string, got {}", json_kind(other)),
-                )),
+            .map(|(i, item)| {
+                string(Some(item), "").map_err(|e| DecodeError {
+                    field: format!("{name}[{i}]"),
+                    ..e
+                })
             })
             .collect(),
-        Some(other) => Err(error(
-            name,
-            format!("expected an array, got {}", json_kind(other)),
-        )),
+        Some(other) => Err(wrong_kind(name, "an array", &other)),
     }
 }
 
-fn entities(value: Option<&Value>) -> Result<Vec<Entity>, DecodeError> {
+fn entities(value: Option<Shape<Vec<Shape<EntityFields>>>>) -> Result<Vec<Entity>, DecodeError> {
     let name = "healthevent.entitiesImpacted";
     match value {
-        None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::Array(items)) => items
-            .iter()
+        None | Some(Shape::Null) => Ok(Vec::new()),
+        Some(Shape::Found(items)) => items
+            .into_iter()
             .enumerate()
             .map(|(i, item)| {
                 // Field names are formatted only for an error, not for every entity.
                 let at = || format!("{name}[{i}]");
-                let Value::Object(entity) = item else {
-                    return Err(error(
-                        &at(),
-                        format!("expected an object, got {}", json_kind(item)),
-                    ));
+                let entity = match item {
+                    Shape::Found(entity) => entity,
+                    other => return Err(wrong_kind(&at(), "an object", &other)),
                 };
-                let text = |camel: &str, lower: &str| {
-                    string(field(entity, camel, lower), "").map_err(|e| DecodeError {
+                let text = |value: Option<Text>, camel: &str| {
+                    string(value, "").map_err(|e| DecodeError {
                         field: format!("{}.{camel}", at()),
                         ..e
                     })
                 };
                 Ok(Entity {
-                    entity_type: text("entityType", "entitytype")?,
-                    entity_value: text("entityValue", "entityvalue")?,
+                    entity_type: text(entity.entity_type.chosen(), "entityType")?,
+                    entity_value: text(entity.entity_value.chosen(), "entityValue")?,
                 })
             })
             .collect(),
-        Some(other) => Err(error(
-            name,
-            format!("expected an array, got {}", json_kind(other)),
-        )),
+        Some(other) => Err(wrong_kind(name, "an array", &other)),
     }
 }
 
-fn string_map(value: Option<&Value>, name: &str) -> Result<BTreeMap<String, String>, DecodeError> {
+fn metadata(
+    value: Option<Shape<Metadata>>,
+    name: &str,
+) -> Result<BTreeMap<String, String>, DecodeError> {
     match value {
-        None | Some(Value::Null) => Ok(BTreeMap::new()),
-        Some(Value::Object(entries)) => entries
-            .iter()
-            .map(|(key, value)| match value {
-                Value::String(text) => Ok((key.clone(), text.clone())),
-                // Scalars are kept as text rather than losing the whole event.
-                Value::Number(n) => Ok((key.clone(), n.to_string())),
-                Value::Bool(b) => Ok((key.clone(), b.to_string())),
-                other => Err(error(
-                    &format!("{name}.{key}"),
-                    format!("expected a string, got {}", json_kind(other)),
-                )),
-            })
-            .collect(),
-        Some(other) => Err(error(
-            name,
-            format!("expected an object, got {}", json_kind(other)),
+        None | Some(Shape::Null) => Ok(BTreeMap::new()),
+        Some(Shape::Found(Metadata(Ok(entries)))) => Ok(entries),
+        Some(Shape::Found(Metadata(Err((key, kind))))) => Err(error(
+            &format!("{name}.{key}"),
+            format!("expected a string, got {kind}"),
         )),
+        Some(other) => Err(wrong_kind(name, "an object", &other)),
     }
 }
 
@@ -335,7 +403,7 @@ pub fn in_rfc3339_range(time: &DateTime<Utc>) -> bool {
     (1..=9999).contains(&time.year())
 }
 
-fn timestamp(value: Option<&Value>, name: &str) -> Result<Option<DateTime<Utc>>, DecodeError> {
+fn timestamp(value: Option<Time>, name: &str) -> Result<Option<DateTime<Utc>>, DecodeError> {
     let parsed = timestamp_any(value, name)?;
     match parsed {
         Some(time) if !in_rfc3339_range(&time) => Err(error(
@@ -349,15 +417,15 @@ fn timestamp(value: Option<&Value>, name: &str) -> Result<Option<DateTime<Utc>>,
     }
 }
 
-fn timestamp_any(value: Option<&Value>, name: &str) -> Result<Option<DateTime<Utc>>, DecodeError> {
+fn timestamp_any(value: Option<Time>, name: &str) -> Result<Option<DateTime<Utc>>, DecodeError> {
     match value {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(text)) => DateTime::parse_from_rfc3339(text)
+        None | Some(Time::Null) => Ok(None),
+        Some(Time::Text(text)) => DateTime::parse_from_rfc3339(&text)
             .map(|t| Some(t.with_timezone(&Utc)))
             .map_err(|e| error(name, format!("{text:?} is not an RFC 3339 timestamp: {e}"))),
-        Some(Value::Object(parts)) => {
-            let number = |key: &str| -> Result<i64, DecodeError> {
-                match parts.get(key) {
+        Some(Time::Parts(parts)) => {
+            let number = |key: &str, value: Option<Value>| -> Result<i64, DecodeError> {
+                match value {
                     None | Some(Value::Null) => Ok(0),
                     // protojson writes int64 seconds as a string.
                     Some(Value::String(text)) => text
@@ -368,8 +436,8 @@ fn timestamp_any(value: Option<&Value>, name: &str) -> Result<Option<DateTime<Ut
                         .ok_or_else(|| error(name, format!("{key} {v} is not a whole number"))),
                 }
             };
-            let seconds = number("seconds")?;
-            let nanos = number("nanos")?;
+            let seconds = number("seconds", parts.seconds)?;
+            let nanos = number("nanos", parts.nanos)?;
             let nanos = u32::try_from(nanos)
                 .ok()
                 .filter(|n| *n < 1_000_000_000)
@@ -379,12 +447,9 @@ fn timestamp_any(value: Option<&Value>, name: &str) -> Result<Option<DateTime<Ut
                 _ => Err(error(name, format!("seconds {seconds} is out of range"))),
             }
         }
-        Some(other) => Err(error(
+        Some(Time::Other(kind)) => Err(error(
             name,
-            format!(
-                "expected {{seconds, nanos}} or a timestamp string, got {}",
-                json_kind(other)
-            ),
+            format!("expected {{seconds, nanos}} or a timestamp string, got {kind}"),
         )),
     }
 }
@@ -512,11 +577,11 @@ mod tests {
         // Every current name, by number and as a digit string.
         for (number, name) in RECOMMENDED_ACTIONS.iter().chain(PROCESSING_STRATEGIES) {
             assert_eq!(
-                enum_name(Some(&json!(number)), &[(*number, name)], "f"),
+                enum_name(Some(json!(number)), &[(*number, name)], "f"),
                 Ok(name.to_string())
             );
             assert_eq!(
-                enum_name(Some(&json!(number.to_string())), &[(*number, name)], "f"),
+                enum_name(Some(json!(number.to_string())), &[(*number, name)], "f"),
                 Ok(name.to_string())
             );
         }
@@ -645,6 +710,145 @@ mod tests {
         for (document, field) in cases {
             let error = decode_document(&document).expect_err("should fail");
             assert_eq!(error.field, field, "{document}");
+        }
+    }
+
+    /// What `decode` makes of `text`: the event and span, or the error's field ("document"
+    /// for text a `Value` parse refuses too).
+    fn outcome(document: &Document) -> Result<Option<Decoded>, String> {
+        decode(document).map_err(|error| match error {
+            DocumentError::Unreadable(_) => "unreadable".to_string(),
+            DocumentError::Invalid(error) => error.field,
+        })
+    }
+
+    #[test]
+    fn text_and_tree_decode_alike() {
+        let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+        let documents = [
+            json!({"createdAt": "2026-11-25T08:00:00.5Z", "healthevent": {
+                "version": 1, "agent": "a", "componentClass": "GPU", "checkName": "c",
+                "isFatal": true, "message": "XID 79", "recommendedAction": 15,
+                "errorCode": ["79"], "nodeName": "node-1", "processingStrategy": 2,
+                "entitiesImpacted": [{"entityType": "GPU", "entityValue": "3", "x": [1]}],
+                "metadata": {"trace_id": trace, "n": 1.5, "b": true},
+                "generatedTimestamp": {"seconds": "1764057600", "nanos": 500},
+                "quarantineOverrides": {"force": true}, "drainOverrides": null,
+                "unknown": {"deep": [[[]]]}
+            }, "healtheventstatus": {"spanids": {
+                "fault-quarantine": "1111111111111111",
+                "platform-connectors": "00F067AA0BA902B7"
+            }}, "RawEvent": null}),
+            json!({"healthEvent": {"nodename": "n", "customrecommendedaction": "X"},
+                   "healtheventstatus": {"spanIds": {"a": "0000000000000000", "b": "2222222222222222"}}}),
+            json!({"healthevent": null, "healthEvent": {"nodeName": "ignored"}}),
+            json!({"healthevent": {"version": -1}}),
+            json!({"healthevent": {"version": 1.0}}),
+            json!({"healthevent": {"entitiesImpacted": [3]}}),
+            json!({"healthevent": {"entitiesImpacted": [{"entitytype": 3}]}}),
+            json!({"healthevent": {"entitiesImpacted": {"a": 1}}}),
+            json!({"healthevent": {"metadata": {"a": "x", "k": null}}}),
+            json!({"healthevent": {"metadata": [1]}}),
+            json!({"healthevent": {"errorCode": "79"}}),
+            json!({"healthevent": {"drainOverrides": {"skip": 1}}}),
+            json!({"healthevent": {"processingStrategy": "STORE_ONLY", "recommendedAction": "7"}}),
+            json!({"healthevent": [1]}),
+            json!([{"healthevent": {}}]),
+            json!(null),
+            json!(12),
+        ];
+        for document in documents {
+            let text = outcome(&Document::Text(document.to_string()));
+            let tree = outcome(&Document::Tree(document.clone()));
+            assert_eq!(text, tree, "{document}");
+            // The tree decoder other crates call gives the same event or error field.
+            let event = decode_document(&document).map_err(|e| e.field);
+            assert_eq!(event, tree.map(|d| d.map(|d| d.event)), "{document}");
+        }
+    }
+
+    #[test]
+    fn text_a_value_parse_refuses_is_unreadable_even_in_ignored_keys() {
+        let nested = |depth: usize| "[".repeat(depth) + &"]".repeat(depth);
+        let mut texts = vec![
+            r#"{"healthevent": {"nodeName": "n"}, "RawEvent": 1e400}"#.to_string(),
+            r#"{"healthevent": {"nodeName": "n", "x": -1e309}}"#.to_string(),
+            r#"{"healthevent": {"nodeName": "n\ud800"}}"#.to_string(),
+            r#"{"healthevent": {"nodeName": "n"}} trailing"#.to_string(),
+            r#"{"healthevent": {"nodeName": "n",}}"#.to_string(),
+            r#"{"healthevent": {"nodeName": "n"}, "RawEvent": 1e300}"#.to_string(),
+            String::new(),
+        ];
+        for depth in [1, 125, 126, 127, 128, 1000] {
+            texts.push(format!(
+                r#"{{"healthevent": {{}}, "RawEvent": {}}}"#,
+                nested(depth)
+            ));
+            texts.push(format!(
+                r#"{{"healthevent": {{"metadata": {{"k": {}}}}}}}"#,
+                nested(depth)
+            ));
+        }
+        for text in texts {
+            let refused = serde_json::from_str::<Value>(&text).is_err();
+            let decoded = outcome(&Document::Text(text.clone()));
+            assert_eq!(
+                decoded.as_ref().err().map(String::as_str) == Some("unreadable"),
+                refused,
+                "{text:.80}: {decoded:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_camel_case_spelling_wins_even_when_null() {
+        let text = r#"{"healthevent": {"nodeName": null, "nodename": "x",
+                       "isFatal": true, "isfatal": "not a boolean",
+                       "node\u004eame2": 1, "check\u004eame": "escaped"}}"#;
+        let event = decode(&Document::Text(text.into()))
+            .expect("valid")
+            .expect("has event")
+            .event;
+        assert_eq!(event.node_name, "");
+        assert!(event.is_fatal);
+        assert_eq!(event.check_name, "escaped");
+    }
+
+    #[test]
+    fn the_recorded_span_is_the_platform_connectors() {
+        let text = r#"{"healthevent": {"metadata": {"trace_id": "4BF92F3577B34DA6A3CE929D0E0E4736"}},
+                       "healtheventstatus": {"spanids": {"a": "zz", "b": "1111111111111111",
+                                             "platform-connectors": "00F067AA0BA902B7"}}}"#;
+        let decoded = decode(&Document::Text(text.into()))
+            .expect("valid")
+            .expect("has event");
+        assert_eq!(decoded.recorded_span.as_deref(), Some("00f067aa0ba902b7"));
+        assert_eq!(
+            decoded.traceparent().as_deref(),
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        );
+        // No platform connector: the first valid one; `spanids` present but not an object
+        // hides `spanIds`, as before.
+        for (status, span) in [
+            (
+                json!({"spanids": {"x": "1", "y": "2222222222222222"}}),
+                Some("2222222222222222"),
+            ),
+            (
+                json!({"spanids": "no", "spanIds": {"y": "2222222222222222"}}),
+                None,
+            ),
+            (
+                json!({"spanIds": {"y": "2222222222222222"}}),
+                Some("2222222222222222"),
+            ),
+            (json!([1]), None),
+        ] {
+            let document = json!({"healthevent": {}, "healtheventstatus": status});
+            let decoded = decode(&Document::Text(document.to_string()))
+                .expect("valid")
+                .expect("has event");
+            assert_eq!(decoded.recorded_span.as_deref(), span, "{document}");
         }
     }
 }

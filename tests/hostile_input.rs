@@ -143,7 +143,7 @@ async fn insert_hostile_mix(client: &Client, tag: u32) -> (Vec<String>, Vec<Host
     let mut good = Vec::new();
     let mut bad = Vec::new();
     good.push(pg::insert_health_event(client, &pg::health_event_doc("node-ok", tag)).await);
-    // serde_json's recursion limit (128) in the driver's jsonb conversion.
+    // serde_json's recursion limit (128) in the document's parse.
     for depth in [127, 128, 1000] {
         bad.push(Hostile {
             record_id: insert_raw(client, &nested(depth)).await,

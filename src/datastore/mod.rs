@@ -97,8 +97,9 @@ pub enum SkipReason {
 pub struct RawEvent {
     /// The `health_events.id` UUID: the CloudEvent id, stable across redeliveries.
     pub record_id: String,
-    /// The stored document (`createdAt`, `healthevent`, `healtheventstatus`).
-    pub document: serde_json::Value,
+    /// The stored document (`createdAt`, `healthevent`, `healtheventstatus`), decoded by the
+    /// worker that delivers it (`model::decode`).
+    pub document: crate::model::Document,
     /// The row's `created_at`, used for `time` when the event has no `generatedTimestamp`.
     pub created_at: Option<DateTime<Utc>>,
 }

@@ -42,7 +42,7 @@ use crate::datastore::{
 };
 use crate::filter::Filter;
 use crate::metrics;
-use crate::model::{decode_document, traceparent, HealthEvent};
+use crate::model::{decode, Decoded, DocumentError, HealthEvent};
 use crate::sink::concurrency::Concurrency;
 use crate::sink::dead_letter::{self, DeadLetter};
 use crate::sink::http::Delivery;
@@ -102,12 +102,12 @@ impl EventHandler {
         event: &RawEvent,
         cancel: &CancellationToken,
     ) -> Outcome {
-        let (health_event, body) = match self.prepare(position, event) {
+        let (decoded, body) = match self.prepare(position, event) {
             Ok(prepared) => prepared,
             Err(outcome) => return outcome,
         };
         let started = Instant::now();
-        let traceparent = traceparent(&event.document, &health_event);
+        let traceparent = decoded.traceparent();
         let published = self
             .publisher
             .publish(&body, &event.record_id, traceparent.as_deref(), cancel)
@@ -157,16 +157,23 @@ impl EventHandler {
 
     /// The CloudEvent body to publish, or why the event needs no delivery (undecodable, no
     /// health event, filtered out, an invalid CloudEvent): one bad event never blocks the rest.
-    fn prepare(&self, position: u64, event: &RawEvent) -> Result<(HealthEvent, Vec<u8>), Outcome> {
+    fn prepare(&self, position: u64, event: &RawEvent) -> Result<(Decoded, Vec<u8>), Outcome> {
         let metrics = metrics::get();
-        let health_event = match decode_document(&event.document) {
-            Ok(Some(health_event)) => health_event,
+        let decoded = match decode(&event.document) {
+            Ok(Some(decoded)) => decoded,
             Ok(None) => {
                 tracing::warn!(changelog_id = position, record_id = %event.record_id, "document has no health event; skipping it");
                 metrics.skipped("no_health_event");
                 return Err(Outcome::Skipped);
             }
-            Err(error) => {
+            // Not JSON a parse accepts (nested past 128 levels, `1e400`): as when the driver
+            // parsed it, counted as undecodable but not as a transform error.
+            Err(DocumentError::Unreadable(error)) => {
+                tracing::warn!(changelog_id = position, record_id = %event.record_id, %error, "health event document cannot be read; skipping it");
+                metrics.skipped("undecodable");
+                return Err(Outcome::Skipped);
+            }
+            Err(DocumentError::Invalid(error)) => {
                 tracing::warn!(changelog_id = position, record_id = %event.record_id, %error, "undecodable health event document; skipping it");
                 metrics.transform_errors.inc();
                 // A time outside RFC 3339's years would make an invalid CloudEvent `time`.
@@ -178,14 +185,14 @@ impl EventHandler {
                 return Err(Outcome::Skipped);
             }
         };
-        if !self.passes_filter(position, event, &health_event) {
+        if !self.passes_filter(position, event, &decoded.event) {
             return Err(Outcome::Filtered);
         }
         match self
             .transformer
-            .try_encode(&event.record_id, &health_event, event.created_at)
+            .try_encode(&event.record_id, &decoded.event, event.created_at)
         {
-            Ok(body) => Ok((health_event, body)),
+            Ok(body) => Ok((decoded, body)),
             Err(error) => {
                 tracing::warn!(changelog_id = position, record_id = %event.record_id, %error, "the CloudEvent built for this event is invalid; skipping it");
                 metrics.transform_errors.inc();

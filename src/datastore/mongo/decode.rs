@@ -39,7 +39,7 @@ pub fn raw_event(document: &Document) -> Result<RawEvent, DocumentError> {
     let id = document.get("_id").ok_or(DocumentError::NoId)?;
     Ok(RawEvent {
         record_id: record_id(id),
-        document: Value::Object(to_json_object(document)),
+        document: crate::model::Document::Tree(Value::Object(to_json_object(document))),
         created_at: created_at(document),
     })
 }
@@ -92,7 +92,7 @@ pub fn to_json(value: &Bson) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::decode_document;
+    use crate::model::decode;
     use mongodb::bson::{doc, oid::ObjectId, DateTime as BsonDate};
 
     /// As platform-connectors insert it (Go driver, lowercased untagged fields, int32 enums,
@@ -126,7 +126,7 @@ mod tests {
             raw.created_at.unwrap().timestamp_millis(),
             1_700_000_000_123
         );
-        let event = decode_document(&raw.document).unwrap().unwrap();
+        let event = decode(&raw.document).unwrap().unwrap().event;
         assert_eq!(event.recommended_action, "RESTART_BM");
         assert_eq!(event.processing_strategy, "EXECUTE_REMEDIATION");
         assert_eq!(event.check_name, "GpuXidError");
@@ -148,7 +148,7 @@ mod tests {
         event.insert("recommendedaction", "CONTACT_SUPPORT");
         event.insert("processingstrategy", 2_i64);
         let raw = raw_event(&document).unwrap();
-        let event = decode_document(&raw.document).unwrap().unwrap();
+        let event = decode(&raw.document).unwrap().unwrap().event;
         assert_eq!(
             event.generated_timestamp.unwrap().timestamp_millis(),
             1_700_000_000_250
@@ -167,7 +167,7 @@ mod tests {
         };
         let raw = raw_event(&document).unwrap();
         assert_eq!(raw.record_id, "plain-string-id");
-        let event = decode_document(&raw.document).unwrap().unwrap();
+        let event = decode(&raw.document).unwrap().unwrap().event;
         assert_eq!(
             (event.check_name.as_str(), event.node_name.as_str()),
             ("NicDown", "n2")

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use tokio_postgres::Client;
 
+use super::json_text::JsonText;
 use super::{describe_conversion, FreshStart, TokenStore};
 use crate::backfill::{
     BackfillPlan, BackfillProgress, Cursor, PageReader, PageRow, PagedBackfill, PlanStore,
@@ -173,11 +174,11 @@ impl Pages {
             })?,
         };
         self.read_cursor = Some(cursor.clone());
-        Ok(match row.try_get::<_, Option<serde_json::Value>>(1) {
+        Ok(match row.try_get::<_, Option<JsonText>>(1) {
             Ok(document) => PageRow::Event {
                 event: RawEvent {
                     record_id: cursor.id.clone(),
-                    document: document.unwrap_or(serde_json::Value::Null),
+                    document: JsonText::document(document),
                     created_at: Some(cursor.created_at),
                 },
                 cursor,

@@ -29,6 +29,7 @@ use tokio::sync::Notify;
 use tokio_postgres::{Client, Row, Statement};
 
 use super::holes::{self, Holes, Span};
+use super::json_text::JsonText;
 use super::reset::{self, ResetWindow, Restart};
 use super::{Connector, StartPoint};
 use crate::datastore::{Change, ChangeKind, ChangeSource, DatastoreError, RawEvent, SkipReason};
@@ -541,10 +542,11 @@ impl ChangelogReader {
     }
 
     /// Builds a change from the `ROW_COLUMNS` starting at column `at`. Only an unreadable id
-    /// is an error; any other column the driver cannot convert (a document nested deeper than
-    /// serde_json's 128 levels, a number out of `f64` range, text that is not UTF-8, a NULL
+    /// is an error; any other column the driver cannot convert (text that is not UTF-8, a NULL
     /// where text belongs) makes the row a skipped, logged and counted `Undecodable` position,
-    /// so one bad row never stops the feed.
+    /// so one bad row never stops the feed. The document is kept as its JSON text: the worker
+    /// that delivers it parses it once (`model::decode`), and skips it the same way when it is
+    /// not JSON a parse accepts (nested deeper than 128 levels, a number beyond `f64`).
     fn change_from_row(&self, row: &Row, at: usize) -> Result<Change, DatastoreError> {
         let position = row_position(row, at)?;
         let changed_at: Option<DateTime<Utc>> = row.try_get(at.saturating_add(3)).ok().flatten();
@@ -580,14 +582,14 @@ impl ChangelogReader {
         let Some(record_id) = record_id.clone() else {
             return Ok(undecodable("record_id", &"is NULL or unreadable"));
         };
-        let document: Option<serde_json::Value> = match row.try_get(at.saturating_add(5)) {
+        let document: Option<JsonText> = match row.try_get(at.saturating_add(5)) {
             Ok(document) => document,
             Err(e) => return Ok(undecodable("document", &describe_conversion(&e))),
         };
         let created_at: Option<String> = row.try_get(at.saturating_add(6)).ok().flatten();
         let event = RawEvent {
             record_id,
-            document: document.unwrap_or(serde_json::Value::Null),
+            document: JsonText::document(document),
             created_at: created_at.and_then(|text| parse_rfc3339(&text)),
         };
         Ok(Change::new(position, changed_at, ChangeKind::Event(event)))

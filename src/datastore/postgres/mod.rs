@@ -4,6 +4,7 @@
 mod backfill;
 mod changelog;
 mod holes;
+mod json_text;
 mod listener;
 pub(crate) mod lock;
 pub(crate) mod reset;

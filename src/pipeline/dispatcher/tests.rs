@@ -11,7 +11,7 @@ const MS: Duration = Duration::from_millis(1);
 fn event(position: u64) -> Change {
     let raw = RawEvent {
         record_id: format!("e{position}"),
-        document: serde_json::Value::Null,
+        document: crate::model::Document::Tree(serde_json::Value::Null),
         created_at: None,
     };
     Change::new(position, None, ChangeKind::Event(raw))
