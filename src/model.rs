@@ -18,7 +18,9 @@ use chrono::{DateTime, TimeZone, Utc};
 use serde::Deserialize;
 use serde_json::Value;
 
-use visit::{EntityFields, EventFields, Metadata, Shape, SpanIds, Status, Text, Time, Top};
+use visit::{
+    EntityFields, EventFields, Metadata, NonScalar, Shape, SpanIds, Status, Text, Time, Top,
+};
 
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct HealthEvent {
@@ -388,7 +390,7 @@ fn metadata(
     match value {
         None | Some(Shape::Null) => Ok(BTreeMap::new()),
         Some(Shape::Found(Metadata(Ok(entries)))) => Ok(entries),
-        Some(Shape::Found(Metadata(Err((key, kind))))) => Err(error(
+        Some(Shape::Found(Metadata(Err(NonScalar { key, kind })))) => Err(error(
             &format!("{name}.{key}"),
             format!("expected a string, got {kind}"),
         )),

@@ -478,8 +478,15 @@ impl<'de> Expected<'de> for EntityFields {
 }
 
 /// `metadata`: text values (numbers and booleans as their text), or the first key whose value
-/// is not a scalar, with that value's kind.
-pub struct Metadata(pub Result<BTreeMap<String, String>, (String, &'static str)>);
+/// is not a scalar.
+pub struct Metadata(pub Result<BTreeMap<String, String>, NonScalar>);
+
+/// A `metadata` entry whose value is not a string, number or boolean.
+pub struct NonScalar {
+    pub key: String,
+    /// The value's JSON kind (`object`, `array`, `null`).
+    pub kind: &'static str,
+}
 
 impl<'de> Expected<'de> for Metadata {
     fn from_map<A: MapAccess<'de>>(mut map: A) -> Result<Option<Metadata>, A::Error> {
@@ -491,7 +498,10 @@ impl<'de> Expected<'de> for Metadata {
                 Value::Number(n) => n.to_string(),
                 Value::Bool(b) => b.to_string(),
                 other => {
-                    bad.get_or_insert((key, super::json_kind(&other)));
+                    bad.get_or_insert(NonScalar {
+                        key,
+                        kind: super::json_kind(&other),
+                    });
                     continue;
                 }
             };

@@ -417,17 +417,16 @@ pub fn describe_reqwest_error(error: &reqwest::Error) -> String {
 
 /// A request that got no answer: timeout, connect, redirect (a loop or too many) or network.
 fn send_failure(e: &reqwest::Error) -> AttemptFailure {
-    let reason = if e.is_timeout() {
-        "timeout"
-    } else if e.is_connect() {
-        "connect"
-    } else if e.is_redirect() {
-        "redirect"
-    } else {
-        "network"
-    };
     AttemptFailure {
-        reason,
+        reason: if e.is_timeout() {
+            "timeout"
+        } else if e.is_connect() {
+            "connect"
+        } else if e.is_redirect() {
+            "redirect"
+        } else {
+            "network"
+        },
         message: describe_reqwest_error(e),
         retry_after: None,
         status: None,
