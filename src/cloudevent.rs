@@ -553,6 +553,23 @@ mod tests {
     }
 
     #[test]
+    fn a_leap_second_keeps_chronos_digits() {
+        for text in ["2016-12-31T23:59:60Z", "2016-12-31T23:59:60.5Z"] {
+            let time = DateTime::parse_from_rfc3339(text)
+                .unwrap()
+                .with_timezone(&Utc);
+            let nanos = time.timestamp_subsec_nanos();
+            let base = time.format("%Y-%m-%dT%H:%M:%S").to_string();
+            let fraction = format!("{nanos:09}");
+            let expected = match fraction.trim_end_matches('0') {
+                "" => format!("{base}Z"),
+                digits => format!("{base}.{digits}Z"),
+            };
+            assert_eq!(go_rfc3339_nano(time), expected, "{text}");
+        }
+    }
+
+    #[test]
     fn formats_like_go_rfc3339_nano() {
         let t = Utc.with_ymd_and_hms(2026, 11, 25, 8, 1, 2).unwrap();
         assert_eq!(go_rfc3339_nano(t), "2026-11-25T08:01:02Z");
