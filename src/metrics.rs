@@ -411,33 +411,21 @@ impl Metrics {
     }
 
     pub fn published(&self, status: &str) {
-        match self.cached.published.get(status) {
-            Some(counter) => counter.inc(),
-            None => self
-                .events_published
-                .get_or_create(&vec![("status".into(), status.into())])
-                .inc(),
-        };
+        self.cached
+            .published
+            .inc(&self.events_published, "status", status);
     }
 
     pub fn publish_error(&self, error_type: &str) {
-        match self.cached.publish_errors.get(error_type) {
-            Some(counter) => counter.inc(),
-            None => self
-                .publish_errors
-                .get_or_create(&vec![("error_type".into(), error_type.into())])
-                .inc(),
-        };
+        self.cached
+            .publish_errors
+            .inc(&self.publish_errors, "error_type", error_type);
     }
 
     pub fn record_attempt_failure(&self, reason: &str) {
-        match self.cached.attempt_failures.get(reason) {
-            Some(counter) => counter.inc(),
-            None => self
-                .publish_attempt_failures
-                .get_or_create(&vec![("reason".into(), reason.into())])
-                .inc(),
-        };
+        self.cached
+            .attempt_failures
+            .inc(&self.publish_attempt_failures, "reason", reason);
     }
 
     pub fn resume_token_reset(&self, reason: &str) {
@@ -447,13 +435,9 @@ impl Metrics {
     }
 
     pub fn skipped(&self, reason: &str) {
-        match self.cached.skipped.get(reason) {
-            Some(counter) => counter.inc(),
-            None => self
-                .events_skipped
-                .get_or_create(&vec![("reason".into(), reason.into())])
-                .inc(),
-        };
+        self.cached
+            .skipped
+            .inc(&self.events_skipped, "reason", reason);
     }
 
     pub fn set_feature_flag(&self, flag: &str, enabled: bool) {
@@ -645,6 +629,17 @@ impl Handles {
     fn get(&self, value: &str) -> Option<&Counter> {
         let index = self.values.iter().position(|known| *known == value)?;
         self.counters.get(index)
+    }
+
+    /// Counts one for `key=value`: through the cached handle when `value` is one of the fixed
+    /// list, else through `family` (a label lookup).
+    fn inc(&self, family: &Family<Labels, Counter>, key: &str, value: &str) {
+        match self.get(value) {
+            Some(counter) => counter.inc(),
+            None => family
+                .get_or_create(&vec![(key.into(), value.into())])
+                .inc(),
+        };
     }
 }
 
