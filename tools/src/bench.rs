@@ -354,13 +354,18 @@ impl Bench<'_> {
         Ok(())
     }
 
-    /// A drain against the slow sink of `workers`/latency × `--slow-run` events, and
-    /// workers/latency (events/s), the most `workers` requests of that latency can carry.
-    fn slow_plan(&self, workers: usize) -> (Plan, f64) {
+    /// A drain against the slow sink (with `capacity` slots, if any) of ideal × `--slow-run`
+    /// events, and the ideal rate (events/s): min(workers, slots)/latency, the most `workers`
+    /// requests of that latency can carry through that many slots.
+    fn slow_plan(&self, workers: usize, capacity: Option<u32>) -> (Plan, f64) {
         let latency = self.args.slow_latency.as_secs_f64().max(1e-3);
-        let ideal = workers as f64 / latency;
+        let carried = capacity.map_or(workers, |slots| workers.min(slots as usize));
+        let ideal = carried as f64 / latency;
         let count = (ideal * self.args.slow_run.as_secs_f64()).ceil().max(1.0) as u64;
-        let sink = SinkKind::reference(self.args.slow_latency);
+        let sink = SinkKind::Reference {
+            latency: self.args.slow_latency,
+            capacity,
+        };
         (Plan::new(Feed::Drain { count }, sink, workers), ideal)
     }
 
@@ -368,7 +373,7 @@ impl Bench<'_> {
     async fn slow_sink(&self) -> Result<(), BenchError> {
         let latency = self.args.slow_latency;
         for &workers in self.args.slow_workers.iter().filter(|w| **w > 0) {
-            let (plan, ideal) = self.slow_plan(workers);
+            let (plan, ideal) = self.slow_plan(workers, None);
             self.scenario(plan, |m| {
                 format!(
                     "{latency:?} sink, {workers} workers: {}; {:.1}% of workers/latency \
@@ -386,7 +391,7 @@ impl Bench<'_> {
     /// ceiling/latency and the limit the exporter ended at.
     async fn adaptive(&self) -> Result<(), BenchError> {
         let (latency, ceiling) = (self.args.slow_latency, self.args.adaptive_workers);
-        let (plan, ideal) = self.slow_plan(ceiling);
+        let (plan, ideal) = self.slow_plan(ceiling, None);
         let plan = Plan {
             adaptive: true,
             ..plan
@@ -422,17 +427,9 @@ impl Bench<'_> {
     async fn saturated(&self) -> Result<(), BenchError> {
         let (latency, workers) = (self.args.slow_latency, self.args.adaptive_workers);
         let capacity = self.args.saturated_capacity;
-        let ideal = f64::from(capacity) / latency.as_secs_f64().max(1e-3);
-        let count = (ideal * self.args.slow_run.as_secs_f64()).ceil().max(1.0) as u64;
-        let sink = SinkKind::Reference {
-            latency,
-            capacity: Some(capacity),
-        };
+        let (plan, ideal) = self.slow_plan(workers, Some(capacity));
         for adaptive in [false, true] {
-            let plan = Plan {
-                adaptive,
-                ..Plan::new(Feed::Drain { count }, sink, workers)
-            };
+            let plan = Plan { adaptive, ..plan };
             let mode = if adaptive {
                 format!("adaptive concurrency, ceiling {workers}")
             } else {
@@ -647,10 +644,12 @@ impl Sinks {
         args: &BenchArgs,
         dir: &std::path::Path,
     ) -> Result<Sinks, BenchError> {
-        let (latency, nginx) = match plan.sink {
-            SinkKind::Reference { latency, capacity } => ((latency, capacity), None),
+        // With nginx as the sink, the reference sink only issues tokens: no latency, no slots.
+        let (latency, capacity, nginx) = match plan.sink {
+            SinkKind::Reference { latency, capacity } => (latency, capacity, None),
             SinkKind::Nginx => (
-                (Duration::ZERO, None),
+                Duration::ZERO,
+                None,
                 Some(Nginx::start(&args.nginx, &dir.join("nginx"))?),
             ),
         };
@@ -659,7 +658,6 @@ impl Sinks {
             Feed::Stream { count, .. } => count as usize,
             _ => 0,
         };
-        let (latency, capacity) = latency;
         let reference = sink::start(SinkArgs {
             listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
             latency,
