@@ -164,18 +164,18 @@ impl AdaptiveLimit {
 
     fn close_window(&mut self, now: Duration) {
         let before = self.limit;
-        self.judge(now);
-        if self.limit != before {
+        let window = std::mem::take(&mut self.window);
+        self.judge(window);
+        if self.limit == before {
+            self.window.start = Some(now);
+        } else {
+            // Only requests sent from now on count; the next window starts with the first.
             self.judge_from = now;
-            // The window restarts with the first sample that counts.
-            self.window = Window::default();
         }
     }
 
-    /// Closes the window at `now` and applies the rule to what it saw.
-    fn judge(&mut self, now: Duration) {
-        let window = std::mem::take(&mut self.window);
-        self.window.start = Some(now);
+    /// Applies the rule to what a closed window saw.
+    fn judge(&mut self, window: Window) {
         if window.backpressure {
             self.decrease();
             return;
