@@ -106,12 +106,18 @@ pub enum LogFormat {
 
 /// Sets up logging (`level`: debug, info, warn or error) and a multi-threaded tokio runtime,
 /// runs `job`, and maps its result to the process exit status: 0 on success, 2 for a bad log
-/// level, 1 when the runtime cannot start, else [`ExitError::code`](crate::exporter::ExitError::code).
-/// Used by the `event-exporter` binary and by the development tools' binary.
+/// level, 1 when the runtime cannot start or the job's task panicked, else
+/// [`ExitError::code`](crate::exporter::ExitError::code). Used by the `event-exporter` binary
+/// and by the development tools' binary.
+///
+/// The job runs as a task on the runtime's worker threads, not on the calling thread that
+/// `block_on` parks: the pipeline's loop spawns a task per publish and takes each result back,
+/// and from the calling thread every such hand-over crossed threads (a futex wake each way,
+/// two or more system calls per event).
 pub fn run_job(
     level: &str,
     format: LogFormat,
-    job: impl std::future::Future<Output = Result<(), crate::exporter::ExitError>>,
+    job: impl std::future::Future<Output = Result<(), crate::exporter::ExitError>> + Send + 'static,
 ) -> std::process::ExitCode {
     use std::process::ExitCode;
     if let Err(error) = crate::logging::init(level, format) {
@@ -128,7 +134,8 @@ pub fn run_job(
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(job) {
+    let joined = runtime.block_on(runtime.spawn(job));
+    match joined.unwrap_or_else(|error| Err(crate::exporter::ExitError::failed(error))) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(error = %error.report(), "stopped with an error");

@@ -44,7 +44,7 @@ fn main() -> ExitCode {
 /// Sets up logging and the runtime, runs `job`, and maps its result to an exit status.
 fn run_async(
     args: &RunArgs,
-    job: impl std::future::Future<Output = Result<(), ExitError>>,
+    job: impl std::future::Future<Output = Result<(), ExitError>> + Send + 'static,
 ) -> ExitCode {
     event_exporter::cli::run_job(&args.log_level, args.log_format, job)
 }
