@@ -190,8 +190,8 @@ struct Measured {
     seconds: f64,
     /// Events/s from the first delivery to the last (without start-up).
     steady_rate: f64,
-    cpu_seconds: f64,
-    peak_rss_mib: f64,
+    /// The exporter's CPU time and peak memory.
+    usage: child::Usage,
     /// (seconds since start, delivered so far), sampled every 100 ms.
     samples: Vec<(f64, u64)>,
     /// Commit-to-sink latency percentiles (p50, p99) of streamed events.
@@ -205,25 +205,29 @@ struct Measured {
     concurrency_limits: Vec<(f64, f64)>,
     /// The most requests the reference sink was answering (or queueing) at once.
     sink_max_in_flight: usize,
+    /// When the reference sink accepted each event, in seconds since the first acceptance,
+    /// ascending (empty for nginx runs).
+    delivered_at: Vec<f64>,
 }
 
 impl Measured {
     fn cpu_us_per_event(&self) -> f64 {
-        self.cpu_seconds / self.events.max(1) as f64 * 1e6
+        self.usage.cpu_seconds() / self.events.max(1) as f64 * 1e6
     }
 
     /// `events/s (steady …/s), CPU µs/event, cores, peak RSS` for a result line.
     fn figures(&self) -> String {
         format!(
             "{} events in {:.1} s = {:.0} events/s (steady {:.0}/s); exporter CPU {:.1} µs/event \
-             ({:.2} cores), peak RSS {:.1} MiB",
+             ({:.0}% in the kernel; {:.2} cores), peak RSS {:.1} MiB",
             self.events,
             self.seconds,
             self.events as f64 / self.seconds,
             self.steady_rate,
             self.cpu_us_per_event(),
-            self.cpu_seconds / self.seconds,
-            self.peak_rss_mib,
+            self.usage.system_seconds / self.usage.cpu_seconds().max(1e-9) * 100.0,
+            self.usage.cpu_seconds() / self.seconds,
+            self.usage.peak_rss_mib,
         )
     }
 }
@@ -359,9 +363,11 @@ impl Bench<'_> {
     /// requests of that latency can carry through that many slots.
     fn slow_plan(&self, workers: usize, capacity: Option<u32>) -> (Plan, f64) {
         let latency = self.args.slow_latency.as_secs_f64().max(1e-3);
-        let carried = capacity.map_or(workers, |slots| workers.min(slots as usize));
+        let carried = Self::carried(workers, capacity);
         let ideal = carried as f64 / latency;
-        let count = (ideal * self.args.slow_run.as_secs_f64()).ceil().max(1.0) as u64;
+        // Whole rounds (see `round_rate`), at least two.
+        let rounds = (self.args.slow_run.as_secs_f64() / latency).ceil().max(2.0) as u64;
+        let count = carried as u64 * rounds;
         let sink = SinkKind::Reference {
             latency: self.args.slow_latency,
             capacity,
@@ -369,17 +375,22 @@ impl Bench<'_> {
         (Plan::new(Feed::Drain { count }, sink, workers), ideal)
     }
 
-    /// The slow sink at each worker count: ratio to workers/latency.
+    /// How many requests the slow sink answers per round: the workers, or its slots if fewer.
+    fn carried(workers: usize, capacity: Option<u32>) -> usize {
+        capacity.map_or(workers, |slots| workers.min(slots as usize))
+    }
+
+    /// The slow sink at each worker count: ratio to workers/latency, from whole rounds.
     async fn slow_sink(&self) -> Result<(), BenchError> {
         let latency = self.args.slow_latency;
         for &workers in self.args.slow_workers.iter().filter(|w| **w > 0) {
             let (plan, ideal) = self.slow_plan(workers, None);
             self.scenario(plan, |m| {
                 format!(
-                    "{latency:?} sink, {workers} workers: {}; {:.1}% of workers/latency \
+                    "{latency:?} sink, {workers} workers: {}; {} of workers/latency \
                      ({ideal:.1}/s)",
                     m.figures(),
-                    m.steady_rate / ideal * 100.0,
+                    percent_of(round_rate(&m.delivered_at, workers), ideal),
                 )
             })
             .await?;
@@ -443,11 +454,14 @@ impl Bench<'_> {
                 };
                 let queued = m.sink_max_in_flight.saturating_sub(capacity as usize);
                 format!(
-                    "{latency:?} sink with {capacity} slots, {mode}: {}; {:.1}% of \
+                    "{latency:?} sink with {capacity} slots, {mode}: {}; {} of \
                      capacity/latency ({ideal:.1}/s); the sink held up to {} requests at once \
                      (at the deepest, one waited about {:?} for a slot){limit}",
                     m.figures(),
-                    m.steady_rate / ideal * 100.0,
+                    percent_of(
+                        round_rate(&m.delivered_at, Self::carried(workers, Some(capacity))),
+                        ideal
+                    ),
                     m.sink_max_in_flight,
                     latency.mul_f64(queued as f64 / f64::from(capacity)),
                 )
@@ -617,7 +631,9 @@ async fn run_plan(
         };
         let result = run.drive(&mut sinks).await;
         let events = sinks.stop().await;
+        let delivered_at = delivery_times(&events);
         result.map(|measured| Measured {
+            delivered_at,
             latency: measured
                 .written
                 .as_ref()
@@ -653,9 +669,10 @@ impl Sinks {
                 Some(Nginx::start(&args.nginx, &dir.join("nginx"))?),
             ),
         };
-        let keep_events = match plan.feed {
-            // The latency runs read every event's arrival time back.
-            Feed::Stream { count, .. } => count as usize,
+        let keep_events = match (plan.feed, latency.is_zero()) {
+            // The latency runs read every event's arrival time back; so do the slow sink's
+            // runs, which count whole rounds (`round_rate`).
+            (Feed::Stream { count, .. }, _) | (Feed::Drain { count }, false) => count as usize,
             _ => 0,
         };
         let reference = sink::start(SinkArgs {
@@ -746,6 +763,11 @@ impl Run<'_> {
             let profile =
                 std::fs::read_to_string(child::callgrind_out(self.dir)).unwrap_or_default();
             measured.instructions = child::callgrind_instructions(&profile);
+            // Kept past the run's scratch directory, for `callgrind_annotate`.
+            let kept = std::env::temp_dir().join("event-exporter-bench-callgrind.out");
+            if std::fs::write(&kept, &profile).is_ok() {
+                eprintln!("bench: callgrind profile kept at {}", kept.display());
+            }
         }
         Ok(measured)
     }
@@ -828,7 +850,7 @@ async fn watch(
     scrape: Option<u16>,
 ) -> Result<Measured, BenchError> {
     let mut samples: Vec<(f64, u64)> = Vec::new();
-    let (mut cpu_seconds, mut peak_rss_mib) = (0.0, 0.0);
+    let mut usage = child::Usage::default();
     let mut limit = Limit::new(scrape, started);
     let mut last_change = (Instant::now(), 0);
     let mut last_report = Instant::now();
@@ -836,8 +858,8 @@ async fn watch(
         tokio::time::sleep(Duration::from_millis(100)).await;
         let delivered = sinks.delivered();
         samples.push((started.elapsed().as_secs_f64(), delivered));
-        if let Some((cpu, rss)) = child::process_usage(exporter.id()) {
-            (cpu_seconds, peak_rss_mib) = (cpu, rss);
+        if let Some(now) = child::process_usage(exporter.id()) {
+            usage = now;
         }
         limit.sample(false).await;
         if delivered >= count {
@@ -864,14 +886,14 @@ async fn watch(
         events: count,
         seconds,
         steady_rate: steady_rate(&samples).unwrap_or(count as f64 / seconds),
-        cpu_seconds,
-        peak_rss_mib,
+        usage,
         samples,
         latency: None,
         written: None,
         instructions: None,
         concurrency_limits: limit.series,
         sink_max_in_flight: sinks.reference.max_in_flight(),
+        delivered_at: Vec::new(),
     })
 }
 
@@ -937,6 +959,51 @@ fn rate_after(samples: &[(f64, u64)], from: f64) -> Option<f64> {
     let (t0, a0) = *samples.iter().find(|(at, _)| *at >= from)?;
     let (t1, a1) = *samples.last()?;
     (t1 - t0 >= 1.0).then(|| a1.saturating_sub(a0) as f64 / (t1 - t0))
+}
+
+/// When each event was accepted, in seconds since the first acceptance, ascending.
+fn delivery_times(events: &[sink::ReceivedEvent]) -> Vec<f64> {
+    let Some(first) = events.iter().map(|e| e.received_at).min() else {
+        return Vec::new();
+    };
+    let mut times: Vec<f64> = events
+        .iter()
+        .map(|e| {
+            (e.received_at - first)
+                .to_std()
+                .unwrap_or_default()
+                .as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times
+}
+
+/// The rate of a sink that answers in rounds of `per_round` requests (fixed workers against a
+/// sink of constant latency: each round's answers arrive together, and the next round's
+/// requests leave right after): the events of every round after the first, over the time
+/// from the first round's last answer to the last round's. `None` without two whole rounds.
+///
+/// Counting from the first sample with a delivery to the last one (`steady_rate`) is a
+/// fencepost error here: a run whose last round is partial counts it as a whole cycle, and a
+/// 100 ms sample lands anywhere within a round.
+fn round_rate(delivered_at: &[f64], per_round: usize) -> Option<f64> {
+    let rounds = delivered_at.len() / per_round.max(1);
+    if rounds < 2 {
+        return None;
+    }
+    let first_round_end = *delivered_at.get(per_round - 1)?;
+    let last_round_end = *delivered_at.get(rounds * per_round - 1)?;
+    let span = last_round_end - first_round_end;
+    (span > 0.0).then(|| ((rounds - 1) * per_round) as f64 / span)
+}
+
+/// `rate` as a percentage of `ideal`, or a note that it could not be measured.
+fn percent_of(rate: Option<f64>, ideal: f64) -> String {
+    match rate {
+        Some(rate) => format!("{:.1}%", rate / ideal * 100.0),
+        None => "(not measured: fewer than two whole rounds)".into(),
+    }
 }
 
 /// Events/s between the first sample with a delivery and the last sample.
@@ -1027,6 +1094,30 @@ mod tests {
         let rate = rate_after(&samples, 3.0).expect("two seconds of samples");
         assert!((rate - 800.0).abs() < 1e-6, "{rate}");
         assert_eq!(rate_after(&samples, 4.5), None);
+    }
+
+    #[test]
+    fn round_rate_counts_whole_rounds_only() {
+        // Rounds of 100 answers spread over 7 ms, one every 306 ms, then a partial round of 34.
+        let mut times = Vec::new();
+        for round in 0..34 {
+            let size = if round == 33 { 34 } else { 100 };
+            for i in 0..size {
+                times.push(round as f64 * 0.306 + i as f64 * 0.00007);
+            }
+        }
+        let rate = round_rate(&times, 100).expect("two rounds");
+        assert!((rate - 100.0 / 0.306).abs() < 0.1, "{rate}");
+        // The sampled rate undercounts the same run: the partial round weighs as a whole one.
+        let samples: Vec<(f64, u64)> = vec![
+            (0.05, 100),
+            (32.0 * 0.306 + 0.05, 3300),
+            (33.0 * 0.306 + 0.05, 3334),
+        ];
+        let sampled = steady_rate(&samples).expect("deliveries");
+        assert!(sampled < rate * 0.99, "{sampled} vs {rate}");
+        assert_eq!(round_rate(&times[..150], 100), None);
+        assert_eq!(round_rate(&[], 10), None);
     }
 
     #[test]

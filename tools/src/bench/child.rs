@@ -149,12 +149,32 @@ pub fn callgrind_instructions(profile: &str) -> Option<u64> {
     })
 }
 
-/// CPU seconds used and peak resident memory (MiB) of process `pid`, from /proc.
-pub fn process_usage(pid: u32) -> Option<(f64, f64)> {
+/// What a process has used so far, from /proc.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Usage {
+    /// CPU seconds in user space.
+    pub user_seconds: f64,
+    /// CPU seconds in the kernel on the process's behalf (system calls: on loopback, the
+    /// TCP stack of both ends of a send is mostly charged to the sender).
+    pub system_seconds: f64,
+    /// Peak resident memory (VmHWM), MiB.
+    pub peak_rss_mib: f64,
+}
+
+impl Usage {
+    /// User and system CPU seconds together.
+    pub fn cpu_seconds(&self) -> f64 {
+        self.user_seconds + self.system_seconds
+    }
+}
+
+/// CPU time and peak resident memory of process `pid`, from /proc; `None` once it is gone.
+pub fn process_usage(pid: u32) -> Option<Usage> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    let user_ticks: f64 = fields.get(11)?.parse().ok()?;
+    let system_ticks: f64 = fields.get(12)?.parse().ok()?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let peak_kib: f64 = status
         .lines()
@@ -164,7 +184,11 @@ pub fn process_usage(pid: u32) -> Option<(f64, f64)> {
         .parse()
         .ok()?;
     // Linux reports CPU time in clock ticks of 1/100 s.
-    Some((ticks / 100.0, peak_kib / 1024.0))
+    Some(Usage {
+        user_seconds: user_ticks / 100.0,
+        system_seconds: system_ticks / 100.0,
+        peak_rss_mib: peak_kib / 1024.0,
+    })
 }
 
 /// Waits until the exporter has written its resume token (it is then streaming). Errors:
@@ -228,8 +252,10 @@ mod tests {
 
     #[test]
     fn process_usage_reads_this_process() {
-        let (cpu, rss) = process_usage(std::process::id()).expect("/proc is readable");
-        assert!(cpu >= 0.0 && rss > 0.0);
+        let usage = process_usage(std::process::id()).expect("/proc is readable");
+        assert!(usage.user_seconds >= 0.0 && usage.system_seconds >= 0.0);
+        assert!(usage.peak_rss_mib > 0.0);
+        assert_eq!(process_usage(u32::MAX), None);
     }
 
     #[test]
