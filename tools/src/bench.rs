@@ -208,6 +208,8 @@ struct Measured {
     /// When the reference sink accepted each event, in seconds since the first acceptance,
     /// ascending (empty for nginx runs).
     delivered_at: Vec<f64>,
+    /// Streaming runs: the exporter's `events_in_flight` gauge, read every 100 ms.
+    in_flight: Vec<f64>,
 }
 
 impl Measured {
@@ -486,9 +488,10 @@ impl Bench<'_> {
                 let (p50, p99) = m.latency.unwrap_or_default();
                 format!(
                     "stream at {rate} events/s: {}; commit-to-sink p50 {p50:.1?}, p99 \
-                     {p99:.1?}; {}",
+                     {p99:.1?}; {}; {}",
                     writer_reached(rate, written, args.stream_connections),
-                    m.figures()
+                    m.figures(),
+                    busy_line(&m.in_flight, args.workers),
                 )
             })
             .await?;
@@ -523,6 +526,23 @@ impl Bench<'_> {
         }
         Ok(())
     }
+}
+
+/// How busy the workers were over a run's `in_flight` samples: with all `workers` busy most
+/// of the time while the exporter's CPU is low, events wait for the sink's answers; with few
+/// busy, they wait for the datastore (or nothing was there to send).
+fn busy_line(in_flight: &[f64], workers: usize) -> String {
+    if in_flight.is_empty() {
+        return "the exporter's metrics endpoint gave no events_in_flight".into();
+    }
+    let all_busy = in_flight.iter().filter(|v| **v >= workers as f64).count();
+    let mean = in_flight.iter().sum::<f64>() / in_flight.len() as f64;
+    format!(
+        "events in flight: {mean:.1} of {workers} workers on average, all {workers} busy in \
+         {:.0}% of {} samples (100 ms apart)",
+        all_busy as f64 / in_flight.len() as f64 * 100.0,
+        in_flight.len()
+    )
 }
 
 /// The writer's achieved rate next to its target, saying plainly when it fell short.
@@ -749,7 +769,8 @@ impl Run<'_> {
             },
             _ => (None, Instant::now()),
         };
-        let scrape = plan.adaptive.then_some(metrics_port);
+        let scrape =
+            (plan.adaptive || matches!(plan.feed, Feed::Stream { .. })).then_some(metrics_port);
         let watched = watch(exporter, sinks, plan.feed.count(), started, scrape).await;
         let written = match writer {
             Some(writer) => Some(writer.await??),
@@ -852,6 +873,7 @@ async fn watch(
     let mut samples: Vec<(f64, u64)> = Vec::new();
     let mut usage = child::Usage::default();
     let mut limit = Limit::new(scrape, started);
+    let mut in_flight: Vec<f64> = Vec::new();
     let mut last_change = (Instant::now(), 0);
     let mut last_report = Instant::now();
     let outcome = loop {
@@ -862,6 +884,11 @@ async fn watch(
             usage = now;
         }
         limit.sample(false).await;
+        if let Some(port) = scrape {
+            if let Some(busy) = child::events_in_flight(port).await {
+                in_flight.push(busy);
+            }
+        }
         if delivered >= count {
             break Ok(());
         }
@@ -894,6 +921,7 @@ async fn watch(
         concurrency_limits: limit.series,
         sink_max_in_flight: sinks.reference.max_in_flight(),
         delivered_at: Vec::new(),
+        in_flight,
     })
 }
 
@@ -1094,6 +1122,14 @@ mod tests {
         let rate = rate_after(&samples, 3.0).expect("two seconds of samples");
         assert!((rate - 800.0).abs() < 1e-6, "{rate}");
         assert_eq!(rate_after(&samples, 4.5), None);
+    }
+
+    #[test]
+    fn busy_line_gives_the_mean_and_the_share_of_all_busy_samples() {
+        let line = busy_line(&[10.0, 10.0, 4.0, 0.0], 10);
+        assert!(line.contains("6.0 of 10 workers on average"), "{line}");
+        assert!(line.contains("all 10 busy in 50% of 4 samples"), "{line}");
+        assert!(busy_line(&[], 10).contains("no events_in_flight"));
     }
 
     #[test]

@@ -215,6 +215,17 @@ pub async fn wait_for_token(client: &tokio_postgres::Client) -> Result<(), Bench
 /// endpoint on 127.0.0.1:`port` (a plain HTTP/1.0 GET); `None` when the endpoint does not
 /// answer or the gauge is missing.
 pub async fn concurrency_limit(port: u16) -> Option<f64> {
+    scrape_gauge(port, "health_events_exporter_concurrency_limit").await
+}
+
+/// The exporter's `health_events_exporter_events_in_flight` gauge (events its workers are
+/// publishing now), as [`concurrency_limit`] reads its gauge.
+pub async fn events_in_flight(port: u16) -> Option<f64> {
+    scrape_gauge(port, "health_events_exporter_events_in_flight").await
+}
+
+/// The unlabelled gauge `name` from the exporter's metrics endpoint on 127.0.0.1:`port`.
+async fn scrape_gauge(port: u16, name: &str) -> Option<f64> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let scrape = async {
         let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -226,7 +237,7 @@ pub async fn concurrency_limit(port: u16) -> Option<f64> {
             .ok()?;
         let mut response = String::new();
         stream.read_to_string(&mut response).await.ok()?;
-        gauge(&response, "health_events_exporter_concurrency_limit")
+        gauge(&response, name)
     };
     tokio::time::timeout(Duration::from_secs(2), scrape)
         .await
