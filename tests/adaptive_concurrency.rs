@@ -1,7 +1,8 @@
 //! `exporter.sink.concurrency = "adaptive"` through the binary against the loopback sink:
 //! the limit starts at 1, rises to `workers` while the sink keeps up, falls when the sink's
 //! latency steps up and when it answers 503, never lets more than `workers` requests reach the
-//! sink, holds near the capacity of a sink that queues past a few requests, and loses nothing.
+//! sink, holds near the capacity of a sink that queues past a few requests, falls when the
+//! sink stops answering within `exporter.sink.timeout`, and loses nothing.
 //! Fixed mode publishes `workers` as the limit. The test waits for
 //! behaviour (the gauge reaching a value); it asserts no timing.
 
@@ -12,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::exporter::{sample, Exporter, ExporterOptions};
+use support::exporter::{sample, sample_or_zero, Exporter, ExporterOptions};
 use support::pg::{self, TestDb};
 use support::sink::{SinkOptions, SinkServer};
 
@@ -127,6 +128,61 @@ async fn adaptive_limit_rises_on_a_steady_sink_and_falls_on_a_latency_step_and_5
     exporter.terminate_cleanly().await;
     let client = db.client().await;
     pg::assert_token_at_head(&client, "the token reached the last event").await;
+}
+
+/// A sink that stops answering within `exporter.sink.timeout`: each attempt times out, and a
+/// timeout is back-pressure like a 503, so the limit falls to 1 instead of keeping `workers`
+/// requests hanging on a sink that cannot keep up. Once the sink answers again, everything
+/// arrives (an attempt that timed out may have been taken by the sink too: at least once).
+#[tokio::test]
+async fn adaptive_limit_falls_to_one_when_the_sink_times_out() {
+    let db = TestDb::create().await;
+    let sink = SinkServer::start(SinkOptions {
+        latency: Some(Duration::from_millis(50)),
+        ..SinkOptions::default()
+    })
+    .await;
+    let mut options = ExporterOptions::new(&sink, None, db.env());
+    options.workers = 8;
+    options.sink_timeout = "250ms".into();
+    options.sink_extra = "concurrency = \"adaptive\"".into();
+    options.max_retries = 1000;
+    options.initial_backoff = "50ms".into();
+    options.max_backoff = "200ms".into();
+    let mut exporter = Exporter::start(&options).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let inserter = spawn_inserter(&db, stop.clone()).await;
+    wait_for_limit(&exporter, "reached workers (8)", |v| v == 8.0).await;
+
+    // Answers now take 1 s, four times the exporter's timeout: every attempt times out.
+    sink.set_latency(Some(Duration::from_secs(1)));
+    wait_for_limit(&exporter, "fell to 1 on timeouts", |v| v == 1.0).await;
+    let timeouts = sample_or_zero(
+        &exporter.metrics().await,
+        "health_events_exporter_publish_attempt_failures_total{reason=\"timeout\"}",
+    );
+    assert!(timeouts >= 1.0, "no attempt was counted as a timeout");
+
+    sink.set_latency(None);
+    stop.store(true, Ordering::SeqCst);
+    let ids = inserter.await.expect("inserter");
+    let inserted: BTreeSet<String> = ids.into_iter().collect();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let delivered: BTreeSet<String> = sink.accepted_ids().into_iter().collect();
+        if inserted.is_subset(&delivered) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} inserted events never arrived; log:\n{}",
+            inserted.difference(&delivered).count(),
+            inserted.len(),
+            exporter.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    exporter.terminate_cleanly().await;
 }
 
 /// A sink with 2 slots of 50 ms each (a saturated server: past 2 requests in flight, each more

@@ -20,6 +20,8 @@ pub struct ExporterOptions {
     pub initial_backoff: String,
     pub max_backoff: String,
     pub backoff_multiplier: f64,
+    /// `exporter.sink.timeout` (a Go duration; "5s" unless a test sets it).
+    pub sink_timeout: String,
     /// Appended to the `[exporter.sink]` table (e.g. `ca_file = "…"`).
     pub sink_extra: String,
     /// Appended to the `[exporter.oidc]` table.
@@ -52,6 +54,7 @@ impl ExporterOptions {
             initial_backoff: "100ms".into(),
             max_backoff: "1s".into(),
             backoff_multiplier: 2.0,
+            sink_timeout: "5s".into(),
             sink_extra: String::new(),
             oidc_extra: String::new(),
             backfill: "enabled = false".into(),
@@ -77,7 +80,7 @@ environment = "test"
 
 [exporter.sink]
 endpoint = "{sink}"
-timeout = "5s"
+timeout = "{sink_timeout}"
 {sink_extra}
 
 [exporter.oidc]
@@ -100,6 +103,7 @@ backoff_multiplier = {mult:?}
 {extra}
 "#,
             sink = self.sink_url,
+            sink_timeout = self.sink_timeout,
             sink_extra = self.sink_extra,
             backfill = self.backfill,
             retries = self.max_retries,
