@@ -589,19 +589,16 @@ impl<C: CheckpointStore> Io<'_, C> {
                 _ = tick.tick() => { dispatcher.on_tick(); Flow::Continue }
                 Some((change, outcome)) = workers.results.recv() => {
                     workers.reap();
-                    dispatcher.on_result(change, outcome, now())
+                    let first = dispatcher.on_result(change, outcome, now());
+                    // The others already back, in the same turn of the loop.
+                    let rest = workers.record_ready(dispatcher);
+                    if first == Flow::Stop { Flow::Stop } else { rest }
                 }
                 // Waiting for a worker is one arm, so results and saves go on meanwhile.
-                permit = permits.acquire(), if dispatcher.has_waiting(now()) => {
-                    let events = dispatcher.next_events();
-                    match permit {
-                        Ok(permit) if !events.is_empty() => {
-                            workers.spawn(permit, events);
-                            if dispatcher.intake_done() { Flow::Stop } else { Flow::Continue }
-                        }
-                        _ => Flow::Stop,
-                    }
-                }
+                permit = permits.acquire(), if dispatcher.has_waiting(now()) => match permit {
+                    Ok(permit) => hand_out(dispatcher, workers, permits, permit),
+                    Err(_) => Flow::Stop,
+                },
                 // Fewer than a batch waiting: they go once the linger is over.
                 _ = sleep_until_some(dispatcher.linger_due()) => Flow::Continue,
                 received = reader.changes.recv(), if dispatcher.accepts_changes() => {
@@ -669,6 +666,32 @@ impl<C: CheckpointStore> Io<'_, C> {
         dispatcher.saved(checkpoint, Ok(()));
         Ok(())
     }
+}
+
+/// Hands waiting events to workers: to the one holding `permit`, then to one more for every
+/// permit free now while events may go, in the same turn of the loop (one turn per event was
+/// most of the loop's cost in a drain). `Stop` once intake is over.
+fn hand_out(
+    dispatcher: &mut Dispatcher,
+    workers: &mut Workers,
+    permits: &Concurrency,
+    permit: OwnedSemaphorePermit,
+) -> Flow {
+    let mut permit = Some(permit);
+    while let Some(held) = permit.take() {
+        let events = dispatcher.next_events();
+        if events.is_empty() {
+            return Flow::Stop;
+        }
+        workers.spawn(held, events);
+        if dispatcher.intake_done() {
+            return Flow::Stop;
+        }
+        if dispatcher.has_waiting(tokio::time::Instant::now()) {
+            permit = permits.try_acquire();
+        }
+    }
+    Flow::Continue
 }
 
 async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {

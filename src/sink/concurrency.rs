@@ -285,16 +285,34 @@ impl Concurrency {
     pub async fn acquire(&self) -> Result<OwnedSemaphorePermit, AcquireError> {
         loop {
             let permit = self.permits.clone().acquire_owned().await?;
-            let Some(state) = &self.adaptive else {
-                return Ok(permit);
-            };
-            let mut state = lock(state);
-            if state.issued <= state.rule.limit() {
+            if let Some(permit) = self.admit(permit) {
                 return Ok(permit);
             }
-            permit.forget();
-            state.issued = state.issued.saturating_sub(1);
         }
+    }
+
+    /// A permit if one is free now (as [`Concurrency::acquire`] would give it), else `None`.
+    pub fn try_acquire(&self) -> Option<OwnedSemaphorePermit> {
+        loop {
+            let permit = self.permits.clone().try_acquire_owned().ok()?;
+            if let Some(permit) = self.admit(permit) {
+                return Some(permit);
+            }
+        }
+    }
+
+    /// `permit` if it is within the limit; a permit beyond a limit that dropped is retired.
+    fn admit(&self, permit: OwnedSemaphorePermit) -> Option<OwnedSemaphorePermit> {
+        let Some(state) = &self.adaptive else {
+            return Some(permit);
+        };
+        let mut state = lock(state);
+        if state.issued <= state.rule.limit() {
+            return Some(permit);
+        }
+        permit.forget();
+        state.issued = state.issued.saturating_sub(1);
+        None
     }
 
     /// Feeds one finished request to the adaptive rule (no-op in fixed mode) and resizes.
