@@ -529,6 +529,61 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_sink_that_never_answers_the_tls_handshake_is_a_timeout_within_the_limit() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        // Accepts and holds connections, saying nothing.
+        let held = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let timeout = Duration::from_millis(300);
+        let client = SinkClient::new(&format!("https://{addr}/events"), timeout, true, None, 1)
+            .expect("client");
+        let started = std::time::Instant::now();
+        let error = client
+            .post(&HeaderMap::new(), &Bytes::from_static(b"{}"), 16)
+            .await
+            .err()
+            .expect("no answer");
+        assert!(error.is_timeout(), "{error:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        held.abort();
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_a_connect_failure_with_its_cause() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("address");
+        drop(listener);
+        let client = SinkClient::new(
+            &format!("http://{addr}/events"),
+            Duration::from_secs(5),
+            false,
+            None,
+            1,
+        )
+        .expect("client");
+        let error = client
+            .post(&HeaderMap::new(), &Bytes::from_static(b"{}"), 16)
+            .await
+            .err()
+            .expect("no answer");
+        assert!(error.is_connect() && !error.is_timeout(), "{error:?}");
+        let message = crate::sink::http::describe_error(&error);
+        assert!(message.contains(&addr.to_string()), "{message}");
+        assert!(message.to_lowercase().contains("refused"), "{message}");
+    }
+
     #[test]
     fn the_endpoint_is_normalized_as_reqwest_sent_it() {
         assert_eq!(

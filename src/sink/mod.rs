@@ -80,13 +80,13 @@ pub fn tls_config(
     Ok(config)
 }
 
-/// The HTTP proxy the clients built by [`http_client`] use for `url`, read from
+/// The HTTP proxy the clients built by [`http_client`] and [`SinkClient::new`] use for `url`, read from
 /// `HTTPS_PROXY`/`https_proxy` (https URLs), `HTTP_PROXY`/`http_proxy` (http URLs),
 /// `ALL_PROXY`/`all_proxy` and `NO_PROXY`/`no_proxy` with the very matcher reqwest applies
 /// (`hyper_util`'s, curl's rules). `None`: direct. The proxy URL is returned without its
 /// credentials, followed by ` (credentials redacted)` when it had any.
 ///
-/// reqwest reads these variables when a client is built, so a running exporter keeps the
+/// Both clients read these variables when they are built, so a running exporter keeps the
 /// proxy it started with. Only `http://` and `https://` proxies work (SOCKS is not built in).
 pub fn proxy_in_effect(url: &str) -> Option<String> {
     let uri: axum::http::Uri = url.parse().ok()?;
