@@ -584,6 +584,84 @@ mod tests {
         assert!(message.to_lowercase().contains("refused"), "{message}");
     }
 
+    #[tokio::test]
+    async fn a_sink_that_negotiates_h2_is_spoken_to_in_http2() {
+        let certified =
+            rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).expect("cert");
+        let key =
+            rustls::pki_types::PrivateKeyDer::Pkcs8(certified.signing_key.serialize_der().into());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![certified.cert.der().clone()], key)
+            .expect("server config");
+        // This peer speaks HTTP/2 only: an HTTP/1.1 request would fail.
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let accepted = connections.clone();
+        let server = tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(socket).await else {
+                        return;
+                    };
+                    let echo =
+                        hyper::service::service_fn(|request: Request<Incoming>| async move {
+                            let version = format!("{:?}", request.version());
+                            let agent = request.headers().get(USER_AGENT).cloned();
+                            let body = request.into_body().collect().await?.to_bytes();
+                            let mut response = hyper::Response::new(Full::new(body));
+                            *response.status_mut() = StatusCode::ACCEPTED;
+                            let headers = response.headers_mut();
+                            headers
+                                .insert("x-version", HeaderValue::from_str(&version).expect("ok"));
+                            if let Some(agent) = agent {
+                                headers.insert("x-user-agent", agent);
+                            }
+                            Ok::<_, hyper::Error>(response)
+                        });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tls), echo)
+                        .await;
+                });
+            }
+        });
+        let endpoint = format!("https://127.0.0.1:{}/events", addr.port());
+        let client =
+            SinkClient::new(&endpoint, Duration::from_secs(5), true, None, 1).expect("client");
+        for _ in 0..2 {
+            let answer = client
+                .post(&HeaderMap::new(), &Bytes::from_static(b"{\"a\":1}"), 64)
+                .await
+                .expect("answer");
+            assert_eq!(answer.status, StatusCode::ACCEPTED);
+            assert_eq!(
+                answer.headers.get("x-version").map(|v| v.as_bytes()),
+                Some(&b"HTTP/2.0"[..])
+            );
+            assert_eq!(
+                answer.headers.get("x-user-agent").map(|v| v.as_bytes()),
+                Some(USER_AGENT_VALUE.as_bytes())
+            );
+            assert_eq!(answer.body, b"{\"a\":1}");
+        }
+        assert_eq!(
+            connections.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "the second POST reused the pooled HTTP/2 connection"
+        );
+        server.abort();
+    }
+
     #[test]
     fn the_endpoint_is_normalized_as_reqwest_sent_it() {
         assert_eq!(
