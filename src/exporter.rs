@@ -287,18 +287,17 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
             None
         }
     };
-    let http = sink::http_client(
+    let client = sink::SinkClient::new(
+        &config.sink.endpoint,
         config.sink.timeout,
         config.sink.insecure_skip_verify,
         config.sink.ca_file.as_deref(),
         workers,
-        "sink",
     )
     .map_err(ExitError::failed)?;
-    let endpoint = reqwest::Url::parse(&config.sink.endpoint).map_err(ExitError::failed)?;
     sink::log_proxy("sink", &config.sink.endpoint);
     let permits = sink::concurrency::Concurrency::new(workers, config.sink.concurrency);
-    let publisher = Publisher::new(http, endpoint, auth, config.failure_handling.clone())
+    let publisher = Publisher::new(client, auth, config.failure_handling.clone())
         .with_statuses(
             config.rejections.rejected_statuses.clone(),
             config.rejections.already_delivered_statuses.clone(),

@@ -65,7 +65,7 @@ async fn deliver(
     cancel: &CancellationToken,
 ) -> Vec<(usize, Outcome)> {
     let member = |index: usize| events.get(index);
-    let body = json_array(members.iter().map(|(_, body)| body.as_slice()));
+    let body = bytes::Bytes::from(json_array(members.iter().map(|(_, body)| body.as_slice())));
     let first = members
         .first()
         .and_then(|(index, _)| member(*index))

@@ -106,6 +106,8 @@ impl EventHandler {
             Ok(prepared) => prepared,
             Err(outcome) => return outcome,
         };
+        // One buffer for every attempt of this event (no copy per attempt or redirect).
+        let body = bytes::Bytes::from(body);
         let started = Instant::now();
         let traceparent = decoded.traceparent();
         let published = self

@@ -73,6 +73,8 @@ pub enum TokenResponseError {
     InvalidExpiresIn { found: String },
     #[error("the token lifetime does not fit this machine's clock")]
     ClockOverflow,
+    #[error("access_token cannot be sent in an Authorization header: {0}")]
+    NotAHeaderValue(#[source] hyper::header::InvalidHeaderValue),
 }
 
 /// Where a token's lifetime came from.
@@ -222,9 +224,29 @@ async fn read_bounded(
 
 #[derive(Clone)]
 struct CachedToken {
-    value: Arc<str>,
+    bearer: Bearer,
     refresh_at: Instant,
     expires_at: Instant,
+}
+
+/// An access token with its `Authorization: Bearer …` header value, built once per token
+/// (marked sensitive, so it is never logged) and shared by every request that sends it.
+#[derive(Clone)]
+pub struct Bearer {
+    pub token: Arc<str>,
+    pub header: hyper::header::HeaderValue,
+}
+
+impl Bearer {
+    fn new(token: &str) -> Result<Bearer, TokenResponseError> {
+        let mut header = hyper::header::HeaderValue::try_from(format!("Bearer {token}"))
+            .map_err(TokenResponseError::NotAHeaderValue)?;
+        header.set_sensitive(true);
+        Ok(Bearer {
+            token: token.into(),
+            header,
+        })
+    }
 }
 
 pub struct TokenProvider {
@@ -265,20 +287,25 @@ impl TokenProvider {
 
     /// A valid access token, fetching one when needed.
     pub async fn token(&self) -> Result<Arc<str>, AuthError> {
+        self.bearer().await.map(|bearer| bearer.token)
+    }
+
+    /// [`TokenProvider::token`] with its `Authorization` header value.
+    pub async fn bearer(&self) -> Result<Bearer, AuthError> {
         let now = Instant::now();
         let current = self.cached.read().await.clone();
         if let Some(token) = &current {
             if now < token.refresh_at {
-                return Ok(token.value.clone());
+                return Ok(token.bearer.clone());
             }
             if now < token.expires_at {
                 // Due for refresh but still valid: refresh only if nobody else is.
                 return match self.refresh.try_lock() {
                     Ok(_guard) => self.refresh_locked().await.or_else(|error| {
                         tracing::warn!(%error, "token refresh failed; using the current token until it expires");
-                        Ok(token.value.clone())
+                        Ok(token.bearer.clone())
                     }),
-                    Err(_) => Ok(token.value.clone()),
+                    Err(_) => Ok(token.bearer.clone()),
                 };
             }
         }
@@ -286,7 +313,7 @@ impl TokenProvider {
         // Another worker may have refreshed while this one waited.
         if let Some(token) = self.cached.read().await.as_ref() {
             if Instant::now() < token.refresh_at {
-                return Ok(token.value.clone());
+                return Ok(token.bearer.clone());
             }
         }
         self.refresh_locked().await
@@ -296,15 +323,18 @@ impl TokenProvider {
     /// A newer token fetched meanwhile by another worker is kept.
     pub async fn invalidate(&self, rejected: &str) {
         let mut cached = self.cached.write().await;
-        if cached.as_ref().is_some_and(|t| &*t.value == rejected) {
+        if cached
+            .as_ref()
+            .is_some_and(|t| &*t.bearer.token == rejected)
+        {
             *cached = None;
         }
     }
 
-    async fn refresh_locked(&self) -> Result<Arc<str>, AuthError> {
+    async fn refresh_locked(&self) -> Result<Bearer, AuthError> {
         match self.fetch().await {
             Ok(token) => {
-                let value = token.value.clone();
+                let value = token.bearer.clone();
                 *self.cached.write().await = Some(token);
                 Ok(value)
             }
@@ -366,9 +396,10 @@ impl TokenProvider {
         })?;
         let token = parse_token_response(&body, started, self.config.default_token_lifetime)
             .map_err(invalid)?;
+        let bearer = Bearer::new(&token.access_token).map_err(invalid)?;
         log_lifetime(&token);
         Ok(CachedToken {
-            value: token.access_token.into(),
+            bearer,
             refresh_at: token.refresh_at,
             expires_at: token.expires_at,
         })

@@ -11,15 +11,21 @@
 //! excerpt); a longer body is dropped with its connection instead of being buffered. An event
 //! that carries a trace id goes out with a W3C `traceparent` header, so the sink can join the
 //! trace.
+//!
+//! The body is one [`Bytes`] shared by every attempt and redirect, and the `Authorization`
+//! value is built once per token ([`super::auth::Bearer`]): an attempt copies neither. The
+//! requests go through [`SinkClient`], which owns the TLS, timeout, proxy and redirect rules.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
-use reqwest::StatusCode;
+use bytes::Bytes;
+use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE, LOCATION, RETRY_AFTER};
+use hyper::StatusCode;
 use tokio_util::sync::CancellationToken;
 
-use super::auth::{AuthError, TokenProvider};
+use super::auth::{AuthError, Bearer, TokenProvider};
+use super::client::{SendError, SinkClient};
 use super::concurrency::{Concurrency, Signal};
 use super::retry::Backoff;
 use crate::cloudevent::CONTENT_TYPE as CLOUDEVENTS_JSON;
@@ -100,8 +106,7 @@ impl Attempt {
 }
 
 pub struct Publisher {
-    http: reqwest::Client,
-    endpoint: reqwest::Url,
+    client: SinkClient,
     auth: Option<Arc<TokenProvider>>,
     policy: RetryPolicy,
     rejected_statuses: Vec<u16>,
@@ -112,14 +117,12 @@ pub struct Publisher {
 
 impl Publisher {
     pub fn new(
-        http: reqwest::Client,
-        endpoint: reqwest::Url,
+        client: SinkClient,
         auth: Option<Arc<TokenProvider>>,
         policy: RetryPolicy,
     ) -> Publisher {
         Publisher {
-            http,
-            endpoint,
+            client,
             auth,
             policy,
             rejected_statuses: Vec::new(),
@@ -153,7 +156,7 @@ impl Publisher {
     /// …), [`PublishError::Cancelled`] on shutdown.
     pub async fn publish(
         &self,
-        body: &[u8],
+        body: &Bytes,
         event_id: &str,
         traceparent: Option<&str>,
         cancel: &CancellationToken,
@@ -166,7 +169,7 @@ impl Publisher {
     /// for a batch, whose `event_id` names its first event in logs).
     pub async fn publish_as(
         &self,
-        body: &[u8],
+        body: &Bytes,
         content_type: &'static str,
         event_id: &str,
         traceparent: Option<&str>,
@@ -232,30 +235,28 @@ impl Publisher {
     /// One attempt, including at most one immediate retry after a 401 with a fresh token.
     async fn attempt(
         &self,
-        body: &[u8],
+        body: &Bytes,
         content_type: &'static str,
         traceparent: Option<&str>,
     ) -> Attempt {
         let mut refreshed = false;
         loop {
-            let token = match &self.auth {
-                Some(auth) => match auth.token().await {
-                    Ok(token) => Some(token),
+            let bearer = match &self.auth {
+                Some(auth) => match auth.bearer().await {
+                    Ok(bearer) => Some(bearer),
                     Err(error) => return Attempt::Failed(token_failure(error)),
                 },
                 None => None,
             };
-            let request = self.request(body, content_type, traceparent, token.as_deref());
-            let response = match request.send().await {
-                Ok(response) => response,
+            let headers = headers(content_type, traceparent, bearer.as_ref());
+            let answer = match self.client.post(&headers, body, BODY_LIMIT).await {
+                Ok(answer) => answer,
                 Err(e) => return Attempt::Failed(send_failure(&e)),
             };
-            let status = response.status();
-            let retry_after = retry_after_header(&response);
-            let location = location(&response);
-            // Reading a short body to its end lets the connection go back to the pool; a
-            // longer one is cut and its connection dropped.
-            let (text, _complete) = read_bounded(response, BODY_LIMIT).await;
+            let status = answer.status;
+            let retry_after = retry_after_header(&answer.headers);
+            let location = location(&answer.headers);
+            let text = answer.body;
             if status.is_success() {
                 return Attempt::Delivered(Delivery::Accepted);
             }
@@ -263,9 +264,9 @@ impl Publisher {
                 return Attempt::Delivered(Delivery::AlreadyDelivered(status.as_u16()));
             }
             if status == StatusCode::UNAUTHORIZED && !refreshed {
-                if let (Some(auth), Some(token)) = (&self.auth, &token) {
+                if let (Some(auth), Some(bearer)) = (&self.auth, &bearer) {
                     tracing::info!("sink answered 401; fetching a new token and retrying");
-                    auth.invalidate(token).await;
+                    auth.invalidate(&bearer.token).await;
                     refreshed = true;
                     continue;
                 }
@@ -273,28 +274,25 @@ impl Publisher {
             return Attempt::Failed(refusal(status, &text, location, retry_after));
         }
     }
+}
 
-    /// The POST of one body, with its bearer token and trace context.
-    fn request(
-        &self,
-        body: &[u8],
-        content_type: &'static str,
-        traceparent: Option<&str>,
-        token: Option<&str>,
-    ) -> reqwest::RequestBuilder {
-        let mut request = self
-            .http
-            .post(self.endpoint.clone())
-            .header(CONTENT_TYPE, HeaderValue::from_static(content_type))
-            .body(body.to_vec());
-        if let Some(token) = token {
-            request = request.header(AUTHORIZATION, format!("Bearer {token}"));
-        }
-        if let Some(traceparent) = traceparent {
-            request = request.header("traceparent", traceparent);
-        }
-        request
+/// The headers of one POST: its content type, bearer token and trace context. A
+/// `traceparent` that is not a valid header value is left out (it is built from the event's
+/// own trace id, so that would be a bug, not a reason to fail the delivery).
+fn headers(
+    content_type: &'static str,
+    traceparent: Option<&str>,
+    bearer: Option<&Bearer>,
+) -> HeaderMap {
+    let mut headers = HeaderMap::with_capacity(4);
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    if let Some(bearer) = bearer {
+        headers.insert(AUTHORIZATION, bearer.header.clone());
     }
+    if let Some(value) = traceparent.and_then(|t| HeaderValue::from_str(t).ok()) {
+        headers.insert("traceparent", value);
+    }
+    headers
 }
 
 fn token_failure(error: AuthError) -> AttemptFailure {
@@ -307,9 +305,9 @@ fn token_failure(error: AuthError) -> AttemptFailure {
     }
 }
 
-/// The `Retry-After` header of `response`, as a wait from now.
-fn retry_after_header(response: &reqwest::Response) -> Option<Duration> {
-    let text = response.headers().get(RETRY_AFTER)?.to_str().ok()?;
+/// The `Retry-After` header of an answer, as a wait from now.
+fn retry_after_header(headers: &HeaderMap) -> Option<Duration> {
+    let text = headers.get(RETRY_AFTER)?.to_str().ok()?;
     parse_retry_after(text, chrono::Utc::now())
 }
 
@@ -342,9 +340,9 @@ pub fn retry_delay(
     }
 }
 
-/// The `Location` header of a response, as text.
-fn location(response: &reqwest::Response) -> Option<String> {
-    let value = response.headers().get(reqwest::header::LOCATION)?;
+/// The `Location` header of an answer, as text.
+fn location(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(LOCATION)?;
     Some(String::from_utf8_lossy(value.as_bytes()).into_owned())
 }
 
@@ -405,8 +403,13 @@ fn snippet(body: &[u8]) -> String {
 
 /// A reqwest error with its causes (reqwest's own message hides the interesting part).
 pub fn describe_reqwest_error(error: &reqwest::Error) -> String {
+    describe_error(error)
+}
+
+/// An error with its causes, `: `-separated.
+pub fn describe_error(error: &dyn std::error::Error) -> String {
     let mut message = error.to_string();
-    let mut source = std::error::Error::source(error);
+    let mut source = error.source();
     while let Some(cause) = source {
         message.push_str(": ");
         message.push_str(&cause.to_string());
@@ -415,19 +418,18 @@ pub fn describe_reqwest_error(error: &reqwest::Error) -> String {
     message
 }
 
-/// A request that got no answer: timeout, connect, redirect (a loop or too many) or network.
-fn send_failure(e: &reqwest::Error) -> AttemptFailure {
+/// A request that got no answer: timeout (of the attempt or of connecting), connect or
+/// network. (Too many redirects is an answer: the last 3xx, see [`refusal`].)
+fn send_failure(e: &SendError) -> AttemptFailure {
     AttemptFailure {
         reason: if e.is_timeout() {
             "timeout"
         } else if e.is_connect() {
             "connect"
-        } else if e.is_redirect() {
-            "redirect"
         } else {
             "network"
         },
-        message: describe_reqwest_error(e),
+        message: describe_error(e),
         retry_after: None,
         status: None,
         excerpt: String::new(),

@@ -1,0 +1,673 @@
+//! The sink's HTTP client: hyper-util's pooled client over hyper-rustls, with nothing between
+//! [`Publisher`](super::Publisher) and the connection but the rules below.
+//!
+//! It is built once for the sink endpoint and POSTs to it. Every request of an attempt shares
+//! one body ([`Bytes`], cloned by reference count) and the caller's headers; the client adds
+//! `User-Agent: event-exporter/<version>`, `Accept: */*` and, for an `http://` sink forwarded
+//! to a proxy with credentials, `Proxy-Authorization`.
+//!
+//! The invariants it keeps, each the same as the reqwest client it replaced:
+//! - **TLS**: the `rustls::ClientConfig` of [`super::http_client`] (system roots plus
+//!   `ca_file`, or no verification with `insecure_skip_verify`), ALPN `h2` then `http/1.1`;
+//!   HTTP/2 is used when the sink negotiates it.
+//! - **Time**: an attempt ([`SinkClient::post`]: the request, the redirects it follows, and the
+//!   bounded read of the answer) ends within the sink `timeout`; connecting (TCP, proxy tunnel
+//!   and TLS handshake) within `min(timeout, 10 s)`. Both count as timeouts
+//!   ([`SendError::is_timeout`]).
+//! - **Redirects** ([`follow_redirect`]): only 307/308 to the same origin (scheme, host,
+//!   port) are followed, re-sending the same body and headers, at most [`MAX_REDIRECTS`]
+//!   hops; any other 3xx is the answer, which the caller treats as a failed attempt. So a POST
+//!   never becomes a GET and `Authorization` never reaches another origin.
+//! - **Proxies**: `HTTPS_PROXY`/`HTTP_PROXY`/`ALL_PROXY`/`NO_PROXY` (and lowercase) are read
+//!   once, when the client is built, with hyper-util's matcher (the one reqwest uses and
+//!   [`super::proxy_in_effect`] reports). An `https://` sink is reached through a `CONNECT`
+//!   tunnel carrying the proxy URL's credentials; an `http://` sink's requests are forwarded
+//!   to the proxy in absolute form with `Proxy-Authorization`; `NO_PROXY` hosts are direct.
+//! - **Pool**: at most `max_idle_per_host` idle connections, each closed after 90 s idle.
+//! - At most `limit` bytes of an answer's body are read; a longer body is dropped with its
+//!   connection instead of being buffered.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{HeaderMap, HeaderValue, ACCEPT, LOCATION, PROXY_AUTHORIZATION, USER_AGENT};
+use hyper::http::uri::Scheme;
+use hyper::{Method, Request, StatusCode, Uri};
+use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
+use hyper_util::client::legacy::connect::proxy::Tunnel;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::proxy::matcher::Matcher;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tower_service::Service;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The most same-origin 307/308 redirects followed for one request.
+pub const MAX_REDIRECTS: usize = 5;
+
+/// How long connecting may take at most, whatever the sink `timeout`.
+const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long an idle pooled connection is kept.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+const USER_AGENT_VALUE: &str = concat!("event-exporter/", env!("CARGO_PKG_VERSION"));
+
+/// Why the sink's client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkClientError {
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("the sink endpoint {endpoint} is not a usable URL")]
+    Endpoint {
+        endpoint: String,
+        #[source]
+        source: EndpointError,
+    },
+}
+
+/// What is wrong with the sink endpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    #[error(transparent)]
+    Url(#[from] url::ParseError),
+    #[error(transparent)]
+    Uri(#[from] hyper::http::uri::InvalidUri),
+}
+
+/// A request that got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The attempt (request, redirects, reading the answer) outlasted the sink `timeout`.
+    #[error("the sink did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("error sending request for url ({url})")]
+    Request {
+        url: Uri,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+}
+
+impl SendError {
+    /// The attempt or its connecting ran out of time.
+    pub fn is_timeout(&self) -> bool {
+        match self {
+            SendError::Timeout(_) => true,
+            SendError::Request { source, .. } => {
+                let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source);
+                while let Some(error) = cause {
+                    if error.is::<ConnectTimeout>()
+                        || error
+                            .downcast_ref::<std::io::Error>()
+                            .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut)
+                    {
+                        return true;
+                    }
+                    cause = error.source();
+                }
+                false
+            }
+        }
+    }
+
+    /// No connection to the sink (or its proxy) could be made.
+    pub fn is_connect(&self) -> bool {
+        matches!(self, SendError::Request { source, .. } if source.is_connect())
+    }
+}
+
+/// Connecting took longer than `min(timeout, 10 s)`.
+#[derive(Debug, thiserror::Error)]
+#[error("connecting took longer than {0:?}")]
+pub struct ConnectTimeout(Duration);
+
+/// The sink's answer to one attempt: the last response (after the redirects followed) with at
+/// most `limit` bytes of its body.
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    /// At most `limit` bytes of the body: all of it, or its start when it was longer, failed
+    /// or stalled.
+    pub body: Vec<u8>,
+}
+
+/// The sink's HTTP client; see the module documentation.
+pub struct SinkClient {
+    http: Client<Timed<HttpsConnector<Route>>, Full<Bytes>>,
+    endpoint: Uri,
+    timeout: Duration,
+    /// `Proxy-Authorization` for an `http://` endpoint forwarded to a proxy with credentials
+    /// (a redirect followed stays on the same origin, so the same proxy applies).
+    proxy_authorization: Option<HeaderValue>,
+}
+
+impl SinkClient {
+    /// A client for `endpoint` with the sink's TLS settings, `timeout` per attempt and at most
+    /// `max_idle_per_host` idle connections.
+    pub fn new(
+        endpoint: &str,
+        timeout: Duration,
+        insecure_skip_verify: bool,
+        ca_file: Option<&std::path::Path>,
+        max_idle_per_host: usize,
+    ) -> Result<SinkClient, SinkClientError> {
+        let endpoint = parse_endpoint(endpoint).map_err(|source| SinkClientError::Endpoint {
+            endpoint: endpoint.to_string(),
+            source,
+        })?;
+        let config = super::tls_config(insecure_skip_verify, ca_file, "sink")?;
+        let mut to_proxy_tls = config.clone();
+        to_proxy_tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let mut to_sink_tls = config;
+        to_sink_tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+
+        let mut tcp = HttpConnector::new();
+        tcp.enforce_http(false);
+        tcp.set_nodelay(true);
+        let proxies = Arc::new(Matcher::from_env());
+        let proxy_authorization = (endpoint.scheme() == Some(&Scheme::HTTP))
+            .then(|| proxies.intercept(&endpoint))
+            .flatten()
+            .and_then(|proxy| proxy.basic_auth().cloned());
+        let route = Route {
+            to_proxy: HttpsConnector::from((tcp.clone(), to_proxy_tls)),
+            direct: tcp,
+            proxies,
+        };
+        let connector = Timed {
+            inner: HttpsConnector::from((route, to_sink_tls)),
+            limit: timeout.min(MAX_CONNECT_TIMEOUT),
+        };
+        let http = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(max_idle_per_host)
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(connector);
+        Ok(SinkClient {
+            http,
+            endpoint,
+            timeout,
+            proxy_authorization,
+        })
+    }
+
+    /// POSTs `body` with `headers` to the endpoint, following the redirects
+    /// [`follow_redirect`] allows, and reads at most `limit` bytes of the answer, all within
+    /// the sink `timeout`.
+    pub async fn post(
+        &self,
+        headers: &HeaderMap,
+        body: &Bytes,
+        limit: usize,
+    ) -> Result<Answer, SendError> {
+        let deadline = crate::clock::deadline_after(self.timeout);
+        let mut uri = self.endpoint.clone();
+        let mut followed = 0usize;
+        let response = loop {
+            let request = self.request(&uri, headers, body);
+            let response = match tokio::time::timeout_at(deadline, self.http.request(request)).await
+            {
+                Ok(Ok(response)) => response,
+                Ok(Err(source)) => return Err(SendError::Request { url: uri, source }),
+                Err(_) => return Err(SendError::Timeout(self.timeout)),
+            };
+            let location = response
+                .headers()
+                .get(LOCATION)
+                .and_then(|value| value.to_str().ok());
+            match follow_redirect(response.status().as_u16(), &uri, location, followed) {
+                Some(next) => {
+                    uri = next;
+                    followed = followed.saturating_add(1);
+                }
+                None => break response,
+            }
+        };
+        let (parts, mut incoming) = response.into_parts();
+        // A short body read to its end lets the connection go back to the pool; a longer one
+        // is cut and its connection dropped with `incoming`.
+        let body = read_bounded(&mut incoming, limit, deadline).await;
+        Ok(Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    }
+
+    fn request(&self, uri: &Uri, headers: &HeaderMap, body: &Bytes) -> Request<Full<Bytes>> {
+        let mut request = Request::new(Full::new(body.clone()));
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = uri.clone();
+        let sent = request.headers_mut();
+        sent.reserve(headers.len().saturating_add(3));
+        sent.insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
+        sent.insert(ACCEPT, HeaderValue::from_static("*/*"));
+        if let Some(auth) = &self.proxy_authorization {
+            sent.insert(PROXY_AUTHORIZATION, auth.clone());
+        }
+        for (name, value) in headers {
+            sent.insert(name, value.clone());
+        }
+        request
+    }
+}
+
+/// The endpoint as reqwest sent it (parsed and normalized as a URL), as a request URI.
+fn parse_endpoint(endpoint: &str) -> Result<Uri, EndpointError> {
+    let url = url::Url::parse(endpoint)?;
+    Ok(url.as_str().parse::<Uri>()?)
+}
+
+/// Where a `status` answer to a request for `from` is followed, given its `Location` and the
+/// redirects already `followed` for this request: `Some` only for 307/308 whose `Location`
+/// (absolute or relative to `from`) has the same origin (scheme, host, port) as `from`, while
+/// fewer than [`MAX_REDIRECTS`] were followed. `None`: the answer is the 3xx itself.
+pub fn follow_redirect(
+    status: u16,
+    from: &Uri,
+    location: Option<&str>,
+    followed: usize,
+) -> Option<Uri> {
+    if !matches!(status, 307 | 308) || followed >= MAX_REDIRECTS {
+        return None;
+    }
+    let from = url::Url::parse(&from.to_string()).ok()?;
+    let to = from.join(location?).ok()?;
+    if !super::redirect_allowed(status, &from, &to, followed) {
+        return None;
+    }
+    to.as_str().parse().ok()
+}
+
+/// Reads at most `limit` bytes of `body` until `deadline`. A longer body (or one that fails or
+/// stalls midway) is cut: its start is returned and the rest never read.
+async fn read_bounded(
+    body: &mut Incoming,
+    limit: usize,
+    deadline: tokio::time::Instant,
+) -> Vec<u8> {
+    let mut read = Vec::new();
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(frame))) => frame,
+            Ok(None) | Ok(Some(Err(_))) | Err(_) => return read,
+        };
+        let Ok(chunk) = frame.into_data() else {
+            continue;
+        };
+        let room = limit.saturating_sub(read.len());
+        if chunk.len() > room {
+            read.extend_from_slice(chunk.get(..room).unwrap_or_default());
+            return read;
+        }
+        read.extend_from_slice(&chunk);
+    }
+}
+
+/// A plain connection to the sink or its proxy (TLS when the proxy is `https://`).
+type Plain = MaybeHttpsStream<TokioIo<TcpStream>>;
+
+/// The first hop of a connection: direct to the sink, a tunnel through a proxy, or a
+/// connection to a proxy that forwards requests (`proxied`: sent in absolute form).
+pub struct Hop {
+    io: Plain,
+    proxied: bool,
+}
+
+impl Connection for Hop {
+    fn connected(&self) -> Connected {
+        self.io.connected().proxy(self.proxied)
+    }
+}
+
+impl hyper::rt::Read for Hop {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for Hop {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+}
+
+/// Connects to a destination directly or through the proxy the environment names for it.
+#[derive(Clone)]
+pub struct Route {
+    direct: HttpConnector,
+    /// Reaches a proxy: TCP, or TLS (ALPN `http/1.1`) for an `https://` proxy.
+    to_proxy: HttpsConnector<HttpConnector>,
+    proxies: Arc<Matcher>,
+}
+
+impl Route {
+    async fn connect(mut self, dst: Uri) -> Result<Hop, BoxError> {
+        let Some(proxy) = self.proxies.intercept(&dst) else {
+            let tcp = self.direct.call(dst).await?;
+            return Ok(Hop {
+                io: MaybeHttpsStream::Http(tcp),
+                proxied: false,
+            });
+        };
+        if dst.scheme() == Some(&Scheme::HTTPS) {
+            let mut tunnel = Tunnel::new(proxy.uri().clone(), self.to_proxy.clone());
+            if let Some(auth) = proxy.basic_auth() {
+                tunnel = tunnel.with_auth(auth.clone());
+            }
+            let mut headers = HeaderMap::new();
+            headers.insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
+            let io = tunnel.with_headers(headers).call(dst).await?;
+            return Ok(Hop { io, proxied: false });
+        }
+        let io = self.to_proxy.call(proxy.uri().clone()).await?;
+        Ok(Hop { io, proxied: true })
+    }
+}
+
+impl Service<Uri> for Route {
+    type Response = Hop;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Hop, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, dst: Uri) -> Self::Future {
+        Box::pin(self.clone().connect(dst))
+    }
+}
+
+/// A connector whose whole connect (TCP, tunnel, TLS) ends within `limit`.
+#[derive(Clone)]
+pub struct Timed<S> {
+    inner: S,
+    limit: Duration,
+}
+
+impl<S> Service<Uri> for Timed<S>
+where
+    S: Service<Uri, Error = BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, dst: Uri) -> Self::Future {
+        let connecting = self.inner.call(dst);
+        let limit = self.limit;
+        Box::pin(async move {
+            match tokio::time::timeout(limit, connecting).await {
+                Ok(connected) => connected,
+                Err(_) => Err(Box::new(ConnectTimeout(limit)) as BoxError),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn uri(text: &str) -> Uri {
+        text.parse().expect("valid URI")
+    }
+
+    const FROM: &str = "https://sink.example:8443/v1/events";
+
+    #[test]
+    fn same_origin_307_and_308_are_followed_absolute_or_relative() {
+        for status in [307, 308] {
+            assert_eq!(
+                follow_redirect(status, &uri(FROM), Some("/v2/events"), 0),
+                Some(uri("https://sink.example:8443/v2/events"))
+            );
+            assert_eq!(
+                follow_redirect(
+                    status,
+                    &uri(FROM),
+                    Some("https://SINK.example:8443/v3?x=1"),
+                    0
+                ),
+                Some(uri("https://sink.example:8443/v3?x=1"))
+            );
+        }
+        assert_eq!(
+            follow_redirect(307, &uri(FROM), Some("next"), 0),
+            Some(uri("https://sink.example:8443/v1/next"))
+        );
+        // The default port is the same port.
+        assert_eq!(
+            follow_redirect(307, &uri("http://h/a"), Some("http://h:80/b"), 0),
+            Some(uri("http://h/b"))
+        );
+    }
+
+    #[test]
+    fn other_statuses_are_never_followed() {
+        for status in [300, 301, 302, 303, 304, 305, 306, 200, 404] {
+            assert_eq!(
+                follow_redirect(status, &uri(FROM), Some("/v2/events"), 0),
+                None,
+                "{status}"
+            );
+        }
+    }
+
+    #[test]
+    fn another_origin_is_not_followed() {
+        for location in [
+            "http://sink.example:8443/v2",
+            "https://other.example:8443/v2",
+            "https://sink.example/v2",
+            "https://sink.example:9443/v2",
+            "//other.example/v2",
+        ] {
+            assert_eq!(
+                follow_redirect(307, &uri(FROM), Some(location), 0),
+                None,
+                "{location}"
+            );
+        }
+    }
+
+    #[test]
+    fn at_most_five_hops_and_a_location_is_needed() {
+        assert!(follow_redirect(308, &uri(FROM), Some("/x"), MAX_REDIRECTS - 1).is_some());
+        assert_eq!(
+            follow_redirect(308, &uri(FROM), Some("/x"), MAX_REDIRECTS),
+            None
+        );
+        assert_eq!(follow_redirect(307, &uri(FROM), None, 0), None);
+        assert_eq!(
+            follow_redirect(307, &uri(FROM), Some("http://[::1"), 0),
+            None
+        );
+    }
+
+    #[tokio::test]
+    async fn a_sink_that_never_answers_the_tls_handshake_is_a_timeout_within_the_limit() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        // Accepts and holds connections, saying nothing.
+        let held = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let timeout = Duration::from_millis(300);
+        let client = SinkClient::new(&format!("https://{addr}/events"), timeout, true, None, 1)
+            .expect("client");
+        let started = std::time::Instant::now();
+        let error = client
+            .post(&HeaderMap::new(), &Bytes::from_static(b"{}"), 16)
+            .await
+            .err()
+            .expect("no answer");
+        assert!(error.is_timeout(), "{error:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        held.abort();
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_a_connect_failure_with_its_cause() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("address");
+        drop(listener);
+        let client = SinkClient::new(
+            &format!("http://{addr}/events"),
+            Duration::from_secs(5),
+            false,
+            None,
+            1,
+        )
+        .expect("client");
+        let error = client
+            .post(&HeaderMap::new(), &Bytes::from_static(b"{}"), 16)
+            .await
+            .err()
+            .expect("no answer");
+        assert!(error.is_connect() && !error.is_timeout(), "{error:?}");
+        let message = crate::sink::http::describe_error(&error);
+        assert!(message.contains(&addr.to_string()), "{message}");
+        assert!(message.to_lowercase().contains("refused"), "{message}");
+    }
+
+    #[tokio::test]
+    async fn a_sink_that_negotiates_h2_is_spoken_to_in_http2() {
+        let certified =
+            rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).expect("cert");
+        let key =
+            rustls::pki_types::PrivateKeyDer::Pkcs8(certified.signing_key.serialize_der().into());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![certified.cert.der().clone()], key)
+            .expect("server config");
+        // This peer speaks HTTP/2 only: an HTTP/1.1 request would fail.
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let accepted = connections.clone();
+        let server = tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(socket).await else {
+                        return;
+                    };
+                    let echo =
+                        hyper::service::service_fn(|request: Request<Incoming>| async move {
+                            let version = format!("{:?}", request.version());
+                            let agent = request.headers().get(USER_AGENT).cloned();
+                            let body = request.into_body().collect().await?.to_bytes();
+                            let mut response = hyper::Response::new(Full::new(body));
+                            *response.status_mut() = StatusCode::ACCEPTED;
+                            let headers = response.headers_mut();
+                            headers
+                                .insert("x-version", HeaderValue::from_str(&version).expect("ok"));
+                            if let Some(agent) = agent {
+                                headers.insert("x-user-agent", agent);
+                            }
+                            Ok::<_, hyper::Error>(response)
+                        });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tls), echo)
+                        .await;
+                });
+            }
+        });
+        let endpoint = format!("https://127.0.0.1:{}/events", addr.port());
+        let client =
+            SinkClient::new(&endpoint, Duration::from_secs(5), true, None, 1).expect("client");
+        for _ in 0..2 {
+            let answer = client
+                .post(&HeaderMap::new(), &Bytes::from_static(b"{\"a\":1}"), 64)
+                .await
+                .expect("answer");
+            assert_eq!(answer.status, StatusCode::ACCEPTED);
+            assert_eq!(
+                answer.headers.get("x-version").map(|v| v.as_bytes()),
+                Some(&b"HTTP/2.0"[..])
+            );
+            assert_eq!(
+                answer.headers.get("x-user-agent").map(|v| v.as_bytes()),
+                Some(USER_AGENT_VALUE.as_bytes())
+            );
+            assert_eq!(answer.body, b"{\"a\":1}");
+        }
+        assert_eq!(
+            connections.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "the second POST reused the pooled HTTP/2 connection"
+        );
+        server.abort();
+    }
+
+    #[test]
+    fn the_endpoint_is_normalized_as_reqwest_sent_it() {
+        assert_eq!(
+            parse_endpoint("HTTP://Sink.Example:80/a b").expect("valid"),
+            uri("http://sink.example/a%20b")
+        );
+        assert!(parse_endpoint("not a url").is_err());
+    }
+}
