@@ -210,6 +210,8 @@ struct Measured {
     delivered_at: Vec<f64>,
     /// Streaming runs: the exporter's `events_in_flight` gauge, read every 100 ms.
     in_flight: Vec<f64>,
+    /// CPU seconds this bench process (the writer and the reference sink) used during the run.
+    bench_cpu_seconds: f64,
 }
 
 impl Measured {
@@ -488,10 +490,12 @@ impl Bench<'_> {
                 let (p50, p99) = m.latency.unwrap_or_default();
                 format!(
                     "stream at {rate} events/s: {}; commit-to-sink p50 {p50:.1?}, p99 \
-                     {p99:.1?}; {}; {}",
+                     {p99:.1?}; {}; {}; the bench process (writer and reference sink) used \
+                     {:.2} cores",
                     writer_reached(rate, written, args.stream_connections),
                     m.figures(),
                     busy_line(&m.in_flight, args.workers),
+                    m.bench_cpu_seconds / m.seconds,
                 )
             })
             .await?;
@@ -874,6 +878,8 @@ async fn watch(
     let mut usage = child::Usage::default();
     let mut limit = Limit::new(scrape, started);
     let mut in_flight: Vec<f64> = Vec::new();
+    let own_cpu = || child::process_usage(std::process::id()).map_or(0.0, |u| u.cpu_seconds());
+    let own_cpu_at_start = own_cpu();
     let mut last_change = (Instant::now(), 0);
     let mut last_report = Instant::now();
     let outcome = loop {
@@ -922,6 +928,7 @@ async fn watch(
         sink_max_in_flight: sinks.reference.max_in_flight(),
         delivered_at: Vec::new(),
         in_flight,
+        bench_cpu_seconds: own_cpu() - own_cpu_at_start,
     })
 }
 
