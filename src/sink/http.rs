@@ -72,10 +72,107 @@ pub enum PublishError {
     Cancelled,
 }
 
+/// Why an attempt failed: the `reason` label of
+/// `health_events_exporter_publish_attempt_failures_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureReason {
+    /// The attempt, or connecting, outlasted the sink `timeout`.
+    Timeout,
+    /// No connection to the sink (or its proxy).
+    Connect,
+    /// The connection failed otherwise (reset, protocol error).
+    Network,
+    /// No bearer token could be had from the token endpoint.
+    Token,
+    /// A 3xx that is not followed.
+    Redirect,
+    Status401,
+    Status403,
+    Status404,
+    Status408,
+    Status429,
+    Status500,
+    Status502,
+    Status503,
+    Status504,
+    /// Another 4xx.
+    Status4xx,
+    /// Another 5xx.
+    Status5xx,
+    /// A status outside 300–599 that is not success (1xx).
+    StatusOther,
+}
+
+impl FailureReason {
+    /// Every reason, in the order of [`crate::metrics::ATTEMPT_FAILURE_REASONS`] (a unit test
+    /// there checks the two agree).
+    #[cfg(test)]
+    pub const ALL: [FailureReason; 17] = [
+        FailureReason::Timeout,
+        FailureReason::Connect,
+        FailureReason::Network,
+        FailureReason::Token,
+        FailureReason::Redirect,
+        FailureReason::Status401,
+        FailureReason::Status403,
+        FailureReason::Status404,
+        FailureReason::Status408,
+        FailureReason::Status429,
+        FailureReason::Status500,
+        FailureReason::Status502,
+        FailureReason::Status503,
+        FailureReason::Status504,
+        FailureReason::Status4xx,
+        FailureReason::Status5xx,
+        FailureReason::StatusOther,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureReason::Timeout => "timeout",
+            FailureReason::Connect => "connect",
+            FailureReason::Network => "network",
+            FailureReason::Token => "token",
+            FailureReason::Redirect => "redirect",
+            FailureReason::Status401 => "status_401",
+            FailureReason::Status403 => "status_403",
+            FailureReason::Status404 => "status_404",
+            FailureReason::Status408 => "status_408",
+            FailureReason::Status429 => "status_429",
+            FailureReason::Status500 => "status_500",
+            FailureReason::Status502 => "status_502",
+            FailureReason::Status503 => "status_503",
+            FailureReason::Status504 => "status_504",
+            FailureReason::Status4xx => "status_4xx",
+            FailureReason::Status5xx => "status_5xx",
+            FailureReason::StatusOther => "status_other",
+        }
+    }
+
+    /// The reason for an error status (not 2xx, not a redirect).
+    fn of_status(status: StatusCode) -> FailureReason {
+        match status.as_u16() {
+            401 => FailureReason::Status401,
+            403 => FailureReason::Status403,
+            404 => FailureReason::Status404,
+            408 => FailureReason::Status408,
+            429 => FailureReason::Status429,
+            500 => FailureReason::Status500,
+            502 => FailureReason::Status502,
+            503 => FailureReason::Status503,
+            504 => FailureReason::Status504,
+            402..=499 => FailureReason::Status4xx,
+            501..=599 => FailureReason::Status5xx,
+            _ => FailureReason::StatusOther,
+        }
+    }
+}
+
 /// Why one attempt failed, as a metric label and a message.
 #[derive(Debug)]
 pub struct AttemptFailure {
-    pub reason: &'static str,
+    pub reason: FailureReason,
     pub message: String,
     retry_after: Option<Duration>,
     /// The HTTP status, when the sink answered.
@@ -97,7 +194,7 @@ impl Attempt {
         match self {
             Attempt::Delivered(_) => Signal::Answered,
             Attempt::Failed(failure) => match (failure.status, failure.reason) {
-                (Some(429 | 503), _) | (_, "timeout") => Signal::Backpressure,
+                (Some(429 | 503), _) | (_, FailureReason::Timeout) => Signal::Backpressure,
                 (Some(_), _) => Signal::Answered,
                 (None, _) => Signal::Ignored,
             },
@@ -196,7 +293,7 @@ impl Publisher {
                 Attempt::Delivered(delivery) => return Ok(delivery),
                 Attempt::Failed(failure) => failure,
             };
-            crate::metrics::get().record_attempt_failure(failure.reason);
+            crate::metrics::get().record_attempt_failure(failure.reason.as_str());
             // A failed attempt is an outcome: a retry schedule that keeps failing is not a stall.
             crate::watchdog::global().progress();
             let Some(delay) = backoff.next_delay() else {
@@ -297,7 +394,7 @@ fn headers(
 
 fn token_failure(error: AuthError) -> AttemptFailure {
     AttemptFailure {
-        reason: "token",
+        reason: FailureReason::Token,
         message: error.to_string(),
         retry_after: None,
         status: None,
@@ -375,23 +472,6 @@ pub fn excerpt(body: &[u8], max_chars: usize) -> String {
         .collect()
 }
 
-fn status_reason(status: StatusCode) -> &'static str {
-    match status.as_u16() {
-        401 => "status_401",
-        403 => "status_403",
-        404 => "status_404",
-        408 => "status_408",
-        429 => "status_429",
-        500 => "status_500",
-        502 => "status_502",
-        503 => "status_503",
-        504 => "status_504",
-        402..=499 => "status_4xx",
-        501..=599 => "status_5xx",
-        _ => "status_other",
-    }
-}
-
 fn snippet(body: &[u8]) -> String {
     let text = excerpt(body, 200);
     if text.is_empty() {
@@ -423,11 +503,11 @@ pub fn describe_error(error: &dyn std::error::Error) -> String {
 fn send_failure(e: &SendError) -> AttemptFailure {
     AttemptFailure {
         reason: if e.is_timeout() {
-            "timeout"
+            FailureReason::Timeout
         } else if e.is_connect() {
-            "connect"
+            FailureReason::Connect
         } else {
-            "network"
+            FailureReason::Network
         },
         message: describe_error(e),
         retry_after: None,
@@ -448,7 +528,7 @@ fn refusal(
     if status.is_redirection() {
         let to = location.as_deref().unwrap_or("(no Location header)");
         return AttemptFailure {
-            reason: "redirect",
+            reason: FailureReason::Redirect,
             message: format!(
                 "sink answered HTTP {} redirecting to {to}, which is not followed (only 307/308 \
                  to the same origin are); a redirect is not delivery: point \
@@ -461,7 +541,7 @@ fn refusal(
         };
     }
     AttemptFailure {
-        reason: status_reason(status),
+        reason: FailureReason::of_status(status),
         message: format!("sink answered HTTP {}{}", status.as_u16(), snippet(text)),
         retry_after: if matches!(status.as_u16(), 429 | 503) {
             retry_after
