@@ -94,12 +94,16 @@ async fn filtered_events_are_not_published_and_still_advance_the_resume_token() 
         Some(0.0),
         "{metrics}"
     );
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l == "health_events_exporter_events_published_total{status=\"success\"} 4"),
-        "{metrics}"
-    );
+    // The sink counts an event accepted before its answer reaches the exporter, which counts
+    // it published on reading that answer: wait for the exporter's side too.
+    let published = "health_events_exporter_events_published_total{status=\"success\"} 4";
+    let deadline = Instant::now() + WAIT;
+    let mut metrics = metrics;
+    while !metrics.lines().any(|l| l == published) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        metrics = exporter.metrics().await;
+    }
+    assert!(metrics.lines().any(|l| l == published), "{metrics}");
     for help in [
         "# HELP health_events_exporter_events_filtered Total number of events not published \
          because the filter expression evaluated false.",
