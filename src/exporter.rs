@@ -326,7 +326,7 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
         module = "event-exporter",
         version = env!("CARGO_PKG_VERSION"),
         cluster = config.cluster(),
-        sink = %config.sink.endpoint,
+        sink = %sink::redact_url(&config.sink.endpoint),
         datastore = %datastore.describe(),
         client_name = %config.client_name,
         leadership_key = crate::leadership::lock_key(&config.client_name),

@@ -178,6 +178,35 @@ async fn without_authentication_no_authorization_header_is_sent() {
     assert_eq!(request.header("authorization"), None);
 }
 
+/// `user:password@` in `exporter.sink.endpoint` goes as `Authorization: Basic` (as reqwest
+/// and Go's net/http send it), never as part of the URL (nor in the `Host` header), and the
+/// start-up log shows the endpoint with its password masked.
+#[tokio::test]
+async fn endpoint_credentials_are_sent_as_basic_auth_not_in_the_url() {
+    let db = TestDb::create().await;
+    let client = db.client().await;
+    let sink = SinkServer::start(SinkOptions::default()).await;
+    let mut options = ExporterOptions::new(&sink, None, db.env());
+    options.sink_url = sink.url().replacen("http://", "http://ingest:p%40ss@", 1);
+    let exporter = Exporter::start(&options).await;
+    pg::insert_health_event(&client, &pg::health_event_doc("n", 1)).await;
+    sink.wait_for_accepted(1, WAIT).await;
+    let log = exporter.log();
+    assert!(
+        log.contains("ingest:***@"),
+        "the start line names the sink:\n{log}"
+    );
+    assert!(!log.contains("p%40ss"), "the password is logged:\n{log}");
+    let request = &sink.requests()[0];
+    // base64("ingest:p@ss")
+    assert_eq!(
+        request.header("authorization"),
+        Some("Basic aW5nZXN0OnBAc3M=")
+    );
+    let host = request.header("host").unwrap_or_default();
+    assert!(!host.contains('@'), "credentials in Host: {host}");
+}
+
 #[tokio::test]
 async fn changes_that_are_not_new_health_events_are_passed_over() {
     let db = TestDb::create().await;

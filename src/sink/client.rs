@@ -36,7 +36,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::header::{HeaderMap, HeaderValue, ACCEPT, LOCATION, PROXY_AUTHORIZATION, USER_AGENT};
+use hyper::header::{
+    HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, LOCATION, PROXY_AUTHORIZATION, USER_AGENT,
+};
 use hyper::http::uri::Scheme;
 use hyper::{Method, Request, StatusCode, Uri};
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
@@ -55,6 +57,9 @@ pub const MAX_REDIRECTS: usize = 5;
 
 /// How long connecting may take at most, whatever the sink `timeout`.
 const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// TCP keepalive idle time and probe interval (reqwest's defaults).
+const TCP_KEEPALIVE: Duration = Duration::from_secs(15);
 
 /// How long an idle pooled connection is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -145,6 +150,9 @@ pub struct SinkClient {
     http: Client<Timed<HttpsConnector<Route>>, Full<Bytes>>,
     endpoint: Uri,
     timeout: Duration,
+    /// `Authorization: Basic` from the endpoint's `user:password@`, sent unless the caller's
+    /// headers carry an `Authorization` (the OIDC bearer token).
+    basic_authorization: Option<HeaderValue>,
     /// `Proxy-Authorization` for an `http://` endpoint forwarded to a proxy with credentials
     /// (a redirect followed stays on the same origin, so the same proxy applies).
     proxy_authorization: Option<HeaderValue>,
@@ -160,10 +168,11 @@ impl SinkClient {
         ca_file: Option<&std::path::Path>,
         max_idle_per_host: usize,
     ) -> Result<SinkClient, SinkClientError> {
-        let endpoint = parse_endpoint(endpoint).map_err(|source| SinkClientError::Endpoint {
-            endpoint: endpoint.to_string(),
-            source,
-        })?;
+        let (endpoint, basic_authorization) =
+            parse_endpoint(endpoint).map_err(|source| SinkClientError::Endpoint {
+                endpoint: endpoint.to_string(),
+                source,
+            })?;
         let config = super::tls_config(insecure_skip_verify, ca_file, "sink")?;
         let mut to_proxy_tls = config.clone();
         to_proxy_tls.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -173,6 +182,13 @@ impl SinkClient {
         let mut tcp = HttpConnector::new();
         tcp.enforce_http(false);
         tcp.set_nodelay(true);
+        // As reqwest did: the connect time is shared among the addresses a name resolves to
+        // (a dark first address leaves time for the next), and TCP keepalive finds a pooled
+        // connection whose peer vanished while it was idle.
+        tcp.set_connect_timeout(Some(timeout.min(MAX_CONNECT_TIMEOUT)));
+        tcp.set_keepalive(Some(TCP_KEEPALIVE));
+        tcp.set_keepalive_interval(Some(TCP_KEEPALIVE));
+        tcp.set_keepalive_retries(Some(3));
         let proxies = Arc::new(Matcher::from_env());
         let proxy_authorization = (endpoint.scheme() == Some(&Scheme::HTTP))
             .then(|| proxies.intercept(&endpoint))
@@ -197,6 +213,7 @@ impl SinkClient {
             http,
             endpoint,
             timeout,
+            basic_authorization,
             proxy_authorization,
         })
     }
@@ -255,6 +272,9 @@ impl SinkClient {
         if let Some(auth) = &self.proxy_authorization {
             sent.insert(PROXY_AUTHORIZATION, auth.clone());
         }
+        if let Some(basic) = &self.basic_authorization {
+            sent.insert(AUTHORIZATION, basic.clone());
+        }
         for (name, value) in headers {
             sent.insert(name, value.clone());
         }
@@ -262,10 +282,44 @@ impl SinkClient {
     }
 }
 
-/// The endpoint as reqwest sent it (parsed and normalized as a URL), as a request URI.
-fn parse_endpoint(endpoint: &str) -> Result<Uri, EndpointError> {
-    let url = url::Url::parse(endpoint)?;
-    Ok(url.as_str().parse::<Uri>()?)
+/// The endpoint as reqwest sent it (parsed and normalized as a URL), as a request URI without
+/// its `user:password@` (which would otherwise reach the wire in HTTP/2's `:authority` or a
+/// forward proxy's request line, and the logs in error messages), and the
+/// `Authorization: Basic` value that userinfo stands for, as reqwest and Go's net/http send
+/// it (the percent-decoded `user:password`; a bearer token, when OIDC is on, replaces it).
+fn parse_endpoint(endpoint: &str) -> Result<(Uri, Option<HeaderValue>), EndpointError> {
+    let mut url = url::Url::parse(endpoint)?;
+    let basic = userinfo_basic(&url);
+    strip_userinfo(&mut url);
+    Ok((url.as_str().parse::<Uri>()?, basic))
+}
+
+/// `Basic base64(user:password)` for a URL with userinfo (marked sensitive); `None` without.
+fn userinfo_basic(url: &url::Url) -> Option<HeaderValue> {
+    use base64::Engine;
+    if url.username().is_empty() && url.password().is_none() {
+        return None;
+    }
+    let decode = |text: &str| {
+        percent_encoding::percent_decode_str(text)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let credentials = format!(
+        "{}:{}",
+        decode(url.username()),
+        url.password().map(decode).unwrap_or_default()
+    );
+    let encoded = base64::engine::general_purpose::STANDARD.encode(credentials);
+    let mut value = HeaderValue::try_from(format!("Basic {encoded}")).ok()?;
+    value.set_sensitive(true);
+    Some(value)
+}
+
+/// Drops `user:password@` from `url` (a URL that cannot have one is left as it is).
+fn strip_userinfo(url: &mut url::Url) {
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
 }
 
 /// Where a `status` answer to a request for `from` is followed, given its `Location` and the
@@ -282,7 +336,10 @@ pub fn follow_redirect(
         return None;
     }
     let from = url::Url::parse(&from.to_string()).ok()?;
-    let to = from.join(location?).ok()?;
+    let mut to = from.join(location?).ok()?;
+    // Credentials in a Location are not followed onto the wire (the same origin keeps the
+    // endpoint's own, sent as a header).
+    strip_userinfo(&mut to);
     if !super::redirect_allowed(status, &from, &to, followed) {
         return None;
     }
@@ -664,10 +721,43 @@ mod tests {
 
     #[test]
     fn the_endpoint_is_normalized_as_reqwest_sent_it() {
-        assert_eq!(
-            parse_endpoint("HTTP://Sink.Example:80/a b").expect("valid"),
-            uri("http://sink.example/a%20b")
-        );
+        let (endpoint, basic) = parse_endpoint("HTTP://Sink.Example:80/a b").expect("valid");
+        assert_eq!(endpoint, uri("http://sink.example/a%20b"));
+        assert_eq!(basic, None);
         assert!(parse_endpoint("not a url").is_err());
+    }
+
+    #[test]
+    fn logged_endpoints_hide_the_password() {
+        assert_eq!(
+            super::super::redact_url("https://ingest:s3cret@sink.example/v1"),
+            "https://ingest:***@sink.example/v1"
+        );
+        assert_eq!(
+            super::super::redact_url("https://sink.example/v1"),
+            "https://sink.example/v1"
+        );
+        assert_eq!(super::super::redact_url("not a url"), "not a url");
+    }
+
+    #[test]
+    fn endpoint_credentials_become_basic_auth_and_leave_the_uri() {
+        let (endpoint, basic) =
+            parse_endpoint("https://ingest:p%40ss%3Aw0rd@sink.example:8443/v1").expect("valid");
+        assert_eq!(endpoint, uri("https://sink.example:8443/v1"));
+        // base64("ingest:p@ss:w0rd"), percent-decoded first, as reqwest and Go send it.
+        let basic = basic.expect("a Basic value");
+        assert_eq!(basic.to_str().ok(), Some("Basic aW5nZXN0OnBAc3M6dzByZA=="));
+        assert!(basic.is_sensitive());
+        let (_, user_only) = parse_endpoint("http://ingest@h/").expect("valid");
+        assert_eq!(
+            user_only.and_then(|v| v.to_str().ok().map(str::to_string)),
+            Some("Basic aW5nZXN0Og==".to_string())
+        );
+        // A same-origin Location with credentials is followed without them.
+        assert_eq!(
+            follow_redirect(307, &uri(FROM), Some("https://u:p@sink.example:8443/v2"), 0),
+            Some(uri("https://sink.example:8443/v2"))
+        );
     }
 }

@@ -98,6 +98,18 @@ pub fn proxy_in_effect(url: &str) -> Option<String> {
     Some(shown)
 }
 
+/// `url` for logs: a password in its userinfo replaced by `***` (the user name kept); text
+/// that is not a URL is returned as it is.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
 /// Logs at start whether the `what` endpoint at `url` is reached through a proxy (see
 /// [`proxy_in_effect`]), so an operator sees the egress path without running `check-config`.
 pub fn log_proxy(what: &str, url: &str) {
