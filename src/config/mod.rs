@@ -97,6 +97,8 @@ pub struct Config {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct SinkConfig {
+    /// Shown (check-config's effective settings) with a password in it masked.
+    #[serde(serialize_with = "serialize_redacted_url")]
     pub endpoint: String,
     #[serde(serialize_with = "serialize_duration")]
     pub timeout: Duration,
@@ -285,8 +287,24 @@ pub struct RejectionPolicy {
 pub struct DeadLetterConfig {
     /// NDJSON file appended to (fsync'd per record), e.g. on a persistent volume.
     pub file: Option<PathBuf>,
-    /// http(s) URL POSTed one JSON record per event, with the sink's TLS options.
+    /// http(s) URL POSTed one JSON record per event, with the sink's TLS options (shown with a
+    /// password in it masked).
+    #[serde(serialize_with = "serialize_redacted_url_opt")]
     pub endpoint: Option<String>,
+}
+
+fn serialize_redacted_url<S: serde::Serializer>(value: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&crate::sink::redact_url(value))
+}
+
+fn serialize_redacted_url_opt<S: serde::Serializer>(
+    value: &Option<String>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(url) => serialize_redacted_url(url, s),
+        None => s.serialize_none(),
+    }
 }
 
 fn serialize_duration<S: serde::Serializer>(value: &Duration, s: S) -> Result<S::Ok, S::Error> {

@@ -878,3 +878,31 @@ fn sink_mode_is_structured_unless_batch_is_asked_for() {
     }
     assert!(error_of(&with("batch_linger = \"2s\"")).starts_with("exporter.sink.batch_linger:"));
 }
+
+#[test]
+fn shown_settings_mask_a_password_in_the_sink_and_dead_letter_endpoints() {
+    let text = FULL
+        .replace(
+            "https://events.example.com/api/v1/events",
+            "https://ingest:s3cret@events.example.com/api/v1/events",
+        )
+        .replace(
+            "backoff_multiplier = 2.0",
+            "backoff_multiplier = 2.0\non_rejected = \"dead_letter\"\n\n\
+             [exporter.failure_handling.dead_letter]\n\
+             endpoint = \"https://dl:s3cret@dead.example.com/in\"",
+        );
+    let config = Config::parse(&text).expect("valid config");
+    // The exporter itself uses the endpoint as written.
+    assert!(config.sink.endpoint.contains("ingest:s3cret@"));
+    let shown = serde_json::to_string(&config.sink).expect("serializable");
+    assert!(shown.contains("ingest:***@events.example.com"), "{shown}");
+    let dead_letter = config
+        .rejections
+        .dead_letter
+        .as_ref()
+        .expect("a dead-letter table");
+    let shown_dl = serde_json::to_string(dead_letter).expect("serializable");
+    assert!(shown_dl.contains("dl:***@dead.example.com"), "{shown_dl}");
+    assert!(!shown.contains("s3cret") && !shown_dl.contains("s3cret"));
+}
