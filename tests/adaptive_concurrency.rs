@@ -76,22 +76,33 @@ async fn spawn_inserter(
     })
 }
 
-#[tokio::test]
-async fn adaptive_limit_rises_on_a_steady_sink_and_falls_on_a_latency_step_and_503s() {
-    let db = TestDb::create().await;
-    let sink = SinkServer::start(SinkOptions {
-        // 8 requests at 50 ms take at most 160 events/s, fewer than the inserter writes.
+/// The loopback sink answering each request after 50 ms.
+async fn sink_answering_in_50ms() -> SinkServer {
+    SinkServer::start(SinkOptions {
         latency: Some(Duration::from_millis(50)),
         ..SinkOptions::default()
     })
-    .await;
-    let mut options = ExporterOptions::new(&sink, None, db.env());
+    .await
+}
+
+/// Adaptive concurrency with a ceiling of 8, and enough retries (50–200 ms apart) that no
+/// event runs out of attempts while the sink answers 503s or times out.
+fn adaptive_retrying_forever(sink: &SinkServer, db: &TestDb) -> ExporterOptions {
+    let mut options = ExporterOptions::new(sink, None, db.env());
     options.workers = 8;
     options.sink_extra = "concurrency = \"adaptive\"".into();
-    // Enough retries that no event runs out of attempts while the sink answers 503.
     options.max_retries = 1000;
     options.initial_backoff = "50ms".into();
     options.max_backoff = "200ms".into();
+    options
+}
+
+#[tokio::test]
+async fn adaptive_limit_rises_on_a_steady_sink_and_falls_on_a_latency_step_and_503s() {
+    let db = TestDb::create().await;
+    // 8 requests at 50 ms take at most 160 events/s, fewer than the inserter writes.
+    let sink = sink_answering_in_50ms().await;
+    let options = adaptive_retrying_forever(&sink, &db);
     let mut exporter = Exporter::start(&options).await;
     let stop = Arc::new(AtomicBool::new(false));
     let inserter = spawn_inserter(&db, stop.clone()).await;
@@ -137,18 +148,9 @@ async fn adaptive_limit_rises_on_a_steady_sink_and_falls_on_a_latency_step_and_5
 #[tokio::test]
 async fn adaptive_limit_falls_to_one_when_the_sink_times_out() {
     let db = TestDb::create().await;
-    let sink = SinkServer::start(SinkOptions {
-        latency: Some(Duration::from_millis(50)),
-        ..SinkOptions::default()
-    })
-    .await;
-    let mut options = ExporterOptions::new(&sink, None, db.env());
-    options.workers = 8;
+    let sink = sink_answering_in_50ms().await;
+    let mut options = adaptive_retrying_forever(&sink, &db);
     options.sink_timeout = "250ms".into();
-    options.sink_extra = "concurrency = \"adaptive\"".into();
-    options.max_retries = 1000;
-    options.initial_backoff = "50ms".into();
-    options.max_backoff = "200ms".into();
     let mut exporter = Exporter::start(&options).await;
     let stop = Arc::new(AtomicBool::new(false));
     let inserter = spawn_inserter(&db, stop.clone()).await;
@@ -166,22 +168,7 @@ async fn adaptive_limit_falls_to_one_when_the_sink_times_out() {
     sink.set_latency(None);
     stop.store(true, Ordering::SeqCst);
     let ids = inserter.await.expect("inserter");
-    let inserted: BTreeSet<String> = ids.into_iter().collect();
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let delivered: BTreeSet<String> = sink.accepted_ids().into_iter().collect();
-        if inserted.is_subset(&delivered) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} of {} inserted events never arrived; log:\n{}",
-            inserted.difference(&delivered).count(),
-            inserted.len(),
-            exporter.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    sink.wait_for_ids(&ids.into_iter().collect(), WAIT).await;
     exporter.terminate_cleanly().await;
 }
 

@@ -198,21 +198,8 @@ async fn resumes_after_kill_9_instead_of_starting_over() {
     let mut exporter = Exporter::start(&options).await;
     // Every event, however many were re-sent (none, when the kill came right after a
     // checkpoint write that covered everything delivered).
-    let wanted: std::collections::BTreeSet<String> = expected.iter().cloned().collect();
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let seen: std::collections::BTreeSet<String> = sink.accepted_ids().into_iter().collect();
-        if wanted.is_subset(&seen) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} of {} events never arrived after the restart",
-            wanted.difference(&seen).count(),
-            wanted.len()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    sink.wait_for_ids(&expected.iter().cloned().collect(), WAIT)
+        .await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let ids = sink.accepted_ids();
     let mut unique = ids.clone();

@@ -471,7 +471,7 @@ async fn check_endpoint(what: &str, url: &str, sink: &crate::config::SinkConfig)
         )),
         Err(error) => Probe::failed(format!(
             "{url}: {}",
-            crate::sink::http::describe_reqwest_error(&error)
+            crate::sink::http::describe_error(&error)
         )),
     }
 }

@@ -365,7 +365,7 @@ impl TokenProvider {
         let request = self.token_request(&self.read_secret()?);
         let response = request.send().await.map_err(|e| AuthError::Request {
             url: url.clone(),
-            reason: crate::sink::http::describe_reqwest_error(&e),
+            reason: crate::sink::http::describe_error(&e),
         })?;
         let status = response.status();
         let body = read_bounded(response, MAX_TOKEN_RESPONSE_BYTES)

@@ -332,7 +332,9 @@ pub fn follow_redirect(
     location: Option<&str>,
     followed: usize,
 ) -> Option<Uri> {
-    if !matches!(status, 307 | 308) || followed >= MAX_REDIRECTS {
+    // Every answer comes through here: only a redirect status is worth parsing URLs for.
+    // The rule itself (status, origin, hop count) is `redirect_allowed`'s.
+    if !matches!(status, 307 | 308) {
         return None;
     }
     let from = url::Url::parse(&from.to_string()).ok()?;

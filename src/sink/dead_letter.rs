@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use reqwest::header::{HeaderValue, CONTENT_TYPE};
 use serde_json::{json, Value};
 
-use super::http::{describe_reqwest_error, excerpt, read_bounded, BODY_LIMIT};
+use super::http::{describe_error, excerpt, read_bounded, BODY_LIMIT};
 
 /// A dead-letter write that failed; the event stays undelivered.
 #[derive(Debug, thiserror::Error)]
@@ -113,7 +113,7 @@ impl DeadLetter {
                 .await
                 .map_err(|e| DeadLetterError::Endpoint {
                     url: url.to_string(),
-                    message: describe_reqwest_error(&e),
+                    message: describe_error(&e),
                 })?;
             let status = response.status();
             let (body, _) = read_bounded(response, BODY_LIMIT).await;

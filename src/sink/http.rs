@@ -481,12 +481,8 @@ fn snippet(body: &[u8]) -> String {
     }
 }
 
-/// A reqwest error with its causes (reqwest's own message hides the interesting part).
-pub fn describe_reqwest_error(error: &reqwest::Error) -> String {
-    describe_error(error)
-}
-
-/// An error with its causes, `: `-separated.
+/// An error with its causes, `: `-separated (reqwest's and hyper's own messages hide the
+/// interesting part).
 pub fn describe_error(error: &dyn std::error::Error) -> String {
     let mut message = error.to_string();
     let mut source = error.source();

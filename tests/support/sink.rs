@@ -9,6 +9,7 @@
 //! duplicates included; a valid request gets the next scripted answer, else the "fail always"
 //! status, else 202.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -164,6 +165,26 @@ impl SinkServer {
             .wait_for_accepted(n, timeout)
             .await
             .unwrap_or_else(|timed_out| panic!("sink {}: {timed_out}", self.url()))
+    }
+
+    /// Waits until every id in `ids` was accepted at least once (re-sends and other events
+    /// may come too). Panics after `timeout`, saying how many never arrived.
+    pub async fn wait_for_ids(&self, ids: &BTreeSet<String>, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let seen: BTreeSet<String> = self.accepted_ids().into_iter().collect();
+            if ids.is_subset(&seen) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "sink {}: {} of {} events never arrived within {timeout:?}",
+                self.url(),
+                ids.difference(&seen).count(),
+                ids.len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Waits until at least `n` requests (any status) were answered.
