@@ -864,8 +864,8 @@ impl Run<'_> {
 }
 
 /// Samples the sink and the exporter every 100 ms until `count` events arrived, then stops
-/// the exporter; with `scrape`, also reads the exporter's concurrency limit from its metrics
-/// port every second and once at the end. Fails if the exporter exits first or nothing
+/// the exporter; with `scrape`, also reads the exporter's metrics port at each sample (its
+/// events in flight every 100 ms, its concurrency limit every second and once at the end). Fails if the exporter exits first or nothing
 /// arrives for two minutes.
 async fn watch(
     mut exporter: std::process::Child,
@@ -876,7 +876,7 @@ async fn watch(
 ) -> Result<Measured, BenchError> {
     let mut samples: Vec<(f64, u64)> = Vec::new();
     let mut usage = child::Usage::default();
-    let mut limit = Limit::new(scrape, started);
+    let mut limit = Limit::new(started);
     let mut in_flight: Vec<f64> = Vec::new();
     let own_cpu = || child::process_usage(std::process::id()).map_or(0.0, |u| u.cpu_seconds());
     let own_cpu_at_start = own_cpu();
@@ -889,11 +889,10 @@ async fn watch(
         if let Some(now) = child::process_usage(exporter.id()) {
             usage = now;
         }
-        limit.sample(false).await;
-        if let Some(port) = scrape {
-            if let Some(busy) = child::events_in_flight(port).await {
-                in_flight.push(busy);
-            }
+        // One scrape a turn serves both series.
+        if let Some(metrics) = scrape_some(scrape).await {
+            limit.sample(&metrics, false);
+            in_flight.extend(child::gauge(&metrics, child::EVENTS_IN_FLIGHT));
         }
         if delivered >= count {
             break Ok(());
@@ -912,7 +911,9 @@ async fn watch(
         }
     };
     let seconds = started.elapsed().as_secs_f64();
-    limit.sample(true).await;
+    if let Some(metrics) = scrape_some(scrape).await {
+        limit.sample(&metrics, true);
+    }
     child::stop(exporter);
     outcome?;
     Ok(Measured {
@@ -932,9 +933,13 @@ async fn watch(
     })
 }
 
-/// The exporter's concurrency limit gauge, read from its metrics port.
+/// The exporter's metrics, scraped when there is a port to scrape.
+async fn scrape_some(port: Option<u16>) -> Option<String> {
+    child::scrape_metrics(port?).await
+}
+
+/// The exporter's concurrency limit gauge, taken from its metrics about once a second.
 struct Limit {
-    port: Option<u16>,
     started: Instant,
     last_read: Option<Instant>,
     /// (seconds since `started`, value).
@@ -942,20 +947,17 @@ struct Limit {
 }
 
 impl Limit {
-    fn new(port: Option<u16>, started: Instant) -> Limit {
+    fn new(started: Instant) -> Limit {
         Limit {
-            port,
             started,
             last_read: None,
             series: Vec::new(),
         }
     }
 
-    /// Reads the gauge when a second has passed since the last read, or `now`.
-    async fn sample(&mut self, now: bool) {
-        let Some(port) = self.port else {
-            return;
-        };
+    /// Takes the gauge from `metrics` when a second has passed since the last reading, or
+    /// `now`.
+    fn sample(&mut self, metrics: &str, now: bool) {
         let due = self
             .last_read
             .is_none_or(|at| at.elapsed() >= Duration::from_secs(1));
@@ -963,7 +965,7 @@ impl Limit {
             return;
         }
         self.last_read = Some(Instant::now());
-        if let Some(value) = child::concurrency_limit(port).await {
+        if let Some(value) = child::gauge(metrics, child::CONCURRENCY_LIMIT) {
             self.series
                 .push((self.started.elapsed().as_secs_f64(), value));
         }

@@ -211,21 +211,14 @@ pub async fn wait_for_token(client: &tokio_postgres::Client) -> Result<(), Bench
     Err(BenchError::NoResumeToken)
 }
 
-/// The exporter's `health_events_exporter_concurrency_limit` gauge, scraped from its metrics
-/// endpoint on 127.0.0.1:`port` (a plain HTTP/1.0 GET); `None` when the endpoint does not
-/// answer or the gauge is missing.
-pub async fn concurrency_limit(port: u16) -> Option<f64> {
-    scrape_gauge(port, "health_events_exporter_concurrency_limit").await
-}
+/// The exporter's adaptive concurrency limit gauge.
+pub const CONCURRENCY_LIMIT: &str = "health_events_exporter_concurrency_limit";
+/// The exporter's gauge of events its workers are publishing now.
+pub const EVENTS_IN_FLIGHT: &str = "health_events_exporter_events_in_flight";
 
-/// The exporter's `health_events_exporter_events_in_flight` gauge (events its workers are
-/// publishing now), as [`concurrency_limit`] reads its gauge.
-pub async fn events_in_flight(port: u16) -> Option<f64> {
-    scrape_gauge(port, "health_events_exporter_events_in_flight").await
-}
-
-/// The unlabelled gauge `name` from the exporter's metrics endpoint on 127.0.0.1:`port`.
-async fn scrape_gauge(port: u16, name: &str) -> Option<f64> {
+/// The exporter's metrics exposition, scraped from 127.0.0.1:`port` (a plain HTTP/1.0 GET,
+/// within 2 s); `None` when the endpoint does not answer. Read gauges from it with [`gauge`].
+pub async fn scrape_metrics(port: u16) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let scrape = async {
         let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -237,7 +230,7 @@ async fn scrape_gauge(port: u16, name: &str) -> Option<f64> {
             .ok()?;
         let mut response = String::new();
         stream.read_to_string(&mut response).await.ok()?;
-        gauge(&response, name)
+        Some(response)
     };
     tokio::time::timeout(Duration::from_secs(2), scrape)
         .await
@@ -246,7 +239,7 @@ async fn scrape_gauge(port: u16, name: &str) -> Option<f64> {
 }
 
 /// The value of the unlabelled sample `name` in a Prometheus text exposition.
-fn gauge(exposition: &str, name: &str) -> Option<f64> {
+pub fn gauge(exposition: &str, name: &str) -> Option<f64> {
     exposition.lines().find_map(|line| {
         let rest = line.strip_prefix(name)?;
         rest.strip_prefix(' ')?
@@ -283,8 +276,7 @@ mod tests {
                     # TYPE health_events_exporter_concurrency_limit gauge\n\
                     health_events_exporter_concurrency_limit_other 3\n\
                     health_events_exporter_concurrency_limit 42\n";
-        let name = "health_events_exporter_concurrency_limit";
-        assert_eq!(gauge(text, name), Some(42.0));
-        assert_eq!(gauge("nothing\n", name), None);
+        assert_eq!(gauge(text, CONCURRENCY_LIMIT), Some(42.0));
+        assert_eq!(gauge("nothing\n", CONCURRENCY_LIMIT), None);
     }
 }
