@@ -10,12 +10,13 @@
 //! (logged with its changelog id, counted as `skipped{reason="invalid_cloudevent"}`) instead of
 //! sending something every sink would reject forever.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Serialize, Serializer};
 
-use crate::model::{in_rfc3339_range, HealthEvent};
+use crate::model::{in_rfc3339_range, Entity, HealthEvent, MetadataMap};
 
 pub const SPEC_VERSION: &str = "1.0";
 pub const EVENT_TYPE: &str = "com.nvidia.nvsentinel.health.v1";
@@ -28,7 +29,7 @@ pub struct CloudEvent<'a> {
     pub event_type: &'static str,
     pub source: &'a str,
     pub id: &'a str,
-    pub time: String,
+    pub time: &'a str,
     /// Absent unless `exporter.cloudevent.subject` asks for it (upstream never sends one).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub subject: Option<&'a str>,
@@ -67,15 +68,15 @@ pub struct HealthEventData<'a> {
     pub custom_recommended_action: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub drain_overrides: Option<OverridesData>,
-    pub entities_impacted: Vec<EntityData<'a>>,
-    pub error_code: &'a [String],
+    pub entities_impacted: Entities<'a>,
+    pub error_code: &'a [Cow<'a, str>],
     /// The CloudEvent's `time` (RFC 3339, Go's nanosecond form).
-    pub generated_timestamp: String,
+    pub generated_timestamp: &'a str,
     pub is_fatal: bool,
     pub is_healthy: bool,
     pub message: &'a str,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub metadata: &'a BTreeMap<String, String>,
+    pub metadata: &'a MetadataMap<'a>,
     pub node_name: &'a str,
     pub processing_strategy: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -97,6 +98,20 @@ pub struct OverridesData {
 pub struct EntityData<'a> {
     pub entity_type: &'a str,
     pub entity_value: &'a str,
+}
+
+/// `entitiesImpacted`: the event's entities serialized straight from its slice, each as
+/// [`EntityData`] (no list is collected per event).
+#[derive(Debug, Clone, Copy)]
+pub struct Entities<'a>(pub &'a [Entity<'a>]);
+
+impl Serialize for Entities<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().map(|e| EntityData {
+            entity_type: &e.entity_type,
+            entity_value: &e.entity_value,
+        }))
+    }
 }
 
 /// Builds CloudEvents for one cluster.
@@ -131,29 +146,35 @@ impl Transformer {
         &self.source
     }
 
-    /// The event for `record_id`. `fallback_time` (the row's `created_at`) stands in for a
-    /// missing `generatedTimestamp`, so a redelivery is identical; upstream uses "now".
-    pub fn event<'a>(
-        &'a self,
-        record_id: &'a str,
-        event: &'a HealthEvent,
-        fallback_time: Option<DateTime<Utc>>,
-    ) -> CloudEvent<'a> {
-        let time = go_rfc3339_nano(
+    /// The CloudEvent `time` of `event` (Go's RFC 3339 with nanoseconds): its
+    /// `generatedTimestamp`, else `fallback_time` (the row's `created_at`, so a redelivery is
+    /// identical), else now as upstream does.
+    pub fn time(&self, event: &HealthEvent<'_>, fallback_time: Option<DateTime<Utc>>) -> String {
+        go_rfc3339_nano(
             event
                 .generated_timestamp
                 .or(fallback_time.filter(in_rfc3339_range))
                 .unwrap_or_else(Utc::now),
-        );
+        )
+    }
+
+    /// The event for `record_id` at `time` (from [`Transformer::time`]; `time` and
+    /// `data.healthEvent.generatedTimestamp` are the same text, written once).
+    pub fn event<'a>(
+        &'a self,
+        record_id: &'a str,
+        event: &'a HealthEvent<'a>,
+        time: &'a str,
+    ) -> CloudEvent<'a> {
         CloudEvent {
             specversion: SPEC_VERSION,
             event_type: EVENT_TYPE,
             source: &self.source,
             id: record_id,
-            time: time.clone(),
+            time,
             subject: match self.subject {
                 Subject::None => None,
-                Subject::NodeName => Some(event.node_name.as_str()).filter(|n| !n.is_empty()),
+                Subject::NodeName => Some(&*event.node_name).filter(|n| !n.is_empty()),
             },
             data: Data {
                 health_event: HealthEventData::of(event, time),
@@ -166,11 +187,12 @@ impl Transformer {
     pub fn encode(
         &self,
         record_id: &str,
-        event: &HealthEvent,
+        event: &HealthEvent<'_>,
         fallback_time: Option<DateTime<Utc>>,
     ) -> Vec<u8> {
+        let time = self.time(event, fallback_time);
         // Serializing plain strings, maps and numbers cannot fail.
-        to_body(&self.event(record_id, event, fallback_time)).unwrap_or_default()
+        to_body(&self.event(record_id, event, &time)).unwrap_or_default()
     }
 
     /// Like `encode`, but checks the event first (see the module docs); the error names the
@@ -178,15 +200,16 @@ impl Transformer {
     pub fn try_encode(
         &self,
         record_id: &str,
-        event: &HealthEvent,
+        event: &HealthEvent<'_>,
         fallback_time: Option<DateTime<Utc>>,
     ) -> Result<Vec<u8>, InvalidCloudEvent> {
-        let cloud_event = self.event(record_id, event, fallback_time);
+        let time = self.time(event, fallback_time);
+        let cloud_event = self.event(record_id, event, &time);
         check_id(cloud_event.id)?;
         if let Some(error) = &self.source_error {
             return Err(error.clone());
         }
-        check_time(&cloud_event.time)?;
+        check_time(cloud_event.time)?;
         to_body(&cloud_event).map_err(|e| InvalidCloudEvent {
             attribute: "data",
             reason: e.to_string(),
@@ -208,7 +231,7 @@ fn to_body(event: &CloudEvent<'_>) -> Result<Vec<u8>, sonic_rs::Error> {
 
 impl<'a> HealthEventData<'a> {
     /// Borrows `event`'s fields; `generatedTimestamp` is `time` (what the CloudEvent says).
-    fn of(event: &'a HealthEvent, time: String) -> HealthEventData<'a> {
+    fn of(event: &'a HealthEvent<'a>, time: &'a str) -> HealthEventData<'a> {
         let overrides = |o: &Option<crate::model::Overrides>| {
             o.map(|o| OverridesData {
                 force: o.force,
@@ -221,14 +244,7 @@ impl<'a> HealthEventData<'a> {
             component_class: &event.component_class,
             custom_recommended_action: &event.custom_recommended_action,
             drain_overrides: overrides(&event.drain_overrides),
-            entities_impacted: event
-                .entities_impacted
-                .iter()
-                .map(|e| EntityData {
-                    entity_type: &e.entity_type,
-                    entity_value: &e.entity_value,
-                })
-                .collect(),
+            entities_impacted: Entities(&event.entities_impacted),
             error_code: &event.error_code,
             generated_timestamp: time,
             is_fatal: event.is_fatal,
@@ -259,7 +275,7 @@ pub struct InvalidCloudEvent {
 pub fn validate(event: &CloudEvent<'_>) -> Result<(), InvalidCloudEvent> {
     check_id(event.id)?;
     check_source(event.source)?;
-    check_time(&event.time)
+    check_time(event.time)
 }
 
 fn bad(attribute: &'static str, reason: String) -> Result<(), InvalidCloudEvent> {
@@ -323,9 +339,9 @@ pub fn go_rfc3339_nano(time: DateTime<Utc>) -> String {
         time.format("%Y-%m-%dT%H:%M:%S").to_string()
     };
     if nanos != 0 {
-        let fraction = format!("{nanos:09}");
-        text.push('.');
-        text.push_str(fraction.trim_end_matches('0'));
+        // All nine digits, then the trailing zeros dropped (at least one digit is not zero).
+        let _ = write!(text, ".{nanos:09}");
+        text.truncate(text.trim_end_matches('0').len());
     }
     text.push('Z');
     text
@@ -338,7 +354,7 @@ mod tests {
     use chrono::TimeZone;
     use serde_json::{json, Value};
 
-    fn sample() -> HealthEvent {
+    fn sample() -> HealthEvent<'static> {
         HealthEvent {
             version: 1,
             agent: "gpu-health-monitor".into(),

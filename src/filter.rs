@@ -97,7 +97,7 @@ impl Filter {
 
     /// Whether `event` is to be exported. An error means the expression could not be evaluated
     /// for this event (for example a key it reads is absent).
-    pub fn matches(&self, event: &HealthEvent) -> Result<bool, EvalError> {
+    pub fn matches(&self, event: &HealthEvent<'_>) -> Result<bool, EvalError> {
         match self.execute(event) {
             Ok(Value::Bool(keep)) => Ok(keep),
             Ok(other) => Err(EvalError(format!(
@@ -108,7 +108,7 @@ impl Filter {
         }
     }
 
-    fn execute(&self, event: &HealthEvent) -> Result<Value, cel::ExecutionError> {
+    fn execute(&self, event: &HealthEvent<'_>) -> Result<Value, cel::ExecutionError> {
         let mut context = Context::with_env(self.env.clone());
         context.add_variable_from_value(VARIABLE, activation(event));
         self.program.execute(&context)
@@ -117,13 +117,13 @@ impl Filter {
 
 /// The `event` map: upstream's bound fields, `recommendedAction` as its enum name. Absent
 /// fields are their zero values, as in Go.
-fn activation(event: &HealthEvent) -> Value {
+fn activation(event: &HealthEvent<'_>) -> Value {
     let text = |s: &str| Value::from(s);
     let error_code: Vec<Value> = event.error_code.iter().map(|c| text(c)).collect();
     let metadata: HashMap<&str, Value> = event
         .metadata
         .iter()
-        .map(|(k, v)| (k.as_str(), text(v)))
+        .map(|(k, v)| (&**k, text(v)))
         .collect();
     let fields: HashMap<&str, Value> = HashMap::from([
         ("agent", text(&event.agent)),
@@ -141,7 +141,7 @@ fn activation(event: &HealthEvent) -> Value {
 }
 
 /// An event with every bound field set, for the start-up evaluation.
-fn sample_event() -> HealthEvent {
+fn sample_event() -> HealthEvent<'static> {
     HealthEvent {
         agent: "gpu-health-monitor".into(),
         component_class: "GPU".into(),
@@ -150,11 +150,7 @@ fn sample_event() -> HealthEvent {
         message: "sample".into(),
         recommended_action: "RESTART_VM".into(),
         error_code: vec!["79".into()],
-        metadata: [(
-            "node.kubernetes.io/instance-type".to_string(),
-            "sample".to_string(),
-        )]
-        .into(),
+        metadata: [("node.kubernetes.io/instance-type".into(), "sample".into())].into(),
         node_name: "node-1".into(),
         ..HealthEvent::default()
     }
@@ -332,13 +328,13 @@ fn common_type(exprs: &[IdedExpr]) -> String {
 mod tests {
     use super::*;
 
-    fn event(action: &str, codes: &[&str]) -> HealthEvent {
+    fn event<'a>(action: &'a str, codes: &[&'a str]) -> HealthEvent<'a> {
         HealthEvent {
             agent: "gpu-health-monitor".into(),
             check_name: "GpuXidError".into(),
             component_class: "GPU".into(),
             recommended_action: action.into(),
-            error_code: codes.iter().map(|c| c.to_string()).collect(),
+            error_code: codes.iter().map(|c| (*c).into()).collect(),
             node_name: "node-1".into(),
             ..HealthEvent::default()
         }

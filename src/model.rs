@@ -9,9 +9,19 @@
 //! BSON mapped to JSON, and callers holding a `serde_json::Value`) go through the same visitors
 //! into per-field slots, then the field functions below turn the chosen slots into a
 //! [`HealthEvent`] or a [`DecodeError`] naming the first wrong field, in declaration order.
+//!
+//! The event borrows from the document it was decoded from (`HealthEvent<'a>`, `Decoded<'a>`):
+//! its text fields are `Cow<'a, str>`, slices of the JSON text or of the tree's strings, copied
+//! only when a string had an escape that had to be undone; enum names are the static names of
+//! the tables below. Every event is decoded, filtered and encoded while its `Document` is held
+//! (one worker's `handle`), so copying each string into an owned `String` only to drop it
+//! after encoding was most of the allocations per event. The invariant is the borrow itself:
+//! an event cannot outlive its document, and nothing returned from the pipeline's `prepare`
+//! borrows from it.
 
 mod visit;
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -19,36 +29,40 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use visit::{
-    EntityFields, EventFields, Metadata, NonScalar, Shape, SpanIds, Status, Text, Time, Top,
+    EntityFields, EventFields, Flags, Metadata, NonScalar, Scalar, Shape, Status, Text, Time, Top,
 };
 
+pub use visit::MetadataMap;
+
+/// A health event, borrowing its text from the document it was decoded from (see the module
+/// docs); `'static` when built from literals or owned strings.
 #[derive(Debug, Clone, PartialEq, Default)]
-pub struct HealthEvent {
+pub struct HealthEvent<'a> {
     pub version: u64,
-    pub agent: String,
-    pub component_class: String,
-    pub check_name: String,
+    pub agent: Cow<'a, str>,
+    pub component_class: Cow<'a, str>,
+    pub check_name: Cow<'a, str>,
     pub is_fatal: bool,
     pub is_healthy: bool,
-    pub message: String,
+    pub message: Cow<'a, str>,
     /// Enum name, e.g. `RESTART_VM` (an unknown number is kept as its decimal text).
-    pub recommended_action: String,
-    pub error_code: Vec<String>,
-    pub entities_impacted: Vec<Entity>,
-    pub metadata: BTreeMap<String, String>,
+    pub recommended_action: Cow<'a, str>,
+    pub error_code: Vec<Cow<'a, str>>,
+    pub entities_impacted: Vec<Entity<'a>>,
+    pub metadata: MetadataMap<'a>,
     pub generated_timestamp: Option<DateTime<Utc>>,
-    pub node_name: String,
+    pub node_name: Cow<'a, str>,
     pub quarantine_overrides: Option<Overrides>,
     pub drain_overrides: Option<Overrides>,
     /// Enum name, e.g. `EXECUTE_REMEDIATION`.
-    pub processing_strategy: String,
-    pub custom_recommended_action: String,
+    pub processing_strategy: Cow<'a, str>,
+    pub custom_recommended_action: Cow<'a, str>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct Entity {
-    pub entity_type: String,
-    pub entity_value: String,
+pub struct Entity<'a> {
+    pub entity_type: Cow<'a, str>,
+    pub entity_value: Cow<'a, str>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -104,16 +118,17 @@ pub enum Document {
     Tree(Value),
 }
 
-/// A decoded document: the health event, and the span its trace continues from.
+/// A decoded document: the health event, and the span its trace continues from; both borrow
+/// from the `Document`.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Decoded {
-    pub event: HealthEvent,
+pub struct Decoded<'a> {
+    pub event: HealthEvent<'a>,
     /// The span id recorded in `healtheventstatus.spanids` (the platform connector's when
     /// several; 16 lowercase hex digits), if any.
-    pub recorded_span: Option<String>,
+    pub recorded_span: Option<Cow<'a, str>>,
 }
 
-impl Decoded {
+impl Decoded<'_> {
     /// The W3C `traceparent` for delivering the event (see [`traceparent_from`]).
     pub fn traceparent(&self) -> Option<String> {
         traceparent_from(&self.event, self.recorded_span.as_deref())
@@ -134,7 +149,7 @@ pub enum DocumentError {
 
 /// Decodes a stored document. `Ok(None)` when it has no health event (the Go exporter skips
 /// those silently too).
-pub fn decode(document: &Document) -> Result<Option<Decoded>, DocumentError> {
+pub fn decode(document: &Document) -> Result<Option<Decoded<'_>>, DocumentError> {
     let top = match document {
         Document::Text(text) => {
             let mut reader = serde_json::Deserializer::from_str(text);
@@ -148,13 +163,13 @@ pub fn decode(document: &Document) -> Result<Option<Decoded>, DocumentError> {
 }
 
 /// Decodes the `healthevent` of a document held as a tree; `Ok(None)` when it has none.
-pub fn decode_document(document: &Value) -> Result<Option<HealthEvent>, DecodeError> {
+pub fn decode_document(document: &Value) -> Result<Option<HealthEvent<'_>>, DecodeError> {
     // Every tree deserializes (the visitors accept any value); only field errors remain.
     let top = Shape::<Top>::deserialize(document).map_err(|e| error("document", e.to_string()))?;
     Ok(decode_top(top)?.map(|decoded| decoded.event))
 }
 
-fn decode_top(top: Shape<Top>) -> Result<Option<Decoded>, DecodeError> {
+fn decode_top(top: Shape<Top<'_>>) -> Result<Option<Decoded<'_>>, DecodeError> {
     let top = match top {
         Shape::Found(top) => top,
         other => return Err(wrong_kind("document", "an object", &other)),
@@ -181,7 +196,7 @@ fn wrong_kind<T>(name: &str, what: &str, shape: &Shape<T>) -> DecodeError {
 }
 
 /// The health event from its fields; the first wrong one, in declaration order, is the error.
-fn decode_fields(f: Box<EventFields>) -> Result<HealthEvent, DecodeError> {
+fn decode_fields(f: Box<EventFields<'_>>) -> Result<HealthEvent<'_>, DecodeError> {
     Ok(HealthEvent {
         version: match f.version {
             None | Some(Value::Null) => 0,
@@ -209,13 +224,10 @@ fn decode_fields(f: Box<EventFields>) -> Result<HealthEvent, DecodeError> {
         )?,
         node_name: string(f.node_name.chosen(), "healthevent.nodeName")?,
         quarantine_overrides: overrides(
-            f.quarantine_overrides.chosen().as_ref(),
+            f.quarantine_overrides.chosen(),
             "healthevent.quarantineOverrides",
         )?,
-        drain_overrides: overrides(
-            f.drain_overrides.chosen().as_ref(),
-            "healthevent.drainOverrides",
-        )?,
+        drain_overrides: overrides(f.drain_overrides.chosen(), "healthevent.drainOverrides")?,
         processing_strategy: enum_name(
             f.processing_strategy.chosen(),
             PROCESSING_STRATEGIES,
@@ -230,7 +242,7 @@ fn decode_fields(f: Box<EventFields>) -> Result<HealthEvent, DecodeError> {
 
 /// The W3C `traceparent` for delivering `event` held as a tree `document` (see
 /// [`traceparent_from`]; the recorded span is read as [`decode`] reads it).
-pub fn traceparent(document: &Value, event: &HealthEvent) -> Option<String> {
+pub fn traceparent(document: &Value, event: &HealthEvent<'_>) -> Option<String> {
     let recorded = document
         .get("healtheventstatus")
         .and_then(|status| Shape::<Status>::deserialize(status).ok())
@@ -240,32 +252,44 @@ pub fn traceparent(document: &Value, event: &HealthEvent) -> Option<String> {
 
 /// The W3C `traceparent` for delivering `event`, when a platform connector put a trace id in
 /// its metadata: the parent span is `recorded_span` (from `healtheventstatus.spanids`), else a
-/// new span id for this delivery.
-pub fn traceparent_from(event: &HealthEvent, recorded_span: Option<&str>) -> Option<String> {
-    let trace_id = event.metadata.get("trace_id")?.to_ascii_lowercase();
-    if !is_trace_hex(&trace_id, 32) {
+/// new span id for this delivery. The header is written in one buffer, the trace id lowercased.
+pub fn traceparent_from(event: &HealthEvent<'_>, recorded_span: Option<&str>) -> Option<String> {
+    use std::fmt::Write;
+    let trace_id = event.metadata.get("trace_id")?;
+    if !is_trace_hex(trace_id, 32) {
         return None;
     }
-    let span_id = match recorded_span {
-        Some(span) => span.to_string(),
-        None => format!("{:016x}", fastrand::u64(1..)),
-    };
-    Some(format!("00-{trace_id}-{span_id}-01"))
+    let mut header = String::with_capacity(55);
+    header.push_str("00-");
+    header.extend(trace_id.chars().map(|c| c.to_ascii_lowercase()));
+    header.push('-');
+    match recorded_span {
+        Some(span) => header.push_str(span),
+        // Writing to a String cannot fail.
+        None => {
+            let _ = write!(header, "{:016x}", fastrand::u64(1..));
+        }
+    }
+    header.push_str("-01");
+    Some(header)
 }
 
 /// The recorded parent span: among the valid span ids of `spanids` (else `spanIds`), the first
-/// whose component names a platform connector, else the first; lowercase.
-fn recorded_span(status: Shape<Status>) -> Option<String> {
+/// whose component names a platform connector, else the first; lowercase (borrowed when it
+/// already is).
+fn recorded_span(status: Shape<Status<'_>>) -> Option<Cow<'_, str>> {
     let Shape::Found(status) = status else {
         return None;
     };
-    let Some(Shape::Found(SpanIds(ids))) = status.span_ids.chosen() else {
+    let Some(Shape::Found(ids)) = status.span_ids.chosen() else {
         return None;
     };
-    ids.iter()
-        .find(|(component, _)| component.contains("platform-connector"))
-        .or_else(|| ids.first())
-        .map(|(_, span)| span.to_ascii_lowercase())
+    let span = ids.platform_connector.or(ids.first)?;
+    Some(if span.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(span.to_ascii_lowercase())
+    } else {
+        span
+    })
 }
 
 /// Whether `text` is a W3C trace or span id: `len` hex digits, not all zero.
@@ -287,9 +311,9 @@ pub fn json_kind(value: &Value) -> &'static str {
     }
 }
 
-fn string(value: Option<Text>, name: &str) -> Result<String, DecodeError> {
+fn string<'a>(value: Option<Text<'a>>, name: &str) -> Result<Cow<'a, str>, DecodeError> {
     match value {
-        None | Some(Text::Null) => Ok(String::new()),
+        None | Some(Text::Null) => Ok(Cow::Borrowed("")),
         Some(Text::String(text)) => Ok(text),
         Some(Text::Other(kind)) => Err(error(name, format!("expected a string, got {kind}"))),
     }
@@ -306,37 +330,42 @@ fn boolean(value: Option<&Value>, name: &str) -> Result<bool, DecodeError> {
     }
 }
 
-fn enum_name(
-    value: Option<Value>,
-    names: &[(i64, &str)],
+/// An enum's name: from `names` (static, no copy) by number or digit string, a name as the
+/// document has it, or an unknown number's digits.
+fn enum_name<'a>(
+    value: Option<Scalar<'a>>,
+    names: &[(i64, &'static str)],
     name: &str,
-) -> Result<String, DecodeError> {
+) -> Result<Cow<'a, str>, DecodeError> {
     let by_number = |n: i64| {
         names
             .iter()
             .find(|(number, _)| *number == n)
-            .map(|(_, text)| text.to_string())
+            .map(|(_, text)| Cow::Borrowed(*text))
             // Go's protobuf String() prints an unknown value as its number.
-            .unwrap_or_else(|| n.to_string())
+            .unwrap_or_else(|| Cow::Owned(n.to_string()))
     };
     match value {
-        None | Some(Value::Null) => Ok(by_number(0)),
-        Some(Value::Number(n)) => n
+        None | Some(Scalar::Null) => Ok(by_number(0)),
+        Some(Scalar::Number(n)) => n
             .as_i64()
             .map(by_number)
             .ok_or_else(|| error(name, format!("expected an enum number, got {n}"))),
-        Some(Value::String(text)) => Ok(match text.parse::<i64>() {
+        Some(Scalar::String(text)) => Ok(match text.parse::<i64>() {
             Ok(n) => by_number(n),
             Err(_) => text,
         }),
         Some(other) => Err(error(
             name,
-            format!("expected an enum, got {}", json_kind(&other)),
+            format!("expected an enum, got {}", other.kind()),
         )),
     }
 }
 
-fn string_list(value: Option<Shape<Vec<Text>>>, name: &str) -> Result<Vec<String>, DecodeError> {
+fn string_list<'a>(
+    value: Option<Shape<Vec<Text<'a>>>>,
+    name: &str,
+) -> Result<Vec<Cow<'a, str>>, DecodeError> {
     match value {
         None | Some(Shape::Null) => Ok(Vec::new()),
         Some(Shape::Found(items)) => items
@@ -353,7 +382,9 @@ fn string_list(value: Option<Shape<Vec<Text>>>, name: &str) -> Result<Vec<String
     }
 }
 
-fn entities(value: Option<Shape<Vec<Shape<EntityFields>>>>) -> Result<Vec<Entity>, DecodeError> {
+fn entities<'a>(
+    value: Option<Shape<Vec<Shape<EntityFields<'a>>>>>,
+) -> Result<Vec<Entity<'a>>, DecodeError> {
     let name = "healthevent.entitiesImpacted";
     match value {
         None | Some(Shape::Null) => Ok(Vec::new()),
@@ -367,7 +398,7 @@ fn entities(value: Option<Shape<Vec<Shape<EntityFields>>>>) -> Result<Vec<Entity
                     Shape::Found(entity) => entity,
                     other => return Err(wrong_kind(&at(), "an object", &other)),
                 };
-                let text = |value: Option<Text>, camel: &str| {
+                let text = |value: Option<Text<'a>>, camel: &str| {
                     string(value, "").map_err(|e| DecodeError {
                         field: format!("{}.{camel}", at()),
                         ..e
@@ -383,10 +414,10 @@ fn entities(value: Option<Shape<Vec<Shape<EntityFields>>>>) -> Result<Vec<Entity
     }
 }
 
-fn metadata(
-    value: Option<Shape<Metadata>>,
+fn metadata<'a>(
+    value: Option<Shape<Metadata<'a>>>,
     name: &str,
-) -> Result<BTreeMap<String, String>, DecodeError> {
+) -> Result<MetadataMap<'a>, DecodeError> {
     match value {
         None | Some(Shape::Null) => Ok(BTreeMap::new()),
         Some(Shape::Found(Metadata(Ok(entries)))) => Ok(entries),
@@ -405,7 +436,7 @@ pub fn in_rfc3339_range(time: &DateTime<Utc>) -> bool {
     (1..=9999).contains(&time.year())
 }
 
-fn timestamp(value: Option<Time>, name: &str) -> Result<Option<DateTime<Utc>>, DecodeError> {
+fn timestamp(value: Option<Time<'_>>, name: &str) -> Result<Option<DateTime<Utc>>, DecodeError> {
     let parsed = timestamp_any(value, name)?;
     match parsed {
         Some(time) if !in_rfc3339_range(&time) => Err(error(
@@ -419,7 +450,10 @@ fn timestamp(value: Option<Time>, name: &str) -> Result<Option<DateTime<Utc>>, D
     }
 }
 
-fn timestamp_any(value: Option<Time>, name: &str) -> Result<Option<DateTime<Utc>>, DecodeError> {
+fn timestamp_any(
+    value: Option<Time<'_>>,
+    name: &str,
+) -> Result<Option<DateTime<Utc>>, DecodeError> {
     match value {
         None | Some(Time::Null) => Ok(None),
         Some(Time::Text(text)) => DateTime::parse_from_rfc3339(&text)
@@ -456,25 +490,22 @@ fn timestamp_any(value: Option<Time>, name: &str) -> Result<Option<DateTime<Utc>
     }
 }
 
-fn overrides(value: Option<&Value>, name: &str) -> Result<Option<Overrides>, DecodeError> {
+fn overrides(value: Option<Shape<Flags>>, name: &str) -> Result<Option<Overrides>, DecodeError> {
     match value {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Object(parts)) => {
-            let flag = |key: &str| {
-                boolean(parts.get(key), "").map_err(|e| DecodeError {
+        None | Some(Shape::Null) => Ok(None),
+        Some(Shape::Found(flags)) => {
+            let flag = |key: &str, value: Option<Value>| {
+                boolean(value.as_ref(), "").map_err(|e| DecodeError {
                     field: format!("{name}.{key}"),
                     ..e
                 })
             };
             Ok(Some(Overrides {
-                force: flag("force")?,
-                skip: flag("skip")?,
+                force: flag("force", flags.force)?,
+                skip: flag("skip", flags.skip)?,
             }))
         }
-        Some(other) => Err(error(
-            name,
-            format!("expected an object, got {}", json_kind(other)),
-        )),
+        Some(other) => Err(wrong_kind(name, "an object", &other)),
     }
 }
 
@@ -550,7 +581,8 @@ mod tests {
 
     #[test]
     fn omitted_zero_values_decode_as_zero() {
-        let event = decode_document(&json!({"healthevent": {"nodeName": "n"}}))
+        let document = json!({"healthevent": {"nodeName": "n"}});
+        let event = decode_document(&document)
             .expect("valid")
             .expect("has event");
         assert_eq!(event.recommended_action, "NONE");
@@ -562,29 +594,38 @@ mod tests {
 
     #[test]
     fn unknown_enum_numbers_are_kept_as_numbers() {
-        let event = decode_document(&json!({"healthevent": {"recommendedAction": 77}}))
+        let document = json!({"healthevent": {"recommendedAction": 77}});
+        let event = decode_document(&document)
             .expect("valid")
             .expect("has event");
         assert_eq!(event.recommended_action, "77");
         // Numbers older protos named but the current one does not: digits, not names.
         for (number, digits) in [(39, "39"), (28, "28"), (1, "1"), (-3, "-3")] {
-            let event = decode_document(&json!({"healthevent": {
+            let document = json!({"healthevent": {
                 "recommendedAction": number, "processingStrategy": number + 100
-            }}))
-            .expect("valid")
-            .expect("has event");
+            }});
+            let event = decode_document(&document)
+                .expect("valid")
+                .expect("has event");
             assert_eq!(event.recommended_action, digits);
             assert_eq!(event.processing_strategy, (number + 100).to_string());
         }
         // Every current name, by number and as a digit string.
+        fn scalar(value: &Value) -> Scalar<'_> {
+            Scalar::deserialize(value).expect("any value")
+        }
         for (number, name) in RECOMMENDED_ACTIONS.iter().chain(PROCESSING_STRATEGIES) {
             assert_eq!(
-                enum_name(Some(json!(number)), &[(*number, name)], "f"),
-                Ok(name.to_string())
+                enum_name(Some(scalar(&json!(number))), &[(*number, name)], "f"),
+                Ok(Cow::Borrowed(*name))
             );
             assert_eq!(
-                enum_name(Some(json!(number.to_string())), &[(*number, name)], "f"),
-                Ok(name.to_string())
+                enum_name(
+                    Some(scalar(&json!(number.to_string()))),
+                    &[(*number, name)],
+                    "f"
+                ),
+                Ok(Cow::Borrowed(*name))
             );
         }
         let names: Vec<&str> = RECOMMENDED_ACTIONS.iter().map(|(_, n)| *n).collect();
@@ -717,7 +758,7 @@ mod tests {
 
     /// What `decode` makes of `text`: the event and span, or the error's field ("document"
     /// for text a `Value` parse refuses too).
-    fn outcome(document: &Document) -> Result<Option<Decoded>, String> {
+    fn outcome(document: &Document) -> Result<Option<Decoded<'_>>, String> {
         decode(document).map_err(|error| match error {
             DocumentError::Unreadable(_) => "unreadable".to_string(),
             DocumentError::Invalid(error) => error.field,
@@ -760,8 +801,11 @@ mod tests {
             json!(12),
         ];
         for document in documents {
-            let text = outcome(&Document::Text(document.to_string()));
-            let tree = outcome(&Document::Tree(document.clone()));
+            let (text, tree) = (
+                Document::Text(document.to_string()),
+                Document::Tree(document.clone()),
+            );
+            let (text, tree) = (outcome(&text), outcome(&tree));
             assert_eq!(text, tree, "{document}");
             // The tree decoder other crates call gives the same event or error field.
             let event = decode_document(&document).map_err(|e| e.field);
@@ -793,7 +837,8 @@ mod tests {
         }
         for text in texts {
             let refused = serde_json::from_str::<Value>(&text).is_err();
-            let decoded = outcome(&Document::Text(text.clone()));
+            let document = Document::Text(text.clone());
+            let decoded = outcome(&document);
             assert_eq!(
                 decoded.as_ref().err().map(String::as_str) == Some("unreadable"),
                 refused,
@@ -803,14 +848,47 @@ mod tests {
     }
 
     #[test]
+    fn text_is_borrowed_from_the_document_unless_an_escape_was_undone() {
+        let text = r#"{"healthevent": {"agent": "a", "nodeName": "n\u0031", "errorCode": ["79"],
+                       "entitiesImpacted": [{"entityType": "GPU", "entityValue": "0"}],
+                       "metadata": {"k": "v", "n": 1.5, "b": true},
+                       "recommendedAction": 15, "processingStrategy": "STORE_ONLY",
+                       "customRecommendedAction": "X"},
+                       "healtheventstatus": {"spanids": {"a": "00f067aa0ba902b7"}}}"#;
+        let tree = Document::Tree(serde_json::from_str(text).expect("JSON"));
+        let text = Document::Text(text.into());
+        let borrowed = |c: &Cow<'_, str>| matches!(c, Cow::Borrowed(_));
+        for document in [&text, &tree] {
+            let decoded = decode(document).expect("valid").expect("has event");
+            let event = &decoded.event;
+            assert!(borrowed(&event.agent) && borrowed(&event.custom_recommended_action));
+            assert!(event.error_code.iter().all(borrowed));
+            assert!(event
+                .entities_impacted
+                .iter()
+                .all(|e| borrowed(&e.entity_type) && borrowed(&e.entity_value)));
+            assert!(event.metadata.keys().all(borrowed));
+            assert!(borrowed(&event.metadata["k"]) && borrowed(&event.metadata["b"]));
+            // A number's text is made for the event.
+            assert_eq!(event.metadata["n"], "1.5");
+            // Enum names come from the static tables or the document, never a copy.
+            assert!(borrowed(&event.recommended_action) && borrowed(&event.processing_strategy));
+            assert!(decoded.recorded_span.as_ref().is_some_and(borrowed));
+            assert_eq!(event.node_name, "n1");
+        }
+        // An escape in JSON text is undone into an owned string; a tree holds it undone.
+        let node_name = |document| decode(document).ok().flatten().map(|d| d.event.node_name);
+        assert!(matches!(node_name(&text), Some(Cow::Owned(_))));
+        assert!(matches!(node_name(&tree), Some(Cow::Borrowed(_))));
+    }
+
+    #[test]
     fn the_camel_case_spelling_wins_even_when_null() {
         let text = r#"{"healthevent": {"nodeName": null, "nodename": "x",
                        "isFatal": true, "isfatal": "not a boolean",
                        "node\u004eame2": 1, "check\u004eame": "escaped"}}"#;
-        let event = decode(&Document::Text(text.into()))
-            .expect("valid")
-            .expect("has event")
-            .event;
+        let document = Document::Text(text.into());
+        let event = decode(&document).expect("valid").expect("has event").event;
         assert_eq!(event.node_name, "");
         assert!(event.is_fatal);
         assert_eq!(event.check_name, "escaped");
@@ -821,9 +899,8 @@ mod tests {
         let text = r#"{"healthevent": {"metadata": {"trace_id": "4BF92F3577B34DA6A3CE929D0E0E4736"}},
                        "healtheventstatus": {"spanids": {"a": "zz", "b": "1111111111111111",
                                              "platform-connectors": "00F067AA0BA902B7"}}}"#;
-        let decoded = decode(&Document::Text(text.into()))
-            .expect("valid")
-            .expect("has event");
+        let document = Document::Text(text.into());
+        let decoded = decode(&document).expect("valid").expect("has event");
         assert_eq!(decoded.recorded_span.as_deref(), Some("00f067aa0ba902b7"));
         assert_eq!(
             decoded.traceparent().as_deref(),
@@ -847,9 +924,8 @@ mod tests {
             (json!([1]), None),
         ] {
             let document = json!({"healthevent": {}, "healtheventstatus": status});
-            let decoded = decode(&Document::Text(document.to_string()))
-                .expect("valid")
-                .expect("has event");
+            let text = Document::Text(document.to_string());
+            let decoded = decode(&text).expect("valid").expect("has event");
             assert_eq!(decoded.recorded_span.as_deref(), span, "{document}");
         }
     }

@@ -15,9 +15,17 @@
 //!   document mapped to a tree never hold a key twice.
 //!
 //! Text fields are read as [`Text`] (the string, or the kind of what stood there instead);
-//! numbers, booleans and the parts of a timestamp as `Value`s (no allocation for a number or a
-//! boolean), so the checks and messages of `model`'s field functions stay theirs.
+//! enums as [`Enum`]; numbers, booleans and the parts of a timestamp as `Value`s (no allocation
+//! for a number or a boolean), so the checks and messages of `model`'s field functions stay
+//! theirs.
+//!
+//! Strings are borrowed, not copied: every visitor takes `visit_borrowed_str`, which
+//! serde_json calls for a string of JSON text (`from_str`) without escapes and for every string
+//! of a `&Value` tree; only a string with an escape, which serde_json had to unescape into a
+//! scratch buffer (`visit_str`), is copied into an owned `String`. The slots, and the
+//! `HealthEvent` made from them, therefore live no longer than the document (`'de`).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::marker::PhantomData;
@@ -82,11 +90,19 @@ pub enum Key<'de> {
     Owned(String),
 }
 
-impl Key<'_> {
+impl<'de> Key<'de> {
     pub fn as_str(&self) -> &str {
         match self {
             Key::Borrowed(text) => text,
             Key::Owned(text) => text,
+        }
+    }
+
+    /// The key as kept text (no copy).
+    pub fn into_cow(self) -> Cow<'de, str> {
+        match self {
+            Key::Borrowed(text) => Cow::Borrowed(text),
+            Key::Owned(text) => Cow::Owned(text),
         }
     }
 }
@@ -110,6 +126,9 @@ impl<'de> Visitor<'de> for KeyVisitor {
     }
     fn visit_str<E>(self, text: &str) -> Result<Key<'de>, E> {
         Ok(Key::Owned(text.to_string()))
+    }
+    fn visit_string<E>(self, text: String) -> Result<Key<'de>, E> {
+        Ok(Key::Owned(text))
     }
 }
 
@@ -182,16 +201,17 @@ impl<'de, T: Expected<'de>> Visitor<'de> for ShapeVisitor<T> {
     }
 }
 
-/// A value read where text is expected: the text, null, or the kind it was instead.
+/// A value read where text is expected: the text (borrowed from the document unless it had an
+/// escape), null, or the kind it was instead.
 #[derive(Debug)]
-pub enum Text {
+pub enum Text<'de> {
     Null,
-    String(String),
+    String(Cow<'de, str>),
     Other(&'static str),
 }
 
-impl<'de> Deserialize<'de> for Text {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Text, D::Error> {
+impl<'de> Deserialize<'de> for Text<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Text<'de>, D::Error> {
         deserializer.deserialize_any(TextVisitor)
     }
 }
@@ -199,43 +219,46 @@ impl<'de> Deserialize<'de> for Text {
 struct TextVisitor;
 
 impl<'de> Visitor<'de> for TextVisitor {
-    type Value = Text;
+    type Value = Text<'de>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("any JSON value")
     }
-    fn visit_bool<E>(self, _: bool) -> Result<Text, E> {
+    fn visit_bool<E>(self, _: bool) -> Result<Text<'de>, E> {
         Ok(Text::Other("a boolean"))
     }
-    fn visit_i64<E>(self, _: i64) -> Result<Text, E> {
+    fn visit_i64<E>(self, _: i64) -> Result<Text<'de>, E> {
         Ok(Text::Other("a number"))
     }
-    fn visit_u64<E>(self, _: u64) -> Result<Text, E> {
+    fn visit_u64<E>(self, _: u64) -> Result<Text<'de>, E> {
         Ok(Text::Other("a number"))
     }
-    fn visit_f64<E>(self, _: f64) -> Result<Text, E> {
+    fn visit_f64<E>(self, _: f64) -> Result<Text<'de>, E> {
         Ok(Text::Other("a number"))
     }
-    fn visit_str<E>(self, text: &str) -> Result<Text, E> {
-        Ok(Text::String(text.to_string()))
+    fn visit_borrowed_str<E>(self, text: &'de str) -> Result<Text<'de>, E> {
+        Ok(Text::String(Cow::Borrowed(text)))
     }
-    fn visit_string<E>(self, text: String) -> Result<Text, E> {
-        Ok(Text::String(text))
+    fn visit_str<E>(self, text: &str) -> Result<Text<'de>, E> {
+        Ok(Text::String(Cow::Owned(text.to_string())))
     }
-    fn visit_unit<E>(self) -> Result<Text, E> {
+    fn visit_string<E>(self, text: String) -> Result<Text<'de>, E> {
+        Ok(Text::String(Cow::Owned(text)))
+    }
+    fn visit_unit<E>(self) -> Result<Text<'de>, E> {
         Ok(Text::Null)
     }
-    fn visit_none<E>(self) -> Result<Text, E> {
+    fn visit_none<E>(self) -> Result<Text<'de>, E> {
         Ok(Text::Null)
     }
-    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Text, D::Error> {
+    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Text<'de>, D::Error> {
         Text::deserialize(deserializer)
     }
-    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Text, A::Error> {
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Text<'de>, A::Error> {
         Skip::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))?;
         Ok(Text::Other("an array"))
     }
-    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Text, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Text<'de>, A::Error> {
         Skip::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
         Ok(Text::Other("an object"))
     }
@@ -243,10 +266,10 @@ impl<'de> Visitor<'de> for TextVisitor {
 
 /// `generatedTimestamp`: `{seconds, nanos}`, a string, null, or the kind it was instead.
 #[derive(Debug)]
-pub enum Time {
+pub enum Time<'de> {
     Null,
     Parts(TimeParts),
-    Text(String),
+    Text(Cow<'de, str>),
     Other(&'static str),
 }
 
@@ -257,8 +280,8 @@ pub struct TimeParts {
     pub nanos: Option<Value>,
 }
 
-impl<'de> Deserialize<'de> for Time {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Time, D::Error> {
+impl<'de> Deserialize<'de> for Time<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Time<'de>, D::Error> {
         deserializer.deserialize_any(TimeVisitor)
     }
 }
@@ -266,40 +289,46 @@ impl<'de> Deserialize<'de> for Time {
 struct TimeVisitor;
 
 impl<'de> Visitor<'de> for TimeVisitor {
-    type Value = Time;
+    type Value = Time<'de>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("any JSON value")
     }
-    fn visit_bool<E>(self, _: bool) -> Result<Time, E> {
+    fn visit_bool<E>(self, _: bool) -> Result<Time<'de>, E> {
         Ok(Time::Other("a boolean"))
     }
-    fn visit_i64<E>(self, _: i64) -> Result<Time, E> {
+    fn visit_i64<E>(self, _: i64) -> Result<Time<'de>, E> {
         Ok(Time::Other("a number"))
     }
-    fn visit_u64<E>(self, _: u64) -> Result<Time, E> {
+    fn visit_u64<E>(self, _: u64) -> Result<Time<'de>, E> {
         Ok(Time::Other("a number"))
     }
-    fn visit_f64<E>(self, _: f64) -> Result<Time, E> {
+    fn visit_f64<E>(self, _: f64) -> Result<Time<'de>, E> {
         Ok(Time::Other("a number"))
     }
-    fn visit_str<E>(self, text: &str) -> Result<Time, E> {
-        Ok(Time::Text(text.to_string()))
+    fn visit_borrowed_str<E>(self, text: &'de str) -> Result<Time<'de>, E> {
+        Ok(Time::Text(Cow::Borrowed(text)))
     }
-    fn visit_unit<E>(self) -> Result<Time, E> {
+    fn visit_str<E>(self, text: &str) -> Result<Time<'de>, E> {
+        Ok(Time::Text(Cow::Owned(text.to_string())))
+    }
+    fn visit_string<E>(self, text: String) -> Result<Time<'de>, E> {
+        Ok(Time::Text(Cow::Owned(text)))
+    }
+    fn visit_unit<E>(self) -> Result<Time<'de>, E> {
         Ok(Time::Null)
     }
-    fn visit_none<E>(self) -> Result<Time, E> {
+    fn visit_none<E>(self) -> Result<Time<'de>, E> {
         Ok(Time::Null)
     }
-    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Time, D::Error> {
+    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Time<'de>, D::Error> {
         Time::deserialize(deserializer)
     }
-    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Time, A::Error> {
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Time<'de>, A::Error> {
         Skip::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))?;
         Ok(Time::Other("an array"))
     }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Time, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Time<'de>, A::Error> {
         let mut parts = TimeParts::default();
         while let Some(key) = map.next_key::<Key>()? {
             match key.as_str() {
@@ -311,6 +340,86 @@ impl<'de> Visitor<'de> for TimeVisitor {
             }
         }
         Ok(Time::Parts(parts))
+    }
+}
+
+/// A value read where a scalar is expected (an enum, a `metadata` value): null, a boolean, a
+/// number, a string (borrowed unless it had an escape), or the kind it was instead (an array or
+/// an object, checked and dropped). A number is kept as a `Value` would keep it.
+#[derive(Debug)]
+pub enum Scalar<'de> {
+    Null,
+    Bool(bool),
+    Number(serde_json::Number),
+    String(Cow<'de, str>),
+    Other(&'static str),
+}
+
+impl Scalar<'_> {
+    /// The kind of a value that is not a string ("null", "a boolean", …, as `json_kind`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Scalar::Null => "null",
+            Scalar::Bool(_) => "a boolean",
+            Scalar::Number(_) => "a number",
+            Scalar::String(_) => "a string",
+            Scalar::Other(kind) => kind,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Scalar<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Scalar<'de>, D::Error> {
+        deserializer.deserialize_any(ScalarVisitor)
+    }
+}
+
+struct ScalarVisitor;
+
+impl<'de> Visitor<'de> for ScalarVisitor {
+    type Value = Scalar<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, b: bool) -> Result<Scalar<'de>, E> {
+        Ok(Scalar::Bool(b))
+    }
+    fn visit_i64<E>(self, n: i64) -> Result<Scalar<'de>, E> {
+        Ok(Scalar::Number(n.into()))
+    }
+    fn visit_u64<E>(self, n: u64) -> Result<Scalar<'de>, E> {
+        Ok(Scalar::Number(n.into()))
+    }
+    fn visit_f64<E>(self, n: f64) -> Result<Scalar<'de>, E> {
+        // As `Value` reads it: a float JSON cannot hold is null.
+        Ok(serde_json::Number::from_f64(n).map_or(Scalar::Null, Scalar::Number))
+    }
+    fn visit_borrowed_str<E>(self, text: &'de str) -> Result<Scalar<'de>, E> {
+        Ok(Scalar::String(Cow::Borrowed(text)))
+    }
+    fn visit_str<E>(self, text: &str) -> Result<Scalar<'de>, E> {
+        Ok(Scalar::String(Cow::Owned(text.to_string())))
+    }
+    fn visit_string<E>(self, text: String) -> Result<Scalar<'de>, E> {
+        Ok(Scalar::String(Cow::Owned(text)))
+    }
+    fn visit_unit<E>(self) -> Result<Scalar<'de>, E> {
+        Ok(Scalar::Null)
+    }
+    fn visit_none<E>(self) -> Result<Scalar<'de>, E> {
+        Ok(Scalar::Null)
+    }
+    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Scalar<'de>, D::Error> {
+        Scalar::deserialize(deserializer)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Scalar<'de>, A::Error> {
+        Skip::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))?;
+        Ok(Scalar::Other("an array"))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Scalar<'de>, A::Error> {
+        Skip::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+        Ok(Scalar::Other("an object"))
     }
 }
 
@@ -339,14 +448,14 @@ impl<T> Pair<T> {
 
 /// The top level: the health event (`healthevent`, else `healthEvent`) and the status.
 #[derive(Default)]
-pub struct Top {
+pub struct Top<'de> {
     /// Boxed: the fields are a few KiB, moved through every layer of the visitors otherwise.
-    pub event: Pair<Shape<Box<EventFields>>>,
-    pub status: Option<Shape<Status>>,
+    pub event: Pair<Shape<Box<EventFields<'de>>>>,
+    pub status: Option<Shape<Status<'de>>>,
 }
 
-impl<'de> Expected<'de> for Top {
-    fn from_map<A: MapAccess<'de>>(mut map: A) -> Result<Option<Top>, A::Error> {
+impl<'de> Expected<'de> for Top<'de> {
+    fn from_map<A: MapAccess<'de>>(mut map: A) -> Result<Option<Top<'de>>, A::Error> {
         let mut top = Top::default();
         while let Some(key) = map.next_key::<Key>()? {
             match key.as_str() {
@@ -364,28 +473,28 @@ impl<'de> Expected<'de> for Top {
 
 /// `healthevent`'s fields, each spelling in its slot; unknown keys are skipped.
 #[derive(Default)]
-pub struct EventFields {
+pub struct EventFields<'de> {
     pub version: Option<Value>,
-    pub agent: Option<Text>,
-    pub component_class: Pair<Text>,
-    pub check_name: Pair<Text>,
+    pub agent: Option<Text<'de>>,
+    pub component_class: Pair<Text<'de>>,
+    pub check_name: Pair<Text<'de>>,
     pub is_fatal: Pair<Value>,
     pub is_healthy: Pair<Value>,
-    pub message: Option<Text>,
-    pub recommended_action: Pair<Value>,
-    pub error_code: Pair<Shape<Vec<Text>>>,
-    pub entities_impacted: Pair<Shape<Vec<Shape<EntityFields>>>>,
-    pub metadata: Option<Shape<Metadata>>,
-    pub generated_timestamp: Pair<Time>,
-    pub node_name: Pair<Text>,
-    pub quarantine_overrides: Pair<Value>,
-    pub drain_overrides: Pair<Value>,
-    pub processing_strategy: Pair<Value>,
-    pub custom_recommended_action: Pair<Text>,
+    pub message: Option<Text<'de>>,
+    pub recommended_action: Pair<Scalar<'de>>,
+    pub error_code: Pair<Shape<Vec<Text<'de>>>>,
+    pub entities_impacted: Pair<Shape<Vec<Shape<EntityFields<'de>>>>>,
+    pub metadata: Option<Shape<Metadata<'de>>>,
+    pub generated_timestamp: Pair<Time<'de>>,
+    pub node_name: Pair<Text<'de>>,
+    pub quarantine_overrides: Pair<Shape<Flags>>,
+    pub drain_overrides: Pair<Shape<Flags>>,
+    pub processing_strategy: Pair<Scalar<'de>>,
+    pub custom_recommended_action: Pair<Text<'de>>,
 }
 
-impl<'de> Expected<'de> for EventFields {
-    fn from_map<A: MapAccess<'de>>(mut map: A) -> Result<Option<EventFields>, A::Error> {
+impl<'de> Expected<'de> for EventFields<'de> {
+    fn from_map<A: MapAccess<'de>>(mut map: A) -> Result<Option<EventFields<'de>>, A::Error> {
         let mut f = EventFields::default();
         while let Some(key) = map.next_key::<Key>()? {
             match key.as_str() {
@@ -454,13 +563,13 @@ impl<'de, T: Deserialize<'de>> Expected<'de> for Vec<T> {
 
 /// One entity's fields, each spelling in its slot.
 #[derive(Default)]
-pub struct EntityFields {
-    pub entity_type: Pair<Text>,
-    pub entity_value: Pair<Text>,
+pub struct EntityFields<'de> {
+    pub entity_type: Pair<Text<'de>>,
+    pub entity_value: Pair<Text<'de>>,
 }
 
-impl<'de> Expected<'de> for EntityFields {
-    fn from_map<A: MapAccess<'de>>(mut map: A) -> Result<Option<EntityFields>, A::Error> {
+impl<'de> Expected<'de> for EntityFields<'de> {
+    fn from_map<A: MapAccess<'de>>(mut map: A) -> Result<Option<EntityFields<'de>>, A::Error> {
         let mut entity = EntityFields::default();
         while let Some(key) = map.next_key::<Key>()? {
             match key.as_str() {
@@ -477,30 +586,57 @@ impl<'de> Expected<'de> for EntityFields {
     }
 }
 
+/// `quarantineOverrides`, `drainOverrides`: `force` and `skip` as read (other keys are skipped).
+#[derive(Debug, Default)]
+pub struct Flags {
+    pub force: Option<Value>,
+    pub skip: Option<Value>,
+}
+
+impl<'de> Expected<'de> for Flags {
+    fn from_map<A: MapAccess<'de>>(mut map: A) -> Result<Option<Flags>, A::Error> {
+        let mut flags = Flags::default();
+        while let Some(key) = map.next_key::<Key>()? {
+            match key.as_str() {
+                "force" => flags.force = Some(map.next_value()?),
+                "skip" => flags.skip = Some(map.next_value()?),
+                _ => {
+                    map.next_value::<Skip>()?;
+                }
+            }
+        }
+        Ok(Some(flags))
+    }
+}
+
+/// `metadata`'s entries, keys and string values borrowed from the document.
+pub type MetadataMap<'de> = BTreeMap<Cow<'de, str>, Cow<'de, str>>;
+
 /// `metadata`: text values (numbers and booleans as their text), or the first key whose value
 /// is not a scalar.
-pub struct Metadata(pub Result<BTreeMap<String, String>, NonScalar>);
+pub struct Metadata<'de>(pub Result<MetadataMap<'de>, NonScalar<'de>>);
 
 /// A `metadata` entry whose value is not a string, number or boolean.
-pub struct NonScalar {
-    pub key: String,
-    /// The value's JSON kind (`object`, `array`, `null`).
+pub struct NonScalar<'de> {
+    pub key: Cow<'de, str>,
+    /// The value's JSON kind (`an object`, `an array`, `null`).
     pub kind: &'static str,
 }
 
-impl<'de> Expected<'de> for Metadata {
-    fn from_map<A: MapAccess<'de>>(mut map: A) -> Result<Option<Metadata>, A::Error> {
+impl<'de> Expected<'de> for Metadata<'de> {
+    fn from_map<A: MapAccess<'de>>(mut map: A) -> Result<Option<Metadata<'de>>, A::Error> {
         let mut entries = BTreeMap::new();
         let mut bad = None;
-        while let Some(key) = map.next_key::<String>()? {
+        while let Some(key) = map.next_key::<Key>()? {
+            let key = key.into_cow();
             let text = match map.next_value()? {
-                Value::String(text) => text,
-                Value::Number(n) => n.to_string(),
-                Value::Bool(b) => b.to_string(),
+                Scalar::String(text) => text,
+                Scalar::Number(n) => Cow::Owned(n.to_string()),
+                Scalar::Bool(b) => Cow::Borrowed(if b { "true" } else { "false" }),
                 other => {
                     bad.get_or_insert(NonScalar {
                         key,
-                        kind: super::json_kind(&other),
+                        kind: other.kind(),
                     });
                     continue;
                 }
@@ -513,12 +649,12 @@ impl<'de> Expected<'de> for Metadata {
 
 /// `healtheventstatus`: only its span ids are read (`spanids`, else `spanIds`).
 #[derive(Default)]
-pub struct Status {
-    pub span_ids: Pair<Shape<SpanIds>>,
+pub struct Status<'de> {
+    pub span_ids: Pair<Shape<SpanIds<'de>>>,
 }
 
-impl<'de> Expected<'de> for Status {
-    fn from_map<A: MapAccess<'de>>(mut map: A) -> Result<Option<Status>, A::Error> {
+impl<'de> Expected<'de> for Status<'de> {
+    fn from_map<A: MapAccess<'de>>(mut map: A) -> Result<Option<Status<'de>>, A::Error> {
         let mut status = Status::default();
         while let Some(key) = map.next_key::<Key>()? {
             match key.as_str() {
@@ -533,20 +669,31 @@ impl<'de> Expected<'de> for Status {
     }
 }
 
-/// The span ids recorded by each component, in document order: only valid W3C span ids
-/// (16 hex digits, not all zero) are kept, as `(component, span id)`.
-pub struct SpanIds(pub Vec<(String, String)>);
+/// Of the span ids recorded by each component, in document order, only valid W3C span ids
+/// (16 hex digits, not all zero) count: the first one, and the first whose component names a
+/// platform connector.
+#[derive(Default)]
+pub struct SpanIds<'de> {
+    pub first: Option<Cow<'de, str>>,
+    pub platform_connector: Option<Cow<'de, str>>,
+}
 
-impl<'de> Expected<'de> for SpanIds {
-    fn from_map<A: MapAccess<'de>>(mut map: A) -> Result<Option<SpanIds>, A::Error> {
-        let mut valid = Vec::new();
-        while let Some(key) = map.next_key::<String>()? {
-            if let Value::String(span) = map.next_value()? {
-                if super::is_trace_hex(&span, 16) {
-                    valid.push((key, span));
-                }
+impl<'de> Expected<'de> for SpanIds<'de> {
+    fn from_map<A: MapAccess<'de>>(mut map: A) -> Result<Option<SpanIds<'de>>, A::Error> {
+        let mut ids = SpanIds::default();
+        while let Some(component) = map.next_key::<Key>()? {
+            let Text::String(span) = map.next_value()? else {
+                continue;
+            };
+            if !super::is_trace_hex(&span, 16) {
+                continue;
             }
+            if ids.platform_connector.is_none() && component.as_str().contains("platform-connector")
+            {
+                ids.platform_connector = Some(span.clone());
+            }
+            ids.first.get_or_insert(span);
         }
-        Ok(Some(SpanIds(valid)))
+        Ok(Some(ids))
     }
 }

@@ -32,8 +32,8 @@ pub(super) async fn handle(
     let mut outcomes = vec![Outcome::Cancelled; events.len()];
     let mut prepared: Vec<(usize, Vec<u8>)> = Vec::new();
     for (index, (change, event)) in events.iter().enumerate() {
-        match handler.prepare(change.position, event) {
-            Ok((_, body)) => prepared.push((index, body)),
+        match handler.prepare(change.position, event, |_| ()) {
+            Ok(((), body)) => prepared.push((index, body)),
             Err(outcome) => set(&mut outcomes, index, outcome),
         }
     }

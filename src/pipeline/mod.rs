@@ -102,14 +102,13 @@ impl EventHandler {
         event: &RawEvent,
         cancel: &CancellationToken,
     ) -> Outcome {
-        let (decoded, body) = match self.prepare(position, event) {
+        let (traceparent, body) = match self.prepare(position, event, |d| d.traceparent()) {
             Ok(prepared) => prepared,
             Err(outcome) => return outcome,
         };
         // One buffer for every attempt of this event (no copy per attempt or redirect).
         let body = bytes::Bytes::from(body);
         let started = Instant::now();
-        let traceparent = decoded.traceparent();
         let published = self
             .publisher
             .publish(&body, &event.record_id, traceparent.as_deref(), cancel)
@@ -157,9 +156,16 @@ impl EventHandler {
         }
     }
 
-    /// The CloudEvent body to publish, or why the event needs no delivery (undecodable, no
-    /// health event, filtered out, an invalid CloudEvent): one bad event never blocks the rest.
-    fn prepare(&self, position: u64, event: &RawEvent) -> Result<(Decoded, Vec<u8>), Outcome> {
+    /// The CloudEvent body to publish, with what `keep` takes from the decoded event (which
+    /// borrows from `event`'s document and so stays here), or why the event needs no delivery
+    /// (undecodable, no health event, filtered out, an invalid CloudEvent): one bad event
+    /// never blocks the rest.
+    fn prepare<T>(
+        &self,
+        position: u64,
+        event: &RawEvent,
+        keep: impl FnOnce(&Decoded<'_>) -> T,
+    ) -> Result<(T, Vec<u8>), Outcome> {
         let metrics = metrics::get();
         let decoded = match decode(&event.document) {
             Ok(Some(decoded)) => decoded,
@@ -194,7 +200,7 @@ impl EventHandler {
             .transformer
             .try_encode(&event.record_id, &decoded.event, event.created_at)
         {
-            Ok(body) => Ok((decoded, body)),
+            Ok(body) => Ok((keep(&decoded), body)),
             Err(error) => {
                 tracing::warn!(changelog_id = position, record_id = %event.record_id, %error, "the CloudEvent built for this event is invalid; skipping it");
                 metrics.transform_errors.inc();
@@ -206,7 +212,12 @@ impl EventHandler {
 
     /// Whether the filter expression lets the event through; fails open, as upstream: an event
     /// the filter cannot judge is exported.
-    fn passes_filter(&self, position: u64, event: &RawEvent, health_event: &HealthEvent) -> bool {
+    fn passes_filter(
+        &self,
+        position: u64,
+        event: &RawEvent,
+        health_event: &HealthEvent<'_>,
+    ) -> bool {
         let Some(filter) = &self.filter else {
             return true;
         };

@@ -168,10 +168,7 @@ mod tests {
         let raw = raw_event(&document).unwrap();
         assert_eq!(raw.record_id, "plain-string-id");
         let event = decode(&raw.document).unwrap().unwrap().event;
-        assert_eq!(
-            (event.check_name.as_str(), event.node_name.as_str()),
-            ("NicDown", "n2")
-        );
+        assert_eq!((&*event.check_name, &*event.node_name), ("NicDown", "n2"));
     }
 
     #[test]
