@@ -595,7 +595,8 @@ mod tests {
             };
             let transformer = transformer().with_subject(Subject::NodeName);
             let sonic = transformer.encode("row-1", &event, None);
-            let serde = serde_json::to_vec(&transformer.event("row-1", &event, None)).unwrap();
+            let time = transformer.time(&event, None);
+            let serde = serde_json::to_vec(&transformer.event("row-1", &event, &time)).unwrap();
             proptest::prop_assert_eq!(String::from_utf8_lossy(&sonic), String::from_utf8_lossy(&serde));
         }
     }
