@@ -54,6 +54,14 @@ impl Change {
         self
     }
 
+    /// The event this change carries for delivery; `None` for a skip.
+    pub fn event(&self) -> Option<&RawEvent> {
+        match &self.kind {
+            ChangeKind::Event(event) => Some(event),
+            ChangeKind::Skip(_) => None,
+        }
+    }
+
     /// Positions `first..=last`, none of which needs anything.
     pub fn skip_span(first: u64, last: u64, reason: SkipReason) -> Change {
         Change {

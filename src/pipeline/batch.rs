@@ -18,20 +18,25 @@ use tokio_util::sync::CancellationToken;
 
 use super::{EventHandler, Feed, Outcome};
 use crate::config::BatchLimits;
-use crate::datastore::{Change, RawEvent};
+use crate::datastore::Change;
 use crate::sink::http::CLOUDEVENTS_BATCH_JSON;
 
 /// The outcome of each of `events`, in order (always as many outcomes as events).
 pub(super) async fn handle(
     handler: &EventHandler,
     feed: Feed,
-    events: &[(Change, RawEvent)],
+    events: &[Change],
     limits: BatchLimits,
     cancel: &CancellationToken,
 ) -> Vec<Outcome> {
     let mut outcomes = vec![Outcome::Cancelled; events.len()];
     let mut prepared: Vec<(usize, Vec<u8>)> = Vec::new();
-    for (index, (change, event)) in events.iter().enumerate() {
+    for (index, change) in events.iter().enumerate() {
+        let Some(event) = change.event() else {
+            // Only changes with an event wait for a worker.
+            set(&mut outcomes, index, Outcome::Skipped);
+            continue;
+        };
         match handler.prepare(change.position, event, |_| ()) {
             Ok(((), body)) => prepared.push((index, body)),
             Err(outcome) => set(&mut outcomes, index, outcome),
@@ -60,11 +65,14 @@ fn set(outcomes: &mut [Outcome], index: usize, outcome: Outcome) {
 async fn deliver(
     handler: &EventHandler,
     feed: Feed,
-    events: &[(Change, RawEvent)],
+    events: &[Change],
     members: &[(usize, Vec<u8>)],
     cancel: &CancellationToken,
 ) -> Vec<(usize, Outcome)> {
-    let member = |index: usize| events.get(index);
+    let member = |index: usize| {
+        let change = events.get(index)?;
+        Some((change, change.event()?))
+    };
     let body = bytes::Bytes::from(json_array(members.iter().map(|(_, body)| body.as_slice())));
     let first = members
         .first()

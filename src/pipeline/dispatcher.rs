@@ -23,7 +23,9 @@ use tokio::time::Instant;
 
 use super::{Feed, Outcome, PipelineError, SequenceTracker, Summary, LAG_INTERVAL};
 use crate::clock::saturating_add as after;
-use crate::datastore::{Change, ChangeKind, Checkpoint, DatastoreError, RawEvent};
+use smallvec::SmallVec;
+
+use crate::datastore::{Change, ChangeKind, Checkpoint, DatastoreError};
 use crate::metrics;
 
 /// Whether intake goes on.
@@ -44,8 +46,9 @@ pub(super) struct Dispatcher {
     /// The checkpoint last written (or found at start).
     saved: Option<Checkpoint>,
     saver: Saver,
-    /// Events received and not yet handed to a worker.
-    waiting: VecDeque<(Change, RawEvent)>,
+    /// Events received and not yet handed to a worker: each change carries its event (moved,
+    /// never copied, to the worker and back with its outcome).
+    waiting: VecDeque<Change>,
     /// When each received, unfinished event was written: the stream's lag.
     unfinished: BTreeMap<u64, DateTime<Utc>>,
     failure: Option<PipelineError>,
@@ -109,9 +112,9 @@ impl Dispatcher {
     }
 
     /// The next events for a worker: at most `batch`, in order.
-    pub fn next_events(&mut self) -> Vec<(Change, RawEvent)> {
+    pub fn next_events(&mut self) -> SmallVec<[Change; 1]> {
         let take = self.batch.min(self.waiting.len());
-        let events: Vec<_> = self.waiting.drain(..take).collect();
+        let events: SmallVec<[Change; 1]> = self.waiting.drain(..take).collect();
         if self.waiting.is_empty() {
             self.waiting_since = None;
         }
@@ -154,17 +157,16 @@ impl Dispatcher {
                 self.tracker.finish_change(&change);
                 self.saver.note(&self.tracker, &self.saved, now);
             }
-            ChangeKind::Event(event) => {
+            ChangeKind::Event(_) => {
                 if self.feed == Feed::Stream {
                     metrics::get().events_received.inc();
                     if let Some(changed_at) = change.changed_at {
                         self.unfinished.insert(change.position, changed_at);
                     }
                 }
-                let event = event.clone();
                 crate::watchdog::global().received();
                 self.waiting_since.get_or_insert(now);
-                self.waiting.push_back((change, event));
+                self.waiting.push_back(change);
             }
         }
     }

@@ -31,6 +31,7 @@ use chrono::{DateTime, Utc};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use smallvec::SmallVec;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -461,8 +462,9 @@ impl Workers {
         }
     }
 
-    /// One worker for `events` (one, or a batch in batch mode).
-    fn spawn(&mut self, permit: OwnedSemaphorePermit, events: Vec<(Change, RawEvent)>) {
+    /// One worker for `events` (one, or a batch in batch mode), each a change carrying its
+    /// event; each goes back with its outcome.
+    fn spawn(&mut self, permit: OwnedSemaphorePermit, events: SmallVec<[Change; 1]>) {
         let Some(results) = self.results_tx.clone() else {
             return; // closed: intake is over
         };
@@ -473,20 +475,31 @@ impl Workers {
             let count = i64::try_from(events.len()).unwrap_or(i64::MAX);
             gauge.inc_by(count);
             crate::panics::debug_panic_point("publish");
-            let outcomes = match handler.batch {
-                Some(limits) => batch::handle(&handler, feed, &events, limits, &cancel).await,
-                None => {
-                    let mut outcomes = Vec::with_capacity(events.len());
-                    for (change, event) in &events {
-                        outcomes.push(handler.handle(feed, change.position, event, &cancel).await);
-                    }
-                    outcomes
-                }
-            };
-            gauge.dec_by(count);
-            for ((change, _), outcome) in events.into_iter().zip(outcomes) {
+            let finished = |change: Change, outcome: Outcome| {
                 crate::watchdog::global().finished();
                 let _ = results.send((change, outcome));
+            };
+            match handler.batch {
+                Some(limits) => {
+                    let outcomes = batch::handle(&handler, feed, &events, limits, &cancel).await;
+                    gauge.dec_by(count);
+                    for (change, outcome) in events.into_iter().zip(outcomes) {
+                        finished(change, outcome);
+                    }
+                }
+                None => {
+                    for change in events {
+                        let outcome = match change.event() {
+                            Some(event) => {
+                                handler.handle(feed, change.position, event, &cancel).await
+                            }
+                            // Only changes with an event wait for a worker.
+                            None => Outcome::Skipped,
+                        };
+                        gauge.dec();
+                        finished(change, outcome);
+                    }
+                }
             }
         });
     }

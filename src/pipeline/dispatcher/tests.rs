@@ -3,7 +3,7 @@ use std::collections::BTreeSet;
 use proptest::prelude::*;
 
 use super::*;
-use crate::datastore::SkipReason;
+use crate::datastore::{RawEvent, SkipReason};
 
 const SEC: Duration = Duration::from_secs(1);
 const MS: Duration = Duration::from_millis(1);
@@ -38,7 +38,7 @@ fn take_all(d: &mut Dispatcher) -> Vec<Change> {
         if batch.is_empty() {
             return changes;
         }
-        changes.extend(batch.into_iter().map(|(change, _)| change));
+        changes.extend(batch);
     }
 }
 
@@ -255,8 +255,8 @@ proptest! {
     }
 }
 
-fn positions(events: Vec<(Change, RawEvent)>) -> Vec<u64> {
-    events.into_iter().map(|(c, _)| c.position).collect()
+fn positions(events: SmallVec<[Change; 1]>) -> Vec<u64> {
+    events.into_iter().map(|c| c.position).collect()
 }
 
 #[test]
