@@ -551,11 +551,12 @@ impl ChangelogReader {
         let position = row_position(row, at)?;
         let changed_at: Option<DateTime<Utc>> = row.try_get(at.saturating_add(3)).ok().flatten();
         let skip = |reason| Change::new(position, changed_at, ChangeKind::Skip(reason));
-        let record_id: Option<String> = row.try_get(at.saturating_add(4)).ok().flatten();
+        // Text columns are borrowed from the row; only what the event keeps is copied.
+        let record_id: Option<&str> = row.try_get(at.saturating_add(4)).ok().flatten();
         let undecodable = |column: &str, error: &dyn std::fmt::Display| {
             tracing::warn!(
                 changelog_id = position,
-                record_id = record_id.as_deref().unwrap_or("-"),
+                record_id = record_id.unwrap_or("-"),
                 column,
                 %error,
                 "changelog row cannot be decoded; skipping it"
@@ -564,8 +565,8 @@ impl ChangelogReader {
             skip(SkipReason::Undecodable)
         };
         let (table, operation) = match (
-            row.try_get::<_, Option<String>>(at.saturating_add(1)),
-            row.try_get::<_, Option<String>>(at.saturating_add(2)),
+            row.try_get::<_, Option<&str>>(at.saturating_add(1)),
+            row.try_get::<_, Option<&str>>(at.saturating_add(2)),
         ) {
             (Ok(table), Ok(operation)) => {
                 (table.unwrap_or_default(), operation.unwrap_or_default())
@@ -579,18 +580,18 @@ impl ChangelogReader {
         if self.passed_over(position, changed_at) {
             return Ok(skip(SkipReason::BeforeStart));
         }
-        let Some(record_id) = record_id.clone() else {
+        let Some(record_id) = record_id else {
             return Ok(undecodable("record_id", &"is NULL or unreadable"));
         };
         let document: Option<JsonText> = match row.try_get(at.saturating_add(5)) {
             Ok(document) => document,
             Err(e) => return Ok(undecodable("document", &describe_conversion(&e))),
         };
-        let created_at: Option<String> = row.try_get(at.saturating_add(6)).ok().flatten();
+        let created_at: Option<&str> = row.try_get(at.saturating_add(6)).ok().flatten();
         let event = RawEvent {
-            record_id,
+            record_id: record_id.to_string(),
             document: JsonText::document(document),
-            created_at: created_at.and_then(|text| parse_rfc3339(&text)),
+            created_at: created_at.and_then(parse_rfc3339),
         };
         Ok(Change::new(position, changed_at, ChangeKind::Event(event)))
     }
