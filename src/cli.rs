@@ -113,7 +113,7 @@ pub enum LogFormat {
 /// The job runs as a task on the runtime's worker threads, not on the calling thread that
 /// `block_on` parks: the pipeline's loop spawns a task per publish and takes each result back,
 /// and from the calling thread every such hand-over crossed threads (a futex wake each way,
-/// two or more system calls per event).
+/// two or more system calls per event). How many worker threads: [`worker_threads`].
 pub fn run_job(
     level: &str,
     format: LogFormat,
@@ -124,7 +124,16 @@ pub fn run_job(
         crate::logging::print_stderr(&format!("--log-level: {error}"));
         return ExitCode::from(2);
     }
+    let available = || std::thread::available_parallelism().map_or(1, usize::from);
+    let threads = match worker_threads(std::env::var_os(WORKER_THREADS_ENV), available) {
+        Ok(threads) => threads,
+        Err(error) => {
+            crate::logging::print_stderr(&error.to_string());
+            return ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
         .enable_all()
         .build()
     {
@@ -141,6 +150,40 @@ pub fn run_job(
             tracing::error!(error = %error.report(), "stopped with an error");
             ExitCode::from(error.code())
         }
+    }
+}
+
+/// The environment variable that sets the runtime's worker threads (tokio's own name for it).
+pub const WORKER_THREADS_ENV: &str = "TOKIO_WORKER_THREADS";
+
+/// `TOKIO_WORKER_THREADS` is set to something other than a positive whole number.
+#[derive(Debug, PartialEq, thiserror::Error)]
+#[error("{WORKER_THREADS_ENV}={value:?}: expected a positive whole number of worker threads")]
+pub struct WorkerThreadsError {
+    /// The variable's value as set (lossily decoded when it is not UTF-8).
+    pub value: String,
+}
+
+/// The async runtime's worker threads: `TOKIO_WORKER_THREADS` (`value`) when it is set, else
+/// `available()`, the CPUs this process may use (`std::thread::available_parallelism`, which
+/// honours a cgroup CPU limit: 1 in a pod with the chart's default `resources.limits.cpu: "1"`).
+///
+/// Read here rather than by tokio, which panics on a value that is not a positive number.
+/// One thread is the cheapest per event (no hand-over between threads: ~25 % less CPU per
+/// event than two in BENCHMARKS.md's drains) and carries tens of thousands of events/s;
+/// more help only when a sink is fast enough to make the exporter the bottleneck.
+pub fn worker_threads(
+    value: Option<OsString>,
+    available: impl FnOnce() -> usize,
+) -> Result<usize, WorkerThreadsError> {
+    let Some(value) = value else {
+        return Ok(available().max(1));
+    };
+    match value.to_str().map(|text| text.trim().parse::<usize>()) {
+        Some(Ok(threads)) if threads > 0 => Ok(threads),
+        _ => Err(WorkerThreadsError {
+            value: value.to_string_lossy().into_owned(),
+        }),
     }
 }
 
@@ -247,6 +290,24 @@ mod tests {
                 assert_eq!(args.run.config, PathBuf::from("x.toml"))
             }
             other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn worker_threads_come_from_the_variable_else_the_cpus_available() {
+        let unset = worker_threads(None, || 2);
+        assert_eq!(unset, Ok(2));
+        assert_eq!(worker_threads(None, || 0), Ok(1), "at least one thread");
+        let set = |text: &str| worker_threads(Some(OsString::from(text)), || 8);
+        assert_eq!(set("1"), Ok(1));
+        assert_eq!(set(" 3 "), Ok(3));
+        for bad in ["0", "-1", "two", "", "1.5", "99999999999999999999999"] {
+            let error = set(bad).expect_err(bad);
+            assert_eq!(error.value, bad);
+            assert!(
+                error.to_string().starts_with("TOKIO_WORKER_THREADS="),
+                "{error}"
+            );
         }
     }
 }

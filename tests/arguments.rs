@@ -181,3 +181,34 @@ fn a_datastore_variable_that_is_not_utf8_is_named_not_read_as_unset() {
         assert!(!output.contains("panicked"), "{name}: {output}");
     }
 }
+
+/// tokio itself panics on a `TOKIO_WORKER_THREADS` that is not a positive number; the binary
+/// reads it first and exits 2 naming it (a value that is not UTF-8 included).
+#[test]
+fn a_bad_worker_threads_variable_is_named_not_a_panic() {
+    let config = os("/nonexistent/config.toml");
+    for value in [os("0"), os("two"), os("-1"), not_utf8("4", "")] {
+        let (code, output) = run_with(
+            &[os("--config"), config.clone()],
+            &[("TOKIO_WORKER_THREADS", value.clone())],
+        );
+        assert_eq!(
+            code,
+            Some(2),
+            "{value:?}: expected exit 2; output:\n{output}"
+        );
+        assert!(
+            output.contains("TOKIO_WORKER_THREADS="),
+            "{value:?}: {output}"
+        );
+        assert!(!output.contains("panicked"), "{value:?}: {output}");
+    }
+    // A good value runs the job: here it stops at the missing configuration file instead.
+    let (code, output) = run_with(
+        &[os("--config"), config],
+        &[("TOKIO_WORKER_THREADS", os("1"))],
+    );
+    assert!(!output.contains("TOKIO_WORKER_THREADS"), "{output}");
+    assert_ne!(code, None, "{output}");
+    assert!(output.contains("config"), "{output}");
+}
