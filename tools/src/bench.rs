@@ -91,6 +91,10 @@ pub struct BenchArgs {
     /// Concurrent publishes (`workers`) in every scenario but the slow sink's.
     #[arg(long, default_value_t = 10)]
     pub workers: usize,
+    /// The exporter's async worker threads (`TOKIO_WORKER_THREADS`); the default, 1, is what
+    /// the exporter runs with in a pod under the chart's default CPU limit (`limits.cpu: "1"`).
+    #[arg(long, default_value_t = 1)]
+    pub exporter_threads: usize,
     /// Also drain `--callgrind-events` under `valgrind --tool=callgrind` (needs valgrind;
     /// slow: about 50 times the native time) and print instructions per event.
     #[arg(long)]
@@ -287,8 +291,9 @@ impl Bench<'_> {
     fn print_header(&self) {
         let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
         println!(
-            "benchmark: {} workers, {} cores, load average {}, {}; {}",
+            "benchmark: {} workers, exporter on {} thread(s), {} cores, load average {}, {}; {}",
             self.args.workers,
+            self.args.exporter_threads,
             std::thread::available_parallelism().map_or(0, |n| n.get()),
             load.split_whitespace()
                 .take(3)
@@ -652,6 +657,7 @@ async fn run_plan(
             dir: &dir,
             plan,
             connections: args.stream_connections,
+            threads: args.exporter_threads,
         };
         let result = run.drive(&mut sinks).await;
         let events = sinks.stop().await;
@@ -745,6 +751,8 @@ struct Run<'a> {
     plan: Plan,
     /// The streaming writer's connections.
     connections: usize,
+    /// The exporter's worker threads (`--exporter-threads`).
+    threads: usize,
 }
 
 impl Run<'_> {
@@ -759,7 +767,10 @@ impl Run<'_> {
             self.dir,
             self.server,
             self.database,
-            plan.workers,
+            child::Sizing {
+                workers: plan.workers,
+                threads: self.threads,
+            },
             metrics_port,
             plan.callgrind,
         )?;
@@ -843,7 +854,10 @@ impl Run<'_> {
                     self.dir,
                     self.server,
                     self.database,
-                    self.plan.workers,
+                    child::Sizing {
+                        workers: self.plan.workers,
+                        threads: self.threads,
+                    },
                     0,
                     false,
                 )?;

@@ -62,6 +62,15 @@ backoff_multiplier = 2.0
     std::fs::write(&path, text).map_err(io(format!("writing {}", path.display())))
 }
 
+/// How much the exporter may do at once.
+#[derive(Debug, Clone, Copy)]
+pub struct Sizing {
+    /// Concurrent publishes (`--workers`).
+    pub workers: usize,
+    /// Async worker threads (`TOKIO_WORKER_THREADS`).
+    pub threads: usize,
+}
+
 /// Starts the exporter with the configuration in `dir` against `database`, serving its
 /// metrics on `metrics_port` (0: an ephemeral port nobody reads); under callgrind (writing
 /// `callgrind.out` into `dir`) when `callgrind` is set. Errors: [`BenchError::Spawn`].
@@ -69,7 +78,7 @@ pub fn spawn(
     dir: &Path,
     server: &LocalServer,
     database: &str,
-    workers: usize,
+    sizing: Sizing,
     metrics_port: u16,
     callgrind: bool,
 ) -> Result<Child, BenchError> {
@@ -97,7 +106,8 @@ pub fn spawn(
             dir.join("secret").display()
         ))
         .arg(format!("--metrics-port={metrics_port}"))
-        .arg(format!("--workers={workers}"))
+        .arg(format!("--workers={}", sizing.workers))
+        .env("TOKIO_WORKER_THREADS", sizing.threads.to_string())
         .env("LOG_LEVEL", "warn")
         .env("DATASTORE_PROVIDER", "postgresql")
         .env("DATASTORE_HOST", server.host())
