@@ -92,8 +92,9 @@ pub enum EndpointError {
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
     /// The attempt (request, redirects, reading the answer) outlasted the sink `timeout`.
-    #[error("the sink did not answer within {0:?}")]
-    Timeout(Duration),
+    /// `url` is the request's (the endpoint, or a redirect's target; never with credentials).
+    #[error("error sending request for url ({url}): the sink did not answer within {after:?}")]
+    Timeout { url: Uri, after: Duration },
     #[error("error sending request for url ({url})")]
     Request {
         url: Uri,
@@ -106,7 +107,7 @@ impl SendError {
     /// The attempt or its connecting ran out of time.
     pub fn is_timeout(&self) -> bool {
         match self {
-            SendError::Timeout(_) => true,
+            SendError::Timeout { .. } => true,
             SendError::Request { source, .. } => {
                 let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source);
                 while let Some(error) = cause {
@@ -236,7 +237,12 @@ impl SinkClient {
             {
                 Ok(Ok(response)) => response,
                 Ok(Err(source)) => return Err(SendError::Request { url: uri, source }),
-                Err(_) => return Err(SendError::Timeout(self.timeout)),
+                Err(_) => {
+                    return Err(SendError::Timeout {
+                        url: uri,
+                        after: self.timeout,
+                    })
+                }
             };
             let location = response
                 .headers()
@@ -617,6 +623,40 @@ mod tests {
             started.elapsed()
         );
         held.abort();
+    }
+
+    #[tokio::test]
+    async fn a_sink_that_reads_the_request_but_never_answers_times_out_naming_the_url() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        // Reads whatever comes and never writes.
+        let silent = tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            while let Ok((mut socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buffer = [0u8; 1024];
+                    while matches!(socket.read(&mut buffer).await, Ok(n) if n > 0) {}
+                });
+            }
+        });
+        let timeout = Duration::from_millis(200);
+        let url = format!("http://{addr}/events");
+        let client = SinkClient::new(&url, timeout, false, None, 1).expect("client");
+        let error = client
+            .post(&HeaderMap::new(), &Bytes::from_static(b"{}"), 16)
+            .await
+            .err()
+            .expect("no answer");
+        assert!(
+            matches!(error, SendError::Timeout { .. }) && error.is_timeout(),
+            "{error:?}"
+        );
+        let message = error.to_string();
+        assert!(message.contains(&url), "{message}");
+        assert!(message.contains("200ms"), "{message}");
+        silent.abort();
     }
 
     #[tokio::test]
