@@ -318,29 +318,25 @@ fn is_rfc3339(text: &str) -> bool {
 /// Go's `time.RFC3339Nano` in UTC: the fraction keeps only significant digits, and a whole
 /// second has none (`2025-01-15T10:30:00Z`, `…:00.5Z`).
 pub fn go_rfc3339_nano(time: DateTime<Utc>) -> String {
-    use chrono::{Datelike, Timelike};
-    use std::fmt::Write;
+    use chrono::{Datelike, SecondsFormat, Timelike};
     let nanos = time.nanosecond();
     // chrono writes a year past 9999 with a sign and a leap second as `:60`: its own format.
-    let mut text = if (0..=9999).contains(&time.year()) && nanos < 1_000_000_000 {
-        let mut text = String::with_capacity(32);
-        let _ = write!(
-            text,
-            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
-            time.year(),
-            time.month(),
-            time.day(),
-            time.hour(),
-            time.minute(),
-            time.second()
-        );
-        text
-    } else {
-        time.format("%Y-%m-%dT%H:%M:%S").to_string()
-    };
+    if !(0..=9999).contains(&time.year()) || nanos >= 1_000_000_000 {
+        let mut text = time.format("%Y-%m-%dT%H:%M:%S").to_string();
+        if nanos != 0 {
+            use std::fmt::Write;
+            // All nine digits, then the trailing zeros dropped (one digit at least is not zero).
+            let _ = write!(text, ".{nanos:09}");
+            text.truncate(text.trim_end_matches('0').len());
+        }
+        text.push('Z');
+        return text;
+    }
+    // `…:SS[.fff[fff[fff]]]Z`, digits written directly (no `fmt`); Go keeps only the
+    // significant digits of the fraction.
+    let mut text = time.to_rfc3339_opts(SecondsFormat::AutoSi, true);
+    text.pop(); // the `Z`
     if nanos != 0 {
-        // All nine digits, then the trailing zeros dropped (at least one digit is not zero).
-        let _ = write!(text, ".{nanos:09}");
         text.truncate(text.trim_end_matches('0').len());
     }
     text.push('Z');

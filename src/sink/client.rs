@@ -37,7 +37,8 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{
-    HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, LOCATION, PROXY_AUTHORIZATION, USER_AGENT,
+    HeaderMap, HeaderName, HeaderValue, ACCEPT, AUTHORIZATION, LOCATION, PROXY_AUTHORIZATION,
+    USER_AGENT,
 };
 use hyper::http::uri::Scheme;
 use hyper::{Method, Request, StatusCode, Uri};
@@ -219,12 +220,12 @@ impl SinkClient {
         })
     }
 
-    /// POSTs `body` with `headers` to the endpoint, following the redirects
-    /// [`follow_redirect`] allows, and reads at most `limit` bytes of the answer, all within
-    /// the sink `timeout`.
+    /// POSTs `body` with `headers` (each set, replacing one the client would add) to the
+    /// endpoint, following the redirects [`follow_redirect`] allows, and reads at most `limit`
+    /// bytes of the answer, all within the sink `timeout`.
     pub async fn post(
         &self,
-        headers: &HeaderMap,
+        headers: &[(HeaderName, HeaderValue)],
         body: &Bytes,
         limit: usize,
     ) -> Result<Answer, SendError> {
@@ -267,7 +268,12 @@ impl SinkClient {
         })
     }
 
-    fn request(&self, uri: &Uri, headers: &HeaderMap, body: &Bytes) -> Request<Full<Bytes>> {
+    fn request(
+        &self,
+        uri: &Uri,
+        headers: &[(HeaderName, HeaderValue)],
+        body: &Bytes,
+    ) -> Request<Full<Bytes>> {
         let mut request = Request::new(Full::new(body.clone()));
         *request.method_mut() = Method::POST;
         *request.uri_mut() = uri.clone();
@@ -282,7 +288,7 @@ impl SinkClient {
             sent.insert(AUTHORIZATION, basic.clone());
         }
         for (name, value) in headers {
-            sent.insert(name, value.clone());
+            sent.insert(name.clone(), value.clone());
         }
         request
     }
@@ -612,7 +618,7 @@ mod tests {
             .expect("client");
         let started = std::time::Instant::now();
         let error = client
-            .post(&HeaderMap::new(), &Bytes::from_static(b"{}"), 16)
+            .post(&[], &Bytes::from_static(b"{}"), 16)
             .await
             .err()
             .expect("no answer");
@@ -645,7 +651,7 @@ mod tests {
         let url = format!("http://{addr}/events");
         let client = SinkClient::new(&url, timeout, false, None, 1).expect("client");
         let error = client
-            .post(&HeaderMap::new(), &Bytes::from_static(b"{}"), 16)
+            .post(&[], &Bytes::from_static(b"{}"), 16)
             .await
             .err()
             .expect("no answer");
@@ -673,7 +679,7 @@ mod tests {
         )
         .expect("client");
         let error = client
-            .post(&HeaderMap::new(), &Bytes::from_static(b"{}"), 16)
+            .post(&[], &Bytes::from_static(b"{}"), 16)
             .await
             .err()
             .expect("no answer");
@@ -739,7 +745,7 @@ mod tests {
             SinkClient::new(&endpoint, Duration::from_secs(5), true, None, 1).expect("client");
         for _ in 0..2 {
             let answer = client
-                .post(&HeaderMap::new(), &Bytes::from_static(b"{\"a\":1}"), 64)
+                .post(&[], &Bytes::from_static(b"{\"a\":1}"), 64)
                 .await
                 .expect("answer");
             assert_eq!(answer.status, StatusCode::ACCEPTED);

@@ -20,8 +20,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE, LOCATION, RETRY_AFTER};
+use hyper::header::{
+    HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, LOCATION, RETRY_AFTER,
+};
 use hyper::StatusCode;
+use smallvec::SmallVec;
 use tokio_util::sync::CancellationToken;
 
 use super::auth::{AuthError, Bearer, TokenProvider};
@@ -373,21 +376,22 @@ impl Publisher {
     }
 }
 
-/// The headers of one POST: its content type, bearer token and trace context. A
-/// `traceparent` that is not a valid header value is left out (it is built from the event's
-/// own trace id, so that would be a bug, not a reason to fail the delivery).
+/// The headers of one POST: its content type, bearer token and trace context (the client
+/// sets them on the request it builds; no map of their own). A `traceparent` that is not a
+/// valid header value is left out (it is built from the event's own trace id, so that would
+/// be a bug, not a reason to fail the delivery).
 fn headers(
     content_type: &'static str,
     traceparent: Option<&str>,
     bearer: Option<&Bearer>,
-) -> HeaderMap {
-    let mut headers = HeaderMap::with_capacity(4);
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+) -> SmallVec<[(HeaderName, HeaderValue); 3]> {
+    let mut headers = SmallVec::new();
+    headers.push((CONTENT_TYPE, HeaderValue::from_static(content_type)));
     if let Some(bearer) = bearer {
-        headers.insert(AUTHORIZATION, bearer.header.clone());
+        headers.push((AUTHORIZATION, bearer.header.clone()));
     }
     if let Some(value) = traceparent.and_then(|t| HeaderValue::from_str(t).ok()) {
-        headers.insert("traceparent", value);
+        headers.push((HeaderName::from_static("traceparent"), value));
     }
     headers
 }
