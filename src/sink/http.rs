@@ -300,22 +300,7 @@ impl Publisher {
             // A failed attempt is an outcome: a retry schedule that keeps failing is not a stall.
             crate::watchdog::global().progress();
             let Some(delay) = backoff.next_delay() else {
-                return Err(match failure.status {
-                    Some(status) if self.rejected_statuses.contains(&status) => {
-                        PublishError::Rejected {
-                            status,
-                            attempts,
-                            elapsed: started.elapsed(),
-                            excerpt: failure.excerpt,
-                            last: failure.message,
-                        }
-                    }
-                    _ => PublishError::Exhausted {
-                        attempts,
-                        elapsed: started.elapsed(),
-                        last: failure.message,
-                    },
-                });
+                return Err(self.given_up(failure, attempts, started.elapsed()));
             };
             let delay = retry_delay(delay, failure.retry_after, self.policy.max_backoff);
             tracing::warn!(
@@ -329,6 +314,25 @@ impl Publisher {
                 _ = cancel.cancelled() => return Err(PublishError::Cancelled),
                 _ = tokio::time::sleep(delay) => {}
             }
+        }
+    }
+
+    /// The error once the attempts are used up and `last` was the last failure: `Rejected`
+    /// when the sink answered one of `rejected_statuses`, else `Exhausted`.
+    fn given_up(&self, last: AttemptFailure, attempts: u32, elapsed: Duration) -> PublishError {
+        match last.status {
+            Some(status) if self.rejected_statuses.contains(&status) => PublishError::Rejected {
+                status,
+                attempts,
+                elapsed,
+                excerpt: last.excerpt,
+                last: last.message,
+            },
+            _ => PublishError::Exhausted {
+                attempts,
+                elapsed,
+                last: last.message,
+            },
         }
     }
 

@@ -245,17 +245,7 @@ impl MongoSettings {
         options.server_selection_timeout = Some(self.ping_timeout);
         options.connect_timeout = Some(self.ping_timeout.min(Duration::from_secs(10)));
 
-        let ca = match &self.tls.ca {
-            Some(ca) if self.tls.ca_required => {
-                wait_for(ca, self.tls.ca_mount_timeout, self.tls.ca_read_interval).await?;
-                Some(ca.path.clone())
-            }
-            Some(ca) if ca.path.is_file() => {
-                readable(ca)?;
-                Some(ca.path.clone())
-            }
-            _ => None,
-        };
+        let ca = self.ca_file().await?;
         let client_pem = self.client_certificate()?;
         if ca.is_none() && client_pem.is_none() {
             return Ok(options);
@@ -269,24 +259,26 @@ impl MongoSettings {
         }
         if let Some(pem) = client_pem {
             tls.cert_key_file_path = Some(pem);
-            let uri_credentials = options
-                .credential
-                .as_ref()
-                .is_some_and(|c| c.username.is_some() || c.password.is_some());
-            let other_mechanism = options
-                .credential
-                .as_ref()
-                .and_then(|c| c.mechanism.as_ref())
-                .is_some_and(|m| *m != AuthMechanism::MongoDbX509);
-            if !uri_credentials && !other_mechanism {
-                let mut credential = Credential::default();
-                credential.mechanism = Some(AuthMechanism::MongoDbX509);
-                credential.source = Some("$external".into());
-                options.credential = Some(credential);
-            }
+            x509_unless_other_credentials(&mut options);
         }
         options.tls = Some(Tls::Enabled(tls));
         Ok(options)
+    }
+
+    /// The CA file to verify the server with: waited for when it is required (mounted late),
+    /// else used when it is there; `None` without one.
+    async fn ca_file(&self) -> Result<Option<PathBuf>, MongoSettingsError> {
+        Ok(match &self.tls.ca {
+            Some(ca) if self.tls.ca_required => {
+                wait_for(ca, self.tls.ca_mount_timeout, self.tls.ca_read_interval).await?;
+                Some(ca.path.clone())
+            }
+            Some(ca) if ca.path.is_file() => {
+                readable(ca)?;
+                Some(ca.path.clone())
+            }
+            _ => None,
+        })
     }
 
     /// The client certificate and key as one PEM file (what the driver reads), when both
@@ -651,9 +643,47 @@ impl<G: Fn(&str) -> Option<String>> Env<'_, G> {
 /// The client-certificate mount directory's variable.
 const MOUNT: &str = "MONGODB_CLIENT_CERT_MOUNT_PATH";
 
+/// With a client certificate, the client authenticates as X.509 (`$external`) unless the URI
+/// brings credentials of its own (a user or password, or another mechanism).
+fn x509_unless_other_credentials(options: &mut ClientOptions) {
+    let credential = options.credential.as_ref();
+    let uri_credentials = credential.is_some_and(|c| c.username.is_some() || c.password.is_some());
+    let other_mechanism = credential
+        .and_then(|c| c.mechanism.as_ref())
+        .is_some_and(|m| *m != AuthMechanism::MongoDbX509);
+    if !uri_credentials && !other_mechanism {
+        let mut credential = Credential::default();
+        credential.mechanism = Some(AuthMechanism::MongoDbX509);
+        credential.source = Some("$external".into());
+        options.credential = Some(credential);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_client_certificate_means_x509_unless_the_uri_brings_credentials() {
+        let with = |credential: Option<Credential>| {
+            let mut options = ClientOptions::default();
+            options.credential = credential;
+            x509_unless_other_credentials(&mut options);
+            options.credential
+        };
+        let none = with(None).expect("x509");
+        assert_eq!(none.mechanism, Some(AuthMechanism::MongoDbX509));
+        assert_eq!(none.source.as_deref(), Some("$external"));
+        let mut user = Credential::default();
+        user.username = Some("u".into());
+        assert_eq!(with(Some(user)).and_then(|c| c.mechanism), None);
+        let mut scram = Credential::default();
+        scram.mechanism = Some(AuthMechanism::ScramSha256);
+        assert_eq!(
+            with(Some(scram)).and_then(|c| c.mechanism),
+            Some(AuthMechanism::ScramSha256)
+        );
+    }
 
     fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
         let map: std::collections::HashMap<String, String> = pairs
