@@ -29,7 +29,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use visit::{
-    EntityFields, EventFields, Flags, Metadata, NonScalar, Scalar, Shape, Status, Text, Time, Top,
+    EntityFields, EventFields, Flags, Metadata, NonScalar, Scalar, Shape, Status, Time, Top,
 };
 
 pub use visit::MetadataMap;
@@ -311,11 +311,14 @@ pub fn json_kind(value: &Value) -> &'static str {
     }
 }
 
-fn string<'a>(value: Option<Text<'a>>, name: &str) -> Result<Cow<'a, str>, DecodeError> {
+fn string<'a>(value: Option<Scalar<'a>>, name: &str) -> Result<Cow<'a, str>, DecodeError> {
     match value {
-        None | Some(Text::Null) => Ok(Cow::Borrowed("")),
-        Some(Text::String(text)) => Ok(text),
-        Some(Text::Other(kind)) => Err(error(name, format!("expected a string, got {kind}"))),
+        None | Some(Scalar::Null) => Ok(Cow::Borrowed("")),
+        Some(Scalar::String(text)) => Ok(text),
+        Some(other) => Err(error(
+            name,
+            format!("expected a string, got {}", other.kind()),
+        )),
     }
 }
 
@@ -363,7 +366,7 @@ fn enum_name<'a>(
 }
 
 fn string_list<'a>(
-    value: Option<Shape<Vec<Text<'a>>>>,
+    value: Option<Shape<Vec<Scalar<'a>>>>,
     name: &str,
 ) -> Result<Vec<Cow<'a, str>>, DecodeError> {
     match value {
@@ -398,7 +401,7 @@ fn entities<'a>(
                     Shape::Found(entity) => entity,
                     other => return Err(wrong_kind(&at(), "an object", &other)),
                 };
-                let text = |value: Option<Text<'a>>, camel: &str| {
+                let text = |value: Option<Scalar<'a>>, camel: &str| {
                     string(value, "").map_err(|e| DecodeError {
                         field: format!("{}.{camel}", at()),
                         ..e

@@ -14,10 +14,10 @@
 //! - a key seen twice keeps its last value (as `Value` does). PostgreSQL's jsonb and a BSON
 //!   document mapped to a tree never hold a key twice.
 //!
-//! Text fields are read as [`Text`] (the string, or the kind of what stood there instead);
-//! enums as [`Enum`]; numbers, booleans and the parts of a timestamp as `Value`s (no allocation
-//! for a number or a boolean), so the checks and messages of `model`'s field functions stay
-//! theirs.
+//! Text fields, enums and `metadata` values are read as [`Scalar`] (a string, null, a
+//! boolean, a number, or the kind of what stood there instead); `version`, the booleans and the
+//! parts of a timestamp as `Value`s (no allocation for a number or a boolean), so the checks and
+//! messages of `model`'s field functions stay theirs.
 //!
 //! Strings are borrowed, not copied: every visitor takes `visit_borrowed_str`, which
 //! serde_json calls for a string of JSON text (`from_str`) without escapes and for every string
@@ -201,69 +201,6 @@ impl<'de, T: Expected<'de>> Visitor<'de> for ShapeVisitor<T> {
     }
 }
 
-/// A value read where text is expected: the text (borrowed from the document unless it had an
-/// escape), null, or the kind it was instead.
-#[derive(Debug)]
-pub enum Text<'de> {
-    Null,
-    String(Cow<'de, str>),
-    Other(&'static str),
-}
-
-impl<'de> Deserialize<'de> for Text<'de> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Text<'de>, D::Error> {
-        deserializer.deserialize_any(TextVisitor)
-    }
-}
-
-struct TextVisitor;
-
-impl<'de> Visitor<'de> for TextVisitor {
-    type Value = Text<'de>;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("any JSON value")
-    }
-    fn visit_bool<E>(self, _: bool) -> Result<Text<'de>, E> {
-        Ok(Text::Other("a boolean"))
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<Text<'de>, E> {
-        Ok(Text::Other("a number"))
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<Text<'de>, E> {
-        Ok(Text::Other("a number"))
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<Text<'de>, E> {
-        Ok(Text::Other("a number"))
-    }
-    fn visit_borrowed_str<E>(self, text: &'de str) -> Result<Text<'de>, E> {
-        Ok(Text::String(Cow::Borrowed(text)))
-    }
-    fn visit_str<E>(self, text: &str) -> Result<Text<'de>, E> {
-        Ok(Text::String(Cow::Owned(text.to_string())))
-    }
-    fn visit_string<E>(self, text: String) -> Result<Text<'de>, E> {
-        Ok(Text::String(Cow::Owned(text)))
-    }
-    fn visit_unit<E>(self) -> Result<Text<'de>, E> {
-        Ok(Text::Null)
-    }
-    fn visit_none<E>(self) -> Result<Text<'de>, E> {
-        Ok(Text::Null)
-    }
-    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Text<'de>, D::Error> {
-        Text::deserialize(deserializer)
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Text<'de>, A::Error> {
-        Skip::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))?;
-        Ok(Text::Other("an array"))
-    }
-    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Text<'de>, A::Error> {
-        Skip::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
-        Ok(Text::Other("an object"))
-    }
-}
-
 /// `generatedTimestamp`: `{seconds, nanos}`, a string, null, or the kind it was instead.
 #[derive(Debug)]
 pub enum Time<'de> {
@@ -343,9 +280,10 @@ impl<'de> Visitor<'de> for TimeVisitor {
     }
 }
 
-/// A value read where a scalar is expected (an enum, a `metadata` value): null, a boolean, a
-/// number, a string (borrowed unless it had an escape), or the kind it was instead (an array or
-/// an object, checked and dropped). A number is kept as a `Value` would keep it.
+/// A value read where text or a scalar is expected (a text field, an enum, a `metadata`
+/// value): null, a boolean, a number, a string (borrowed unless it had an escape), or the kind
+/// it was instead (an array or an object, checked and dropped). A number is kept as a `Value`
+/// would keep it.
 #[derive(Debug)]
 pub enum Scalar<'de> {
     Null,
@@ -475,22 +413,22 @@ impl<'de> Expected<'de> for Top<'de> {
 #[derive(Default)]
 pub struct EventFields<'de> {
     pub version: Option<Value>,
-    pub agent: Option<Text<'de>>,
-    pub component_class: Pair<Text<'de>>,
-    pub check_name: Pair<Text<'de>>,
+    pub agent: Option<Scalar<'de>>,
+    pub component_class: Pair<Scalar<'de>>,
+    pub check_name: Pair<Scalar<'de>>,
     pub is_fatal: Pair<Value>,
     pub is_healthy: Pair<Value>,
-    pub message: Option<Text<'de>>,
+    pub message: Option<Scalar<'de>>,
     pub recommended_action: Pair<Scalar<'de>>,
-    pub error_code: Pair<Shape<Vec<Text<'de>>>>,
+    pub error_code: Pair<Shape<Vec<Scalar<'de>>>>,
     pub entities_impacted: Pair<Shape<Vec<Shape<EntityFields<'de>>>>>,
     pub metadata: Option<Shape<Metadata<'de>>>,
     pub generated_timestamp: Pair<Time<'de>>,
-    pub node_name: Pair<Text<'de>>,
+    pub node_name: Pair<Scalar<'de>>,
     pub quarantine_overrides: Pair<Shape<Flags>>,
     pub drain_overrides: Pair<Shape<Flags>>,
     pub processing_strategy: Pair<Scalar<'de>>,
-    pub custom_recommended_action: Pair<Text<'de>>,
+    pub custom_recommended_action: Pair<Scalar<'de>>,
 }
 
 impl<'de> Expected<'de> for EventFields<'de> {
@@ -564,8 +502,8 @@ impl<'de, T: Deserialize<'de>> Expected<'de> for Vec<T> {
 /// One entity's fields, each spelling in its slot.
 #[derive(Default)]
 pub struct EntityFields<'de> {
-    pub entity_type: Pair<Text<'de>>,
-    pub entity_value: Pair<Text<'de>>,
+    pub entity_type: Pair<Scalar<'de>>,
+    pub entity_value: Pair<Scalar<'de>>,
 }
 
 impl<'de> Expected<'de> for EntityFields<'de> {
@@ -682,7 +620,7 @@ impl<'de> Expected<'de> for SpanIds<'de> {
     fn from_map<A: MapAccess<'de>>(mut map: A) -> Result<Option<SpanIds<'de>>, A::Error> {
         let mut ids = SpanIds::default();
         while let Some(component) = map.next_key::<Key>()? {
-            let Text::String(span) = map.next_value()? else {
+            let Scalar::String(span) = map.next_value()? else {
                 continue;
             };
             if !super::is_trace_hex(&span, 16) {
