@@ -320,22 +320,22 @@ fn is_rfc3339(text: &str) -> bool {
 pub fn go_rfc3339_nano(time: DateTime<Utc>) -> String {
     use chrono::{Datelike, SecondsFormat, Timelike};
     let nanos = time.nanosecond();
-    // chrono writes a year past 9999 with a sign and a leap second as `:60`: its own format.
-    if !(0..=9999).contains(&time.year()) || nanos >= 1_000_000_000 {
+    // `…:SS` and, when `nanos` is not 0, a fraction of 3, 6 or 9 digits (or all nine).
+    let mut text = if (0..=9999).contains(&time.year()) && nanos < 1_000_000_000 {
+        // Digits written directly (no `fmt`); the `Z` comes back below.
+        let mut text = time.to_rfc3339_opts(SecondsFormat::AutoSi, true);
+        text.pop();
+        text
+    } else {
+        // chrono writes a year past 9999 with a sign and a leap second as `:60`: its own format.
+        use std::fmt::Write;
         let mut text = time.format("%Y-%m-%dT%H:%M:%S").to_string();
         if nanos != 0 {
-            use std::fmt::Write;
-            // All nine digits, then the trailing zeros dropped (one digit at least is not zero).
             let _ = write!(text, ".{nanos:09}");
-            text.truncate(text.trim_end_matches('0').len());
         }
-        text.push('Z');
-        return text;
-    }
-    // `…:SS[.fff[fff[fff]]]Z`, digits written directly (no `fmt`); Go keeps only the
-    // significant digits of the fraction.
-    let mut text = time.to_rfc3339_opts(SecondsFormat::AutoSi, true);
-    text.pop(); // the `Z`
+        text
+    };
+    // Go keeps only the significant digits of the fraction (one at least is not zero).
     if nanos != 0 {
         text.truncate(text.trim_end_matches('0').len());
     }
