@@ -93,7 +93,8 @@ pub struct BenchArgs {
     pub workers: usize,
     /// The exporter's async worker threads (`TOKIO_WORKER_THREADS`); the default, 1, is what
     /// the exporter runs with in a pod under the chart's default CPU limit (`limits.cpu: "1"`).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub exporter_threads: usize,
     /// Also drain `--callgrind-events` under `valgrind --tool=callgrind` (needs valgrind;
     /// slow: about 50 times the native time) and print instructions per event.
@@ -756,6 +757,14 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
+    /// The exporter's workers and threads for this run.
+    fn sizing(&self) -> child::Sizing {
+        child::Sizing {
+            workers: self.plan.workers,
+            threads: self.threads,
+        }
+    }
+
     /// Configures and starts the exporter, feeds it, and watches the sink until every event
     /// arrived.
     async fn drive(&self, sinks: &mut Sinks) -> Result<Measured, BenchError> {
@@ -767,10 +776,7 @@ impl Run<'_> {
             self.dir,
             self.server,
             self.database,
-            child::Sizing {
-                workers: plan.workers,
-                threads: self.threads,
-            },
+            self.sizing(),
             metrics_port,
             plan.callgrind,
         )?;
@@ -854,10 +860,7 @@ impl Run<'_> {
                     self.dir,
                     self.server,
                     self.database,
-                    child::Sizing {
-                        workers: self.plan.workers,
-                        threads: self.threads,
-                    },
+                    self.sizing(),
                     0,
                     false,
                 )?;
