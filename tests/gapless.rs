@@ -918,3 +918,137 @@ fn log_field_matching_is_exact() {
     assert!(!names_changelog_id("changelog_id=50 record_id=a", 5));
     assert!(names_changelog_id("changelog_id=50 changelog_id=5", 5));
 }
+
+// ---------------------------------------------------------------------------------------------
+// 6: the poll's statements on a long changelog
+// ---------------------------------------------------------------------------------------------
+
+/// Rows of a long changelog: enough that a plan walking it shows, written straight into the
+/// table (no trigger needed for a plan).
+const LONG_CHANGELOG: i64 = 50_000;
+
+/// A database whose changelog holds [`LONG_CHANGELOG`] rows, with a session that plans
+/// prepared statements generically (the plan the reader's prepared statements settle on after
+/// their first executions). `analyzed`: statistics as autovacuum leaves them; else none since
+/// the table was empty, as on a fresh install that fills faster than autovacuum looks (the
+/// case that walked the whole changelog), with autovacuum off for the table so that it stays
+/// so during the test.
+async fn long_changelog(analyzed: bool) -> (TestDb, Client) {
+    let db = TestDb::create().await;
+    let client = db.client().await;
+    let (before, after) = if analyzed {
+        ("", "ANALYZE datastore_changelog;")
+    } else {
+        (
+            "ALTER TABLE datastore_changelog SET (autovacuum_enabled = false);",
+            "",
+        )
+    };
+    client
+        .batch_execute(&format!(
+            "{before} \
+             INSERT INTO datastore_changelog (table_name, record_id, operation, new_values) \
+             SELECT 'health_events', gen_random_uuid(), 'INSERT', \
+                    jsonb_build_object('document', jsonb_build_object('i', i)) \
+             FROM generate_series(1, {LONG_CHANGELOG}) AS i; \
+             {after} \
+             SET plan_cache_mode = force_generic_plan;"
+        ))
+        .await
+        .expect("filling the changelog");
+    (db, client)
+}
+
+/// How many changelog rows the executed plan produced or threw away, summed over its nodes
+/// and loops: the rows it touched, whatever the plan's shape. (EXPLAIN gives a node's rows
+/// per loop, rounded: the sum may be off by up to half a row per loop.)
+fn changelog_rows_touched(plan: &Value) -> f64 {
+    let loops = plan["Actual Loops"].as_f64().unwrap_or(1.0);
+    let mut touched = 0.0;
+    if plan["Relation Name"] == "datastore_changelog" {
+        touched += plan["Actual Rows"].as_f64().unwrap_or(0.0) * loops;
+        touched += plan["Rows Removed by Filter"].as_f64().unwrap_or(0.0);
+    }
+    // A join that tests each pair against a condition: rows of the changelog it walked.
+    touched += plan["Rows Removed by Join Filter"].as_f64().unwrap_or(0.0);
+    for child in plan["Plans"].as_array().into_iter().flatten() {
+        touched += changelog_rows_touched(child);
+    }
+    touched
+}
+
+/// `EXPLAIN (ANALYZE, FORMAT JSON)` of the prepared `statement` executed with `arguments`
+/// (SQL literals): the plan's root node.
+async fn executed_plan(client: &Client, statement: &str, arguments: &str) -> Value {
+    client
+        .batch_execute(&format!("DEALLOCATE ALL; PREPARE q AS {statement}"))
+        .await
+        .unwrap_or_else(|e| panic!("PREPARE {statement}: {e}"));
+    let row = client
+        .query_one(
+            &format!("EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE q({arguments})"),
+            &[],
+        )
+        .await
+        .expect("EXPLAIN EXECUTE");
+    let explained: Value = row.get(0);
+    explained[0]["Plan"].clone()
+}
+
+#[tokio::test]
+async fn rereading_holes_touches_only_the_rows_inside_them_on_a_long_changelog() {
+    let statement = event_exporter::datastore::postgres::reread_holes_sql();
+    for analyzed in [false, true] {
+        let (_db, client) = long_changelog(analyzed).await;
+        // Three holes of 3 + 2 + 6 ids spread over the changelog; one hole of one id; holes
+        // past the end (nothing to find). At most the ids inside, plus rounding (one per hole).
+        let cases = [
+            ("{100,20000,40000}", "{102,20001,40005}", 11.0 + 3.0),
+            ("{7}", "{7}", 1.0 + 1.0),
+            ("{60000,70000}", "{60005,70001}", 2.0),
+        ];
+        for (firsts, lasts, most) in cases {
+            let plan = executed_plan(
+                &client,
+                &statement,
+                &format!("'{firsts}'::bigint[], '{lasts}'::bigint[]"),
+            )
+            .await;
+            let touched = changelog_rows_touched(&plan);
+            assert!(
+                touched <= most,
+                "analyzed: {analyzed}; holes {firsts}..{lasts} of a {LONG_CHANGELOG}-row \
+                 changelog touched {touched} rows: {plan:#}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn reading_new_rows_touches_only_the_page_it_returns_on_a_long_changelog() {
+    let statement = event_exporter::datastore::postgres::read_new_sql();
+    for analyzed in [false, true] {
+        let (_db, client) = long_changelog(analyzed).await;
+        for (after, limit) in [
+            (0, 500),
+            (25_000, 500),
+            (LONG_CHANGELOG - 10, 500),
+            (100, 1),
+        ] {
+            let plan = executed_plan(
+                &client,
+                &statement,
+                &format!("{after}::bigint, {limit}::bigint, 'datastore_changelog_id_seq'"),
+            )
+            .await;
+            let touched = changelog_rows_touched(&plan);
+            // The page, the row `max(id)` finds, and rounding.
+            let most = (LONG_CHANGELOG - after).min(limit) as f64 + 2.0;
+            assert!(
+                touched <= most,
+                "analyzed: {analyzed}; reading {limit} rows after id {after} touched \
+                 {touched} rows: {plan:#}"
+            );
+        }
+    }
+}

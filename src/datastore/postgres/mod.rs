@@ -13,6 +13,7 @@ mod start;
 mod token;
 
 pub(crate) use changelog::{describe_conversion, ChangelogReader, FreshStart};
+pub use changelog::{read_new_sql, reread_holes_sql};
 pub(crate) use listener::spawn_listener;
 pub use settings::{PgSettings, PgSettingsError, SslMode};
 pub(crate) use start::start;
