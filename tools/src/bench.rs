@@ -15,7 +15,9 @@
 //!   exporter's `health_events_exporter_concurrency_limit` at the end);
 //! - **latency**: events written at each of `--stream-rates` events/s from
 //!   `--stream-connections` connections while the exporter streams; p50/p99 from each row's
-//!   commit (the return of its INSERT) to its arrival, and the rate the writer reached;
+//!   commit (the return of its INSERT) to its arrival, and the rate the writer reached; then
+//!   the same at each of `--batch-stream-rates` with `exporter.sink.mode = "batch"` (the
+//!   batched content mode at its defaults: up to 100 events per request, 10 ms linger);
 //! - **backfill**: a history of `--backfill-events` events backfilled at full speed, and at each
 //!   `--rates` limit (how closely every 10 s window holds it).
 //!
@@ -54,6 +56,16 @@ pub struct BenchArgs {
     /// Commit-to-sink latency runs: events/s written while the exporter streams.
     #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
     pub stream_rates: Vec<u64>,
+    /// Latency runs in batched mode (`exporter.sink.mode = "batch"`, default batch limits):
+    /// events/s written while the exporter streams; 0 entries are skipped.
+    #[arg(long, value_delimiter = ',', default_value = "10000")]
+    pub batch_stream_rates: Vec<u64>,
+    /// Latency runs: drop `health_events`' ten secondary indexes (NVSentinel's schema keeps
+    /// them; the exporter does not read through them). On a small machine shared by
+    /// PostgreSQL, the writer, the sink and the exporter, maintaining them takes most of the
+    /// CPU at 10,000 rows/s; without them the runs show what the exporter adds.
+    #[arg(long)]
+    pub lean_schema: bool,
     /// How long each latency run writes.
     #[arg(long, default_value = "10s", value_parser = event_exporter::cli::parse_duration)]
     pub stream_run: Duration,
@@ -175,6 +187,8 @@ struct Plan {
     callgrind: bool,
     /// `exporter.sink.concurrency = "adaptive"`, `workers` being the ceiling.
     adaptive: bool,
+    /// `exporter.sink.mode = "batch"` (default batch limits).
+    batch: bool,
 }
 
 impl Plan {
@@ -185,6 +199,7 @@ impl Plan {
             workers,
             callgrind: false,
             adaptive: false,
+            batch: false,
         }
     }
 }
@@ -481,26 +496,42 @@ impl Bench<'_> {
         Ok(())
     }
 
-    /// Commit-to-sink latency at each streaming rate, with the rate the writer reached.
+    /// Commit-to-sink latency at each streaming rate, with the rate the writer reached: one
+    /// event per request at each of `--stream-rates`, then batched at `--batch-stream-rates`.
     async fn latency(&self) -> Result<(), BenchError> {
         let args = self.args;
-        for &rate in args.stream_rates.iter().filter(|r| **r > 0) {
+        let runs = (args.stream_rates.iter().map(|rate| (*rate, false)))
+            .chain(args.batch_stream_rates.iter().map(|rate| (*rate, true)));
+        for (rate, batch) in runs.filter(|(rate, _)| *rate > 0) {
             let count = (rate as f64 * args.stream_run.as_secs_f64()).max(1.0) as u64;
-            let plan = Plan::new(
-                Feed::Stream { rate, count },
-                SinkKind::reference(Duration::ZERO),
-                args.workers,
-            );
+            let plan = Plan {
+                batch,
+                ..Plan::new(
+                    Feed::Stream { rate, count },
+                    SinkKind::reference(Duration::ZERO),
+                    args.workers,
+                )
+            };
+            let mode = match (batch, args.lean_schema) {
+                (false, false) => "",
+                (true, false) => ", batched mode",
+                (false, true) => ", lean schema",
+                (true, true) => ", batched mode, lean schema",
+            };
             self.scenario(plan, |m| {
                 let written = m.written.as_ref().map_or(0.0, Written::rate);
                 let (p50, p99) = m.latency.unwrap_or_default();
                 format!(
-                    "stream at {rate} events/s: {}; commit-to-sink p50 {p50:.1?}, p99 \
+                    "stream at {rate} events/s{mode}: {}; commit-to-sink p50 {p50:.1?}, p99 \
                      {p99:.1?}; {}; {}; the bench process (writer and reference sink) used \
                      {:.2} cores",
                     writer_reached(rate, written, args.stream_connections),
                     m.figures(),
-                    busy_line(&m.in_flight, args.workers),
+                    if batch {
+                        batched_in_flight(&m.in_flight, args.workers)
+                    } else {
+                        busy_line(&m.in_flight, args.workers)
+                    },
                     m.bench_cpu_seconds / m.seconds,
                 )
             })
@@ -551,6 +582,21 @@ fn busy_line(in_flight: &[f64], workers: usize) -> String {
         "events in flight: {mean:.1} of {workers} workers on average, all {workers} busy in \
          {:.0}% of {} samples (100 ms apart)",
         all_busy as f64 / in_flight.len() as f64 * 100.0,
+        in_flight.len()
+    )
+}
+
+/// Events in flight in batched mode, where `workers` is the number of batches in flight (so
+/// the events in flight say nothing about how busy the workers were).
+fn batched_in_flight(in_flight: &[f64], workers: usize) -> String {
+    if in_flight.is_empty() {
+        return "the exporter's metrics endpoint gave no events_in_flight".into();
+    }
+    let mean = in_flight.iter().sum::<f64>() / in_flight.len() as f64;
+    let most = in_flight.iter().copied().fold(0.0, f64::max);
+    format!(
+        "events in flight (in up to {workers} batches): {mean:.1} on average, at most {most:.0} \
+         in {} samples (100 ms apart)",
         in_flight.len()
     )
 }
@@ -649,6 +695,9 @@ async fn run_plan(
         let client = server.schema_client(&database).await?;
         if matches!(plan.feed, Feed::Stream { .. }) {
             slow_token_writes(&client, args.token_write_delay).await?;
+            if args.lean_schema {
+                drop_secondary_indexes(&client).await?;
+            }
         }
         let mut sinks = Sinks::start(plan, args, &dir).await?;
         let run = Run {
@@ -830,6 +879,7 @@ impl Run<'_> {
                 max_events: self.plan.feed.count(),
                 rate_limit,
                 adaptive: self.plan.adaptive,
+                batch: self.plan.batch,
             },
         )
     }
@@ -1065,6 +1115,23 @@ fn steady_rate(samples: &[(f64, u64)]) -> Option<f64> {
     let (t0, a0) = *samples.iter().find(|(_, delivered)| *delivered > 0)?;
     let (t1, a1) = *samples.last()?;
     (t1 > t0).then(|| (a1 - a0) as f64 / (t1 - t0))
+}
+
+/// Drops `health_events`' secondary indexes (NVSentinel's ten `idx_health_events_*`): the
+/// exporter's stream reads by changelog id and primary key, and maintaining those indexes is
+/// most of PostgreSQL's CPU per written row (`--lean-schema`).
+async fn drop_secondary_indexes(client: &tokio_postgres::Client) -> Result<(), BenchError> {
+    client
+        .batch_execute(
+            "DO $$ DECLARE i record; BEGIN \
+             FOR i IN SELECT indexname FROM pg_indexes \
+                 WHERE tablename = 'health_events' AND indexname LIKE 'idx_health_events_%' \
+             LOOP EXECUTE 'DROP INDEX ' || quote_ident(i.indexname); END LOOP; END $$",
+        )
+        .await
+        .map_err(sql(
+            "dropping health_events' secondary indexes (--lean-schema)",
+        ))
 }
 
 /// Makes every resume-token write sleep `delay` in PostgreSQL (nothing for zero). The token

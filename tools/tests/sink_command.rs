@@ -393,6 +393,66 @@ async fn invalid_events_get_400_naming_the_problem() {
 }
 
 #[tokio::test]
+async fn batches_are_refused_whole_naming_the_problem_and_stored_as_sent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("received.ndjson");
+    let h = Harness::start(|args| {
+        args.no_auth = true;
+        args.out = Some(out.clone());
+    })
+    .await;
+    let (_, one) = exporter_event("node-batch", 1);
+    let (_, two) = exporter_event("node-batch", 2);
+    let (one, two) = (String::from_utf8_lossy(&one), String::from_utf8_lossy(&two));
+    let cases: Vec<(String, Reason, &str)> = vec![
+        ("[".into(), Reason::InvalidJson, "not JSON"),
+        ("".into(), Reason::InvalidJson, "not JSON"),
+        (
+            format!("[{one}, {{\"id\": "),
+            Reason::InvalidJson,
+            "not JSON",
+        ),
+        (one.to_string(), Reason::NotAnObject, "JSON array"),
+        ("\"events\"".into(), Reason::NotAnObject, "JSON array"),
+        (
+            format!("[{one}, 7]"),
+            Reason::NotAnObject,
+            "batch element 1",
+        ),
+        (
+            format!("[{one}, {}]", two.replace("\"1.0\"", "\"0.3\"")),
+            Reason::InvalidSpecversion,
+            "batch element 1",
+        ),
+    ];
+    for (body, reason, mentions) in &cases {
+        let a = h
+            .post_event(None, Some(BATCH_CONTENT_TYPE), body.clone())
+            .await;
+        assert_eq!(a.status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(a.body["error"], reason.as_str(), "{body}");
+        let message = a.body["message"].as_str().expect("message");
+        assert!(message.contains(mentions), "{message:?} for {body}");
+    }
+    assert!(
+        read_lines(&out).is_empty(),
+        "a refused batch stores nothing"
+    );
+    // A good batch, spaced and indented as a sender may: each element is stored as its own
+    // bytes, one line each.
+    let batch = format!("[\n  {one} ,\n  {two}\n]\n");
+    let a = h.post_event(None, Some(BATCH_CONTENT_TYPE), batch).await;
+    assert_eq!(a.status, StatusCode::ACCEPTED, "{}", a.body);
+    assert_eq!(a.body["accepted"], 2);
+    let text = std::fs::read_to_string(&out).expect("--out");
+    assert_eq!(text, format!("{one}\n{two}\n"));
+    // An empty batch is a batch of nothing.
+    let a = h.post_event(None, Some(BATCH_CONTENT_TYPE), "[]").await;
+    assert_eq!(a.status, StatusCode::ACCEPTED, "{}", a.body);
+    assert_eq!(a.body["accepted"], 0);
+}
+
+#[tokio::test]
 async fn accepts_deduplicates_and_appends_to_out() {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("received.ndjson");

@@ -21,6 +21,8 @@ pub struct ExporterConfig<'a> {
     /// `exporter.sink.concurrency = "adaptive"` (`workers` is then the ceiling) instead of
     /// the default `fixed`.
     pub adaptive: bool,
+    /// `exporter.sink.mode = "batch"` (default batch limits) instead of `structured`.
+    pub batch: bool,
 }
 
 /// Writes `config.toml` and `secret` for `config` into `dir` (created). Errors:
@@ -35,6 +37,7 @@ cluster = "bench"
 [exporter.sink]
 endpoint = "{sink}"
 concurrency = "{concurrency}"
+mode = "{mode}"
 [exporter.oidc]
 token_url = "{token}"
 client_id = "nvsentinel-exporter"
@@ -57,6 +60,7 @@ backoff_multiplier = 2.0
         max_events = config.max_events.max(1),
         rate_limit = config.rate_limit,
         concurrency = if config.adaptive { "adaptive" } else { "fixed" },
+        mode = if config.batch { "batch" } else { "structured" },
     );
     let path = dir.join("config.toml");
     std::fs::write(&path, text).map_err(io(format!("writing {}", path.display())))

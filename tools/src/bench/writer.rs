@@ -3,9 +3,12 @@
 //! loopback with NVSentinel's schema — the changelog trigger and the GIN index — one
 //! connection tops out well below 10,000 rows/s).
 //!
-//! A pacer cuts the run into 10 ms ticks and hands the rows due by then (elapsed × rate, less
-//! what was handed out) to the connections as batches of at most [`MAX_BATCH`] rows; each
-//! connection writes a batch in one multi-row INSERT (autocommit: one statement, one commit).
+//! The rows are generated before the first tick (building a document costs about as much CPU
+//! as the reference sink spends on it; made during the run, that CPU would be taken from
+//! PostgreSQL and the exporter on the machine being measured). A pacer then cuts the run into
+//! 10 ms ticks and hands the rows due by then (elapsed × rate, less what was handed out) to
+//! the connections as batches of at most [`MAX_BATCH`] rows; each connection writes a batch in
+//! one multi-row INSERT (autocommit: one statement, one commit).
 //! When the connections fall behind, the queue fills, the pacer waits, and the next batches
 //! are larger: the writer catches up if PostgreSQL can, and its achieved rate says if not.
 //!
@@ -13,7 +16,7 @@
 //! commit): the INSERT returns the rows' ids and each id is mapped to that moment; a
 //! delivered CloudEvent's `id` is its row id.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,7 +25,7 @@ use tokio::sync::{mpsc, Mutex};
 use tokio_postgres::Client;
 
 use super::error::{datastore, BenchError};
-use crate::generate::{self, Generator};
+use crate::generate::{self, Generator, RawDocument, Row};
 use crate::sink::ReceivedEvent;
 
 /// The largest batch one INSERT writes.
@@ -49,8 +52,8 @@ impl Written {
     }
 }
 
-/// Writes `count` live events at `rate` events/s through `connections` connections
-/// (connected before the first tick). Errors: a connection or an INSERT failed
+/// Generates `count` live events, then writes them at `rate` events/s through `connections`
+/// connections (connected before the first tick). Errors: a connection or an INSERT failed
 /// ([`BenchError::Datastore`]), or a connection's task panicked ([`BenchError::Task`]).
 pub async fn write_paced(
     settings: PgSettings,
@@ -59,23 +62,23 @@ pub async fn write_paced(
     connections: usize,
 ) -> Result<Written, BenchError> {
     let connector = Connector::new(settings).map_err(datastore("the writer's connector"))?;
-    let (batches, queue) = mpsc::channel::<u64>(connections.max(1));
+    let mut generator = Generator::new(256, 0.1, Some(2));
+    let now = chrono::Utc::now();
+    let rows: VecDeque<Row<RawDocument>> = (0..count)
+        .map(|_| generator.row(now, None).serialized())
+        .collect();
+    let (batches, queue) = mpsc::channel::<Vec<Row<RawDocument>>>(connections.max(1));
     let queue = Arc::new(Mutex::new(queue));
     let mut tasks = Vec::new();
-    for seed in 0..connections.max(1) as u64 {
+    for _ in 0..connections.max(1) {
         let client = connector
             .connect()
             .await
             .map_err(datastore("connecting the writer"))?;
-        let generator = Generator::new(256, 0.1, Some(2 + seed));
-        tasks.push(tokio::spawn(write_batches(
-            client,
-            generator,
-            queue.clone(),
-        )));
+        tasks.push(tokio::spawn(write_batches(client, queue.clone())));
     }
     let started = Instant::now();
-    pace(&batches, rate, count, started).await;
+    pace(&batches, rows, rate, started).await;
     drop(batches);
     let mut commits = HashMap::with_capacity(count as usize);
     for task in tasks {
@@ -87,9 +90,15 @@ pub async fn write_paced(
     })
 }
 
-/// Hands out `count` rows as batches, elapsed × `rate` of them by each tick; returns when
-/// all are handed out (or every connection has stopped).
-async fn pace(batches: &mpsc::Sender<u64>, rate: u64, count: u64, started: Instant) {
+/// Hands out `rows` as batches, elapsed × `rate` of them by each tick; returns when all are
+/// handed out (or every connection has stopped).
+async fn pace(
+    batches: &mpsc::Sender<Vec<Row<RawDocument>>>,
+    mut rows: VecDeque<Row<RawDocument>>,
+    rate: u64,
+    started: Instant,
+) {
+    let count = rows.len() as u64;
     let mut ticks = tokio::time::interval(TICK);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut handed = 0;
@@ -97,11 +106,12 @@ async fn pace(batches: &mpsc::Sender<u64>, rate: u64, count: u64, started: Insta
         ticks.tick().await;
         let due = ((started.elapsed().as_secs_f64() * rate as f64) as u64).min(count);
         while handed < due {
-            let batch = (due - handed).min(MAX_BATCH);
+            let size = (due - handed).min(MAX_BATCH);
+            let batch: Vec<Row<RawDocument>> = rows.drain(..size as usize).collect();
             if batches.send(batch).await.is_err() {
                 return;
             }
-            handed += batch;
+            handed += size;
         }
     }
 }
@@ -110,17 +120,14 @@ async fn pace(batches: &mpsc::Sender<u64>, rate: u64, count: u64, started: Insta
 /// INSERT, and returns each row's id with the moment its INSERT returned.
 async fn write_batches(
     client: Client,
-    mut generator: Generator,
-    queue: Arc<Mutex<mpsc::Receiver<u64>>>,
+    queue: Arc<Mutex<mpsc::Receiver<Vec<Row<RawDocument>>>>>,
 ) -> Result<Vec<(String, Stamp)>, BenchError> {
     let mut commits = Vec::new();
     loop {
         let next = queue.lock().await.recv().await;
-        let Some(batch) = next else {
+        let Some(rows) = next else {
             return Ok(commits);
         };
-        let now = chrono::Utc::now();
-        let rows: Vec<_> = (0..batch).map(|_| generator.row(now, None)).collect();
         let ids = generate::insert_returning_ids(&client, &rows)
             .await
             .map_err(datastore("the writer's INSERT"))?;

@@ -53,10 +53,12 @@ impl EventStore {
             None => None,
         };
         Ok(EventStore {
+            // Sized for `keep` up front: growing a table of tens of thousands of keys (or
+            // events) under the lock holds every answer up for as long as the copy takes.
             inner: Mutex::new(Inner {
-                seen: HashSet::new(),
+                seen: HashSet::with_capacity(keep),
                 out,
-                kept: VecDeque::new(),
+                kept: VecDeque::with_capacity(keep),
             }),
             keep,
         })
