@@ -95,6 +95,9 @@ pub struct Metrics {
     pub changelog_head_id: Gauge,
     pub changelog_ids_behind: Gauge,
     pub changelog_open_ids: Gauge,
+    /// One PostgreSQL changelog read (new rows and the holes re-read), in seconds: a read
+    /// that grows with the changelog's length, not with the rows it returns, shows here first.
+    pub changelog_poll_duration: Histogram,
     ready: std::sync::Arc<OnceLock<ReadyProbe>>,
     pub events_dead_lettered: Family<Labels, Counter>,
     /// Resume tokens found ahead of the changelog's head (ids reset, restored datastore).
@@ -161,6 +164,9 @@ impl Metrics {
                 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0,
             ]),
             backfill_remaining: Gauge::default(),
+            changelog_poll_duration: Histogram::new([
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
             feature_flag: Family::<Labels, Gauge>::default(),
             publish_attempt_failures: Family::<Labels, Counter>::default(),
             events_in_flight: Gauge::default(),
@@ -347,6 +353,12 @@ impl Metrics {
             "health_events_exporter_changelog_ids_behind",
             "Changelog ids between the resume token and the head of the changelog",
             &self.changelog_ids_behind,
+        );
+        add(
+            registry,
+            "health_events_exporter_changelog_poll_duration_seconds",
+            "Duration of one read of the PostgreSQL changelog: new rows and the holes re-read",
+            &self.changelog_poll_duration,
         );
         add(registry, "health_events_exporter_changelog_open_ids", "Changelog ids below the head not yet visible (transactions still open, or never committed); they hold the resume token back", &self.changelog_open_ids);
         add(registry, "health_events_exporter_events_dead_lettered", "Events the sink permanently rejected, written to the dead letter, by the sink's HTTP status", &self.events_dead_lettered);

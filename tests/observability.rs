@@ -79,6 +79,15 @@ async fn metrics_follow_the_stream() {
     for (name, value) in series {
         assert_eq!(sample(&after, name), Some(value), "{name} in:\n{after}");
     }
+    // Every changelog read is timed: at least the reads that found the four events.
+    assert!(
+        sample(
+            &after,
+            "health_events_exporter_changelog_poll_duration_seconds_count"
+        )
+        .is_some_and(|count| count >= 1.0),
+        "no changelog reads timed in:\n{after}"
+    );
     for name in [
         "process_resident_memory_bytes",
         "process_cpu_seconds_total",

@@ -417,9 +417,13 @@ impl ChangelogReader {
                 self.connector.connect().await?
             }
         };
+        let started = std::time::Instant::now();
         let result = self.poll_with(&client).await;
         self.client = Some(client);
         if let Ok(changes) = &result {
+            crate::metrics::get()
+                .changelog_poll_duration
+                .observe(started.elapsed().as_secs_f64());
             // change_stream_lag_seconds: an empty poll is caught up now (see `crate::lag`).
             match changes.iter().filter_map(|change| change.changed_at).max() {
                 Some(newest) => crate::lag::global().event(newest),
