@@ -12,8 +12,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     name = "event-exporter",
     version,
     about = "Streams NVSentinel health events from the datastore to an HTTP sink as CloudEvents, at least once",
-    long_about = "Streams NVSentinel health events from the PostgreSQL datastore (reached through \
-NVSentinel's DATASTORE_* environment variables) to an HTTP sink as CloudEvents 1.0, with OAuth2 \
+    long_about = "Streams NVSentinel health events from the datastore (MongoDB through the \
+MONGODB_* environment variables, the default; PostgreSQL through DATASTORE_* with \
+DATASTORE_PROVIDER=postgresql) to an HTTP sink as CloudEvents 1.0, with OAuth2 \
 client-credentials authentication, concurrent publishing and an in-order resume token \
 (at-least-once delivery). A drop-in replacement for NVSentinel's Go event-exporter.\n\n\
 Go-style flags are accepted too: -config x, -config=x, --config=x.",
@@ -30,12 +31,14 @@ pub struct Cli {
 pub enum Command {
     /// Validate what the exporter would validate at start, with the same flags: the
     /// configuration file (unknown keys too), the flags, the OIDC secret file, the CA files and
-    /// the datastore environment (when DATASTORE_PROVIDER is set); print the effective settings
-    /// with secrets redacted. Exits 2 when anything is invalid. Makes no connection.
+    /// the datastore environment (DATASTORE_* with DATASTORE_PROVIDER=postgresql, else
+    /// MONGODB_*); print the effective settings with secrets redacted. Exits 2 when anything is
+    /// invalid. Makes no connection unless --connect.
     CheckConfig(CheckConfigArgs),
     /// Read the resume token, the changelog head, how far behind the token is, and an
-    /// unfinished backfill from the datastore (same DATASTORE_* environment and config file
-    /// as the exporter); exits 0 healthy, 1 behind by more than --max-behind, 2 bad input.
+    /// unfinished backfill from the datastore (the exporter's datastore environment, DATASTORE_*
+    /// or MONGODB_*, and config file); exits 0 healthy, 1 behind by more than --max-behind, 2
+    /// bad input.
     Status(crate::commands::status::StatusArgs),
 }
 
@@ -89,11 +92,12 @@ pub struct CheckConfigArgs {
     pub skip_files: bool,
 
     /// After the offline checks, also try what the exporter connects to, each bounded by 10 s
-    /// and reported as ok or failed (JSON `connect`, and stderr): the datastore (connect with
-    /// the DATASTORE_* environment and look for the tables the exporter reads; read-only), the
-    /// OIDC token endpoint (a real client-credentials token request with the configured client
-    /// authentication) and the sink (an OPTIONS request: any HTTP answer means reachable).
-    /// Exits 2 if any fails.
+    /// and reported as ok or failed (JSON `connect`, and stderr): the datastore (PostgreSQL:
+    /// connect with the DATASTORE_* environment and look for the tables the exporter reads,
+    /// read-only; MongoDB: ping and list the events and token collections), the OIDC token
+    /// endpoint (a real client-credentials token request with the configured client
+    /// authentication), the sink and the dead-letter endpoint (an OPTIONS request: any HTTP
+    /// answer means reachable). Exits 2 if any fails.
     #[arg(long)]
     pub connect: bool,
 }

@@ -320,7 +320,7 @@ impl Metrics {
         add(
             registry,
             "health_events_exporter_events_skipped",
-            "Health events not published, by reason (undecodable, no health event)",
+            "Health events not published, by reason (undecodable, invalid time, invalid CloudEvent, no health event, already exported)",
             &self.events_skipped,
         );
         // Upstream's help texts; prometheus-client adds the final period.

@@ -201,7 +201,9 @@ fn check_config_shows_the_proxy_for_each_endpoint_with_credentials_redacted() {
         &path,
         "[exporter.metadata]\ncluster = \"c\"\n[exporter.sink]\nendpoint = \
          \"https://sink.example/events\"\n[exporter.oidc]\ntoken_url = \
-         \"https://idp.internal/token\"\nclient_id = \"id\"\nscope = \"s\"\n",
+         \"https://idp.internal/token\"\nclient_id = \"id\"\nscope = \"s\"\n\
+         [exporter.failure_handling]\non_rejected = \"dead_letter\"\n\
+         [exporter.failure_handling.dead_letter]\nendpoint = \"https://quarantine.example/dl\"\n",
     )
     .expect("write config");
     let config = format!("--config={}", path.display());
@@ -219,6 +221,10 @@ fn check_config_shows_the_proxy_for_each_endpoint_with_credentials_redacted() {
         out.contains("\"oidcTokenEndpoint\": \"none (direct)\""),
         "{out}"
     );
+    assert!(
+        out.contains("\"deadLetterEndpoint\": \"none (direct)\""),
+        "{out}"
+    );
 
     let (code, out) = run_once(
         &["check-config", "--skip-files", &config],
@@ -234,6 +240,11 @@ fn check_config_shows_the_proxy_for_each_endpoint_with_credentials_redacted() {
     );
     assert!(
         out.contains("\"oidcTokenEndpoint\": \"none (direct)\""),
+        "{out}"
+    );
+    // The dead letter goes through the sink's proxy settings too.
+    assert!(
+        out.contains("\"deadLetterEndpoint\": \"http://proxy.corp:3128/ (credentials redacted)\""),
         "{out}"
     );
     assert!(!out.contains("hunter2") && !out.contains("egress"), "{out}");

@@ -173,6 +173,14 @@ fn proxies_report(config: &Config) -> serde_json::Map<String, Value> {
     if let Some(oidc) = &config.oidc {
         proxies.insert("oidcTokenEndpoint".into(), proxy(&oidc.token_url));
     }
+    // The dead letter's client reads the same proxy variables (reqwest's default).
+    let rejections = &config.rejections;
+    let dead_letter = (rejections.on_rejected == crate::config::OnRejected::DeadLetter)
+        .then_some(rejections.dead_letter.as_ref())
+        .flatten();
+    if let Some(endpoint) = dead_letter.and_then(|d| d.endpoint.as_deref()) {
+        proxies.insert("deadLetterEndpoint".into(), proxy(endpoint));
+    }
     proxies
 }
 

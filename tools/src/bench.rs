@@ -215,7 +215,7 @@ struct Measured {
     /// (seconds since start, delivered so far), sampled every 100 ms.
     samples: Vec<(f64, u64)>,
     /// Commit-to-sink latency percentiles (p50, p99) of streamed events.
-    latency: Option<(Duration, Duration)>,
+    latency: Option<writer::Latency>,
     /// Streaming: what the writer wrote, and when each row committed.
     written: Option<Written>,
     /// Instructions the exporter executed (callgrind runs).
@@ -232,6 +232,8 @@ struct Measured {
     in_flight: Vec<f64>,
     /// CPU seconds this bench process (the writer and the reference sink) used during the run.
     bench_cpu_seconds: f64,
+    /// The exporter's metrics scraped after the last delivery (runs that scrape).
+    last_metrics: Option<String>,
 }
 
 impl Measured {
@@ -520,18 +522,21 @@ impl Bench<'_> {
             };
             self.scenario(plan, |m| {
                 let written = m.written.as_ref().map_or(0.0, Written::rate);
-                let (p50, p99) = m.latency.unwrap_or_default();
+                let latency = m.latency.clone().unwrap_or_default();
+                let (p50, p99) = (latency.p50, latency.p99);
                 format!(
                     "stream at {rate} events/s{mode}: {}; commit-to-sink p50 {p50:.1?}, p99 \
-                     {p99:.1?}; {}; {}; the bench process (writer and reference sink) used \
-                     {:.2} cores",
+                     {p99:.1?} (p99 of each second's commits, ms: {}); {}; {}; {}; the bench \
+                     process (writer and reference sink) used {:.2} cores",
                     writer_reached(rate, written, args.stream_connections),
+                    by_second(&latency.p99_by_second),
                     m.figures(),
                     if batch {
                         batched_in_flight(&m.in_flight, args.workers)
                     } else {
                         busy_line(&m.in_flight, args.workers)
                     },
+                    stages_line(m.last_metrics.as_deref()),
                     m.bench_cpu_seconds / m.seconds,
                 )
             })
@@ -584,6 +589,85 @@ fn busy_line(in_flight: &[f64], workers: usize) -> String {
         all_busy as f64 / in_flight.len() as f64 * 100.0,
         in_flight.len()
     )
+}
+
+/// Milliseconds, comma-separated, rounded.
+fn by_second(p99s: &[Duration]) -> String {
+    let ms: Vec<String> = p99s
+        .iter()
+        .map(|p99| format!("{:.0}", p99.as_secs_f64() * 1e3))
+        .collect();
+    ms.join(", ")
+}
+
+/// Where a streamed event's time went, from the exporter's own histograms: its changelog
+/// reads, and its publishes (from a worker taking the event to the sink's answer, retries
+/// included). Little's law ties the second to the events in flight: mean in flight = rate ×
+/// mean publish time, so a publish time near `workers` / rate means the workers, not the
+/// datastore, held events back.
+fn stages_line(metrics: Option<&str>) -> String {
+    let Some(metrics) = metrics else {
+        return "the exporter's metrics endpoint gave no histograms".into();
+    };
+    let mean = |name: &str| {
+        let count = child::gauge(metrics, &format!("{name}_count"))?;
+        let sum = child::gauge(metrics, &format!("{name}_sum"))?;
+        (count > 0.0).then(|| (count, sum / count * 1e3))
+    };
+    let part = |what: &str, name: &str| match mean(name) {
+        Some((count, ms)) => match p99_bound(metrics, name, count) {
+            Some(le) => format!(
+                "{what}: {count:.0}, mean {ms:.2} ms, 99% within {}",
+                bound_text(le)
+            ),
+            None => format!("{what}: {count:.0}, mean {ms:.2} ms"),
+        },
+        None => format!("{what}: none timed"),
+    };
+    format!(
+        "{}; {}",
+        part(
+            "changelog reads",
+            "health_events_exporter_changelog_poll_duration_seconds"
+        ),
+        part(
+            "publishes",
+            "health_events_exporter_publish_duration_seconds"
+        ),
+    )
+}
+
+/// The upper bound of the histogram bucket `name` holding its 99th percentile: the smallest
+/// `le` whose cumulative count reaches 99% of `count` (`+Inf` is `f64::INFINITY`).
+fn p99_bound(metrics: &str, name: &str, count: f64) -> Option<f64> {
+    let prefix = format!("{name}_bucket{{le=\"");
+    metrics
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(&prefix)?;
+            let (le, rest) = rest.split_once("\"}")?;
+            let cumulative: f64 = rest.split_whitespace().next()?.parse().ok()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, cumulative))
+        })
+        .filter(|(_, cumulative)| *cumulative >= count * 0.99)
+        .map(|(le, _)| le)
+        .reduce(f64::min)
+}
+
+/// A bucket bound in seconds as text: "2.5 ms", "1 s", "more than the last bucket".
+fn bound_text(le: f64) -> String {
+    if le.is_infinite() {
+        "more than the last bucket".into()
+    } else if le < 1.0 {
+        format!("{} ms", le * 1e3)
+    } else {
+        format!("{le} s")
+    }
 }
 
 /// Events in flight in batched mode, where `workers` is the number of batches in flight (so
@@ -978,8 +1062,9 @@ async fn watch(
         }
     };
     let seconds = started.elapsed().as_secs_f64();
-    if let Some(metrics) = scrape_some(scrape).await {
-        limit.sample(&metrics, true);
+    let last_metrics = scrape_some(scrape).await;
+    if let Some(metrics) = &last_metrics {
+        limit.sample(metrics, true);
     }
     child::stop(exporter);
     outcome?;
@@ -997,6 +1082,7 @@ async fn watch(
         delivered_at: Vec::new(),
         in_flight,
         bench_cpu_seconds: own_cpu() - own_cpu_at_start,
+        last_metrics,
     })
 }
 
@@ -1223,6 +1309,29 @@ mod tests {
         assert!(line.contains("6.0 of 10 workers on average"), "{line}");
         assert!(line.contains("all 10 busy in 50% of 4 samples"), "{line}");
         assert!(busy_line(&[], 10).contains("no events_in_flight"));
+    }
+
+    #[test]
+    fn stages_line_gives_each_histograms_count_and_mean() {
+        let exposition = "\
+# TYPE health_events_exporter_changelog_poll_duration_seconds histogram
+health_events_exporter_changelog_poll_duration_seconds_sum 0.5
+health_events_exporter_changelog_poll_duration_seconds_count 250
+health_events_exporter_changelog_poll_duration_seconds_bucket{le=\"0.001\"} 10
+health_events_exporter_changelog_poll_duration_seconds_bucket{le=\"0.005\"} 247
+health_events_exporter_changelog_poll_duration_seconds_bucket{le=\"0.01\"} 248
+health_events_exporter_changelog_poll_duration_seconds_bucket{le=\"+Inf\"} 250
+health_events_exporter_publish_duration_seconds_sum 0.0
+health_events_exporter_publish_duration_seconds_count 0
+";
+        assert_eq!(
+            stages_line(Some(exposition)),
+            "changelog reads: 250, mean 2.00 ms, 99% within 10 ms; publishes: none timed"
+        );
+        assert_eq!(
+            stages_line(None),
+            "the exporter's metrics endpoint gave no histograms"
+        );
     }
 
     #[test]

@@ -136,30 +136,59 @@ async fn write_batches(
     }
 }
 
-/// p50 and p99 of commit-to-sink latency: each received event's arrival minus the commit of
-/// the row its `id` names; events the writer did not write are left out. `None` when none
-/// is left.
+/// Commit-to-sink latency of the streamed events.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Latency {
+    pub p50: Duration,
+    pub p99: Duration,
+    /// The p99 of the events committed in each whole second of the run (from the first
+    /// commit): whether the slow events bunch in a few seconds (a stall) or spread over all.
+    pub p99_by_second: Vec<Duration>,
+}
+
+/// Commit-to-sink latency: each received event's arrival minus the commit of the row its `id`
+/// names; events the writer did not write are left out. `None` when none is left.
 pub fn commit_to_sink(
     events: &[ReceivedEvent],
     commits: &HashMap<String, Stamp>,
-) -> Option<(Duration, Duration)> {
-    let mut latencies: Vec<Duration> = events
+) -> Option<Latency> {
+    let timed: Vec<(Stamp, Duration)> = events
         .iter()
         .filter_map(|received| {
             let committed = commits.get(received.event["id"].as_str()?)?;
-            Some(
-                (received.received_at - *committed)
-                    .to_std()
-                    .unwrap_or_default(),
-            )
+            let latency = (received.received_at - *committed)
+                .to_std()
+                .unwrap_or_default();
+            Some((*committed, latency))
         })
         .collect();
-    latencies.sort_unstable();
-    let at = |p: f64| {
-        let rank = (latencies.len() as f64 * p).ceil() as usize;
-        latencies.get(rank.saturating_sub(1)).copied()
-    };
-    Some((at(0.50)?, at(0.99)?))
+    let first = timed.iter().map(|(committed, _)| *committed).min()?;
+    let mut seconds: Vec<Vec<Duration>> = Vec::new();
+    for (committed, latency) in &timed {
+        let second = (*committed - first).num_seconds().max(0) as usize;
+        if seconds.len() <= second {
+            seconds.resize_with(second + 1, Vec::new);
+        }
+        if let Some(bucket) = seconds.get_mut(second) {
+            bucket.push(*latency);
+        }
+    }
+    let mut all: Vec<Duration> = timed.iter().map(|(_, latency)| *latency).collect();
+    Some(Latency {
+        p50: percentile(&mut all, 0.50)?,
+        p99: percentile(&mut all, 0.99)?,
+        p99_by_second: seconds
+            .iter_mut()
+            .filter_map(|bucket| percentile(bucket, 0.99))
+            .collect(),
+    })
+}
+
+/// The nearest-rank percentile `p` (0–1) of `values` (sorted in place); `None` when empty.
+fn percentile(values: &mut [Duration], p: f64) -> Option<Duration> {
+    values.sort_unstable();
+    let rank = (values.len() as f64 * p).ceil() as usize;
+    values.get(rank.saturating_sub(1)).copied()
 }
 
 #[cfg(test)]
@@ -184,10 +213,40 @@ mod tests {
             received_at: t0 + ms(10_000),
             event: serde_json::json!({ "id": "someone-else" }),
         });
-        let (p50, p99) = commit_to_sink(&events, &commits).expect("latencies");
-        assert_eq!(p50, Duration::from_millis(50));
-        assert_eq!(p99, Duration::from_millis(99));
+        let latency = commit_to_sink(&events, &commits).expect("latencies");
+        assert_eq!(latency.p50, Duration::from_millis(50));
+        assert_eq!(latency.p99, Duration::from_millis(99));
+        // All 100 rows committed within the first second.
+        assert_eq!(latency.p99_by_second, vec![Duration::from_millis(99)]);
         assert_eq!(commit_to_sink(&events[100..], &commits), None);
+    }
+
+    #[test]
+    fn slow_events_are_placed_in_the_second_they_committed() {
+        let t0 = chrono::Utc::now();
+        let ms = chrono::Duration::milliseconds;
+        // One row every 10 ms for 3 s, 1 ms to the sink, except those committed in the
+        // second second: 200 ms.
+        let commits: HashMap<String, Stamp> = (0..300)
+            .map(|i| (format!("row-{i}"), t0 + ms(i * 10)))
+            .collect();
+        let events: Vec<ReceivedEvent> = (0..300)
+            .map(|i| ReceivedEvent {
+                received_at: t0 + ms(i * 10 + if (100..200).contains(&i) { 200 } else { 1 }),
+                event: serde_json::json!({ "id": format!("row-{i}") }),
+            })
+            .collect();
+        let latency = commit_to_sink(&events, &commits).expect("latencies");
+        assert_eq!(
+            latency.p99_by_second,
+            vec![
+                ms(1).to_std().unwrap(),
+                ms(200).to_std().unwrap(),
+                ms(1).to_std().unwrap()
+            ]
+        );
+        assert_eq!(latency.p50, Duration::from_millis(1));
+        assert_eq!(latency.p99, Duration::from_millis(200));
     }
 
     #[test]
