@@ -50,7 +50,7 @@ pub struct BenchArgs {
     /// Changelog rows in each drain (into nginx and into the reference sink); 0 skips.
     #[arg(long, default_value_t = 100_000)]
     pub drain_events: u64,
-    /// Events in the full-speed backfill; 0 skips.
+    /// Events in the full-speed backfill; 0 skips it and the rate-limited ones (`--rates`).
     #[arg(long, default_value_t = 100_000)]
     pub backfill_events: u64,
     /// Commit-to-sink latency runs: events/s written while the exporter streams.
@@ -615,12 +615,16 @@ fn stages_line(metrics: Option<&str>) -> String {
         (count > 0.0).then(|| (count, sum / count * 1e3))
     };
     let part = |what: &str, name: &str| match mean(name) {
-        Some((count, ms)) => match p99_bound(metrics, name, count) {
-            Some(le) => format!(
-                "{what}: {count:.0}, mean {ms:.2} ms, 99% within {}",
-                bound_text(le)
+        Some((count, ms)) => match (
+            bucket_bound(metrics, name, count * 0.99),
+            bucket_bound(metrics, name, count),
+        ) {
+            (Some(p99), Some(all)) => format!(
+                "{what}: {count:.0}, mean {ms:.2} ms, 99% within {}, all within {}",
+                bound_text(p99),
+                bound_text(all)
             ),
-            None => format!("{what}: {count:.0}, mean {ms:.2} ms"),
+            _ => format!("{what}: {count:.0}, mean {ms:.2} ms"),
         },
         None => format!("{what}: none timed"),
     };
@@ -637,9 +641,9 @@ fn stages_line(metrics: Option<&str>) -> String {
     )
 }
 
-/// The upper bound of the histogram bucket `name` holding its 99th percentile: the smallest
-/// `le` whose cumulative count reaches 99% of `count` (`+Inf` is `f64::INFINITY`).
-fn p99_bound(metrics: &str, name: &str, count: f64) -> Option<f64> {
+/// The upper bound of the first bucket of histogram `name` that holds `rank` observations:
+/// the smallest `le` whose cumulative count reaches `rank` (`+Inf` is `f64::INFINITY`).
+fn bucket_bound(metrics: &str, name: &str, rank: f64) -> Option<f64> {
     let prefix = format!("{name}_bucket{{le=\"");
     metrics
         .lines()
@@ -654,7 +658,7 @@ fn p99_bound(metrics: &str, name: &str, count: f64) -> Option<f64> {
             };
             Some((le, cumulative))
         })
-        .filter(|(_, cumulative)| *cumulative >= count * 0.99)
+        .filter(|(_, cumulative)| *cumulative >= rank)
         .map(|(le, _)| le)
         .reduce(f64::min)
 }
@@ -1326,7 +1330,8 @@ health_events_exporter_publish_duration_seconds_count 0
 ";
         assert_eq!(
             stages_line(Some(exposition)),
-            "changelog reads: 250, mean 2.00 ms, 99% within 10 ms; publishes: none timed"
+            "changelog reads: 250, mean 2.00 ms, 99% within 10 ms, all within more than the last \
+             bucket; publishes: none timed"
         );
         assert_eq!(
             stages_line(None),
