@@ -1060,6 +1060,7 @@ def run_monitoring() -> None:
                                                "severity": "warning"},
                 "EventExporterDatastoreReconnectStorm": {"threshold": 20},
                 "EventExporterResumeTokenNotAdvancing": {"threshold": 1800},
+                "EventExporterChangelogReadsSlow": {"threshold": 2},
                 "EventExporterBackfillStuck": {"enabled": False},
             }},
         "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"},
@@ -1092,6 +1093,9 @@ def run_monitoring() -> None:
     check("update_timestamp > 1800" in
           rules.get("EventExporterResumeTokenNotAdvancing", {}).get("expr", ""),
           f"{case}: resume token threshold not applied")
+    slow_reads = rules.get("EventExporterChangelogReadsSlow", {}).get("expr", "")
+    check("_bucket[10m])) > 2" in slow_reads and "> 0.5" not in slow_reads,
+          f"{case}: changelog reads threshold not applied: {slow_reads}")
     for name, r in rules.items():
         check(r.get("labels", {}).get("team") == "gpu-infra", f"{case}: {name} lacks ruleLabels")
         check(r["annotations"]["runbook_url"] == f"{base}#runbook-{name.lower()}",
