@@ -658,6 +658,7 @@ fn dead_letter(
             let url = reqwest::Url::parse(url).map_err(|e| {
                 ExitError::failed_with("exporter.failure_handling.dead_letter.endpoint", e)
             })?;
+            sink::log_proxy("dead-letter endpoint", url.as_str());
             Some((http, url))
         }
     };

@@ -95,8 +95,10 @@ pub struct Metrics {
     pub changelog_head_id: Gauge,
     pub changelog_ids_behind: Gauge,
     pub changelog_open_ids: Gauge,
-    /// One PostgreSQL changelog read (new rows and the holes re-read), in seconds: a read
-    /// that grows with the changelog's length, not with the rows it returns, shows here first.
+    /// One successful PostgreSQL changelog read (new rows and the holes re-read), in seconds,
+    /// 0.5 ms–10 s buckets: a read that grows with the changelog's length, not with the rows it
+    /// returns, shows here first. A failed read counts in `datastore_reconnects` instead, and a
+    /// read that never returns is not observed (the stream lag and ExportStalled show it).
     pub changelog_poll_duration: Histogram,
     ready: std::sync::Arc<OnceLock<ReadyProbe>>,
     pub events_dead_lettered: Family<Labels, Counter>,
@@ -165,7 +167,8 @@ impl Metrics {
             ]),
             backfill_remaining: Gauge::default(),
             changelog_poll_duration: Histogram::new([
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
             ]),
             feature_flag: Family::<Labels, Gauge>::default(),
             publish_attempt_failures: Family::<Labels, Counter>::default(),
@@ -357,7 +360,7 @@ impl Metrics {
         add(
             registry,
             "health_events_exporter_changelog_poll_duration_seconds",
-            "Duration of one read of the PostgreSQL changelog: new rows and the holes re-read",
+            "Duration of one successful read of the PostgreSQL changelog: new rows and the holes re-read (failed reads count in datastore_reconnects)",
             &self.changelog_poll_duration,
         );
         add(registry, "health_events_exporter_changelog_open_ids", "Changelog ids below the head not yet visible (transactions still open, or never committed); they hold the resume token back", &self.changelog_open_ids);

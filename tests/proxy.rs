@@ -53,6 +53,12 @@ async fn https_sink_and_token_endpoint_are_reached_through_https_proxy_with_conn
     options.oidc_extra = ca;
     let proxy_url = format!("http://egress:p%40ss@{}", proxy.addr);
     options.env.push(("HTTPS_PROXY".into(), proxy_url));
+    // A dead-letter endpoint: never POSTed to here (nothing is rejected), its proxy logged.
+    options.failure_extra = "on_rejected = \"dead_letter\"".into();
+    options.extra_toml = format!(
+        "[exporter.failure_handling.dead_letter]\nendpoint = \"https://{}/dead-letter\"\n",
+        sink.addr()
+    );
     let mut exporter = Exporter::start(&options).await;
 
     insert(&db, 5).await;
@@ -91,8 +97,9 @@ async fn https_sink_and_token_endpoint_are_reached_through_https_proxy_with_conn
         log.lines()
             .filter(|l| l.contains("reached through proxy") && l.contains(&expected))
             .count(),
-        2,
-        "the sink's and the token endpoint's proxy logged at start, redacted:\n{log}"
+        3,
+        "the sink's, the token endpoint's and the dead letter's proxy logged at start, \
+         redacted:\n{log}"
     );
     assert!(!log.contains("p%40ss") && !log.contains("p@ss"), "{log}");
     assert_eq!(

@@ -141,9 +141,10 @@ async fn write_batches(
 pub struct Latency {
     pub p50: Duration,
     pub p99: Duration,
-    /// The p99 of the events committed in each whole second of the run (from the first
-    /// commit): whether the slow events bunch in a few seconds (a stall) or spread over all.
-    pub p99_by_second: Vec<Duration>,
+    /// The p99 of the events committed in each second of the run (from the first commit; the
+    /// last second may be partial; `None` for a second without commits): whether the slow
+    /// events bunch in a few seconds (a stall) or spread over all.
+    pub p99_by_second: Vec<Option<Duration>>,
 }
 
 /// Commit-to-sink latency: each received event's arrival minus the commit of the row its `id`
@@ -179,7 +180,7 @@ pub fn commit_to_sink(
         p99: percentile(&mut all, 0.99)?,
         p99_by_second: seconds
             .iter_mut()
-            .filter_map(|bucket| percentile(bucket, 0.99))
+            .map(|bucket| percentile(bucket, 0.99))
             .collect(),
     })
 }
@@ -217,7 +218,7 @@ mod tests {
         assert_eq!(latency.p50, Duration::from_millis(50));
         assert_eq!(latency.p99, Duration::from_millis(99));
         // All 100 rows committed within the first second.
-        assert_eq!(latency.p99_by_second, vec![Duration::from_millis(99)]);
+        assert_eq!(latency.p99_by_second, vec![Some(Duration::from_millis(99))]);
         assert_eq!(commit_to_sink(&events[100..], &commits), None);
     }
 
@@ -226,23 +227,30 @@ mod tests {
         let t0 = chrono::Utc::now();
         let ms = chrono::Duration::milliseconds;
         // One row every 10 ms for 3 s, 1 ms to the sink, except those committed in the
-        // second second: 200 ms.
-        let commits: HashMap<String, Stamp> = (0..300)
+        // second second: 200 ms; then nothing for a second, then one row.
+        let mut commits: HashMap<String, Stamp> = (0..300)
             .map(|i| (format!("row-{i}"), t0 + ms(i * 10)))
             .collect();
-        let events: Vec<ReceivedEvent> = (0..300)
-            .map(|i| ReceivedEvent {
-                received_at: t0 + ms(i * 10 + if (100..200).contains(&i) { 200 } else { 1 }),
-                event: serde_json::json!({ "id": format!("row-{i}") }),
+        commits.insert("row-300".into(), t0 + ms(4_500));
+        let events: Vec<ReceivedEvent> = (0..=300)
+            .map(|i| {
+                let id = format!("row-{i}");
+                let latency = if (100..200).contains(&i) { 200 } else { 1 };
+                ReceivedEvent {
+                    received_at: commits[&id] + ms(latency),
+                    event: serde_json::json!({ "id": id }),
+                }
             })
             .collect();
         let latency = commit_to_sink(&events, &commits).expect("latencies");
         assert_eq!(
             latency.p99_by_second,
             vec![
-                ms(1).to_std().unwrap(),
-                ms(200).to_std().unwrap(),
-                ms(1).to_std().unwrap()
+                Some(ms(1).to_std().unwrap()),
+                Some(ms(200).to_std().unwrap()),
+                Some(ms(1).to_std().unwrap()),
+                None,
+                Some(ms(1).to_std().unwrap()),
             ]
         );
         assert_eq!(latency.p50, Duration::from_millis(1));
