@@ -3,7 +3,10 @@
 //! scratch database with NVSentinel's schema, starts the reference sink and token endpoint on
 //! loopback, seeds history, runs the exporter with backfill and live streaming while the
 //! generator writes more events, and ends with a summary. It removes what it created, except
-//! the file of received CloudEvents.
+//! the file of received CloudEvents (with `--output`), also when it is interrupted (SIGINT or
+//! SIGTERM): the interruption stops the exporter and the writer, and the same clean-up runs
+//! (the scratch database dropped with its connections, a throwaway cluster stopped, the
+//! secret's directory removed). The client secret is written 0600 in a 0700 directory.
 
 use std::collections::HashSet;
 use std::io::IsTerminal;
@@ -57,7 +60,7 @@ pub struct DemoSummary {
 }
 
 pub async fn run(args: DemoArgs) -> Result<(), ExitError> {
-    let summary = run_demo(args).await?;
+    let summary = run_demo_until(args, interrupted()).await?;
     println!();
     println!("events written:    {}", summary.written);
     println!(
@@ -85,8 +88,37 @@ pub async fn run(args: DemoArgs) -> Result<(), ExitError> {
     Ok(())
 }
 
+/// Resolves on SIGINT or SIGTERM (never, if neither can be watched).
+async fn interrupted() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let terminate = async {
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                term.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => {
+            if result.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        () = terminate => {}
+    }
+}
+
 /// Runs the demo and returns its numbers (the end-to-end test calls this).
 pub async fn run_demo(args: DemoArgs) -> Result<DemoSummary, ExitError> {
+    run_demo_until(args, std::future::pending()).await
+}
+
+/// [`run_demo`], cut short (and cleaned up) when `stop` resolves.
+pub async fn run_demo_until(
+    args: DemoArgs,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<DemoSummary, ExitError> {
     // Without --output the received events go to a scratch directory removed at the end.
     let (output, keep) = match &args.output {
         Some(dir) => (dir.clone(), true),
@@ -99,7 +131,7 @@ pub async fn run_demo(args: DemoArgs) -> Result<DemoSummary, ExitError> {
         .map_err(|e| ExitError::failed_with(output.display().to_string(), e))?;
     let received_file = output.join("received.ndjson");
     let _ = std::fs::remove_file(&received_file);
-    let result = run_in(&args, &received_file).await;
+    let result = run_in(&args, &received_file, stop).await;
     if !keep {
         let _ = std::fs::remove_dir_all(&output);
     }
@@ -111,6 +143,7 @@ pub async fn run_demo(args: DemoArgs) -> Result<DemoSummary, ExitError> {
 async fn run_in(
     args: &DemoArgs,
     received_file: &std::path::Path,
+    stop: impl std::future::Future<Output = ()>,
 ) -> Result<DemoSummary, ExitError> {
     say("finding PostgreSQL");
     let server = local_postgres::LocalServer::find()
@@ -121,7 +154,28 @@ async fn run_in(
         .create_database(&database)
         .await
         .map_err(ExitError::failed)?;
-    let result = run_with_database(args, &server, &database, received_file).await;
+    let scratch = match tempdir() {
+        Ok(scratch) => scratch,
+        Err(error) => {
+            let _ = server.drop_database(&database).await;
+            server.stop();
+            return Err(error);
+        }
+    };
+    let exporter_stop = CancellationToken::new();
+    let result = tokio::select! {
+        result = run_with_database(
+            args, &server, &database, received_file, &scratch, &exporter_stop,
+        ) => result,
+        () = stop => {
+            // The writer and the wait end with the dropped future; the exporter task is told
+            // to stop, and the database is dropped with its connections (FORCE) below.
+            exporter_stop.cancel();
+            say("interrupted: removing the scratch database and files");
+            Err(ExitError::failed("interrupted"))
+        }
+    };
+    let _ = std::fs::remove_dir_all(&scratch);
     if let Err(error) = server.drop_database(&database).await {
         eprintln!("could not drop the scratch database {database}: {error}");
     }
@@ -136,6 +190,8 @@ async fn run_with_database(
     server: &local_postgres::LocalServer,
     database: &str,
     received_file: &std::path::Path,
+    scratch: &std::path::Path,
+    shutdown: &CancellationToken,
 ) -> Result<DemoSummary, ExitError> {
     let client = server
         .schema_client(database)
@@ -157,15 +213,13 @@ async fn run_with_database(
     .await
     .map_err(ExitError::failed)?;
 
-    let scratch = tempdir()?;
     let settings = exporter_settings(
         args,
         server.settings(database),
         &running_sink,
         &secret,
-        &scratch,
+        scratch,
     )?;
-    let shutdown = CancellationToken::new();
     let exporter = tokio::spawn(exporter::run_with(settings, shutdown.clone()));
 
     // Live events while the backfill runs.
@@ -180,7 +234,6 @@ async fn run_with_database(
     say(&format!("delivered {}/{written}", running_sink.accepted()));
     shutdown.cancel();
     let exported = exporter.await.map_err(ExitError::failed)?;
-    let _ = std::fs::remove_dir_all(&scratch);
     summarize(running_sink, written, live_started, exported).await
 }
 
@@ -218,7 +271,8 @@ fn exporter_settings(
     scratch: &std::path::Path,
 ) -> Result<Settings, ExitError> {
     let secret_path = scratch.join("oidc-client-secret");
-    std::fs::write(&secret_path, secret).map_err(ExitError::failed)?;
+    write_private(&secret_path, secret)
+        .map_err(|e| ExitError::failed_with(secret_path.display().to_string(), e))?;
     let token_url = running_sink.token_url().unwrap_or_default();
     let config = Config::parse(&demo_config(&running_sink.events_url(), &token_url))
         .map_err(ExitError::failed)?;
@@ -375,12 +429,54 @@ impl<'a> Progress<'a> {
     }
 }
 
+/// A new directory for the client secret, readable by this user only (0700).
 fn tempdir() -> Result<PathBuf, ExitError> {
+    use std::os::unix::fs::DirBuilderExt;
     let dir = std::env::temp_dir().join(format!(
-        "event-exporter-demo-secrets-{:x}",
+        "event-exporter-demo-secrets-{}-{:x}",
+        std::process::id(),
         fastrand::u64(..)
     ));
-    std::fs::create_dir_all(&dir)
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
         .map_err(|e| ExitError::failed_with(dir.display().to_string(), e))?;
     Ok(dir)
+}
+
+/// Writes `text` to a new file at `path` readable by this user only (0600).
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?
+        .write_all(text.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_secret_is_readable_by_this_user_only() {
+        let dir = tempdir().expect("secret directory");
+        let file = dir.join("oidc-client-secret");
+        write_private(&file, "s3cret").expect("secret written");
+        let mode = |path: &std::path::Path| {
+            std::fs::metadata(path)
+                .expect("metadata")
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        let (dir_mode, file_mode) = (mode(&dir), mode(&file));
+        let text = std::fs::read_to_string(&file).expect("read back");
+        std::fs::remove_dir_all(&dir).expect("clean up");
+        assert_eq!((dir_mode, file_mode), (0o700, 0o600));
+        assert_eq!(text, "s3cret");
+    }
 }

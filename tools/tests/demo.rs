@@ -91,3 +91,91 @@ fn demo_command_prints_a_summary_and_leaves_nothing_behind() {
     );
     assert!(stderr.contains("demo: delivered 300/300"), "{stderr}");
 }
+
+/// SIGINT or SIGTERM in the middle of the run: the demo stops at once and still removes what
+/// it created (the scratch database, its temporary directory, the secret's directory).
+#[test]
+fn an_interrupted_demo_leaves_nothing_behind() {
+    use std::io::BufRead;
+    for signal in ["-INT", "-TERM"] {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_event-exporter-dev"))
+            .args([
+                "demo",
+                "--history",
+                "200",
+                "--rate",
+                "50",
+                "--live-for",
+                "120s",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run demo");
+        let pid = child.id();
+        let stderr = child.stderr.take().expect("stderr");
+        let mut lines = std::io::BufReader::new(stderr).lines();
+        let mut seen = String::new();
+        // Wait until the exporter runs and live events are being written.
+        for line in lines.by_ref() {
+            let line = line.expect("stderr line");
+            seen.push_str(&line);
+            seen.push('\n');
+            if line.contains("exporter running") {
+                break;
+            }
+        }
+        assert!(seen.contains("exporter running"), "{seen}");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let killed = std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(killed.success());
+        for line in lines {
+            seen.push_str(&line.expect("stderr line"));
+            seen.push('\n');
+        }
+        let status = child.wait().expect("demo exits");
+        assert!(
+            !status.success(),
+            "{signal}: an interrupted demo is not a success"
+        );
+        assert!(seen.contains("interrupted"), "{signal}:\n{seen}");
+
+        let scratch = std::env::temp_dir().join(format!("event-exporter-demo-{pid}"));
+        assert!(!scratch.exists(), "{} is left behind", scratch.display());
+        let secrets = format!("event-exporter-demo-secrets-{pid}-");
+        let left: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+            .expect("temp dir")
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&secrets))
+            .map(|e| e.path())
+            .collect();
+        assert!(
+            left.is_empty(),
+            "{signal}: secret directories left: {left:?}"
+        );
+        let database = format!("event_exporter_demo_{pid}");
+        let exists = std::process::Command::new("psql")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-Atc",
+            ])
+            .arg(format!(
+                "SELECT count(*) FROM pg_database WHERE datname = '{database}'"
+            ))
+            .output()
+            .expect("psql");
+        assert_eq!(
+            String::from_utf8_lossy(&exists.stdout).trim(),
+            "0",
+            "{signal}: {database} is left behind"
+        );
+    }
+}
