@@ -125,7 +125,7 @@ pub fn run_job(
 ) -> std::process::ExitCode {
     use std::process::ExitCode;
     if let Err(error) = crate::logging::init(level, format) {
-        crate::logging::print_stderr(&format!("--log-level: {error}"));
+        crate::logging::print_stderr(&format!("--log-level/LOG_LEVEL: {error}"));
         return ExitCode::from(2);
     }
     let available = || std::thread::available_parallelism().map_or(1, usize::from);

@@ -37,16 +37,22 @@ pub enum LogInitError {
     Install(Box<dyn std::error::Error + Send + Sync>),
 }
 
+/// The filter directive for `level`, upstream's `LOG_LEVEL` vocabulary (case-insensitive;
+/// empty is `info`, `warning` is `warn`). Errors: [`LogInitError::Level`].
+pub fn level_directive(level: &str) -> Result<&'static str, LogInitError> {
+    match level.trim().to_ascii_lowercase().as_str() {
+        "debug" => Ok("debug"),
+        "" | "info" => Ok("info"),
+        "warn" | "warning" => Ok("warn"),
+        "error" => Ok("error"),
+        other => Err(LogInitError::Level(other.to_string())),
+    }
+}
+
 /// Installs the global subscriber. `level` is upstream's `LOG_LEVEL` vocabulary. Errors:
 /// [`LogInitError`].
 pub fn init(level: &str, format: LogFormat) -> Result<(), LogInitError> {
-    let directive = match level.trim().to_ascii_lowercase().as_str() {
-        "debug" => "debug",
-        "" | "info" => "info",
-        "warn" | "warning" => "warn",
-        "error" => "error",
-        other => return Err(LogInitError::Level(other.to_string())),
-    };
+    let directive = level_directive(level)?;
     // Dependencies stay at warn unless debugging this crate.
     let filter = EnvFilter::new(format!("warn,event_exporter={directive}"));
     let builder = tracing_subscriber::fmt()

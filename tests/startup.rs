@@ -725,6 +725,46 @@ fn check_config_checks_the_secret_file_ca_files_and_flags_like_the_exporter() {
     let (code, output) = check_config(&path, &["--metrics-port=x"], &env);
     assert_eq!(code, Some(2), "{output}");
     assert!(output.contains("--metrics-port"), "{output}");
+
+    // The log level and the runtime's threads: refused by check-config as by the exporter.
+    let with = |name: &str, value: &str| {
+        let mut env = env.clone();
+        env.push((name.to_string(), value.to_string()));
+        env
+    };
+    for (env, extra, named) in [
+        (with("LOG_LEVEL", "verbose"), vec![], "LOG_LEVEL"),
+        (env.clone(), vec!["--log-level=verbose"], "--log-level"),
+        (
+            with("TOKIO_WORKER_THREADS", "abc"),
+            vec![],
+            "TOKIO_WORKER_THREADS",
+        ),
+        (
+            with("TOKIO_WORKER_THREADS", "0"),
+            vec![],
+            "TOKIO_WORKER_THREADS",
+        ),
+    ] {
+        let (code, output) = check_config(&path, &extra, &env);
+        assert_eq!(code, Some(2), "{named}: {output}");
+        assert!(output.contains(named), "{named}: {output}");
+        let mut run = vec![format!("--config={path}"), "--metrics-port=0".to_string()];
+        run.extend(extra.iter().map(|a| a.to_string()));
+        let run: Vec<&str> = run.iter().map(String::as_str).collect();
+        let (code, output) = run_once(&run, &env);
+        assert_eq!(code, Some(2), "the exporter, {named}: {output}");
+        assert!(output.contains(named), "the exporter, {named}: {output}");
+    }
+    let (code, output) = check_config(
+        &path,
+        &["--log-level=WARNING"],
+        &with("TOKIO_WORKER_THREADS", "3"),
+    );
+    assert_eq!(code, Some(0), "{output}");
+    let report = json_report(&output);
+    assert_eq!(report["runtime"]["workerThreads"], 3, "{output}");
+    assert_eq!(report["runtime"]["logLevel"], "warn", "{output}");
 }
 
 #[test]

@@ -86,6 +86,13 @@ pub fn main(args: &CheckConfigArgs) -> ExitCode {
 /// Returns the report to print, or the error that makes the configuration invalid.
 pub fn check(args: &CheckConfigArgs) -> Result<Report, ExitError> {
     let run = &args.run;
+    // What `run_job` refuses before the exporter starts: the same checks, the same messages.
+    crate::logging::level_directive(&run.log_level)
+        .map_err(|e| ExitError::config_with("--log-level/LOG_LEVEL", e))?;
+    let available = || std::thread::available_parallelism().map_or(1, usize::from);
+    let threads =
+        crate::cli::worker_threads(std::env::var_os(crate::cli::WORKER_THREADS_ENV), available)
+            .map_err(ExitError::config)?;
     let LocalSettings {
         mut config,
         workers,
@@ -108,6 +115,10 @@ pub fn check(args: &CheckConfigArgs) -> Result<Report, ExitError> {
             "checked: the OIDC secret file and CA files are readable"
         },
         "flags": flags_report(&config, run, metrics_port),
+        "runtime": {
+            "logLevel": crate::logging::level_directive(&run.log_level).unwrap_or("info"),
+            "workerThreads": threads,
+        },
         "unknownKeys": config.unknown_keys,
         "warnings": config.warnings,
         "datastore": datastore,
