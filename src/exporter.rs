@@ -585,11 +585,13 @@ fn outcome(died: Option<String>, results: Option<Results>) -> Result<(), ExitErr
         return Err(failed("the exporter did not stop in time".into()));
     };
     match (stream_result, backfill_result) {
-        (Ok(summary), Ok(_)) => {
+        (Ok(summary), Ok(backfill)) => {
+            // The stream's counts, and the events a backfill (if one ran) published.
             tracing::info!(
                 published = summary.published,
                 skipped = summary.skipped,
                 filtered = summary.filtered,
+                backfill_published = backfill.as_ref().map(|b| b.published),
                 resume_token = summary.checkpoint,
                 "stopped cleanly"
             );

@@ -63,9 +63,15 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// From the process environment; `HOSTNAME` unset or blank reads as `"unknown"`.
+    /// From the process: `HOSTNAME` (set by Kubernetes, not exported by most shells), else the
+    /// kernel's host name (`/proc/sys/kernel/hostname`, the pod name in a pod too), else
+    /// `"unknown"`.
     pub fn from_process() -> Identity {
-        Identity::new(std::env::var("HOSTNAME").ok(), std::process::id())
+        let hostname = std::env::var("HOSTNAME")
+            .ok()
+            .filter(|h| !h.trim().is_empty())
+            .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok());
+        Identity::new(hostname, std::process::id())
     }
 
     pub fn new(hostname: Option<String>, pid: u32) -> Identity {
@@ -225,6 +231,21 @@ mod tests {
             Identity::new(Some("exporter-0".into()), 42).to_string(),
             "exporter-0/42"
         );
+    }
+
+    #[test]
+    fn the_process_identity_is_hostname_else_the_kernels_host_name() {
+        let identity = Identity::from_process();
+        let expected = match std::env::var("HOSTNAME") {
+            Ok(name) if !name.trim().is_empty() => name.trim().to_string(),
+            _ => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .expect("Linux host name")
+                .trim()
+                .to_string(),
+        };
+        assert_eq!(identity.host, expected);
+        assert_ne!(identity.host, "unknown");
+        assert_eq!(identity.pid, std::process::id());
     }
 
     #[test]

@@ -649,8 +649,19 @@ impl<C: CheckpointStore> Io<'_, C> {
         let grace_from_now = || after(tokio::time::Instant::now(), grace);
         let mut deadline =
             (!dispatcher.source_finished() || dispatcher.failed()).then(grace_from_now);
-        if !workers.in_flight.is_empty() {
-            tracing::info!(in_flight = workers.in_flight.len(), grace = ?grace, "waiting for in-flight events");
+        match deadline {
+            // A stop or a failure: in-flight events get the grace period.
+            Some(_) if !workers.in_flight.is_empty() => {
+                tracing::info!(in_flight = workers.in_flight.len(), grace = ?grace, "waiting for in-flight events");
+            }
+            // The source ran out (a backfill's end): the last events finish as usual.
+            None if !workers.in_flight.is_empty() => {
+                tracing::debug!(
+                    in_flight = workers.in_flight.len(),
+                    "source finished; waiting for its last events"
+                );
+            }
+            _ => {}
         }
         loop {
             let (done, abandoned) = tokio::select! {
