@@ -612,6 +612,26 @@ fn check_config_prints_the_mongodb_environment_redacted() {
         "{out}"
     );
 
+    // A mount directory with only the CA: the report says which files are there.
+    let mount = tempfile::tempdir().expect("temp dir");
+    std::fs::write(mount.path().join("ca.crt"), "not read by check-config").expect("write");
+    let (code, report, out) = check_config(
+        &[
+            ("DATASTORE_PROVIDER", "mongodb".into()),
+            (
+                "MONGODB_CLIENT_CERT_MOUNT_PATH",
+                mount.path().display().to_string(),
+            ),
+        ],
+        &["--skip-files"],
+    );
+    assert_eq!(code, Some(0), "{out}");
+    let tls = &report["datastore"]["tls"];
+    assert_eq!(tls["caFile"]["present"], true, "{out}");
+    assert_eq!(tls["clientCert"]["present"], false, "{out}");
+    assert_eq!(tls["clientKey"]["present"], false, "{out}");
+    assert_eq!(tls["mode"], "CA only (credentials from the URI)", "{out}");
+
     // A bad value fails the check naming the variable.
     let (code, _, out) = check_config(
         &[

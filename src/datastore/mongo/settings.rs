@@ -186,9 +186,13 @@ impl MongoSettings {
     /// The effective settings as JSON for `check-config`, the URI's password redacted.
     pub fn report(&self) -> serde_json::Value {
         let file = |f: &Option<NamedFile>| match f {
-            Some(f) => {
-                serde_json::json!({"path": f.path.display().to_string(), "from": f.variable})
-            }
+            // `present`: whether the file is there now (the default mount's files are used
+            // only when they exist; see `tls_mode`).
+            Some(f) => serde_json::json!({
+                "path": f.path.display().to_string(),
+                "from": f.variable,
+                "present": f.path.is_file(),
+            }),
             None => serde_json::Value::Null,
         };
         serde_json::json!({
