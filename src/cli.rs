@@ -128,8 +128,7 @@ pub fn run_job(
         crate::logging::print_stderr(&format!("--log-level/LOG_LEVEL: {error}"));
         return ExitCode::from(2);
     }
-    let available = || std::thread::available_parallelism().map_or(1, usize::from);
-    let threads = match worker_threads(std::env::var_os(WORKER_THREADS_ENV), available) {
+    let threads = match process_worker_threads() {
         Ok(threads) => threads,
         Err(error) => {
             crate::logging::print_stderr(&error.to_string());
@@ -189,6 +188,13 @@ pub fn worker_threads(
             value: value.to_string_lossy().into_owned(),
         }),
     }
+}
+
+/// [`worker_threads`] for this process: its `TOKIO_WORKER_THREADS`, else the CPUs it may use.
+/// The exporter's runtime and `check-config` read it here, so they agree.
+pub fn process_worker_threads() -> Result<usize, WorkerThreadsError> {
+    let available = || std::thread::available_parallelism().map_or(1, usize::from);
+    worker_threads(std::env::var_os(WORKER_THREADS_ENV), available)
 }
 
 /// clap's value parser for duration flags (`--shutdown-grace=20s`): a Go duration string.

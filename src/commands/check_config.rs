@@ -87,12 +87,9 @@ pub fn main(args: &CheckConfigArgs) -> ExitCode {
 pub fn check(args: &CheckConfigArgs) -> Result<Report, ExitError> {
     let run = &args.run;
     // What `run_job` refuses before the exporter starts: the same checks, the same messages.
-    crate::logging::level_directive(&run.log_level)
+    let log_level = crate::logging::level_directive(&run.log_level)
         .map_err(|e| ExitError::config_with("--log-level/LOG_LEVEL", e))?;
-    let available = || std::thread::available_parallelism().map_or(1, usize::from);
-    let threads =
-        crate::cli::worker_threads(std::env::var_os(crate::cli::WORKER_THREADS_ENV), available)
-            .map_err(ExitError::config)?;
+    let threads = crate::cli::process_worker_threads().map_err(ExitError::config)?;
     let LocalSettings {
         mut config,
         workers,
@@ -116,7 +113,7 @@ pub fn check(args: &CheckConfigArgs) -> Result<Report, ExitError> {
         },
         "flags": flags_report(&config, run, metrics_port),
         "runtime": {
-            "logLevel": crate::logging::level_directive(&run.log_level).unwrap_or("info"),
+            "logLevel": log_level,
             "workerThreads": threads,
         },
         "unknownKeys": config.unknown_keys,

@@ -60,7 +60,17 @@ pub struct DemoSummary {
 }
 
 pub async fn run(args: DemoArgs) -> Result<(), ExitError> {
-    let summary = run_demo_until(args, interrupted()).await?;
+    // Installed before the run, so an early signal is not lost; without them nothing stops it.
+    let signals = sink::Signals::install().ok();
+    let interrupted = async move {
+        match signals {
+            Some(signals) => {
+                signals.wait().await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    let summary = run_demo_until(args, interrupted).await?;
     println!();
     println!("events written:    {}", summary.written);
     println!(
@@ -86,27 +96,6 @@ pub async fn run(args: DemoArgs) -> Result<(), ExitError> {
         )));
     }
     Ok(())
-}
-
-/// Resolves on SIGINT or SIGTERM (never, if neither can be watched).
-async fn interrupted() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let terminate = async {
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                term.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        result = tokio::signal::ctrl_c() => {
-            if result.is_err() {
-                std::future::pending::<()>().await;
-            }
-        }
-        () = terminate => {}
-    }
 }
 
 /// Runs the demo and returns its numbers (the end-to-end test calls this).

@@ -495,13 +495,13 @@ async fn report_until<F: std::future::Future>(sink: &RunningSink, done: F) -> F:
 }
 
 /// SIGTERM and SIGINT, installed before the server starts so an early signal is not lost.
-struct Signals {
+pub(crate) struct Signals {
     terminate: tokio::signal::unix::Signal,
     interrupt: tokio::signal::unix::Signal,
 }
 
 impl Signals {
-    fn install() -> std::io::Result<Signals> {
+    pub(crate) fn install() -> std::io::Result<Signals> {
         use tokio::signal::unix::{signal, SignalKind};
         Ok(Signals {
             terminate: signal(SignalKind::terminate())?,
@@ -510,7 +510,7 @@ impl Signals {
     }
 
     /// The name of the first signal received.
-    async fn wait(mut self) -> &'static str {
+    pub(crate) async fn wait(mut self) -> &'static str {
         tokio::select! {
             _ = self.terminate.recv() => "SIGTERM",
             _ = self.interrupt.recv() => "SIGINT",
@@ -544,14 +544,15 @@ pub fn latency_percentiles_from(
             Some((received.received_at - start).to_std().unwrap_or_default())
         })
         .collect();
-    latencies.sort();
-    let at = |p: f64| {
-        latencies
-            .get(((latencies.len() as f64 * p).ceil() as usize).saturating_sub(1))
-            .copied()
-            .unwrap_or_default()
-    };
+    latencies.sort_unstable();
+    let at = |p: f64| nearest_rank(&latencies, p).unwrap_or_default();
     (at(0.50), at(0.99))
+}
+
+/// The nearest-rank percentile `p` (0–1) of `sorted` (ascending); `None` when it is empty.
+pub fn nearest_rank(sorted: &[Duration], p: f64) -> Option<Duration> {
+    let rank = (sorted.len() as f64 * p).ceil() as usize;
+    sorted.get(rank.saturating_sub(1)).copied()
 }
 
 #[cfg(test)]

@@ -32,7 +32,14 @@ async fn demo_delivers_every_event_it_writes() {
         "one line per delivered event"
     );
 
-    // The scratch database is gone.
+    assert!(
+        !scratch_database_exists(std::process::id()).await,
+        "the demo drops its scratch database"
+    );
+}
+
+/// Whether the scratch database of the demo run by process `pid` is still there.
+async fn scratch_database_exists(pid: u32) -> bool {
     let (client, connection) = tokio_postgres::connect(
         "host=127.0.0.1 port=5432 user=postgres dbname=postgres",
         tokio_postgres::NoTls,
@@ -40,15 +47,25 @@ async fn demo_delivers_every_event_it_writes() {
     .await
     .expect("connect");
     tokio::spawn(connection);
-    let left: i64 = client
+    let count: i64 = client
         .query_one(
             "SELECT count(*) FROM pg_database WHERE datname = $1",
-            &[&format!("event_exporter_demo_{}", std::process::id())],
+            &[&format!("event_exporter_demo_{pid}")],
         )
         .await
         .expect("query")
         .get(0);
-    assert_eq!(left, 0, "the demo drops its scratch database");
+    count > 0
+}
+
+/// `event-exporter-dev demo` with `args`, its stderr piped.
+fn demo_command(args: &[&str]) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_event-exporter-dev"));
+    command
+        .arg("demo")
+        .args(args)
+        .stderr(std::process::Stdio::piped());
+    command
 }
 
 /// Without `--output` the demo keeps nothing: its temporary directory is gone when it exits,
@@ -56,18 +73,8 @@ async fn demo_delivers_every_event_it_writes() {
 /// as whole lines, never `\r` rewrites.
 #[test]
 fn demo_command_prints_a_summary_and_leaves_nothing_behind() {
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_event-exporter-dev"))
-        .args([
-            "demo",
-            "--history",
-            "200",
-            "--rate",
-            "50",
-            "--live-for",
-            "2s",
-        ])
+    let child = demo_command(&["--history", "200", "--rate", "50", "--live-for", "2s"])
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("run demo");
     let scratch = std::env::temp_dir().join(format!("event-exporter-demo-{}", child.id()));
@@ -94,22 +101,12 @@ fn demo_command_prints_a_summary_and_leaves_nothing_behind() {
 
 /// SIGINT or SIGTERM in the middle of the run: the demo stops at once and still removes what
 /// it created (the scratch database, its temporary directory, the secret's directory).
-#[test]
-fn an_interrupted_demo_leaves_nothing_behind() {
+#[tokio::test]
+async fn an_interrupted_demo_leaves_nothing_behind() {
     use std::io::BufRead;
     for signal in ["-INT", "-TERM"] {
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_event-exporter-dev"))
-            .args([
-                "demo",
-                "--history",
-                "200",
-                "--rate",
-                "50",
-                "--live-for",
-                "120s",
-            ])
+        let mut child = demo_command(&["--history", "200", "--rate", "50", "--live-for", "120s"])
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("run demo");
         let pid = child.id();
@@ -156,26 +153,9 @@ fn an_interrupted_demo_leaves_nothing_behind() {
             left.is_empty(),
             "{signal}: secret directories left: {left:?}"
         );
-        let database = format!("event_exporter_demo_{pid}");
-        let exists = std::process::Command::new("psql")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-                "-Atc",
-            ])
-            .arg(format!(
-                "SELECT count(*) FROM pg_database WHERE datname = '{database}'"
-            ))
-            .output()
-            .expect("psql");
-        assert_eq!(
-            String::from_utf8_lossy(&exists.stdout).trim(),
-            "0",
-            "{signal}: {database} is left behind"
+        assert!(
+            !scratch_database_exists(pid).await,
+            "{signal}: event_exporter_demo_{pid} is left behind"
         );
     }
 }

@@ -26,7 +26,7 @@ use tokio_postgres::Client;
 
 use super::error::{datastore, BenchError};
 use crate::generate::{self, Generator, RawDocument, Row};
-use crate::sink::ReceivedEvent;
+use crate::sink::{nearest_rank, ReceivedEvent};
 
 /// The largest batch one INSERT writes.
 pub const MAX_BATCH: u64 = 500;
@@ -175,21 +175,18 @@ pub fn commit_to_sink(
         }
     }
     let mut all: Vec<Duration> = timed.iter().map(|(_, latency)| *latency).collect();
+    all.sort_unstable();
     Some(Latency {
-        p50: percentile(&mut all, 0.50)?,
-        p99: percentile(&mut all, 0.99)?,
+        p50: nearest_rank(&all, 0.50)?,
+        p99: nearest_rank(&all, 0.99)?,
         p99_by_second: seconds
             .iter_mut()
-            .map(|bucket| percentile(bucket, 0.99))
+            .map(|bucket| {
+                bucket.sort_unstable();
+                nearest_rank(bucket, 0.99)
+            })
             .collect(),
     })
-}
-
-/// The nearest-rank percentile `p` (0–1) of `values` (sorted in place); `None` when empty.
-fn percentile(values: &mut [Duration], p: f64) -> Option<Duration> {
-    values.sort_unstable();
-    let rank = (values.len() as f64 * p).ceil() as usize;
-    values.get(rank.saturating_sub(1)).copied()
 }
 
 #[cfg(test)]
