@@ -24,9 +24,66 @@ pub fn saturating_add(instant: tokio::time::Instant, duration: Duration) -> toki
         .unwrap_or(instant)
 }
 
+/// A timer for a `select!` loop whose deadline may change from one turn to the next (or be
+/// absent). A `sleep_until` made afresh every turn registers a timer entry and removes it
+/// again each turn (two locks of the timer driver per turn, once per event in a drain); an
+/// alarm keeps one entry and moves it only when the deadline changes.
+pub struct Alarm {
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// The deadline `sleep` is set to, once one was asked for.
+    armed: Option<tokio::time::Instant>,
+}
+
+impl Alarm {
+    pub fn new() -> Alarm {
+        Alarm {
+            sleep: Box::pin(tokio::time::sleep_until(deadline_after(FAR_FUTURE))),
+            armed: None,
+        }
+    }
+
+    /// Completes at `deadline` (at once if it has passed); never while `deadline` is `None`.
+    /// Cancel-safe: dropping the future keeps the alarm set.
+    pub async fn at(&mut self, deadline: Option<tokio::time::Instant>) {
+        let Some(deadline) = deadline else {
+            return std::future::pending().await;
+        };
+        if self.armed != Some(deadline) {
+            self.sleep.as_mut().reset(deadline);
+            self.armed = Some(deadline);
+        }
+        self.sleep.as_mut().await
+    }
+}
+
+impl Default for Alarm {
+    fn default() -> Self {
+        Alarm::new()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn an_alarm_rings_at_its_latest_deadline_and_never_without_one() {
+        let mut alarm = Alarm::new();
+        let start = tokio::time::Instant::now();
+        let none = tokio::time::timeout(Duration::from_secs(3600), alarm.at(None)).await;
+        assert!(none.is_err(), "an alarm without a deadline rang");
+        let first = tokio::time::Instant::now() + Duration::from_secs(5);
+        // Asked for a later deadline before the first rang: it rings at the later one.
+        let early = tokio::time::timeout(Duration::from_secs(1), alarm.at(Some(first))).await;
+        assert!(early.is_err());
+        let later = first + Duration::from_secs(5);
+        alarm.at(Some(later)).await;
+        assert_eq!(tokio::time::Instant::now(), later);
+        // A passed deadline rings at once, and so does an earlier one set afterwards.
+        alarm.at(Some(later)).await;
+        alarm.at(Some(start)).await;
+        assert_eq!(tokio::time::Instant::now(), later);
+    }
 
     #[tokio::test]
     async fn a_huge_duration_saturates_instead_of_panicking() {

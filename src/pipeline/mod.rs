@@ -18,8 +18,10 @@
 mod batch;
 mod dispatcher;
 mod tracker;
+mod workers;
 
 use dispatcher::{Dispatcher, Flow};
+use workers::Workers;
 
 pub use tracker::SequenceTracker;
 
@@ -31,12 +33,10 @@ use chrono::{DateTime, Utc};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use smallvec::SmallVec;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::clock::saturating_add as after;
+use crate::clock::{saturating_add as after, Alarm};
 use crate::cloudevent::Transformer;
 use crate::datastore::{
     Change, ChangeSource, Checkpoint, CheckpointStore, DatastoreError, RawEvent,
@@ -438,101 +438,6 @@ impl ReaderTask {
     }
 }
 
-/// The publishes in flight and the channel their outcomes come back on.
-struct Workers {
-    handler: Arc<EventHandler>,
-    feed: Feed,
-    results_tx: Option<mpsc::UnboundedSender<(Change, Outcome)>>,
-    results: mpsc::UnboundedReceiver<(Change, Outcome)>,
-    in_flight: JoinSet<()>,
-    /// Cancels retry waits once the grace period is over.
-    cancel: CancellationToken,
-}
-
-impl Workers {
-    fn new(handler: Arc<EventHandler>, feed: Feed) -> Workers {
-        let (results_tx, results) = mpsc::unbounded_channel();
-        Workers {
-            handler,
-            feed,
-            results_tx: Some(results_tx),
-            results,
-            in_flight: JoinSet::new(),
-            cancel: CancellationToken::new(),
-        }
-    }
-
-    /// One worker for `events` (one, or a batch in batch mode), each a change carrying its
-    /// event; each goes back with its outcome.
-    fn spawn(&mut self, permit: OwnedSemaphorePermit, events: SmallVec<[Change; 1]>) {
-        let Some(results) = self.results_tx.clone() else {
-            return; // closed: intake is over
-        };
-        let (handler, cancel, feed) = (self.handler.clone(), self.cancel.clone(), self.feed);
-        self.in_flight.spawn(async move {
-            let _permit = permit;
-            let gauge = &metrics::get().events_in_flight;
-            let count = i64::try_from(events.len()).unwrap_or(i64::MAX);
-            gauge.inc_by(count);
-            crate::panics::debug_panic_point("publish");
-            let finished = |change: Change, outcome: Outcome| {
-                crate::watchdog::global().finished();
-                let _ = results.send((change, outcome));
-            };
-            match handler.batch {
-                Some(limits) => {
-                    let outcomes = batch::handle(&handler, feed, &events, limits, &cancel).await;
-                    gauge.dec_by(count);
-                    for (change, outcome) in events.into_iter().zip(outcomes) {
-                        finished(change, outcome);
-                    }
-                }
-                None => {
-                    for change in events {
-                        let outcome = match change.event() {
-                            Some(event) => {
-                                handler.handle(feed, change.position, event, &cancel).await
-                            }
-                            // Only changes with an event wait for a worker.
-                            None => Outcome::Skipped,
-                        };
-                        gauge.dec();
-                        finished(change, outcome);
-                    }
-                }
-            }
-        });
-    }
-
-    /// Reaps finished tasks so the set holds only what is in flight.
-    fn reap(&mut self) {
-        while self.in_flight.try_join_next().is_some() {}
-    }
-
-    /// Hands every outcome already back to the dispatcher; `Stop` if one failed.
-    fn record_ready(&mut self, dispatcher: &mut Dispatcher) -> Flow {
-        let mut flow = Flow::Continue;
-        while let Ok((change, outcome)) = self.results.try_recv() {
-            let now = tokio::time::Instant::now();
-            if dispatcher.on_result(change, outcome, now) == Flow::Stop {
-                flow = Flow::Stop;
-            }
-        }
-        flow
-    }
-
-    /// The grace period is over: cancels and aborts what is still in flight.
-    async fn abandon(&mut self) {
-        tracing::warn!(
-            abandoned = self.in_flight.len(),
-            "grace period over; abandoning in-flight events (they will be re-sent after restart)"
-        );
-        self.cancel.cancel();
-        self.in_flight.abort_all();
-        while self.in_flight.join_next().await.is_some() {}
-    }
-}
-
 /// A checkpoint write and the checkpoint it writes.
 type SaveFuture<'a> =
     Pin<Box<dyn Future<Output = (Checkpoint, Result<(), DatastoreError>)> + Send + 'a>>;
@@ -601,21 +506,25 @@ impl<C: CheckpointStore> Io<'_, C> {
     ) {
         let first_tick = after(tokio::time::Instant::now(), LAG_INTERVAL);
         let mut tick = tokio::time::interval_at(first_tick, LAG_INTERVAL);
+        // Made once, not every turn: each is a registration (the token's waiter list, the
+        // timer wheel) that a fresh future would add and remove again on every event.
+        let shutdown = self.shutdown.cancelled();
+        tokio::pin!(shutdown);
+        let (mut save_alarm, mut linger_alarm) = (Alarm::new(), Alarm::new());
         loop {
             let now = tokio::time::Instant::now;
             let flow = tokio::select! {
                 biased;
-                _ = self.shutdown.cancelled() => Flow::Stop,
+                _ = &mut shutdown => Flow::Stop,
                 // Before results: a steady stream of results must not starve the checkpoint.
                 (checkpoint, result) = self.saving.done() => {
                     dispatcher.saved(checkpoint, result);
                     Flow::Continue
                 }
-                _ = sleep_until_some(dispatcher.save_due()) => self.saving.start(dispatcher),
+                _ = save_alarm.at(dispatcher.save_due()) => self.saving.start(dispatcher),
                 _ = tick.tick() => { dispatcher.on_tick(); Flow::Continue }
-                Some((change, outcome)) = workers.results.recv() => {
-                    workers.reap();
-                    let first = dispatcher.on_result(change, outcome, now());
+                Some(done) = workers.next_done() => {
+                    let first = workers.record(done, dispatcher);
                     // The others already back, in the same turn of the loop.
                     let rest = workers.record_ready(dispatcher);
                     if first == Flow::Stop { Flow::Stop } else { rest }
@@ -626,7 +535,7 @@ impl<C: CheckpointStore> Io<'_, C> {
                     Err(_) => Flow::Stop,
                 },
                 // Fewer than a batch waiting: they go once the linger is over.
-                _ = sleep_until_some(dispatcher.linger_due()) => Flow::Continue,
+                _ = linger_alarm.at(dispatcher.linger_due()) => Flow::Continue,
                 received = reader.changes.recv(), if dispatcher.accepts_changes() => {
                     dispatcher.on_received(received, now())
                 }
@@ -645,51 +554,48 @@ impl<C: CheckpointStore> Io<'_, C> {
         workers: &mut Workers,
         grace: Duration,
     ) -> bool {
-        workers.results_tx = None;
+        workers.close();
         let grace_from_now = || after(tokio::time::Instant::now(), grace);
         let mut deadline =
             (!dispatcher.source_finished() || dispatcher.failed()).then(grace_from_now);
+        let in_flight = workers.in_flight();
         match deadline {
             // A stop or a failure: in-flight events get the grace period.
-            Some(_) if !workers.in_flight.is_empty() => {
-                tracing::info!(in_flight = workers.in_flight.len(), grace = ?grace, "waiting for in-flight events");
+            Some(_) if in_flight > 0 => {
+                tracing::info!(in_flight, grace = ?grace, "waiting for in-flight events");
             }
             // The source ran out (a backfill's end): the last events finish as usual.
-            None if !workers.in_flight.is_empty() => {
-                tracing::debug!(
-                    in_flight = workers.in_flight.len(),
-                    "source finished; waiting for its last events"
-                );
+            None if in_flight > 0 => {
+                tracing::debug!(in_flight, "source finished; waiting for its last events");
             }
             _ => {}
         }
-        loop {
-            let (done, abandoned) = tokio::select! {
-                joined = workers.in_flight.join_next() => (joined.is_none(), false),
+        let mut abandoned = false;
+        while workers.in_flight() > 0 && !abandoned {
+            let flow = tokio::select! {
+                Some(done) = workers.next_done() => workers.record(done, dispatcher),
                 _ = self.shutdown.cancelled(), if deadline.is_none() => {
                     deadline = Some(grace_from_now());
-                    (false, false)
+                    Flow::Continue
                 }
                 (checkpoint, result) = self.saving.done() => {
                     dispatcher.saved(checkpoint, result);
-                    (false, false)
+                    Flow::Continue
                 }
                 _ = sleep_until_some(dispatcher.save_due()), if deadline.is_none() => {
-                    self.saving.start(dispatcher);
-                    (false, false)
+                    self.saving.start(dispatcher)
                 }
                 _ = sleep_until_some(deadline) => {
-                    workers.abandon().await;
-                    (true, true)
+                    abandoned = true;
+                    workers.abandon(dispatcher).await
                 }
             };
-            if workers.record_ready(dispatcher) == Flow::Stop {
+            let rest = workers.record_ready(dispatcher);
+            if flow == Flow::Stop || rest == Flow::Stop {
                 deadline.get_or_insert_with(grace_from_now);
             }
-            if done {
-                return abandoned;
-            }
         }
+        abandoned
     }
 
     /// The last write, whatever the interval, after the one in flight: its error is the run's
@@ -720,7 +626,7 @@ fn hand_out(
         if events.is_empty() {
             return Flow::Stop;
         }
-        workers.spawn(held, events);
+        workers.send(held, events);
         if dispatcher.intake_done() {
             return Flow::Stop;
         }

@@ -353,7 +353,12 @@ impl Bench<'_> {
                     args.wrk.display()
                 ),
             };
-            format!("drain into nginx: {}; {ratio}", m.figures())
+            format!(
+                "drain into nginx: {}; {ratio}; {}; {}",
+                m.figures(),
+                busy_line(&m.in_flight, args.workers),
+                stages_line(m.last_metrics.as_deref()),
+            )
         })
         .await?;
         let plan = Plan::new(feed, SinkKind::reference(Duration::ZERO), args.workers);
@@ -951,8 +956,8 @@ impl Run<'_> {
             },
             _ => (None, Instant::now()),
         };
-        let scrape =
-            (plan.adaptive || matches!(plan.feed, Feed::Stream { .. })).then_some(metrics_port);
+        // Every run but callgrind's (whose instruction count would include the scrapes).
+        let scrape = (!plan.callgrind).then_some(metrics_port);
         let watched = watch(exporter, sinks, plan.feed.count(), started, scrape).await;
         let written = match writer {
             Some(writer) => Some(writer.await??),
