@@ -1,6 +1,6 @@
 //! The dispatcher's decisions, without I/O: one method per event of `Pipeline::run`'s loop
 //! (changes received, a result finished, a checkpoint write due or done, the lag tick). The
-//! loop in `mod.rs` does the I/O (reading, spawning publishes, writing the resume token) and
+//! loop in `mod.rs` does the I/O (reading, handing events to workers, writing the resume token) and
 //! asks the dispatcher what to do; time is passed in, so the rules are tested without sleeping.
 //!
 //! Rules:

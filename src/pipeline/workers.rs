@@ -2,9 +2,9 @@
 //! batch in batch mode) at a time, and the channel their outcomes come back on.
 //!
 //! A task per event cost a spawn (the publish future copied into a new task and bound to the
-//! runtime) and a `JoinSet` entry (a lock to add it, another to reap it) for every event; a
-//! drain spends more of its time there than in the loop that decides what to send. Workers
-//! are started as jobs need them (never more than the permits ever held at once, so at most
+//! runtime) and a `JoinSet` entry (a lock to add it, another to reap it) for every event:
+//! about 3 % of a drain's instructions (callgrind, 80.8k → 78.5k per event). Workers are
+//! started as jobs need them (never more than the permits ever held at once, so at most
 //! `workers`) and are handed jobs through their own channel.
 //!
 //! Rules (the pure part is [`Pool`]):
