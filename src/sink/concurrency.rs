@@ -15,10 +15,11 @@
 //! - A window whose RTT stayed near the baseline and in which the limit was reached (all
 //!   permits in use: more concurrency could have been used) adds one, up to `workers`; until
 //!   the first back-pressure answer or rise (slow start, as TCP's), it doubles instead, so a
-//!   300 ms sink with `workers = 100` is found in about 14 round trips (two per doubling: one
-//!   to send at the new limit, one to hear back; 4 s), not 200 (60 s). The first back-pressure
-//!   answer or rise in slow start halves the limit (back to the last one that was fine), as
-//!   TCP does; afterwards each takes a tenth off.
+//!   300 ms sink with `workers = 100` is found in 7 doublings of three round trips each (one
+//!   to send at the new limit, a two-RTT window to hear the queued answers too; 8–9 s in the
+//!   bench), not 200 steps of one (60 s). The first back-pressure answer or rise in slow start
+//!   halves the limit (back to the last one that was fine), as TCP does; afterwards each
+//!   takes a tenth off.
 //! - The baseline estimates the sink's RTT *without our load*: it follows windows that were
 //!   faster than it (a moving average, so one lucky window does not set it), and never the
 //!   windows that were slower. A baseline that also followed slower windows would let a
