@@ -1,8 +1,9 @@
 //! `exporter.sink.concurrency = "adaptive"` through the binary against the loopback sink:
 //! the limit starts at 1, rises to `workers` while the sink keeps up, falls when the sink's
 //! latency steps up and when it answers 503, never lets more than `workers` requests reach the
-//! sink, holds near the capacity of a sink that queues past a few requests, falls when the
-//! sink stops answering within `exporter.sink.timeout`, and loses nothing.
+//! sink, holds near the capacity of a sink that queues past a few requests (also when fetching
+//! the bearer token is slow: that time is not the sink's), falls when the sink stops answering
+//! within `exporter.sink.timeout`, and loses nothing.
 //! Fixed mode publishes `workers` as the limit. The test waits for
 //! behaviour (the gauge reaching a value); it asserts no timing.
 
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 use support::exporter::{sample, sample_or_zero, Exporter, ExporterOptions};
 use support::pg::{self, TestDb};
 use support::sink::{SinkOptions, SinkServer};
+use support::token::{TokenConfig, TokenServer};
 
 const LIMIT: &str = "health_events_exporter_concurrency_limit";
 const WAIT: Duration = Duration::from_secs(60);
@@ -178,14 +180,32 @@ async fn adaptive_limit_falls_to_one_when_the_sink_times_out() {
 /// to the ceiling (16) as the queue's latency becomes the new normal; nothing is lost.
 #[tokio::test]
 async fn adaptive_limit_holds_near_a_queueing_sinks_capacity() {
+    holds_near_a_queueing_sinks_capacity(None).await;
+}
+
+/// The same sink behind OAuth2, its token endpoint taking 1 s to answer: the first request
+/// waits for the token, and had that wait counted as the sink's round trip, the baseline
+/// would start 20 times too slow and the limit would climb with the queue, unseen.
+#[tokio::test]
+async fn a_slow_token_endpoint_is_not_taken_for_the_sinks_latency() {
+    let token = TokenServer::start(TokenConfig {
+        latency: Some(Duration::from_secs(1)),
+        ..TokenConfig::default()
+    })
+    .await;
+    holds_near_a_queueing_sinks_capacity(Some(&token)).await;
+    assert!(token.requests() >= 1, "the exporter fetched its token");
+}
+
+async fn holds_near_a_queueing_sinks_capacity(token: Option<&TokenServer>) {
     let db = TestDb::create().await;
     let sink = SinkServer::start(SinkOptions {
         latency: Some(Duration::from_millis(50)),
-        ..SinkOptions::default()
+        token_registry: token.map(TokenServer::registry),
     })
     .await;
     sink.set_capacity(Some(2));
-    let mut options = ExporterOptions::new(&sink, None, db.env());
+    let mut options = ExporterOptions::new(&sink, token, db.env());
     options.workers = 16;
     options.sink_extra = "concurrency = \"adaptive\"".into();
     let mut exporter = Exporter::start(&options).await;

@@ -287,10 +287,9 @@ impl Publisher {
                     _ = crate::leader::gate().leading() => {}
                 }
             }
-            let sent = Instant::now();
-            let attempt = self.attempt(body, content_type, traceparent).await;
-            if let Some(concurrency) = &self.concurrency {
-                concurrency.observe(sent.elapsed(), attempt.signal());
+            let (attempt, round_trip) = self.attempt(body, content_type, traceparent).await;
+            if let (Some(concurrency), Some(round_trip)) = (&self.concurrency, round_trip) {
+                concurrency.observe(round_trip, attempt.signal());
             }
             let failure = match attempt {
                 Attempt::Delivered(delivery) => return Ok(delivery),
@@ -336,36 +335,44 @@ impl Publisher {
         }
     }
 
-    /// One attempt, including at most one immediate retry after a 401 with a fresh token.
+    /// One attempt, including at most one immediate retry after a 401 with a fresh token, and
+    /// the round trip of its last POST (`None` if no POST was sent): the sink's own time, which
+    /// is what adaptive concurrency judges. Fetching a token is not in it: a slow identity
+    /// provider, or the first request's fetch, would look like a sink that queues (or, in the
+    /// first window, set a baseline too slow to see the sink's queue later).
     async fn attempt(
         &self,
         body: &Bytes,
         content_type: &'static str,
         traceparent: Option<&str>,
-    ) -> Attempt {
+    ) -> (Attempt, Option<Duration>) {
         let mut refreshed = false;
         loop {
             let bearer = match &self.auth {
                 Some(auth) => match auth.bearer().await {
                     Ok(bearer) => Some(bearer),
-                    Err(error) => return Attempt::Failed(token_failure(error)),
+                    Err(error) => return (Attempt::Failed(token_failure(error)), None),
                 },
                 None => None,
             };
             let headers = headers(content_type, traceparent, bearer.as_ref());
-            let answer = match self.client.post(&headers, body, BODY_LIMIT).await {
+            let sent = Instant::now();
+            let posted = self.client.post(&headers, body, BODY_LIMIT).await;
+            let round_trip = Some(sent.elapsed());
+            let answer = match posted {
                 Ok(answer) => answer,
-                Err(e) => return Attempt::Failed(send_failure(&e)),
+                Err(e) => return (Attempt::Failed(send_failure(&e)), round_trip),
             };
             let status = answer.status;
             let retry_after = retry_after_header(&answer.headers);
             let location = location(&answer.headers);
             let text = answer.body;
             if status.is_success() {
-                return Attempt::Delivered(Delivery::Accepted);
+                return (Attempt::Delivered(Delivery::Accepted), round_trip);
             }
             if self.already_delivered_statuses.contains(&status.as_u16()) {
-                return Attempt::Delivered(Delivery::AlreadyDelivered(status.as_u16()));
+                let delivery = Delivery::AlreadyDelivered(status.as_u16());
+                return (Attempt::Delivered(delivery), round_trip);
             }
             if status == StatusCode::UNAUTHORIZED && !refreshed {
                 if let (Some(auth), Some(bearer)) = (&self.auth, &bearer) {
@@ -375,7 +382,8 @@ impl Publisher {
                     continue;
                 }
             }
-            return Attempt::Failed(refusal(status, &text, location, retry_after));
+            let refused = refusal(status, &text, location, retry_after);
+            return (Attempt::Failed(refused), round_trip);
         }
     }
 }

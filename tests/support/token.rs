@@ -30,6 +30,8 @@ pub struct TokenConfig {
     pub scope: String,
     /// `expires_in` of issued tokens, in seconds.
     pub expires_in: u64,
+    /// Added before every answer (a slow or far identity provider).
+    pub latency: Option<Duration>,
 }
 
 impl Default for TokenConfig {
@@ -39,6 +41,7 @@ impl Default for TokenConfig {
             client_secret: "s3cret-test-value".into(),
             scope: "events.write".into(),
             expires_in: 3600,
+            latency: None,
         }
     }
 }
@@ -68,7 +71,15 @@ impl TokenServer {
             Arc::new(TokenRegistry::new(lifetime)),
             lifetime,
         ));
-        let router = token_router(endpoint.clone());
+        let mut router = token_router(endpoint.clone());
+        if let Some(latency) = config.latency {
+            router = router.layer(axum::middleware::from_fn(
+                move |request: axum::extract::Request, next: axum::middleware::Next| async move {
+                    tokio::time::sleep(latency).await;
+                    next.run(request).await
+                },
+            ));
+        }
         let server = serve(router, pki.map(|p| Arc::new(p.server_config()))).await;
         TokenServer {
             endpoint,
