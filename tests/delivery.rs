@@ -166,6 +166,59 @@ async fn resumes_after_a_clean_restart_without_loss_or_duplicates() {
     exporter.terminate_cleanly().await;
 }
 
+/// SIGTERM in the middle of a backlog: the changelog reader has filled its queue to the
+/// pipeline and waits to hand over the next page when intake stops. The exporter must still
+/// stop within the grace period, with status 0 and its final resume token written (it waited
+/// forever in the reader's hand-over before), and a restart delivers the rest.
+#[tokio::test]
+async fn sigterm_during_a_backlog_stops_promptly_and_saves_the_token() {
+    const BACKLOG: u32 = 2_000; // four 500-row pages: more than the reader may queue
+    let db = TestDb::create().await;
+    let mut client = db.client().await;
+    let sink = SinkServer::start(SinkOptions {
+        latency: Some(Duration::from_millis(5)),
+        ..SinkOptions::default()
+    })
+    .await;
+    let mut options = ExporterOptions::new(&sink, None, db.env());
+    options.workers = 2;
+    let mut exporter = Exporter::start(&options).await;
+    // Past the first token write of a fresh start.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let token_id = |token: Option<Value>| token.and_then(|t| t["eventID"].as_i64());
+    let before = token_id(pg::read_resume_token(&client, pg::EXPORTER_CLIENT_NAME).await);
+    let transaction = client.transaction().await.expect("begin");
+    let mut written = Vec::new();
+    for i in 0..BACKLOG {
+        written
+            .push(pg::insert_health_event(&transaction, &pg::health_event_doc("backlog", i)).await);
+    }
+    transaction.commit().await.expect("commit");
+    sink.wait_for_accepted(100, WAIT).await;
+    let started = std::time::Instant::now();
+    exporter.terminate_cleanly().await;
+    let stopped_in = started.elapsed();
+    let delivered = sink.accepted().len();
+    assert!(
+        delivered < BACKLOG as usize,
+        "the backlog was delivered before the SIGTERM; the test proves nothing"
+    );
+    assert!(
+        stopped_in < Duration::from_secs(15),
+        "stopping took {stopped_in:?} (grace 20 s, 2 events in flight of 5 ms each)"
+    );
+    let after = token_id(pg::read_resume_token(&client, pg::EXPORTER_CLIENT_NAME).await);
+    assert!(
+        after > before,
+        "the resume token moved over the delivered events: {before:?} -> {after:?}"
+    );
+
+    let mut exporter = Exporter::start(&options).await;
+    sink.wait_for_ids(&written.iter().cloned().collect(), WAIT * 3)
+        .await;
+    exporter.terminate_cleanly().await;
+}
+
 #[tokio::test]
 async fn without_authentication_no_authorization_header_is_sent() {
     let db = TestDb::create().await;

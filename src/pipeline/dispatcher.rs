@@ -100,15 +100,18 @@ impl Dispatcher {
     /// Whether events wait for a worker and may go now: `batch` of them, or the oldest waited
     /// `linger`, or the source ended.
     pub fn has_waiting(&self, now: Instant) -> bool {
-        !self.waiting.is_empty() && self.linger_due().is_none_or(|due| now >= due)
+        !self.waiting.is_empty() && self.linger_due(now).is_none()
     }
 
-    /// When waiting events stop lingering for more (`None`: nothing lingers).
-    pub fn linger_due(&self) -> Option<Instant> {
+    /// When waiting events stop lingering for more, if that is still ahead of `now` (`None`:
+    /// nothing lingers, or the linger is over and they wait only for a worker; a deadline
+    /// already passed would wake the loop at once on every turn while all workers are busy).
+    pub fn linger_due(&self, now: Instant) -> Option<Instant> {
         if self.waiting.len() >= self.batch || self.finished {
             return None;
         }
-        self.waiting_since.map(|since| after(since, self.linger))
+        let due = self.waiting_since.map(|since| after(since, self.linger))?;
+        (due > now).then_some(due)
     }
 
     /// The next events for a worker: at most `batch`, in order.

@@ -432,9 +432,18 @@ impl ReaderTask {
         }
     }
 
+    /// Stops the reader and waits for it. The receiver goes first: a reader whose channel is
+    /// full (intake stopped while batches were queued, as in any drain) waits in `send`, where
+    /// only a closed channel reaches it.
     async fn stop(self) {
-        self.stop.cancel();
-        let _ = self.task.await;
+        let ReaderTask {
+            changes,
+            stop,
+            task,
+        } = self;
+        stop.cancel();
+        drop(changes);
+        let _ = task.await;
     }
 }
 
@@ -535,7 +544,7 @@ impl<C: CheckpointStore> Io<'_, C> {
                     Err(_) => Flow::Stop,
                 },
                 // Fewer than a batch waiting: they go once the linger is over.
-                _ = linger_alarm.at(dispatcher.linger_due()) => Flow::Continue,
+                _ = linger_alarm.at(dispatcher.linger_due(now())) => Flow::Continue,
                 received = reader.changes.recv(), if dispatcher.accepts_changes() => {
                     dispatcher.on_received(received, now())
                 }
@@ -663,4 +672,34 @@ fn report_lag(unfinished: &BTreeMap<u64, DateTime<Utc>>, tracker: &SequenceTrack
     let head = metrics.changelog_head_id.get().max(0) as u64;
     let behind = head.saturating_sub(tracker.checkpoint().position);
     metrics.changelog_ids_behind.set(behind as i64);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A source with an endless backlog: a batch whenever asked.
+    struct Endless;
+
+    impl ChangeSource for Endless {
+        fn start_position(&self) -> u64 {
+            0
+        }
+
+        async fn next_batch(&mut self) -> Result<Option<Vec<Change>>, DatastoreError> {
+            Ok(Some(Vec::new()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reader_blocked_on_a_full_channel_stops() {
+        let reader = ReaderTask::spawn(Endless);
+        // Nothing receives: the channel fills and the reader waits to send the next batch.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let stopped = tokio::time::timeout(Duration::from_secs(5), reader.stop()).await;
+        assert!(
+            stopped.is_ok(),
+            "the reader did not stop while its channel was full"
+        );
+    }
 }

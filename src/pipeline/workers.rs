@@ -4,8 +4,9 @@
 //! A task per event cost a spawn (the publish future copied into a new task and bound to the
 //! runtime) and a `JoinSet` entry (a lock to add it, another to reap it) for every event:
 //! about 3 % of a drain's instructions (callgrind, 80.8k → 78.5k per event). Workers are
-//! started as jobs need them (never more than the permits ever held at once, so at most
-//! `workers`) and are handed jobs through their own channel.
+//! started as jobs need them (never more than the permits a pipeline ever held at once, so at
+//! most `workers` each for the stream and a backfill, which share the permits) and are handed
+//! jobs through their own channel.
 //!
 //! Rules (the pure part is [`Pool`]):
 //! - A job carries the permit it was given; the permit comes back with the job's outcomes and

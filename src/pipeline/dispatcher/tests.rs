@@ -269,18 +269,22 @@ fn batch_mode_takes_up_to_a_batch_and_lingers_for_more_only_while_short() {
         "fewer than a batch wait: more may come"
     );
     assert!(!d.has_waiting(t0), "one event lingers for more");
-    assert_eq!(d.linger_due(), Some(t0 + 10 * MS));
+    assert_eq!(d.linger_due(t0), Some(t0 + 10 * MS));
     d.on_received(batch(vec![event(2), event(3), event(4)]), t0 + MS);
     assert!(!d.accepts_changes(), "a full batch waits: no more changes");
-    assert_eq!(d.linger_due(), None, "a full batch goes at once");
+    assert_eq!(d.linger_due(t0 + MS), None, "a full batch goes at once");
     assert!(d.has_waiting(t0 + MS));
     assert_eq!(positions(d.next_events()), [1, 2, 3]);
     // The one left has waited since t0: its linger is over at t0 + 10 ms.
     assert!(!d.has_waiting(t0 + 2 * MS));
+    assert_eq!(d.linger_due(t0 + 2 * MS), Some(t0 + 10 * MS));
     assert!(d.has_waiting(t0 + 10 * MS));
+    // Over: the event waits for a worker now, not for a timer that would fire on every turn.
+    assert_eq!(d.linger_due(t0 + 10 * MS), None);
+    assert_eq!(d.linger_due(t0 + 11 * MS), None);
     assert_eq!(positions(d.next_events()), [4]);
     assert!(d.next_events().is_empty());
-    assert_eq!(d.linger_due(), None);
+    assert_eq!(d.linger_due(t0 + 11 * MS), None);
 }
 
 #[test]
@@ -306,7 +310,7 @@ fn structured_mode_takes_one_event_at_a_time_without_lingering() {
     let mut d = dispatcher(t0);
     d.on_received(batch(vec![event(1), event(2)]), t0);
     assert!(d.has_waiting(t0));
-    assert_eq!(d.linger_due(), None);
+    assert_eq!(d.linger_due(t0), None);
     assert_eq!(positions(d.next_events()), [1]);
     assert_eq!(positions(d.next_events()), [2]);
     assert_eq!(d.on_received(Some(Ok(None)), t0), Flow::Stop);
