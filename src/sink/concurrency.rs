@@ -27,8 +27,9 @@
 //!   the baseline would start as slow as the identity provider, too slow to see the sink's
 //!   queue later).
 //! - The baseline estimates the sink's RTT *without our load*: it follows windows that were
-//!   faster than it (a moving average, so one lucky window does not set it), and never the
-//!   windows that were slower. A baseline that also followed slower windows would let a
+//!   faster than it (in slow start at once, since those windows are below any queue and the
+//!   first may include a new connection's handshake; afterwards as a moving average, so one
+//!   lucky window does not set it), and never the windows that were slower. A baseline that also followed slower windows would let a
 //!   queueing sink's latency become the new normal one step at a time: each +1 adds less than
 //!   [`RTT_RATIO`] to the RTT of the step before, so the limit would creep to the ceiling and
 //!   the sink's queue with it (tests/adaptive_concurrency.rs has such a sink).
@@ -215,7 +216,14 @@ impl AdaptiveLimit {
             self.limit = self.limit.saturating_add(step).min(self.ceiling);
         }
         if mean < baseline {
-            self.baseline = Some(baseline + BASELINE_WEIGHT * (mean - baseline));
+            // In slow start the windows are below any queue, so a faster one is the sink's
+            // unloaded RTT: taken at once, as TCP's HyStart takes the minimum. (The first
+            // window can be slow for reasons of its own, a new connection's handshake.)
+            self.baseline = Some(if self.slow_start {
+                mean
+            } else {
+                baseline + BASELINE_WEIGHT * (mean - baseline)
+            });
         }
     }
 

@@ -174,6 +174,24 @@ fn holds_near_the_capacity_of_a_queueing_sink() {
 }
 
 #[test]
+fn a_slow_first_window_does_not_hold_the_baseline_up() {
+    // The first answer took 40 ms (a new connection's handshake); the sink answers in 10 ms.
+    let mut rule = AdaptiveLimit::new(100);
+    rule.observe(answered(ms(40)), ms(40));
+    assert_eq!(rule.baseline(), Some(ms(40)));
+    let mut now = ms(40);
+    while rule.limit() < 4 {
+        now += ms(10);
+        rule.observe(answered(ms(10)), now);
+    }
+    assert_eq!(
+        rule.baseline(),
+        Some(ms(10)),
+        "slow start takes a faster window at once"
+    );
+}
+
+#[test]
 fn slow_start_finds_an_unqueued_sinks_ceiling_in_a_few_seconds() {
     let mut rule = AdaptiveLimit::new(100);
     // 1,000 slots: no queue at any limit up to the ceiling.
