@@ -37,13 +37,7 @@ async fn insert_together(db: &TestDb, node: &str, n: u32) -> Vec<String> {
 /// Inserts `documents` in one transaction; their ids.
 async fn insert_documents(db: &TestDb, documents: &[Value]) -> Vec<String> {
     let mut client = db.client().await;
-    let transaction = client.transaction().await.expect("begin");
-    let mut ids = Vec::new();
-    for document in documents {
-        ids.push(pg::insert_health_event(&transaction, document).await);
-    }
-    transaction.commit().await.expect("commit");
-    ids
+    pg::insert_health_events_at_once(&mut client, documents.iter().cloned()).await
 }
 
 fn ids_of(array: &Value) -> Vec<String> {

@@ -187,13 +187,8 @@ async fn sigterm_during_a_backlog_stops_promptly_and_saves_the_token() {
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let token_id = |token: Option<Value>| token.and_then(|t| t["eventID"].as_i64());
     let before = token_id(pg::read_resume_token(&client, pg::EXPORTER_CLIENT_NAME).await);
-    let transaction = client.transaction().await.expect("begin");
-    let mut written = Vec::new();
-    for i in 0..BACKLOG {
-        written
-            .push(pg::insert_health_event(&transaction, &pg::health_event_doc("backlog", i)).await);
-    }
-    transaction.commit().await.expect("commit");
+    let backlog = (0..BACKLOG).map(|i| pg::health_event_doc("backlog", i));
+    let written = pg::insert_health_events_at_once(&mut client, backlog).await;
     sink.wait_for_accepted(100, WAIT).await;
     let started = std::time::Instant::now();
     exporter.terminate_cleanly().await;

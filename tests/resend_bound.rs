@@ -42,13 +42,8 @@ async fn kill_9_during_a_burst_resends_only_in_flight_and_one_save_interval() {
     tokio::time::sleep(Duration::from_millis(1200)).await;
 
     // The burst: events committed at once.
-    let transaction = client.transaction().await.expect("begin");
-    let mut written = Vec::new();
-    for i in 0..BURST {
-        written
-            .push(pg::insert_health_event(&transaction, &pg::health_event_doc("burst", i)).await);
-    }
-    transaction.commit().await.expect("commit");
+    let burst = (0..BURST).map(|i| pg::health_event_doc("burst", i));
+    let written = pg::insert_health_events_at_once(&mut client, burst).await;
 
     // Three kills at different phases of the save cycle; after each, a restart.
     // (requests seen before the kill, when it happened)

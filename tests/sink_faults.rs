@@ -448,15 +448,10 @@ async fn the_client_secret_never_reaches_the_log() {
     }
 }
 
-/// Inserts `n` events in one transaction, so they become visible (and are dispatched) together.
+/// `n` events of `node` in one transaction, so they become visible (and are dispatched) together.
 async fn insert_batch(client: &mut tokio_postgres::Client, node: &str, n: u32) -> Vec<String> {
-    let tx = client.transaction().await.expect("begin");
-    let mut ids = Vec::new();
-    for i in 0..n {
-        ids.push(pg::insert_health_event(&tx, &pg::health_event_doc(node, i)).await);
-    }
-    tx.commit().await.expect("commit");
-    ids
+    let documents = (0..n).map(|i| pg::health_event_doc(node, i));
+    pg::insert_health_events_at_once(client, documents).await
 }
 
 #[tokio::test]

@@ -294,6 +294,21 @@ pub async fn insert_health_event<C: GenericClient>(client: &C, doc: &Value) -> S
     row.get(0)
 }
 
+/// Inserts health events with `documents` in one transaction, so they become visible (and are
+/// dispatched) together; their ids, in order.
+pub async fn insert_health_events_at_once(
+    client: &mut Client,
+    documents: impl IntoIterator<Item = Value>,
+) -> Vec<String> {
+    let transaction = client.transaction().await.expect("begin");
+    let mut ids = Vec::new();
+    for document in documents {
+        ids.push(insert_health_event(&transaction, &document).await);
+    }
+    transaction.commit().await.expect("commit");
+    ids
+}
+
 /// Inserts a CSP maintenance event (fires the same trigger on another table,
 /// so tests can check that the exporter ignores it). Returns its UUID.
 pub async fn insert_maintenance_event<C: GenericClient>(client: &C) -> String {
