@@ -501,6 +501,7 @@ async fn supervise(
     let mut server_done = false;
     let mut died: Option<String> = None;
     let mut hard_stop: Option<tokio::time::Instant> = None;
+    let mut hard_stop_alarm = crate::clock::Alarm::new();
     let mut work = work;
     let results = loop {
         tokio::select! {
@@ -527,7 +528,7 @@ async fn supervise(
                     died.get_or_insert(reason);
                 }
             }
-            _ = sleep_until_some(hard_stop) => break None,
+            _ = hard_stop_alarm.at(hard_stop) => break None,
         }
         if let (Some(reason), None) = (&died, hard_stop) {
             tracing::error!(%reason, "stopping the exporter: a background task died");
@@ -731,13 +732,6 @@ fn task_ended(what: &str, joined: Result<(), tokio::task::JoinError>) -> String 
         Ok(()) => format!("{what} stopped"),
         Err(error) if error.is_panic() => format!("{what} panicked"),
         Err(error) => format!("{what} was cancelled: {error}"),
-    }
-}
-
-async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -1,7 +1,8 @@
 //! The dispatcher's decisions, without I/O: one method per event of `Pipeline::run`'s loop
 //! (changes received, a result finished, a checkpoint write due or done, the lag tick). The
-//! loop in `mod.rs` does the I/O (reading, handing events to workers, writing the resume token) and
-//! asks the dispatcher what to do; time is passed in, so the rules are tested without sleeping.
+//! loop in `mod.rs` does the I/O (reading, handing events to workers, writing the resume
+//! token) and asks the dispatcher what to do; time is passed in, so the rules are tested
+//! without sleeping.
 //!
 //! Rules:
 //! - Skips finish at once; events wait for a worker, and no new batch is taken while one waits

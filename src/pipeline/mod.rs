@@ -580,6 +580,7 @@ impl<C: CheckpointStore> Io<'_, C> {
             _ => {}
         }
         let mut abandoned = false;
+        let (mut save_alarm, mut grace_alarm) = (Alarm::new(), Alarm::new());
         while workers.in_flight() > 0 && !abandoned {
             let flow = tokio::select! {
                 Some(done) = workers.next_done() => workers.record(done, dispatcher),
@@ -591,10 +592,10 @@ impl<C: CheckpointStore> Io<'_, C> {
                     dispatcher.saved(checkpoint, result);
                     Flow::Continue
                 }
-                _ = sleep_until_some(dispatcher.save_due()), if deadline.is_none() => {
+                _ = save_alarm.at(dispatcher.save_due()), if deadline.is_none() => {
                     self.saving.start(dispatcher)
                 }
-                _ = sleep_until_some(deadline) => {
+                _ = grace_alarm.at(deadline) => {
                     abandoned = true;
                     workers.abandon(dispatcher).await
                 }
@@ -644,13 +645,6 @@ fn hand_out(
         }
     }
     Flow::Continue
-}
-
-async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Stream lag: the age of the oldest received event not yet finished, and how many changelog

@@ -29,10 +29,11 @@
 //! - The baseline estimates the sink's RTT *without our load*: it follows windows that were
 //!   faster than it (in slow start at once, since those windows are below any queue and the
 //!   first may include a new connection's handshake; afterwards as a moving average, so one
-//!   lucky window does not set it), and never the windows that were slower. A baseline that also followed slower windows would let a
-//!   queueing sink's latency become the new normal one step at a time: each +1 adds less than
-//!   [`RTT_RATIO`] to the RTT of the step before, so the limit would creep to the ceiling and
-//!   the sink's queue with it (tests/adaptive_concurrency.rs has such a sink).
+//!   lucky window does not set it), and never the windows that were slower. A baseline that
+//!   also followed slower windows would let a queueing sink's latency become the new normal
+//!   one step at a time: each +1 adds less than [`RTT_RATIO`] to the RTT of the step before,
+//!   so the limit would creep to the ceiling and the sink's queue with it
+//!   (tests/adaptive_concurrency.rs has such a sink).
 //! - A window that rose while the limit is already 1 cannot be our queue: the sink itself got
 //!   slower, and that RTT becomes the baseline, so a lasting latency step costs one descent to
 //!   1 and a climb back (in slow start again: a new sink, as far as the rule knows) rather
