@@ -293,6 +293,8 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken) -> Result
         config.sink.insecure_skip_verify,
         config.sink.ca_file.as_deref(),
         workers,
+        // Adaptive concurrency judges each round trip; fixed mode need not time them.
+        config.sink.concurrency == crate::config::ConcurrencyMode::Adaptive,
     )
     .map_err(ExitError::failed)?;
     sink::log_proxy("sink", &config.sink.endpoint);

@@ -463,6 +463,7 @@ async fn concurrent_workers_share_one_token_fetch_and_one_refresh() {
     let sink = SinkServer::start(SinkOptions {
         token_registry: Some(token.registry()),
         latency: Some(ms(400)),
+        ..SinkOptions::default()
     })
     .await;
     let mut options = ExporterOptions::new(&sink, Some(&token), db.env());

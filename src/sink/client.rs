@@ -26,6 +26,11 @@
 //! - **Pool**: at most `max_idle_per_host` idle connections, each closed after 90 s idle.
 //! - At most `limit` bytes of an answer's body are read; a longer body is dropped with its
 //!   connection instead of being buffered.
+//! - **Round trips are the sink's** ([`Answer::round_trip`], when built to measure them, as
+//!   adaptive concurrency needs): a request's round trip starts when a connection takes it
+//!   (hyper reads its body), so the time spent waiting for a pooled connection to come free
+//!   or for a new one to be made (TCP, proxy tunnel, TLS: one to three network round trips)
+//!   is not in it.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -34,7 +39,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{
     HeaderMap, HeaderName, HeaderValue, ACCEPT, AUTHORIZATION, LOCATION, PROXY_AUTHORIZATION,
@@ -145,11 +150,16 @@ pub struct Answer {
     /// At most `limit` bytes of the body: all of it, or its start when it was longer, failed
     /// or stalled.
     pub body: Vec<u8>,
+    /// From the moment a connection took the request (hyper first read its body: after any
+    /// wait for a connection and any handshake) to the end of the answer read; with redirects,
+    /// from the first request's. From the call when the body was never read, or when the
+    /// client does not measure round trips.
+    pub round_trip: Duration,
 }
 
 /// The sink's HTTP client; see the module documentation.
 pub struct SinkClient {
-    http: Client<Timed<HttpsConnector<Route>>, Full<Bytes>>,
+    http: Client<Timed<HttpsConnector<Route>>, SentBody>,
     endpoint: Uri,
     timeout: Duration,
     /// `Authorization: Basic` from the endpoint's `user:password@`, sent unless the caller's
@@ -158,17 +168,22 @@ pub struct SinkClient {
     /// `Proxy-Authorization` for an `http://` endpoint forwarded to a proxy with credentials
     /// (a redirect followed stays on the same origin, so the same proxy applies).
     proxy_authorization: Option<HeaderValue>,
+    /// Time each request from when a connection takes it ([`Answer::round_trip`]: adaptive
+    /// concurrency); otherwise round trips are timed from the call, at no cost per request.
+    measure_round_trips: bool,
 }
 
 impl SinkClient {
     /// A client for `endpoint` with the sink's TLS settings, `timeout` per attempt and at most
-    /// `max_idle_per_host` idle connections.
+    /// `max_idle_per_host` idle connections; `measure_round_trips`: see
+    /// [`Answer::round_trip`].
     pub fn new(
         endpoint: &str,
         timeout: Duration,
         insecure_skip_verify: bool,
         ca_file: Option<&std::path::Path>,
         max_idle_per_host: usize,
+        measure_round_trips: bool,
     ) -> Result<SinkClient, SinkClientError> {
         let (endpoint, basic_authorization) =
             parse_endpoint(endpoint).map_err(|source| SinkClientError::Endpoint {
@@ -217,6 +232,7 @@ impl SinkClient {
             timeout,
             basic_authorization,
             proxy_authorization,
+            measure_round_trips,
         })
     }
 
@@ -229,11 +245,13 @@ impl SinkClient {
         body: &Bytes,
         limit: usize,
     ) -> Result<Answer, SendError> {
+        let called = std::time::Instant::now();
         let deadline = crate::clock::deadline_after(self.timeout);
+        let sent = self.measure_round_trips.then(SentAt::default);
         let mut uri = self.endpoint.clone();
         let mut followed = 0usize;
         let response = loop {
-            let request = self.request(&uri, headers, body);
+            let request = self.request(&uri, headers, body, sent.as_ref());
             let response = match tokio::time::timeout_at(deadline, self.http.request(request)).await
             {
                 Ok(Ok(response)) => response,
@@ -261,10 +279,13 @@ impl SinkClient {
         // A short body read to its end lets the connection go back to the pool; a longer one
         // is cut and its connection dropped with `incoming`.
         let body = read_bounded(&mut incoming, limit, deadline).await;
+        let sent_at = sent.as_ref().and_then(|sent| sent.0.get());
+        let round_trip = sent_at.unwrap_or(&called).elapsed();
         Ok(Answer {
             status: parts.status,
             headers: parts.headers,
             body,
+            round_trip,
         })
     }
 
@@ -273,8 +294,9 @@ impl SinkClient {
         uri: &Uri,
         headers: &[(HeaderName, HeaderValue)],
         body: &Bytes,
-    ) -> Request<Full<Bytes>> {
-        let mut request = Request::new(Full::new(body.clone()));
+        sent: Option<&SentAt>,
+    ) -> Request<SentBody> {
+        let mut request = Request::new(SentBody::new(body.clone(), sent.cloned()));
         *request.method_mut() = Method::POST;
         *request.uri_mut() = uri.clone();
         let sent = request.headers_mut();
@@ -291,6 +313,57 @@ impl SinkClient {
             sent.insert(name.clone(), value.clone());
         }
         request
+    }
+}
+
+/// When a connection first read one of a `post`'s request bodies (shared by its redirects).
+#[derive(Clone, Default)]
+struct SentAt(Arc<std::sync::OnceLock<std::time::Instant>>);
+
+/// A request body (one `Bytes` frame, as `Full`) that notes in its [`SentAt`] when it is first
+/// read: hyper reads it on the connection the request was given, after any wait for that
+/// connection and its handshakes, as it writes the request out.
+struct SentBody {
+    bytes: Option<Bytes>,
+    /// `None`: not timed.
+    sent: Option<SentAt>,
+}
+
+impl SentBody {
+    fn new(bytes: Bytes, sent: Option<SentAt>) -> SentBody {
+        SentBody {
+            bytes: (!bytes.is_empty()).then_some(bytes),
+            sent,
+        }
+    }
+}
+
+impl hyper::body::Body for SentBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        if let Some(sent) = &this.sent {
+            sent.0.get_or_init(std::time::Instant::now);
+        }
+        Poll::Ready(
+            this.bytes
+                .take()
+                .map(|bytes| Ok(hyper::body::Frame::data(bytes))),
+        )
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.bytes.is_none()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        let length = self.bytes.as_ref().map_or(0, Bytes::len);
+        hyper::body::SizeHint::with_exact(u64::try_from(length).unwrap_or(u64::MAX))
     }
 }
 
@@ -523,6 +596,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body_util::Full;
 
     fn uri(text: &str) -> Uri {
         text.parse().expect("valid URI")
@@ -614,8 +688,15 @@ mod tests {
             }
         });
         let timeout = Duration::from_millis(300);
-        let client = SinkClient::new(&format!("https://{addr}/events"), timeout, true, None, 1)
-            .expect("client");
+        let client = SinkClient::new(
+            &format!("https://{addr}/events"),
+            timeout,
+            true,
+            None,
+            1,
+            false,
+        )
+        .expect("client");
         let started = std::time::Instant::now();
         let error = client
             .post(&[], &Bytes::from_static(b"{}"), 16)
@@ -649,7 +730,7 @@ mod tests {
         });
         let timeout = Duration::from_millis(200);
         let url = format!("http://{addr}/events");
-        let client = SinkClient::new(&url, timeout, false, None, 1).expect("client");
+        let client = SinkClient::new(&url, timeout, false, None, 1, false).expect("client");
         let error = client
             .post(&[], &Bytes::from_static(b"{}"), 16)
             .await
@@ -676,6 +757,7 @@ mod tests {
             false,
             None,
             1,
+            false,
         )
         .expect("client");
         let error = client
@@ -689,8 +771,8 @@ mod tests {
         assert!(message.to_lowercase().contains("refused"), "{message}");
     }
 
-    #[tokio::test]
-    async fn a_sink_that_negotiates_h2_is_spoken_to_in_http2() {
+    /// A TLS acceptor for 127.0.0.1 with a self-signed certificate, offering `alpn`.
+    fn self_signed_acceptor(alpn: &[&[u8]]) -> tokio_rustls::TlsAcceptor {
         let certified =
             rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).expect("cert");
         let key =
@@ -702,9 +784,65 @@ mod tests {
             .with_no_client_auth()
             .with_single_cert(vec![certified.cert.der().clone()], key)
             .expect("server config");
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    }
+
+    /// A sink across a WAN: its TLS handshake takes a second (the server waits before
+    /// answering the ClientHello), its answers none. A request's round trip is the sink's
+    /// time, not the handshake's.
+    #[tokio::test]
+    async fn the_round_trip_leaves_out_the_wait_for_a_connection_and_its_handshake() {
+        const HANDSHAKE: Duration = Duration::from_secs(1);
+        let acceptor = self_signed_acceptor(&[b"http/1.1"]);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let server = tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(HANDSHAKE).await;
+                    let Ok(tls) = acceptor.accept(socket).await else {
+                        return;
+                    };
+                    let accept = hyper::service::service_fn(|_: Request<Incoming>| async {
+                        let mut response = hyper::Response::new(Full::new(Bytes::new()));
+                        *response.status_mut() = StatusCode::ACCEPTED;
+                        Ok::<_, hyper::Error>(response)
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), accept)
+                        .await;
+                });
+            }
+        });
+        let endpoint = format!("https://127.0.0.1:{}/events", addr.port());
+        let client = SinkClient::new(&endpoint, Duration::from_secs(5), true, None, 1, true)
+            .expect("client");
+        let body = Bytes::from_static(b"{}");
+        let called = std::time::Instant::now();
+        let first = client.post(&[], &body, 64).await.expect("answer");
+        assert!(
+            called.elapsed() >= HANDSHAKE,
+            "the handshake was waited for"
+        );
+        assert_eq!(first.status, StatusCode::ACCEPTED);
+        assert!(
+            first.round_trip < HANDSHAKE,
+            "the round trip {:?} holds the handshake",
+            first.round_trip
+        );
+        let second = client.post(&[], &body, 64).await.expect("answer");
+        assert!(second.round_trip < HANDSHAKE);
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_sink_that_negotiates_h2_is_spoken_to_in_http2() {
         // This peer speaks HTTP/2 only: an HTTP/1.1 request would fail.
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let acceptor = self_signed_acceptor(&[b"h2"]);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -741,8 +879,8 @@ mod tests {
             }
         });
         let endpoint = format!("https://127.0.0.1:{}/events", addr.port());
-        let client =
-            SinkClient::new(&endpoint, Duration::from_secs(5), true, None, 1).expect("client");
+        let client = SinkClient::new(&endpoint, Duration::from_secs(5), true, None, 1, false)
+            .expect("client");
         for _ in 0..2 {
             let answer = client
                 .post(&[], &Bytes::from_static(b"{\"a\":1}"), 64)

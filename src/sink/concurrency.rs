@@ -25,7 +25,12 @@
 //! - A request's RTT is its POST's, from sending it to the end of the answer: fetching the
 //!   bearer token is not in it (the first request waits for one, and had that wait counted,
 //!   the baseline would start as slow as the identity provider, too slow to see the sink's
-//!   queue later).
+//!   queue later). Nor is waiting for a connection: the RTT starts when a connection takes the
+//!   request (`SinkClient`'s `Answer::round_trip`). Every doubling opens as many connections as
+//!   it adds requests, and against a remote sink their TCP and TLS handshakes (two or three
+//!   network round trips) read as a queue when they were counted: slow start ended at once and
+//!   the limit crept up one step per window (a 300 ms TLS sink with 600 ms of handshakes in
+//!   the bench: short of the ceiling of 100 in three of four runs; at it after 6 s now).
 //! - The baseline estimates the sink's RTT *without our load*: it follows windows that were
 //!   faster than it (in slow start at once, since those windows are below any queue and the
 //!   first may include a new connection's handshake; afterwards as a moving average, so one

@@ -339,7 +339,8 @@ impl Publisher {
     /// the round trip of its last POST (`None` if no POST was sent): the sink's own time, which
     /// is what adaptive concurrency judges. Fetching a token is not in it: a slow identity
     /// provider, or the first request's fetch, would look like a sink that queues (or, in the
-    /// first window, set a baseline too slow to see the sink's queue later).
+    /// first window, set a baseline too slow to see the sink's queue later). Nor is waiting
+    /// for a connection or a new connection's handshakes ([`super::client::Answer::round_trip`]).
     async fn attempt(
         &self,
         body: &Bytes,
@@ -358,11 +359,11 @@ impl Publisher {
             let headers = headers(content_type, traceparent, bearer.as_ref());
             let sent = Instant::now();
             let posted = self.client.post(&headers, body, BODY_LIMIT).await;
-            let round_trip = Some(sent.elapsed());
             let answer = match posted {
                 Ok(answer) => answer,
-                Err(e) => return (Attempt::Failed(send_failure(&e)), round_trip),
+                Err(e) => return (Attempt::Failed(send_failure(&e)), Some(sent.elapsed())),
             };
+            let round_trip = Some(answer.round_trip);
             let status = answer.status;
             let retry_after = retry_after_header(&answer.headers);
             let location = location(&answer.headers);

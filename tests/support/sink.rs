@@ -38,6 +38,9 @@ pub struct SinkOptions {
     pub token_registry: Option<Arc<TokenRegistry>>,
     /// Added before every answer.
     pub latency: Option<Duration>,
+    /// Every new connection is held this long before it is served (before the TLS handshake
+    /// with TLS): a sink across a WAN, whose handshakes cost round trips.
+    pub handshake_delay: Option<Duration>,
 }
 
 /// One request as the sink saw it, with the status it answered (the same record the
@@ -67,6 +70,7 @@ impl SinkServer {
             path: EVENTS_PATH.into(),
             no_auth: true,
             latency: opts.latency.unwrap_or_default(),
+            handshake_delay: opts.handshake_delay.unwrap_or_default(),
             keep_events: 0,
             keep_requests: usize::MAX,
             tls,

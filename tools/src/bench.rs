@@ -12,7 +12,9 @@
 //! - **slow sink**: the reference sink answering after `--slow-latency`, at each of
 //!   `--slow-workers` (ratio to workers/latency), and with `exporter.sink.concurrency =
 //!   "adaptive"` and a ceiling of `--adaptive-workers` (ratio to ceiling/latency, and the
-//!   exporter's `health_events_exporter_concurrency_limit` at the end);
+//!   exporter's `health_events_exporter_concurrency_limit` at the end), next door and, with
+//!   `--remote-handshake`, as if across a WAN (over TLS, every new connection held that long
+//!   before its handshake);
 //! - **latency**: events written at each of `--stream-rates` events/s from
 //!   `--stream-connections` connections while the exporter streams; p50/p99 from each row's
 //!   commit (the return of its INSERT) to its arrival, and the rate the writer reached; then
@@ -83,6 +85,12 @@ pub struct BenchArgs {
     /// The ceiling (`workers`) of the adaptive-concurrency run against the slow sink; 0 skips.
     #[arg(long, default_value_t = 100)]
     pub adaptive_workers: usize,
+    /// The adaptive run again against a remote slow sink: the reference sink over TLS (a
+    /// self-signed certificate, trusted by `ca_file`) holds every new connection this long
+    /// before its handshake, as TCP's and TLS's handshakes take two network round trips (the
+    /// default: twice the 300 ms latency); 0 skips.
+    #[arg(long, default_value = "600ms", value_parser = event_exporter::cli::parse_duration)]
+    pub remote_handshake: Duration,
     /// The saturated sink's capacity: the slow sink answering at most this many requests at
     /// once (the rest queue), against `--adaptive-workers` fixed workers and the adaptive
     /// limit with that ceiling; 0 skips.
@@ -137,10 +145,11 @@ const TARGET_REACHED: f64 = 0.95;
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum SinkKind {
     /// The reference sink, answering after `latency`, at most `capacity` requests at a time
-    /// (`--capacity`: the rest queue) when set.
+    /// (`--capacity`: the rest queue) when set, holding each new connection `handshake` first.
     Reference {
         latency: Duration,
         capacity: Option<u32>,
+        handshake: Duration,
     },
     /// The bench's nginx answering 202.
     Nginx,
@@ -152,6 +161,7 @@ impl SinkKind {
         SinkKind::Reference {
             latency,
             capacity: None,
+            handshake: Duration::ZERO,
         }
     }
 }
@@ -403,6 +413,7 @@ impl Bench<'_> {
         let sink = SinkKind::Reference {
             latency: self.args.slow_latency,
             capacity,
+            handshake: Duration::ZERO,
         };
         (Plan::new(Feed::Drain { count }, sink, workers), ideal)
     }
@@ -431,35 +442,54 @@ impl Bench<'_> {
     }
 
     /// The slow sink with adaptive concurrency up to `--adaptive-workers`: ratio to
-    /// ceiling/latency and the limit the exporter ended at.
+    /// ceiling/latency and the limit the exporter ended at; then the same sink as if remote
+    /// (`--remote-handshake`).
     async fn adaptive(&self) -> Result<(), BenchError> {
         let (latency, ceiling) = (self.args.slow_latency, self.args.adaptive_workers);
-        let (plan, ideal) = self.slow_plan(ceiling, None);
-        let plan = Plan {
-            adaptive: true,
-            ..plan
-        };
-        self.scenario(plan, |m| {
-            let limit = limit_line(&m.concurrency_limits, ceiling);
-            let at_ceiling = m
-                .concurrency_limits
-                .iter()
-                .find(|(_, value)| *value >= ceiling as f64)
-                .and_then(|(at, _)| rate_after(&m.samples, *at))
-                .map_or_else(String::new, |rate| {
-                    format!(
-                        "; from then on {rate:.0}/s = {:.1}% of ceiling/latency",
-                        rate / ideal * 100.0
-                    )
-                });
-            format!(
-                "{latency:?} sink, adaptive concurrency, ceiling {ceiling}: {}; {:.1}% of \
-                 ceiling/latency ({ideal:.1}/s) including the climb from 1; {limit}{at_ceiling}",
-                m.figures(),
-                m.steady_rate / ideal * 100.0,
-            )
-        })
-        .await?;
+        let handshakes = [Duration::ZERO, self.args.remote_handshake];
+        for (run, handshake) in handshakes.into_iter().enumerate() {
+            if run > 0 && handshake.is_zero() {
+                continue;
+            }
+            let (plan, ideal) = self.slow_plan(ceiling, None);
+            let sink = SinkKind::Reference {
+                latency,
+                capacity: None,
+                handshake,
+            };
+            let plan = Plan {
+                adaptive: true,
+                sink,
+                ..plan
+            };
+            let remote = if handshake.is_zero() {
+                String::new()
+            } else {
+                format!(" with {handshake:?} handshakes per new connection")
+            };
+            self.scenario(plan, |m| {
+                let limit = limit_line(&m.concurrency_limits, ceiling);
+                let at_ceiling = m
+                    .concurrency_limits
+                    .iter()
+                    .find(|(_, value)| *value >= ceiling as f64)
+                    .and_then(|(at, _)| rate_after(&m.samples, *at))
+                    .map_or_else(String::new, |rate| {
+                        format!(
+                            "; from then on {rate:.0}/s = {:.1}% of ceiling/latency",
+                            rate / ideal * 100.0
+                        )
+                    });
+                format!(
+                    "{latency:?} sink{remote}, adaptive concurrency, ceiling {ceiling}: {}; \
+                     {:.1}% of ceiling/latency ({ideal:.1}/s) including the climb from 1; \
+                     {limit}{at_ceiling}",
+                    m.figures(),
+                    m.steady_rate / ideal * 100.0,
+                )
+            })
+            .await?;
+        }
         Ok(())
     }
 
@@ -846,9 +876,31 @@ async fn run_plan(
 
 /// The sinks of one run: the reference sink always (it issues the tokens), nginx when the
 /// events go there.
+/// A self-signed certificate for 127.0.0.1, written to `dir/sink-ca.pem` (the exporter's
+/// `ca_file`), and a TLS server configuration with it for the reference sink. Errors: the
+/// certificate, the file, or the configuration ([`BenchError`]).
+fn self_signed(
+    dir: &std::path::Path,
+) -> Result<(std::sync::Arc<rustls::ServerConfig>, std::path::PathBuf), BenchError> {
+    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()])?;
+    std::fs::create_dir_all(dir).map_err(error::io(format!("creating {}", dir.display())))?;
+    let path = dir.join("sink-ca.pem");
+    std::fs::write(&path, certified.cert.pem())
+        .map_err(error::io(format!("writing {}", path.display())))?;
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(certified.signing_key.serialize_der().into());
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(vec![certified.cert.der().clone()], key)?;
+    Ok((std::sync::Arc::new(config), path))
+}
+
 struct Sinks {
     reference: RunningSink,
     nginx: Option<Nginx>,
+    /// The TLS reference sink's certificate (a remote sink's run), for `ca_file`.
+    ca_file: Option<std::path::PathBuf>,
 }
 
 impl Sinks {
@@ -858,11 +910,16 @@ impl Sinks {
         dir: &std::path::Path,
     ) -> Result<Sinks, BenchError> {
         // With nginx as the sink, the reference sink only issues tokens: no latency, no slots.
-        let (latency, capacity, nginx) = match plan.sink {
-            SinkKind::Reference { latency, capacity } => (latency, capacity, None),
+        let (latency, capacity, handshake_delay, nginx) = match plan.sink {
+            SinkKind::Reference {
+                latency,
+                capacity,
+                handshake,
+            } => (latency, capacity, handshake, None),
             SinkKind::Nginx => (
                 Duration::ZERO,
                 None,
+                Duration::ZERO,
                 Some(Nginx::start(&args.nginx, &dir.join("nginx"))?),
             ),
         };
@@ -872,16 +929,29 @@ impl Sinks {
             (Feed::Stream { count, .. }, _) | (Feed::Drain { count }, false) => count as usize,
             _ => 0,
         };
+        // A remote sink's handshakes are TLS's: the client waits them out before it sends.
+        let (tls, ca_file) = if handshake_delay.is_zero() {
+            (None, None)
+        } else {
+            let (config, ca_file) = self_signed(dir)?;
+            (Some(config), Some(ca_file))
+        };
         let reference = sink::start(SinkArgs {
             listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
             latency,
             capacity,
+            handshake_delay,
+            tls,
             client_secret: "bench-secret".into(),
             keep_events,
             ..SinkArgs::default()
         })
         .await?;
-        Ok(Sinks { reference, nginx })
+        Ok(Sinks {
+            reference,
+            nginx,
+            ca_file,
+        })
     }
 
     fn events_url(&self) -> String {
@@ -997,6 +1067,7 @@ impl Run<'_> {
                 rate_limit,
                 adaptive: self.plan.adaptive,
                 batch: self.plan.batch,
+                ca_file: sinks.ca_file.as_deref(),
             },
         )
     }

@@ -44,7 +44,7 @@ use event_exporter::exporter::ExitError;
 
 pub use faults::Scripted;
 pub use requests::{RecordedRequest, WaitTimeout};
-pub use serve::{spawn_server, TlsListener};
+pub use serve::{spawn_server, spawn_server_with_delay, TlsListener};
 pub use stats::{Reason, SinkStats};
 pub use store::ReceivedEvent;
 pub use tokens::{
@@ -90,6 +90,11 @@ pub struct SinkArgs {
     /// Test switch: add a uniformly random extra delay of up to this long.
     #[arg(long, default_value = "0s", value_parser = event_exporter::cli::parse_duration)]
     pub latency_jitter: Duration,
+    /// In-process only, with `tls`: hold every new connection this long before its TLS
+    /// handshake, as a sink across a WAN whose TCP and TLS handshakes cost network round trips
+    /// (at a 300 ms round trip, about 600 ms); a connection's later requests do not wait.
+    #[arg(skip)]
+    pub handshake_delay: Duration,
     /// Test switch: answer at most N requests at a time (each taking --latency); the others
     /// wait their turn, so latency grows with concurrency past N, like a saturated server.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
@@ -132,6 +137,7 @@ impl std::fmt::Debug for SinkArgs {
             .field("token_lifetime", &self.token_lifetime)
             .field("latency", &self.latency)
             .field("latency_jitter", &self.latency_jitter)
+            .field("handshake_delay", &self.handshake_delay)
             .field("capacity", &self.capacity)
             .field("fail_rate", &self.fail_rate)
             .field("fail_status", &self.fail_status)
@@ -157,6 +163,7 @@ impl Default for SinkArgs {
             token_lifetime: Duration::from_secs(3600),
             latency: Duration::ZERO,
             latency_jitter: Duration::ZERO,
+            handshake_delay: Duration::ZERO,
             capacity: None,
             fail_rate: 0.0,
             fail_status: 503,
@@ -233,7 +240,8 @@ pub async fn start(args: SinkArgs) -> Result<RunningSink, SinkError> {
     let stop = CancellationToken::new();
     let app = http::router(shared.clone());
     let scheme = if args.tls.is_some() { "https" } else { "http" };
-    let server = spawn_server(listener, app, args.tls, stop.clone());
+    let server =
+        spawn_server_with_delay(listener, app, args.tls, args.handshake_delay, stop.clone());
     Ok(RunningSink {
         address,
         scheme,
@@ -251,6 +259,9 @@ fn check_args(args: &SinkArgs) -> Result<(), SinkError> {
     }
     if !args.no_auth && args.path == TOKEN_PATH {
         return invalid(format!("--path: {TOKEN_PATH} is the token endpoint"));
+    }
+    if !args.handshake_delay.is_zero() && args.tls.is_none() {
+        return invalid("handshake_delay: only a TLS sink has a handshake to delay".into());
     }
     if !(0.0..=1.0).contains(&args.fail_rate) {
         return invalid(format!(

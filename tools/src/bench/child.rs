@@ -23,6 +23,9 @@ pub struct ExporterConfig<'a> {
     pub adaptive: bool,
     /// `exporter.sink.mode = "batch"` (default batch limits) instead of `structured`.
     pub batch: bool,
+    /// The certificate that a TLS reference sink (sink and token endpoint) is trusted by:
+    /// `ca_file` of `exporter.sink` and `exporter.oidc`.
+    pub ca_file: Option<&'a Path>,
 }
 
 /// Writes `config.toml` and `secret` for `config` into `dir` (created). Errors:
@@ -31,6 +34,10 @@ pub fn write_config(dir: &Path, config: &ExporterConfig<'_>) -> Result<(), Bench
     std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
     let secret = dir.join("secret");
     std::fs::write(&secret, "bench-secret").map_err(io(format!("writing {}", secret.display())))?;
+    let ca_file = config
+        .ca_file
+        .map(|path| format!("ca_file = {:?}\n", path.display().to_string()))
+        .unwrap_or_default();
     let text = format!(
         r#"[exporter.metadata]
 cluster = "bench"
@@ -38,11 +45,11 @@ cluster = "bench"
 endpoint = "{sink}"
 concurrency = "{concurrency}"
 mode = "{mode}"
-[exporter.oidc]
+{ca_file}[exporter.oidc]
 token_url = "{token}"
 client_id = "nvsentinel-exporter"
 scope = "events:write"
-[exporter.backfill]
+{ca_file}[exporter.backfill]
 enabled = {backfill}
 max_age = "48h"
 max_events = {max_events}

@@ -67,6 +67,12 @@ pub enum BenchError {
     /// The exporter did not write its resume token (it was not streaming) within 60 s.
     #[error("the exporter did not write a resume token within 60 s")]
     NoResumeToken,
+    /// The TLS sink's self-signed certificate could not be made.
+    #[error("the TLS sink's certificate: {0}")]
+    Certificate(#[from] rcgen::Error),
+    /// The TLS sink's server configuration was refused.
+    #[error("the TLS sink's configuration: {0}")]
+    Tls(#[from] rustls::Error),
     /// A task of the bench (the writer) panicked or was cancelled.
     #[error("a bench task failed: {0}")]
     Task(#[from] tokio::task::JoinError),

@@ -4,10 +4,17 @@
 //! TLS handshakes run in tasks of their own, so a slow or failing client never holds up other
 //! connections; a failed handshake is logged and dropped, and never reaches the router (so a
 //! client that refuses the certificate leaves no request behind).
+//!
+//! A handshake delay (the in-process sink's `handshake_delay`) holds every new TLS connection
+//! that long before its handshake: a sink across a WAN, whose TCP and TLS handshakes cost
+//! network round trips that the client waits out before it can send a request, and that a
+//! connection's later requests do not pay. (Over plain HTTP there is no such wait to model on
+//! loopback: the kernel completes TCP's handshake before the server accepts.)
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -25,6 +32,18 @@ pub fn spawn_server(
     tls: Option<Arc<rustls::ServerConfig>>,
     stop: CancellationToken,
 ) -> JoinHandle<io::Result<()>> {
+    spawn_server_with_delay(tcp, router, tls, Duration::ZERO, stop)
+}
+
+/// [`spawn_server`] whose TLS connections are each held `handshake_delay` before their
+/// handshake (see the module docs); ignored without TLS.
+pub fn spawn_server_with_delay(
+    tcp: TcpListener,
+    router: axum::Router,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    handshake_delay: Duration,
+    stop: CancellationToken,
+) -> JoinHandle<io::Result<()>> {
     let stopped = stop.cancelled_owned();
     match tls {
         None => tokio::spawn(async move {
@@ -33,7 +52,7 @@ pub fn spawn_server(
                 .await
         }),
         Some(config) => tokio::spawn(async move {
-            let listener = TlsListener::new(tcp, config)?;
+            let listener = TlsListener::delayed(tcp, config, handshake_delay)?;
             axum::serve(listener, router)
                 .with_graceful_shutdown(stopped)
                 .await
@@ -51,6 +70,15 @@ pub struct TlsListener {
 impl TlsListener {
     /// Starts accepting on `tcp` (the handshakes begin before the server asks for a connection).
     pub fn new(tcp: TcpListener, config: Arc<rustls::ServerConfig>) -> io::Result<TlsListener> {
+        TlsListener::delayed(tcp, config, Duration::ZERO)
+    }
+
+    /// [`TlsListener::new`] that holds each connection `delay` before its handshake.
+    pub fn delayed(
+        tcp: TcpListener,
+        config: Arc<rustls::ServerConfig>,
+        delay: Duration,
+    ) -> io::Result<TlsListener> {
         let local = tcp.local_addr()?;
         let acceptor = tokio_rustls::TlsAcceptor::from(config);
         let (sender, handshaken) = mpsc::channel(HANDSHAKEN_QUEUE);
@@ -67,6 +95,9 @@ impl TlsListener {
                 let acceptor = acceptor.clone();
                 let sender = sender.clone();
                 tokio::spawn(async move {
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
                     match acceptor.accept(stream).await {
                         Ok(tls) => {
                             let _ = sender.send((tls, peer)).await;
