@@ -30,7 +30,9 @@
 //!   adaptive concurrency needs): a request's round trip starts when a connection takes it
 //!   (hyper reads its body), so the time spent waiting for a pooled connection to come free
 //!   or for a new one to be made (TCP, proxy tunnel, TLS: one to three network round trips)
-//!   is not in it.
+//!   is not in it. Over HTTP/2 a wait for a stream the server's `MAX_CONCURRENT_STREAMS`
+//!   allows comes before the body is read too: that queue is the client's own, and the
+//!   attempt's timeout, counted from the call, still bounds it.
 
 use std::future::Future;
 use std::pin::Pin;
