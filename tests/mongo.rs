@@ -174,6 +174,60 @@ async fn resumes_after_a_restart_and_after_kill_9_with_nothing_lost() {
     }
 }
 
+/// SIGTERM in the middle of a change-stream backlog (events written while the exporter was
+/// down, read back from its resume token): the reader has filled its queue to the pipeline
+/// and waits to hand over the next batch when intake stops. The exporter must stop within the
+/// grace period with status 0 and its resume token moved over what it delivered, and a
+/// restart delivers the rest. (The same door as the PostgreSQL changelog's, `ReaderTask`,
+/// which `tests/delivery.rs` checks for PostgreSQL.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_change_stream_backlog_stops_promptly_and_saves_the_token() {
+    const BACKLOG: i64 = 1_000; // ten batches of the driver's 101: more than the reader queues
+    let store = Store::start(&[]).await;
+    let sink = SinkServer::start(SinkOptions {
+        latency: Some(Duration::from_millis(5)),
+        ..SinkOptions::default()
+    })
+    .await;
+    let mut options = options(&sink, &store);
+    options.workers = 2;
+    let mut exporter = Exporter::start(&options).await;
+    let mut expected = store.insert("node-9", 0..1).await;
+    sink.wait_for_accepted(1, WAIT).await;
+    exporter.terminate_cleanly().await;
+    let resume_token =
+        |token: Option<Document>| token.and_then(|t| t.get_document("resumeToken").ok().cloned());
+    let before = resume_token(store.token_document().await);
+    assert!(before.is_some(), "a resume token after the clean stop");
+
+    expected.extend(store.insert("node-9", 1..BACKLOG + 1).await);
+    let mut exporter = Exporter::start(&options).await;
+    sink.wait_for_accepted(100, WAIT).await;
+    let started = std::time::Instant::now();
+    exporter.terminate_cleanly().await;
+    let stopped_in = started.elapsed();
+    assert!(
+        sink.accepted().len() <= BACKLOG as usize,
+        "the backlog was delivered before the SIGTERM; the test proves nothing"
+    );
+    assert!(
+        stopped_in < Duration::from_secs(15),
+        "stopping took {stopped_in:?} (grace 20 s, 2 events in flight of 5 ms each)"
+    );
+    let after = resume_token(store.token_document().await);
+    assert_ne!(
+        after, before,
+        "the resume token moved over the delivered events"
+    );
+
+    let mut exporter = Exporter::start(&options).await;
+    assert!(
+        wait_for_ids(&sink, &expected).await,
+        "every event delivered after the restart"
+    );
+    exporter.terminate_cleanly().await;
+}
+
 /// Waits until every id in `expected` was accepted at least once.
 async fn wait_for_ids(sink: &SinkServer, expected: &[String]) -> bool {
     let deadline = std::time::Instant::now() + WAIT;
