@@ -242,6 +242,10 @@ struct Measured {
     in_flight: Vec<f64>,
     /// CPU seconds this bench process (the writer and the reference sink) used during the run.
     bench_cpu_seconds: f64,
+    /// The whole machine over the run: (cores busy, cores stolen by the hypervisor) on
+    /// average, of `cpus`; how much CPU the exporter could have had (drains are closed loops
+    /// on a machine the exporter shares with PostgreSQL and the sink).
+    machine: Option<(f64, f64, usize)>,
     /// The exporter's metrics scraped after the last delivery (runs that scrape).
     last_metrics: Option<String>,
 }
@@ -255,7 +259,7 @@ impl Measured {
     fn figures(&self) -> String {
         format!(
             "{} events in {:.1} s = {:.0} events/s (steady {:.0}/s); exporter CPU {:.1} µs/event \
-             ({:.0}% in the kernel; {:.2} cores), peak RSS {:.1} MiB",
+             ({:.0}% in the kernel; {:.2} cores), peak RSS {:.1} MiB{}",
             self.events,
             self.seconds,
             self.events as f64 / self.seconds,
@@ -264,6 +268,10 @@ impl Measured {
             self.usage.system_seconds / self.usage.cpu_seconds().max(1e-9) * 100.0,
             self.usage.cpu_seconds() / self.seconds,
             self.usage.peak_rss_mib,
+            self.machine
+                .map_or_else(String::new, |(busy, stolen, cpus)| format!(
+                    "; the machine {busy:.2} of {cpus} cores busy, {stolen:.2} stolen"
+                )),
         )
     }
 }
@@ -1135,6 +1143,7 @@ async fn watch(
     let mut in_flight: Vec<f64> = Vec::new();
     let own_cpu = || child::process_usage(std::process::id()).map_or(0.0, |u| u.cpu_seconds());
     let own_cpu_at_start = own_cpu();
+    let machine_at_start = child::machine_cpu();
     let mut last_change = (Instant::now(), 0);
     let mut last_report = Instant::now();
     let outcome = loop {
@@ -1166,6 +1175,12 @@ async fn watch(
         }
     };
     let seconds = started.elapsed().as_secs_f64();
+    let machine = child::machine_cpu()
+        .zip(machine_at_start)
+        .and_then(|(end, start)| {
+            end.since(&start)
+                .map(|(busy, stolen)| (busy, stolen, end.cpus()))
+        });
     let last_metrics = scrape_some(scrape).await;
     if let Some(metrics) = &last_metrics {
         limit.sample(metrics, true);
@@ -1186,6 +1201,7 @@ async fn watch(
         delivered_at: Vec::new(),
         in_flight,
         bench_cpu_seconds: own_cpu() - own_cpu_at_start,
+        machine,
         last_metrics,
     })
 }

@@ -212,6 +212,60 @@ pub fn process_usage(pid: u32) -> Option<Usage> {
     })
 }
 
+/// The whole machine's CPU time so far, from /proc/stat: (busy, stolen, all) in clock ticks
+/// summed over the CPUs, and the number of CPUs. Busy is user, nice, system, irq and softirq;
+/// stolen is the hypervisor's (time the machine had no CPU); all adds idle and iowait. `None`
+/// when /proc/stat cannot be read.
+pub fn machine_cpu() -> Option<MachineCpu> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let mut lines = stat.lines();
+    let ticks: Vec<f64> = lines
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .map(|field| field.parse().ok())
+        .collect::<Option<_>>()?;
+    let field = |i: usize| ticks.get(i).copied().unwrap_or(0.0);
+    let busy = field(0) + field(1) + field(2) + field(5) + field(6);
+    let stolen = field(7);
+    let cpus = lines.filter(|line| line.starts_with("cpu")).count();
+    Some(MachineCpu {
+        busy,
+        stolen,
+        all: busy + stolen + field(3) + field(4),
+        cpus,
+    })
+}
+
+/// A reading of [`machine_cpu`].
+#[derive(Debug, Clone, Copy)]
+pub struct MachineCpu {
+    busy: f64,
+    stolen: f64,
+    all: f64,
+    cpus: usize,
+}
+
+impl MachineCpu {
+    /// The CPUs /proc/stat lists.
+    pub fn cpus(&self) -> usize {
+        self.cpus
+    }
+
+    /// Cores busy and cores stolen on average from `earlier` to this reading.
+    pub fn since(&self, earlier: &MachineCpu) -> Option<(f64, f64)> {
+        let all = self.all - earlier.all;
+        if all <= 0.0 {
+            return None;
+        }
+        let cpus = self.cpus as f64;
+        Some((
+            (self.busy - earlier.busy) / all * cpus,
+            (self.stolen - earlier.stolen) / all * cpus,
+        ))
+    }
+}
+
 /// Waits until the exporter has written its resume token (it is then streaming). Errors:
 /// [`BenchError::NoResumeToken`] after 60 s, [`BenchError::Sql`] when the query fails.
 pub async fn wait_for_token(client: &tokio_postgres::Client) -> Result<(), BenchError> {
