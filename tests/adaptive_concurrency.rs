@@ -3,9 +3,8 @@
 //! latency steps up and when it answers 503, never lets more than `workers` requests reach the
 //! sink, holds near the capacity of a sink that queues past a few requests (also when fetching
 //! the bearer token is slow: that time is not the sink's), falls when the sink stops answering
-//! within `exporter.sink.timeout`, climbs by doubling against a TLS sink whose new
-//! connections are slow to set up (their handshakes are not the sink's queue), and loses
-//! nothing.
+//! within `exporter.sink.timeout`, judges a TLS sink whose new connections are slow to set
+//! up by its answers, not by their handshakes, and loses nothing.
 //! Fixed mode publishes `workers` as the limit. The test waits for
 //! behaviour (the gauge reaching a value); it asserts no timing.
 
@@ -241,59 +240,58 @@ async fn holds_near_a_queueing_sinks_capacity(token: Option<&TokenServer>) {
     exporter.terminate_cleanly().await;
 }
 
-/// A sink across a WAN: 200 ms to answer, and each new TLS connection held 400 ms before its
+/// A sink across a WAN: 300 ms to answer, and each new TLS connection held 1 s before its
 /// handshake (TCP's and TLS's round trips), which the client waits out before it can send.
-/// Slow start opens a connection for every request it adds; timed from the call, those
-/// requests took 600 ms and read as a queue, which ended slow start, and the limit crept up
-/// one step per window, each step's new connection pulling it back (timed from the call:
-/// 1, 2, 4, …, 32, 16, 17, … and short of 64 after 60 s, in three of five runs). Timed from when a
-/// connection takes the request, slow start carries the limit to the ceiling in seconds (the
-/// sink has no queue; a busy machine's jitter may cost one step back, not the climb), and
-/// every event arrives.
-#[tokio::test]
-async fn slow_handshakes_of_new_connections_are_not_taken_for_a_queue() {
+/// The round trip adaptive concurrency judges starts when a connection takes the request, so
+/// the first change of the limit (1 → 2) comes with a baseline of the sink's 300 ms, not the
+/// 1.3 s of the first request's call (timed from the call, the first request and every new
+/// connection's after each doubling read as a queue: in the bench a 300 ms TLS sink with
+/// 600 ms handshakes fell short of the ceiling of 100 in three of four runs). Through the
+/// binary, so the publisher and the exporter's wiring of the measurement are in it; the
+/// client's own test is `sink::client`'s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_connections_handshake_is_not_in_the_judged_round_trip() {
+    const HANDSHAKE: Duration = Duration::from_secs(1);
     let db = TestDb::create().await;
     let pki = support::tls::TestPki::generate();
     let dir = tempfile::tempdir().expect("temp dir");
     let paths = pki.write_to(dir.path());
     let options = SinkOptions {
-        latency: Some(Duration::from_millis(200)),
-        handshake_delay: Some(Duration::from_millis(400)),
+        latency: Some(Duration::from_millis(300)),
+        handshake_delay: Some(HANDSHAKE),
         ..SinkOptions::default()
     };
     let sink = SinkServer::start_tls(options, &pki).await;
     let mut options = ExporterOptions::new(&sink, None, db.env());
-    options.workers = 64;
+    options.workers = 4;
     options.sink_extra = format!(
         "concurrency = \"adaptive\"\nca_file = \"{}\"",
         paths.ca_cert.display()
     );
     let mut exporter = Exporter::start(&options).await;
-    // A backlog that lasts the climb, also a slow one (at most 320 events/s at the ceiling).
     let mut client = db.client().await;
-    let documents = (0..3_000).map(|i| pg::health_event_doc("remote", i));
+    let documents = (0..40).map(|i| pg::health_event_doc("remote", i));
     let ids = pg::insert_health_events_at_once(&mut client, documents).await;
-    let mut seen: Vec<f64> = Vec::new();
-    let deadline = Instant::now() + WAIT;
-    while seen.last() != Some(&64.0) {
-        assert!(
-            Instant::now() < deadline,
-            "the limit never reached 64 (were handshakes read as a queue?); seen {seen:?}; log:\n{}",
-            exporter.log()
-        );
-        if let Some(now) = limit(&exporter).await {
-            if seen.last() != Some(&now) {
-                seen.push(now);
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(seen.len() >= 3, "the climb was seen step by step: {seen:?}");
-    sink.set_latency(None);
     sink.wait_for_accepted(ids.len(), WAIT).await;
-    let delivered: BTreeSet<String> = sink.accepted_ids().into_iter().collect();
-    let inserted: BTreeSet<String> = ids.into_iter().collect();
-    assert_eq!(delivered, inserted, "every event delivered");
-    assert!(sink.max_in_flight() <= 64, "never past workers");
+    let log = exporter.log();
+    let first_change = log
+        .lines()
+        .find(|line| line.contains("concurrency limit changed"))
+        .unwrap_or_else(|| panic!("the limit never changed; log:\n{log}"));
+    let baseline_ms: u64 = first_change
+        .split("baseline_ms=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("no baseline in {first_change:?}"));
+    assert!(
+        (250..1_000).contains(&baseline_ms),
+        "the judged round trip of the first window was {baseline_ms} ms: the sink answers in \
+         300 ms, the handshake took {HANDSHAKE:?} ({first_change})"
+    );
+    assert!(
+        first_change.contains("from=1") && first_change.contains("to=2"),
+        "slow start's first doubling: {first_change}"
+    );
     exporter.terminate_cleanly().await;
 }

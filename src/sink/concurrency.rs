@@ -6,8 +6,10 @@
 //!
 //! - Time is cut into windows about one baseline RTT long (at least [`MIN_WINDOW`]). Each
 //!   request's RTT and outcome is a [`Sample`]. Only requests *sent* after the limit last
-//!   changed count: one sent before describes the old limit (its answer arrives up to an RTT
-//!   later), and judging the new limit by it would repeat a decrease for one overload.
+//!   changed count (sent: when the publisher sent it under the limit, before any wait for a
+//!   connection; [`Sample::age`]): one sent before describes the old limit (its answer arrives
+//!   up to an RTT, or a handshake and an RTT, later), and judging the new limit by it would
+//!   repeat a decrease for one overload.
 //! - A window that saw a back-pressure answer (429, 503, a timeout) multiplies the limit by
 //!   [`DECREASE`] (rounded down, so it always drops by at least one, never below 1).
 //! - A window whose mean RTT rose past the baseline (more than [`RTT_RATIO`] × baseline and
@@ -81,11 +83,25 @@ pub enum Signal {
     Ignored,
 }
 
+/// One POST's timing, as the publisher measured it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RoundTrip {
+    /// From when a connection took the request to the end of the answer: what is judged.
+    pub rtt: Duration,
+    /// From the call (when the request went out under the limit of the time, before any wait
+    /// for a connection) to the end: which limit the request belongs to. At least `rtt`.
+    pub age: Duration,
+}
+
 /// One finished request.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Sample {
-    /// From sending the request to the end of the response body.
+    /// From when a connection took the request to the end of the response body.
     pub rtt: Duration,
+    /// From when the request was sent under the limit (before any wait for a connection) to
+    /// the end: a request sent before the limit last changed is not judged, even if its
+    /// connection took it after (it was one of the old limit's requests).
+    pub age: Duration,
     pub signal: Signal,
     /// Whether every permit was in use when it finished (the limit was what held intake back).
     pub at_limit: bool,
@@ -131,8 +147,7 @@ pub struct AdaptiveLimit {
     baseline: Option<f64>,
     /// Doubling rather than adding one: until the first back-pressure answer or rise.
     slow_start: bool,
-    /// Samples of requests sent before this are ignored: when the limit last changed, plus in
-    /// slow start one baseline RTT for the queue a doubling builds to form.
+    /// Samples of requests sent before this are ignored: when the limit last changed.
     judge_from: Duration,
     window: Window,
 }
@@ -164,7 +179,7 @@ impl AdaptiveLimit {
     /// Records a request that finished at `now` (any monotonic origin); closes the window
     /// when it is long enough. Returns the limit.
     pub fn observe(&mut self, sample: Sample, now: Duration) -> usize {
-        if now.saturating_sub(sample.rtt) < self.judge_from {
+        if now.saturating_sub(sample.age.max(sample.rtt)) < self.judge_from {
             return self.limit;
         }
         let start = *self.window.start.get_or_insert(now);
@@ -341,7 +356,7 @@ impl Concurrency {
     }
 
     /// Feeds one finished request to the adaptive rule (no-op in fixed mode) and resizes.
-    pub fn observe(&self, rtt: Duration, signal: Signal) {
+    pub fn observe(&self, round_trip: RoundTrip, signal: Signal) {
         let Some(state) = &self.adaptive else {
             return;
         };
@@ -349,11 +364,22 @@ impl Concurrency {
         let mut state = lock(state);
         let now = tokio::time::Instant::now().saturating_duration_since(state.origin);
         let sample = Sample {
-            rtt,
+            rtt: round_trip.rtt,
+            age: round_trip.age,
             signal,
             at_limit,
         };
+        let before = state.rule.limit();
         let limit = state.rule.observe(sample, now);
+        if limit != before {
+            let baseline_ms = state.rule.baseline().map_or(0, |b| b.as_millis());
+            tracing::debug!(
+                from = before,
+                to = limit,
+                baseline_ms,
+                "concurrency limit changed"
+            );
+        }
         if limit > state.issued {
             self.permits.add_permits(limit.saturating_sub(state.issued));
             state.issued = limit;

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::auth::{AuthError, Bearer, TokenProvider};
 use super::client::{SendError, SinkClient};
-use super::concurrency::{Concurrency, Signal};
+use super::concurrency::{Concurrency, RoundTrip, Signal};
 use super::retry::Backoff;
 use crate::cloudevent::CONTENT_TYPE as CLOUDEVENTS_JSON;
 use crate::config::RetryPolicy;
@@ -346,7 +346,7 @@ impl Publisher {
         body: &Bytes,
         content_type: &'static str,
         traceparent: Option<&str>,
-    ) -> (Attempt, Option<Duration>) {
+    ) -> (Attempt, Option<RoundTrip>) {
         let mut refreshed = false;
         loop {
             let bearer = match &self.auth {
@@ -359,11 +359,18 @@ impl Publisher {
             let headers = headers(content_type, traceparent, bearer.as_ref());
             let sent = Instant::now();
             let posted = self.client.post(&headers, body, BODY_LIMIT).await;
+            let age = sent.elapsed();
             let answer = match posted {
                 Ok(answer) => answer,
-                Err(e) => return (Attempt::Failed(send_failure(&e)), Some(sent.elapsed())),
+                Err(e) => {
+                    let round_trip = RoundTrip { rtt: age, age };
+                    return (Attempt::Failed(send_failure(&e)), Some(round_trip));
+                }
             };
-            let round_trip = Some(answer.round_trip);
+            let round_trip = Some(RoundTrip {
+                rtt: answer.round_trip.unwrap_or(age),
+                age,
+            });
             let status = answer.status;
             let retry_after = retry_after_header(&answer.headers);
             let location = location(&answer.headers);

@@ -88,7 +88,7 @@ pub struct BenchArgs {
     /// The adaptive run again against a remote slow sink: the reference sink over TLS (a
     /// self-signed certificate, trusted by `ca_file`) holds every new connection this long
     /// before its handshake, as TCP's and TLS's handshakes take two network round trips (the
-    /// default: twice the 300 ms latency); 0 skips.
+    /// default, 600 ms, is twice the default `--slow-latency`); 0 skips.
     #[arg(long, default_value = "600ms", value_parser = event_exporter::cli::parse_duration)]
     pub remote_handshake: Duration,
     /// The saturated sink's capacity: the slow sink answering at most this many requests at
@@ -882,8 +882,6 @@ async fn run_plan(
     result
 }
 
-/// The sinks of one run: the reference sink always (it issues the tokens), nginx when the
-/// events go there.
 /// A self-signed certificate for 127.0.0.1, written to `dir/sink-ca.pem` (the exporter's
 /// `ca_file`), and a TLS server configuration with it for the reference sink. Errors: the
 /// certificate, the file, or the configuration ([`BenchError`]).
@@ -904,6 +902,8 @@ fn self_signed(
     Ok((std::sync::Arc::new(config), path))
 }
 
+/// The sinks of one run: the reference sink always (it issues the tokens), nginx when the
+/// events go there.
 struct Sinks {
     reference: RunningSink,
     nginx: Option<Nginx>,

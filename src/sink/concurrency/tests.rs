@@ -9,6 +9,7 @@ fn ms(n: u64) -> Duration {
 fn answered(rtt: Duration) -> Sample {
     Sample {
         rtt,
+        age: rtt,
         signal: Signal::Answered,
         at_limit: true,
     }
@@ -75,6 +76,33 @@ fn an_answer_to_a_request_sent_before_the_last_change_is_ignored() {
         now += ms(1);
         assert_eq!(rule.observe(answered(now), now), before);
     }
+}
+
+/// A request sent before the last change whose connection took it only after (it waited for a
+/// connection's handshake) belongs to the old limit too: its age, not its round trip, says
+/// when it was sent.
+#[test]
+fn a_request_sent_before_the_last_change_but_connected_after_is_ignored() {
+    let mut rule = AdaptiveLimit::new(100);
+    let mut now = Duration::ZERO;
+    run(&mut rule, &mut now, ms(1_000), ms(1), answered(ms(1)));
+    let before = rule.limit();
+    // Sent 2 s ago (before the last change), taken by a connection 10 ms ago, slow for it.
+    let late = Sample {
+        rtt: ms(10),
+        age: ms(2_000),
+        ..answered(ms(10))
+    };
+    for _ in 0..100 {
+        now += ms(1);
+        assert_eq!(rule.observe(late, now), before);
+    }
+    // The same round trip of a request sent after the change is judged (a rise: it falls).
+    let judged = (0..100).any(|_| {
+        now += ms(1);
+        rule.observe(answered(ms(10)), now) != before
+    });
+    assert!(judged, "a request sent after the change counts");
 }
 
 #[test]
@@ -233,7 +261,7 @@ proptest! {
         let mut now = Duration::ZERO;
         for (rtt, signal, at_limit, step) in samples {
             now += ms(step);
-            let sample = Sample { rtt: ms(rtt), signal, at_limit };
+            let sample = Sample { rtt: ms(rtt), age: ms(rtt), signal, at_limit };
             let limit = rule.observe(sample, now);
             prop_assert!(limit >= 1 && limit <= ceiling.max(1), "{} not in 1..={}", limit, ceiling);
         }
@@ -288,7 +316,13 @@ async fn fixed_mode_hands_out_workers_permits() {
     }
     assert_eq!(concurrency.permits.available_permits(), 0);
     // Feeding samples changes nothing in fixed mode.
-    concurrency.observe(ms(1), Signal::Backpressure);
+    concurrency.observe(
+        RoundTrip {
+            rtt: ms(1),
+            age: ms(1),
+        },
+        Signal::Backpressure,
+    );
     assert_eq!(concurrency.limit(), 3);
 }
 
@@ -304,7 +338,13 @@ async fn adaptive_permits_follow_the_limit_up_and_down() {
             held.push(concurrency.acquire().await.expect("open semaphore"));
         }
         tokio::time::advance(MIN_WINDOW).await;
-        concurrency.observe(ms(1), Signal::Answered);
+        concurrency.observe(
+            RoundTrip {
+                rtt: ms(1),
+                age: ms(1),
+            },
+            Signal::Answered,
+        );
     }
     while held.len() < 4 {
         held.push(concurrency.acquire().await.expect("open semaphore"));
@@ -313,7 +353,13 @@ async fn adaptive_permits_follow_the_limit_up_and_down() {
     // 503s while all four are out: the limit falls to 1; permits returned beyond it retire.
     while concurrency.limit() > 1 {
         tokio::time::advance(MIN_WINDOW).await;
-        concurrency.observe(ms(1), Signal::Backpressure);
+        concurrency.observe(
+            RoundTrip {
+                rtt: ms(1),
+                age: ms(1),
+            },
+            Signal::Backpressure,
+        );
     }
     held.clear();
     let one = concurrency.acquire().await.expect("open semaphore");
@@ -357,6 +403,7 @@ fn simulate(
         let before = rule.limit();
         let sample = Sample {
             rtt: finish - sent,
+            age: finish - sent,
             signal: Signal::Answered,
             at_limit: true,
         };

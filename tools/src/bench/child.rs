@@ -36,7 +36,10 @@ pub fn write_config(dir: &Path, config: &ExporterConfig<'_>) -> Result<(), Bench
     std::fs::write(&secret, "bench-secret").map_err(io(format!("writing {}", secret.display())))?;
     let ca_file = config
         .ca_file
-        .map(|path| format!("ca_file = {:?}\n", path.display().to_string()))
+        .map(|path| {
+            let quoted = toml::Value::String(path.display().to_string());
+            format!("ca_file = {quoted}\n")
+        })
         .unwrap_or_default();
     let text = format!(
         r#"[exporter.metadata]
