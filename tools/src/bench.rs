@@ -503,18 +503,43 @@ impl Bench<'_> {
 
     /// The slow sink with `--saturated-capacity` slots (past them requests queue, so the sink's
     /// latency grows with concurrency), first with `--adaptive-workers` fixed workers, then
-    /// with the adaptive limit up to that ceiling: both carry about capacity/latency, and the
-    /// line shows how deep each pushed the sink's queue.
+    /// with the adaptive limit up to that ceiling, then adaptive again with the sink as if
+    /// remote (`--remote-handshake`, over TLS): all carry about capacity/latency, and the line
+    /// shows how deep each pushed the sink's queue.
     async fn saturated(&self) -> Result<(), BenchError> {
         let (latency, workers) = (self.args.slow_latency, self.args.adaptive_workers);
         let capacity = self.args.saturated_capacity;
         let (plan, ideal) = self.slow_plan(workers, Some(capacity));
-        for adaptive in [false, true] {
-            let plan = Plan { adaptive, ..plan };
+        let handshake = self.args.remote_handshake;
+        // Fixed workers, adaptive, and adaptive against the same sink as if remote.
+        let runs = [
+            (false, Duration::ZERO),
+            (true, Duration::ZERO),
+            (true, handshake),
+        ];
+        for (run, (adaptive, handshake)) in runs.into_iter().enumerate() {
+            if run == 2 && handshake.is_zero() {
+                continue;
+            }
+            let sink = SinkKind::Reference {
+                latency,
+                capacity: Some(capacity),
+                handshake,
+            };
+            let plan = Plan {
+                adaptive,
+                sink,
+                ..plan
+            };
             let mode = if adaptive {
                 format!("adaptive concurrency, ceiling {workers}")
             } else {
                 format!("{workers} fixed workers")
+            };
+            let remote = if handshake.is_zero() {
+                String::new()
+            } else {
+                format!(" and {handshake:?} handshakes per new connection")
             };
             self.scenario(plan, |m| {
                 let limit = if adaptive {
@@ -524,7 +549,7 @@ impl Bench<'_> {
                 };
                 let queued = m.sink_max_in_flight.saturating_sub(capacity as usize);
                 format!(
-                    "{latency:?} sink with {capacity} slots, {mode}: {}; {} of \
+                    "{latency:?} sink with {capacity} slots{remote}, {mode}: {}; {} of \
                      capacity/latency ({ideal:.1}/s); the sink held up to {} requests at once \
                      (at the deepest, one waited about {:?} for a slot){limit}",
                     m.figures(),
