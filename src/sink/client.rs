@@ -793,11 +793,22 @@ mod tests {
 
     /// A sink across a WAN: its TLS handshake takes a second (the server waits before
     /// answering the ClientHello), its answers none. A request's round trip is the sink's
-    /// time, not the handshake's.
+    /// time, not the handshake's, over HTTP/1.1 and HTTP/2 (hyper reads the body in different
+    /// places for each).
     #[tokio::test]
     async fn the_round_trip_leaves_out_the_wait_for_a_connection_and_its_handshake() {
+        round_trip_leaves_out_a_slow_handshake(false).await;
+    }
+
+    #[tokio::test]
+    async fn over_http2_the_round_trip_leaves_out_the_handshake_too() {
+        round_trip_leaves_out_a_slow_handshake(true).await;
+    }
+
+    async fn round_trip_leaves_out_a_slow_handshake(h2: bool) {
         const HANDSHAKE: Duration = Duration::from_secs(1);
-        let acceptor = self_signed_acceptor(&[b"http/1.1"]);
+        let alpn: &[u8] = if h2 { b"h2" } else { b"http/1.1" };
+        let acceptor = self_signed_acceptor(&[alpn]);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -810,14 +821,24 @@ mod tests {
                     let Ok(tls) = acceptor.accept(socket).await else {
                         return;
                     };
-                    let accept = hyper::service::service_fn(|_: Request<Incoming>| async {
-                        let mut response = hyper::Response::new(Full::new(Bytes::new()));
-                        *response.status_mut() = StatusCode::ACCEPTED;
-                        Ok::<_, hyper::Error>(response)
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tls), accept)
-                        .await;
+                    let accept =
+                        hyper::service::service_fn(|request: Request<Incoming>| async move {
+                            let version = format!("{:?}", request.version());
+                            let mut response =
+                                hyper::Response::new(Full::new(Bytes::from(version)));
+                            *response.status_mut() = StatusCode::ACCEPTED;
+                            Ok::<_, hyper::Error>(response)
+                        });
+                    let io = TokioIo::new(tls);
+                    let _ = if h2 {
+                        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .serve_connection(io, accept)
+                            .await
+                    } else {
+                        hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, accept)
+                            .await
+                    };
                 });
             }
         });
@@ -832,6 +853,8 @@ mod tests {
             "the handshake was waited for"
         );
         assert_eq!(first.status, StatusCode::ACCEPTED);
+        let version: &[u8] = if h2 { b"HTTP/2.0" } else { b"HTTP/1.1" };
+        assert_eq!(first.body, version, "spoken over the protocol negotiated");
         let taken = first.round_trip.expect("timed");
         assert!(
             taken < HANDSHAKE,
