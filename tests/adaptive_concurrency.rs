@@ -81,11 +81,7 @@ async fn spawn_inserter(
 
 /// The loopback sink answering each request after 50 ms.
 async fn sink_answering_in_50ms() -> SinkServer {
-    SinkServer::start(SinkOptions {
-        latency: Some(Duration::from_millis(50)),
-        ..SinkOptions::default()
-    })
-    .await
+    SinkServer::answering_after(Duration::from_millis(50)).await
 }
 
 /// Adaptive concurrency with a ceiling of 8, and enough retries (50–200 ms apart) that no

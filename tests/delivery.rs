@@ -175,11 +175,7 @@ async fn sigterm_during_a_backlog_stops_promptly_and_saves_the_token() {
     const BACKLOG: u32 = 2_000; // four 500-row pages: more than the reader may queue
     let db = TestDb::create().await;
     let mut client = db.client().await;
-    let sink = SinkServer::start(SinkOptions {
-        latency: Some(Duration::from_millis(5)),
-        ..SinkOptions::default()
-    })
-    .await;
+    let sink = SinkServer::answering_after(Duration::from_millis(5)).await;
     let mut options = ExporterOptions::new(&sink, None, db.env());
     options.workers = 2;
     let mut exporter = Exporter::start(&options).await;

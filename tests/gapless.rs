@@ -539,11 +539,7 @@ struct KillRun {
 async fn kill_9_run(kill_after: usize) -> KillRun {
     let db = TestDb::create().await;
     let mut observer = db.client().await;
-    let sink = SinkServer::start(SinkOptions {
-        latency: Some(KILL_LATENCY),
-        ..SinkOptions::default()
-    })
-    .await;
+    let sink = SinkServer::answering_after(KILL_LATENCY).await;
     let mut options = ExporterOptions::new(&sink, None, db.env());
     options.workers = KILL_WORKERS;
     let mut exporter = Exporter::start(&options).await;

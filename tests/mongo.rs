@@ -184,11 +184,7 @@ async fn resumes_after_a_restart_and_after_kill_9_with_nothing_lost() {
 async fn sigterm_during_a_change_stream_backlog_stops_promptly_and_saves_the_token() {
     const BACKLOG: i64 = 1_000; // ten batches of the driver's 101: more than the reader queues
     let store = Store::start(&[]).await;
-    let sink = SinkServer::start(SinkOptions {
-        latency: Some(Duration::from_millis(5)),
-        ..SinkOptions::default()
-    })
-    .await;
+    let sink = SinkServer::answering_after(Duration::from_millis(5)).await;
     let mut options = options(&sink, &store);
     options.workers = 2;
     let mut exporter = Exporter::start(&options).await;

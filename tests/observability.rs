@@ -15,11 +15,7 @@ const WAIT: Duration = Duration::from_secs(20);
 async fn metrics_follow_the_stream() {
     let db = TestDb::create().await;
     let client = db.client().await;
-    let sink = SinkServer::start(SinkOptions {
-        latency: Some(Duration::from_millis(1500)),
-        ..SinkOptions::default()
-    })
-    .await;
+    let sink = SinkServer::answering_after(Duration::from_millis(1500)).await;
     let mut options = ExporterOptions::new(&sink, None, db.env());
     options.workers = 2;
     let mut exporter = Exporter::start(&options).await;
@@ -143,11 +139,7 @@ async fn failure_counters_move_before_the_exporter_stops() {
     let client = db.client().await;
     // Each answer takes a second, so the second event is still being tried when the first
     // gives up: the exporter then waits for it, with /metrics still served.
-    let sink = SinkServer::start(SinkOptions {
-        latency: Some(Duration::from_secs(1)),
-        ..SinkOptions::default()
-    })
-    .await;
+    let sink = SinkServer::answering_after(Duration::from_secs(1)).await;
     sink.fail_always(500);
     let mut options = ExporterOptions::new(&sink, None, db.env());
     options.workers = 2;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use support::exporter::{Exporter, ExporterOptions};
 use support::pg::{self, TestDb};
-use support::sink::{RecordedRequest, SinkOptions, SinkServer};
+use support::sink::{RecordedRequest, SinkServer};
 
 const WAIT: Duration = Duration::from_secs(60);
 const WORKERS: usize = 10;
@@ -30,11 +30,7 @@ async fn kill_9_during_a_burst_resends_only_in_flight_and_one_save_interval() {
     let db = TestDb::create().await;
     let mut client = db.client().await;
     // A little latency so the burst takes a while and the kills land in the middle of it.
-    let sink = SinkServer::start(SinkOptions {
-        latency: Some(Duration::from_millis(5)),
-        ..SinkOptions::default()
-    })
-    .await;
+    let sink = SinkServer::answering_after(Duration::from_millis(5)).await;
     let mut options = ExporterOptions::new(&sink, None, db.env());
     options.workers = WORKERS;
     let mut exporter = Exporter::start(&options).await;

@@ -510,11 +510,7 @@ async fn concurrent_workers_share_one_token_fetch_and_one_refresh() {
 async fn sigterm_lets_an_in_flight_publish_finish_and_saves_the_token() {
     let db = TestDb::create().await;
     let client = db.client().await;
-    let sink = SinkServer::start(SinkOptions {
-        latency: Some(ms(2000)),
-        ..SinkOptions::default()
-    })
-    .await;
+    let sink = SinkServer::answering_after(ms(2000)).await;
     let mut options = ExporterOptions::new(&sink, None, db.env());
     options.shutdown_grace = "6s".into();
     let mut exporter = Exporter::start(&options).await;

@@ -59,6 +59,15 @@ impl SinkServer {
         Self::start_inner(opts, None).await
     }
 
+    /// Plain-HTTP sink answering every request after `latency` (no auth).
+    pub async fn answering_after(latency: Duration) -> SinkServer {
+        Self::start(SinkOptions {
+            latency: Some(latency),
+            ..SinkOptions::default()
+        })
+        .await
+    }
+
     /// HTTPS sink with the PKI's server certificate (valid for 127.0.0.1).
     pub async fn start_tls(opts: SinkOptions, pki: &TestPki) -> SinkServer {
         Self::start_inner(opts, Some(Arc::new(pki.server_config()))).await

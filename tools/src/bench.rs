@@ -408,10 +408,11 @@ impl Bench<'_> {
         Ok(())
     }
 
-    /// A drain against the slow sink (with `capacity` slots, if any) of ideal × `--slow-run`
+    /// A drain against the slow sink (with `capacity` slots, if any; holding each new
+    /// connection `handshake` before its TLS handshake, if not zero) of ideal × `--slow-run`
     /// events, and the ideal rate (events/s): min(workers, slots)/latency, the most `workers`
     /// requests of that latency can carry through that many slots.
-    fn slow_plan(&self, workers: usize, capacity: Option<u32>) -> (Plan, f64) {
+    fn slow_plan(&self, workers: usize, capacity: Option<u32>, handshake: Duration) -> (Plan, f64) {
         let latency = self.args.slow_latency.as_secs_f64().max(1e-3);
         let carried = Self::carried(workers, capacity);
         let ideal = carried as f64 / latency;
@@ -421,9 +422,14 @@ impl Bench<'_> {
         let sink = SinkKind::Reference {
             latency: self.args.slow_latency,
             capacity,
-            handshake: Duration::ZERO,
+            handshake,
         };
         (Plan::new(Feed::Drain { count }, sink, workers), ideal)
+    }
+
+    /// `--remote-handshake`, unless 0 (which skips the remote runs).
+    fn remote_handshake(&self) -> Option<Duration> {
+        Some(self.args.remote_handshake).filter(|handshake| !handshake.is_zero())
     }
 
     /// How many requests the slow sink answers per round: the workers, or its slots if fewer.
@@ -435,7 +441,7 @@ impl Bench<'_> {
     async fn slow_sink(&self) -> Result<(), BenchError> {
         let latency = self.args.slow_latency;
         for &workers in self.args.slow_workers.iter().filter(|w| **w > 0) {
-            let (plan, ideal) = self.slow_plan(workers, None);
+            let (plan, ideal) = self.slow_plan(workers, None, Duration::ZERO);
             self.scenario(plan, |m| {
                 format!(
                     "{latency:?} sink, {workers} workers: {}; {} of workers/latency \
@@ -454,20 +460,10 @@ impl Bench<'_> {
     /// (`--remote-handshake`).
     async fn adaptive(&self) -> Result<(), BenchError> {
         let (latency, ceiling) = (self.args.slow_latency, self.args.adaptive_workers);
-        let handshakes = [Duration::ZERO, self.args.remote_handshake];
-        for (run, handshake) in handshakes.into_iter().enumerate() {
-            if run > 0 && handshake.is_zero() {
-                continue;
-            }
-            let (plan, ideal) = self.slow_plan(ceiling, None);
-            let sink = SinkKind::Reference {
-                latency,
-                capacity: None,
-                handshake,
-            };
+        for handshake in std::iter::once(Duration::ZERO).chain(self.remote_handshake()) {
+            let (plan, ideal) = self.slow_plan(ceiling, None, handshake);
             let plan = Plan {
                 adaptive: true,
-                sink,
                 ..plan
             };
             let remote = if handshake.is_zero() {
@@ -509,28 +505,13 @@ impl Bench<'_> {
     async fn saturated(&self) -> Result<(), BenchError> {
         let (latency, workers) = (self.args.slow_latency, self.args.adaptive_workers);
         let capacity = self.args.saturated_capacity;
-        let (plan, ideal) = self.slow_plan(workers, Some(capacity));
-        let handshake = self.args.remote_handshake;
         // Fixed workers, adaptive, and adaptive against the same sink as if remote.
-        let runs = [
-            (false, Duration::ZERO),
-            (true, Duration::ZERO),
-            (true, handshake),
-        ];
-        for (run, (adaptive, handshake)) in runs.into_iter().enumerate() {
-            if run == 2 && handshake.is_zero() {
-                continue;
-            }
-            let sink = SinkKind::Reference {
-                latency,
-                capacity: Some(capacity),
-                handshake,
-            };
-            let plan = Plan {
-                adaptive,
-                sink,
-                ..plan
-            };
+        let runs = [(false, Duration::ZERO), (true, Duration::ZERO)]
+            .into_iter()
+            .chain(self.remote_handshake().map(|handshake| (true, handshake)));
+        for (adaptive, handshake) in runs {
+            let (plan, ideal) = self.slow_plan(workers, Some(capacity), handshake);
+            let plan = Plan { adaptive, ..plan };
             let mode = if adaptive {
                 format!("adaptive concurrency, ceiling {workers}")
             } else {
