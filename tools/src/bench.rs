@@ -24,15 +24,19 @@
 //!   `--rates` limit (how closely every 10 s window holds it).
 //!
 //! The exporter runs as a child process (this binary), so its CPU time and peak RSS (from
-//! /proc) are its own; PostgreSQL, the sinks and the writer share the machine with it.
+//! /proc) are its own; PostgreSQL, the sinks and the writer share the machine with it. At the
+//! end the run's figures are judged against issue 17's targets (`targets`) and printed as a
+//! Markdown table.
 
 mod child;
 mod error;
 mod nginx;
 mod seed;
+mod targets;
 mod writer;
 
 use std::path::PathBuf;
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use clap::Args;
@@ -45,6 +49,7 @@ use error::sql;
 pub use error::BenchError;
 use event_exporter::exporter::ExitError;
 use nginx::Nginx;
+use targets::{Scorecard, Target};
 use writer::Written;
 
 #[derive(Debug, Clone, Args)]
@@ -140,6 +145,12 @@ const UPSTREAM_EVENTS_PER_SECOND: f64 = 431.0;
 
 /// A streaming writer below this share of its target rate did not reach it.
 const TARGET_REACHED: f64 = 0.95;
+
+/// The workers of issue 17's drain target (the exporter's default).
+const DEFAULT_WORKERS: usize = 10;
+
+/// The slow sink's latency in issue 17's targets.
+const TARGET_LATENCY: Duration = Duration::from_millis(300);
 
 /// Where the sink is.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -286,6 +297,7 @@ pub async fn run(args: BenchArgs) -> Result<(), ExitError> {
     let bench = Bench {
         args: &args,
         server: &server,
+        card: Mutex::default(),
     };
     let result = bench.run_all().await.map_err(ExitError::failed);
     server.stop();
@@ -296,9 +308,16 @@ pub async fn run(args: BenchArgs) -> Result<(), ExitError> {
 struct Bench<'a> {
     args: &'a BenchArgs,
     server: &'a LocalServer,
+    /// Issue 17's targets as the scenarios measure them; printed at the end.
+    card: Mutex<Scorecard>,
 }
 
 impl Bench<'_> {
+    /// The scorecard, for a moment (never held across an await).
+    fn card(&self) -> std::sync::MutexGuard<'_, Scorecard> {
+        self.card.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     async fn run_all(&self) -> Result<(), BenchError> {
         let args = self.args;
         self.print_header();
@@ -319,6 +338,7 @@ impl Bench<'_> {
         if args.backfill_events > 0 {
             self.backfills().await?;
         }
+        println!("\n{}", self.card().markdown());
         Ok(())
     }
 
@@ -346,8 +366,15 @@ impl Bench<'_> {
         plan: Plan,
         line: impl FnOnce(&Measured) -> String,
     ) -> Result<Measured, BenchError> {
+        let callgrind = plan.callgrind;
         let measured = run_plan(self.server, plan, self.args).await?;
-        println!("{}", line(&measured));
+        let line = line(&measured);
+        println!("{line}");
+        // Under valgrind the process is valgrind's, not the exporter's as it runs.
+        if !callgrind {
+            let run = line.split(':').next().unwrap_or_default();
+            self.card().peak_rss(run, measured.usage.peak_rss_mib);
+        }
         Ok(measured)
     }
 
@@ -359,26 +386,48 @@ impl Bench<'_> {
             count: args.drain_events,
         };
         let plan = Plan::new(feed, SinkKind::Nginx, args.workers);
-        self.scenario(plan, |m| {
-            let ratio = match ceiling {
-                Some(ceiling) => format!(
-                    "{:.1}% of the wrk → nginx ceiling ({ceiling:.0} POST/s, {} connections)",
-                    m.steady_rate / ceiling * 100.0,
-                    args.workers
-                ),
-                None => format!(
-                    "no ratio to the nginx ceiling: {} is not installed",
-                    args.wrk.display()
-                ),
-            };
-            format!(
-                "drain into nginx: {}; {ratio}; {}; {}",
-                m.figures(),
-                busy_line(&m.in_flight, args.workers),
-                stages_line(m.last_metrics.as_deref()),
-            )
-        })
-        .await?;
+        let ratio_to = |m: &Measured, ceiling: f64| m.steady_rate / ceiling * 100.0;
+        let m = self
+            .scenario(plan, |m| {
+                let ratio = match ceiling {
+                    Some(ceiling) => format!(
+                        "{:.1}% of the wrk → nginx ceiling ({ceiling:.0} POST/s, {} connections)",
+                        ratio_to(m, ceiling),
+                        args.workers
+                    ),
+                    None => format!(
+                        "no ratio to the nginx ceiling: {} is not installed",
+                        args.wrk.display()
+                    ),
+                };
+                format!(
+                    "drain into nginx: {}; {ratio}; {}; {}",
+                    m.figures(),
+                    busy_line(&m.in_flight, args.workers),
+                    stages_line(m.last_metrics.as_deref()),
+                )
+            })
+            .await?;
+        if args.workers == DEFAULT_WORKERS {
+            let context = ceiling.map_or_else(
+                || "no wrk ceiling".to_owned(),
+                |ceiling| {
+                    format!(
+                        "{:.1}% of the wrk → nginx ceiling of {} POST/s",
+                        ratio_to(&m, ceiling),
+                        targets::grouped(ceiling)
+                    )
+                },
+            );
+            let mut card = self.card();
+            card.measured(Target::DrainRate, m.steady_rate, context);
+            card.measured(Target::DrainCpu, m.cpu_us_per_event(), "");
+        } else {
+            let why = format!("the drain ran {} workers, not 10", args.workers);
+            let mut card = self.card();
+            card.not_measured(Target::DrainRate, why.clone());
+            card.not_measured(Target::DrainCpu, why);
+        }
         let plan = Plan::new(feed, SinkKind::reference(Duration::ZERO), args.workers);
         self.scenario(plan, |m| {
             format!("drain into the reference sink: {}", m.figures())
@@ -442,15 +491,29 @@ impl Bench<'_> {
         let latency = self.args.slow_latency;
         for &workers in self.args.slow_workers.iter().filter(|w| **w > 0) {
             let (plan, ideal) = self.slow_plan(workers, None, Duration::ZERO);
-            self.scenario(plan, |m| {
-                format!(
-                    "{latency:?} sink, {workers} workers: {}; {} of workers/latency \
-                     ({ideal:.1}/s)",
-                    m.figures(),
-                    percent_of(round_rate(&m.delivered_at, workers), ideal),
-                )
-            })
-            .await?;
+            let m = self
+                .scenario(plan, |m| {
+                    format!(
+                        "{latency:?} sink, {workers} workers: {}; {} of workers/latency \
+                         ({ideal:.1}/s)",
+                        m.figures(),
+                        percent_of(round_rate(&m.delivered_at, workers), ideal),
+                    )
+                })
+                .await?;
+            if workers == 100 && latency == TARGET_LATENCY {
+                let target = Target::HundredWorkersShare;
+                match round_rate(&m.delivered_at, workers) {
+                    Some(rate) => self.card().measured(
+                        target,
+                        rate / ideal * 100.0,
+                        format!("{rate:.1} of {ideal:.1} events/s"),
+                    ),
+                    None => self
+                        .card()
+                        .not_measured(target, "fewer than two whole rounds"),
+                }
+            }
         }
         Ok(())
     }
@@ -471,30 +534,67 @@ impl Bench<'_> {
             } else {
                 format!(" with {handshake:?} handshakes per new connection")
             };
-            self.scenario(plan, |m| {
-                let limit = limit_line(&m.concurrency_limits, ceiling);
-                let at_ceiling = m
-                    .concurrency_limits
-                    .iter()
-                    .find(|(_, value)| *value >= ceiling as f64)
-                    .and_then(|(at, _)| rate_after(&m.samples, *at))
-                    .map_or_else(String::new, |rate| {
-                        format!(
-                            "; from then on {rate:.0}/s = {:.1}% of ceiling/latency",
-                            rate / ideal * 100.0
-                        )
-                    });
-                format!(
-                    "{latency:?} sink{remote}, adaptive concurrency, ceiling {ceiling}: {}; \
+            let m = self
+                .scenario(plan, |m| {
+                    let limit = limit_line(&m.concurrency_limits, ceiling);
+                    let at_ceiling = m
+                        .concurrency_limits
+                        .iter()
+                        .find(|(_, value)| *value >= ceiling as f64)
+                        .and_then(|(at, _)| rate_after(&m.samples, *at))
+                        .map_or_else(String::new, |rate| {
+                            format!(
+                                "; from then on {rate:.0}/s = {:.1}% of ceiling/latency",
+                                rate / ideal * 100.0
+                            )
+                        });
+                    format!(
+                        "{latency:?} sink{remote}, adaptive concurrency, ceiling {ceiling}: {}; \
                      {:.1}% of ceiling/latency ({ideal:.1}/s) including the climb from 1; \
                      {limit}{at_ceiling}",
-                    m.figures(),
-                    m.steady_rate / ideal * 100.0,
-                )
-            })
-            .await?;
+                        m.figures(),
+                        m.steady_rate / ideal * 100.0,
+                    )
+                })
+                .await?;
+            if handshake.is_zero() && ceiling == 100 && latency == TARGET_LATENCY {
+                self.judge_adaptive(&m, ideal);
+            }
         }
         Ok(())
+    }
+
+    /// The adaptive target: the share of ceiling/latency from the first second at the
+    /// ceiling on (a running exporter's steady state; the climb from 1 is in the context);
+    /// the whole run's share if it never got there.
+    fn judge_adaptive(&self, m: &Measured, ideal: f64) {
+        let ceiling = self.args.adaptive_workers as f64;
+        let whole_run = m.steady_rate / ideal * 100.0;
+        let at_ceiling = m
+            .concurrency_limits
+            .iter()
+            .find(|(_, value)| *value >= ceiling)
+            .map(|(at, _)| (*at, rate_after(&m.samples, *at)));
+        let mut card = self.card();
+        match at_ceiling {
+            Some((at, Some(rate))) => card.measured(
+                Target::AdaptiveShare,
+                rate / ideal * 100.0,
+                format!(
+                    "the ceiling after {at:.0} s; {whole_run:.1}% over the whole run from a \
+                     limit of 1"
+                ),
+            ),
+            Some((at, None)) => card.not_measured(
+                Target::AdaptiveShare,
+                format!("the ceiling after {at:.0} s left less than a second of the run"),
+            ),
+            None => card.measured(
+                Target::AdaptiveShare,
+                whole_run,
+                "never at the ceiling: the whole run",
+            ),
+        }
     }
 
     /// The slow sink with `--saturated-capacity` slots (past them requests queue, so the sink's
@@ -569,27 +669,47 @@ impl Bench<'_> {
                 (false, true) => ", lean schema",
                 (true, true) => ", batched mode, lean schema",
             };
-            self.scenario(plan, |m| {
-                let written = m.written.as_ref().map_or(0.0, Written::rate);
-                let latency = m.latency.clone().unwrap_or_default();
-                let (p50, p99) = (latency.p50, latency.p99);
-                format!(
-                    "stream at {rate} events/s{mode}: {}; commit-to-sink p50 {p50:.1?}, p99 \
+            let m = self
+                .scenario(plan, |m| {
+                    let written = m.written.as_ref().map_or(0.0, Written::rate);
+                    let latency = m.latency.clone().unwrap_or_default();
+                    let (p50, p99) = (latency.p50, latency.p99);
+                    format!(
+                        "stream at {rate} events/s{mode}: {}; commit-to-sink p50 {p50:.1?}, p99 \
                      {p99:.1?} (p99 of each second's commits, ms: {}); {}; {}; {}; the bench \
                      process (writer and reference sink) used {:.2} cores",
-                    writer_reached(rate, written, args.stream_connections),
-                    by_second(&latency.p99_by_second),
-                    m.figures(),
-                    if batch {
-                        batched_in_flight(&m.in_flight, args.workers)
-                    } else {
-                        busy_line(&m.in_flight, args.workers)
-                    },
-                    stages_line(m.last_metrics.as_deref()),
-                    m.bench_cpu_seconds / m.seconds,
-                )
-            })
-            .await?;
+                        writer_reached(rate, written, args.stream_connections),
+                        by_second(&latency.p99_by_second),
+                        m.figures(),
+                        if batch {
+                            batched_in_flight(&m.in_flight, args.workers)
+                        } else {
+                            busy_line(&m.in_flight, args.workers)
+                        },
+                        stages_line(m.last_metrics.as_deref()),
+                        m.bench_cpu_seconds / m.seconds,
+                    )
+                })
+                .await?;
+            let target = match (rate, batch) {
+                (1_000, false) => Target::StreamP99At1k,
+                (10_000, false) => Target::StreamP99At10k,
+                _ => continue,
+            };
+            let written = m.written.as_ref().map_or(0.0, Written::rate);
+            let mut card = self.card();
+            match &m.latency {
+                _ if written < rate as f64 * TARGET_REACHED => card.not_measured(
+                    target,
+                    format!("the writer reached only {written:.0} events/s"),
+                ),
+                Some(latency) => card.measured(
+                    target,
+                    latency.p99.as_secs_f64() * 1e3,
+                    format!("p50 {:.1} ms", latency.p50.as_secs_f64() * 1e3),
+                ),
+                None => card.not_measured(target, "no latency was measured"),
+            }
         }
         Ok(())
     }
