@@ -220,6 +220,71 @@ async fn resumes_after_kill_9_instead_of_starting_over() {
     exporter.terminate_cleanly().await;
 }
 
+/// SIGTERM in the middle of a backfill whose reader runs ahead (2,000 events in 500-event
+/// pages, 2 workers at a 5 ms sink): the exporter stops within the grace period with status 0
+/// and the backfill's progress written, and a restart resumes the backfill rather than
+/// starting it over, and delivers the rest. The stream's door of the same hang (a reader
+/// waiting to hand over a page when intake stopped) is `tests/delivery.rs`'s
+/// `sigterm_during_a_backlog_stops_promptly_and_saves_the_token`.
+#[tokio::test]
+async fn sigterm_during_a_backfill_stops_promptly_and_a_restart_resumes_it() {
+    const HISTORY: u32 = 2_000;
+    let db = TestDb::create().await;
+    let mut client = db.client().await;
+    let now = Utc::now();
+    let history = client.transaction().await.expect("begin");
+    let mut expected = Vec::new();
+    for i in 0..HISTORY {
+        let at = now - chrono::Duration::hours(1) + chrono::Duration::milliseconds(i as i64);
+        expected.push(insert_at(&history, i, at).await);
+    }
+    history.commit().await.expect("commit the history");
+    let sink = SinkServer::answering_after(Duration::from_millis(5)).await;
+    let mut options = ExporterOptions::new(&sink, None, db.env());
+    options.workers = 2;
+    options.backfill =
+        "enabled = true\nmax_age = \"24h\"\nmax_events = 100000\nbatch_size = 500\nrate_limit = 0"
+            .into();
+    let mut exporter = Exporter::start(&options).await;
+    sink.wait_for_accepted(100, WAIT).await;
+    let started = Instant::now();
+    exporter.terminate_cleanly().await;
+    let stopped_in = started.elapsed();
+    let delivered = sink.accepted().len();
+    assert!(
+        delivered < HISTORY as usize,
+        "the backfill finished before the SIGTERM; the test proves nothing"
+    );
+    assert!(
+        stopped_in < Duration::from_secs(15),
+        "stopping took {stopped_in:?} (grace 20 s, 2 events in flight of 5 ms each)"
+    );
+    let record = pg::read_resume_token(&client, "event-exporter-backfill")
+        .await
+        .expect("the backfill's progress is written on SIGTERM");
+    assert_eq!(record["done"], json!(false), "{record}");
+    let saved = record["delivered"].as_u64().unwrap_or(0);
+    assert!(
+        saved > 0 && saved <= delivered as u64,
+        "progress over the delivered events ({delivered}): {record}"
+    );
+
+    let mut exporter = Exporter::start(&options).await;
+    sink.wait_for_ids(&expected.iter().cloned().collect(), WAIT * 3)
+        .await;
+    assert!(
+        exporter.log().contains("resuming the unfinished backfill"),
+        "{}",
+        exporter.log()
+    );
+    let resent = duplicates(&sink.accepted_ids());
+    assert!(
+        resent < delivered,
+        "a restart from the start would re-send all {delivered}; it re-sent {resent}"
+    );
+    exporter.terminate_cleanly().await;
+}
+
 #[tokio::test]
 async fn skipped_when_a_resume_token_exists() {
     let db = TestDb::create().await;
