@@ -1,5 +1,5 @@
 //! Backfill on a first start: window and limits, order, the hand-off to the live stream, resume
-//! after kill -9, and skipping when a resume token exists.
+//! after kill -9 and after SIGTERM mid-backfill, and skipping when a resume token exists.
 
 mod support;
 

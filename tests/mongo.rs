@@ -592,6 +592,68 @@ async fn a_backfill_killed_midway_continues_where_it_stopped() {
     );
 }
 
+/// SIGTERM in the middle of a backfill whose reader runs ahead (1,000 stored events in
+/// 100-event pages, 2 workers at a 20 ms sink: slower than the peer's pages come, so the
+/// reader's queue is full when intake stops): the exporter stops within the grace period with
+/// status 0 and the backfill's progress written, and a restart resumes it and delivers the
+/// rest. The backfill's door of the hang `tests/delivery.rs` and the change-stream test above
+/// check for the stream: with a45915d's `ReaderTask::stop` order reverted it hangs (at a 5 ms
+/// sink it did not: the queue never filled).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_backfill_stops_promptly_and_a_restart_resumes_it() {
+    const STORED: i64 = 1_000;
+    let store = Store::start(&[]).await;
+    let old = store.insert("node-7", 0..STORED).await;
+    let sink = SinkServer::answering_after(Duration::from_millis(20)).await;
+    let mut options = options(&sink, &store);
+    options.workers = 2;
+    options.backfill =
+        "enabled = true\nmax_age = \"1h\"\nmax_events = 10000\nbatch_size = 100\nrate_limit = 0"
+            .into();
+    let mut exporter = Exporter::start(&options).await;
+    sink.wait_for_accepted(100, WAIT).await;
+    let started = std::time::Instant::now();
+    exporter.terminate_cleanly().await;
+    let stopped_in = started.elapsed();
+    let before_restart = sink.accepted().len();
+    assert!(
+        before_restart < STORED as usize,
+        "the backfill finished before the SIGTERM; the test proves nothing"
+    );
+    assert!(
+        stopped_in < Duration::from_secs(15),
+        "stopping took {stopped_in:?} (grace 20 s, 2 events in flight of 20 ms each)"
+    );
+    let record = store
+        .tokens()
+        .find_one(doc! {"clientName": "event-exporter-backfill"})
+        .await
+        .expect("find")
+        .expect("the backfill's progress is written on SIGTERM");
+    let plan = record.get_document("plan").expect("plan");
+    assert_eq!(plan.get_bool("done"), Ok(false), "{record}");
+    let delivered = plan
+        .get_i64("delivered")
+        .map(|d| d as usize)
+        .unwrap_or_else(|_| plan.get_i32("delivered").map(|d| d as usize).unwrap_or(0));
+    assert!(
+        delivered > 0 && delivered <= before_restart,
+        "progress over the delivered events ({before_restart}): {record}"
+    );
+
+    let mut exporter = Exporter::start(&options).await;
+    assert!(
+        wait_for_ids(&sink, &old).await,
+        "every stored event delivered after the restart"
+    );
+    let resent = ids(&sink.accepted()).len() - old.len();
+    assert!(
+        resent <= before_restart - delivered,
+        "re-sent {resent}, delivered {before_restart} before the SIGTERM, progress said {delivered}"
+    );
+    exporter.terminate_cleanly().await;
+}
+
 /// As a platform connector writes them, with pymongo (a second, independent client): each is
 /// delivered once, with the document's `_id` as the CloudEvent id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
