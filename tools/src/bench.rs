@@ -49,7 +49,7 @@ use error::sql;
 pub use error::BenchError;
 use event_exporter::exporter::ExitError;
 use nginx::Nginx;
-use targets::{Scorecard, Target};
+use targets::{Scorecard, Target, WRITER_REACHED};
 use writer::Written;
 
 #[derive(Debug, Clone, Args)]
@@ -142,15 +142,6 @@ pub struct BenchArgs {
 /// Upstream's published numbers (issue #1514, v1.15.0): a 1,000,000-event backlog caught up at
 /// 400–431 events/s using 0.58–0.72 cores and 39–42 MiB.
 const UPSTREAM_EVENTS_PER_SECOND: f64 = 431.0;
-
-/// A streaming writer below this share of its target rate did not reach it.
-const TARGET_REACHED: f64 = 0.95;
-
-/// The workers of issue 17's drain target (the exporter's default).
-const DEFAULT_WORKERS: usize = 10;
-
-/// The slow sink's latency in issue 17's targets.
-const TARGET_LATENCY: Duration = Duration::from_millis(300);
 
 /// Where the sink is.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -408,25 +399,33 @@ impl Bench<'_> {
                 )
             })
             .await?;
-        if args.workers == DEFAULT_WORKERS {
-            let context = ceiling.map_or_else(
+        if let Some(why) = targets::drain_unjudged(args.workers) {
+            let mut card = self.card();
+            card.not_measured(Target::DrainRate, why.clone());
+            card.not_measured(Target::DrainCpu, why);
+        } else {
+            let ratio = ceiling.map_or_else(
                 || "no wrk ceiling".to_owned(),
                 |ceiling| {
                     format!(
-                        "{:.1}% of the wrk → nginx ceiling of {} POST/s",
+                        "{:.1} % of the wrk → nginx ceiling of {} POST/s",
                         ratio_to(&m, ceiling),
                         targets::grouped(ceiling)
                     )
                 },
             );
+            let threads = format!("{} exporter thread(s)", args.exporter_threads);
+            let whole_run = m.events as f64 / m.seconds;
             let mut card = self.card();
-            card.measured(Target::DrainRate, m.steady_rate, context);
-            card.measured(Target::DrainCpu, m.cpu_us_per_event(), "");
-        } else {
-            let why = format!("the drain ran {} workers, not 10", args.workers);
-            let mut card = self.card();
-            card.not_measured(Target::DrainRate, why.clone());
-            card.not_measured(Target::DrainCpu, why);
+            card.measured(
+                Target::DrainRate,
+                m.steady_rate,
+                format!(
+                    "{} events/s over the whole run; {ratio}; {threads}",
+                    targets::grouped(whole_run)
+                ),
+            );
+            card.measured(Target::DrainCpu, m.cpu_us_per_event(), threads);
         }
         let plan = Plan::new(feed, SinkKind::reference(Duration::ZERO), args.workers);
         self.scenario(plan, |m| {
@@ -501,8 +500,7 @@ impl Bench<'_> {
                     )
                 })
                 .await?;
-            if workers == 100 && latency == TARGET_LATENCY {
-                let target = Target::HundredWorkersShare;
+            if let Some(target) = targets::slow_sink_target(workers, latency) {
                 match round_rate(&m.delivered_at, workers) {
                     Some(rate) => self.card().measured(
                         target,
@@ -557,7 +555,7 @@ impl Bench<'_> {
                     )
                 })
                 .await?;
-            if handshake.is_zero() && ceiling == 100 && latency == TARGET_LATENCY {
+            if targets::adaptive_target(ceiling, latency, handshake).is_some() {
                 self.judge_adaptive(&m, ideal);
             }
         }
@@ -581,7 +579,7 @@ impl Bench<'_> {
                 Target::AdaptiveShare,
                 rate / ideal * 100.0,
                 format!(
-                    "the ceiling after {at:.0} s; {whole_run:.1}% over the whole run from a \
+                    "the ceiling after {at:.0} s; {whole_run:.1} % over the whole run from a \
                      limit of 1"
                 ),
             ),
@@ -691,24 +689,27 @@ impl Bench<'_> {
                     )
                 })
                 .await?;
-            let target = match (rate, batch) {
-                (1_000, false) => Target::StreamP99At1k,
-                (10_000, false) => Target::StreamP99At10k,
-                _ => continue,
+            let Some(target) = targets::stream_target(rate, batch) else {
+                continue;
             };
             let written = m.written.as_ref().map_or(0.0, Written::rate);
             let mut card = self.card();
-            match &m.latency {
-                _ if written < rate as f64 * TARGET_REACHED => card.not_measured(
-                    target,
-                    format!("the writer reached only {written:.0} events/s"),
-                ),
-                Some(latency) => card.measured(
+            match (
+                targets::stream_unjudged(rate, written, args.lean_schema),
+                &m.latency,
+            ) {
+                (Some(why), _) => card.not_measured(target, why),
+                (None, Some(latency)) => card.measured(
                     target,
                     latency.p99.as_secs_f64() * 1e3,
-                    format!("p50 {:.1} ms", latency.p50.as_secs_f64() * 1e3),
+                    format!(
+                        "p50 {:.1} ms; {} workers, {} exporter thread(s)",
+                        latency.p50.as_secs_f64() * 1e3,
+                        args.workers,
+                        args.exporter_threads
+                    ),
                 ),
-                None => card.not_measured(target, "no latency was measured"),
+                (None, None) => card.not_measured(target, "no latency was measured"),
             }
         }
         Ok(())
@@ -885,7 +886,7 @@ fn batched_in_flight(in_flight: &[f64], workers: usize) -> String {
 /// The writer's achieved rate next to its target, saying plainly when it fell short.
 fn writer_reached(target: u64, achieved: f64, connections: usize) -> String {
     let share = achieved / target.max(1) as f64;
-    let verdict = if share >= TARGET_REACHED {
+    let verdict = if share >= WRITER_REACHED {
         "target reached"
     } else {
         "TARGET NOT REACHED: the figures are for the lower rate"

@@ -8,6 +8,57 @@
 //! timing: the table is what one run on a shared machine saw.
 
 use std::fmt::Write as _;
+use std::time::Duration;
+
+/// A streaming writer below this share of its target rate did not reach it.
+pub const WRITER_REACHED: f64 = 0.95;
+
+/// The workers of the drain target (the exporter's default).
+pub const DEFAULT_WORKERS: usize = 10;
+
+/// The slow sink's latency in the targets.
+pub const TARGET_LATENCY: Duration = Duration::from_millis(300);
+
+/// The ceiling of the adaptive target.
+pub const ADAPTIVE_CEILING: usize = 100;
+
+/// Why a drain into nginx with `workers` cannot judge the drain targets, if it cannot.
+pub fn drain_unjudged(workers: usize) -> Option<String> {
+    (workers != DEFAULT_WORKERS)
+        .then(|| format!("the drain ran {workers} workers, not {DEFAULT_WORKERS}"))
+}
+
+/// The target a fixed-workers run against the slow sink judges, if any: 100 workers at the
+/// target latency (a sink with unlimited slots and no handshake delay).
+pub fn slow_sink_target(workers: usize, latency: Duration) -> Option<Target> {
+    (workers == 100 && latency == TARGET_LATENCY).then_some(Target::HundredWorkersShare)
+}
+
+/// The target an adaptive run judges, if any: the ceiling of 100 at the target latency, next
+/// door (no handshake delay).
+pub fn adaptive_target(ceiling: usize, latency: Duration, handshake: Duration) -> Option<Target> {
+    (ceiling == ADAPTIVE_CEILING && latency == TARGET_LATENCY && handshake.is_zero())
+        .then_some(Target::AdaptiveShare)
+}
+
+/// The target a streaming run judges, if any: one event per request at 1,000 or 10,000
+/// events/s.
+pub fn stream_target(rate: u64, batch: bool) -> Option<Target> {
+    match (rate, batch) {
+        (1_000, false) => Some(Target::StreamP99At1k),
+        (10_000, false) => Some(Target::StreamP99At10k),
+        _ => None,
+    }
+}
+
+/// Why a streaming run at `rate` whose writer reached `written` events/s cannot judge its
+/// target, if it cannot: the writer fell short, or the schema was not NVSentinel's.
+pub fn stream_unjudged(rate: u64, written: f64, lean_schema: bool) -> Option<String> {
+    if written < rate as f64 * WRITER_REACHED {
+        return Some(format!("the writer reached only {written:.0} events/s"));
+    }
+    lean_schema.then(|| "`--lean-schema`: not NVSentinel's schema".to_owned())
+}
 
 /// The one figure a target is judged on, and which way it must go.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -211,13 +262,15 @@ impl Scorecard {
     }
 }
 
-/// A figure as the table prints it: whole numbers above 100 (with thousands separated), one
-/// decimal below.
+/// A figure as the table prints it: whole numbers from 100 on (thousands separated), one
+/// decimal from 10 on, two below (so that 9.96 does not print as the bound 10.0).
 fn rounded(figure: f64) -> String {
     if figure.abs() >= 100.0 {
         grouped(figure)
-    } else {
+    } else if figure.abs() >= 10.0 {
         format!("{figure:.1}")
+    } else {
+        format!("{figure:.2}")
     }
 }
 
@@ -324,6 +377,71 @@ mod tests {
     }
 
     #[test]
+    fn every_goal_is_the_issues() {
+        let goals: Vec<String> = Target::ALL
+            .iter()
+            .map(|target| {
+                let (_, goal, unit) = target.spec();
+                goal.text(unit)
+            })
+            .collect();
+        assert_eq!(
+            goals,
+            [
+                "≤ 20 µs",
+                "≥ 40,000 events/s",
+                "< 30 MiB",
+                "≥ 95 % of ceiling/latency",
+                "≥ 98 % of workers/latency",
+                "< 10 ms",
+                "< 50 ms",
+            ]
+        );
+    }
+
+    #[test]
+    fn only_runs_under_the_targets_conditions_are_judged() {
+        assert_eq!(drain_unjudged(10), None);
+        assert_eq!(
+            drain_unjudged(20).as_deref(),
+            Some("the drain ran 20 workers, not 10")
+        );
+        let latency = TARGET_LATENCY;
+        assert_eq!(
+            slow_sink_target(100, latency),
+            Some(Target::HundredWorkersShare)
+        );
+        assert_eq!(slow_sink_target(10, latency), None);
+        assert_eq!(slow_sink_target(100, Duration::from_millis(200)), None);
+        let zero = Duration::ZERO;
+        assert_eq!(
+            adaptive_target(100, latency, zero),
+            Some(Target::AdaptiveShare)
+        );
+        assert_eq!(adaptive_target(50, latency, zero), None);
+        assert_eq!(adaptive_target(100, Duration::from_millis(200), zero), None);
+        assert_eq!(
+            adaptive_target(100, latency, Duration::from_millis(600)),
+            None,
+            "the remote run is not the target's"
+        );
+        assert_eq!(stream_target(1_000, false), Some(Target::StreamP99At1k));
+        assert_eq!(stream_target(10_000, false), Some(Target::StreamP99At10k));
+        assert_eq!(stream_target(10_000, true), None, "batched mode");
+        assert_eq!(stream_target(5_000, false), None);
+    }
+
+    #[test]
+    fn a_stream_is_judged_only_at_its_rate_and_on_nvsentinels_schema() {
+        assert_eq!(stream_unjudged(10_000, 9_500.0, false), None);
+        assert_eq!(
+            stream_unjudged(10_000, 9_499.0, false).as_deref(),
+            Some("the writer reached only 9499 events/s")
+        );
+        assert!(stream_unjudged(1_000, 999.0, true).is_some_and(|why| why.contains("lean")));
+    }
+
+    #[test]
     fn numbers_are_grouped_by_thousands() {
         assert_eq!(grouped(40_000.0), "40,000");
         assert_eq!(grouped(1_000_000.0), "1,000,000");
@@ -331,5 +449,6 @@ mod tests {
         assert_eq!(grouped(2.5), "2.5");
         assert_eq!(rounded(44_360.4), "44,360");
         assert_eq!(rounded(99.34), "99.3");
+        assert_eq!(rounded(9.96), "9.96");
     }
 }
