@@ -34,6 +34,27 @@ impl Store {
             .await
             .expect("find token")
     }
+
+    /// The backfill's progress record, which must exist.
+    async fn backfill_progress(&self) -> BackfillProgress {
+        let record = self
+            .tokens()
+            .find_one(doc! {"clientName": "event-exporter-backfill"})
+            .await
+            .expect("find")
+            .expect("the backfill's progress record");
+        let plan = record.get_document("plan").expect("plan");
+        let done = plan.get_bool("done").expect("plan.done");
+        let delivered = plan
+            .get_i64("delivered")
+            .map(|d| d as usize)
+            .unwrap_or_else(|_| plan.get_i32("delivered").map(|d| d as usize).unwrap_or(0));
+        BackfillProgress {
+            record,
+            done,
+            delivered,
+        }
+    }
 }
 
 /// `change_stream_resume_token_recoveries_total{phase}` is exactly 1.
@@ -199,9 +220,7 @@ async fn sigterm_during_a_change_stream_backlog_stops_promptly_and_saves_the_tok
     expected.extend(store.insert("node-9", 1..BACKLOG + 1).await);
     let mut exporter = Exporter::start(&options).await;
     sink.wait_for_accepted(100, WAIT).await;
-    let started = std::time::Instant::now();
-    exporter.terminate_cleanly().await;
-    let stopped_in = started.elapsed();
+    let stopped_in = exporter.terminate_cleanly().await;
     assert!(
         sink.accepted().len() <= BACKLOG as usize,
         "the backlog was delivered before the SIGTERM; the test proves nothing"
@@ -222,6 +241,15 @@ async fn sigterm_during_a_change_stream_backlog_stops_promptly_and_saves_the_tok
         "every event delivered after the restart"
     );
     exporter.terminate_cleanly().await;
+}
+
+/// The backfill's progress record (`clientName: "event-exporter-backfill"`).
+struct BackfillProgress {
+    record: Document,
+    /// `plan.done`.
+    done: bool,
+    /// `plan.delivered` (stored as an int32 or an int64); 0 when absent.
+    delivered: usize,
 }
 
 /// Waits until every id in `expected` was accepted at least once.
@@ -415,14 +443,8 @@ async fn first_start_backfills_stored_events_and_hands_off_to_the_stream() {
         "newest max_events, no duplicates"
     );
     exporter.terminate_cleanly().await;
-    let record = store
-        .tokens()
-        .find_one(doc! {"clientName": "event-exporter-backfill"})
-        .await
-        .expect("find")
-        .expect("backfill record");
-    let plan = record.get_document("plan").expect("plan");
-    assert_eq!(plan.get_bool("done"), Ok(true), "{record}");
+    let progress = store.backfill_progress().await;
+    assert!(progress.done, "{}", progress.record);
 
     // A restart with a token does not backfill again.
     let _exporter = Exporter::start(&options).await;
@@ -564,18 +586,12 @@ async fn a_backfill_killed_midway_continues_where_it_stopped() {
         before_restart < 100,
         "the backfill finished before the kill: slow it down"
     );
-    let record = store
-        .tokens()
-        .find_one(doc! {"clientName": "event-exporter-backfill"})
-        .await
-        .expect("find")
-        .expect("backfill record");
-    let plan = record.get_document("plan").expect("plan");
-    assert_eq!(plan.get_bool("done"), Ok(false), "{record}");
-    let delivered = plan
-        .get_i64("delivered")
-        .map(|d| d as usize)
-        .unwrap_or_else(|_| plan.get_i32("delivered").map(|d| d as usize).unwrap_or(0));
+    let BackfillProgress {
+        record,
+        done,
+        delivered,
+    } = store.backfill_progress().await;
+    assert!(!done, "{record}");
     assert!(delivered > 0, "progress was saved: {record}");
 
     let _exporter = Exporter::start(&options).await;
@@ -612,9 +628,7 @@ async fn sigterm_during_a_backfill_stops_promptly_and_a_restart_resumes_it() {
             .into();
     let mut exporter = Exporter::start(&options).await;
     sink.wait_for_accepted(100, WAIT).await;
-    let started = std::time::Instant::now();
-    exporter.terminate_cleanly().await;
-    let stopped_in = started.elapsed();
+    let stopped_in = exporter.terminate_cleanly().await;
     let before_restart = sink.accepted().len();
     assert!(
         before_restart < STORED as usize,
@@ -624,18 +638,12 @@ async fn sigterm_during_a_backfill_stops_promptly_and_a_restart_resumes_it() {
         stopped_in < Duration::from_secs(15),
         "stopping took {stopped_in:?} (grace 20 s, 2 events in flight of 20 ms each)"
     );
-    let record = store
-        .tokens()
-        .find_one(doc! {"clientName": "event-exporter-backfill"})
-        .await
-        .expect("find")
-        .expect("the backfill's progress is written on SIGTERM");
-    let plan = record.get_document("plan").expect("plan");
-    assert_eq!(plan.get_bool("done"), Ok(false), "{record}");
-    let delivered = plan
-        .get_i64("delivered")
-        .map(|d| d as usize)
-        .unwrap_or_else(|_| plan.get_i32("delivered").map(|d| d as usize).unwrap_or(0));
+    let BackfillProgress {
+        record,
+        done,
+        delivered,
+    } = store.backfill_progress().await;
+    assert!(!done, "{record}");
     assert!(
         delivered > 0 && delivered <= before_restart,
         "progress over the delivered events ({before_restart}): {record}"

@@ -282,10 +282,13 @@ impl Exporter {
         self.wait_exit(Duration::from_secs(30)).await
     }
 
-    /// SIGTERM, and the exit must be status 0 (the log is shown when it is not).
-    pub async fn terminate_cleanly(&mut self) {
+    /// SIGTERM, and the exit must be status 0 (the log is shown when it is not); returns how
+    /// long the exporter took to exit.
+    pub async fn terminate_cleanly(&mut self) -> Duration {
+        let started = Instant::now();
         let status = self.terminate().await;
         assert_eq!(status.code(), Some(0), "log:\n{}", self.log());
+        started.elapsed()
     }
 
     /// The process id (for `kill -STOP` / `-CONT` in tests/leadership.rs).
