@@ -253,6 +253,15 @@ struct Measured {
 }
 
 impl Measured {
+    /// Adaptive runs: when the concurrency limit first reached `ceiling` (seconds since the
+    /// start), and the delivery rate from then on (`None` with less than a second left).
+    fn at_ceiling(&self, ceiling: usize) -> Option<(f64, Option<f64>)> {
+        self.concurrency_limits
+            .iter()
+            .find(|(_, value)| *value >= ceiling as f64)
+            .map(|(at, _)| (*at, rate_after(&self.samples, *at)))
+    }
+
     fn cpu_us_per_event(&self) -> f64 {
         self.usage.cpu_seconds() / self.events.max(1) as f64 * 1e6
     }
@@ -536,10 +545,8 @@ impl Bench<'_> {
                 .scenario(plan, |m| {
                     let limit = limit_line(&m.concurrency_limits, ceiling);
                     let at_ceiling = m
-                        .concurrency_limits
-                        .iter()
-                        .find(|(_, value)| *value >= ceiling as f64)
-                        .and_then(|(at, _)| rate_after(&m.samples, *at))
+                        .at_ceiling(ceiling)
+                        .and_then(|(_, rate)| rate)
                         .map_or_else(String::new, |rate| {
                             format!(
                                 "; from then on {rate:.0}/s = {:.1}% of ceiling/latency",
@@ -566,15 +573,9 @@ impl Bench<'_> {
     /// ceiling on (a running exporter's steady state; the climb from 1 is in the context);
     /// the whole run's share if it never got there.
     fn judge_adaptive(&self, m: &Measured, ideal: f64) {
-        let ceiling = self.args.adaptive_workers as f64;
         let whole_run = m.steady_rate / ideal * 100.0;
-        let at_ceiling = m
-            .concurrency_limits
-            .iter()
-            .find(|(_, value)| *value >= ceiling)
-            .map(|(at, _)| (*at, rate_after(&m.samples, *at)));
         let mut card = self.card();
-        match at_ceiling {
+        match m.at_ceiling(self.args.adaptive_workers) {
             Some((at, Some(rate))) => card.measured(
                 Target::AdaptiveShare,
                 rate / ideal * 100.0,
